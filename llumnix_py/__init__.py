@@ -1,0 +1,1 @@
+"""llumnix-py: run-time rescheduling of LLM requests across engine instances."""

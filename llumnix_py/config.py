@@ -1,0 +1,58 @@
+"""All of llumnix-py's configuration in one place: nested, validated dataclasses.
+
+Built from CLI flags (``llumnix_py.cli``) or code; no module reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from llumnix_py.engines.core import EngineConfig
+from llumnix_py.engines.registry import EngineSpec
+from llumnix_py.llumlet import LlumletConfig
+from llumnix_py.scheduler.core import SchedulerConfig
+from migration.protocol import MigrationConfig
+from policies.config import PolicyConfig
+
+__all__ = ["ClusterConfig", "EngineConfig", "EngineSpec", "LlumletConfig", "MigrationConfig", "PolicyConfig",
+           "SchedulerConfig"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A deployment: N instances of one engine, a scheduler, and how they run.
+
+    Attributes:
+        num_instances: instances at start.
+        engine: what each instance runs.
+        scheduler: policies and intervals of the global scheduler.
+        llumlet: per-instance settings (``instance_id`` is set per instance).
+        runtime: ``ray`` (actors; one machine or a cluster) or ``local`` (one process).
+        ray_address: an existing Ray cluster to join (None: start a local one).
+        ray_namespace: Ray namespace of the named actors.
+        detached: Ray actors outlive the driver (a scheduler restart finds its instances).
+        model_name: the name the OpenAI API reports.
+        host: address listeners bind (token receiver); loopback unless told otherwise.
+        seed: seeds dispatch's random choices.
+    """
+
+    num_instances: int = 2
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    llumlet: LlumletConfig = field(default_factory=lambda: LlumletConfig(instance_id="template"))
+    runtime: str = "ray"
+    ray_address: Optional[str] = None
+    ray_namespace: str = "llumnix"
+    detached: bool = False
+    model_name: str = "llumnix-tiny"
+    host: str = "127.0.0.1"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 0:
+            raise ValueError("num_instances must be >= 0")
+        if self.runtime not in ("ray", "local"):
+            raise ValueError(f"runtime must be 'ray' or 'local', got {self.runtime!r}")
+        if not self.model_name:
+            raise ValueError("model_name must be non-empty")

@@ -1,0 +1,1 @@
+"""Engine adapters: the built-in paged-KV PyTorch engine, the simulated engine, external engines."""

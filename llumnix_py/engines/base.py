@@ -1,0 +1,116 @@
+"""The one interface through which the llumlet, the scheduler and migration talk to an engine.
+
+An adapter wraps one engine instance. It is not thread-safe: the llumlet that owns
+it serializes every call (engine steps and migration primitives alike), except
+``read_blocks`` on blocks that are full, which may run beside a step (full blocks
+are never written again while their request lives).
+
+Migration primitives (Llumnix's names), in the order a live migration uses them::
+
+    source S                                   destination D
+    --------                                   -------------
+    incremental_blocks(r, sent) -> ids         pre_alloc(r, n) -> ids | None   (per stage)
+    read_blocks(ids) -> data        ------->   write_blocks(dst_ids, data)
+    ... repeated per pre-copy stage while r keeps decoding on S ...
+    freeze(r) -> state | None                  (stop-and-copy: r leaves S's batch)
+    read_blocks(last ids)           ------->   write_blocks(...)
+                                               commit_dst(state)    r joins D's batch
+    free_src(r)   (only after D committed)
+    unfreeze(r)   (rollback instead, if D failed)   free_pre_alloc(r) (rollback on D)
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request, StepOutput
+
+
+class EngineAdapter(abc.ABC):
+    """An engine instance under llumnix-py."""
+
+    # ----- serving -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_request(self, request: Request) -> None:
+        """Queue a request. Raises ``InvalidRequestError`` when it can never run
+        (prompt longer than the model context, a token id outside the vocabulary...)."""
+
+    @abc.abstractmethod
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request and free its blocks. Raises ``UnknownRequestError``."""
+
+    @abc.abstractmethod
+    def step(self) -> StepOutput:
+        """Run one iteration: schedule, execute, apply. Returns the new tokens."""
+
+    @abc.abstractmethod
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running (frozen ones excluded)."""
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad:
+        """A snapshot of the instance's KV-cache use and its queues."""
+
+    @property
+    @abc.abstractmethod
+    def block_size(self) -> int:
+        """Tokens per KV block."""
+
+    # ----- migration primitives ----------------------------------------------------------
+    @property
+    def supports_kv_migration(self) -> bool:
+        """False for engines that cannot expose blocks: they migrate by recomputation."""
+        return True
+
+    @abc.abstractmethod
+    def incremental_blocks(self, request_id: str, num_sent: int, include_last: bool) -> Optional[list[int]]:
+        """Physical ids of the request's blocks from index ``num_sent`` on.
+
+        Without ``include_last`` only full blocks are returned (a pre-copy stage);
+        with it every block, the partial last one included (stop-and-copy).
+        Returns ``None`` if the request is not running (finished, preempted, unknown).
+        """
+
+    @abc.abstractmethod
+    def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:
+        """Reserve ``num_blocks`` more blocks for an incoming migration of ``request_id``.
+
+        Returns their ids, or ``None`` if they would take the instance below its watermark.
+        Reservations of one request accumulate across stages.
+        """
+
+    @abc.abstractmethod
+    def free_pre_alloc(self, request_id: str) -> int:
+        """Release every block reserved for ``request_id``; returns how many (0 if none)."""
+
+    @abc.abstractmethod
+    def read_blocks(self, block_ids: Sequence[int]) -> object:
+        """Copy the KV data of these blocks out (a tensor; ``None`` for engines without data)."""
+
+    @abc.abstractmethod
+    def write_blocks(self, block_ids: Sequence[int], data: object) -> None:
+        """Write KV data received from a source into reserved blocks."""
+
+    @abc.abstractmethod
+    def freeze(self, request_id: str) -> Optional[MigrationRequestState]:
+        """Take the request out of the running batch (or the waiting queue) at an
+        iteration boundary and return its state; ``None`` if it is not there any more."""
+
+    @abc.abstractmethod
+    def unfreeze(self, request_id: str) -> None:
+        """Rollback of ``freeze``: the request rejoins the batch (or queue) unchanged."""
+
+    @abc.abstractmethod
+    def free_src(self, request_id: str) -> None:
+        """Forget a frozen request whose migration committed, freeing its blocks."""
+
+    @abc.abstractmethod
+    def commit_dst(self, state: MigrationRequestState) -> None:
+        """Adopt a migrated request: running ones take the reserved blocks as their
+        block table and join the batch; waiting ones join the queue in arrival order."""
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of KV data per block (for cost models and bandwidth figures)."""
+        return 0

@@ -1,0 +1,131 @@
+"""Paged KV-cache block accounting: which block belongs to whom.
+
+Every block is either free or owned by exactly one owner. Owners are
+``("seq", request_id)`` for a request's block table and ``("pre", request_id)``
+for blocks pre-allocated on a migration destination. All operations are O(1)
+per block: the free list is a stack and ownership an array.
+
+Shortage is a value (``allocate`` returns ``None``); misuse raises
+``BlockManagerError`` (freeing a free block, or a block owned by someone else).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Iterable, Optional
+
+from llumnix_py.errors import BlockManagerError
+
+Owner = Hashable
+
+
+class BlockManager:
+    """Tracks ownership of ``num_blocks`` KV blocks.
+
+    Args:
+        num_blocks: blocks in the pool.
+        watermark_blocks: blocks that admissions (new prefills, migration
+            pre-allocations) must leave free, so running requests can keep
+            decoding; decode appends may dip into them.
+    """
+
+    def __init__(self, num_blocks: int, watermark_blocks: int = 0) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        if not 0 <= watermark_blocks < num_blocks:
+            raise ValueError(f"watermark_blocks must be in [0, {num_blocks}), got {watermark_blocks}")
+        self.num_blocks = num_blocks
+        self.watermark_blocks = watermark_blocks
+        # Stack of free ids; pop from the end. Reversed so block 0 is handed out first.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._owner: list[Optional[Owner]] = [None] * num_blocks
+        self._owned_count: dict[Owner, int] = {}
+
+    # ----- queries -----------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def owner_of(self, block_id: int) -> Optional[Owner]:
+        return self._owner[block_id]
+
+    def num_owned(self, owner: Owner) -> int:
+        return self._owned_count.get(owner, 0)
+
+    def owners(self) -> dict[Owner, int]:
+        """Owner -> number of blocks it holds (a copy)."""
+        return dict(self._owned_count)
+
+    def can_allocate(self, n: int, *, respect_watermark: bool = True) -> bool:
+        reserve = self.watermark_blocks if respect_watermark else 0
+        return n >= 0 and self.num_free - n >= reserve
+
+    # ----- actions -----------------------------------------------------------------------
+    def allocate(self, owner: Owner, n: int, *, respect_watermark: bool = True) -> Optional[list[int]]:
+        """Hand ``n`` free blocks to ``owner``; ``None`` (and no change) if they are not there."""
+        if n < 0:
+            raise BlockManagerError(f"cannot allocate {n} blocks")
+        if not self.can_allocate(n, respect_watermark=respect_watermark):
+            return None
+        ids = [self._free.pop() for _ in range(n)]
+        for b in ids:
+            self._owner[b] = owner
+        if n:
+            self._owned_count[owner] = self._owned_count.get(owner, 0) + n
+        return ids
+
+    def free(self, owner: Owner, block_ids: Iterable[int]) -> None:
+        """Return blocks to the pool. Raises if any is not owned by ``owner``;
+        in that case nothing is freed."""
+        ids = list(block_ids)
+        self._check_owned(owner, ids)
+        for b in ids:
+            self._owner[b] = None
+            self._free.append(b)
+        self._drop_count(owner, len(ids))
+
+    def transfer(self, block_ids: Iterable[int], src: Owner, dst: Owner) -> None:
+        """Change the owner of blocks (a pre-allocation becomes a block table)."""
+        ids = list(block_ids)
+        self._check_owned(src, ids)
+        for b in ids:
+            self._owner[b] = dst
+        self._drop_count(src, len(ids))
+        if ids:
+            self._owned_count[dst] = self._owned_count.get(dst, 0) + len(ids)
+
+    # ----- helpers -----------------------------------------------------------------------
+    def _check_owned(self, owner: Owner, ids: list[int]) -> None:
+        if len(set(ids)) != len(ids):
+            raise BlockManagerError(f"duplicate block ids in {ids}")
+        for b in ids:
+            if not isinstance(b, int) or not 0 <= b < self.num_blocks:
+                raise BlockManagerError(f"block id {b!r} out of range")
+            if self._owner[b] != owner:
+                state = "free" if self._owner[b] is None else f"owned by {self._owner[b]!r}"
+                raise BlockManagerError(f"block {b} is {state}, not owned by {owner!r}")
+
+    def _drop_count(self, owner: Owner, n: int) -> None:
+        if not n:
+            return
+        left = self._owned_count[owner] - n
+        if left:
+            self._owned_count[owner] = left
+        else:
+            del self._owned_count[owner]
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if the books do not balance (used by tests)."""
+        free = set(self._free)
+        assert len(free) == len(self._free), "a block is on the free list twice"
+        for b in range(self.num_blocks):
+            assert (b in free) == (self._owner[b] is None), f"block {b}: free list and owner disagree"
+        counts: dict[Owner, int] = {}
+        for o in self._owner:
+            if o is not None:
+                counts[o] = counts.get(o, 0) + 1
+        assert counts == self._owned_count, "per-owner counts disagree"
+        assert self.num_free + sum(counts.values()) == self.num_blocks

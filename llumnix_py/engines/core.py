@@ -1,0 +1,307 @@
+"""``EngineCore``: the engine adapter shared by the built-in and the simulated engine.
+
+Plan, execute, apply: the ``BatchScheduler`` plans a step, an ``Executor`` runs
+it (the Llama model, or a cost model), and the core applies the sampled tokens.
+The core also implements the migration primitives over its block manager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq
+
+from llumnix_py.engines.base import EngineAdapter
+from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get_preemption_policy
+from llumnix_py.engines.block_manager import BlockManager
+from llumnix_py.engines.executor import Executor, SeqWork
+from llumnix_py.engines.sequence import Sequence, cdiv
+from llumnix_py.engines.types import (
+    EngineLoad,
+    FinishReason,
+    MigrationRequestState,
+    Request,
+    RequestOutput,
+    SeqStatus,
+    StepOutput,
+)
+from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one engine instance.
+
+    Attributes:
+        num_blocks: KV blocks in the pool.
+        block_size: tokens per block.
+        watermark: fraction of blocks admissions leave free (decodes may use them).
+        max_batch_size: running requests at most.
+        max_batched_tokens: tokens per step at most (a single longer prompt still runs alone).
+        eos_token_id: end-of-sequence token (ignored with ``ignore_eos``); None for none.
+        preemption_policy: name of the victim policy (``newest``, ``largest``).
+    """
+
+    num_blocks: int = 512
+    block_size: int = 16
+    watermark: float = 0.01
+    max_batch_size: int = 64
+    max_batched_tokens: int = 4096
+    eos_token_id: Optional[int] = None
+    preemption_policy: str = "newest"
+
+    def __post_init__(self) -> None:
+        if self.num_blocks <= 1:
+            raise ValueError("num_blocks must be > 1")
+        if self.block_size <= 0:
+            raise ValueError("block_size must be positive")
+        if not 0.0 <= self.watermark < 0.5:
+            raise ValueError("watermark must be in [0, 0.5)")
+        if self.max_batch_size <= 0 or self.max_batched_tokens <= 0:
+            raise ValueError("max_batch_size and max_batched_tokens must be positive")
+        get_preemption_policy(self.preemption_policy)
+
+    @property
+    def watermark_blocks(self) -> int:
+        return int(self.num_blocks * self.watermark)
+
+
+class EngineCore(EngineAdapter):
+    """An engine instance: block manager + batching scheduler + executor."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None) -> None:
+        self.config = config
+        self.executor = executor
+        self.blocks = BlockManager(config.num_blocks, config.watermark_blocks)
+        self.scheduler = BatchScheduler(
+            self.blocks,
+            config.block_size,
+            config.max_batch_size,
+            config.max_batched_tokens,
+            victim_policy or get_preemption_policy(config.preemption_policy),
+        )
+        self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
+        self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
+        self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
+
+    # ----- serving -----------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def kv_block_bytes(self) -> int:
+        return self.executor.kv_block_bytes
+
+    def add_request(self, request: Request) -> None:
+        rid = request.request_id
+        if rid in self.seqs or rid in self._prealloc:
+            raise InvalidRequestError(f"request {rid} already exists on this instance")
+        self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), rid)
+        seq = Sequence.from_request(request)
+        self.scheduler.enqueue(seq)
+        self.seqs[rid] = seq
+
+    def _validate_tokens(self, token_ids: Seq[int], prompt_len: int, rid: str) -> None:
+        vocab = self.executor.vocab_size
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"request {rid}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
+        max_len = self.executor.max_model_len
+        if prompt_len >= max_len:
+            raise InvalidRequestError(
+                f"request {rid}: prompt of {prompt_len} tokens leaves no room for output "
+                f"(model context is {max_len} tokens)")
+        usable = self.config.num_blocks - self.config.watermark_blocks
+        if cdiv(len(token_ids), self.block_size) > usable:
+            raise InvalidRequestError(
+                f"request {rid}: {len(token_ids)} tokens need more KV blocks than this instance has ({usable})")
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise UnknownRequestError(f"request {request_id} is not on this instance")
+        self._drop(seq, FinishReason.ABORT)
+
+    def _drop(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
+            self.scheduler.remove(seq)
+        self.scheduler.free_blocks_of(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.seqs.pop(seq.request_id, None)
+        self._mig_epoch.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> StepOutput:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return StepOutput(preempted=tuple(s.request_id for s in plan.preempted))
+        work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
+        tokens, duration = self.executor.execute(work)
+        outputs = [self._apply(seq, tok) for seq, tok in zip(plan.decodes + plan.prefills, tokens)]
+        return StepOutput(
+            outputs=tuple(outputs),
+            duration_s=duration,
+            num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
+            num_decode_tokens=len(plan.decodes),
+            preempted=tuple(s.request_id for s in plan.preempted),
+        )
+
+    def _decode_work(self, seq: Sequence) -> SeqWork:
+        last = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
+        return SeqWork(seq.request_id, (last,), seq.num_computed, tuple(seq.block_table), seq.sampling,
+                       len(seq.output_token_ids), is_prefill=False)
+
+    def _prefill_work(self, seq: Sequence) -> SeqWork:
+        return SeqWork(seq.request_id, seq.all_token_ids(), 0, tuple(seq.block_table), seq.sampling,
+                       len(seq.output_token_ids), is_prefill=True)
+
+    def _apply(self, seq: Sequence, token: Optional[int]) -> RequestOutput:
+        assert token is not None
+        seq.num_computed = seq.num_tokens
+        seq.output_token_ids.append(token)
+        index = len(seq.output_token_ids) - 1
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self._drop(seq, reason)
+        return RequestOutput(seq.request_id, (token,), index, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> Optional[FinishReason]:
+        sp = seq.sampling
+        if token in sp.stop_token_ids or (token == self.config.eos_token_id and not sp.ignore_eos):
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.executor.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def load(self) -> EngineLoad:
+        bs = self.block_size
+        running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
+        running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
+        return EngineLoad(
+            total_blocks=self.config.num_blocks,
+            used_blocks=self.blocks.num_used,
+            free_blocks=self.blocks.num_free,
+            watermark_blocks=self.config.watermark_blocks,
+            block_size=bs,
+            running=tuple(running),
+            waiting=tuple(s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.waiting),
+            reserved_blocks=sum(len(v) for v in self._prealloc.values()),
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    def request_ids(self) -> list[str]:
+        return list(self.seqs)
+
+    # ----- migration primitives: source side ---------------------------------------------
+    def incremental_blocks(self, request_id: str, num_sent: int, include_last: bool) -> Optional[list[int]]:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.FROZEN):
+            return None
+        if seq.status == SeqStatus.RUNNING:  # a frozen request's blocks cannot change
+            if num_sent == 0:
+                self._mig_epoch[request_id] = seq.num_preemptions
+            elif self._mig_epoch.get(request_id) != seq.num_preemptions:
+                return None  # preempted (blocks recycled) since the migration began
+        end = len(seq.block_table) if include_last else seq.num_computed // self.block_size
+        return list(seq.block_table[num_sent:end])
+
+    def freeze(self, request_id: str) -> Optional[MigrationRequestState]:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.WAITING):
+            return None
+        epoch = self._mig_epoch.get(request_id)
+        if seq.status == SeqStatus.RUNNING and epoch is not None and epoch != seq.num_preemptions:
+            return None
+        if seq.status == SeqStatus.WAITING:
+            self._mig_epoch.pop(request_id, None)
+        prev = seq.status
+        self.scheduler.remove(seq)
+        seq.frozen_from = prev
+        seq.status = SeqStatus.FROZEN
+        return seq.to_migration_state(prev)
+
+    def unfreeze(self, request_id: str) -> None:
+        seq = self._frozen(request_id)
+        self._mig_epoch.pop(request_id, None)
+        if seq.frozen_from == SeqStatus.RUNNING:
+            seq.status = SeqStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            self.scheduler.enqueue(seq)
+        seq.frozen_from = None
+
+    def free_src(self, request_id: str) -> None:
+        seq = self._frozen(request_id)
+        self.scheduler.free_blocks_of(seq)
+        seq.status = SeqStatus.FINISHED
+        del self.seqs[request_id]
+        self._mig_epoch.pop(request_id, None)
+
+    def _frozen(self, request_id: str) -> Sequence:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status != SeqStatus.FROZEN:
+            raise MigrationError(f"request {request_id} is not frozen on this instance")
+        return seq
+
+    def read_blocks(self, block_ids: Seq[int]) -> object:
+        return self.executor.read_blocks(block_ids)
+
+    # ----- migration primitives: destination side ----------------------------------------
+    def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:
+        if request_id in self.seqs:
+            raise MigrationError(f"request {request_id} already runs on this instance")
+        got = self.blocks.allocate(("pre", request_id), num_blocks)
+        if got is None:
+            return None
+        self._prealloc.setdefault(request_id, []).extend(got)
+        return got
+
+    def free_pre_alloc(self, request_id: str) -> int:
+        ids = self._prealloc.pop(request_id, [])
+        self.blocks.free(("pre", request_id), ids)
+        return len(ids)
+
+    def reserved_blocks(self, request_id: str) -> list[int]:
+        return list(self._prealloc.get(request_id, ()))
+
+    def write_blocks(self, block_ids: Seq[int], data: object) -> None:
+        self.executor.write_blocks(block_ids, data)
+
+    def commit_dst(self, state: MigrationRequestState) -> None:
+        rid = state.request_id
+        if rid in self.seqs:
+            raise MigrationError(f"request {rid} already exists on this instance")
+        self._validate_tokens(state.prompt_token_ids + state.output_token_ids, len(state.prompt_token_ids), rid)
+        reserved = self._prealloc.get(rid, [])
+        seq = Sequence.from_migration(state)
+        if state.status == SeqStatus.RUNNING:
+            need = cdiv(state.num_computed_tokens, self.block_size)
+            if len(reserved) != need or state.num_computed_tokens != seq.num_tokens - 1:
+                raise MigrationError(
+                    f"request {rid}: {len(reserved)} reserved blocks for {state.num_computed_tokens} "
+                    f"computed tokens of {seq.num_tokens} (need {need} blocks and all but the last token)")
+            self.blocks.transfer(reserved, ("pre", rid), ("seq", rid))
+            del self._prealloc[rid]
+            seq.block_table = list(reserved)
+            seq.status = SeqStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            self.free_pre_alloc(rid)
+            self.scheduler.enqueue(seq)
+        self.seqs[rid] = seq
+
+    # ----- checks --------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Every block is free or owned by exactly one live request or reservation."""
+        self.blocks.check_invariants()
+        owners = self.blocks.owners()
+        expected = {("seq", s.request_id): len(s.block_table) for s in self.seqs.values() if s.block_table}
+        expected.update({("pre", r): len(b) for r, b in self._prealloc.items() if b})
+        assert owners == expected, f"block owners {owners} != live requests {expected}"
+        for s in self.scheduler.running:
+            assert s.status == SeqStatus.RUNNING and self.seqs.get(s.request_id) is s
+        for s in self.scheduler.waiting:
+            assert s.status == SeqStatus.WAITING and not s.block_table and self.seqs.get(s.request_id) is s

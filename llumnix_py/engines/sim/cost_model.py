@@ -1,0 +1,248 @@
+"""A roofline cost model for one engine step and for moving KV blocks.
+
+The simulated engine needs three numbers, all in seconds: how long one
+iteration of continuous batching takes (``step_time``), how long copying KV
+blocks between instances takes (``migration_time``), and how long recomputing a
+sequence takes (``recompute_time``). This module derives them from a model and
+a hardware description plus three calibration constants; ``profiles.py`` holds
+calibrated instances and a least-squares fit to measured step times.
+
+Units: "GB" is 10**9 bytes throughout (memory capacity, bandwidths, link).
+
+Roofline of one step (tensor parallel over ``num_gpus``, so peak FLOP/s and
+memory bandwidth add up across GPUs and the weights are read once per step)::
+
+    flops = 2 * params * (prefill_tokens + decode_seqs)           # GEMMs
+          + 4 * layers * hidden * (prefill_ctx + decode_ctx)      # QK^T and AV
+    bytes = weight_bytes + kv_bytes_per_token * (decode_ctx + prefill_tokens)
+    t     = overhead + max(flops / (peak * prefill_efficiency * gpus),
+                           bytes / (bandwidth * bandwidth_efficiency * gpus))
+
+A mixed step (prefill and decode in one batch) pays the *max* of compute and
+memory time, not their sum: the weights stream from memory once per step and
+the GEMMs of all tokens overlap with that stream. ``prefill_ctx`` is the
+number of (query, key) pairs of the prefill tokens; see ``causal_context``.
+An empty step costs 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+_GB = 1e9
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def causal_context(num_cached: int, num_new: int) -> int:
+    """Attention (query, key) pairs of ``num_new`` tokens appended after ``num_cached``.
+
+    Token ``j`` of the chunk (0-based) attends to ``num_cached + j + 1`` keys::
+
+        cached: |c c c c|        new: |n0 n1 n2|
+        n0 sees c c c c n0              -> num_cached + 1
+        n2 sees c c c c n0 n1 n2        -> num_cached + 3
+        total = num_new * num_cached + num_new * (num_new + 1) / 2
+    """
+    _check_count("num_cached", num_cached)
+    _check_count("num_new", num_new)
+    return num_new * num_cached + num_new * (num_new + 1) // 2
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One instance's hardware.
+
+    Attributes:
+        name: label, e.g. ``"A10-24GB"``.
+        num_gpus: GPUs of one instance (tensor parallel).
+        peak_tflops: dense fp16 peak per GPU, TFLOP/s.
+        mem_bandwidth_gbps: memory bandwidth per GPU, GB/s.
+        mem_gb: memory per GPU, GB.
+        link_gbps: effective bandwidth of the migration path of the whole
+            instance (all its GPUs together), GB/s.
+        link_latency_s: fixed cost of one migration transfer (a round trip of
+            control messages), seconds.
+    """
+
+    name: str
+    num_gpus: int
+    peak_tflops: float
+    mem_bandwidth_gbps: float
+    mem_gb: float
+    link_gbps: float
+    link_latency_s: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1:
+            raise ValueError(f"num_gpus must be an integer >= 1, got {self.num_gpus!r}")
+        for name in ("peak_tflops", "mem_bandwidth_gbps", "mem_gb", "link_gbps"):
+            _check_positive(name, getattr(self, name))
+        if not math.isfinite(self.link_latency_s) or self.link_latency_s < 0:
+            raise ValueError(f"link_latency_s must be >= 0, got {self.link_latency_s!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The parts of a decoder-only transformer that set its cost.
+
+    Attributes:
+        name: label, e.g. ``"llama-7b"``.
+        num_params: parameter count.
+        num_layers: transformer layers.
+        hidden_size: model width (query heads * head dim).
+        num_kv_heads: key/value heads (= query heads without GQA).
+        head_dim: width of one head.
+        dtype_bytes: bytes per weight and per KV element (2 for fp16).
+    """
+
+    name: str
+    num_params: float
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive("num_params", self.num_params)
+        for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim", "dtype_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """A model on a hardware instance, with the constants that calibrate the roofline.
+
+    Attributes:
+        model: the model.
+        hw: the instance's hardware.
+        prefill_efficiency: fraction of peak FLOP/s that GEMMs achieve (in (0, 1]);
+            with tensor parallelism it also absorbs the all-reduce time.
+        decode_overhead_s: fixed cost of every non-empty step (kernel launches,
+            scheduling, Python, tensor-parallel synchronisation), seconds.
+        mem_reserved_frac: fraction of GPU memory not usable for weights or KV
+            (activations, allocator slack, CUDA context), in [0, 1).
+        block_size: tokens per KV block.
+        bandwidth_efficiency: fraction of peak memory bandwidth achieved, in (0, 1].
+    """
+
+    model: ModelSpec
+    hw: HardwareSpec
+    prefill_efficiency: float
+    decode_overhead_s: float
+    mem_reserved_frac: float
+    block_size: int = 16
+    bandwidth_efficiency: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_efficiency", "bandwidth_efficiency"):
+            value = getattr(self, name)
+            _check_positive(name, value)
+            if value > 1:
+                raise ValueError(f"{name} must be <= 1, got {value!r}")
+        if not math.isfinite(self.decode_overhead_s) or self.decode_overhead_s < 0:
+            raise ValueError(f"decode_overhead_s must be >= 0, got {self.decode_overhead_s!r}")
+        if not (0 <= self.mem_reserved_frac < 1):
+            raise ValueError(f"mem_reserved_frac must be in [0, 1), got {self.mem_reserved_frac!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if self.num_blocks < 1:
+            raise ValueError(
+                f"{self.model.name} does not fit on {self.hw.name}: "
+                f"{self.weight_bytes / _GB:.1f} GB of weights, {self.usable_mem_bytes / _GB:.1f} GB usable"
+            )
+
+    # ---- derived sizes -------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer: ``2 * layers * kv_heads * head_dim * dtype_bytes``."""
+        m = self.model
+        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype_bytes
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block (all layers, all GPUs of the instance)."""
+        return self.kv_bytes_per_token * self.block_size
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of the weights (summed over the instance's GPUs)."""
+        return self.model.num_params * self.model.dtype_bytes
+
+    @property
+    def usable_mem_bytes(self) -> float:
+        """Instance memory left for weights and KV after the reserved fraction."""
+        return self.hw.num_gpus * self.hw.mem_gb * _GB * (1.0 - self.mem_reserved_frac)
+
+    @property
+    def num_blocks(self) -> int:
+        """KV capacity in blocks: ``(mem * (1 - reserved) - weights) / block bytes``."""
+        return max(0, int((self.usable_mem_bytes - self.weight_bytes) // self.kv_block_bytes))
+
+    # ---- times ---------------------------------------------------------------
+    @property
+    def _flops_per_s(self) -> float:
+        return self.hw.peak_tflops * 1e12 * self.prefill_efficiency * self.hw.num_gpus
+
+    @property
+    def _bytes_per_s(self) -> float:
+        return self.hw.mem_bandwidth_gbps * _GB * self.bandwidth_efficiency * self.hw.num_gpus
+
+    def step_time(
+        self,
+        num_prefill_tokens: int,
+        num_decode_seqs: int,
+        decode_context_tokens: int,
+        prefill_context_tokens: Optional[int] = None,
+    ) -> float:
+        """Duration of one engine step, seconds.
+
+        Args:
+            num_prefill_tokens: prompt (or recomputed) tokens computed this step.
+            num_decode_seqs: sequences that decode one token this step.
+            decode_context_tokens: KV tokens the decode sequences attend to,
+                summed over them (each counts its new token too).
+            prefill_context_tokens: (query, key) pairs of the prefill tokens,
+                summed over sequences (see ``causal_context``); ``None`` assumes
+                one fresh sequence of ``num_prefill_tokens``.
+
+        Raises:
+            ValueError: a negative or non-integer count.
+        """
+        _check_count("num_prefill_tokens", num_prefill_tokens)
+        _check_count("num_decode_seqs", num_decode_seqs)
+        _check_count("decode_context_tokens", decode_context_tokens)
+        if prefill_context_tokens is None:
+            prefill_context_tokens = causal_context(0, num_prefill_tokens)
+        _check_count("prefill_context_tokens", prefill_context_tokens)
+        if num_prefill_tokens == 0 and num_decode_seqs == 0:
+            return 0.0
+        m = self.model
+        flops = 2.0 * m.num_params * (num_prefill_tokens + num_decode_seqs) + 4.0 * m.num_layers * m.hidden_size * (
+            prefill_context_tokens + decode_context_tokens
+        )
+        mem_bytes = self.weight_bytes + self.kv_bytes_per_token * (decode_context_tokens + num_prefill_tokens)
+        return self.decode_overhead_s + max(flops / self._flops_per_s, mem_bytes / self._bytes_per_s)
+
+    def migration_time(self, num_blocks: int) -> float:
+        """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer)."""
+        _check_count("num_blocks", num_blocks)
+        return self.hw.link_latency_s + num_blocks * self.kv_block_bytes / (self.hw.link_gbps * _GB)
+
+    def recompute_time(self, num_tokens: int) -> float:
+        """Time to rebuild the KV of a ``num_tokens`` sequence by one prefill step."""
+        _check_count("num_tokens", num_tokens)
+        return self.step_time(num_tokens, 0, 0)

@@ -1,0 +1,1 @@
+"""Built-in paged-KV PyTorch engine: Llama model, checkpoint loader, tokenizers."""

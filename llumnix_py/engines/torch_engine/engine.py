@@ -1,0 +1,55 @@
+"""The built-in engine: ``EngineCore`` over the Llama model and a paged KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from llumnix_py.engines.core import EngineConfig, EngineCore
+from llumnix_py.engines.torch_engine.executor import TorchExecutor
+from llumnix_py.engines.torch_engine.loader import load_checkpoint
+from llumnix_py.engines.torch_engine.model import LlamaModel, ModelConfig
+from llumnix_py.engines.torch_engine.tokenizer import load_tokenizer
+
+
+class TorchEngine(EngineCore):
+    """A built-in engine instance; ``tokenizer`` turns text into the model's token ids."""
+
+    def __init__(self, config: EngineConfig, executor: TorchExecutor, tokenizer) -> None:
+        super().__init__(config, executor)
+        self.tokenizer = tokenizer
+
+
+def make_torch_engine(
+    engine: Optional[EngineConfig] = None,
+    model: Optional[ModelConfig] = None,
+    checkpoint: Optional[str] = None,
+    max_model_len: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> TorchEngine:
+    """Build the built-in engine.
+
+    Args:
+        engine: block pool and batching limits; its ``eos_token_id`` defaults to the tokenizer's.
+        model: model shape for seeded random weights (ignored with ``checkpoint``).
+        checkpoint: a folder with ``config.json`` + ``model.safetensors`` (HF Llama layout)
+            and optionally ``tokenizer.json``.
+        max_model_len: cap on prompt + output tokens (default: the model's positions).
+        num_threads: torch intra-op threads for this process (None: leave as is).
+    """
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    engine = engine or EngineConfig()
+    if checkpoint:
+        model_cfg, net = load_checkpoint(checkpoint, dtype=model.dtype if model else None)
+    else:
+        model_cfg = model or ModelConfig()
+        net = LlamaModel(model_cfg)
+    net.eval()
+    tokenizer = load_tokenizer(checkpoint)
+    if engine.eos_token_id is None and tokenizer.eos_token_id is not None:
+        engine = dataclasses.replace(engine, eos_token_id=tokenizer.eos_token_id)
+    executor = TorchExecutor(net, model_cfg, engine.num_blocks, engine.block_size, max_model_len)
+    return TorchEngine(engine, executor, tokenizer)

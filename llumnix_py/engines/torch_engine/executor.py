@@ -1,0 +1,74 @@
+"""Runs planned steps on the Llama model over one paged KV-cache tensor."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from llumnix_py.engines.executor import Executor, SeqWork
+from llumnix_py.engines.torch_engine.model import LlamaModel, ModelConfig, SeqBatchEntry, allocate_kv_cache
+from llumnix_py.engines.torch_engine.sampler import sample
+
+
+class TorchExecutor(Executor):
+    """The built-in engine's executor.
+
+    The KV cache is one tensor, block-major, so one block of every layer is
+    contiguous and a migration reads or writes whole blocks with one index op::
+
+        kv[num_blocks, num_layers, 2 (K/V), block_size, num_kv_heads, head_dim]
+    """
+
+    def __init__(self, model: LlamaModel, model_config: ModelConfig, num_blocks: int, block_size: int,
+                 max_model_len: Optional[int] = None) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.block_size = block_size
+        self.kv = allocate_kv_cache(model_config, num_blocks, block_size)
+        self._max_model_len = min(max_model_len or model_config.max_position_embeddings,
+                                  model_config.max_position_embeddings)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def kv_block_bytes(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    def execute(self, work: Sequence[SeqWork]) -> tuple[list[Optional[int]], float]:
+        t0 = time.perf_counter()
+        if not work:
+            return [], 0.0
+        ids: list[int] = []
+        entries = []
+        for w in work:
+            entries.append(SeqBatchEntry(start=len(ids), num_new=len(w.token_ids), num_cached=w.num_cached,
+                                         block_table=torch.tensor(w.block_table, dtype=torch.long)))
+            ids.extend(w.token_ids)
+        logits = self.model(torch.tensor(ids, dtype=torch.long), entries, self.kv, self.block_size)
+        sampled = [w for w in work if w.sample]
+        rows = [i for i, w in enumerate(work) if w.sample]
+        tokens = sample(logits[rows], sampled) if sampled else []
+        out: list[Optional[int]] = [None] * len(work)
+        for i, tok in zip(rows, tokens):
+            out[i] = tok
+        return out, time.perf_counter() - t0
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return self.kv.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))
+
+    def write_blocks(self, block_ids: Sequence[int], data: object) -> None:
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"KV data must be a tensor, got {type(data).__name__}")
+        expected = (len(block_ids),) + tuple(self.kv.shape[1:])
+        if tuple(data.shape) != expected or data.dtype != self.kv.dtype:
+            raise ValueError(f"KV data of shape {tuple(data.shape)} {data.dtype} does not match "
+                             f"{expected} {self.kv.dtype}")
+        self.kv.index_copy_(0, torch.as_tensor(list(block_ids), dtype=torch.long), data)

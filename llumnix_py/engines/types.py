@@ -1,0 +1,282 @@
+"""Plain data shared by every engine adapter: requests, sampling, outputs, snapshots.
+
+Everything here is a frozen or plain dataclass with no engine objects inside, so
+it can cross a process boundary as msgpack (see ``to_wire``/``from_wire``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from llumnix_py.errors import InvalidRequestError
+
+MAX_ADDRESS_LEN = 256
+NORMAL_PRIORITY = 0
+HIGH_PRIORITY = 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token.
+
+    Attributes:
+        max_tokens: number of tokens to generate at most (>= 1).
+        temperature: 0 means greedy decoding; > 0 samples from softmax(logits / T).
+        top_p: nucleus sampling mass in (0, 1].
+        seed: per-request seed; with it, sampling is reproducible whatever else
+            is in the batch and across preemption and migration.
+        stop_token_ids: generation ends after emitting one of these.
+        ignore_eos: keep generating past the tokenizer's end-of-sequence token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise InvalidRequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (-(2**63) <= self.seed < 2**63):
+            raise InvalidRequestError("seed must fit in 64 bits")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop_token_ids"] = list(self.stop_token_ids)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "SamplingParams":
+        if not isinstance(d, dict):
+            raise InvalidRequestError("sampling params must be a mapping")
+        allowed = {"max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "ignore_eos"}
+        extra = set(d) - allowed
+        if extra:
+            raise InvalidRequestError(f"unknown sampling fields: {sorted(extra)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as handed to an engine.
+
+    Attributes:
+        request_id: unique id (a string, chosen by the caller).
+        prompt_token_ids: the tokenized prompt (non-empty).
+        sampling: sampling parameters.
+        priority: ``NORMAL_PRIORITY`` (0) or higher; higher runs first.
+        arrival_time: seconds on the runtime's clock; orders the waiting queue.
+        reply_to: where the instance holding the request sends its tokens (a frontend's
+            address; opaque to engines, travels with the request across migrations).
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = NORMAL_PRIORITY
+    arrival_time: float = 0.0
+    reply_to: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string")
+        object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        if not self.prompt_token_ids:
+            raise InvalidRequestError(f"request {self.request_id}: prompt is empty")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or self.priority < 0:
+            raise InvalidRequestError(f"priority must be an integer >= 0, got {self.priority!r}")
+        if not isinstance(self.reply_to, str) or len(self.reply_to) > MAX_ADDRESS_LEN:
+            raise InvalidRequestError("reply_to must be a string of at most 256 characters")
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token was produced
+    LENGTH = "length"  # max_tokens or the model's context was reached
+    ABORT = "abort"  # aborted by the caller
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """New tokens of one request from one engine step.
+
+    ``index`` is the position (in the request's output) of ``new_token_ids[0]``,
+    which lets a consumer drop duplicates and reorder across migrations.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    index: int
+    finish_reason: Optional[FinishReason] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one ``EngineAdapter.step()`` produced.
+
+    Attributes:
+        outputs: one entry per request that produced a token or finished.
+        duration_s: time the step took (wall time for real engines, cost-model
+            time for the simulated engine).
+        num_prefill_tokens / num_decode_tokens: work done in the step.
+        preempted: ids of requests preempted (moved back to the waiting queue) in this step.
+    """
+
+    outputs: tuple[RequestOutput, ...] = ()
+    duration_s: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    preempted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestLoad:
+    """One request as seen by load-aware policies (no token ids)."""
+
+    request_id: str
+    num_blocks: int  # physical blocks held now (0 when waiting)
+    blocks_needed: int  # blocks its next prefill needs (prompt + outputs so far), for waiting requests
+    prompt_len: int
+    output_len: int
+    priority: int
+    arrival_time: float
+    num_preemptions: int
+    migrating: bool = False  # frozen or being migrated out
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A load snapshot of one engine instance.
+
+    ``running`` is in batch order; ``waiting`` in queue order (head first).
+    """
+
+    total_blocks: int
+    used_blocks: int  # owned by requests (running, frozen) and migration reservations
+    free_blocks: int
+    watermark_blocks: int
+    block_size: int
+    running: tuple[RequestLoad, ...] = ()
+    waiting: tuple[RequestLoad, ...] = ()
+    reserved_blocks: int = 0  # pre-allocated for incoming migrations
+    max_batch_size: int = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+
+class SeqStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FROZEN = "frozen"  # removed from the batch for the stop-and-copy stage of a migration
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class MigrationRequestState:
+    """Everything a destination needs to continue a request it did not start.
+
+    The random-generator state is (``sampling.seed``, output position): sampling
+    draws from a generator seeded by both, so no generator bytes need to travel.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: int
+    arrival_time: float
+    num_preemptions: int
+    status: SeqStatus  # RUNNING (KV blocks travel) or WAITING (re-queued, no KV)
+    num_computed_tokens: int  # tokens whose KV is in the migrated blocks
+    reply_to: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "prompt_token_ids": list(self.prompt_token_ids),
+            "output_token_ids": list(self.output_token_ids),
+            "sampling": self.sampling.to_wire(),
+            "priority": self.priority,
+            "arrival_time": self.arrival_time,
+            "num_preemptions": self.num_preemptions,
+            "status": self.status.value,
+            "num_computed_tokens": self.num_computed_tokens,
+            "reply_to": self.reply_to,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "MigrationRequestState":
+        """Decode and validate a state received from the network."""
+        if not isinstance(d, dict):
+            raise InvalidRequestError("migration state must be a mapping")
+        need = {"request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority",
+                "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to"}
+        if set(d) != need:
+            raise InvalidRequestError(f"migration state fields differ: missing {sorted(need - set(d))}, "
+                                      f"unexpected {sorted(set(d) - need)}")
+        for key in ("prompt_token_ids", "output_token_ids"):
+            v = d[key]
+            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+                raise InvalidRequestError(f"migration state {key} must be a list of non-negative integers")
+        for key in ("priority", "num_preemptions", "num_computed_tokens"):
+            if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
+                raise InvalidRequestError(f"migration state {key} must be a non-negative integer")
+        if not isinstance(d["arrival_time"], (int, float)) or isinstance(d["arrival_time"], bool):
+            raise InvalidRequestError("migration state arrival_time must be a number")
+        try:
+            status = SeqStatus(d["status"])
+        except ValueError:
+            raise InvalidRequestError(f"migration state status {d['status']!r} is not valid") from None
+        if status not in (SeqStatus.RUNNING, SeqStatus.WAITING):
+            raise InvalidRequestError("only running or waiting requests migrate")
+        if not d["prompt_token_ids"]:
+            raise InvalidRequestError("migration state prompt is empty")
+        total = len(d["prompt_token_ids"]) + len(d["output_token_ids"])
+        if d["num_computed_tokens"] > total:
+            raise InvalidRequestError("num_computed_tokens exceeds the sequence length")
+        if not isinstance(d["request_id"], str) or not d["request_id"]:
+            raise InvalidRequestError("migration state request_id must be a non-empty string")
+        if not isinstance(d["reply_to"], str) or len(d["reply_to"]) > MAX_ADDRESS_LEN:
+            raise InvalidRequestError("migration state reply_to must be a string of at most 256 characters")
+        return cls(
+            request_id=d["request_id"],
+            prompt_token_ids=tuple(d["prompt_token_ids"]),
+            output_token_ids=tuple(d["output_token_ids"]),
+            sampling=SamplingParams.from_wire(d["sampling"]),
+            priority=d["priority"],
+            arrival_time=float(d["arrival_time"]),
+            num_preemptions=d["num_preemptions"],
+            status=status,
+            num_computed_tokens=d["num_computed_tokens"],
+            reply_to=d["reply_to"],
+        )

@@ -1,0 +1,1 @@
+"""Where components run: Ray actors (default) or all in one process (tests, simulator)."""

@@ -1,0 +1,212 @@
+"""Ray runtime: each llumlet + engine is a Ray actor; the scheduler daemon is a named actor.
+
+The same ``Llumlet`` and ``SchedulerDaemon`` code as in-process; only the handles
+differ. Actors are named (``llumnix-instance-<id>``, ``llumnix-scheduler``) in one
+namespace, so frontends and a restarted scheduler find them by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import ray
+
+from llumnix_py.engines.registry import build_engine
+from llumnix_py.engines.types import EngineLoad, Request
+from llumnix_py.errors import LlumnixError
+from llumnix_py.llumlet import Llumlet
+from llumnix_py.runtime.base import InstanceHandle, InstanceLauncher
+from llumnix_py.scheduler.daemon import SchedulerDaemon
+from llumnix_py.tokens import ZmqTokenSink
+from migration.driver import MigrationResult
+from policies.types import RequestView
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_NAME = "llumnix-scheduler"
+INSTANCE_PREFIX = "llumnix-instance-"
+CALL_TIMEOUT_S = 30.0
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The llumnix-py error inside a Ray task error, if there is one."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, LlumnixError) else exc
+
+
+class LlumletActor:
+    """A llumlet and its engine in one Ray worker process."""
+
+    def __init__(self, config) -> None:  # config: ClusterConfig-like with .engine and .llumlet
+        self._engine_spec = config.engine
+        self._llumlet_cfg = config.llumlet
+        self.llumlet: Optional[Llumlet] = None
+
+    def start(self, instance_id: str) -> str:
+        cfg = dataclasses.replace(self._llumlet_cfg, instance_id=instance_id)
+        self.llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink())
+        return self.llumlet.start()
+
+    def address(self) -> str:
+        return self.llumlet.address if self.llumlet else ""
+
+    def add_request(self, request: Request) -> None:
+        self.llumlet.add_request(request)
+
+    def abort(self, request_id: str) -> bool:
+        return self.llumlet.abort(request_id)
+
+    def load(self) -> EngineLoad:
+        return self.llumlet.load()
+
+    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
+        return self.llumlet.migrate_out(request_id, dst_address, migration_id, waiting)
+
+    def pop_results(self) -> list[MigrationResult]:
+        return self.llumlet.pop_results()
+
+    def stats(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.llumlet.stats)
+
+    def stop(self) -> None:
+        if self.llumlet is not None:
+            self.llumlet.stop()
+
+    def ping(self) -> str:
+        return "pong"
+
+
+class RayInstance(InstanceHandle):
+    """A ``LlumletActor`` seen through blocking calls."""
+
+    def __init__(self, instance_id: str, address: str, actor) -> None:
+        self.instance_id = instance_id
+        self.address = address
+        self.actor = actor
+
+    def _call(self, method: str, *args):
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.RayTaskError as exc:
+            raise _unwrap(exc) from None
+
+    def add_request(self, request: Request) -> None:
+        self._call("add_request", request)
+
+    def abort(self, request_id: str) -> bool:
+        return self._call("abort", request_id)
+
+    def load(self) -> EngineLoad:
+        return self._call("load")
+
+    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
+        return self._call("migrate_out", request_id, dst_address, migration_id, waiting)
+
+    def pop_results(self) -> list[MigrationResult]:
+        return self._call("pop_results")
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+    def stop(self) -> None:
+        try:
+            ray.get(self.actor.stop.remote(), timeout=CALL_TIMEOUT_S)
+        finally:
+            ray.kill(self.actor)
+
+
+class RayLauncher(InstanceLauncher):
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def launch(self, instance_id: str) -> InstanceHandle:
+        opts: dict[str, Any] = dict(name=INSTANCE_PREFIX + instance_id, namespace=self.config.ray_namespace,
+                                    num_cpus=0, max_concurrency=16)
+        if self.config.detached:
+            opts["lifetime"] = "detached"
+        actor = ray.remote(LlumletActor).options(**opts).remote(self.config)
+        address = ray.get(actor.start.remote(instance_id), timeout=120)
+        return RayInstance(instance_id, address, actor)
+
+    def terminate(self, handle: InstanceHandle) -> None:
+        handle.stop()
+
+    def attach(self, instance_id: str) -> Optional[InstanceHandle]:
+        try:
+            actor = ray.get_actor(INSTANCE_PREFIX + instance_id, namespace=self.config.ray_namespace)
+            address = ray.get(actor.address.remote(), timeout=CALL_TIMEOUT_S)
+        except Exception:
+            return None
+        return RayInstance(instance_id, address, actor) if address else None
+
+
+class SchedulerActor:
+    """The global scheduler daemon as a named Ray actor."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.daemon = SchedulerDaemon(config.scheduler, RayLauncher(config), seed=config.seed)
+
+    def start(self, num_instances: int) -> list[str]:
+        self._attach_existing()
+        missing = max(0, num_instances - len(self.daemon.handles))
+        self.daemon.launch(missing)
+        self.daemon.start()
+        return self.daemon.instance_ids()
+
+    def _attach_existing(self) -> None:
+        """A restarted scheduler rebuilds its instance table from the named llumlet actors."""
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a.get("namespace") == self.config.ray_namespace and a["name"].startswith(INSTANCE_PREFIX)]
+        launcher = self.daemon.launcher
+        for name in sorted(names):
+            handle = launcher.attach(name[len(INSTANCE_PREFIX):])
+            if handle is not None:
+                self.daemon.add_instance(handle)
+                n = int(handle.instance_id.rsplit("-", 1)[-1]) if handle.instance_id.rsplit("-", 1)[-1].isdigit() else 0
+                self.daemon._next_id = max(self.daemon._next_id, n + 1)
+
+    def dispatch(self, request: RequestView) -> Optional[str]:
+        return self.daemon.dispatch(request)
+
+    def instance_ids(self) -> list[str]:
+        return self.daemon.instance_ids()
+
+    def addresses(self) -> dict[str, str]:
+        return {i: h.address for i, h in self.daemon.handles.items()}
+
+    def state(self) -> dict[str, Any]:
+        return self.daemon.state()
+
+    def drain(self, instance_id: str) -> None:
+        self.daemon.drain(instance_id)
+
+    def launch(self, n: int) -> list[str]:
+        return self.daemon.launch(n)
+
+    def stop(self, terminate_instances: bool = True) -> None:
+        self.daemon.stop(terminate_instances)
+
+
+def init_ray(address: Optional[str], namespace: str, **kw: Any) -> None:
+    """Join ``address`` or start a local Ray (idempotent)."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True, **kw)
+
+
+def start_scheduler(config) -> Any:
+    """Create the named scheduler actor and its instances; returns the actor handle."""
+    opts: dict[str, Any] = dict(name=SCHEDULER_NAME, namespace=config.ray_namespace, num_cpus=0,
+                                max_concurrency=32)
+    if config.detached:
+        opts["lifetime"] = "detached"
+    actor = ray.remote(SchedulerActor).options(**opts).remote(config)
+    ray.get(actor.start.remote(config.num_instances), timeout=300)
+    return actor
+
+
+def get_scheduler(namespace: str) -> Any:
+    return ray.get_actor(SCHEDULER_NAME, namespace=namespace)

@@ -1,0 +1,1 @@
+"""The global scheduler: a sans-IO core (``core``) and the loop that drives it (``daemon``)."""

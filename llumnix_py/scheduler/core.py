@@ -1,0 +1,230 @@
+"""The global scheduler's decisions, sans-IO: loads in, decisions out.
+
+It keeps an instance table (load snapshot, last heard from, terminating, the
+migrations it ordered) and no per-request state, so a restarted scheduler loses
+nothing: requests live on the llumlets. The daemon (``daemon.py``) feeds it
+loads and timer ticks and carries out what it returns; the simulator does the
+same on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from llumnix_py.engines.types import EngineLoad, RequestLoad
+from policies import scaling as _scaling  # noqa: F401  (registers the built-in policies)
+from policies.config import PolicyConfig
+from policies.dispatch import DispatchState, dispatch
+from policies.pairing import plan_migrations
+from policies.scaling import ScalingState, decide_scaling
+from policies.types import InstanceLoad, RequestView, ScaleAction, ScaleDecision
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the global scheduler runs.
+
+    Attributes:
+        policy: dispatch, pairing, migrate-out and scaling policies and thresholds.
+        poll_interval_s: how often loads are refreshed.
+        migration_interval_s: how often a migration round runs (paper: 50-100 ms).
+        enable_migration: run migration rounds at all (INFaaS++ baseline: False).
+        enable_scaling: run scaling decisions (needs an instance launcher).
+        max_migrations_out / max_migrations_in: concurrent migrations per instance.
+        heartbeat_timeout_s: an instance not heard from for this long is dead.
+        migration_order_timeout_s: forget an ordered migration never reported back.
+    """
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    poll_interval_s: float = 0.05
+    migration_interval_s: float = 0.1
+    enable_migration: bool = True
+    enable_scaling: bool = False
+    max_migrations_out: int = 1
+    max_migrations_in: int = 1
+    heartbeat_timeout_s: float = 2.0
+    migration_order_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_migrations_out < 1 or self.max_migrations_in < 1:
+            raise ValueError("max_migrations_out and max_migrations_in must be >= 1")
+
+
+@dataclass(frozen=True)
+class MigrationOrder:
+    """Tell ``src`` to migrate ``request_id`` to ``dst`` (at ``dst_address``)."""
+
+    migration_id: str
+    src: str
+    dst: str
+    dst_address: str
+    request_id: str
+    waiting: bool
+    issued_at: float
+
+
+@dataclass
+class InstanceRecord:
+    instance_id: str
+    address: str  # where its migration server listens
+    load: Optional[InstanceLoad] = None
+    last_seen: float = 0.0
+    terminating: bool = False
+    orders_out: dict[str, MigrationOrder] = field(default_factory=dict)
+    orders_in: dict[str, MigrationOrder] = field(default_factory=dict)
+
+
+def to_instance_load(instance_id: str, load: EngineLoad, terminating: bool = False) -> InstanceLoad:
+    """The policies' view of an engine load snapshot."""
+
+    def view(r: RequestLoad) -> RequestView:
+        return RequestView(r.request_id, r.num_blocks, r.blocks_needed, r.priority, r.arrival_time,
+                           r.prompt_len, r.output_len, r.migrating)
+
+    return InstanceLoad(
+        instance_id=instance_id,
+        total_blocks=load.total_blocks,
+        used_blocks=load.used_blocks,
+        watermark_blocks=load.watermark_blocks,
+        running=tuple(view(r) for r in load.running),
+        waiting=tuple(view(r) for r in load.waiting),
+        terminating=terminating,
+        max_batch_size=load.max_batch_size,
+    )
+
+
+class GlobalScheduler:
+    """Instance table + dispatch + migration rounds + scaling, with no I/O."""
+
+    def __init__(self, config: Optional[SchedulerConfig] = None, seed: int = 0) -> None:
+        self.config = config or SchedulerConfig()
+        self.instances: dict[str, InstanceRecord] = {}
+        self.dispatch_state = DispatchState(seed)
+        self.scaling_state = ScalingState()
+        self._seq = 0
+        self.num_dispatched = 0
+        self.num_orders = 0
+
+    # ----- membership --------------------------------------------------------------------
+    def register(self, instance_id: str, address: str, now: float) -> None:
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now)
+        else:  # re-registration (the instance or the scheduler restarted)
+            rec.address, rec.last_seen = address, now
+
+    def remove(self, instance_id: str) -> None:
+        rec = self.instances.pop(instance_id, None)
+        self.dispatch_state.forget(instance_id)
+        if rec is None:
+            return
+        for order in list(rec.orders_out.values()) + list(rec.orders_in.values()):
+            self._forget_order(order)
+
+    def mark_terminating(self, instance_id: str) -> None:
+        self.instances[instance_id].terminating = True
+
+    def on_load(self, instance_id: str, load: EngineLoad, now: float) -> None:
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            return
+        rec.load = to_instance_load(instance_id, load, rec.terminating)
+        rec.last_seen = now
+        self.dispatch_state.on_poll(instance_id)
+
+    def loads(self) -> list[InstanceLoad]:
+        """Current snapshots (terminating flag and in-flight migrations folded in), by id."""
+        out = []
+        for rid in sorted(self.instances):
+            rec = self.instances[rid]
+            if rec.load is None:
+                continue
+            out.append(replace(rec.load, terminating=rec.terminating, migrating_out=len(rec.orders_out),
+                               migrating_in=len(rec.orders_in),
+                               pending_dispatch=self.dispatch_state.pending(rid)))
+        return out
+
+    # ----- dispatch ----------------------------------------------------------------------
+    def dispatch(self, request: RequestView) -> Optional[str]:
+        """The instance a new request goes to, or ``None`` if there is none."""
+        choice = dispatch(self.loads(), request, self.config.policy, self.dispatch_state)
+        if choice is None:
+            return None
+        self.dispatch_state.on_dispatch(choice.instance_id, request)
+        self.num_dispatched += 1
+        return choice.instance_id
+
+    # ----- migration ---------------------------------------------------------------------
+    def migration_round(self, now: float) -> list[MigrationOrder]:
+        """Pair overloaded with underloaded instances; one order per kept pair."""
+        self._expire_orders(now)
+        if not self.config.enable_migration:
+            return []
+        cfg = self.config
+        busy_src = {i for i, r in self.instances.items() if len(r.orders_out) >= cfg.max_migrations_out}
+        busy_dst = {i for i, r in self.instances.items() if len(r.orders_in) >= cfg.max_migrations_in}
+        orders = []
+        for plan in plan_migrations(self.loads(), cfg.policy):
+            src, dst = plan.pair.src, plan.pair.dst
+            if src in busy_src or dst in busy_dst:
+                continue
+            self._seq += 1
+            order = MigrationOrder(f"mig-{uuid.uuid4().hex[:12]}-{self._seq}", src, dst,
+                                   self.instances[dst].address, plan.request.request_id, plan.request.waiting, now)
+            self.instances[src].orders_out[order.migration_id] = order
+            self.instances[dst].orders_in[order.migration_id] = order
+            busy_src.add(src)
+            busy_dst.add(dst)
+            orders.append(order)
+        self.num_orders += len(orders)
+        return orders
+
+    def on_migration_done(self, migration_id: str) -> None:
+        """A source reported the end of a migration (whatever its outcome)."""
+        for rec in self.instances.values():
+            order = rec.orders_out.get(migration_id)
+            if order is not None:
+                self._forget_order(order)
+                return
+
+    def _forget_order(self, order: MigrationOrder) -> None:
+        for iid, table in ((order.src, "orders_out"), (order.dst, "orders_in")):
+            rec = self.instances.get(iid)
+            if rec is not None:
+                getattr(rec, table).pop(order.migration_id, None)
+
+    def _expire_orders(self, now: float) -> None:
+        stale = [o for r in self.instances.values() for o in r.orders_out.values()
+                 if now - o.issued_at > self.config.migration_order_timeout_s]
+        for o in stale:
+            self._forget_order(o)
+
+    # ----- scaling and health ------------------------------------------------------------
+    def scaling_round(self) -> ScaleDecision:
+        """Scale out / in decision; a scale-in also marks its instance terminating."""
+        if not self.config.enable_scaling:
+            return ScaleDecision(ScaleAction.NONE)
+        decision = decide_scaling(self.loads(), self.config.policy, self.scaling_state)
+        if decision.action == ScaleAction.IN and decision.instance_id in self.instances:
+            self.mark_terminating(decision.instance_id)
+        return decision
+
+    def drained(self) -> list[str]:
+        """Terminating instances with no request left and no migration in flight: stop them."""
+        out = []
+        for iid, rec in sorted(self.instances.items()):
+            load = rec.load
+            if rec.terminating and load is not None and not load.running and not load.waiting \
+                    and not rec.orders_out and not rec.orders_in:
+                out.append(iid)
+        return out
+
+    def dead(self, now: float) -> list[str]:
+        """Instances not heard from within the heartbeat timeout."""
+        limit = self.config.heartbeat_timeout_s
+        return sorted(i for i, r in self.instances.items() if now - r.last_seen > limit)

@@ -1,0 +1,193 @@
+"""The global scheduler daemon: drives ``GlobalScheduler`` with a clock and real instances.
+
+Each tick: poll every instance's load, collect finished migrations, run a
+migration round (every ``migration_interval_s``), decide scaling, stop drained
+instances and drop dead ones. ``tick`` is public so tests can step it by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from typing import Any, Callable, Optional
+
+from llumnix_py.runtime.base import InstanceHandle, InstanceLauncher
+from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
+from migration.driver import MigrationResult
+from migration.protocol import MigrationStatus
+from policies.types import RequestView, ScaleAction
+from policies.virtual_usage import freeness
+
+log = logging.getLogger(__name__)
+
+
+def instance_name(n: int) -> str:
+    return f"instance-{n:03d}"
+
+
+class SchedulerDaemon:
+    """Owns the scheduler core, the instance handles and the loop thread."""
+
+    def __init__(self, config: SchedulerConfig, launcher: InstanceLauncher,
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
+        self.config = config
+        self.core = GlobalScheduler(config, seed)
+        self.launcher = launcher
+        self.clock = clock
+        self.handles: dict[str, InstanceHandle] = {}
+        self.results: deque[MigrationResult] = deque(maxlen=100_000)
+        self.outcomes: Counter[str] = Counter()
+        self.scale_events: list[tuple[float, str, str]] = []
+        self.on_migration: Optional[Callable[[MigrationResult], None]] = None
+        self._next_id = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._last_round = float("-inf")
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    def launch(self, n: int = 1) -> list[str]:
+        ids = []
+        for _ in range(n):
+            with self._lock:
+                iid = instance_name(self._next_id)
+                self._next_id += 1
+            handle = self.launcher.launch(iid)
+            self.add_instance(handle)
+            ids.append(iid)
+        return ids
+
+    def add_instance(self, handle: InstanceHandle) -> None:
+        with self._lock:
+            self.handles[handle.instance_id] = handle
+            self.core.register(handle.instance_id, handle.address, self.clock())
+            self.core.on_load(handle.instance_id, handle.load(), self.clock())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler-daemon", daemon=True)
+        self._thread.start()
+
+    def stop(self, terminate_instances: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if terminate_instances:
+            for h in list(self.handles.values()):
+                try:
+                    self.launcher.terminate(h)
+                except Exception:
+                    log.exception("stopping %s failed", h.instance_id)
+            self.handles.clear()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            self._stop.wait(max(0.0, self.config.poll_interval_s - (time.monotonic() - t0)))
+
+    # ----- the loop body -------------------------------------------------------------------
+    def tick(self, force_round: bool = False) -> None:
+        now = self.clock()
+        with self._lock:
+            handles = list(self.handles.values())
+        for h in handles:
+            try:
+                load = h.load()
+                results = h.pop_results()
+            except Exception as exc:
+                log.warning("instance %s did not answer: %s", h.instance_id, exc)
+                continue
+            with self._lock:
+                self.core.on_load(h.instance_id, load, now)
+                for r in results:
+                    self._record(r)
+        with self._lock:
+            if force_round or now - self._last_round >= self.config.migration_interval_s:
+                self._last_round = now
+                self._migrate(now)
+            self._scale()
+            for iid in self.core.drained():
+                self._retire(iid, "drained")
+            for iid in self.core.dead(now):
+                self._retire(iid, "dead")
+
+    def _migrate(self, now: float) -> None:
+        for order in self.core.migration_round(now):
+            handle = self.handles.get(order.src)
+            ok = False
+            if handle is not None:
+                try:
+                    ok = handle.migrate_out(order.request_id, order.dst_address, order.migration_id, order.waiting)
+                except Exception as exc:
+                    log.warning("migrate_out on %s failed: %s", order.src, exc)
+            if not ok:
+                self.core.on_migration_done(order.migration_id)
+
+    def _record(self, r: MigrationResult) -> None:
+        self.core.on_migration_done(r.migration_id)
+        self.results.append(r)
+        self.outcomes[r.status.value] += 1
+        if self.on_migration is not None:
+            self.on_migration(r)
+
+    def _scale(self) -> None:
+        decision = self.core.scaling_round()
+        if decision.action == ScaleAction.OUT:
+            ids = self.launch(1)
+            self.scale_events.append((self.clock(), "out", ids[0]))
+        elif decision.action == ScaleAction.IN:
+            self.scale_events.append((self.clock(), "in", decision.instance_id or ""))
+
+    def _retire(self, iid: str, why: str) -> None:
+        handle = self.handles.pop(iid, None)
+        self.core.remove(iid)
+        log.info("instance %s removed (%s)", iid, why)
+        if handle is not None and why == "drained":
+            self.launcher.terminate(handle)
+
+    # ----- API for frontends ---------------------------------------------------------------
+    def dispatch(self, request: RequestView) -> Optional[str]:
+        with self._lock:
+            return self.core.dispatch(request)
+
+    def handle(self, instance_id: str) -> Optional[InstanceHandle]:
+        with self._lock:
+            return self.handles.get(instance_id)
+
+    def instance_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self.handles)
+
+    def drain(self, instance_id: str) -> None:
+        """Scale in by hand: the instance migrates everything away, then stops."""
+        with self._lock:
+            self.core.mark_terminating(instance_id)
+            self.scale_events.append((self.clock(), "in", instance_id))
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            cfg = self.config.policy
+            instances = []
+            for inst in self.core.loads():
+                instances.append({
+                    "instance_id": inst.instance_id,
+                    "total_blocks": inst.total_blocks,
+                    "used_blocks": inst.used_blocks,
+                    "running": inst.num_running,
+                    "waiting": len(inst.waiting),
+                    "terminating": inst.terminating,
+                    "freeness": freeness(inst, cfg),
+                })
+            downtimes = [r.downtime_s for r in self.results if r.status == MigrationStatus.FINISHED]
+            return {
+                "instances": instances,
+                "migrations": dict(self.outcomes),
+                "migration_downtime_ms": [d * 1e3 for d in downtimes[-1000:]],
+                "dispatched": self.core.num_dispatched,
+                "scale_events": list(self.scale_events),
+            }

@@ -1,0 +1,182 @@
+"""Carries out a ``SourceMigration``'s actions against a source engine and a destination.
+
+The driver owns the clock and the wires; the protocol machine owns the decisions.
+``SourcePort`` is the source engine (the llumlet hands in a view that takes its
+engine lock per call); ``DestinationPort`` is the destination, reached through a
+transport (``TransportPort``) or directly (``LocalPort``, for tests and the simulator).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+from llumnix_py.engines.types import MigrationRequestState
+from llumnix_py.errors import LlumnixError
+from migration import protocol as p
+from migration import wire
+from migration.destination import ALREADY_COMMITTED, DestinationMigrations
+from migration.transports.base import MigrationTransport, TransportError
+
+
+class SourcePort(Protocol):
+    def incremental_blocks(self, request_id: str, num_sent: int, include_last: bool) -> Optional[list[int]]: ...
+    def read_blocks(self, block_ids: Sequence[int]) -> object: ...
+    def freeze(self, request_id: str) -> Optional[MigrationRequestState]: ...
+    def unfreeze(self, request_id: str) -> None: ...
+    def free_src(self, request_id: str) -> None: ...
+
+
+class DestinationPort(Protocol):
+    def pre_alloc(self, migration_id: str, request_id: str, n: int) -> tuple[Optional[tuple[int, ...]], str]: ...
+    def copy(self, migration_id: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> None: ...
+    def commit(self, migration_id: str, state: MigrationRequestState) -> tuple[bool, str]: ...
+    def abort(self, migration_id: str, reason: str) -> bool: ...  # True: the destination had committed
+
+
+class TransportPort:
+    """The destination behind a ``MigrationTransport``; KV data is read and sent chunk by
+    chunk, so packing chunk k+1 overlaps sending chunk k."""
+
+    def __init__(self, transport: MigrationTransport, src: SourcePort) -> None:
+        self.transport = transport
+        self.src = src
+
+    def pre_alloc(self, migration_id, request_id, n):
+        reply = self.transport.call(wire.PreAlloc(migration_id, request_id, n))
+        return (tuple(reply.block_ids), "") if reply.ok else (None, reply.error or "refused")
+
+    def copy(self, migration_id, src_ids, dst_ids):
+        step = self.transport.chunk_blocks
+        for s in range(0, len(dst_ids), step):
+            data = self.src.read_blocks(src_ids[s:s + step])
+            self.transport.send_blocks(migration_id, dst_ids[s:s + step], data)
+        self.transport.flush()
+
+    def commit(self, migration_id, state):
+        reply = self.transport.call(wire.Commit(migration_id, state))
+        return reply.ok, reply.error or ""
+
+    def abort(self, migration_id, reason):
+        try:
+            reply = self.transport.call(wire.Abort(migration_id, reason[: wire.MAX_TEXT_LEN]))
+        except TransportError:
+            return False  # unreachable: it frees the reservation itself after its timeout
+        return not reply.ok and reply.error == ALREADY_COMMITTED
+
+
+class LocalPort:
+    """The destination in the same process: calls its ``DestinationMigrations`` directly."""
+
+    def __init__(self, dst: DestinationMigrations, src: SourcePort, now: Callable[[], float] = time.monotonic,
+                 lock=None) -> None:
+        self.dst = dst
+        self.src = src
+        self.now = now
+        self.lock = lock
+
+    def _handle(self, msg, payload=None) -> wire.Reply:
+        if self.lock is None:
+            return self.dst.handle(msg, payload, self.now())
+        with self.lock:
+            return self.dst.handle(msg, payload, self.now())
+
+    def pre_alloc(self, migration_id, request_id, n):
+        reply = self._handle(wire.PreAlloc(migration_id, request_id, n))
+        return (tuple(reply.block_ids), "") if reply.ok else (None, reply.error or "refused")
+
+    def copy(self, migration_id, src_ids, dst_ids):
+        data = self.src.read_blocks(src_ids)
+        msg = wire.Blocks(migration_id, tuple(dst_ids), "uint8", (len(dst_ids),))
+        reply = self._handle(msg, data)
+        if not reply.ok:
+            raise TransportError(reply.error or "copy failed")
+
+    def commit(self, migration_id, state):
+        reply = self._handle(wire.Commit(migration_id, state))
+        return reply.ok, reply.error or ""
+
+    def abort(self, migration_id, reason):
+        reply = self._handle(wire.Abort(migration_id, reason))
+        return not reply.ok and reply.error == ALREADY_COMMITTED
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """How one migration went (times in seconds on the driver's clock)."""
+
+    migration_id: str
+    request_id: str
+    status: p.MigrationStatus
+    reason: str
+    mode: str
+    stages: int
+    blocks: int
+    total_s: float
+    downtime_s: float  # from freeze to commit: the request made no progress
+    committed_at: float = 0.0
+
+
+class MigrationDriver:
+    """Runs one migration to completion, or executes its actions one at a time."""
+
+    def __init__(self, src: SourcePort, dst: DestinationPort, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.src = src
+        self.dst = dst
+        self.clock = clock
+        self._frozen_at: Optional[float] = None
+        self._committed_at: Optional[float] = None
+
+    def run(self, m: p.SourceMigration) -> MigrationResult:
+        t0 = self.clock()
+        action = m.start()
+        while not isinstance(action, p.Done):
+            action = m.on(self.execute(m, action))
+        end = self.clock()
+        frozen = self._frozen_at
+        committed = self._committed_at
+        downtime = (committed - frozen) if (frozen is not None and committed is not None) else 0.0
+        return MigrationResult(m.migration_id, m.request_id, m.status, m.reason, m.config.mode.value,
+                               m.stages, m.blocks_sent, end - t0, downtime, committed or 0.0)
+
+    def execute(self, m: p.SourceMigration, action: p.Action) -> p.Event:
+        rid, mid = m.request_id, m.migration_id
+        if isinstance(action, p.QueryBlocks):
+            ids = self.src.incremental_blocks(rid, action.num_sent, action.include_last)
+            return p.BlocksQueried(None if ids is None else tuple(ids))
+        if isinstance(action, p.PreAllocate):
+            try:
+                ids, err = self.dst.pre_alloc(mid, rid, action.num_blocks)
+            except (TransportError, LlumnixError) as exc:
+                ids, err = None, str(exc)
+            return p.PreAllocated(ids, err)
+        if isinstance(action, p.CopyBlocks):
+            try:
+                self.dst.copy(mid, list(action.src_block_ids), list(action.dst_block_ids))
+            except (TransportError, LlumnixError, ValueError) as exc:
+                return p.Copied(False, str(exc))
+            return p.Copied(True)
+        if isinstance(action, p.Freeze):
+            self._frozen_at = self.clock()
+            return p.Frozen(self.src.freeze(rid))
+        if isinstance(action, p.Commit):
+            try:
+                ok, err = self.dst.commit(mid, action.state)
+            except (TransportError, LlumnixError) as exc:
+                ok, err = False, str(exc)
+            if ok:
+                self._committed_at = self.clock()
+            return p.Committed(ok, err)
+        if isinstance(action, p.FreeSrc):
+            self.src.free_src(rid)
+            return p.SrcFreed()
+        if isinstance(action, p.Rollback):
+            committed = self.dst.abort(mid, action.reason) if action.abort_dst else False
+            if committed:
+                self._committed_at = self.clock()
+                return p.RolledBack(committed_on_dst=True)
+            if action.unfreeze:
+                self.src.unfreeze(rid)
+            return p.RolledBack()
+        raise TypeError(f"unknown action {action!r}")

@@ -1,0 +1,313 @@
+"""The live-migration protocol as sans-IO state machines (Llumnix, OSDI'24, Section 4.3).
+
+``SourceMigration`` decides, a driver acts. The machine never touches an engine,
+a socket or a clock: it returns an action, the driver carries it out (an engine
+primitive, a message to the destination) and feeds the outcome back as an event.
+The same machine runs under the real llumlet, the in-process runtime and the
+simulator; only the drivers differ.
+
+Stages of a running request (``n`` = blocks of the request on the source)::
+
+    stage 1       stage 2 ...          stop-and-copy               release
+    |-- full blocks --|-- increment --|-- freeze, last blocks + state, commit --|-- free_src
+    ^ request keeps decoding on S ^   ^ downtime: only this part ^
+
+    QueryBlocks(sent, last=False) -> PreAlloc(k) -> CopyBlocks -> ... (at most ``max_stages``)
+    Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> FreeSrc
+
+A waiting request has no KV: Freeze -> Commit(state) -> FreeSrc.
+
+Rollback is one path: unfreeze on the source if frozen, tell the destination to
+free its reservation, and report which side aborted (``ABORTED_SRC``: the request
+finished, was preempted or aborted on the source; ``ABORTED_DST``: the destination
+refused, failed or timed out).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from llumnix_py.engines.types import MigrationRequestState, SeqStatus
+
+
+class MigrationStatus(str, enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"  # committed on the destination, freed on the source
+    ABORTED_SRC = "aborted_src"
+    ABORTED_DST = "aborted_dst"
+
+    @property
+    def done(self) -> bool:
+        return self is not MigrationStatus.RUNNING
+
+
+class MigrationMode(str, enum.Enum):
+    LIVE = "live"  # multi-stage KV copy (default)
+    BLOCKING = "blocking"  # freeze first, copy everything, commit (baseline)
+    RECOMPUTE = "recompute"  # move token ids only; the destination re-prefills (engines without KV access)
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    """Knobs of one migration.
+
+    Attributes:
+        max_stages: pre-copy stages at most before stop-and-copy (>= 1).
+        last_stage_max_blocks: stop-and-copy once the increment is this small.
+        mode: live, blocking or recompute.
+    """
+
+    max_stages: int = 3
+    last_stage_max_blocks: int = 16
+    mode: MigrationMode = MigrationMode.LIVE
+
+    def __post_init__(self) -> None:
+        if self.max_stages < 1:
+            raise ValueError("max_stages must be >= 1")
+        if self.last_stage_max_blocks < 0:
+            raise ValueError("last_stage_max_blocks must be >= 0")
+        object.__setattr__(self, "mode", MigrationMode(self.mode))
+
+
+# ----- actions (machine -> driver) -------------------------------------------------------------
+@dataclass(frozen=True)
+class QueryBlocks:
+    """Source engine: ``incremental_blocks(request_id, num_sent, include_last)``; reply ``BlocksQueried``."""
+
+    num_sent: int
+    include_last: bool
+
+
+@dataclass(frozen=True)
+class PreAllocate:
+    """Destination: reserve ``num_blocks``; reply ``PreAllocated``."""
+
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class CopyBlocks:
+    """Read ``src_block_ids`` on the source, write them into ``dst_block_ids``; reply ``Copied``."""
+
+    src_block_ids: tuple[int, ...]
+    dst_block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Source engine: ``freeze(request_id)`` at an iteration boundary; reply ``Frozen``."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Destination: adopt the request with ``state``; reply ``Committed``."""
+
+    state: MigrationRequestState
+
+
+@dataclass(frozen=True)
+class FreeSrc:
+    """Source engine: ``free_src(request_id)``. Then the migration is FINISHED."""
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Undo: ``unfreeze`` on the source if ``unfreeze``, and ``Abort`` to the destination
+    if ``abort_dst`` (it holds a reservation). Then the migration ends with ``status``."""
+
+    unfreeze: bool
+    abort_dst: bool
+    status: MigrationStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    status: MigrationStatus
+    reason: str = ""
+
+
+Action = Union[QueryBlocks, PreAllocate, CopyBlocks, Freeze, Commit, FreeSrc, Rollback, Done]
+
+
+# ----- events (driver -> machine) --------------------------------------------------------------
+@dataclass(frozen=True)
+class BlocksQueried:
+    block_ids: Optional[tuple[int, ...]]  # None: the request is not running any more
+
+
+@dataclass(frozen=True)
+class PreAllocated:
+    block_ids: Optional[tuple[int, ...]]  # None: refused
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Copied:
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Frozen:
+    state: Optional[MigrationRequestState]
+
+
+@dataclass(frozen=True)
+class Committed:
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SrcFreed:
+    pass
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    committed_on_dst: bool = False  # the destination had committed after all (a lost reply)
+
+
+Event = Union[BlocksQueried, PreAllocated, Copied, Frozen, Committed, SrcFreed, RolledBack]
+
+
+@dataclass
+class SourceMigration:
+    """One migration of ``request_id``, driven from the source.
+
+    Use: ``action = m.start()``; then repeatedly carry out ``action`` and call
+    ``action = m.on(event)`` until ``action`` is a ``Done``.
+    """
+
+    migration_id: str
+    request_id: str
+    waiting: bool = False  # a waiting request: no KV to copy
+    config: MigrationConfig = field(default_factory=MigrationConfig)
+
+    status: MigrationStatus = MigrationStatus.RUNNING
+    stages: int = 0  # KV copy stages done (pre-copy and stop-and-copy)
+    blocks_sent: int = 0
+    frozen: bool = False
+    reserved: int = 0  # blocks the destination holds for us
+    state: Optional[MigrationRequestState] = None
+    reason: str = ""
+    _pending: Optional[Action] = None
+    _src_ids: tuple[int, ...] = ()
+
+    def start(self) -> Action:
+        if self.waiting or self.config.mode in (MigrationMode.BLOCKING, MigrationMode.RECOMPUTE):
+            return self._expect(Freeze())
+        return self._expect(QueryBlocks(0, include_last=False))
+
+    @property
+    def last_stage(self) -> bool:
+        return self.frozen
+
+    def on(self, event: Event) -> Action:
+        pending = self._pending
+        if isinstance(pending, QueryBlocks) and isinstance(event, BlocksQueried):
+            return self._on_blocks(event)
+        if isinstance(pending, PreAllocate) and isinstance(event, PreAllocated):
+            return self._on_prealloc(event)
+        if isinstance(pending, CopyBlocks) and isinstance(event, Copied):
+            return self._on_copied(event)
+        if isinstance(pending, Freeze) and isinstance(event, Frozen):
+            return self._on_frozen(event)
+        if isinstance(pending, Commit) and isinstance(event, Committed):
+            if not event.ok:
+                return self._rollback(MigrationStatus.ABORTED_DST, f"commit failed: {event.error}")
+            return self._expect(FreeSrc())
+        if isinstance(pending, FreeSrc) and isinstance(event, SrcFreed):
+            return self._finish(MigrationStatus.FINISHED, "")
+        if isinstance(pending, Rollback) and isinstance(event, RolledBack):
+            if event.committed_on_dst and self.frozen:
+                return self._expect(FreeSrc())  # the commit went through; only its reply was lost
+            return self._finish(pending.status, pending.reason)
+        raise RuntimeError(f"migration {self.migration_id}: event {event!r} does not answer {pending!r}")
+
+    # ----- transitions -------------------------------------------------------------------
+    def _on_blocks(self, event: BlocksQueried) -> Action:
+        if event.block_ids is None:
+            return self._rollback(MigrationStatus.ABORTED_SRC, "request left the running batch on the source")
+        ids = event.block_ids
+        if not self.frozen:
+            # Stop-and-copy when nothing (more) is worth pre-copying: no full block, the
+            # increment is small, or only the last of ``max_stages`` stages is left.
+            out_of_stages = self.stages >= self.config.max_stages - 1
+            small = self.stages > 0 and len(ids) <= self.config.last_stage_max_blocks
+            if not ids or out_of_stages or small:
+                return self._expect(Freeze())
+        elif not ids:
+            return self._after_copy()
+        self._src_ids = ids
+        return self._expect(PreAllocate(len(ids)))
+
+    def _on_prealloc(self, event: PreAllocated) -> Action:
+        if event.block_ids is None or len(event.block_ids) != len(self._src_ids):
+            why = event.error or "destination refused the pre-allocation"
+            return self._rollback(MigrationStatus.ABORTED_DST, why)
+        self.reserved += len(event.block_ids)
+        return self._expect(CopyBlocks(self._src_ids, tuple(event.block_ids)))
+
+    def _on_copied(self, event: Copied) -> Action:
+        if not event.ok:
+            return self._rollback(MigrationStatus.ABORTED_DST, f"copy failed: {event.error}")
+        self.blocks_sent += len(self._src_ids)
+        self.stages += 1
+        self._src_ids = ()
+        return self._after_copy()
+
+    def _after_copy(self) -> Action:
+        if self.frozen:
+            assert self.state is not None
+            return self._expect(Commit(self.state))
+        return self._expect(QueryBlocks(self.blocks_sent, include_last=False))
+
+    def _on_frozen(self, event: Frozen) -> Action:
+        state = event.state
+        if state is None:
+            return self._rollback(MigrationStatus.ABORTED_SRC, "request finished or left the source before freezing")
+        self.frozen = True
+        expect = SeqStatus.WAITING if self.waiting else SeqStatus.RUNNING
+        if state.status != expect:
+            return self._rollback(MigrationStatus.ABORTED_SRC, f"request became {state.status.value} on the source")
+        if self.waiting:
+            self.state = state
+            return self._expect(Commit(state))
+        if self.config.mode == MigrationMode.RECOMPUTE:
+            self.state = _as_waiting(state)
+            return self._expect(Commit(self.state))
+        self.state = state
+        return self._expect(QueryBlocks(self.blocks_sent, include_last=True))
+
+    def _rollback(self, status: MigrationStatus, reason: str) -> Action:
+        return self._expect(Rollback(unfreeze=self.frozen, abort_dst=True, status=status, reason=reason))
+
+    def _finish(self, status: MigrationStatus, reason: str) -> Action:
+        self.status = status
+        self.reason = reason
+        self._pending = None
+        return Done(status, reason)
+
+    def _expect(self, action: Action) -> Action:
+        self._pending = action
+        return action
+
+
+def _as_waiting(state: MigrationRequestState) -> MigrationRequestState:
+    """Migration by recomputation: the destination re-prefills prompt + outputs so far."""
+    return MigrationRequestState(
+        request_id=state.request_id,
+        prompt_token_ids=state.prompt_token_ids,
+        output_token_ids=state.output_token_ids,
+        sampling=state.sampling,
+        priority=state.priority,
+        arrival_time=state.arrival_time,
+        num_preemptions=state.num_preemptions,
+        status=SeqStatus.WAITING,
+        num_computed_tokens=0,
+        reply_to=state.reply_to,
+    )

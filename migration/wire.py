@@ -1,0 +1,323 @@
+"""Migration messages: schemas and strict validation of everything read off the network.
+
+A message is a msgpack header (a dict, never pickle) plus, for KV data, one
+tensor payload. The source sends requests, the destination answers each with a
+``Reply``::
+
+    source                                   destination
+      PreAlloc(migration_id, request_id, n) ->  reserve n blocks  -> Reply(block_ids=...)
+      Blocks(migration_id, ids, dtype, shape)
+        + payload (shape[0] == len(ids))    ->  write KV blocks   -> Reply(ok)
+      Commit(migration_id, state)           ->  join running batch -> Reply(ok)
+      Abort(migration_id, reason)           ->  free reservation  -> Reply(ok)
+      Ping()                                ->                    -> Reply(ok)
+
+``decode_request`` and ``decode_reply`` accept arbitrary decoded msgpack and
+raise only ``ProtocolError``. Transports add their own envelope keys (``seq``)
+and remove them before calling the decoders.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+from llumnix_py.engines.types import MigrationRequestState
+from llumnix_py.errors import InvalidRequestError, ProtocolError
+
+MAX_BLOCKS_PER_MESSAGE = 65536
+MAX_PAYLOAD_BYTES = 1 << 30  # one Blocks payload, at most
+MAX_ID_LEN = 256  # migration and request ids
+MAX_TEXT_LEN = 4096  # abort reasons and reply errors
+MAX_SHAPE_DIMS = 8
+_MAX_INT = 2**63 - 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class PreAlloc:
+    """Ask the destination to reserve ``num_blocks`` blocks for one migration stage."""
+
+    migration_id: str
+    request_id: str
+    num_blocks: int
+    TYPE = "pre_alloc"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "migration_id": self.migration_id,
+                "request_id": self.request_id, "num_blocks": self.num_blocks}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """KV data of ``len(dst_block_ids)`` blocks; the tensor payload has ``shape``, ``shape[0]`` blocks."""
+
+    migration_id: str
+    dst_block_ids: tuple[int, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    TYPE = "blocks"
+
+    @property
+    def payload_nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "migration_id": self.migration_id,
+                "dst_block_ids": list(self.dst_block_ids), "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Stop-and-copy is done: the destination adopts the request with this state."""
+
+    migration_id: str
+    state: MigrationRequestState
+    TYPE = "commit"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "migration_id": self.migration_id, "state": self.state.to_wire()}
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The migration is over without a commit: free what was reserved for it."""
+
+    migration_id: str
+    reason: str
+    TYPE = "abort"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "migration_id": self.migration_id, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Liveness check."""
+
+    TYPE = "ping"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE}
+
+
+Message = Union[PreAlloc, Blocks, Commit, Abort, Ping]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The destination's answer to one request.
+
+    Attributes:
+        ok: the request was carried out.
+        error: why not, when ``ok`` is False.
+        block_ids: the blocks reserved by a ``PreAlloc``.
+    """
+
+    ok: bool
+    error: Optional[str] = None
+    block_ids: tuple[int, ...] = field(default=())
+
+    def to_header(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error, "block_ids": list(self.block_ids)}
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _fields(header: Any, what: str, need: set[str], optional: frozenset[str] = frozenset()) -> dict:
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{what}: header must be a mapping, got {type(header).__name__}")
+    keys = set(header)
+    bad_keys = [k for k in keys if not isinstance(k, str)]
+    if bad_keys:
+        raise ProtocolError(f"{what}: header keys must be strings")
+    missing, extra = need - keys, keys - need - optional
+    if missing or extra:
+        raise ProtocolError(f"{what}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}")
+    return header
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = _MAX_INT) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(f"{what} must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ProtocolError(f"{what} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _str(v: Any, what: str, max_len: int = MAX_ID_LEN, allow_empty: bool = False) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(f"{what} must be a string, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise ProtocolError(f"{what} is longer than {max_len} characters")
+    if not v and not allow_empty:
+        raise ProtocolError(f"{what} must not be empty")
+    return v
+
+
+def _int_list(v: Any, what: str, max_len: int) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise ProtocolError(f"{what} must be a list, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise ProtocolError(f"{what} has {len(v)} entries, more than {max_len}")
+    return tuple(_int(x, f"{what} entry") for x in v)
+
+
+def payload_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``dtype`` (a name in ``DTYPES``) and ``shape``."""
+    return math.prod(shape) * DTYPES[dtype].itemsize
+
+
+# ---------------------------------------------------------------- decoders
+
+
+def _decode_blocks(h: dict, payload_nbytes_: Optional[int]) -> Blocks:
+    _fields(h, "blocks", {"type", "migration_id", "dst_block_ids", "dtype", "shape"})
+    mid = _str(h["migration_id"], "migration_id")
+    ids = _int_list(h["dst_block_ids"], "dst_block_ids", MAX_BLOCKS_PER_MESSAGE)
+    if not ids:
+        raise ProtocolError("blocks: dst_block_ids is empty")
+    dtype = h["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ProtocolError(f"blocks: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    shape = _int_list(h["shape"], "shape", MAX_SHAPE_DIMS)
+    if not shape:
+        raise ProtocolError("blocks: shape is empty")
+    if shape[0] != len(ids):
+        raise ProtocolError(f"blocks: shape[0]={shape[0]} but {len(ids)} dst_block_ids")
+    nbytes = payload_nbytes(dtype, shape)  # Python ints: no overflow
+    if nbytes > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"blocks: payload of {nbytes} bytes exceeds MAX_PAYLOAD_BYTES={MAX_PAYLOAD_BYTES}")
+    if payload_nbytes_ is None:
+        raise ProtocolError("blocks: payload missing")
+    if payload_nbytes_ != nbytes:
+        raise ProtocolError(f"blocks: payload has {payload_nbytes_} bytes, header declares {nbytes}")
+    return Blocks(mid, ids, dtype, shape)
+
+
+def _decode_commit(h: dict) -> Commit:
+    _fields(h, "commit", {"type", "migration_id", "state"})
+    mid = _str(h["migration_id"], "migration_id")
+    try:
+        state = MigrationRequestState.from_wire(h["state"])
+    except (InvalidRequestError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        raise ProtocolError(f"commit: invalid request state: {exc}") from None
+    if len(state.request_id) > MAX_ID_LEN:
+        raise ProtocolError(f"commit: request_id is longer than {MAX_ID_LEN} characters")
+    return Commit(mid, state)
+
+
+def decode_request(header: Any, payload_nbytes: Optional[int]) -> Message:
+    """Validate a decoded request header (envelope keys removed) and build its message.
+
+    Args:
+        header: whatever msgpack decoded.
+        payload_nbytes: size of the tensor payload that came with it, ``None`` when none did.
+
+    Raises:
+        ProtocolError: on any deviation from the schema.
+    """
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a mapping, got {type(header).__name__}")
+    kind = header.get("type")
+    if kind == Blocks.TYPE:
+        return _decode_blocks(header, payload_nbytes)
+    if payload_nbytes is not None:
+        raise ProtocolError(f"{kind!r} message must not carry a payload")
+    if kind == PreAlloc.TYPE:
+        h = _fields(header, "pre_alloc", {"type", "migration_id", "request_id", "num_blocks"})
+        return PreAlloc(_str(h["migration_id"], "migration_id"), _str(h["request_id"], "request_id"),
+                        _int(h["num_blocks"], "num_blocks", 0, MAX_BLOCKS_PER_MESSAGE))
+    if kind == Commit.TYPE:
+        return _decode_commit(header)
+    if kind == Abort.TYPE:
+        h = _fields(header, "abort", {"type", "migration_id", "reason"})
+        return Abort(_str(h["migration_id"], "migration_id"),
+                     _str(h["reason"], "reason", MAX_TEXT_LEN, allow_empty=True))
+    if kind == Ping.TYPE:
+        _fields(header, "ping", {"type"})
+        return Ping()
+    shown = kind if isinstance(kind, str) and len(kind) <= 64 else type(kind).__name__
+    raise ProtocolError(f"unknown message type {shown!r}")
+
+
+def decode_reply(header: Any) -> Reply:
+    """Validate a decoded reply header (envelope keys removed). Raises ``ProtocolError``."""
+    h = _fields(header, "reply", {"ok", "error", "block_ids"})
+    if not isinstance(h["ok"], bool):
+        raise ProtocolError("reply: ok must be a boolean")
+    err = h["error"]
+    if err is not None:
+        err = _str(err, "reply error", MAX_TEXT_LEN, allow_empty=True)
+    ids = _int_list(h["block_ids"], "reply block_ids", MAX_BLOCKS_PER_MESSAGE)
+    return Reply(h["ok"], err, ids)
+
+
+def error_reply(error: str) -> dict[str, Any]:
+    """The header of a failure reply, with ``error`` cut to ``MAX_TEXT_LEN``."""
+    return Reply(False, str(error)[:MAX_TEXT_LEN]).to_header()
+
+
+# ---------------------------------------------------------------- tensor payloads
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a torch dtype; ``ProtocolError`` when the dtype cannot travel."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(DTYPES)}") from None
+
+
+def tensor_to_payload(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
+    """``(dtype name, shape, bytes)`` of a contiguous CPU tensor, without copying.
+
+    The memoryview aliases the tensor's memory (and keeps it alive): do not
+    write to the tensor until the payload is sent.
+    """
+    if t.device.type != "cpu":
+        raise ValueError(f"tensor_to_payload needs a CPU tensor, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError("tensor_to_payload needs a contiguous tensor")
+    name = dtype_name(t.dtype)
+    # bfloat16 has no numpy dtype: view the same memory as bytes first.
+    flat = t.detach().reshape(-1).view(torch.uint8)
+    return name, tuple(t.shape), memoryview(flat.numpy()).cast("B")
+
+
+def payload_to_tensor(buf: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``dtype``/``shape`` over ``buf`` (any bytes-like object), without copying.
+
+    The tensor keeps ``buf`` alive. A read-only ``buf`` gives a tensor one must not write to.
+    """
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes != payload_nbytes(dtype, tuple(shape)):
+        raise ProtocolError(f"payload has {mv.nbytes} bytes, {dtype}{list(shape)} needs "
+                            f"{payload_nbytes(dtype, tuple(shape))}")
+    if mv.nbytes == 0:
+        return torch.empty(tuple(shape), dtype=DTYPES[dtype])
+    flat = _frombuffer(mv)
+    return flat.view(DTYPES[dtype]).view(tuple(shape))
+
+
+def _frombuffer(mv: memoryview) -> torch.Tensor:
+    if mv.readonly:
+        # Received frames are read-only; torch warns once about that. The handler
+        # only reads (copies into its KV cache), so the warning is noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(mv, dtype=torch.uint8)
+    return torch.frombuffer(mv, dtype=torch.uint8)

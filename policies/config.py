@@ -1,0 +1,111 @@
+"""Configuration of the scheduling policies, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which policies run and their thresholds (Llumnix paper defaults).
+
+    Policy names are checked against the registries in ``policies.registry`` when the
+    config is built: an unknown name raises ``UnknownPolicyError``; a malformed value
+    raises ``ValueError``.
+
+    Attributes:
+        dispatch: dispatch policy (``freeness``, ``load``, ``queue``, ``round_robin``,
+            ``random``).
+        dispatch_top_k: the ``freeness`` dispatcher picks at random (seeded) among the
+            ``k`` freest instances, so dispatches between two load polls do not herd.
+        pairing: migration pairing policy (``freeness``, ``balanced``, ``defrag``).
+        migrate_out: which request a source migrates (``shortest``, ``last``,
+            ``longest``, ``lowest_priority``, ``waiting_head``).
+        migrate_out_threshold: freeness (decode steps) below which an instance is a
+            migration source and above which it is a destination.
+        headroom_blocks: ``((priority, blocks), ...)``: blocks of headroom reserved on
+            each instance for requests of that priority (priority > 0).
+        scaling: scaling policy (``freeness``: the paper's average freeness; ``none``).
+        scale_out_threshold: scale out when the average freeness stays below this.
+        scale_in_threshold: scale in when the average freeness stays above this.
+        scale_period_rounds: consecutive scheduling rounds a scaling condition must hold.
+        min_instances / max_instances: bounds on the number of instances.
+    """
+
+    dispatch: str = "freeness"
+    dispatch_top_k: int = 1
+    pairing: str = "freeness"
+    migrate_out: str = "shortest"
+    migrate_out_threshold: float = 3.0
+    headroom_blocks: tuple[tuple[int, int], ...] = ()
+    scaling: str = "freeness"
+    scale_out_threshold: float = 10.0
+    scale_in_threshold: float = 60.0
+    scale_period_rounds: int = 10
+    min_instances: int = 1
+    max_instances: int = 64
+    # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
+    # derived from ``headroom_blocks``; a plain attribute for the hot paths.
+    headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        pairs = _normalize_headroom(self.headroom_blocks)
+        object.__setattr__(self, "headroom_blocks", pairs)
+        object.__setattr__(self, "headroom_map", MappingProxyType(dict(pairs)))
+        _check_int("dispatch_top_k", self.dispatch_top_k, minimum=1)
+        _check_int("scale_period_rounds", self.scale_period_rounds, minimum=1)
+        _check_int("min_instances", self.min_instances, minimum=1)
+        _check_int("max_instances", self.max_instances, minimum=self.min_instances)
+        for name in ("migrate_out_threshold", "scale_out_threshold", "scale_in_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.scale_out_threshold >= self.scale_in_threshold:
+            raise ValueError(
+                "scale_out_threshold must be below scale_in_threshold "
+                f"({self.scale_out_threshold} >= {self.scale_in_threshold}): the cluster would flap"
+            )
+        for name in ("dispatch", "pairing", "migrate_out", "scaling"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty policy name, got {value!r}")
+        from policies.registry import check_policy_names  # late: the registries import this module
+
+        check_policy_names(
+            dispatch=self.dispatch, pairing=self.pairing, migrate_out=self.migrate_out, scaling=self.scaling
+        )
+
+    def headroom(self, priority: int) -> int:
+        """Blocks of headroom reserved for ``priority`` on each instance (0 if none)."""
+        return self.headroom_map.get(priority, 0)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _normalize_headroom(raw: object) -> tuple[tuple[int, int], ...]:
+    try:
+        items = [tuple(item) for item in raw]  # type: ignore[union-attr]
+    except TypeError:
+        raise ValueError(f"headroom_blocks must be a sequence of (priority, blocks) pairs, got {raw!r}") from None
+    seen: set[int] = set()
+    pairs: list[tuple[int, int]] = []
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"headroom_blocks entries must be (priority, blocks) pairs, got {item!r}")
+        priority, blocks = item
+        _check_int("headroom priority", priority, minimum=1)
+        _check_int(f"headroom blocks of priority {priority}", blocks, minimum=0)
+        if priority in seen:
+            raise ValueError(f"headroom_blocks lists priority {priority} twice")
+        seen.add(priority)
+        if blocks > 0:
+            pairs.append((priority, blocks))
+    return tuple(sorted(pairs))

@@ -1,0 +1,211 @@
+"""Dispatch: which instance a new request goes to.
+
+=============  ===============================================================
+``freeness``   (default) highest dispatch freeness computed for the request's
+               priority, pending requests included; order (freeness desc,
+               instance_id asc), then a seeded random pick among the top
+               ``cfg.dispatch_top_k``
+``load``       INFaaS++: least KV demand (physical + every queued and pending
+               request) as a fraction of total blocks; ties by instance_id
+``queue``      fewest queued requests (waiting + pending); ties by instance_id
+``round_robin`` next instance_id after the previous pick, in id order
+``random``     seeded uniform choice
+=============  ===============================================================
+
+A terminating instance is never a target; ``dispatch`` returns ``None`` when no
+instance is eligible. ``DispatchState`` belongs to the caller (one per scheduler):
+record each sent request with ``on_dispatch`` and clear it with ``on_poll`` when that
+instance's fresh load arrives (the fresh load includes it). ``dispatch`` itself does
+not record anything, so a request that could not be sent is not counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import random
+from typing import Callable, Optional, Sequence
+
+from policies.config import PolicyConfig
+from policies.registry import DISPATCH
+from policies.types import Dispatch, InstanceLoad, RequestView
+from policies.virtual_usage import UsageSummary, summarize
+
+DispatchFn = Callable[[Sequence[InstanceLoad], RequestView, PolicyConfig, "DispatchState"], str]
+
+
+class _Pending:
+    """Requests dispatched to one instance since its last poll, aggregated."""
+
+    __slots__ = ("requests", "blocks", "classes")
+
+    def __init__(self) -> None:
+        self.requests: list[RequestView] = []
+        self.blocks = 0
+        self.classes: dict[int, int] = {}  # priority -> count, every priority
+
+
+class DispatchState:
+    """The dispatcher's memory between decisions; owned by the caller, not global.
+
+    Holds requests dispatched but not yet visible in a polled load, the round-robin
+    cursor, the seeded random generator, and a per-snapshot cache of usage summaries
+    (keyed by snapshot identity, so a new snapshot object is always re-read).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.last_round_robin: Optional[str] = None
+        self._pending: dict[str, _Pending] = {}
+        self._cache: dict[str, tuple[InstanceLoad, PolicyConfig, UsageSummary]] = {}
+
+    def on_dispatch(self, instance_id: str, request: RequestView) -> None:
+        """Count ``request`` into ``instance_id``'s load until its next poll."""
+        p = self._pending.get(instance_id)
+        if p is None:
+            p = self._pending[instance_id] = _Pending()
+        p.requests.append(request)
+        p.blocks += request.blocks_needed
+        p.classes[request.priority] = p.classes.get(request.priority, 0) + 1
+
+    def on_poll(self, instance_id: str) -> None:
+        """A fresh load of ``instance_id`` arrived: it includes the pending requests."""
+        self._pending.pop(instance_id, None)
+
+    def forget(self, instance_id: str) -> None:
+        """Drop everything kept about an instance that left the cluster."""
+        self._pending.pop(instance_id, None)
+        self._cache.pop(instance_id, None)
+        if self.last_round_robin == instance_id:
+            self.last_round_robin = None
+
+    def pending(self, instance_id: str) -> tuple[RequestView, ...]:
+        """Requests dispatched to ``instance_id`` since its last poll."""
+        p = self._pending.get(instance_id)
+        return () if p is None else tuple(p.requests)
+
+    def num_pending(self, instance_id: str) -> int:
+        p = self._pending.get(instance_id)
+        return 0 if p is None else len(p.requests)
+
+    def pending_blocks(self, instance_id: str) -> int:
+        """Sum of ``blocks_needed`` of the pending requests of ``instance_id``."""
+        p = self._pending.get(instance_id)
+        return 0 if p is None else p.blocks
+
+    def summary(self, inst: InstanceLoad, cfg: PolicyConfig) -> UsageSummary:
+        """Dispatch summary of the snapshot alone (pending requests not included)."""
+        hit = self._cache.get(inst.instance_id)
+        if hit is not None and hit[0] is inst and hit[1] is cfg:
+            return hit[2]
+        s = summarize(inst, cfg, purpose="dispatch")
+        self._cache[inst.instance_id] = (inst, cfg, s)
+        return s
+
+    def dispatch_freeness(self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0) -> float:
+        """``freeness(inst, purpose="dispatch", extra_pending=pending)``, from caches."""
+        s = self.summary(inst, cfg)
+        p = self._pending.get(inst.instance_id)
+        v = s.physical + s.demand + s.headroom_total
+        present = s.class_counts
+        if p is not None:
+            v += p.blocks
+            hmap = cfg.headroom_map
+            if hmap:
+                for prio in p.classes:
+                    if prio in hmap and prio not in present:
+                        v += hmap[prio]
+                if for_priority in p.classes and for_priority not in present:
+                    v -= cfg.headroom(for_priority)
+        if for_priority in present:
+            v -= cfg.headroom(for_priority)
+        return (s.total_blocks - v) / (s.batch or 1)
+
+
+def dispatch(
+    instances: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
+) -> Optional[Dispatch]:
+    """Choose the instance for ``request`` with policy ``cfg.dispatch``.
+
+    Returns:
+        ``Dispatch(instance_id)``, or ``None`` when no instance is eligible (the list
+        is empty or every instance is terminating).
+
+    Raises:
+        UnknownPolicyError: ``cfg.dispatch`` is not registered.
+        ValueError: a policy returned an instance that is not eligible.
+    """
+    policy = DISPATCH.get(cfg.dispatch)
+    eligible = [inst for inst in instances if not inst.terminating]
+    if not eligible:
+        return None
+    chosen = policy(eligible, request, cfg, state)
+    if not any(inst.instance_id == chosen for inst in eligible):
+        raise ValueError(f"dispatch policy {cfg.dispatch!r} chose ineligible instance {chosen!r}")
+    return Dispatch(chosen)
+
+
+# --- built-in policies: (eligible, request, cfg, state) -> instance_id -----------------
+
+
+def by_freeness(
+    eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
+) -> str:
+    """Highest freeness for the request's priority; seeded pick among the top k."""
+    f = state.dispatch_freeness
+    prio = request.priority
+    k = cfg.dispatch_top_k
+    if k == 1 or len(eligible) == 1:
+        best_id = ""
+        best_f = 0.0
+        first = True
+        for inst in eligible:
+            fi = f(inst, cfg, prio)
+            iid = inst.instance_id
+            if first or fi > best_f or (fi == best_f and iid < best_id):
+                best_id, best_f, first = iid, fi, False
+        return best_id
+    keyed = [(-f(inst, cfg, prio), inst.instance_id) for inst in eligible]
+    top = heapq.nsmallest(k, keyed)
+    return top[state.rng.randrange(len(top))][1]
+
+
+def by_load(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState) -> str:
+    """INFaaS++: least (physical + queued + pending demand) / total_blocks."""
+
+    def key(inst: InstanceLoad) -> tuple[float, str]:
+        s = state.summary(inst, cfg)
+        demand = s.physical + s.demand + state.pending_blocks(inst.instance_id)
+        return (demand / inst.total_blocks if inst.total_blocks > 0 else float("inf"), inst.instance_id)
+
+    return min(eligible, key=key).instance_id
+
+
+def by_queue(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState) -> str:
+    """Fewest queued requests (waiting + pending dispatch)."""
+    return min(eligible, key=lambda i: (i.num_waiting + state.num_pending(i.instance_id), i.instance_id)).instance_id
+
+
+def by_round_robin(
+    eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
+) -> str:
+    """The next instance_id after the previous pick (wrapping), so membership may change."""
+    ids = sorted(inst.instance_id for inst in eligible)
+    last = state.last_round_robin
+    i = 0 if last is None else bisect.bisect_right(ids, last)
+    chosen = ids[i % len(ids)]
+    state.last_round_robin = chosen
+    return chosen
+
+
+def by_random(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState) -> str:
+    """Uniform choice with the state's seeded generator (ids sorted first)."""
+    ids = sorted(inst.instance_id for inst in eligible)
+    return ids[state.rng.randrange(len(ids))]
+
+
+DISPATCH.register("freeness", by_freeness)
+DISPATCH.register("load", by_load)
+DISPATCH.register("queue", by_queue)
+DISPATCH.register("round_robin", by_round_robin)
+DISPATCH.register("random", by_random)

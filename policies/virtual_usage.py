@@ -1,0 +1,204 @@
+"""Virtual usage and freeness (Llumnix paper, Section 4.4).
+
+The one formula every policy reads (blocks are KV-cache blocks; instance ``i``)::
+
+    V_i = +inf                                  if i is terminating (the "fake request")
+    V_i = P_i + D_i + H_i                       otherwise
+
+    P_i = max(used_blocks, sum of r.num_blocks over running r)
+          Physical blocks. ``used_blocks`` already holds the blocks reserved for
+          incoming migrations and those of outgoing migrations still in flight; the
+          max keeps a stale ``used_blocks`` from under-counting the running batch.
+    D_i = demand of queued requests (their ``blocks_needed``):
+          purpose "migration": the head of the waiting queue only (de-fragmentation:
+                               an instance whose head request cannot fit looks busy);
+          purpose "dispatch":  every waiting request, every ``pending_dispatch``
+                               request and the dispatcher's not-yet-polled ones.
+    H_i = sum of h(p) over priorities p present on i with headroom h(p) > 0 and
+          p != for_priority.
+          Each request of priority p carries h(p) / n_p, n_p = requests of priority p
+          on i (running + waiting, + pending for dispatch), so the shares add up to
+          h(p) once whenever the class is present and to 0 when it is absent. The
+          headroom of the priority we compute freeness *for* is not charged: it is
+          reserved for exactly that request (the paper applies headroom only to
+          requests of other priorities). ``for_priority=0`` charges every headroom.
+
+    freeness_i = (M_i - V_i) / B_i,  M_i = total_blocks,  B_i = max(1, len(running))
+
+Freeness is "decode steps the batch can take before memory runs out": higher is
+freer, negative is overloaded, ``-inf`` is terminating. An empty instance has
+``B_i = 1``, so its freeness is its unreserved blocks (finite).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Mapping, NamedTuple, Sequence
+
+from policies.config import PolicyConfig
+from policies.types import InstanceLoad, RequestView
+
+Purpose = Literal["migration", "dispatch"]
+PURPOSES: tuple[str, ...] = ("migration", "dispatch")
+
+
+class UsageSummary(NamedTuple):
+    """The parts of ``V_i`` for one snapshot, computed once and reused (a cheap tuple).
+
+    Attributes:
+        total_blocks: ``M_i``.
+        physical: ``P_i``.
+        demand: ``D_i`` for the summary's purpose.
+        batch: running requests (``B_i`` before the ``max(1, .)``).
+        class_counts: priority -> requests of that priority, for priorities with headroom.
+        headroom_total: ``sum h(p)`` over ``class_counts`` (``H_i`` for ``for_priority=0``).
+        terminating: the instance is draining (``V_i = +inf``).
+    """
+
+    total_blocks: int
+    physical: int
+    demand: int
+    batch: int
+    class_counts: Mapping[int, int]
+    headroom_total: int
+    terminating: bool
+
+    def virtual_usage(self, cfg: PolicyConfig, for_priority: int = 0) -> float:
+        if self.terminating:
+            return math.inf
+        v = self.physical + self.demand + self.headroom_total
+        if for_priority in self.class_counts:
+            v -= cfg.headroom(for_priority)
+        return float(v)
+
+    def freeness(self, cfg: PolicyConfig, for_priority: int = 0) -> float:
+        if self.terminating:
+            return -math.inf
+        return (self.total_blocks - self.virtual_usage(cfg, for_priority)) / (self.batch or 1)
+
+
+def summarize(
+    inst: InstanceLoad,
+    cfg: PolicyConfig,
+    *,
+    purpose: Purpose = "migration",
+    extra_pending: Sequence[RequestView] = (),
+) -> UsageSummary:
+    """Compute the parts of ``V_i`` (see the module docstring) for one snapshot."""
+    running = inst.running
+    waiting = inst.waiting
+    physical = sum([r.num_blocks for r in running])
+    if inst.used_blocks > physical:
+        physical = inst.used_blocks
+    if purpose == "migration":
+        demand = waiting[0].blocks_needed if waiting else 0
+        queued: tuple[Sequence[RequestView], ...] = (waiting,)
+    elif purpose == "dispatch":
+        pending = inst.pending_dispatch
+        demand = sum([r.blocks_needed for r in waiting]) + sum([r.blocks_needed for r in pending])
+        if extra_pending:
+            demand += sum([r.blocks_needed for r in extra_pending])
+        queued = (waiting, pending, extra_pending)
+    else:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    counts: dict[int, int] = {}
+    headroom_total = 0
+    hmap = cfg.headroom_map
+    if hmap:
+        # One comprehension per group, then list.count (in C) per configured priority.
+        priorities = [r.priority for r in running]
+        for group in queued:
+            if group:
+                priorities += [r.priority for r in group]
+        for p, h in hmap.items():
+            n = priorities.count(p)
+            if n:
+                counts[p] = n
+                headroom_total += h
+    return UsageSummary(
+        inst.total_blocks, physical, demand, len(running), counts, headroom_total, inst.terminating
+    )
+
+
+def virtual_usage(
+    inst: InstanceLoad,
+    cfg: PolicyConfig,
+    *,
+    for_priority: int = 0,
+    purpose: Purpose = "migration",
+    extra_pending: Sequence[RequestView] = (),
+) -> float:
+    """``V_i`` of the module docstring; ``+inf`` for a terminating instance.
+
+    Args:
+        inst: the instance's load snapshot.
+        cfg: supplies the headroom per priority.
+        for_priority: priority of the request the value is computed for; the headroom
+            of that priority is not charged.
+        purpose: ``"migration"`` (queued demand: head of line only) or ``"dispatch"``
+            (every queued and pending request).
+        extra_pending: requests dispatched to ``inst`` since its last poll that the
+            snapshot does not show yet (dispatch only).
+    """
+    return summarize(inst, cfg, purpose=purpose, extra_pending=extra_pending).virtual_usage(cfg, for_priority)
+
+
+def freeness(
+    inst: InstanceLoad,
+    cfg: PolicyConfig,
+    *,
+    for_priority: int = 0,
+    purpose: Purpose = "migration",
+    extra_pending: Sequence[RequestView] = (),
+) -> float:
+    """``(M_i - V_i) / B_i`` (see the module docstring); ``-inf`` when terminating."""
+    return summarize(inst, cfg, purpose=purpose, extra_pending=extra_pending).freeness(cfg, for_priority)
+
+
+# --- freeness after a migration, for pairing (purpose "migration", for_priority 0) ---
+
+
+def freeness_after_removal(
+    inst: InstanceLoad, s: UsageSummary, cfg: PolicyConfig, req: RequestView, *, waiting: bool
+) -> float:
+    """Migration freeness of ``inst`` once ``req`` has left it (``s`` = its summary).
+
+    A running request frees its physical blocks and leaves the batch; a waiting one
+    changes the demand only if it was the head (the next request becomes the head).
+    """
+    if s.terminating:
+        return -math.inf
+    physical, demand, batch = s.physical, s.demand, s.batch
+    if waiting:
+        if inst.waiting and inst.waiting[0].request_id == req.request_id:
+            demand = inst.waiting[1].blocks_needed if len(inst.waiting) > 1 else 0
+    else:
+        physical -= req.num_blocks
+        batch -= 1
+    headroom = s.headroom_total
+    if s.class_counts.get(req.priority) == 1:
+        headroom -= cfg.headroom(req.priority)
+    return (s.total_blocks - (physical + demand + headroom)) / (batch or 1)
+
+
+def freeness_after_addition(
+    inst: InstanceLoad, s: UsageSummary, cfg: PolicyConfig, req: RequestView, *, waiting: bool
+) -> float:
+    """Migration freeness of ``inst`` once ``req`` has arrived (``s`` = its summary).
+
+    A running request joins the batch with its blocks; a waiting one joins the tail
+    of the queue, so it adds demand only if the queue was empty.
+    """
+    if s.terminating:
+        return -math.inf
+    physical, demand, batch = s.physical, s.demand, s.batch
+    if waiting:
+        if not inst.waiting:
+            demand = req.blocks_needed
+    else:
+        physical += req.num_blocks
+        batch += 1
+    headroom = s.headroom_total
+    if req.priority not in s.class_counts:
+        headroom += cfg.headroom(req.priority)
+    return (s.total_blocks - (physical + demand + headroom)) / (batch or 1)

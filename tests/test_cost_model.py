@@ -1,0 +1,203 @@
+"""The roofline cost model, the calibrated profiles and the CSV fit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llumnix_py.engines.sim.cost_model import CostProfile, HardwareSpec, ModelSpec, causal_context
+from llumnix_py.engines.sim.profiles import (
+    A10,
+    LLAMA_7B,
+    LLAMA_7B_A10,
+    LLAMA_30B_4xA10,
+    PROFILES,
+    FittedCostProfile,
+    profile_from_csv,
+)
+
+ALL_PROFILES = [LLAMA_7B_A10, LLAMA_30B_4xA10]
+
+
+def within(value: float, target: float, tol: float) -> bool:
+    return abs(value - target) <= tol * target
+
+
+# ---- calibration points (Llumnix paper and artifact) --------------------------
+def test_llama7b_kv_is_512kib_per_token_and_4gb_for_8k():
+    assert LLAMA_7B_A10.kv_bytes_per_token == 512 * 1024
+    assert LLAMA_7B_A10.kv_block_bytes == 16 * 512 * 1024
+    assert within(8192 * LLAMA_7B_A10.kv_bytes_per_token / 1e9, 4.0, 0.1)
+
+
+def test_llama7b_a10_holds_about_880_blocks():
+    assert within(LLAMA_7B_A10.num_blocks, 880, 0.25)
+
+
+def test_llama7b_reprefill_8k_takes_about_2s():
+    assert within(LLAMA_7B_A10.recompute_time(8192), 2.0, 0.3)
+
+
+def test_llama7b_blocking_copy_of_8k_kv_takes_about_1_7s():
+    blocks = 8192 // LLAMA_7B_A10.block_size
+    assert within(LLAMA_7B_A10.migration_time(blocks), 1.7, 0.3)
+
+
+def test_llama30b_4xa10_recompute_8k_and_decode_step():
+    recompute = LLAMA_30B_4xA10.recompute_time(8192)
+    decode = LLAMA_30B_4xA10.step_time(0, 1, 8192)
+    assert within(recompute, 3.5, 0.3)
+    assert within(decode, 0.065, 0.3)
+    assert within(recompute / decode, 54, 0.3)
+
+
+def test_decode_step_is_memory_bound_and_plausible():
+    # One short sequence: about the weight-streaming time plus overhead (tens of ms).
+    t = LLAMA_7B_A10.step_time(0, 1, 128)
+    assert 0.02 < t < 0.05
+    assert t >= LLAMA_7B_A10.weight_bytes / (A10.mem_bandwidth_gbps * 1e9)
+
+
+def test_profiles_registry_holds_both():
+    assert set(PROFILES.values()) == set(ALL_PROFILES)
+
+
+# ---- the roofline's shape ---------------------------------------------------------
+counts = st.integers(min_value=0, max_value=20000)
+
+
+@pytest.mark.parametrize("profile", ALL_PROFILES, ids=lambda p: p.model.name)
+@settings(max_examples=60, deadline=None)
+@given(p=counts, b=st.integers(0, 512), c=st.integers(0, 10**6), dp=st.integers(0, 4096),
+       db=st.integers(0, 64), dc=st.integers(0, 10**5))
+def test_step_time_monotone(profile, p, b, c, dp, db, dc):
+    base = profile.step_time(p, b, c)
+    assert base >= 0
+    assert profile.step_time(p + dp, b, c) >= base
+    assert profile.step_time(p, b + db, c) >= base
+    assert profile.step_time(p, b, c + dc) >= base
+    assert profile.step_time(p, b, c, causal_context(0, p) + dc) >= base
+
+
+def test_empty_step_is_free_and_nonempty_pays_overhead():
+    assert LLAMA_7B_A10.step_time(0, 0, 0) == 0.0
+    assert LLAMA_7B_A10.step_time(1, 0, 0) >= LLAMA_7B_A10.decode_overhead_s
+
+
+def test_mixed_step_pays_max_not_sum():
+    prefill = LLAMA_7B_A10.step_time(2048, 0, 0)
+    decode = LLAMA_7B_A10.step_time(0, 8, 8 * 512)
+    mixed = LLAMA_7B_A10.step_time(2048, 8, 8 * 512)
+    assert max(prefill, decode) <= mixed < prefill + decode
+
+
+def test_causal_context():
+    assert causal_context(0, 1) == 1
+    assert causal_context(0, 4) == 1 + 2 + 3 + 4
+    assert causal_context(10, 2) == 11 + 12
+    # Two chunks add up to the whole prompt.
+    assert causal_context(0, 100) + causal_context(100, 50) == causal_context(0, 150)
+
+
+@pytest.mark.parametrize("args", [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (1.5, 0, 0)])
+def test_step_time_rejects_bad_counts(args):
+    with pytest.raises(ValueError):
+        LLAMA_7B_A10.step_time(*args)
+
+
+def test_migration_time_linear_in_blocks():
+    t0, t1, t2 = (LLAMA_7B_A10.migration_time(n) for n in (0, 10, 20))
+    assert t0 == LLAMA_7B_A10.hw.link_latency_s
+    assert t2 - t1 == pytest.approx(t1 - t0)
+    with pytest.raises(ValueError):
+        LLAMA_7B_A10.migration_time(-1)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"prefill_efficiency": 0.0},
+        {"prefill_efficiency": 1.5},
+        {"decode_overhead_s": -1.0},
+        {"mem_reserved_frac": 1.0},
+        {"block_size": 0},
+        {"mem_reserved_frac": 0.6},  # weights no longer fit
+    ],
+)
+def test_profile_validation(kw):
+    with pytest.raises(ValueError):
+        dataclasses.replace(LLAMA_7B_A10, **kw)
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError):
+        HardwareSpec("x", 0, 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        ModelSpec("x", 1e9, 0, 1, 1, 1)
+
+
+# ---- CSV fit ------------------------------------------------------------------------
+TRUE = {"fixed_s": 0.012, "per_prefill_token_s": 1.8e-4, "per_decode_seq_s": 3.0e-4, "per_context_token_s": 1.1e-6}
+
+
+def write_synthetic_csv(path, n=300, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = ["batch_size,context_tokens,prefill_tokens,step_ms"]
+    for _ in range(n):
+        batch = int(rng.integers(0, 128))
+        context = int(batch * rng.integers(1, 2048)) if batch else 0
+        prefill = int(rng.integers(0, 4096)) if rng.random() < 0.4 else 0
+        if batch == 0 and prefill == 0:
+            prefill = 1
+        t = (TRUE["fixed_s"] + TRUE["per_prefill_token_s"] * prefill + TRUE["per_decode_seq_s"] * batch
+             + TRUE["per_context_token_s"] * context)
+        t *= 1 + noise * rng.standard_normal()
+        lines.append(f"{batch},{context},{prefill},{t * 1e3:.6f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("noise,rel", [(0.0, 1e-4), (0.02, 0.1)])
+def test_csv_fit_recovers_coefficients(tmp_path, noise, rel):
+    path = write_synthetic_csv(tmp_path / "steps.csv", noise=noise)
+    prof = profile_from_csv(path, LLAMA_7B, A10)
+    assert isinstance(prof, FittedCostProfile)
+    for name, value in TRUE.items():
+        assert getattr(prof, name) == pytest.approx(value, rel=rel), name
+    assert prof.step_time(100, 10, 5000) == pytest.approx(
+        TRUE["fixed_s"] + 100 * TRUE["per_prefill_token_s"] + 10 * TRUE["per_decode_seq_s"]
+        + 5000 * TRUE["per_context_token_s"], rel=rel)
+    assert prof.step_time(0, 0, 0) == 0.0
+    assert prof.recompute_time(1000) == pytest.approx(prof.step_time(1000, 0, 0))
+    assert 0 < prof.prefill_efficiency <= 1 and 0 < prof.bandwidth_efficiency <= 1
+    assert prof.num_blocks == LLAMA_7B_A10.num_blocks
+
+
+def test_csv_fit_coefficients_never_negative(tmp_path):
+    # Prefill-only data: the decode columns cannot be fitted and must come out 0, not negative.
+    path = tmp_path / "prefill.csv"
+    path.write_text("batch_size,context_tokens,prefill_tokens,step_ms\n0,0,100,30\n0,0,200,50\n0,0,400,90\n")
+    prof = profile_from_csv(path, LLAMA_7B, A10)
+    assert prof.per_decode_seq_s == 0 and prof.per_context_token_s == 0
+    assert prof.per_prefill_token_s == pytest.approx(0.2e-3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "batch_size,context_tokens,step_ms\n1,10,5\n",  # missing column
+        "batch_size,context_tokens,prefill_tokens,step_ms\n",  # no rows
+        "batch_size,context_tokens,prefill_tokens,step_ms\n1,x,0,5\n2,20,0,6\n",  # non-numeric
+        "batch_size,context_tokens,prefill_tokens,step_ms\n1,10,0,-5\n2,20,0,6\n",  # negative
+        "batch_size,context_tokens,prefill_tokens,step_ms\n1,10,0,5\n1,10,0,6\n",  # one distinct row
+    ],
+)
+def test_csv_rejects_malformed(tmp_path, text):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError):
+        profile_from_csv(path, LLAMA_7B, A10)

@@ -1,0 +1,226 @@
+"""Dispatch policies: hand-built snapshots and properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llumnix_py.errors import UnknownPolicyError
+from policies.config import PolicyConfig
+from policies.dispatch import DispatchState, dispatch
+from policies.registry import DISPATCH
+from policies.types import Dispatch, InstanceLoad, RequestView
+
+POLICIES = ["freeness", "load", "queue", "round_robin", "random"]
+
+
+def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestView:
+    return RequestView(rid, blocks, blocks if needed is None else needed, **kw)
+
+
+def make_inst(iid: str, running=(), waiting=(), total: int = 880, **kw) -> InstanceLoad:
+    running, waiting = tuple(running), tuple(waiting)
+    return InstanceLoad(iid, total, sum(r.num_blocks for r in running), running=running, waiting=waiting, **kw)
+
+
+def make_cluster(n: int, blocks: int = 100, **kw) -> list[InstanceLoad]:
+    return [make_inst(f"i{k}", running=[make_req(f"i{k}r", blocks)], **kw) for k in range(n)]
+
+
+def pick(instances, request, cfg, state) -> str | None:
+    d = dispatch(instances, request, cfg, state)
+    return None if d is None else d.instance_id
+
+
+def test_picks_the_freest_instance():
+    cluster = [
+        make_inst("a", running=[make_req("a1", 500)]),
+        make_inst("b", running=[make_req("b1", 100)]),
+        make_inst("c", running=[make_req("c1", 300)]),
+    ]
+    assert dispatch(cluster, make_req("x", 0, 10), PolicyConfig(), DispatchState()) == Dispatch("b")
+
+
+def test_ties_go_to_the_lowest_id_whatever_the_input_order():
+    cluster = make_cluster(4)
+    for order in (cluster, cluster[::-1]):
+        assert pick(order, make_req("x", 0, 10), PolicyConfig(), DispatchState()) == "i0"
+
+
+def test_empty_and_all_terminating_give_none():
+    for policy in POLICIES:
+        cfg = PolicyConfig(dispatch=policy)
+        assert dispatch([], make_req("x", 0, 10), cfg, DispatchState()) is None
+        assert dispatch(make_cluster(3, terminating=True), make_req("x", 0, 10), cfg, DispatchState()) is None
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_never_a_terminating_instance(policy):
+    cluster = [make_inst("a", terminating=True), make_inst("b", running=[make_req("b1", 800)])]
+    state = DispatchState(seed=3)
+    for k in range(10):
+        assert pick(cluster, make_req(f"x{k}", 0, 10), PolicyConfig(dispatch=policy), state) == "b"
+
+
+def test_pending_requests_spread_dispatches_between_polls():
+    cfg = PolicyConfig()
+    cluster = make_cluster(2)
+    state = DispatchState()
+    first = pick(cluster, make_req("x1", 0, 50), cfg, state)
+    assert first is not None
+    state.on_dispatch(first, make_req("x1", 0, 50))
+    second = pick(cluster, make_req("x2", 0, 50), cfg, state)
+    assert {first, second} == {"i0", "i1"}
+    state.on_dispatch(second, make_req("x2", 0, 50))
+    # After a poll the fresh load includes the request; with stale snapshots the
+    # cleared instance looks free again.
+    state.on_poll("i1")
+    assert state.pending("i1") == () and len(state.pending("i0")) == 1
+    assert pick(cluster, make_req("x3", 0, 50), cfg, state) == "i1"
+
+
+def test_snapshot_pending_dispatch_counts():
+    cluster = [make_inst("a", pending_dispatch=(make_req("p", 0, 100),)), make_inst("b")]
+    assert pick(cluster, make_req("x", 0, 1), PolicyConfig(), DispatchState()) == "b"
+    assert pick(cluster, make_req("x", 0, 1), PolicyConfig(dispatch="queue"), DispatchState()) == "b"
+
+
+def test_dispatch_counts_every_queued_request():
+    # "a" has less running work but a long queue.
+    a = make_inst("a", running=[make_req("a1", 100)], waiting=[make_req("w1", 0, 300), make_req("w2", 0, 300)])
+    b = make_inst("b", running=[make_req("b1", 200)])
+    assert pick([a, b], make_req("x", 0, 10), PolicyConfig(), DispatchState()) == "b"
+    assert pick([a, b], make_req("x", 0, 10), PolicyConfig(dispatch="load"), DispatchState()) == "b"
+
+
+def test_priority_sees_its_own_headroom_as_free():
+    cfg = PolicyConfig(headroom_blocks=((1, 400),))
+    # "h" hosts one high-priority request (charged 400 headroom to others); "n" is busier physically.
+    h = make_inst("h", running=[make_req("h1", 100, priority=1)])
+    n = make_inst("n", running=[make_req("n1", 300)])
+    assert pick([h, n], make_req("x", 0, 10), cfg, DispatchState()) == "n"
+    assert pick([h, n], make_req("y", 0, 10, priority=1), cfg, DispatchState()) == "h"
+
+
+def test_round_robin_cycles_in_id_order_and_survives_membership_change():
+    cfg = PolicyConfig(dispatch="round_robin")
+    cluster = make_cluster(3)
+    state = DispatchState()
+    got = [pick(cluster, make_req(f"x{k}", 0, 1), cfg, state) for k in range(7)]
+    assert got == ["i0", "i1", "i2", "i0", "i1", "i2", "i0"]
+    shrunk = [cluster[0], cluster[2]]  # i1 left
+    assert pick(shrunk, make_req("y", 0, 1), cfg, state) == "i2"
+    assert pick(shrunk, make_req("z", 0, 1), cfg, state) == "i0"
+
+
+def test_top_k_random_choice_is_reproducible_and_stays_in_the_top_k():
+    cfg = PolicyConfig(dispatch_top_k=3)
+    cluster = make_cluster(3, blocks=100) + [make_inst("busy", running=[make_req("b", 800)])]
+
+    def run(seed: int) -> list[str | None]:
+        state = DispatchState(seed=seed)
+        return [pick(cluster, make_req(f"x{k}", 0, 1), cfg, state) for k in range(40)]
+
+    a, b = run(7), run(7)
+    assert a == b
+    assert set(a) == {"i0", "i1", "i2"}
+    assert run(8) != a
+
+
+def test_random_policy_is_seeded():
+    cfg = PolicyConfig(dispatch="random")
+    cluster = make_cluster(5)
+
+    def run(seed: int) -> list[str | None]:
+        state = DispatchState(seed=seed)
+        return [pick(cluster, make_req(f"x{k}", 0, 1), cfg, state) for k in range(30)]
+
+    assert run(1) == run(1)
+    assert len(set(run(1))) > 1
+
+
+def test_queue_policy_prefers_short_queue():
+    a = make_inst("a", waiting=[make_req("w1", 0, 1), make_req("w2", 0, 1)])
+    b = make_inst("b", waiting=[make_req("w3", 0, 500)])
+    assert pick([a, b], make_req("x", 0, 1), PolicyConfig(dispatch="queue"), DispatchState()) == "b"
+
+
+def test_snapshot_cache_is_refreshed_for_a_new_snapshot():
+    cfg = PolicyConfig()
+    state = DispatchState()
+    a, b = make_inst("a"), make_inst("b", running=[make_req("b1", 10)])
+    assert pick([a, b], make_req("x", 0, 1), cfg, state) == "a"
+    a2 = make_inst("a", running=[make_req("a1", 700)])
+    assert pick([a2, b], make_req("x", 0, 1), cfg, state) == "b"
+
+
+def test_misbehaving_policy_is_an_error():
+    name = "test-returns-terminating"
+    if name not in DISPATCH:
+        DISPATCH.register(name, lambda eligible, request, cfg, state: "ghost")
+    with pytest.raises(ValueError, match="ineligible"):
+        dispatch(make_cluster(2), make_req("x", 0, 1), PolicyConfig(dispatch=name), DispatchState())
+
+
+def test_unknown_policy_name():
+    with pytest.raises(UnknownPolicyError):
+        PolicyConfig(dispatch="least-loaded-ish")
+    with pytest.raises(UnknownPolicyError):
+        DISPATCH.get("least-loaded-ish")
+
+
+# --- properties ---------------------------------------------------------------------
+
+
+@st.composite
+def clusters(draw):
+    n = draw(st.integers(0, 8))
+    out = []
+    for k in range(n):
+        running = tuple(
+            make_req(f"i{k}r{j}", draw(st.integers(0, 200)), priority=draw(st.integers(0, 1)))
+            for j in range(draw(st.integers(0, 4)))
+        )
+        waiting = tuple(make_req(f"i{k}w{j}", 0, draw(st.integers(1, 300))) for j in range(draw(st.integers(0, 3))))
+        out.append(make_inst(f"i{k}", running=running, waiting=waiting, terminating=draw(st.booleans())))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cluster=clusters(),
+    policy=st.sampled_from(POLICIES),
+    top_k=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    n_requests=st.integers(1, 6),
+)
+def test_property_never_terminating_and_none_only_without_candidates(cluster, policy, top_k, seed, n_requests):
+    cfg = PolicyConfig(dispatch=policy, dispatch_top_k=top_k, headroom_blocks=((1, 200),))
+    state = DispatchState(seed=seed)
+    eligible = {inst.instance_id for inst in cluster if not inst.terminating}
+    for k in range(n_requests):
+        req = make_req(f"x{k}", 0, 10 * k + 1, priority=k % 2)
+        d = dispatch(cluster, req, cfg, state)
+        if not eligible:
+            assert d is None
+            continue
+        assert d is not None and d.instance_id in eligible
+        state.on_dispatch(d.instance_id, req)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cluster=clusters(), seed=st.integers(0, 2**16))
+def test_property_freeness_dispatch_is_an_argmax(cluster, seed):
+    cfg = PolicyConfig()
+    state = DispatchState(seed=seed)
+    d = dispatch(cluster, make_req("x", 0, 5), cfg, state)
+    eligible = [inst for inst in cluster if not inst.terminating]
+    if not eligible:
+        assert d is None
+        return
+    assert d is not None
+    scores = {inst.instance_id: state.dispatch_freeness(inst, cfg) for inst in eligible}
+    best = max(scores.values())
+    assert scores[d.instance_id] == best
+    assert d.instance_id == min(i for i, f in scores.items() if f == best)
