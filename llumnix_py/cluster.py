@@ -70,6 +70,9 @@ class ControlPlane(abc.ABC):
     def drain(self, instance_id: str) -> None: ...
 
     @abc.abstractmethod
+    def launch(self, n: int) -> list[str]: ...
+
+    @abc.abstractmethod
     def stop(self) -> None: ...
 
 
@@ -306,6 +309,10 @@ class Cluster:
         """Scale in one instance: it migrates its requests away, then stops."""
         self.control.drain(instance_id)
 
+    def launch(self, n: int = 1) -> list[str]:
+        """Scale out by hand: start ``n`` more instances; returns their ids."""
+        return self.control.launch(n)
+
 
 class LocalControlPlane(ControlPlane):
     def __init__(self, daemon) -> None:
@@ -325,6 +332,9 @@ class LocalControlPlane(ControlPlane):
 
     def drain(self, instance_id: str) -> None:
         self.daemon.drain(instance_id)
+
+    def launch(self, n: int) -> list[str]:
+        return self.daemon.launch(n)
 
     def stop(self) -> None:
         self.daemon.stop()
@@ -368,6 +378,11 @@ class RayControlPlane(ControlPlane):
 
     def drain(self, instance_id: str) -> None:
         self._get(self.actor.drain.remote(instance_id))
+
+    def launch(self, n: int) -> list[str]:
+        import ray
+
+        return ray.get(self.actor.launch.remote(n), timeout=300)
 
     def stop(self) -> None:
         if not self.owner:

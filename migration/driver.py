@@ -178,5 +178,10 @@ class MigrationDriver:
                 return p.RolledBack(committed_on_dst=True)
             if action.unfreeze:
                 self.src.unfreeze(rid)
+            else:
+                try:  # end an aborted pre-copy: the request must not stay marked as migrating
+                    self.src.unfreeze(rid)
+                except LlumnixError:
+                    pass  # the request left the source, or never started a pre-copy
             return p.RolledBack()
         raise TypeError(f"unknown action {action!r}")

@@ -132,13 +132,11 @@ def test_load_counts_preemptions_of_running_requests():
     assert_idle(engine)
 
 
-@pytest.mark.xfail(reason="BUG (reported): a request that outgrows the whole pool is preempted and then "
-                          "waits forever; it should finish (LENGTH) or be rejected", strict=False)
 def test_request_outgrowing_the_pool_finishes():
     engine = make_engine("sim", num_blocks=4, block_size=4, watermark=0.0)
     engine.add_request(Request("big", tuple(range(16)), SamplingParams(max_tokens=10)))  # prompt fits exactly
     res = run_engine(engine, max_steps=50)
-    assert "big" in res.finish_reasons
+    assert res.finish_reasons.get("big") == FinishReason.LENGTH
     assert_idle(engine)
 
 

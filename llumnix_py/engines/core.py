@@ -136,11 +136,12 @@ class EngineCore(EngineAdapter):
 
     def step(self) -> StepOutput:
         plan = self.scheduler.schedule()
+        outgrown = self._finish_outgrown()
         if plan.empty:
-            return StepOutput(preempted=tuple(s.request_id for s in plan.preempted))
+            return StepOutput(outputs=tuple(outgrown), preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
         tokens, duration = self.executor.execute(work)
-        outputs = [self._apply(seq, tok) for seq, tok in zip(plan.decodes + plan.prefills, tokens)]
+        outputs = [self._apply(seq, tok) for seq, tok in zip(plan.decodes + plan.prefills, tokens)] + outgrown
         return StepOutput(
             outputs=tuple(outputs),
             duration_s=duration,
@@ -148,6 +149,16 @@ class EngineCore(EngineAdapter):
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
         )
+
+    def _finish_outgrown(self) -> list[RequestOutput]:
+        """End waiting requests that grew (by preemption) beyond what this instance can ever hold."""
+        usable = self.config.num_blocks - self.config.watermark_blocks
+        out = []
+        while self.scheduler.waiting and cdiv(self.scheduler.waiting[0].num_tokens, self.block_size) > usable:
+            seq = self.scheduler.waiting[0]
+            self._drop(seq, FinishReason.LENGTH)
+            out.append(RequestOutput(seq.request_id, (), len(seq.output_token_ids), FinishReason.LENGTH))
+        return out
 
     def _decode_work(self, seq: Sequence) -> SeqWork:
         last = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
@@ -224,6 +235,12 @@ class EngineCore(EngineAdapter):
         return seq.to_migration_state(prev)
 
     def unfreeze(self, request_id: str) -> None:
+        """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
+        pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies."""
+        seq = self.seqs.get(request_id)
+        if seq is not None and seq.status != SeqStatus.FROZEN and request_id in self._mig_epoch:
+            del self._mig_epoch[request_id]  # an aborted pre-copy
+            return
         seq = self._frozen(request_id)
         self._mig_epoch.pop(request_id, None)
         if seq.frozen_from == SeqStatus.RUNNING:
@@ -253,6 +270,8 @@ class EngineCore(EngineAdapter):
     def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:
         if request_id in self.seqs:
             raise MigrationError(f"request {request_id} already runs on this instance")
+        if request_id not in self._prealloc and len(self.scheduler.running) >= self.config.max_batch_size:
+            return None  # no room in the batch for one more request
         got = self.blocks.allocate(("pre", request_id), num_blocks)
         if got is None:
             return None

@@ -46,6 +46,8 @@ class SchedulerDaemon:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._last_round = float("-inf")
+        self._routes: dict[str, tuple[str, str]] = {}  # in-flight migration id -> (src, dst)
+        self.recent: deque[dict] = deque(maxlen=200)  # the latest migrations, for reports
 
     # ----- lifecycle -----------------------------------------------------------------------
     def launch(self, n: int = 1) -> list[str]:
@@ -118,6 +120,7 @@ class SchedulerDaemon:
 
     def _migrate(self, now: float) -> None:
         for order in self.core.migration_round(now):
+            self._routes[order.migration_id] = (order.src, order.dst)
             handle = self.handles.get(order.src)
             ok = False
             if handle is not None:
@@ -127,11 +130,16 @@ class SchedulerDaemon:
                     log.warning("migrate_out on %s failed: %s", order.src, exc)
             if not ok:
                 self.core.on_migration_done(order.migration_id)
+                self._routes.pop(order.migration_id, None)
 
     def _record(self, r: MigrationResult) -> None:
         self.core.on_migration_done(r.migration_id)
         self.results.append(r)
         self.outcomes[r.status.value] += 1
+        src, dst = self._routes.pop(r.migration_id, ("?", "?"))
+        self.recent.append({"migration_id": r.migration_id, "request_id": r.request_id, "src": src, "dst": dst,
+                            "status": r.status.value, "reason": r.reason, "stages": r.stages, "blocks": r.blocks,
+                            "downtime_ms": r.downtime_s * 1e3, "total_ms": r.total_s * 1e3})
         if self.on_migration is not None:
             self.on_migration(r)
 
@@ -184,10 +192,13 @@ class SchedulerDaemon:
                     "freeness": freeness(inst, cfg),
                 })
             downtimes = [r.downtime_s for r in self.results if r.status == MigrationStatus.FINISHED]
+            recent = list(self.recent)
             return {
                 "instances": instances,
                 "migrations": dict(self.outcomes),
                 "migration_downtime_ms": [d * 1e3 for d in downtimes[-1000:]],
+                "recent_migrations": recent,
+                "migrations_total": len(self.results),
                 "dispatched": self.core.num_dispatched,
                 "scale_events": list(self.scale_events),
             }

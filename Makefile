@@ -1,0 +1,39 @@
+# llumnix-py: set up a virtual environment from nothing, then run.
+#   make demo   - a local Ray cluster of built-in engines serving a burst, with live migrations
+#   make test   - the test suite
+# GPU users: `make demo TORCH_SPEC=torch` installs the registry's default (CUDA) build instead of the CPU wheel.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# Torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU-only machine.
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llumnix-py demo
+
+test: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider -m "not ray and not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/engine_throughput.py --quick
+	$(PY) benchmarks/migration_downtime.py --quick
+	$(PY) benchmarks/scheduler_scale.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

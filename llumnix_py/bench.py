@@ -1,0 +1,176 @@
+"""``llumnix-py bench``: a load generator for any OpenAI-compatible completions endpoint.
+
+Requests arrive as a Poisson or Gamma process at a given rate, with fixed or
+zipf-distributed prompt and output lengths (prompts are random token ids, sent
+as the token-list form of ``prompt``). Each request streams; the generator
+records time to first token (TTFT), time per output token (TPOT) and end-to-end
+latency, and prints mean and P99 as a table (and JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import httpx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    url: str  # base URL, e.g. http://127.0.0.1:8000
+    model: str = "llumnix-tiny"
+    num_requests: int = 100
+    rate: float = 4.0  # requests per second
+    arrival: str = "poisson"  # poisson | gamma
+    cv: float = 1.0  # coefficient of variation of gamma inter-arrival gaps
+    prompt_len: str = "128"  # "N" or "zipf:MEAN"
+    output_len: str = "64"
+    vocab: int = 256
+    api_key: Optional[str] = None
+    seed: int = 0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_requests <= 0 or self.rate <= 0 or self.cv <= 0:
+            raise ValueError("num_requests, rate and cv must be positive")
+        if self.arrival not in ("poisson", "gamma"):
+            raise ValueError("arrival must be poisson or gamma")
+        _lengths(self.prompt_len, 1, np.random.default_rng(0))
+        _lengths(self.output_len, 1, np.random.default_rng(0))
+
+
+@dataclass
+class RequestRecord:
+    ok: bool
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    output_tokens: int = 0
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+
+@dataclass
+class BenchResult:
+    records: list[RequestRecord] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def summary(self) -> dict:
+        ok = [r for r in self.records if r.ok]
+        out = {"requests": len(self.records), "succeeded": len(ok), "failed": len(self.records) - len(ok),
+               "duration_s": self.duration_s,
+               "output_tokens_per_s": sum(r.output_tokens for r in ok) / self.duration_s if self.duration_s else 0.0}
+        for name, values in (("ttft", [r.ttft_s for r in ok]), ("tpot", [r.tpot_s for r in ok if r.output_tokens > 1]),
+                             ("e2e", [r.e2e_s for r in ok])):
+            arr = np.asarray(values) if values else np.zeros(1)
+            out[f"{name}_mean_ms"] = float(arr.mean() * 1e3)
+            out[f"{name}_p99_ms"] = float(np.percentile(arr, 99) * 1e3)
+        return out
+
+
+def _lengths(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if spec.startswith("zipf:"):
+        mean = float(spec[5:])
+        if mean < 1:
+            raise ValueError("zipf mean must be >= 1")
+        hi = max(2, int(2 * mean - 1))
+        ranks = np.arange(1, hi + 1, dtype=float)
+        p = ranks ** -1.5
+        p /= p.sum()
+        raw = rng.choice(ranks, size=n, p=p)
+        return np.maximum(1, np.round(raw * mean / (p * ranks).sum())).astype(int)
+    value = int(spec)
+    if value <= 0:
+        raise ValueError(f"length must be positive, got {spec}")
+    return np.full(n, value, dtype=int)
+
+
+def arrival_times(cfg: BenchConfig, rng: np.random.Generator) -> np.ndarray:
+    if cfg.arrival == "poisson":
+        gaps = rng.exponential(1.0 / cfg.rate, cfg.num_requests)
+    else:
+        shape = 1.0 / cfg.cv ** 2
+        gaps = rng.gamma(shape, 1.0 / (cfg.rate * shape), cfg.num_requests)
+    return np.cumsum(gaps) - gaps[0]
+
+
+async def _one(client: httpx.AsyncClient, cfg: BenchConfig, prompt: list[int], max_tokens: int) -> RequestRecord:
+    body = {"model": cfg.model, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0.0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return RequestRecord(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and ttft is None:
+                    ttft = time.perf_counter() - t0
+                usage = chunk.get("usage")
+                if usage:
+                    tokens = usage.get("completion_tokens", tokens)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        return RequestRecord(False, error=f"{type(exc).__name__}: {exc}")
+    e2e = time.perf_counter() - t0
+    return RequestRecord(True, ttft_s=ttft if ttft is not None else e2e, e2e_s=e2e, output_tokens=tokens)
+
+
+async def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
+    rng = np.random.default_rng(cfg.seed)
+    starts = arrival_times(cfg, rng)
+    prompt_lens = _lengths(cfg.prompt_len, cfg.num_requests, rng)
+    output_lens = _lengths(cfg.output_len, cfg.num_requests, rng)
+    prompts = [rng.integers(0, cfg.vocab, int(n)).tolist() for n in prompt_lens]
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.num_requests, desc="requests", unit="req")
+    limits = httpx.Limits(max_connections=cfg.num_requests, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def fire(i: int) -> RequestRecord:
+            await asyncio.sleep(max(0.0, starts[i] - (time.perf_counter() - t0)))
+            rec = await _one(client, cfg, prompts[i], output_lens[i])
+            if bar is not None:
+                bar.update(1)
+            return rec
+
+        records = await asyncio.gather(*(fire(i) for i in range(cfg.num_requests)))
+        duration = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return BenchResult(list(records), duration)
+
+
+def print_summary(summary: dict, title: str = "llumnix-py bench") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("P99", justify="right")
+    for name in ("ttft", "tpot", "e2e"):
+        table.add_row(f"{name.upper()} (ms)", f"{summary[f'{name}_mean_ms']:.1f}", f"{summary[f'{name}_p99_ms']:.1f}")
+    Console().print(table)
+    Console().print(f"requests {summary['succeeded']}/{summary['requests']} ok, "
+                    f"{summary['output_tokens_per_s']:.1f} output tokens/s over {summary['duration_s']:.1f} s")
+
+
+def config_dict(cfg: BenchConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("api_key", None)
+    return d

@@ -1,0 +1,203 @@
+"""``llumnix-py``: serve, scheduler, frontend, bench, demo.
+
+    llumnix-py serve --instances 4            # all in one: scheduler, 4 instances, OpenAI API
+    llumnix-py scheduler --instances 4        # the daemon alone, on a Ray cluster (detached actors)
+    llumnix-py frontend --port 8001           # another API server on the same daemon
+    llumnix-py bench --url http://127.0.0.1:8000 --rate 4 --num-requests 100
+    llumnix-py demo                           # a local cluster serving a burst, migrations shown
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, MigrationConfig, PolicyConfig, \
+    SchedulerConfig
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--instances", type=int, default=2, help="instances at start")
+    g.add_argument("--runtime", choices=["ray", "local"], default="ray")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--namespace", default="llumnix", help="Ray namespace of the named actors")
+    g.add_argument("--engine", default="torch", help="engine adapter: torch (built-in), sim")
+    g.add_argument("--model", default=None, help="Llama-layout checkpoint folder (default: seeded random weights)")
+    g.add_argument("--model-name", default="llumnix-tiny", help="model name the API reports")
+    g.add_argument("--num-blocks", type=int, default=512, help="KV blocks per instance")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-batch-size", type=int, default=64)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    g = p.add_argument_group("policies")
+    g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
+    g.add_argument("--pairing", default="freeness", help="freeness, defrag")
+    g.add_argument("--migrate-out", default="shortest", help="shortest, last, longest, lowest_priority, waiting_head")
+    g.add_argument("--migrate-out-threshold", type=float, default=3.0)
+    g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
+    g.add_argument("--headroom", default="", help="priority headroom, e.g. '1:64' (priority:blocks, comma separated)")
+    g.add_argument("--scaling", action="store_true", help="enable auto-scaling")
+    g.add_argument("--min-instances", type=int, default=1)
+    g.add_argument("--max-instances", type=int, default=16)
+    g.add_argument("--scale-out-threshold", type=float, default=10.0)
+    g.add_argument("--scale-in-threshold", type=float, default=60.0)
+    g = p.add_argument_group("migration")
+    g.add_argument("--transport", default="zmq", help="zmq, gloo, nccl")
+    g.add_argument("--migration-stages", type=int, default=3)
+    g.add_argument("--last-stage-blocks", type=int, default=16)
+    g.add_argument("--migration-mode", default="live", choices=["live", "blocking", "recompute"])
+
+
+def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
+    headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
+    policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
+                          migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
+                          scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
+                          min_instances=args.min_instances, max_instances=args.max_instances)
+    return ClusterConfig(
+        num_instances=args.instances,
+        engine=EngineSpec(kind=args.engine,
+                          engine=EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size,
+                                              max_batch_size=args.max_batch_size),
+                          checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
+        scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
+        llumlet=LlumletConfig(instance_id="template", transport=args.transport,
+                              migration=MigrationConfig(max_stages=args.migration_stages,
+                                                        last_stage_max_blocks=args.last_stage_blocks,
+                                                        mode=args.migration_mode)),
+        runtime=args.runtime, ray_address=args.ray_address, ray_namespace=args.namespace, detached=detached,
+        model_name=args.model_name, host=args.host if hasattr(args, "host") else "127.0.0.1")
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+
+
+def _wait_forever() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llumnix_py.cluster import Cluster
+    from llumnix_py.server.app import create_app, serve
+
+    cluster = Cluster.start(cluster_config(args))
+    try:
+        serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from llumnix_py.runtime import ray_runtime
+
+    cfg = cluster_config(args, detached=True)
+    ray_runtime.init_ray(cfg.ray_address, cfg.ray_namespace)
+    actor = ray_runtime.start_scheduler(cfg)
+    import ray
+
+    ids = ray.get(actor.instance_ids.remote())
+    print(f"scheduler daemon running in namespace {cfg.ray_namespace!r} with instances {ids}; "
+          f"frontends attach with 'llumnix-py frontend'. Ctrl-C stops watching (the daemon keeps running; "
+          f"'llumnix-py scheduler --stop' ends it).")
+    if args.stop:
+        ray.get(actor.stop.remote(True))
+        ray.kill(actor)
+        return 0
+    _wait_forever()
+    return 0
+
+
+def cmd_frontend(args: argparse.Namespace) -> int:
+    from llumnix_py.cluster import Cluster
+    from llumnix_py.server.app import create_app, serve
+
+    cluster = Cluster.attach(cluster_config(args))
+    try:
+        serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llumnix_py.bench import BenchConfig, config_dict, print_summary, run_bench
+
+    cfg = BenchConfig(url=args.url, model=args.model_name, num_requests=args.num_requests, rate=args.rate,
+                      arrival=args.arrival, cv=args.cv, prompt_len=args.prompt_len, output_len=args.output_len,
+                      api_key=args.api_key, seed=args.seed)
+    result = asyncio.run(run_bench(cfg))
+    summary = result.summary()
+    print_summary(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config_dict(cfg), "summary": summary}, f, indent=2)
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llumnix_py.demo import run_demo
+
+    return run_demo(instances=args.instances, requests=args.requests, runtime=args.runtime)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llumnix-py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="scheduler + instances + OpenAI API server, all in one")
+    _add_cluster_flags(p)
+    _add_server_flags(p)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("scheduler", help="start the global scheduler daemon and its instances on Ray")
+    _add_cluster_flags(p)
+    p.add_argument("--stop", action="store_true", help="stop a running daemon and its instances")
+    p.set_defaults(fn=cmd_scheduler)
+    p = sub.add_parser("frontend", help="an OpenAI API server attached to a running daemon")
+    _add_cluster_flags(p)
+    _add_server_flags(p)
+    p.set_defaults(fn=cmd_frontend)
+    p = sub.add_parser("bench", help="load generator for an OpenAI-compatible endpoint")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model-name", default="llumnix-tiny")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    p.add_argument("--cv", type=float, default=1.0)
+    p.add_argument("--prompt-len", default="128", help="N or zipf:MEAN")
+    p.add_argument("--output-len", default="64", help="N or zipf:MEAN")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("demo", help="a local cluster of built-in engines serving a burst, with live migrations")
+    p.add_argument("--instances", type=int, default=4)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--runtime", choices=["ray", "local"], default="ray")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

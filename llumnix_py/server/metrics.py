@@ -1,0 +1,123 @@
+"""Prometheus metrics of the frontend: per-request latencies, token counts, and the cluster's view.
+
+Each ``Metrics`` owns its own ``CollectorRegistry`` (never the global one), so
+several apps, or several tests, coexist in one process. Request metrics are
+recorded as requests finish; cluster metrics (migrations, per-instance load)
+are pulled from ``cluster.state()`` at scrape time by ``scrape(state)``.
+
+``cluster.state()`` reports migrations as cumulative counts per outcome and the
+most recent downtimes as a bounded list; ``Metrics`` keeps a cursor (the counts
+seen at the previous scrape) so each migration is counted, and its downtime
+observed, exactly once::
+
+    state["migrations"]["finished"]:  seen=5 ............ now=8   -> 3 new
+    state["migration_downtime_ms"]:   [..., d4, d5, d6, d7, d8]   -> observe d6, d7, d8
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Mapping, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REQUEST_STATUSES = ("finished", "aborted", "error", "rejected")
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_DOWNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The frontend's metrics, in a private registry.
+
+    Attributes:
+        registry: the ``CollectorRegistry`` holding every metric below.
+    """
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("llumnix_time_to_first_token_seconds", "Time from submission to the first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("llumnix_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("llumnix_e2e_request_latency_seconds", "Time from submission to the last token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("llumnix_requests", "Requests by outcome (finished, aborted, error, rejected).",
+                                ["status"], registry=r)
+        self.prompt_tokens = Counter("llumnix_prompt_tokens", "Prompt tokens of submitted requests.", registry=r)
+        self.generation_tokens = Counter("llumnix_generation_tokens", "Tokens generated.", registry=r)
+        self.migrations = Counter("llumnix_migrations", "Live migrations by outcome.", ["outcome"], registry=r)
+        self.downtime = Histogram("llumnix_migration_downtime_seconds",
+                                  "Downtime (stop-and-copy stage) of finished migrations.",
+                                  buckets=_DOWNTIME_BUCKETS, registry=r)
+        self.instances = Gauge("llumnix_instances", "Instances in the cluster.", registry=r)
+        self.active = Gauge("llumnix_active_requests", "Requests in flight in this frontend's cluster.", registry=r)
+        labels = ["instance"]
+        self.kv_used = Gauge("llumnix_instance_kv_blocks_used", "KV blocks in use.", labels, registry=r)
+        self.kv_total = Gauge("llumnix_instance_kv_blocks_total", "KV blocks in the pool.", labels, registry=r)
+        self.freeness = Gauge("llumnix_instance_freeness",
+                              "Freeness: decode steps the batch can take before memory runs out.", labels, registry=r)
+        self.running = Gauge("llumnix_instance_running_requests", "Running requests.", labels, registry=r)
+        self.waiting = Gauge("llumnix_instance_waiting_requests", "Waiting requests.", labels, registry=r)
+        for status in REQUEST_STATUSES:
+            self.requests.labels(status=status)  # export zeros from the start
+        self._seen_migrations: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # ----- per request -------------------------------------------------------------------
+    def record_request(self, status: str, prompt_tokens: int, generation_tokens: int,
+                       ttft_s: Optional[float] = None, tpot_s: Optional[float] = None,
+                       e2e_s: Optional[float] = None) -> None:
+        """A submitted request ended (``status`` is one of ``REQUEST_STATUSES``)."""
+        self.requests.labels(status=status).inc()
+        self.prompt_tokens.inc(max(0, prompt_tokens))
+        self.generation_tokens.inc(max(0, generation_tokens))
+        for hist, value in ((self.ttft, ttft_s), (self.tpot, tpot_s), (self.e2e, e2e_s)):
+            if value is not None and math.isfinite(value) and value >= 0:
+                hist.observe(value)
+
+    def record_rejected(self) -> None:
+        """A request was refused before it reached the cluster (bad input, no instance)."""
+        self.requests.labels(status="rejected").inc()
+
+    # ----- cluster view at scrape time -----------------------------------------------------
+    def scrape(self, state: Optional[Mapping[str, Any]]) -> bytes:
+        """Update the cluster metrics from ``cluster.state()`` (None: leave them) and render."""
+        with self._lock:
+            if state is not None:
+                self._update(state)
+            return generate_latest(self.registry)
+
+    def _update(self, state: Mapping[str, Any]) -> None:
+        counts = state.get("migrations") or {}
+        downtimes = list(state.get("migration_downtime_ms") or [])
+        new_finished = 0
+        for outcome, total in counts.items():
+            total = int(total)
+            seen = self._seen_migrations.get(outcome, 0)
+            delta = total - seen if total >= seen else total  # a restarted scheduler starts again from 0
+            if delta > 0:
+                self.migrations.labels(outcome=str(outcome)).inc(delta)
+            if outcome == "finished":
+                new_finished = delta
+            self._seen_migrations[outcome] = total
+        if new_finished > 0:
+            for ms in downtimes[-new_finished:]:
+                self.downtime.observe(max(0.0, float(ms)) / 1e3)
+
+        instances = list(state.get("instances") or [])
+        self.instances.set(len(instances))
+        self.active.set(int(state.get("active_requests", 0) or 0))
+        for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting):
+            gauge.clear()  # instances that left stop being exported
+        for inst in instances:
+            iid = str(inst.get("instance_id", ""))
+            self.kv_used.labels(instance=iid).set(inst.get("used_blocks", 0))
+            self.kv_total.labels(instance=iid).set(inst.get("total_blocks", 0))
+            self.freeness.labels(instance=iid).set(float(inst.get("freeness", 0.0)))
+            self.running.labels(instance=iid).set(inst.get("running", 0))
+            self.waiting.labels(instance=iid).set(inst.get("waiting", 0))
