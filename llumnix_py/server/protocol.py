@@ -38,10 +38,10 @@ class _GenerationRequest(_Strict):
     """Fields shared by completions and chat completions."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = None  # None: DEFAULT_MAX_TOKENS
-    temperature: Optional[float] = None  # None: 1.0, as OpenAI
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)  # None: the server's default (16)
+    temperature: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)  # None: 1.0, as OpenAI
+    top_p: Optional[float] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    seed: Optional[int] = Field(default=None, ge=-(1 << 63), lt=1 << 63)
     stop: Union[str, List[str], None] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -151,7 +151,7 @@ class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``; ``max_completion_tokens`` is the newer name of ``max_tokens``."""
 
     messages: List[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
 

@@ -10,28 +10,14 @@ and migration. The KV cache holds no data: ``read_blocks`` returns ``None``.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Optional, Sequence
 
 from llumnix_py.engines.executor import Executor, SeqWork
+from llumnix_py.engines.seeding import MASK64, splitmix64
+from llumnix_py.engines.seeding import request_seed as request_key
 from llumnix_py.engines.sim.cost_model import CostProfile, causal_context
 
-_MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    """One round of the SplitMix64 mixer (Steele et al.), a bijection on 64-bit ints."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def request_key(request_id: str, seed: Optional[int]) -> int:
-    """The 64-bit stream key of a request: its seed if set, else a stable hash of its id."""
-    if seed is not None:
-        return seed & _MASK64
-    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+_MASK64 = MASK64
 
 
 class SimExecutor(Executor):

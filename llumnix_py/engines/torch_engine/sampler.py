@@ -9,34 +9,12 @@ gets one derived from its id (stable across processes).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 
 from llumnix_py.engines.executor import SeqWork
-
-_MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def request_seed(request_id: str, seed: int | None) -> int:
-    """The seed a request samples with: its own, or a stable hash of its id."""
-    if seed is not None:
-        return seed & _MASK64
-    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
-
-
-def step_seed(seed: int, output_index: int) -> int:
-    """Seed of the draw for output token ``output_index`` (63 bits, as torch wants)."""
-    return splitmix64(seed ^ splitmix64(output_index)) & ((1 << 63) - 1)
-
+from llumnix_py.engines.seeding import request_seed, step_seed
 
 def sample(logits: torch.Tensor, work: Sequence[SeqWork]) -> list[int]:
     """One token per row of ``logits`` (float32, shape ``(len(work), vocab)``)."""

@@ -1,0 +1,240 @@
+"""The whole system in one process (runtime ``local``): dispatch, live migration, drain, priorities.
+
+Every test uses the small float64 model, so greedy tokens are identical whatever the
+batch composition, and compares each request's tokens with an unmigrated run of the
+same requests on a single engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+from llumnix_py.cluster import Cluster, RequestHandle
+from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, PolicyConfig, SchedulerConfig
+from llumnix_py.engines.registry import build_engine
+from llumnix_py.engines.types import Request, SamplingParams
+from tests.factories import run_to_completion
+
+MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
+         ("num_kv_heads", 2), ("dtype", "float64"))
+RESULT_TIMEOUT_S = 120.0
+
+
+def spec(num_blocks: int = 128, max_batch_size: int = 32) -> EngineSpec:
+    return EngineSpec(engine=EngineConfig(num_blocks=num_blocks, max_batch_size=max_batch_size), model=MODEL)
+
+
+def config(num_instances: int, engine: EngineSpec, policy: PolicyConfig = PolicyConfig()) -> ClusterConfig:
+    return ClusterConfig(num_instances=num_instances, runtime="local", engine=engine,
+                         scheduler=SchedulerConfig(policy=policy, poll_interval_s=0.01, migration_interval_s=0.02))
+
+
+@contextlib.contextmanager
+def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
+    cluster = Cluster.start(cfg)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def prompts(n: int, base_len: int = 40, step: int = 5) -> list[tuple[int, ...]]:
+    """Distinct, deterministic prompts of growing length (tokens in 1..300)."""
+    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
+
+
+def reference(engine: EngineSpec, prompt_list: Sequence[tuple[int, ...]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of each prompt from one engine, no migration."""
+    eng = build_engine(engine)
+    reqs = [Request(f"ref{i}", p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=float(i))
+            for i, p in enumerate(prompt_list)]
+    tokens = run_to_completion(eng, requests=reqs)
+    return [tokens[f"ref{i}"] for i in range(len(prompt_list))]
+
+
+def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
+    assert handles
+    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
+
+
+def assert_no_leak(cluster: Cluster) -> None:
+    """Every live instance is empty, its blocks all free, and its engine consistent."""
+    ids = cluster.instance_ids()
+    assert ids
+    deadline = time.monotonic() + 30
+    for iid in ids:
+        inst = cluster.control.instance(iid)
+        assert inst is not None
+        while inst.llumlet.load().used_blocks and time.monotonic() < deadline:
+            time.sleep(0.01)  # a migration's release may trail the last token by a moment
+        load = inst.load()
+        assert load.used_blocks == 0, f"{iid} leaks {load.used_blocks} blocks"
+        assert load.reserved_blocks == 0
+        assert not load.running and not load.waiting
+        inst.llumlet.engine.check_invariants()
+
+
+def migrations_finished(cluster: Cluster) -> int:
+    return cluster.state()["migrations"].get("finished", 0)
+
+
+# ----- load balancing -------------------------------------------------------------------------
+
+
+def test_imbalanced_start_is_evened_out_by_live_migration():
+    engine = spec(num_blocks=128)
+    max_tokens = 150
+    ps = prompts(12)
+    expected = reference(engine, ps, max_tokens)
+    with running_cluster(config(1, engine)) as cluster:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        handles = [cluster.submit(p, sp) for p in ps]
+        assert {h.instance_id for h in handles} == {"instance-000"}  # the only instance
+        new = cluster.control.daemon.launch(2)  # two empty instances join
+        assert sorted(new) == ["instance-001", "instance-002"]
+        got = wait_all(handles)
+        for i, (tokens, want) in enumerate(zip(got, expected)):
+            assert len(tokens) == max_tokens
+            assert tokens == want, f"request {i}: tokens differ from the unmigrated run"
+        assert all(h.finish_reason is not None and h.finish_reason.value == "length" for h in handles)
+        migrated = [h for h in handles if len(set(h.instances_seen)) > 1]
+        assert migrations_finished(cluster) > 0
+        assert migrated, "no request moved off the overloaded instance"
+        served = {iid for h in handles for iid in h.instances_seen}
+        assert served == {"instance-000", "instance-001", "instance-002"}, served
+        for iid in new:  # each new instance really ran requests
+            assert cluster.control.instance(iid).stats()["migrations_in"] > 0
+        assert cluster.state()["duplicates_dropped"] == 0 or migrated  # duplicates only come from moves
+        assert_no_leak(cluster)
+
+
+def test_a_higher_threshold_spreads_the_load_further():
+    """With ``migrate_out_threshold`` 30 more requests leave the crowded instance."""
+    engine = spec(num_blocks=256)
+    max_tokens = 200
+    ps = prompts(12)
+    expected = reference(engine, ps, max_tokens)
+    with running_cluster(config(1, engine, PolicyConfig(migrate_out_threshold=30.0))) as cluster:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        handles = [cluster.submit(p, sp) for p in ps]
+        cluster.control.daemon.launch(2)
+        peak = defaultdict(int)  # most requests seen running on each instance
+        while not all(h.finished for h in handles):
+            for inst in cluster.state()["instances"]:
+                peak[inst["instance_id"]] = max(peak[inst["instance_id"]], inst["running"])
+            time.sleep(0.01)
+        got = wait_all(handles)
+        assert got == expected
+        assert migrations_finished(cluster) >= 3
+        assert peak["instance-001"] >= 1 and peak["instance-002"] >= 1, dict(peak)
+        assert_no_leak(cluster)
+
+
+# ----- scale-in by draining -------------------------------------------------------------------
+
+
+def test_drain_migrates_running_requests_away_with_zero_dropped():
+    engine = spec(num_blocks=128)
+    max_tokens = 400
+    ps = prompts(9, base_len=20, step=3)
+    expected = reference(engine, ps, max_tokens)
+    with running_cluster(config(3, engine)) as cluster:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        handles = [cluster.submit(p, sp) for p in ps]
+        victim = "instance-001"
+        on_victim = [h for h in handles if h.instance_id == victim]
+        assert len(on_victim) >= 2, [h.instance_id for h in handles]
+        victim_handle = cluster.control.instance(victim)
+        deadline = time.monotonic() + 30
+        while len(victim_handle.load().running) < len(on_victim) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert victim_handle.load().running, "the victim should hold running requests when drained"
+        assert not any(h.finished for h in on_victim)
+        cluster.drain(victim)
+        extra = cluster.submit(ps[0], sp)  # dispatch never picks a draining instance
+        assert extra.instance_id != victim
+        handles.append(extra)
+        expected.append(expected[0])
+        got = wait_all(handles)
+        assert got == expected  # nothing dropped, nothing cut short
+        for h in on_victim:
+            assert h.instances_seen[0] == victim and h.instances_seen[-1] != victim, h.instances_seen
+        deadline = time.monotonic() + 30
+        while victim in cluster.instance_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert victim not in cluster.instance_ids()
+        state = cluster.state()
+        assert ("in", victim) in [(ev[1], ev[2]) for ev in state["scale_events"]]
+        assert state["migrations"].get("finished", 0) >= len(on_victim)
+        assert victim not in [i["instance_id"] for i in state["instances"]]
+        # The drained engine gave every block back before it stopped.
+        victim_load = victim_handle.llumlet.engine.load()
+        assert victim_load.used_blocks == 0 and not victim_load.running and not victim_load.waiting
+        victim_handle.llumlet.engine.check_invariants()
+        assert_no_leak(cluster)
+
+
+# ----- priorities -----------------------------------------------------------------------------
+
+
+class LoadSampler:
+    """Samples every instance's running batch in the background: batch sizes seen per priority."""
+
+    def __init__(self, cluster: Cluster, period_s: float = 0.003) -> None:
+        self.cluster = cluster
+        self.period_s = period_s
+        self.batches: dict[int, list[int]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for iid in self.cluster.instance_ids():
+                inst = self.cluster.control.instance(iid)
+                if inst is None:
+                    continue
+                load = inst.load()
+                for r in load.running:
+                    self.batches[r.priority].append(len(load.running))
+            self._stop.wait(self.period_s)
+
+    def mean(self, priority: int) -> float:
+        seen = self.batches[priority]
+        assert seen, f"no running request of priority {priority} was ever sampled"
+        return sum(seen) / len(seen)
+
+
+def test_high_priority_requests_run_in_smaller_batches():
+    engine = spec(num_blocks=128)
+    max_tokens = 120
+    headroom = 48
+    ps = prompts(14, base_len=20, step=3)
+    high = {0, 7}  # interleaved with normal-priority requests
+    expected = reference(engine, ps, max_tokens)
+    policy = PolicyConfig(headroom_blocks=((1, headroom),))
+    with running_cluster(config(2, engine, policy)) as cluster:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        with LoadSampler(cluster) as sampler:
+            handles = [cluster.submit(p, sp, priority=1 if i in high else 0) for i, p in enumerate(ps)]
+            got = wait_all(handles)
+        assert got == expected
+        mean_high, mean_normal = sampler.mean(1), sampler.mean(0)
+        print(f"batch size seen: high {mean_high:.2f}, normal {mean_normal:.2f}")
+        assert mean_high < mean_normal, (mean_high, mean_normal)
+        # Normal requests avoided the instance(s) chosen for the high-priority ones at dispatch.
+        high_instances = {handles[i].instance_id for i in high}
+        normal_on_high = [h for i, h in enumerate(handles) if i not in high and h.instance_id in high_instances]
+        assert len(normal_on_high) < (len(ps) - len(high)) / 2
+        assert_no_leak(cluster)
