@@ -39,3 +39,10 @@ class UnknownPolicyError(LlumnixError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown name"
+
+
+class UnknownInstanceError(LlumnixError, KeyError):
+    """An instance id that the scheduler does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown instance"

@@ -158,8 +158,9 @@ class MigrationDriver:
                 return p.Copied(False, str(exc))
             return p.Copied(True)
         if isinstance(action, p.Freeze):
+            state = self.src.freeze(rid)  # waits for the current step: the request still progresses
             self._frozen_at = self.clock()
-            return p.Frozen(self.src.freeze(rid))
+            return p.Frozen(state)
         if isinstance(action, p.Commit):
             try:
                 ok, err = self.dst.commit(mid, action.state)

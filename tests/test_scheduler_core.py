@@ -170,6 +170,29 @@ def test_max_migrations_in_bounds_orders_in_flight_per_destination():
     assert len(orders) == 1 and orders[0].dst == "c"
 
 
+def test_a_busy_instance_does_not_block_a_pair_of_idle_ones():
+    """An instance at its migration limit is left out of the pairing, not just skipped.
+
+    "a" (the most overloaded) has an order in flight to "d1"; "d1" now looks less free
+    than "d2" (it holds the reservation). Pairing the whole cluster would plan a->d2
+    and b->d1, both blocked by a busy end; "b" and "d2" must still be paired.
+    """
+    ids = ("a", "b", "d1", "d2")
+    s = make(ids=ids)
+    loads = {iid: load() for iid in ids}
+    loads["a"] = overloaded("a", n=12, blocks=8)  # freeness < 0
+    loads["b"] = load(req("b-0", 40))  # not a source yet
+    loads["d2"] = load(req("d2-0", 1))
+    for iid in ids:
+        s.on_load(iid, loads[iid], 0.0)
+    (first,) = s.migration_round(0.0)
+    assert (first.src, first.dst) == ("a", "d1")
+    _reflect(s, loads, first, 0.05)
+    s.on_load("b", overloaded("b", n=10, blocks=9), 0.05)  # b becomes a source: freeness 1 > a's
+    orders = s.migration_round(0.1)
+    assert [(o.src, o.dst) for o in orders] == [("b", "d2")]
+
+
 def test_migration_rounds_can_be_turned_off():
     s = make(enable_migration=False)
     s.on_load("a", overloaded("a"), 0.0)

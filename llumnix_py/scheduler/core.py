@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from llumnix_py.engines.types import EngineLoad, RequestLoad
+from llumnix_py.errors import UnknownInstanceError
 from policies import scaling as _scaling  # noqa: F401  (registers the built-in policies)
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
@@ -127,7 +128,10 @@ class GlobalScheduler:
             self._forget_order(order)
 
     def mark_terminating(self, instance_id: str) -> None:
-        self.instances[instance_id].terminating = True
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
+        rec.terminating = True
 
     def on_load(self, instance_id: str, load: EngineLoad, now: float) -> None:
         rec = self.instances.get(instance_id)
@@ -168,8 +172,22 @@ class GlobalScheduler:
         cfg = self.config
         busy_src = {i for i, r in self.instances.items() if len(r.orders_out) >= cfg.max_migrations_out}
         busy_dst = {i for i, r in self.instances.items() if len(r.orders_in) >= cfg.max_migrations_in}
+        # Leave instances at their migration limit out of the pairing: planned with the
+        # rest, a busy source would take the freest destination (and a busy destination
+        # a source) from a pair that could run. A planned source is below the threshold
+        # and a planned destination above it, so a left-out instance could not have
+        # taken the other role this round. Each pass leaves out at least one more.
+        loads = self.loads()
+        left_out: set[str] = set()
+        while True:
+            plans = plan_migrations([x for x in loads if x.instance_id not in left_out], cfg.policy)
+            blocked = {p.pair.src for p in plans if p.pair.src in busy_src}
+            blocked |= {p.pair.dst for p in plans if p.pair.dst in busy_dst}
+            if not blocked:
+                break
+            left_out |= blocked
         orders = []
-        for plan in plan_migrations(self.loads(), cfg.policy):
+        for plan in plans:
             src, dst = plan.pair.src, plan.pair.dst
             if src in busy_src or dst in busy_dst:
                 continue
@@ -220,7 +238,7 @@ class GlobalScheduler:
         for iid, rec in sorted(self.instances.items()):
             load = rec.load
             if rec.terminating and load is not None and not load.running and not load.waiting \
-                    and not rec.orders_out and not rec.orders_in:
+                    and not rec.orders_out and not rec.orders_in and not self.dispatch_state.pending(iid):
                 out.append(iid)
         return out
 

@@ -12,11 +12,11 @@ not), ``GET /v1/models``, ``GET /v1/cluster/state`` (operators), ``GET /health``
 The path of one request::
 
     HTTP body --read_json (size cap)--> protocol model (strict) --prompt ids, limits-->
-    cluster.submit --TokenEvents (any instance, in order)--> _Generation
+    cluster.submit --TokenEvents (any instance, in order)--> Generation
     (IncrementalDecoder, stop strings) --> SSE chunks or one JSON response
 
 Every way a request ends (finished, stop string, client gone, error) goes through
-``_Generation``, which aborts the request in the cluster unless it finished there,
+``Generation``, which aborts the request in the cluster unless it finished there,
 so no KV block outlives its client. Bad input is a 400 with an OpenAI-style error
 object and never reaches the cluster.
 """
@@ -31,27 +31,27 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from llumnix_py.cluster import Cluster, NoInstanceError, RequestHandle
-from llumnix_py.engines.torch_engine.tokenizer import IncrementalDecoder
-from llumnix_py.engines.types import FinishReason, SamplingParams
-from llumnix_py.errors import InvalidRequestError, UnknownRequestError
+from llumnix_py.cluster import Cluster, NoInstanceError
+from llumnix_py.engines.types import SamplingParams
+from llumnix_py.errors import InvalidRequestError
 from llumnix_py.server import protocol as P
+from llumnix_py.server.generation import ChatFormat, CompletionFormat, Generation
 from llumnix_py.server.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
-_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (logits / T would overflow)
 
 
 class APIError(Exception):
@@ -69,168 +69,7 @@ class APIError(Exception):
         return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
-# ----- one request in flight ------------------------------------------------------------------
-
-
-@dataclass
-class _Delta:
-    text: str
-    token_ids: list[int]
-    finish_reason: Optional[str]
-
-
-class _Generation:
-    """Turns a request's ``TokenEvent``s into text deltas; owns its abort and its metrics.
-
-    Stop strings are matched on the detokenized text. Text that could be the start
-    of a stop string is held back until it is ruled out, so a stop string never
-    reaches the client even when it spans several tokens.
-    """
-
-    def __init__(self, cluster: Cluster, metrics: Metrics, handle: RequestHandle, prompt_len: int,
-                 stops: list[str]) -> None:
-        self.cluster, self.metrics, self.handle = cluster, metrics, handle
-        self.prompt_len = prompt_len
-        self.stops = stops
-        self.decoder = IncrementalDecoder(cluster.tokenizer)
-        self.num_generated = 0
-        self.finish_reason: Optional[str] = None
-        self._held = ""
-        self._closed = False
-
-    @property
-    def request_id(self) -> str:
-        return self.handle.request_id
-
-    def usage(self) -> P.Usage:
-        return P.Usage.of(self.prompt_len, self.num_generated)
-
-    async def deltas(self) -> AsyncIterator[_Delta]:
-        async for ev in self.handle:
-            ids = list(ev.token_ids)
-            self.num_generated += len(ids)
-            done = ev.finish_reason is not None
-            text = self.decoder.push(ids) + (self.decoder.flush() if done else "")
-            text, hit = self._cut_at_stop(text, done)
-            if hit or done:
-                reason = "stop" if hit else _FINISH.get(ev.finish_reason, "stop")
-                self._end(reason, abort=not done)
-                yield _Delta(text, ids, reason)
-                return
-            yield _Delta(text, ids, None)
-
-    def _cut_at_stop(self, piece: str, final: bool) -> tuple[str, bool]:
-        if not self.stops:
-            return piece, False
-        buf = self._held + piece
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return buf[:min(hits)], True
-        keep = 0
-        if not final:  # longest suffix of buf that may start a stop string
-            for k in range(min(len(buf), max(len(s) for s in self.stops) - 1), 0, -1):
-                if any(s.startswith(buf[-k:]) for s in self.stops):
-                    keep = k
-                    break
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
-
-    def _end(self, reason: str, abort: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.finish_reason = reason
-        if abort:
-            self._abort()
-        h = self.handle
-        end = h.finished_at or time.monotonic()
-        first = h.first_token_at
-        ttft = None if first is None else first - h.submitted_at
-        tpot = (end - first) / (self.num_generated - 1) if first is not None and self.num_generated > 1 else None
-        status = "aborted" if reason == "abort" else "finished"
-        self.metrics.record_request(status, self.prompt_len, self.num_generated, ttft, tpot, end - h.submitted_at)
-
-    def close(self, status: str = "aborted") -> None:
-        """The consumer is gone (client disconnect, error): abort if still running. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._abort()
-        self.metrics.record_request(status, self.prompt_len, self.num_generated)
-
-    def _abort(self) -> None:
-        try:
-            self.cluster.abort(self.request_id)
-        except UnknownRequestError:
-            pass  # it finished meanwhile
-        except Exception:
-            log.exception("aborting %s failed", self.request_id)
-
-
-# ----- response shapes ------------------------------------------------------------------------
-
-
-class _Format:
-    """How one endpoint shapes chunks and responses."""
-
-    prefix = "cmpl"
-
-    def __init__(self, request_id: str, model: str, req: P._GenerationRequest) -> None:
-        self.id, self.model = request_id, model
-        self.created = int(time.time())
-        self.return_ids = req.return_token_ids
-        self.include_usage = req.include_usage_in_stream
-
-    def _dump(self, obj: BaseModel) -> dict:
-        d = obj.model_dump(exclude_none=True)
-        for c in d.get("choices", []):
-            c.setdefault("logprobs", None)
-            c.setdefault("finish_reason", None)
-        return d
-
-    def _ids(self, ids: list[int]) -> Optional[list[int]]:
-        return list(ids) if self.return_ids else None
-
-    def first_chunk(self) -> Optional[dict]:
-        return None
-
-    def chunk(self, d: _Delta) -> dict:
-        return self._dump(P.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[
-            P.CompletionChoice(text=d.text, finish_reason=d.finish_reason, token_ids=self._ids(d.token_ids))]))
-
-    def usage_chunk(self, usage: P.Usage) -> dict:
-        return self._dump(P.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[],
-                                               usage=usage))
-
-    def response(self, text: str, ids: list[int], reason: Optional[str], usage: P.Usage) -> dict:
-        return self._dump(P.CompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage,
-                                               choices=[P.CompletionChoice(text=text, finish_reason=reason,
-                                                                           token_ids=self._ids(ids))]))
-
-
-class _ChatFormat(_Format):
-    prefix = "chatcmpl"
-
-    def _chunk(self, delta: P.ChatDelta, reason: Optional[str] = None, ids: Optional[list[int]] = None) -> dict:
-        return self._dump(P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
-            P.ChatChunkChoice(delta=delta, finish_reason=reason, token_ids=ids)]))
-
-    def first_chunk(self) -> Optional[dict]:
-        return self._chunk(P.ChatDelta(role="assistant", content=""))
-
-    def chunk(self, d: _Delta) -> dict:
-        return self._chunk(P.ChatDelta(content=d.text or None), d.finish_reason, self._ids(d.token_ids))
-
-    def usage_chunk(self, usage: P.Usage) -> dict:
-        return self._dump(P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
-                                                usage=usage))
-
-    def response(self, text: str, ids: list[int], reason: Optional[str], usage: P.Usage) -> dict:
-        return self._dump(P.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage,
-                                                   choices=[P.ChatChoice(message=P.AssistantMessage(content=text),
-                                                                         finish_reason=reason,
-                                                                         token_ids=self._ids(ids))]))
+# ----- SSE ----------------------------------------------------------------------------------------
 
 
 def _sse(obj: Union[dict, str]) -> str:
@@ -249,7 +88,7 @@ class _EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except OSError:  # starlette's ClientDisconnect is an OSError
+        except (OSError, ClientDisconnect):  # the client left mid-stream
             pass
         finally:
             self._on_close()
@@ -268,11 +107,16 @@ class _Frontend:
     def __init__(self, cluster: Cluster, api_key: Optional[str], max_body_bytes: int) -> None:
         if max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be positive")
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must be non-empty (None disables authentication)")
         self.cluster = cluster
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.created = int(time.time())
+        capacity = _kv_capacity_tokens(cluster)
+        # prompt + max_tokens limit: the context length, or less when one instance's KV pool is smaller
+        self.max_len = min(cluster.max_model_len, capacity) if capacity is not None else cluster.max_model_len
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -288,17 +132,24 @@ class _Frontend:
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.strip().isdigit():
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length < 0:
                 raise APIError(400, "invalid Content-Length header")
-            if int(declared) > limit:
-                raise APIError(400, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes",
+            if length > limit:
+                raise APIError(400, f"request body of {length} bytes exceeds the limit of {limit} bytes",
                                code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(400, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(400, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "client disconnected while sending the body") from None
         body = b"".join(chunks)
         if not body.strip():
             raise APIError(400, "request body is empty; expected a JSON object")
@@ -310,7 +161,7 @@ class _Frontend:
             raise APIError(400, "request body must be a JSON object")
         return data
 
-    def parse(self, model: type[P._GenerationRequest], data: dict) -> Any:
+    def parse(self, model: type[P.GenerationRequest], data: dict) -> Any:
         try:
             req = model.model_validate(data)
         except ValidationError as exc:
@@ -344,17 +195,18 @@ class _Frontend:
             raise APIError(400, f"messages cannot be rendered: {_short(exc)}", param="messages") from None
         return self.token_ids(text)
 
-    async def generate(self, request: Request, req: P._GenerationRequest, prompt_ids: list[int],
-                       max_tokens: Optional[int], fmt_cls: type[_Format]) -> Response:
+    async def generate(self, request: Request, req: P.GenerationRequest, prompt_ids: list[int],
+                       max_tokens: Optional[int], fmt_cls: type[CompletionFormat]) -> Response:
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        limit = self.cluster.max_model_len
+        limit = self.max_len
+        what = "the model's context length" if limit == self.cluster.max_model_len else "one instance's KV cache"
         if len(prompt_ids) + max_tokens > limit:
-            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                f"model's context length of {limit} tokens", param="max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                f"{what} ({limit} tokens)", param="max_tokens", code="context_length_exceeded")
         try:
+            temperature = 1.0 if req.temperature is None else float(req.temperature)
             sampling = SamplingParams(max_tokens=max_tokens,
-                                      temperature=1.0 if req.temperature is None else float(req.temperature),
+                                      temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
                                       top_p=1.0 if req.top_p is None else float(req.top_p),
                                       seed=req.seed, ignore_eos=req.ignore_eos)
             rid = f"{fmt_cls.prefix}-{uuid.uuid4().hex}"
@@ -363,13 +215,13 @@ class _Frontend:
             raise APIError(400, str(exc)) from None
         except NoInstanceError as exc:
             raise APIError(503, str(exc), type="server_error", code="no_instance") from None
-        gen = _Generation(self.cluster, self.metrics, handle, len(prompt_ids), req.stop_sequences)
+        gen = Generation(self.cluster, self.metrics, handle, len(prompt_ids), req.stop_sequences)
         fmt = fmt_cls(rid, self.cluster.model_name, req)
         if req.stream:
             return _EventStream(self._stream(gen, fmt), on_close=gen.close)
         return await self._complete(request, gen, fmt)
 
-    async def _stream(self, gen: _Generation, fmt: _Format) -> AsyncIterator[str]:
+    async def _stream(self, gen: Generation, fmt: CompletionFormat) -> AsyncIterator[str]:
         try:
             first = fmt.first_chunk()
             if first is not None:
@@ -389,7 +241,7 @@ class _Frontend:
         finally:
             gen.close()
 
-    async def _complete(self, request: Request, gen: _Generation, fmt: _Format) -> Response:
+    async def _complete(self, request: Request, gen: Generation, fmt: CompletionFormat) -> Response:
         async def collect() -> tuple[str, list[int]]:
             texts, ids = [], []
             async for d in gen.deltas():
@@ -425,6 +277,19 @@ async def _wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message.get("type") == "http.disconnect":
             return
+
+
+def _kv_capacity_tokens(cluster: Cluster) -> Optional[int]:
+    """Tokens one sequence can hold in an instance's KV pool (one block spare), if the config says.
+
+    A request longer than this can never finish on any instance (it would hold the
+    whole pool and wait forever), so it is refused like one beyond the context length.
+    """
+    try:
+        engine = cluster.config.engine.engine
+        return max(1, (int(engine.num_blocks) - 1) * int(engine.block_size))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _reject_constant(name: str) -> Any:
@@ -508,7 +373,7 @@ def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_byte
             else:
                 req = fe.parse(P.CompletionRequest, data)
                 ids, max_tokens = fe.token_ids(req.prompt), req.max_tokens
-            return await fe.generate(request, req, ids, max_tokens, _ChatFormat if chat else _Format)
+            return await fe.generate(request, req, ids, max_tokens, ChatFormat if chat else CompletionFormat)
         except APIError as exc:
             if exc.status in (400, 503):
                 fe.metrics.record_rejected()
@@ -525,7 +390,7 @@ def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_byte
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         fe.check_auth(request)
-        card = P.ModelCard(id=cluster.model_name, created=fe.created, max_model_len=cluster.max_model_len)
+        card = P.ModelCard(id=cluster.model_name, created=fe.created, max_model_len=fe.max_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
 
     @app.get("/v1/cluster/state")

@@ -34,7 +34,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Strict):
+class GenerationRequest(_Strict):
     """Fields shared by completions and chat completions."""
 
     model: Optional[str] = None
@@ -79,7 +79,7 @@ class _GenerationRequest(_Strict):
         return None
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``.
 
     ``prompt`` is a string, a list of token ids, or a list holding exactly one
@@ -147,7 +147,7 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions``; ``max_completion_tokens`` is the newer name of ``max_tokens``."""
 
     messages: List[ChatMessage]

@@ -185,7 +185,6 @@ class SimCluster:
         self._manual = 0
         self.records: dict[str, RequestRecord] = {}
         self._undispatched: list[RequestRecord] = []
-        self._prompts: dict[str, tuple[int, ...]] = {}
         self.migrations: list[MigrationResult] = []
         self.timeline = Timeline()
         self.instance_changes: list[tuple[float, int]] = []
@@ -197,6 +196,8 @@ class SimCluster:
         self._num_events = 0
         self._num_steps = 0
         self._tick_no = 0
+        self._arrival_times: list[float] = []
+        self._arrivals_done = 0
         self._progress = None
         for _ in range(config.num_instances):
             self._held_change(+1)
@@ -213,10 +214,15 @@ class SimCluster:
     # ----- public API --------------------------------------------------------------------
     def run(self, workload: Sequence[Any], progress: bool = True) -> SimResult:
         """Replay ``workload`` (``WorkloadRequest``-like: arrival_time, prompt_len,
-        output_len, priority) until every request has finished."""
+        output_len, priority) until every request has finished. A cluster runs one workload."""
         from tqdm import tqdm
 
+        if self.records:
+            raise RuntimeError("a SimCluster runs one workload; build a new one")
+
         t0 = time.perf_counter()
+        c0 = time.process_time()
+        self._arrival_times = sorted(float(w.arrival_time) for w in workload)
         for i, w in enumerate(workload):
             rid = f"req-{i:06d}"
             self.records[rid] = RequestRecord(rid, float(w.arrival_time), int(w.prompt_len), int(w.output_len),
@@ -236,7 +242,7 @@ class SimCluster:
         return SimResult(
             requests=list(self.records.values()), migrations=self.migrations, timeline=self.timeline,
             instance_changes=self.instance_changes, scale_events=self.scale_events, timings=self.timings,
-            virtual_s=self.now, wall_s=time.perf_counter() - t0, num_events=self._num_events,
+            virtual_s=self.now, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, num_events=self._num_events,
             num_steps=self._num_steps)
 
     def schedule_migration(self, at: float, request_id: str, src: str, dst: str, waiting: bool = False) -> None:
@@ -288,7 +294,11 @@ class SimCluster:
 
     # ----- requests and steps --------------------------------------------------------------
     def _on_arrival(self, rid: str) -> None:
-        rec = self.records[rid]
+        self._arrivals_done += 1
+        self._dispatch(self.records[rid])
+
+    def _dispatch(self, rec: RequestRecord) -> None:
+        rid = rec.request_id
         block = self.engine_config.block_size
         view = RequestView(rid, 0, cdiv(rec.prompt_len, block), rec.priority, rec.arrival_time, rec.prompt_len, 0)
         t0 = time.perf_counter()
@@ -298,6 +308,7 @@ class SimCluster:
             self._undispatched.append(rec)
             return
         inst = self.instances[iid]
+        rec.dispatched_to = iid
         inst.engine.add_request(Request(
             rid, (1,) * rec.prompt_len, SamplingParams(max_tokens=rec.output_len, ignore_eos=True),
             priority=rec.priority, arrival_time=rec.arrival_time))
@@ -348,18 +359,20 @@ class SimCluster:
         cfg = self.config
         now = self.now
         sched = self.scheduler
-        t0 = time.perf_counter()
-        for iid, inst in self.instances.items():
-            if inst.dirty:
-                sched.on_load(iid, inst.engine.load(), now)
-                inst.dirty = False
-        self.timings["poll"].append(time.perf_counter() - t0)
+        every = max(1, round(cfg.migration_interval_s / cfg.poll_interval_s))
+        round_now = cfg.enable_migration and self._tick_no % every == 0
+        if self._loads_read_before_next_tick(round_now):
+            t0 = time.perf_counter()
+            for iid, inst in self.instances.items():
+                if inst.dirty:
+                    sched.on_load(iid, inst.engine.load(), now)
+                    inst.dirty = False
+            self.timings["poll"].append(time.perf_counter() - t0)
         if self._undispatched:
             pending, self._undispatched = self._undispatched, []
             for rec in pending:
-                self._on_arrival(rec.request_id)
-        every = max(1, round(cfg.migration_interval_s / cfg.poll_interval_s))
-        if cfg.enable_migration and self._tick_no % every == 0:
+                self._dispatch(rec)
+        if round_now:
             t0 = time.perf_counter()
             orders = sched.migration_round(now)
             self.timings["migration_round"].append(time.perf_counter() - t0)
@@ -374,6 +387,21 @@ class SimCluster:
         self._sample()
         self._tick_no += 1
         self._push(self._tick_no * cfg.poll_interval_s, self._on_tick, None)
+
+    def _loads_read_before_next_tick(self, round_now: bool) -> bool:
+        """Whether anything reads the polled loads before the next tick.
+
+        Polls nobody reads are skipped (the instance stays marked changed, so the next
+        poll catches up): the scheduler sees exactly what it would with every poll.
+        Readers: this tick's migration, scaling and drain checks, and dispatches of
+        arrivals up to the next tick (arrival events precede a tick at the same time).
+        """
+        if round_now or self.config.enable_scaling or self._undispatched:
+            return True
+        if any(rec.terminating for rec in self.scheduler.instances.values()):
+            return True
+        i = self._arrivals_done
+        return i < len(self._arrival_times) and self._arrival_times[i] <= self.now + self.config.poll_interval_s
 
     def _scale(self) -> None:
         t0 = time.perf_counter()

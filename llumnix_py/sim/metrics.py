@@ -40,6 +40,7 @@ class RequestRecord:
     prompt_len: int
     output_len: int
     priority: int = 0
+    dispatched_to: str = ""
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
     num_tokens: int = 0
@@ -127,6 +128,7 @@ class SimResult:
             ``migration_round``, ``poll``, ``scaling``).
         virtual_s: virtual time at the end of the run.
         wall_s: wall time the run took.
+        cpu_s: CPU time of this process during the run (robust to a busy machine).
         num_events: events processed.
         num_steps: engine steps taken (all instances).
     """
@@ -139,6 +141,7 @@ class SimResult:
     timings: dict[str, list[float]]
     virtual_s: float
     wall_s: float
+    cpu_s: float
     num_events: int
     num_steps: int
 
@@ -158,7 +161,7 @@ class SimResult:
         ``decode_mean``, ``decode_p99``, ``e2e_mean``, ``e2e_p99``,
         ``preemption_loss`` (mean per request), ``preemptions``, ``migrations``
         (finished), ``migrations_aborted``, ``downtime_mean_ms``, ``downtime_p99_ms``,
-        ``avg_instances``, ``fragmentation_mean``, ``virtual_s``, ``wall_s``.
+        ``avg_instances``, ``fragmentation_mean``, ``virtual_s``, ``wall_s``, ``cpu_s``.
         """
         reqs = [r for r in self.requests if priority is None or r.priority == priority]
         done = [r for r in reqs if r.done]
@@ -187,4 +190,5 @@ class SimResult:
             "fragmentation_mean": float(np.mean(frag)) if frag else 0.0,
             "virtual_s": self.virtual_s,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
         }

@@ -1,0 +1,108 @@
+"""Auto-scaling (paper, Figures 14-15): P99 prefill latency vs cost (average instances).
+
+L-L trace; the cluster starts with 8 instances and scales between 1 and 16
+(``instance_startup_s`` = 10 s per new instance). INFaaS++ (load dispatch, scaling,
+no migration: a scaled-in instance drains as its requests finish) against Llumnix
+(freeness dispatch, migration, scaling: a scaled-in instance is drained by
+migration). Both use the paper's scaling rule (average freeness below the scale-out
+threshold 10 / above the scale-in threshold 60 for a period).
+
+Parts: Poisson rates 2.0-3.0 req/s; Gamma arrivals of CV 2-6 at 2 req/s; and a sweep
+of the scale-out threshold (scale-in = scale-out + 50) for Llumnix at 2 req/s
+(Poisson), giving cost against P99 prefill.
+
+JSON: ``{"poisson": {rate: {system: {prefill_p99, prefill_mean, avg_instances, ...}}},
+"gamma": {cv: {...}}, "threshold": {scale_out: {...}}}``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # noqa: E402
+from experiments.workloads import make_workload  # noqa: E402
+
+KEYS = ("prefill_mean", "prefill_p99", "e2e_mean", "decode_mean", "avg_instances", "migrations")
+SYSTEMS = ("infaas++", "llumnix")
+
+
+def _extra(ap) -> None:
+    ap.add_argument("--requests", type=int, default=None)
+
+
+def _run_point(workload, system: str, args, inst: int, out_th: float = 10.0, in_th: float = 60.0) -> dict:
+    res = common.simulate(workload, system, inst, seed=args.seed, progress=args.progress, enable_scaling=True,
+                          min_instances=1, max_instances=16,
+                          policy_kw={"scale_out_threshold": out_th, "scale_in_threshold": in_th})
+    return common.pick(res.summary(), KEYS)
+
+
+def run(args) -> dict:
+    if args.smoke:
+        n, inst, rates, cvs, thresholds = 80, 4, (0.5,), (), (10.0,)
+    elif args.quick:
+        n, inst, rates, cvs, thresholds = 300, 8, (2.0, 3.0), (4.0,), (10.0, 40.0)
+    else:
+        n, inst, rates, cvs, thresholds = 5000, 8, (2.0, 2.5, 3.0), (2.0, 4.0, 6.0), (5.0, 10.0, 25.0, 40.0)
+    n = args.requests or n
+    out: dict = {"poisson": {}, "gamma": {}, "threshold": {}}
+    for rate in rates:
+        wl = make_workload("L-L", n, rate, seed=args.seed)
+        out["poisson"][str(rate)] = {s: _run_point(wl, s, args, inst) for s in SYSTEMS}
+    for cv in cvs:
+        wl = make_workload("L-L", n, 2.0, cv=cv, seed=args.seed)
+        out["gamma"][str(cv)] = {s: _run_point(wl, s, args, inst) for s in SYSTEMS}
+    wl = make_workload("L-L", n, rates[0], seed=args.seed)
+    for th in thresholds:
+        out["threshold"][str(th)] = {s: _run_point(wl, s, args, inst, th, th + 50.0) for s in SYSTEMS}
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = common.parse_args("autoscaling", __doc__.splitlines()[0], argv, _extra)
+    results = run(args)
+    headers = ["part", "x", "system", "prefill mean", "prefill P99", "e2e mean", "avg instances", "migrations"]
+    rows = [[part, float(x), system, s["prefill_mean"], s["prefill_p99"], s["e2e_mean"], s["avg_instances"],
+             s["migrations"]]
+            for part, by_x in results.items() for x, by_sys in by_x.items() for system, s in by_sys.items()]
+    common.print_table("Auto-scaling (seconds, instances)", headers, rows)
+    common.write_markdown(args.out / "autoscaling.md", "Auto-scaling (Figures 14-15)",
+                          [("P99 prefill and cost", headers, rows)],
+                          notes="L-L, 1-16 instances starting from 8; x is the rate (poisson), the CV (gamma, "
+                                "2 req/s) or the scale-out threshold (threshold; scale-in = +50).")
+    parts = [(p, label) for p, label in (("poisson", "rate (req/s)"), ("gamma", "CV"), ("threshold", "scale-out"))
+             if results[p]]
+    fig, axes = common.subplots(2, len(parts))
+    for c, (part, label) in enumerate(parts):
+        xs = sorted(results[part], key=float)
+        for system in SYSTEMS:
+            axes[0][c].plot([float(x) for x in xs], [results[part][x][system]["prefill_p99"] for x in xs], "-o",
+                            label=system)
+            axes[1][c].plot([float(x) for x in xs], [results[part][x][system]["avg_instances"] for x in xs], "-o",
+                            label=system)
+        axes[0][c].set_title(part)
+        axes[1][c].set_xlabel(label)
+    axes[0][0].set_ylabel("Prefill P99 (s)")
+    axes[1][0].set_ylabel("Average instances")
+    axes[0][0].legend(fontsize=7)
+    common.save_figure(fig, args.out / "autoscaling.png")
+    # Cost against P99 prefill, from the threshold sweep (paper, Figure 15).
+    fig, axes = common.subplots(1, 1, width=4.0, height=3.2)
+    ax = axes[0][0]
+    for system in SYSTEMS:
+        pts = [(s[system]["avg_instances"], s[system]["prefill_p99"]) for s in results["threshold"].values()]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", label=system)
+    ax.set_xlabel("average instances")
+    ax.set_ylabel("Prefill P99 (s)")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, args.out / "autoscaling_cost.png")
+    common.write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The whole system on Ray actors: live migration evens out an imbalanced start, drain, scheduler state.
+
+Uses the session's Ray (``ray_session`` in conftest); every test stops its cluster,
+even when it fails, so the named actors never outlive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import pytest
+
+from llumnix_py.cluster import Cluster, RequestHandle
+from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, SchedulerConfig
+from llumnix_py.engines.registry import build_engine
+from llumnix_py.engines.types import Request, SamplingParams
+from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, SCHEDULER_NAME
+from tests.factories import run_to_completion
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
+         ("num_kv_heads", 2), ("dtype", "float64"))
+NAMESPACE = "llumnix-test-cluster"
+RESULT_TIMEOUT_S = 120.0
+
+
+def spec(num_blocks: int) -> EngineSpec:
+    return EngineSpec(engine=EngineConfig(num_blocks=num_blocks, max_batch_size=32), model=MODEL)
+
+
+def config(num_instances: int, engine: EngineSpec) -> ClusterConfig:
+    return ClusterConfig(num_instances=num_instances, runtime="ray", engine=engine, ray_namespace=NAMESPACE,
+                         scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02))
+
+
+def named_actors(ray) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == NAMESPACE)
+
+
+@contextlib.contextmanager
+def running_cluster(ray, cfg: ClusterConfig) -> Iterator[Cluster]:
+    assert named_actors(ray) == [], "a previous test left actors behind"
+    cluster = Cluster.start(cfg)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        finally:  # whatever stop() did, leave no actor of ours behind
+            for name in named_actors(ray):
+                with contextlib.suppress(Exception):
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+
+def prompts(n: int, base_len: int = 40, step: int = 5) -> list[tuple[int, ...]]:
+    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
+
+
+def reference(engine: EngineSpec, prompt_list: Sequence[tuple[int, ...]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens from one in-process engine with the same model, no migration.
+
+    The pool is made large enough to run every request at once (fast); the tokens do
+    not depend on it (float64, greedy).
+    """
+    big = dataclasses.replace(engine, engine=dataclasses.replace(engine.engine, num_blocks=4096))
+    reqs = [Request(f"ref{i}", p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=float(i))
+            for i, p in enumerate(prompt_list)]
+    tokens = run_to_completion(build_engine(big), requests=reqs)
+    return [tokens[f"ref{i}"] for i in range(len(prompt_list))]
+
+
+def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
+    assert handles
+    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
+
+
+def assert_no_leak(cluster: Cluster) -> None:
+    ids = cluster.instance_ids()
+    assert ids
+    deadline = time.monotonic() + 30
+    for iid in ids:
+        inst = cluster.control.instance(iid)
+        assert inst is not None
+        load = inst.load()
+        while (load.used_blocks or load.running or load.waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            load = inst.load()
+        assert load.used_blocks == 0, f"{iid} leaks {load.used_blocks} blocks"
+        assert load.reserved_blocks == 0 and not load.running and not load.waiting
+
+
+def test_imbalanced_start_is_evened_out_by_live_migration_on_ray(ray_session):
+    # One instance takes a burst that does not fit in its KV pool (about two requests
+    # at a time), then two empty instances join: the crowded one is a migration source
+    # (freeness < 3) until its queue is gone.
+    engine = spec(num_blocks=96)
+    max_tokens = 700
+    ps = prompts(16)
+    expected = reference(engine, ps, max_tokens)
+    with running_cluster(ray_session, config(1, engine)) as cluster:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        handles = [cluster.submit(p, sp) for p in ps]
+        assert {h.instance_id for h in handles} == {"instance-000"}
+        new = ray_session.get(cluster.control.actor.launch.remote(2), timeout=300)
+        assert sorted(new) == ["instance-001", "instance-002"]
+        got = wait_all(handles)
+        for i, (tokens, want) in enumerate(zip(got, expected)):
+            assert tokens == want, f"request {i}: tokens differ from the unmigrated run"
+        state = cluster.state()
+        assert state["migrations"].get("finished", 0) > 0, state["migrations"]
+        migrated = [h for h in handles if len(set(h.instances_seen)) > 1]
+        assert migrated
+        served = {iid for h in handles for iid in h.instances_seen}
+        assert "instance-000" in served and len(served) >= 2, served
+        assert state["migration_downtime_ms"] and all(d >= 0 for d in state["migration_downtime_ms"])
+        assert_no_leak(cluster)
+
+
+def test_drain_on_ray_moves_running_requests_away_with_zero_dropped(ray_session):
+    engine = spec(num_blocks=128)
+    max_tokens = 500
+    ps = prompts(9, base_len=20, step=3)
+    expected = reference(engine, ps, max_tokens)
+    with running_cluster(ray_session, config(3, engine)) as cluster:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        handles = [cluster.submit(p, sp) for p in ps]
+        victim = "instance-001"
+        on_victim = [h for h in handles if h.instance_id == victim]
+        assert len(on_victim) >= 2, [h.instance_id for h in handles]
+        deadline = time.monotonic() + 30
+        while not all(h.token_ids for h in on_victim) and time.monotonic() < deadline:
+            time.sleep(0.01)  # every victim request is running (has produced a token)
+        assert not any(h.finished for h in on_victim)
+        cluster.drain(victim)
+        extra = cluster.submit(ps[0], sp)
+        assert extra.instance_id != victim  # never dispatched to a draining instance
+        got = wait_all(handles + [extra])
+        assert got == expected + [expected[0]]  # zero dropped, none cut short
+        for h in on_victim:
+            assert h.instances_seen[0] == victim and h.instances_seen[-1] != victim, h.instances_seen
+        deadline = time.monotonic() + 30
+        while victim in cluster.instance_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert victim not in cluster.instance_ids()
+        state = cluster.state()
+        assert state["migrations"].get("finished", 0) >= len(on_victim)
+        assert ("in", victim) in [(ev[1], ev[2]) for ev in state["scale_events"]]
+        with pytest.raises(ValueError):  # its actor is gone
+            ray_session.get_actor(INSTANCE_PREFIX + victim, namespace=NAMESPACE)
+        assert_no_leak(cluster)
+
+
+def test_scheduler_actor_state_and_cleanup(ray_session):
+    engine = spec(num_blocks=128)
+    with running_cluster(ray_session, config(3, engine)) as cluster:
+        ids = cluster.instance_ids()
+        assert ids == ["instance-000", "instance-001", "instance-002"]
+        assert named_actors(ray_session) == sorted([SCHEDULER_NAME] + [INSTANCE_PREFIX + i for i in ids])
+        sp = SamplingParams(max_tokens=24, ignore_eos=True)
+        handles = [cluster.submit(p, sp) for p in prompts(6, base_len=10)]
+        assert {h.instance_id for h in handles} == set(ids)  # spread over the empty instances
+        assert all(len(t) == 24 for t in wait_all(handles))
+        state = cluster.state()
+        assert state["dispatched"] == 6
+        assert state["active_requests"] == 0
+        assert [i["instance_id"] for i in state["instances"]] == ids
+        for inst in state["instances"]:
+            assert inst["total_blocks"] == 128 and not inst["terminating"]
+        assert state["scale_events"] == []
+        assert_no_leak(cluster)
+    assert named_actors(ray_session) == []  # stop() removed the scheduler and every instance

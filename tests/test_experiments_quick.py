@@ -1,0 +1,74 @@
+"""Each experiment script runs end to end (``--smoke``) and writes its PNG, Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import autoscaling, fragmentation, priorities, scheduler_overhead, serving
+
+LATENCY = {"prefill_mean", "prefill_p99", "decode_mean", "decode_p99", "e2e_mean", "e2e_p99"}
+
+
+def _run(module, tmp_path, name: str) -> dict:
+    out = tmp_path / name
+    js = tmp_path / f"{name}.json"
+    returned = module.main(["--smoke", "--no-progress", "--out", str(out), "--json", str(js)])
+    pngs = sorted(out.glob("*.png"))
+    assert pngs, f"{name} wrote no plot"
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith("# ") and "|---|" in md
+    data = json.loads(js.read_text())
+    assert data == json.loads(json.dumps(returned))
+    assert data
+    return data
+
+
+def test_serving(tmp_path):
+    data = _run(serving, tmp_path, "serving")
+    points = [p for by_rate in data.values() for p in by_rate.values()]
+    assert points
+    for by_system in points:
+        assert set(by_system) == {"round_robin", "infaas++", "llumnix"}
+        for s in by_system.values():
+            assert LATENCY | {"preemption_loss", "migrations", "wall_s"} <= set(s)
+            assert s["prefill_p99"] >= s["prefill_mean"] >= 0
+
+
+def test_priorities(tmp_path):
+    data = _run(priorities, tmp_path, "priorities")
+    for by_system in data.values():
+        assert set(by_system) == {"llumnix", "llumnix+priority"}
+        for by_class in by_system.values():
+            assert set(by_class) == {"high", "normal"}
+            assert all(LATENCY <= set(s) for s in by_class.values())
+
+
+def test_autoscaling(tmp_path):
+    data = _run(autoscaling, tmp_path, "autoscaling")
+    assert set(data) == {"poisson", "gamma", "threshold"}
+    assert data["poisson"] and data["threshold"]
+    for part in data.values():
+        for by_system in part.values():
+            assert set(by_system) == {"infaas++", "llumnix"}
+            assert all({"prefill_p99", "avg_instances"} <= set(s) for s in by_system.values())
+            assert all(1 <= s["avg_instances"] <= 16 for s in by_system.values())
+
+
+def test_fragmentation(tmp_path):
+    data = _run(fragmentation, tmp_path, "fragmentation")
+    assert set(data) == {"infaas++", "llumnix"}
+    for r in data.values():
+        assert len(r["times"]) == len(r["fragmentation"]) > 0
+        assert 0 <= r["fragmentation_mean"] <= 1
+
+
+@pytest.mark.parametrize("module,name", [(scheduler_overhead, "scheduler_overhead")])
+def test_scheduler_overhead(tmp_path, module, name):
+    data = _run(module, tmp_path, name)
+    for v in data.values():
+        assert v["rounds"] > 0 and v["dispatches"] > 0
+        assert v["migration_round_mean_ms"] > 0
