@@ -181,7 +181,7 @@ def run(lengths: list[int], transport: str, chunk_blocks: int, quick: bool, cons
                 rows.append(measure_length(pair, length, 3, cfg))
                 progress.advance(task)
             progress.update(task, description="step time with migrations in flight")
-            step = measure_step_time(pair, 2048 if quick else 4096, 2 if quick else 3, 2 if quick else 3,
+            step = measure_step_time(pair, 2048 if quick else 4096, 2, 2 if quick else 3,
                                      1.5 if quick else 3.0, cfg)
             progress.advance(task)
         finally:
@@ -253,7 +253,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="256 and 4096 tokens only (under a minute)")
     ap.add_argument("--transport", default="zmq", choices=["zmq", "gloo"])
-    ap.add_argument("--chunk-blocks", type=int, default=64, help="KV blocks per message (pipelining)")
+    ap.add_argument("--chunk-blocks", type=int, default=256,
+                    help="KV blocks per message (pipelining); 256 blocks = 16 MiB of the default model")
     ap.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
     ap.add_argument("--json", metavar="PATH", default=None,
                     help=f"also write the results here (always written to {DEFAULT_JSON})")

@@ -162,6 +162,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.duplicates_dropped = 0
+        self.misrouted = 0  # outputs an instance sent to another frontend address (in-process runtime)
 
     # ----- construction ----------------------------------------------------------------
     @classmethod
@@ -173,10 +174,20 @@ class Cluster:
             from llumnix_py.scheduler.daemon import SchedulerDaemon
 
             holder: dict[str, Cluster] = {}
-            sink = lambda: CallbackSink(lambda iid, _to, outs: holder["c"].on_outputs(iid, outs))  # noqa: E731
+            address = f"local://frontend-{uuid.uuid4().hex[:8]}"
+
+            def deliver(iid: str, reply_to: str, outs: Sequence[RequestOutput]) -> None:
+                # Honour reply_to exactly as the ZeroMQ path does, so routing bugs show up in-process too.
+                if reply_to == address:
+                    holder["c"].on_outputs(iid, outs)
+                else:
+                    holder["c"].misrouted += len(outs)
+
+            sink = lambda: CallbackSink(deliver)  # noqa: E731
             daemon = SchedulerDaemon(config.scheduler, LocalLauncher(config.engine, config.llumlet, sink),
                                      seed=config.seed)
             cluster = cls(config, LocalControlPlane(daemon), tokenizer, max_len)
+            cluster.reply_to = address
             holder["c"] = cluster
             daemon.launch(config.num_instances)
             daemon.start()
@@ -300,6 +311,7 @@ class Cluster:
         s = self.control.state()
         s["active_requests"] = len(self._handles)
         s["duplicates_dropped"] = self.duplicates_dropped
+        s["misrouted_outputs"] = self.misrouted
         return s
 
     def instance_ids(self) -> list[str]:

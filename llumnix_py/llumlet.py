@@ -206,30 +206,35 @@ class Llumlet:
     def _loop(self) -> None:
         while not self._stop.is_set():
             out: Optional[StepOutput] = None
+            groups: dict[str, list[RequestOutput]] = {}
             with self._lock:
                 if self.engine.has_unfinished():
                     out = self.engine.step()
+                    # Resolve destinations under the same lock as the step: once it is released a
+                    # migration may commit elsewhere and forget the request here.
+                    groups = self._route(out)
                 self.dest.expire(self.clock())
             if out is None:
                 self._wake.wait(self.config.idle_wait_s)
                 self._wake.clear()
                 continue
-            self._publish(out)
+            self._publish(out, groups)
             if self._lock_waiters:
                 time.sleep(0.0005)  # let a waiting migration or request take the lock
 
-    def _publish(self, out: StepOutput) -> None:
+    def _route(self, out: StepOutput) -> dict[str, list[RequestOutput]]:
+        groups: dict[str, list[RequestOutput]] = {}
+        for o in out.outputs:
+            groups.setdefault(self._reply_to.get(o.request_id, ""), []).append(o)
+            if o.finished:
+                self._reply_to.pop(o.request_id, None)
+        return groups
+
+    def _publish(self, out: StepOutput, groups: dict[str, list[RequestOutput]]) -> None:
         self.stats.steps += 1
         self.stats.tokens += len(out.outputs)
         self.stats.preemptions += len(out.preempted)
         self.stats.last_step_ms = out.duration_s * 1e3
-        groups: dict[str, list[RequestOutput]] = {}
-        with self._lock:
-            for o in out.outputs:
-                target = self._reply_to.get(o.request_id, "")
-                groups.setdefault(target, []).append(o)
-                if o.finished:
-                    self._reply_to.pop(o.request_id, None)
         for target, outs in groups.items():
             self.sink.emit(self.instance_id, target, outs)
 
