@@ -181,7 +181,7 @@ def run(lengths: list[int], transport: str, chunk_blocks: int, quick: bool, cons
                 rows.append(measure_length(pair, length, 3, cfg))
                 progress.advance(task)
             progress.update(task, description="step time with migrations in flight")
-            step = measure_step_time(pair, 2048 if quick else 4096, 2, 2 if quick else 3,
+            step = measure_step_time(pair, 2048 if quick else 3072, 2, 2 if quick else 3,
                                      1.5 if quick else 3.0, cfg)
             progress.advance(task)
         finally:
