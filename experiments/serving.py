@@ -47,6 +47,7 @@ def _extra(ap) -> None:
     ap.add_argument("--traces", type=str, default=None, help="comma-separated traces (default: all)")
     ap.add_argument("--instances", type=int, default=16)
     ap.add_argument("--highest-rate-only", action="store_true", help="only the highest rate of each trace")
+    ap.add_argument("--end-rates", action="store_true", help="only the lowest and highest rate of each trace")
 
 
 def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
@@ -65,6 +66,8 @@ def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
         rates = {t: rates.get(t, PAPER_RATES[t]) for t in traces}
     if args.highest_rate_only:
         rates = {t: (rates[t][-1],) for t in traces}
+    elif args.end_rates:
+        rates = {t: tuple(sorted({rates[t][0], rates[t][-1]})) for t in traces}
     return traces, rates, args.requests or n, inst
 
 

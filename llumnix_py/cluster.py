@@ -10,6 +10,20 @@ A frontend (the HTTP server, or your code) owns a ``Cluster``: it dispatches eac
 request through the global scheduler, sends it to the chosen llumlet, and
 reassembles the tokens that arrive from whichever instance holds the request,
 dropping duplicates and reordering by position across migrations.
+
+Faults (a supervisor thread, started with the cluster, every ``supervise_interval_s``):
+
+- an instance dies: the scheduler removes it and lists it in ``membership()["dead"]``;
+  each request whose owner (the last instance that sent it tokens, or its dispatch
+  target) died is resumed on a live instance by recomputation from its prompt and
+  the tokens already delivered, so its stream goes on with nothing lost or repeated.
+  With no instance left, the request ends with ``error`` set (``RequestFailedError``
+  from ``result()``).
+- the scheduler is unreachable (Ray): the frontend dispatches on its own from the
+  last load snapshots it saw, polls the llumlets itself, and keeps serving; a
+  restarted scheduler (``restart_scheduler``) attaches the running instances.
+- the frontend dies: it renews a lease on every instance (``renew_lease``) about
+  every second; llumlets abort the requests of a frontend whose lease lapsed.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -25,15 +40,28 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
-from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
+from llumnix_py.engines.types import (FinishReason, MigrationRequestState, Request, RequestOutput, SamplingParams,
+                                      SeqStatus)
 from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
-from llumnix_py.runtime.base import InstanceHandle
+from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle
 from llumnix_py.tokens import CallbackSink, OrderedStream, TokenReceiver
-from policies.types import RequestView
+from policies.dispatch import DispatchState
+from policies.dispatch import dispatch as dispatch_policy
+from policies.types import InstanceLoad, RequestView
+
+log = logging.getLogger(__name__)
 
 
 class NoInstanceError(LlumnixError):
     """No instance can take a request (none running, or all terminating)."""
+
+
+class RequestFailedError(LlumnixError):
+    """A request ended with an error (its instance died and no other could continue it)."""
+
+
+class SchedulerUnavailableError(LlumnixError):
+    """The global scheduler does not answer (killed, restarting)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +73,7 @@ class TokenEvent:
     index: int  # output position of token_ids[0]
     instance_id: str  # the instance that sent them
     finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None  # set (with finish_reason ABORT) when the request failed
 
     @property
     def finished(self) -> bool:
@@ -67,6 +96,10 @@ class ControlPlane(abc.ABC):
     def state(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod
+    def membership(self) -> dict[str, Any]:
+        """``{"generation", "instances", "dead", "loads"}`` (see ``SchedulerDaemon.membership``)."""
+
+    @abc.abstractmethod
     def drain(self, instance_id: str) -> None: ...
 
     @abc.abstractmethod
@@ -75,12 +108,20 @@ class ControlPlane(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None: ...
 
+    def forget(self, instance_id: str) -> None:
+        """The frontend found ``instance_id`` dead: stop using it."""
+
+    def restart_scheduler(self) -> None:
+        raise NotImplementedError("this runtime's scheduler runs in the frontend's process")
+
 
 class RequestHandle:
     """One submitted request: iterate its ``TokenEvent``s (async) or wait for ``result``."""
 
-    def __init__(self, cluster: "Cluster", request_id: str, instance_id: str) -> None:
+    def __init__(self, cluster: "Cluster", request_id: str, instance_id: str,
+                 request: Optional[Request] = None) -> None:
         self.cluster = cluster
+        self.request = request  # kept to resume it elsewhere if its instance dies
         self.request_id = request_id
         self.instance_id = instance_id  # where it was dispatched
         self.stream = OrderedStream(owner=instance_id)
@@ -93,6 +134,9 @@ class RequestHandle:
         self._aq: Optional[asyncio.Queue] = None
         self.token_ids: list[int] = []
         self.finish_reason: Optional[FinishReason] = None
+        self.error: Optional[str] = None
+        self.resumes = 0  # times it was resumed by recomputation after its instance died
+        self.placed = False  # an instance accepted it (before that, submit handles faults itself)
 
     def _bind_loop(self) -> None:
         try:
@@ -135,7 +179,9 @@ class RequestHandle:
                 return
 
     def result(self, timeout: Optional[float] = 60.0) -> list[int]:
-        """Block until the request finishes; returns all its tokens."""
+        """Block until the request finishes; returns all its tokens.
+
+        Raises ``RequestFailedError`` if it ended with an error."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -143,11 +189,17 @@ class RequestHandle:
                 self._q.get(timeout=left)
             except queue.Empty:
                 raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s") from None
+        if self.error is not None:
+            raise RequestFailedError(f"request {self.request_id} failed: {self.error}")
         return list(self.token_ids)
 
 
 class Cluster:
     """A running llumnix-py deployment, seen from a frontend."""
+
+    supervise_interval_s = 0.1  # membership checks (dead instances) and lease renewals
+    census_window_s = 3.0  # after a death, look for requests no live instance holds for this long
+    census_confirm_s = 0.3  # ... and resume one missing from two censuses this far apart
 
     def __init__(self, config: ClusterConfig, control: ControlPlane, tokenizer, max_model_len: int,
                  receiver: Optional[TokenReceiver] = None) -> None:
@@ -163,6 +215,16 @@ class Cluster:
         self._ids = itertools.count()
         self.duplicates_dropped = 0
         self.misrouted = 0  # outputs an instance sent to another frontend address (in-process runtime)
+        self.resumed = 0  # requests resumed on another instance after theirs died
+        self.failed = 0  # requests ended with an error
+        self._dead: set[str] = set()  # instances known dead
+        self._supervisor: Optional[threading.Thread] = None
+        self._stop_supervisor = threading.Event()
+        self._last_lease = float("-inf")
+        self._dead_seen = 0
+        self._members: set[str] = set()  # live instances in the last membership
+        self._census_until = float("-inf")
+        self._suspects: dict[str, float] = {}  # request id -> first census that missed it
 
     # ----- construction ----------------------------------------------------------------
     @classmethod
@@ -191,12 +253,13 @@ class Cluster:
             holder["c"] = cluster
             daemon.launch(config.num_instances)
             daemon.start()
+            cluster.start_supervisor()
             return cluster
         from llumnix_py.runtime import ray_runtime
 
         ray_runtime.init_ray(config.ray_address, config.ray_namespace, **ray_init_kw)
         actor = ray_runtime.start_scheduler(config)
-        return cls._with_receiver(config, RayControlPlane(actor, config.ray_namespace), tokenizer, max_len)
+        return cls._with_receiver(config, RayControlPlane(actor, config), tokenizer, max_len)
 
     @classmethod
     def attach(cls, config: ClusterConfig, **ray_init_kw: Any) -> "Cluster":
@@ -206,8 +269,7 @@ class Cluster:
         ray_runtime.init_ray(config.ray_address, config.ray_namespace, **ray_init_kw)
         actor = ray_runtime.get_scheduler(config.ray_namespace)
         tokenizer, max_len = _frontend_model_info(config)
-        return cls._with_receiver(config, RayControlPlane(actor, config.ray_namespace, owner=False), tokenizer,
-                                  max_len)
+        return cls._with_receiver(config, RayControlPlane(actor, config, owner=False), tokenizer, max_len)
 
     @classmethod
     def _with_receiver(cls, config, control, tokenizer, max_len) -> "Cluster":
@@ -216,13 +278,35 @@ class Cluster:
         receiver.start()
         cluster = cls(config, control, tokenizer, max_len, receiver)
         holder["c"] = cluster
+        cluster.start_supervisor()
         return cluster
 
     def stop(self) -> None:
         """Stop the deployment (when this frontend started it) and the token receiver."""
+        self.stop_supervisor()
         self.control.stop()
         if self._receiver is not None:
             self._receiver.stop()
+
+    def start_supervisor(self) -> None:
+        """Start watching for dead instances and renewing this frontend's leases."""
+        if self._supervisor is not None:
+            return
+        self._stop_supervisor.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="frontend-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop_supervisor(self) -> None:
+        """Stop it (``stop`` does; tests also use it to play a frontend that died)."""
+        self._stop_supervisor.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+        self._supervisor = None
+
+    def restart_scheduler(self) -> None:
+        """Start the global scheduler again if it is gone; it attaches the running instances
+        (requests keep running meanwhile). ``llumnix-py scheduler`` run again does the same."""
+        self.control.restart_scheduler()
 
     # ----- requests ----------------------------------------------------------------------
     def submit(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
@@ -240,17 +324,32 @@ class Cluster:
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")
-        handle = RequestHandle(self, rid, iid)
+        handle = RequestHandle(self, rid, iid, request)
         handle._bind_loop()
         with self._lock:
             if rid in self._handles:
                 raise InvalidRequestError(f"request id {rid} is in use")
             self._handles[rid] = handle
-        inst = self.control.instance(iid)
         try:
-            if inst is None:
-                raise NoInstanceError(f"instance {iid} is gone")
-            inst.add_request(request)
+            for _ in range(4):  # the chosen instance may have died since the scheduler last heard of it
+                inst = self.control.instance(iid)
+                try:
+                    if inst is None:
+                        raise InstanceDiedError(f"instance {iid} is gone")
+                    inst.add_request(request)
+                    with self._lock:
+                        handle.placed = True
+                    break
+                except InstanceDiedError:
+                    self._mark_dead(iid)
+                    iid = self._pick_other(view, exclude=self._dead)
+                    if iid is None:
+                        raise NoInstanceError("no live instance can take requests") from None
+                    with self._lock:
+                        handle.instance_id = handle.stream.owner = iid
+                        handle.instances_seen = [iid]
+            else:
+                raise NoInstanceError("no live instance took the request")
         except Exception:
             with self._lock:
                 self._handles.pop(rid, None)
@@ -284,7 +383,10 @@ class Cluster:
                 if handle is None:
                     continue
                 before = handle.stream.duplicates
+                owner = handle.stream.owner
                 ready, done = handle.stream.push(instance_id, out)
+                if instance_id in self._dead:  # late tokens of a dead instance: welcome, but it owns nothing
+                    handle.stream.owner = owner
                 self.duplicates_dropped += handle.stream.duplicates - before
                 if instance_id != handle.instances_seen[-1]:
                     handle.instances_seen.append(instance_id)
@@ -305,6 +407,170 @@ class Cluster:
         with self._lock:
             return list(self._handles)
 
+    # ----- faults ------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        while not self._stop_supervisor.is_set():
+            try:
+                self.supervise_once()
+            except Exception:
+                log.exception("frontend supervision failed")
+            self._stop_supervisor.wait(self.supervise_interval_s)
+
+    def supervise_once(self) -> None:
+        """One round: learn dead instances, resume their requests, renew leases."""
+        m = self.control.membership()
+        now = time.monotonic()
+        members = set(m["instances"])
+        # Dead, or gone without the scheduler saying so (it restarted meanwhile, or drained
+        # it: then its requests are held elsewhere and nothing is resumed).
+        for iid in set(m["dead"]) | (self._members - members):
+            if iid not in self._dead:
+                self._mark_dead(iid)
+        self._members = members
+        if len(self._dead) != self._dead_seen:  # someone died: look for its requests for a while
+            self._dead_seen = len(self._dead)
+            self._census_until = now + self.census_window_s
+        live = [i for i in m["instances"] if i not in self._dead]
+        census = now < self._census_until
+        if not census:
+            self._suspects.clear()
+        self._resume_orphans(live, census, now)
+        lease = self.config.llumlet.lease_timeout_s
+        if self.reply_to and lease is not None and now - self._last_lease >= min(1.0, lease / 4):
+            self._last_lease = now
+            for iid in live:
+                inst = self.control.instance(iid)
+                try:
+                    if inst is not None:
+                        inst.renew_lease(self.reply_to)
+                except InstanceDiedError:
+                    self._mark_dead(iid)
+                except Exception as exc:
+                    log.warning("lease renewal on %s failed: %s", iid, exc)
+
+    def _mark_dead(self, instance_id: str) -> None:
+        with self._lock:
+            self._dead.add(instance_id)
+        self.control.forget(instance_id)
+
+    def _resume_orphans(self, live: Sequence[str], census: bool, now: float) -> None:
+        """Requests that no live instance holds continue elsewhere (or end with an error).
+
+        Fast path: the request's owner (last sender, or dispatch target) died. Census
+        (for ``census_window_s`` after a death): a request may have moved to the dead
+        instance before sending anything from there (its owner is then a live former
+        source), so every live instance is asked which requests it holds; a request
+        missing from two censuses ``census_confirm_s`` apart (a migration between two
+        live instances can hide it from one census) is resumed.
+        """
+        with self._lock:
+            active = [h for h in self._handles.values() if h.placed and not h.finished]
+        orphans = [h for h in active if h.stream.owner in self._dead]
+        others = [h for h in active if h.stream.owner not in self._dead] if census else []
+        if not orphans and not others:
+            return
+        ids = [h.request_id for h in orphans + others]
+        holders: dict[str, str] = {}
+        for iid in live:
+            inst = self.control.instance(iid)
+            try:
+                for rid in (inst.held(ids) if inst is not None else ()):
+                    holders[rid] = iid
+            except InstanceDiedError:
+                self._mark_dead(iid)
+            except Exception as exc:  # unknown whether it holds them: decide next round
+                log.warning("asking %s for orphaned requests failed: %s", iid, exc)
+                return
+        for h in orphans:
+            if h.request_id in holders:
+                with self._lock:
+                    h.stream.owner = holders[h.request_id]
+            else:
+                self._resume(h)
+        for h in others:
+            rid = h.request_id
+            if rid in holders:
+                self._suspects.pop(rid, None)
+            elif now - self._suspects.setdefault(rid, now) >= self.census_confirm_s:
+                self._suspects.pop(rid, None)
+                self._resume(h)
+
+    def _resume(self, handle: RequestHandle) -> None:
+        """Continue ``handle``'s request on a live instance by recomputation from its prompt
+        and the tokens delivered so far; fail it if no instance can."""
+        req = handle.request
+        if req is None:
+            self._fail(handle, "its instance died and the request cannot be resumed")
+            return
+        with self._lock:
+            if handle.finished:
+                return
+            delivered = tuple(handle.token_ids)
+            dead_owner = handle.stream.owner
+        state = MigrationRequestState(req.request_id, req.prompt_token_ids, delivered, req.sampling, req.priority,
+                                      req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to)
+        block = self.config.engine.engine.block_size
+        n = len(req.prompt_token_ids) + len(delivered)
+        view = RequestView(req.request_id, 0, -(-n // block), req.priority, req.arrival_time,
+                           len(req.prompt_token_ids), len(delivered))
+        tried: set[str] = set(self._dead)
+        while True:
+            iid = self._pick_other(view, exclude=tried)
+            if iid is None:
+                break
+            tried.add(iid)
+            inst = self.control.instance(iid)
+            if inst is None:
+                continue
+            try:
+                inst.resume_request(state)
+            except InstanceDiedError:
+                self._mark_dead(iid)
+                continue
+            except Exception as exc:  # refused (aborted there, does not fit) or unreachable
+                log.warning("resuming %s on %s failed: %s", req.request_id, iid, exc)
+                continue
+            with self._lock:
+                if handle.stream.owner == dead_owner:
+                    handle.stream.owner = iid
+                handle.resumes += 1
+                self.resumed += 1
+            log.info("request %s resumed on %s after %d tokens (%s died)", req.request_id, iid, len(delivered),
+                     dead_owner)
+            return
+        self._fail(handle, f"its instance died ({dead_owner} last sent its tokens) and no other instance "
+                           f"could continue the request")
+
+    def _pick_other(self, view: RequestView, exclude: set[str]) -> Optional[str]:
+        """The dispatcher's choice if it is not excluded, else any other live instance."""
+        try:
+            iid = self.control.dispatch(view)
+        except Exception as exc:
+            log.warning("dispatch failed: %s", exc)
+            iid = None
+        if iid is not None and iid not in exclude:
+            return iid
+        try:
+            ids = self.control.instance_ids()
+        except Exception:
+            ids = []
+        others = [i for i in ids if i not in exclude]
+        return others[0] if others else None
+
+    def _fail(self, handle: RequestHandle, message: str) -> None:
+        with self._lock:
+            if handle.finished:
+                return
+            handle.finish_reason = FinishReason.ABORT
+            handle.error = message
+            handle.finished_at = time.monotonic()
+            self._handles.pop(handle.request_id, None)
+            self.failed += 1
+            ev = TokenEvent(handle.request_id, (), handle.stream.next_index, handle.stream.owner,
+                            FinishReason.ABORT, error=message)
+        log.warning("request %s failed: %s", handle.request_id, message)
+        handle._deliver(ev)
+
     # ----- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Instances (load, freeness), migrations by outcome, downtimes, scale events."""
@@ -312,6 +578,8 @@ class Cluster:
         s["active_requests"] = len(self._handles)
         s["duplicates_dropped"] = self.duplicates_dropped
         s["misrouted_outputs"] = self.misrouted
+        s["resumed_requests"] = self.resumed
+        s["failed_requests"] = self.failed
         return s
 
     def instance_ids(self) -> list[str]:
@@ -342,6 +610,9 @@ class LocalControlPlane(ControlPlane):
     def state(self) -> dict[str, Any]:
         return self.daemon.state()
 
+    def membership(self) -> dict[str, Any]:
+        return self.daemon.membership()
+
     def drain(self, instance_id: str) -> None:
         self.daemon.drain(instance_id)
 
@@ -353,22 +624,127 @@ class LocalControlPlane(ControlPlane):
 
 
 class RayControlPlane(ControlPlane):
-    def __init__(self, actor, namespace: str, owner: bool = True) -> None:
+    """The scheduler actor and the llumlet actors, with a fallback while the scheduler is gone.
+
+    Every successful ``membership`` call (the frontend's supervisor makes one about
+    ten times a second) refreshes a local copy of the instance ids and loads. When a
+    scheduler call fails, the frontend dispatches with the same policy over that
+    copy, polls the llumlets' loads itself, and calls the llumlets directly by
+    name; it tries the scheduler again (by name: a restarted one is found) every
+    ``retry_s`` seconds.
+    """
+
+    retry_s = 1.0
+    call_timeout_s = 10.0
+
+    def __init__(self, actor, config: ClusterConfig, owner: bool = True) -> None:
         self.actor = actor
-        self.namespace = namespace
+        self.config = config
+        self.namespace = config.ray_namespace
         self.owner = owner
         self._instances: dict[str, InstanceHandle] = {}
+        self._lock = threading.Lock()
+        self._ids: list[str] = []  # last known live instances
+        self._loads: dict[str, InstanceLoad] = {}  # their last known loads
+        self._dead: list[str] = []  # instances found dead while the scheduler was away
+        self._dispatch_state = DispatchState(config.seed)
+        self._down_until = float("-inf")
+        self._generation = 0
 
-    def _get(self, ref):
+    # ----- the scheduler, or the fallback -------------------------------------------------
+    @property
+    def scheduler_reachable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _call(self, method: str, *args, timeout: Optional[float] = None):
         import ray
 
-        return ray.get(ref, timeout=30)
+        from llumnix_py.runtime.ray_runtime import SCHEDULER_NAME
+
+        if not self.scheduler_reachable:
+            raise SchedulerUnavailableError("the scheduler is unreachable")
+        try:
+            if self.actor is None:
+                self.actor = ray.get_actor(SCHEDULER_NAME, namespace=self.namespace)
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout or self.call_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, LlumnixError) else exc) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as exc:
+            # ValueError: no actor of that name (not restarted yet)
+            self._down_until = time.monotonic() + self.retry_s
+            self.actor = None  # look it up by name next time: a restarted scheduler is a new actor
+            raise SchedulerUnavailableError(f"the scheduler is unreachable: {type(exc).__name__}") from None
 
     def dispatch(self, request: RequestView) -> Optional[str]:
-        return self._get(self.actor.dispatch.remote(request))
+        try:
+            return self._call("dispatch", request)
+        except SchedulerUnavailableError:
+            return self._fallback_dispatch(request)
 
+    def _fallback_dispatch(self, request: RequestView) -> Optional[str]:
+        with self._lock:
+            loads = [self._loads[i] for i in self._ids if i in self._loads]
+            choice = dispatch_policy(loads, request, self.config.scheduler.policy, self._dispatch_state)
+            if choice is None:
+                return None
+            self._dispatch_state.on_dispatch(choice.instance_id, request)
+            return choice.instance_id
+
+    def membership(self) -> dict[str, Any]:
+        try:
+            m = self._call("membership")
+        except SchedulerUnavailableError:
+            m = None
+        if m is None:  # unreachable, or restarting and not ready
+            return self._probe()
+        with self._lock:
+            self._ids = list(m["instances"])
+            self._loads = {x.instance_id: x for x in m["loads"]}
+            for iid in self._ids:
+                self._dispatch_state.on_poll(iid)
+        return m
+
+    def _probe(self) -> dict[str, Any]:
+        """Membership without the scheduler: poll the known instances directly."""
+        from llumnix_py.runtime.ray_runtime import probe_loads
+        from llumnix_py.scheduler.core import to_instance_load
+
+        handles = [h for h in (self.instance(i) for i in list(self._ids)) if h is not None]
+        loads, died = probe_loads(handles, timeout_s=2.0) if handles else ({}, [])
+        with self._lock:
+            for iid, load in loads.items():
+                self._loads[iid] = to_instance_load(iid, load)
+                self._dispatch_state.on_poll(iid)
+            for iid in died:
+                self._forget_locked(iid)
+                self._dead.append(iid)
+            if died:
+                self._generation += 1
+            return {"generation": -self._generation, "instances": list(self._ids), "dead": list(self._dead),
+                    "loads": [self._loads[i] for i in self._ids if i in self._loads]}
+
+    def forget(self, instance_id: str) -> None:
+        with self._lock:
+            self._forget_locked(instance_id)
+
+    def _forget_locked(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+        if instance_id in self._ids:
+            self._ids.remove(instance_id)
+        self._loads.pop(instance_id, None)
+        self._dispatch_state.forget(instance_id)
+
+    def restart_scheduler(self) -> None:
+        from llumnix_py.runtime.ray_runtime import restart_scheduler
+
+        self.actor = restart_scheduler(self.config)
+        self._down_until = float("-inf")
+
+    # ----- instances ----------------------------------------------------------------------
     def instance(self, instance_id: str) -> Optional[InstanceHandle]:
-        handle = self._instances.get(instance_id)
+        with self._lock:
+            handle = self._instances.get(instance_id)
         if handle is None:
             import ray
 
@@ -379,32 +755,44 @@ class RayControlPlane(ControlPlane):
             except ValueError:
                 return None
             handle = RayInstance(instance_id, "", actor)
-            self._instances[instance_id] = handle
+            with self._lock:
+                self._instances[instance_id] = handle
         return handle
 
     def instance_ids(self) -> list[str]:
-        return self._get(self.actor.instance_ids.remote())
+        try:
+            ids = self._call("instance_ids")
+        except SchedulerUnavailableError:
+            with self._lock:
+                return list(self._ids)
+        with self._lock:
+            self._ids = list(ids)
+        return ids
 
     def state(self) -> dict[str, Any]:
-        return self._get(self.actor.state.remote())
+        return self._call("state")
 
     def drain(self, instance_id: str) -> None:
-        self._get(self.actor.drain.remote(instance_id))
+        self._call("drain", instance_id)
 
     def launch(self, n: int) -> list[str]:
-        import ray
-
-        return ray.get(self.actor.launch.remote(n), timeout=300)
+        return self._call("launch", n, timeout=300)
 
     def stop(self) -> None:
         if not self.owner:
             return
         import ray
 
+        from llumnix_py.runtime.ray_runtime import kill_instances
+
         try:
-            self._get(self.actor.stop.remote(True))
+            self._down_until = float("-inf")
+            self._call("stop", True)
+        except SchedulerUnavailableError:
+            kill_instances(self.namespace)  # nobody else will stop them (they are detached)
         finally:
-            ray.kill(self.actor)
+            if self.actor is not None:
+                ray.kill(self.actor)
 
 
 def _frontend_model_info(config: ClusterConfig):

@@ -14,6 +14,12 @@ Threads (all started in ``start``, joined in ``stop``)::
 Aborts are broadcast to every llumlet and remembered for a while (tombstones):
 a migration that would bring an aborted request in is refused, and a request
 aborted while it was migrating out is aborted once the migration ends.
+
+Faults: a frontend renews a lease on its ``reply_to`` address (``renew_lease``,
+about every second); when a lease is not renewed for ``lease_timeout_s`` the
+frontend is presumed gone and its requests are aborted here (their blocks freed).
+A request whose instance died is continued by ``resume_request`` (recomputation
+from its prompt and the tokens already delivered, at the right output index).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from llumnix_py.engines.base import EngineAdapter
-from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request, RequestOutput, StepOutput
-from llumnix_py.errors import LlumnixError, UnknownRequestError
+from llumnix_py.engines.types import (EngineLoad, FinishReason, MigrationRequestState, Request, RequestOutput,
+                                      SeqStatus, StepOutput)
+from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
 from migration import wire
 from migration.destination import DestinationMigrations
 from migration.driver import MigrationDriver, MigrationResult, TransportPort
@@ -62,6 +69,9 @@ class LlumletConfig:
         migration_timeout_s: transport timeout; a silent source's reservation is freed after it.
         chunk_blocks: blocks per KV message (pipelining granularity).
         idle_wait_s: engine loop sleep when there is nothing to run.
+        lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
+            renewed its lease for this long (the first request of an address starts
+            its lease); None never expires leases.
     """
 
     instance_id: str
@@ -73,10 +83,13 @@ class LlumletConfig:
     migration_timeout_s: float = 10.0
     chunk_blocks: int = 64
     idle_wait_s: float = 0.01
+    lease_timeout_s: Optional[float] = 30.0
 
     def __post_init__(self) -> None:
         if not self.instance_id:
             raise ValueError("instance_id must be non-empty")
+        if self.lease_timeout_s is not None and self.lease_timeout_s <= 0:
+            raise ValueError("lease_timeout_s must be positive (or None)")
         get_transport(self.transport)
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
@@ -89,6 +102,8 @@ class LlumletStats:
     preemptions: int = 0
     migrations: dict[str, int] = field(default_factory=dict)  # status -> count (as source)
     migrations_in: int = 0
+    resumed: int = 0  # requests continued here after their instance died
+    lease_aborts: int = 0  # requests aborted because their frontend's lease expired
     last_step_ms: float = 0.0
 
 
@@ -99,14 +114,21 @@ class _LockedSource:
     def __init__(self, llumlet: "Llumlet") -> None:
         self._l = llumlet
 
+    def _alive(self) -> None:
+        if self._l._dead:  # a crashed instance sends nothing more (as if its process were gone)
+            raise TransportError(f"instance {self._l.instance_id} crashed")
+
     def incremental_blocks(self, request_id, num_sent, include_last):
+        self._alive()
         with self._l._locked():
             return self._l.engine.incremental_blocks(request_id, num_sent, include_last)
 
     def read_blocks(self, block_ids):
+        self._alive()
         return self._l.engine.read_blocks(block_ids)
 
     def freeze(self, request_id):
+        self._alive()
         with self._l._locked():
             return self._l.engine.freeze(request_id)
 
@@ -117,6 +139,28 @@ class _LockedSource:
     def free_src(self, request_id):
         with self._l._locked():
             self._l.engine.free_src(request_id)
+
+
+class _UnlessCrashed:
+    """A transport that sends nothing once its llumlet crashed (as if its process were gone)."""
+
+    _SENDS = ("call", "send_blocks", "flush")
+
+    def __init__(self, llumlet: "Llumlet", inner: MigrationTransport) -> None:
+        self._l = llumlet
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if name not in self._SENDS:
+            return attr
+
+        def send(*args, **kw):
+            if self._l._dead:
+                raise TransportError(f"instance {self._l.instance_id} crashed")
+            return attr(*args, **kw)
+
+        return send
 
 
 class Llumlet:
@@ -139,6 +183,8 @@ class Llumlet:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reply_to: dict[str, str] = {}
+        self._leases: dict[str, float] = {}  # reply_to -> last renewal (or first request)
+        self._dead = False
         self._tombstones: "OrderedDict[str, float]" = OrderedDict()
         self._outgoing: dict[str, str] = {}  # request id -> migration id
         self._transports: dict[str, MigrationTransport] = {}
@@ -172,6 +218,20 @@ class Llumlet:
         self._transports.clear()
         self.sink.close()
 
+    def crash(self) -> None:
+        """Die abruptly, as if the process were killed (fault-injection tests): no more
+        steps, tokens, or migration messages; nothing is cleaned up. ``stop`` still
+        releases the threads afterwards."""
+        self._dead = True
+        self._stop.set()
+        self._wake.set()
+        if self._server is not None:
+            self._server.stop()
+
+    @property
+    def dead(self) -> bool:
+        return self._dead
+
     def _locked(self):
         return _Priority(self)
 
@@ -179,8 +239,84 @@ class Llumlet:
     def add_request(self, request: Request) -> None:
         with self._locked():
             self.engine.add_request(request)
-            self._reply_to[request.request_id] = request.reply_to
+            self._track(request.request_id, request.reply_to)
         self._wake.set()
+
+    def resume_request(self, state: MigrationRequestState) -> bool:
+        """Continue a request whose instance died: it joins the waiting queue with its
+        prompt and the tokens already delivered (``state.status`` WAITING, nothing
+        computed), is recomputed, and emits from output index ``len(output_token_ids)``.
+
+        Returns False if the request is already here (a migration brought it in).
+        Raises ``InvalidRequestError`` if it was aborted here or does not fit.
+        """
+        if state.status != SeqStatus.WAITING or state.num_computed_tokens != 0:
+            raise InvalidRequestError("a resumed request is recomputed: status WAITING, no computed tokens")
+        rid = state.request_id
+        with self._locked():
+            if rid in self._reply_to:
+                return False
+            if rid in self._tombstones:
+                raise InvalidRequestError(f"request {rid} was aborted")
+            # A half-done migration of this request from the dead instance: its reservation goes now.
+            for mid, rec in list(self.dest.incoming.items()):
+                if rec.request_id == rid:
+                    self.dest.handle(wire.Abort(mid, "request resumed by recomputation"), None, self.clock())
+            self.engine.commit_dst(state)
+            self._track(rid, state.reply_to)
+            self.stats.resumed += 1
+        self._wake.set()
+        return True
+
+    def held(self, request_ids: Sequence[str]) -> list[str]:
+        """Those of ``request_ids`` that are here (running, waiting, or migrating out)."""
+        with self._locked():
+            return [r for r in request_ids if r in self._reply_to]
+
+    def renew_lease(self, reply_to: str) -> None:
+        """The frontend at ``reply_to`` is alive; its requests keep running."""
+        if reply_to:
+            with self._locked():
+                self._leases[reply_to] = self.clock()
+
+    def _track(self, request_id: str, reply_to: str) -> None:
+        """Remember where a request's tokens go (engine lock held)."""
+        self._reply_to[request_id] = reply_to
+        if reply_to and reply_to not in self._leases:
+            self._leases[reply_to] = self.clock()  # a first request starts its frontend's lease
+
+    def _expire_leases(self, now: float) -> dict[str, list[RequestOutput]]:
+        """Abort the requests of frontends whose lease ran out (engine lock held); the abort
+        outputs to send, in case such a frontend is only slow."""
+        timeout = self.config.lease_timeout_s
+        if timeout is None or not self._leases:
+            return {}
+        expired = {rt for rt, t in self._leases.items() if now - t > timeout}
+        if not expired:
+            return {}
+        outputs: dict[str, list[RequestOutput]] = {}
+        position = {r.request_id: r.output_len for r in self._load_requests()}
+        for rid, rt in list(self._reply_to.items()):
+            if rt not in expired:
+                continue
+            log.warning("lease of %s expired: aborting request %s", rt, rid)
+            self._remember_abort(rid)
+            self.stats.lease_aborts += 1
+            outputs.setdefault(rt, []).append(RequestOutput(rid, (), position.get(rid, 0), FinishReason.ABORT))
+            if rid in self._outgoing:
+                continue  # aborted when its migration ends (see _after_migration)
+            try:
+                self.engine.abort_request(rid)
+            except UnknownRequestError:
+                pass
+            self._reply_to.pop(rid, None)
+        for rt in expired:
+            del self._leases[rt]
+        return outputs
+
+    def _load_requests(self):
+        load = self.engine.load()
+        return load.running + load.waiting
 
     def abort(self, request_id: str) -> bool:
         """Abort wherever the request is here; True if it was here. Remembered for a while."""
@@ -213,7 +349,12 @@ class Llumlet:
                     # Resolve destinations under the same lock as the step: once it is released a
                     # migration may commit elsewhere and forget the request here.
                     groups = self._route(out)
-                self.dest.expire(self.clock())
+                now = self.clock()
+                self.dest.expire(now)
+                lapsed = self._expire_leases(now)
+            for target, outs in lapsed.items():
+                if not self._dead:
+                    self.sink.emit(self.instance_id, target, outs)
             if out is None:
                 self._wake.wait(self.config.idle_wait_s)
                 self._wake.clear()
@@ -231,6 +372,8 @@ class Llumlet:
         return groups
 
     def _publish(self, out: StepOutput, groups: dict[str, list[RequestOutput]]) -> None:
+        if self._dead:
+            return
         self.stats.steps += 1
         self.stats.tokens += len(out.outputs)
         self.stats.preemptions += len(out.preempted)
@@ -249,13 +392,15 @@ class Llumlet:
     # ----- migration: destination side -----------------------------------------------------
     def _handle_migration_message(self, msg: Any, payload: Any) -> dict:
         rid = getattr(msg, "request_id", None) or getattr(getattr(msg, "state", None), "request_id", None)
+        if self._dead:
+            return wire.Reply(ok=False, error=f"instance {self.instance_id} crashed").to_header()
         with self._locked():
             if rid is not None and rid in self._tombstones and not isinstance(msg, wire.Abort):
                 self.dest.handle(wire.Abort(getattr(msg, "migration_id", ""), "aborted"), None, self.clock())
                 return wire.Reply(ok=False, error=f"request {rid} was aborted").to_header()
             reply = self.dest.handle(msg, payload, self.clock())
             if reply.ok and isinstance(msg, wire.Commit):
-                self._reply_to[msg.state.request_id] = msg.state.reply_to
+                self._track(msg.state.request_id, msg.state.reply_to)
                 self.stats.migrations_in += 1
         if reply.ok and isinstance(msg, wire.Commit):
             self._wake.set()
@@ -302,8 +447,9 @@ class Llumlet:
                        config: MigrationConfig) -> MigrationResult:
         machine = SourceMigration(migration_id, request_id, waiting=waiting, config=config)
         try:
-            transport = self._transport(dst_address)
-            result = MigrationDriver(_LockedSource(self), TransportPort(transport, _LockedSource(self))).run(machine)
+            transport = _UnlessCrashed(self, self._transport(dst_address))
+            port = TransportPort(transport, _LockedSource(self))  # type: ignore[arg-type]
+            result = MigrationDriver(_LockedSource(self), port).run(machine)
         except Exception as exc:  # a bug or a broken connection: never leave the request frozen
             log.exception("migration %s of %s failed", migration_id, request_id)
             self._drop_transport(dst_address)

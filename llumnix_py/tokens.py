@@ -6,6 +6,9 @@ Wire format (one ZeroMQ message, msgpack, never pickle)::
 
 ``index`` is the output position of the first token, so a frontend drops
 duplicates and reorders by position: a stream stays exact across migrations.
+
+A ``secret`` (``migration.security``) on both the sinks and the receiver keeps
+peers that do not hold it from injecting tokens (CURVE, or an HMAC tag frame).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import zmq
 
 from llumnix_py.engines.types import FinishReason, RequestOutput
 from llumnix_py.errors import ProtocolError
+from migration.security import SecretArg, ServerGuard, as_secret, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +94,15 @@ class ZmqTokenSink:
     Used from the engine-loop thread only. A frontend that is gone or too slow
     does not block the engine: sends are non-blocking and dropped when the queue
     (high-water mark) is full.
+
+    Args:
+        high_water_mark: messages queued per frontend before new ones are dropped.
+        secret: the frontends' shared secret (``None``: no authentication).
     """
 
-    def __init__(self, high_water_mark: int = 10_000) -> None:
+    def __init__(self, high_water_mark: int = 10_000, *, secret: SecretArg = None) -> None:
         self.hwm = high_water_mark
+        self.secret = as_secret(secret)
         self._ctx: Optional[zmq.Context] = None
         self._socks: dict[str, zmq.Socket] = {}
         self.dropped = 0
@@ -108,10 +117,16 @@ class ZmqTokenSink:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, self.hwm)
+            if self.secret is not None:
+                self.secret.secure_client(sock)
             sock.connect(reply_to)
             self._socks[reply_to] = sock
+        data = encode_batch(instance_id, outputs)
         try:
-            sock.send(encode_batch(instance_id, outputs), zmq.NOBLOCK)
+            if self.secret is not None:
+                sock.send_multipart(self.secret.wrap([data]), zmq.NOBLOCK)
+            else:
+                sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
 
@@ -127,14 +142,24 @@ class ZmqTokenSink:
 class TokenReceiver:
     """A frontend's PULL socket: decodes batches on its own thread and calls ``on_batch``.
 
-    Malformed messages are counted and dropped; the thread keeps going.
+    Malformed or unauthenticated messages are counted (``rejected``) and
+    dropped; the thread keeps going.
+
+    Args:
+        on_batch: called with ``(instance_id, outputs)`` of each valid batch, on the receiver thread.
+        host: interface to bind (loopback by default; others log a warning without a secret).
+        secret: shared secret the llumlets' sinks must hold (``None``: no authentication).
     """
 
-    def __init__(self, on_batch: Callable[[str, list[RequestOutput]], None], host: str = "127.0.0.1") -> None:
+    def __init__(self, on_batch: Callable[[str, list[RequestOutput]], None], host: str = "127.0.0.1", *,
+                 secret: SecretArg = None) -> None:
         self.on_batch = on_batch
         self.host = host
+        self.secret = as_secret(secret)
         self.address = ""
         self.rejected = 0
+        self.accepted = 0
+        self._guard: Optional[ServerGuard] = None
         self._ctx: Optional[zmq.Context] = None
         self._sock: Optional[zmq.Socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -145,8 +170,11 @@ class TokenReceiver:
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_BATCH_BYTES)
+        if self.secret is not None:
+            self._guard = self.secret.secure_server(self._ctx, self._sock)
         port = self._sock.bind_to_random_port(f"tcp://{self.host}")
         self.address = f"tcp://{self.host}:{port}"
+        warn_if_exposed(self.address, self.secret, "token receiver")
         self._thread = threading.Thread(target=self._run, name="token-receiver", daemon=True)
         self._thread.start()
         return self.address
@@ -158,13 +186,18 @@ class TokenReceiver:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            data = self._sock.recv()
+            frames = self._sock.recv_multipart()
             try:
-                iid, outputs = decode_batch(data)
+                if self.secret is not None:
+                    frames = self.secret.unwrap(frames)
+                if len(frames) != 1:
+                    raise ProtocolError(f"token batch must be one frame, got {len(frames)}")
+                iid, outputs = decode_batch(frames[0])
             except ProtocolError as exc:
                 self.rejected += 1
                 log.warning("dropped a malformed token batch: %s", exc)
                 continue
+            self.accepted += 1
             try:
                 self.on_batch(iid, outputs)
             except Exception:
@@ -176,8 +209,18 @@ class TokenReceiver:
             self._thread.join(timeout=5)
         if self._sock is not None:
             self._sock.close(0)
+            self._sock = None
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         if self._ctx is not None:
             self._ctx.term()
+            self._ctx = None
+
+    @property
+    def denied(self) -> int:
+        """Peers refused at the CURVE handshake (unauthenticated messages count in ``rejected``)."""
+        return self._guard.denied if self._guard is not None else 0
 
 
 @dataclass

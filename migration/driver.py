@@ -58,12 +58,19 @@ class TransportPort:
         reply = self.transport.call(wire.Commit(migration_id, state))
         return reply.ok, reply.error or ""
 
+    ABORT_ATTEMPTS = 3
+
     def abort(self, migration_id, reason):
-        try:
-            reply = self.transport.call(wire.Abort(migration_id, reason[: wire.MAX_TEXT_LEN]))
-        except TransportError:
-            return False  # unreachable: it frees the reservation itself after its timeout
-        return not reply.ok and reply.error == ALREADY_COMMITTED
+        # After a lost commit reply only the destination knows whether it committed, so
+        # try more than once before concluding it is gone (then the request runs on here;
+        # a destination that is merely partitioned for longer would keep a second copy).
+        for _ in range(self.ABORT_ATTEMPTS):
+            try:
+                reply = self.transport.call(wire.Abort(migration_id, reason[: wire.MAX_TEXT_LEN]))
+            except TransportError:
+                continue
+            return not reply.ok and reply.error == ALREADY_COMMITTED
+        return False  # unreachable: it frees any reservation itself after its timeout
 
 
 class LocalPort:

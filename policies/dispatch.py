@@ -2,9 +2,13 @@
 
 =============  ===============================================================
 ``freeness``   (default) highest dispatch freeness computed for the request's
-               priority, pending requests included; order (freeness desc,
-               instance_id asc), then a seeded random pick among the top
-               ``cfg.dispatch_top_k``
+               priority, pending requests included, *with the request itself
+               virtually added* (``virtual_usage.freeness_with_request``:
+               ``(M - V - need) / (B + 1)`` where it fits, the blocks short
+               (negative) where it does not, so an instance where the prompt
+               does not fit ranks below every instance where it does); order
+               (freeness desc, instance_id asc), then a seeded random pick among
+               the top ``cfg.dispatch_top_k``
 ``load``       INFaaS++: least KV demand (physical + every queued and pending
                request) as a fraction of total blocks; ties by instance_id
 ``queue``      fewest queued requests (waiting + pending); ties by instance_id
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 import random
 from typing import Callable, Optional, Sequence
 
@@ -102,8 +107,20 @@ class DispatchState:
         self._cache[inst.instance_id] = (inst, cfg, s)
         return s
 
-    def dispatch_freeness(self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0) -> float:
-        """``freeness(inst, purpose="dispatch", extra_pending=pending)``, from caches."""
+    def dispatch_freeness(
+        self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0, request: Optional[RequestView] = None
+    ) -> float:
+        """``freeness(inst, purpose="dispatch", extra_pending=pending)``, from caches.
+
+        With ``request`` (whose priority then replaces ``for_priority``), the request
+        is virtually added: ``freeness_with_request(inst, cfg, request,
+        extra_pending=pending)``, i.e. its ``blocks_needed`` joins ``V`` and the batch
+        grows by one (a deficit is returned undivided). ``-inf`` for a terminating instance (never a target).
+        """
+        if inst.terminating:
+            return -math.inf
+        if request is not None:
+            for_priority = request.priority
         s = self.summary(inst, cfg)
         p = self._pending.get(inst.instance_id)
         v = s.physical + s.demand + s.headroom_total
@@ -119,6 +136,9 @@ class DispatchState:
                     v -= cfg.headroom(for_priority)
         if for_priority in present:
             v -= cfg.headroom(for_priority)
+        if request is not None:
+            room = s.total_blocks - v - request.blocks_needed
+            return room / (s.batch + 1) if room >= 0 else room
         return (s.total_blocks - v) / (s.batch or 1)
 
 
@@ -151,7 +171,7 @@ def dispatch(
 def by_freeness(
     eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
 ) -> str:
-    """Highest freeness for the request's priority; seeded pick among the top k."""
+    """Highest freeness with the request virtually added; seeded pick among the top k."""
     f = state.dispatch_freeness
     prio = request.priority
     k = cfg.dispatch_top_k
@@ -160,12 +180,12 @@ def by_freeness(
         best_f = 0.0
         first = True
         for inst in eligible:
-            fi = f(inst, cfg, prio)
+            fi = f(inst, cfg, prio, request)
             iid = inst.instance_id
             if first or fi > best_f or (fi == best_f and iid < best_id):
                 best_id, best_f, first = iid, fi, False
         return best_id
-    keyed = [(-f(inst, cfg, prio), inst.instance_id) for inst in eligible]
+    keyed = [(-f(inst, cfg, prio, request), inst.instance_id) for inst in eligible]
     top = heapq.nsmallest(k, keyed)
     return top[state.rng.randrange(len(top))][1]
 

@@ -18,6 +18,26 @@
 
    A rejected or request-less source is skipped and the destination stays available
    for the next source. Each instance appears at most once per round; O(n log n).
+5. De-fragmentation exception. A source whose head-of-line waiting request is
+   *blocked* (its ``blocks_needed`` exceed the source's free blocks above the
+   watermark) is what the head's virtual demand is there to relieve, and moving
+   work off it may legitimately flip the order (a long prompt stuck behind one big
+   request makes a source look worst, yet it is free once the blocker leaves). When
+   rule 4 rejects such a source's move, the pair is kept for the first of:
+
+   a. the head itself (a waiting request: no KV to copy), if it fits on the
+      destination now, behind the destination's own head::
+
+          dst.free - dst.watermark - dst_head_need >= head.blocks_needed
+
+   b. the ``migrate_out`` choice, if it is running, its departure unblocks the head
+      and it fits on the destination behind the destination's own head::
+
+          src.free - src.watermark + b >= head.blocks_needed
+          dst.free - dst.watermark - dst_head_need >= b          (b = its blocks)
+
+   Either move lands where it fits, so the destination does not become blocked
+   by it, and the request does not bounce back as a de-fragmentation move.
 
 ``defrag``: sources are terminating instances with requests, then instances whose
 head-of-line waiting request does not fit in their free blocks (most short of blocks
@@ -41,7 +61,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 from policies.config import PolicyConfig
 from policies.registry import PAIRING
 from policies.selection import SelectFn, find_request, make_selector
-from policies.types import InstanceLoad, MigrateOut, MigrationPair
+from policies.types import InstanceLoad, MigrateOut, MigrationPair, RequestView
 from policies.virtual_usage import freeness_after_addition, freeness_after_removal, summarize
 
 PairingFn = Callable[[Sequence[InstanceLoad], PolicyConfig, SelectFn], "list[PlannedMigration]"]
@@ -131,12 +151,44 @@ def pair_by_freeness(
         fd = -neg_fd
         fs_after = freeness_after_removal(src, ss, cfg, req, waiting=choice.waiting)
         fd_after = freeness_after_addition(dst, sd, cfg, req, waiting=choice.waiting)
-        if src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs):
-            plans.append(
-                PlannedMigration(MigrationPair(src.instance_id, dst.instance_id), choice, fs, fd, fs_after, fd_after)
-            )
-            j += 1
+        if not (src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs)):
+            defrag = _defrag_move(src, dst, choice, req)
+            if defrag is None:
+                continue
+            choice, req = defrag
+            fs_after = freeness_after_removal(src, ss, cfg, req, waiting=choice.waiting)
+            fd_after = freeness_after_addition(dst, sd, cfg, req, waiting=choice.waiting)
+        plans.append(
+            PlannedMigration(MigrationPair(src.instance_id, dst.instance_id), choice, fs, fd, fs_after, fd_after)
+        )
+        j += 1
     return plans
+
+
+def head_blocked(inst: InstanceLoad) -> bool:
+    """The head of the waiting queue needs more blocks than are free above the watermark."""
+    return bool(inst.waiting) and inst.waiting[0].blocks_needed > inst.free_blocks - inst.watermark_blocks
+
+
+def room_behind_head(inst: InstanceLoad) -> int:
+    """Blocks free above the watermark once the instance's own head request is admitted."""
+    return inst.free_blocks - inst.watermark_blocks - _head_need(inst)
+
+
+def _defrag_move(
+    src: InstanceLoad, dst: InstanceLoad, choice: MigrateOut, req: RequestView
+) -> Optional[tuple[MigrateOut, RequestView]]:
+    """The de-fragmentation move of rule 5 (module docstring), or ``None``."""
+    if not head_blocked(src):
+        return None
+    head = src.waiting[0]
+    room = room_behind_head(dst)
+    if not head.migrating and head.blocks_needed <= room:
+        return MigrateOut(head.request_id, waiting=True), head
+    if not choice.waiting and req.num_blocks <= room:
+        if src.free_blocks - src.watermark_blocks + req.num_blocks >= head.blocks_needed:
+            return choice, req
+    return None
 
 
 def _head_need(inst: InstanceLoad) -> int:

@@ -28,6 +28,23 @@ The one formula every policy reads (blocks are KV-cache blocks; instance ``i``):
 Freeness is "decode steps the batch can take before memory runs out": higher is
 freer, negative is overloaded, ``-inf`` is terminating. An empty instance has
 ``B_i = 1``, so its freeness is its unreserved blocks (finite).
+
+Dispatch ranks instances by the freeness they would have *with the new request
+``r`` on them* (``freeness_with_request``): ``r`` is added virtually, its demand to
+``V_i`` and itself to the batch::
+
+    room_i(r)     = M_i - V_i - r.blocks_needed                   (V_i for r's priority)
+    freeness_i(r) = room_i(r) / (B_i + 1)      if room_i(r) >= 0  (r fits: steps left)
+                  = room_i(r)                  otherwise          (blocks short)
+
+Without ``r``'s own term, an instance running one huge request looks freest
+(``(M - V) / 1`` is large) even when ``r``'s prompt does not fit in what is left,
+and a long prompt would be queued where it cannot run. With it, an instance where
+``r`` does not fit has negative freeness and loses to every instance where it fits.
+Among instances where it does not fit, the one short of the fewest blocks wins:
+dividing a deficit by the batch would make the *busiest* batch look least
+overloaded (``-100 / 20 > -10 / 1``) and pile new requests onto it. For an
+instance where ``r`` fits, this is the paper's freeness with ``r`` counted in.
 """
 
 from __future__ import annotations
@@ -153,6 +170,28 @@ def freeness(
 ) -> float:
     """``(M_i - V_i) / B_i`` (see the module docstring); ``-inf`` when terminating."""
     return summarize(inst, cfg, purpose=purpose, extra_pending=extra_pending).freeness(cfg, for_priority)
+
+
+def freeness_with_request(
+    inst: InstanceLoad,
+    cfg: PolicyConfig,
+    request: RequestView,
+    *,
+    extra_pending: Sequence[RequestView] = (),
+) -> float:
+    """Dispatch freeness of ``inst`` with ``request`` virtually added (module docstring).
+
+    ``room = M_i - V_i - request.blocks_needed`` with ``V_i`` the dispatch virtual
+    usage for ``request.priority`` (``extra_pending`` included); ``room / (B_i + 1)``
+    when ``room >= 0``, else ``room``; ``-inf`` when terminating. This is the
+    reference the dispatcher's cached fast path (``DispatchState.dispatch_freeness``)
+    must equal.
+    """
+    s = summarize(inst, cfg, purpose="dispatch", extra_pending=extra_pending)
+    if s.terminating:
+        return -math.inf
+    room = s.total_blocks - s.virtual_usage(cfg, request.priority) - request.blocks_needed
+    return room / (s.batch + 1) if room >= 0 else room
 
 
 # --- freeness after a migration, for pairing (purpose "migration", for_priority 0) ---

@@ -88,11 +88,35 @@ def test_empty_step_is_free_and_nonempty_pays_overhead():
     assert LLAMA_7B_A10.step_time(1, 0, 0) >= LLAMA_7B_A10.decode_overhead_s
 
 
-def test_mixed_step_pays_max_not_sum():
+def test_fused_mixed_step_pays_max_not_sum():
+    fused = dataclasses.replace(LLAMA_7B_A10, fused_mixed_steps=True)
+    prefill = fused.step_time(2048, 0, 0)
+    decode = fused.step_time(0, 8, 8 * 512)
+    mixed = fused.step_time(2048, 8, 8 * 512)
+    assert max(prefill, decode) <= mixed < prefill + decode
+
+
+def test_serial_mixed_step_pays_both_passes():
+    # vLLM <= 0.3 (the paper's engine) never batches prompts with decodes; the
+    # built-in A10 profiles charge the two passes (and the fixed overhead once).
+    assert not LLAMA_7B_A10.fused_mixed_steps
     prefill = LLAMA_7B_A10.step_time(2048, 0, 0)
     decode = LLAMA_7B_A10.step_time(0, 8, 8 * 512)
     mixed = LLAMA_7B_A10.step_time(2048, 8, 8 * 512)
-    assert max(prefill, decode) <= mixed < prefill + decode
+    assert mixed == pytest.approx(prefill + decode - LLAMA_7B_A10.decode_overhead_s)
+
+
+def test_decode_step_grows_with_batch_and_context_like_a_vllm_era_a10():
+    # Small batch: ~32 ms (weights + overhead); 16 sequences at 1k context: ~56 ms.
+    assert within(LLAMA_7B_A10.step_time(0, 1, 128), 0.032, 0.1)
+    assert within(LLAMA_7B_A10.step_time(0, 16, 16 * 1024), 0.056, 0.1)
+    # The KV cache streams at the paged-attention kernel's efficiency, the weights at theirs.
+    assert LLAMA_7B_A10.attention_bandwidth_efficiency < LLAMA_7B_A10.bandwidth_efficiency
+    plain = dataclasses.replace(LLAMA_7B_A10, attention_bandwidth_efficiency=None)
+    assert plain.attention_bandwidth_efficiency == plain.bandwidth_efficiency
+    # Per-sequence CPU cost: 0.1 ms each.
+    no_cpu = dataclasses.replace(LLAMA_7B_A10, per_seq_overhead_s=0.0)
+    assert LLAMA_7B_A10.step_time(0, 10, 1000) - no_cpu.step_time(0, 10, 1000) == pytest.approx(1e-3)
 
 
 def test_causal_context():
@@ -126,6 +150,9 @@ def test_migration_time_linear_in_blocks():
         {"mem_reserved_frac": 1.0},
         {"block_size": 0},
         {"mem_reserved_frac": 0.6},  # weights no longer fit
+        {"attention_bandwidth_efficiency": 0.0},
+        {"attention_bandwidth_efficiency": 1.2},
+        {"per_seq_overhead_s": -1e-4},
     ],
 )
 def test_profile_validation(kw):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.registry import DISPATCH
 from policies.types import Dispatch, InstanceLoad, RequestView
+from policies.virtual_usage import freeness_with_request
 
 POLICIES = ["freeness", "load", "queue", "round_robin", "random"]
 
@@ -214,13 +217,54 @@ def test_property_never_terminating_and_none_only_without_candidates(cluster, po
 def test_property_freeness_dispatch_is_an_argmax(cluster, seed):
     cfg = PolicyConfig()
     state = DispatchState(seed=seed)
-    d = dispatch(cluster, make_req("x", 0, 5), cfg, state)
+    req = make_req("x", 0, 5)
+    d = dispatch(cluster, req, cfg, state)
     eligible = [inst for inst in cluster if not inst.terminating]
     if not eligible:
         assert d is None
         return
     assert d is not None
-    scores = {inst.instance_id: state.dispatch_freeness(inst, cfg) for inst in eligible}
+    # The score is the freeness with the request virtually added (its demand and
+    # its place in the batch), from the reference formula.
+    scores = {inst.instance_id: freeness_with_request(inst, cfg, req) for inst in eligible}
     best = max(scores.values())
     assert scores[d.instance_id] == best
     assert d.instance_id == min(i for i, f in scores.items() if f == best)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster=clusters(), n_pending=st.integers(0, 4), need=st.integers(0, 400), prio=st.integers(0, 2))
+def test_property_cached_dispatch_freeness_equals_the_reference(cluster, n_pending, need, prio):
+    cfg = PolicyConfig(headroom_blocks=((1, 200), (2, 50)))
+    state = DispatchState()
+    for k in range(n_pending):
+        for inst in cluster:
+            state.on_dispatch(inst.instance_id, make_req(f"p{k}", 0, 7 * k + 1, priority=k % 3))
+    req = make_req("x", 0, need, priority=prio)
+    for inst in cluster:
+        expected = freeness_with_request(inst, cfg, req, extra_pending=state.pending(inst.instance_id))
+        got = state.dispatch_freeness(inst, cfg, request=req)
+        assert got == pytest.approx(expected) or (got == expected == -math.inf)
+
+
+def test_a_long_prompt_goes_where_it_fits_not_beside_one_huge_request():
+    # "a" runs one 700-block request: (880 - 700) / 1 = 180 looks freest without the
+    # request's own term, but a 300-block prompt does not fit there. "b" has room.
+    a = make_inst("a", running=[make_req("a1", 700)])
+    b = make_inst("b", running=[make_req(f"b{k}", 30) for k in range(10)])
+    long_prompt = make_req("x", 0, 300)
+    assert pick([a, b], long_prompt, PolicyConfig(), DispatchState()) == "b"
+    assert freeness_with_request(a, PolicyConfig(), long_prompt) < 0 < freeness_with_request(b, PolicyConfig(), long_prompt)
+    # A short request still goes to the instance that stays freest with it.
+    assert pick([a, b], make_req("y", 0, 1), PolicyConfig(), DispatchState()) == "a"
+
+
+def test_when_nothing_fits_the_smallest_deficit_wins_not_the_biggest_batch():
+    # Both overloaded. "big" is 100 blocks short with 19 running (-100/20 = -5 if
+    # divided); "small" is 10 short with one running (-10/2). The deficit decides.
+    big = make_inst("big", running=[make_req(f"b{k}", 46) for k in range(19)], waiting=[make_req("bw", 0, 106)])
+    small = make_inst("small", running=[make_req("s1", 800)], waiting=[make_req("sw", 0, 86)])
+    req = make_req("x", 0, 4)
+    assert freeness_with_request(big, PolicyConfig(), req) == 880 - 874 - 106 - 4
+    assert freeness_with_request(small, PolicyConfig(), req) == 880 - 800 - 86 - 4
+    assert pick([big, small], req, PolicyConfig(), DispatchState()) == "small"

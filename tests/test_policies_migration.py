@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from llumnix_py.errors import UnknownPolicyError
 from policies.config import PolicyConfig
-from policies.pairing import pair_migrations, plan_migrations
+from policies.pairing import head_blocked, pair_migrations, plan_migrations, room_behind_head
 from policies.selection import find_request, select_migrate_out
 from policies.types import InstanceLoad, MigrateOut, MigrationPair, RequestView
 from policies.virtual_usage import freeness
@@ -144,9 +144,11 @@ def test_head_of_line_blocking_makes_a_source():
     plans = plan_migrations([blocked, idle], PolicyConfig())
     assert [p.pair for p in plans] == [MigrationPair("b", "idle")]
     assert plans[0].request == MigrateOut("b1")  # frees room for the head
-    # Moving the head itself would flip the freeness gap (780 vs 80): rejected...
-    assert plan_migrations([blocked, idle], PolicyConfig(migrate_out="waiting_head")) == []
-    # ...but the defrag pairing moves it wherever it fits.
+    # Moving the head itself flips the freeness gap (780 vs 80), but the head is
+    # blocked and fits on "idle": the de-fragmentation exception keeps the move.
+    plans = plan_migrations([blocked, idle], PolicyConfig(migrate_out="waiting_head"))
+    assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "idle"), MigrateOut("w", waiting=True))]
+    # The defrag pairing moves it wherever it fits too.
     plans = plan_migrations([blocked, idle], PolicyConfig(pairing="defrag", migrate_out="waiting_head"))
     assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "idle"), MigrateOut("w", waiting=True))]
     too_small = make_inst("small", running=[make_req("s1", 200)])
@@ -169,6 +171,36 @@ def test_a_rejected_source_leaves_the_destination_to_the_next():
     assert plans, "expected the second source to get the destination"
     assert all(p.pair.src != "a" for p in plans)
     assert plans[0].pair == MigrationPair("b", "d")
+
+
+def test_a_blocked_head_is_moved_even_if_the_order_flips():
+    # The issue-6 case: "b" runs one huge request and its long head prompt does not
+    # fit behind it. Moving the running request (shortest = the only one) does not
+    # fit anywhere useful and flips the gap; the head itself fits on "d": moved.
+    blocked = make_inst("b", running=[make_req("b1", 600)], waiting=[make_req("w", 0, 400)])
+    dst = make_inst("d", running=[make_req(f"d{k}", 30) for k in range(10)])  # 580 free, freeness 58
+    assert freeness(blocked, PolicyConfig()) < 3 < freeness(dst, PolicyConfig())
+    plans = plan_migrations([blocked, dst], PolicyConfig())
+    assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "d"), MigrateOut("w", waiting=True))]
+    assert plans[0].src_after > plans[0].dst_after  # flipped, and kept
+    # Not when the head would not fit on the destination either.
+    crowded = make_inst("d", running=[make_req(f"d{k}", 50) for k in range(10)])  # 380 free
+    assert freeness(crowded, PolicyConfig()) > 3
+    assert plan_migrations([blocked, crowded], PolicyConfig()) == []
+
+
+def test_a_running_request_whose_departure_unblocks_the_head_is_kept():
+    # The head (300) is blocked; moving the shortest running request (250) frees
+    # enough, fits on "d", but flips the order: kept by the de-fragmentation rule.
+    blocked = make_inst("b", running=[make_req("b1", 250), make_req("b2", 400)], waiting=[make_req("w", 0, 300)])
+    dst = make_inst("d", running=[make_req(f"d{k}", 25) for k in range(20)],
+                    waiting=[make_req("dw", 0, 60)])  # 380 free, 320 behind its head: the head (300) fits
+    cfg = PolicyConfig(migrate_out="shortest")
+    plans = plan_migrations([blocked, dst], cfg)
+    assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "d"), MigrateOut("w", waiting=True))]
+    tight = dataclasses.replace(dst, waiting=(make_req("dw", 0, 100),))  # 280 behind its head: only b1 fits
+    plans = plan_migrations([blocked, tight], cfg)
+    assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "d"), MigrateOut("b1"))]
 
 
 def test_pairing_aliases_and_unknown_names():
@@ -226,7 +258,8 @@ def clusters(draw):
                      migrating=draw(st.booleans()))
             for j in range(draw(st.integers(0, 3)))
         )
-        inst = make_inst(f"i{k}", running=running, waiting=waiting, terminating=draw(st.integers(0, 5)) == 0)
+        inst = make_inst(f"i{k}", running=running, waiting=waiting, terminating=draw(st.integers(0, 5)) == 0,
+                         watermark_blocks=draw(st.sampled_from([0, 8])))
         out.append(dataclasses.replace(inst, used_blocks=inst.used_blocks + draw(st.integers(0, 40))))
     return out
 
@@ -275,8 +308,20 @@ def test_property_pairs_are_disjoint_and_never_widen_the_gap(cluster, cfg):
         assert f_src < cfg.migrate_out_threshold < f_dst
         src_after, dst_after = _after(src, dst, req, plan.request.waiting)
         fs2, fd2 = freeness(src_after, cfg), freeness(dst_after, cfg)
-        assert fs2 <= fd2 + 1e-9, "flipped"
-        assert abs(fs2 - fd2) < abs(f_src - f_dst), "gap did not narrow"
+        if fs2 <= fd2 + 1e-9 and abs(fs2 - fd2) < abs(f_src - f_dst):
+            continue  # rule 4: narrows the gap without flipping it
+        # Otherwise only the de-fragmentation exception (rule 5) may keep it: the
+        # source's head is blocked, and the move unblocks it or moves it, landing
+        # where it fits behind the destination's own head.
+        assert head_blocked(src), "flipped or widened the gap without a blocked head"
+        head = src.waiting[0]
+        if plan.request.waiting:
+            assert req is head and req.blocks_needed <= room_behind_head(dst)
+        else:
+            assert req.num_blocks <= room_behind_head(dst)
+            assert src.free_blocks - src.watermark_blocks + req.num_blocks >= head.blocks_needed
+            assert not head_blocked(src_after)
+        assert not head_blocked(dst_after) or head_blocked(dst), "the move blocked the destination"
 
 
 @settings(max_examples=250, deadline=None)

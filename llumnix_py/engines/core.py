@@ -101,9 +101,15 @@ class EngineCore(EngineAdapter):
         self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
 
-    def _validate_tokens(self, token_ids: Seq[int], prompt_len: int, rid: str) -> None:
+    def _validate_tokens(self, token_ids: Seq[int], prompt_len: int, rid: str, ints_checked: bool = False) -> None:
+        """Range, context and pool checks. ``ints_checked``: the ids are known to be plain ints
+        (a validated migration state), so a C-speed min/max replaces the per-token type check."""
         vocab = self.executor.vocab_size
-        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if ints_checked:
+            bad = [] if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab) else \
+                [t for t in token_ids if not 0 <= t < vocab]
+        else:
+            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"request {rid}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
         max_len = self.executor.max_model_len
@@ -293,7 +299,8 @@ class EngineCore(EngineAdapter):
         rid = state.request_id
         if rid in self.seqs:
             raise MigrationError(f"request {rid} already exists on this instance")
-        self._validate_tokens(state.prompt_token_ids + state.output_token_ids, len(state.prompt_token_ids), rid)
+        self._validate_tokens(state.prompt_token_ids + state.output_token_ids, len(state.prompt_token_ids), rid,
+                              ints_checked=True)
         reserved = self._prealloc.get(rid, [])
         seq = Sequence.from_migration(state)
         if state.status == SeqStatus.RUNNING:

@@ -6,8 +6,10 @@ it can cross a process boundary as msgpack (see ``to_wire``/``from_wire``).
 
 from __future__ import annotations
 
+import array
 import enum
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -223,8 +225,8 @@ class MigrationRequestState:
     def to_wire(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,
-            "prompt_token_ids": list(self.prompt_token_ids),
-            "output_token_ids": list(self.output_token_ids),
+            "prompt_token_ids": _pack_ids(self.prompt_token_ids),
+            "output_token_ids": _pack_ids(self.output_token_ids),
             "sampling": self.sampling.to_wire(),
             "priority": self.priority,
             "arrival_time": self.arrival_time,
@@ -244,10 +246,7 @@ class MigrationRequestState:
         if set(d) != need:
             raise InvalidRequestError(f"migration state fields differ: missing {sorted(need - set(d))}, "
                                       f"unexpected {sorted(set(d) - need)}")
-        for key in ("prompt_token_ids", "output_token_ids"):
-            v = d[key]
-            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
-                raise InvalidRequestError(f"migration state {key} must be a list of non-negative integers")
+        ids = {key: _unpack_ids(d[key], key) for key in ("prompt_token_ids", "output_token_ids")}
         for key in ("priority", "num_preemptions", "num_computed_tokens"):
             if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
                 raise InvalidRequestError(f"migration state {key} must be a non-negative integer")
@@ -259,9 +258,9 @@ class MigrationRequestState:
             raise InvalidRequestError(f"migration state status {d['status']!r} is not valid") from None
         if status not in (SeqStatus.RUNNING, SeqStatus.WAITING):
             raise InvalidRequestError("only running or waiting requests migrate")
-        if not d["prompt_token_ids"]:
+        if not ids["prompt_token_ids"]:
             raise InvalidRequestError("migration state prompt is empty")
-        total = len(d["prompt_token_ids"]) + len(d["output_token_ids"])
+        total = len(ids["prompt_token_ids"]) + len(ids["output_token_ids"])
         if d["num_computed_tokens"] > total:
             raise InvalidRequestError("num_computed_tokens exceeds the sequence length")
         if not isinstance(d["request_id"], str) or not d["request_id"]:
@@ -270,8 +269,8 @@ class MigrationRequestState:
             raise InvalidRequestError("migration state reply_to must be a string of at most 256 characters")
         return cls(
             request_id=d["request_id"],
-            prompt_token_ids=tuple(d["prompt_token_ids"]),
-            output_token_ids=tuple(d["output_token_ids"]),
+            prompt_token_ids=ids["prompt_token_ids"],
+            output_token_ids=ids["output_token_ids"],
             sampling=SamplingParams.from_wire(d["sampling"]),
             priority=d["priority"],
             arrival_time=float(d["arrival_time"]),
@@ -280,3 +279,31 @@ class MigrationRequestState:
             num_computed_tokens=d["num_computed_tokens"],
             reply_to=d["reply_to"],
         )
+
+
+# Token ids travel as little-endian uint32 bytes: packing and checking 8k ids costs
+# microseconds, which keeps the stop-and-copy stage (the migration's downtime) flat in length.
+MAX_TOKEN_ID = 2**31 - 1
+MAX_WIRE_TOKENS = 1 << 22
+
+
+def _pack_ids(ids: tuple[int, ...]) -> bytes:
+    return array.array("I", ids).tobytes() if sys.byteorder == "little" else _swapped(ids)
+
+
+def _swapped(ids: tuple[int, ...]) -> bytes:
+    a = array.array("I", ids)
+    a.byteswap()
+    return a.tobytes()
+
+
+def _unpack_ids(v: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(v, (bytes, bytearray)) or len(v) % 4 or len(v) > 4 * MAX_WIRE_TOKENS:
+        raise InvalidRequestError(f"migration state {key} must be packed uint32 token ids")
+    a = array.array("I")
+    a.frombytes(bytes(v))
+    if sys.byteorder != "little":
+        a.byteswap()
+    if a and max(a) > MAX_TOKEN_ID:
+        raise InvalidRequestError(f"migration state {key} holds a token id above {MAX_TOKEN_ID}")
+    return tuple(a)

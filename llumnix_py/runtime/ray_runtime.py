@@ -3,21 +3,27 @@
 The same ``Llumlet`` and ``SchedulerDaemon`` code as in-process; only the handles
 differ. Actors are named (``llumnix-instance-<id>``, ``llumnix-scheduler``) in one
 namespace, so frontends and a restarted scheduler find them by name.
+
+Fate sharing: Ray kills the actors an actor created when their creator dies, so
+instance actors are always detached: they outlive a killed scheduler, whose
+replacement (``restart_scheduler``, or ``llumnix-py scheduler`` run again) attaches
+them by name. They are stopped by the scheduler's ``stop`` (``Cluster.stop``), or,
+if it is gone, by ``kill_instances``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 
 from llumnix_py.engines.registry import build_engine
-from llumnix_py.engines.types import EngineLoad, Request
+from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request
 from llumnix_py.errors import LlumnixError
 from llumnix_py.llumlet import Llumlet
-from llumnix_py.runtime.base import InstanceHandle, InstanceLauncher
+from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.daemon import SchedulerDaemon
 from llumnix_py.tokens import ZmqTokenSink
 from migration.driver import MigrationResult
@@ -34,6 +40,11 @@ def _unwrap(exc: Exception) -> Exception:
     """The llumnix-py error inside a Ray task error, if there is one."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, LlumnixError) else exc
+
+
+def actor_died(exc: BaseException) -> bool:
+    """The actor is gone for good (killed, crashed), not just slow or briefly unreachable."""
+    return isinstance(exc, ray.exceptions.RayActorError) and not isinstance(exc, ray.exceptions.ActorUnavailableError)
 
 
 class LlumletActor:
@@ -54,6 +65,15 @@ class LlumletActor:
 
     def add_request(self, request: Request) -> None:
         self.llumlet.add_request(request)
+
+    def resume_request(self, state: MigrationRequestState) -> bool:
+        return self.llumlet.resume_request(state)
+
+    def held(self, request_ids: Sequence[str]) -> list[str]:
+        return self.llumlet.held(request_ids)
+
+    def renew_lease(self, reply_to: str) -> None:
+        self.llumlet.renew_lease(reply_to)
 
     def abort(self, request_id: str) -> bool:
         return self.llumlet.abort(request_id)
@@ -91,9 +111,22 @@ class RayInstance(InstanceHandle):
             return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
         except ray.exceptions.RayTaskError as exc:
             raise _unwrap(exc) from None
+        except ray.exceptions.RayActorError as exc:
+            if actor_died(exc):
+                raise InstanceDiedError(f"instance {self.instance_id} died: {type(exc).__name__}") from None
+            raise
 
     def add_request(self, request: Request) -> None:
         self._call("add_request", request)
+
+    def resume_request(self, state: MigrationRequestState) -> bool:
+        return self._call("resume_request", state)
+
+    def held(self, request_ids: Sequence[str]) -> list[str]:
+        return self._call("held", list(request_ids))
+
+    def renew_lease(self, reply_to: str) -> None:
+        self.actor.renew_lease.remote(reply_to)  # fire and forget: a lost renewal is retried in a second
 
     def abort(self, request_id: str) -> bool:
         return self._call("abort", request_id)
@@ -122,16 +155,19 @@ class RayLauncher(InstanceLauncher):
         self.config = config
 
     def launch(self, instance_id: str) -> InstanceHandle:
+        # Always detached: an actor created by the scheduler actor would die with it.
         opts: dict[str, Any] = dict(name=INSTANCE_PREFIX + instance_id, namespace=self.config.ray_namespace,
-                                    num_cpus=0, max_concurrency=16)
-        if self.config.detached:
-            opts["lifetime"] = "detached"
+                                    num_cpus=0, max_concurrency=16, lifetime="detached")
         actor = ray.remote(LlumletActor).options(**opts).remote(self.config)
         address = ray.get(actor.start.remote(instance_id), timeout=120)
         return RayInstance(instance_id, address, actor)
 
     def terminate(self, handle: InstanceHandle) -> None:
         handle.stop()
+
+    def fence(self, handle: InstanceHandle) -> None:
+        if isinstance(handle, RayInstance):
+            ray.kill(handle.actor, no_restart=True)
 
     def attach(self, instance_id: str) -> Optional[InstanceHandle]:
         try:
@@ -148,25 +184,32 @@ class SchedulerActor:
     def __init__(self, config) -> None:
         self.config = config
         self.daemon = SchedulerDaemon(config.scheduler, RayLauncher(config), seed=config.seed)
+        self._ready = False  # start() has attached and launched every instance
 
     def start(self, num_instances: int) -> list[str]:
         self._attach_existing()
         missing = max(0, num_instances - len(self.daemon.handles))
         self.daemon.launch(missing)
         self.daemon.start()
+        self._ready = True
         return self.daemon.instance_ids()
 
     def _attach_existing(self) -> None:
         """A restarted scheduler rebuilds its instance table from the named llumlet actors."""
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a.get("namespace") == self.config.ray_namespace and a["name"].startswith(INSTANCE_PREFIX)]
+        names = instance_actor_names(self.config.ray_namespace)
         launcher = self.daemon.launcher
         for name in sorted(names):
             handle = launcher.attach(name[len(INSTANCE_PREFIX):])
-            if handle is not None:
+            if handle is None:
+                continue
+            try:
                 self.daemon.add_instance(handle)
-                n = int(handle.instance_id.rsplit("-", 1)[-1]) if handle.instance_id.rsplit("-", 1)[-1].isdigit() else 0
-                self.daemon._next_id = max(self.daemon._next_id, n + 1)
+            except Exception as exc:  # died meanwhile: leave it out
+                log.warning("could not attach %s: %s", handle.instance_id, exc)
+                continue
+            suffix = handle.instance_id.rsplit("-", 1)[-1]
+            n = int(suffix) if suffix.isdigit() else 0
+            self.daemon._next_id = max(self.daemon._next_id, n + 1)
 
     def dispatch(self, request: RequestView) -> Optional[str]:
         return self.daemon.dispatch(request)
@@ -179,6 +222,13 @@ class SchedulerActor:
 
     def state(self) -> dict[str, Any]:
         return self.daemon.state()
+
+    def membership(self) -> Optional[dict[str, Any]]:
+        """None until ``start`` is done (a partial instance table would look like deaths)."""
+        return self.daemon.membership() if self._ready else None
+
+    def ping(self) -> str:
+        return "pong"
 
     def drain(self, instance_id: str) -> None:
         self.daemon.drain(instance_id)
@@ -198,15 +248,76 @@ def init_ray(address: Optional[str], namespace: str, **kw: Any) -> None:
 
 
 def start_scheduler(config) -> Any:
-    """Create the named scheduler actor and its instances; returns the actor handle."""
-    opts: dict[str, Any] = dict(name=SCHEDULER_NAME, namespace=config.ray_namespace, num_cpus=0,
-                                max_concurrency=32)
-    if config.detached:
-        opts["lifetime"] = "detached"
-    actor = ray.remote(SchedulerActor).options(**opts).remote(config)
+    """Create the named scheduler actor and its instances (attaching running ones); returns the actor."""
+    actor = ray.remote(SchedulerActor).options(**_scheduler_options(config)).remote(config)
     ray.get(actor.start.remote(config.num_instances), timeout=300)
     return actor
 
 
 def get_scheduler(namespace: str) -> Any:
     return ray.get_actor(SCHEDULER_NAME, namespace=namespace)
+
+
+def restart_scheduler(config, timeout_s: float = 60.0) -> Any:
+    """The scheduler actor, created again if it is gone; it attaches the running instances
+    by name (and launches none). Returns the actor handle."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            actor = get_scheduler(config.ray_namespace)
+        except ValueError:
+            actor = None
+        if actor is not None:
+            try:
+                ray.get(actor.ping.remote(), timeout=5)
+                return actor  # alive: nothing to restart
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # dead, its name not released yet
+        else:
+            try:
+                actor = ray.remote(SchedulerActor).options(**_scheduler_options(config)).remote(config)
+                ray.get(actor.start.remote(0), timeout=300)
+                return actor
+            except ValueError:  # the old one's name is still taken
+                pass
+        if time.monotonic() > deadline:
+            raise LlumnixError(f"could not restart the scheduler within {timeout_s} s")
+        time.sleep(0.2)
+
+
+def _scheduler_options(config) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(name=SCHEDULER_NAME, namespace=config.ray_namespace, num_cpus=0,
+                                max_concurrency=32)
+    if config.detached:
+        opts["lifetime"] = "detached"
+    return opts
+
+
+def instance_actor_names(namespace: str) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == namespace and a["name"].startswith(INSTANCE_PREFIX))
+
+
+def kill_instances(namespace: str) -> None:
+    """Kill every instance actor of ``namespace`` (when their scheduler cannot stop them)."""
+    for name in instance_actor_names(namespace):
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        except ValueError:
+            pass
+
+
+def probe_loads(handles: Sequence["RayInstance"], timeout_s: float) -> tuple[dict[str, EngineLoad], list[str]]:
+    """Poll instances' loads concurrently: (loads of those that answered, ids of those that died)."""
+    refs = {h.actor.load.remote(): h.instance_id for h in handles}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    loads, died = {}, []
+    for ref in ready:
+        try:
+            loads[refs[ref]] = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            if actor_died(exc):
+                died.append(refs[ref])
+    return loads, died

@@ -34,7 +34,8 @@ class SchedulerConfig:
         enable_migration: run migration rounds at all (INFaaS++ baseline: False).
         enable_scaling: run scaling decisions (needs an instance launcher).
         max_migrations_out / max_migrations_in: concurrent migrations per instance.
-        heartbeat_timeout_s: an instance not heard from for this long is dead.
+        heartbeat_timeout_s: an instance not heard from for this long is dead (its
+            requests are resumed elsewhere by recomputation, so keep it short).
         migration_order_timeout_s: forget an ordered migration never reported back.
     """
 
@@ -45,7 +46,7 @@ class SchedulerConfig:
     enable_scaling: bool = False
     max_migrations_out: int = 1
     max_migrations_in: int = 1
-    heartbeat_timeout_s: float = 2.0
+    heartbeat_timeout_s: float = 1.5
     migration_order_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:

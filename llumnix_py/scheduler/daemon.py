@@ -3,6 +3,13 @@
 Each tick: poll every instance's load, collect finished migrations, run a
 migration round (every ``migration_interval_s``), decide scaling, stop drained
 instances and drop dead ones. ``tick`` is public so tests can step it by hand.
+
+The load poll is the heartbeat. Polls run concurrently (once ``start``ed), so one
+unresponsive instance never delays the others. An instance is dead when a call
+says so (``InstanceDiedError``: its process is gone) or when it has not answered
+for ``heartbeat_timeout_s``; it is then fenced (killed, in case it was only
+stuck), removed, and listed in ``membership()["dead"]``, from which frontends
+learn which requests to resume elsewhere.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any, Callable, Optional
 
-from llumnix_py.runtime.base import InstanceHandle, InstanceLauncher
+from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus
@@ -48,6 +57,10 @@ class SchedulerDaemon:
         self._last_round = float("-inf")
         self._routes: dict[str, tuple[str, str]] = {}  # in-flight migration id -> (src, dst)
         self.recent: deque[dict] = deque(maxlen=200)  # the latest migrations, for reports
+        self.dead: deque[str] = deque(maxlen=10_000)  # instances removed as dead, oldest first
+        self.generation = 0  # bumped on every membership change
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._polls: dict[str, Future] = {}  # instance id -> its poll in flight
 
     # ----- lifecycle -----------------------------------------------------------------------
     def launch(self, n: int = 1) -> list[str]:
@@ -62,12 +75,15 @@ class SchedulerDaemon:
         return ids
 
     def add_instance(self, handle: InstanceHandle) -> None:
+        load = handle.load()
         with self._lock:
             self.handles[handle.instance_id] = handle
             self.core.register(handle.instance_id, handle.address, self.clock())
-            self.core.on_load(handle.instance_id, handle.load(), self.clock())
+            self.core.on_load(handle.instance_id, load, self.clock())
+            self.generation += 1
 
     def start(self) -> None:
+        self._pool = ThreadPoolExecutor(16, thread_name_prefix="scheduler-poll")
         self._thread = threading.Thread(target=self._run, name="scheduler-daemon", daemon=True)
         self._thread.start()
 
@@ -75,6 +91,8 @@ class SchedulerDaemon:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if terminate_instances:
             for h in list(self.handles.values()):
                 try:
@@ -94,21 +112,13 @@ class SchedulerDaemon:
 
     # ----- the loop body -------------------------------------------------------------------
     def tick(self, force_round: bool = False) -> None:
-        now = self.clock()
         with self._lock:
             handles = list(self.handles.values())
-        for h in handles:
-            try:
-                load = h.load()
-                results = h.pop_results()
-            except Exception as exc:
-                log.warning("instance %s did not answer: %s", h.instance_id, exc)
-                continue
-            with self._lock:
-                self.core.on_load(h.instance_id, load, now)
-                for r in results:
-                    self._record(r)
+        died = self._poll(handles)
+        now = self.clock()
         with self._lock:
+            for iid in died:
+                self._retire(iid, "dead")
             if force_round or now - self._last_round >= self.config.migration_interval_s:
                 self._last_round = now
                 self._migrate(now)
@@ -117,6 +127,45 @@ class SchedulerDaemon:
                 self._retire(iid, "drained")
             for iid in self.core.dead(now):
                 self._retire(iid, "dead")
+
+    def _poll(self, handles: list[InstanceHandle]) -> list[str]:
+        """Poll loads and migration results (the heartbeat); returns the instances found dead."""
+        if self._pool is None:  # not started: poll in this thread (tests step ``tick`` by hand)
+            done = []
+            for h in handles:
+                fut: Future = Future()
+                try:
+                    fut.set_result(self._poll_one(h))
+                except Exception as exc:
+                    fut.set_exception(exc)
+                done.append((h.instance_id, fut))
+        else:
+            for h in handles:
+                if h.instance_id not in self._polls:  # at most one poll in flight per instance
+                    self._polls[h.instance_id] = self._pool.submit(self._poll_one, h)
+            wait_futures(list(self._polls.values()), timeout=self.config.heartbeat_timeout_s / 2)
+            done = [(iid, f) for iid, f in self._polls.items() if f.done()]
+            for iid, _ in done:
+                del self._polls[iid]
+        died = []
+        for iid, fut in done:
+            exc = fut.exception()
+            if isinstance(exc, InstanceDiedError):
+                log.warning("instance %s died: %s", iid, exc)
+                died.append(iid)
+            elif exc is not None:
+                log.warning("instance %s did not answer: %s", iid, exc)
+            else:
+                load, results = fut.result()
+                with self._lock:
+                    self.core.on_load(iid, load, self.clock())
+                    for r in results:
+                        self._record(r)
+        return died
+
+    @staticmethod
+    def _poll_one(h: InstanceHandle):
+        return h.load(), h.pop_results()
 
     def _migrate(self, now: float) -> None:
         for order in self.core.migration_round(now):
@@ -153,10 +202,21 @@ class SchedulerDaemon:
 
     def _retire(self, iid: str, why: str) -> None:
         handle = self.handles.pop(iid, None)
+        if handle is None and iid not in self.core.instances:
+            return
         self.core.remove(iid)
+        self._polls.pop(iid, None)
+        self.generation += 1
         log.info("instance %s removed (%s)", iid, why)
         if handle is not None and why == "drained":
             self.launcher.terminate(handle)
+        if why == "dead":
+            self.dead.append(iid)
+            if handle is not None:
+                try:
+                    self.launcher.fence(handle)
+                except Exception:
+                    log.exception("fencing %s failed", iid)
 
     # ----- API for frontends ---------------------------------------------------------------
     def dispatch(self, request: RequestView) -> Optional[str]:
@@ -170,6 +230,14 @@ class SchedulerDaemon:
     def instance_ids(self) -> list[str]:
         with self._lock:
             return sorted(self.handles)
+
+    def membership(self) -> dict[str, Any]:
+        """What a frontend needs to survive faults: live instances with their load snapshots
+        (for dispatching on its own while the scheduler is unreachable), instances removed
+        as dead (their requests must be resumed elsewhere), and a generation counter."""
+        with self._lock:
+            return {"generation": self.generation, "instances": sorted(self.handles),
+                    "dead": list(self.dead), "loads": self.core.loads()}
 
     def drain(self, instance_id: str) -> None:
         """Scale in by hand: the instance migrates everything away, then stops."""
@@ -201,4 +269,5 @@ class SchedulerDaemon:
                 "migrations_total": len(self.results),
                 "dispatched": self.core.num_dispatched,
                 "scale_events": list(self.scale_events),
+                "dead_instances": list(self.dead),
             }

@@ -26,6 +26,7 @@ import torch
 
 from llumnix_py.errors import LlumnixError, ProtocolError
 from migration import wire
+from migration.security import SecretArg, SharedSecret, as_secret
 
 DEFAULT_MAX_MESSAGE_BYTES = wire.MAX_PAYLOAD_BYTES
 MAX_HEADER_BYTES = 16 << 20  # a header frame, at most (a Commit of a long sequence is ~1 MiB)
@@ -152,13 +153,15 @@ class MigrationServer(abc.ABC):
 
     Requests are handled one at a time, in arrival order, on the server's own
     thread; the handler's reply goes back to the sender. Bad input of any kind
-    gets an ``ok=False`` reply and never reaches the handler.
+    gets an ``ok=False`` reply and never reaches the handler. With a ``secret``
+    (see ``migration.security``), peers that do not hold it never reach the
+    handler either; servers bound beyond loopback without one log a warning.
     """
 
     name: str
 
     def __init__(self, handler: Handler, *, host: str = "127.0.0.1",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **kw: Any) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, secret: SecretArg = None, **kw: Any) -> None:
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
         if kw:
@@ -166,6 +169,7 @@ class MigrationServer(abc.ABC):
         self.handler = handler
         self.host = host
         self.max_message_bytes = max_message_bytes
+        self.secret: Optional[SharedSecret] = as_secret(secret)
 
     @abc.abstractmethod
     def start(self) -> str:
@@ -181,7 +185,8 @@ class MigrationTransport(abc.ABC):
 
     name: str
 
-    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64, **kw: Any) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64, secret: SecretArg = None,
+                 **kw: Any) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if chunk_blocks <= 0:
@@ -191,6 +196,7 @@ class MigrationTransport(abc.ABC):
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_blocks = chunk_blocks
+        self.secret: Optional[SharedSecret] = as_secret(secret)
 
     @abc.abstractmethod
     def connect(self) -> None:

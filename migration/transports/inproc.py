@@ -4,7 +4,10 @@ The server registers itself under ``inproc://<name>`` in a process-wide table;
 a client calls the server's handler directly on the caller's thread (one call
 at a time per server), after packing the header with msgpack and running the
 full ``process_request`` path, so bad input is rejected exactly as over zmq.
-Payload bytes are copied, as if they had moved.
+Payload bytes are copied, as if they had moved. Nothing leaves the process, so
+a ``secret`` is accepted (same signature as every transport) and checked the
+only way that matters here: a client whose secret differs from the server's
+is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from migration import wire
+from migration.security import SecretArg, SharedSecret
 from migration.transports.base import (DEFAULT_MAX_MESSAGE_BYTES, Handler, MigrationServer, MigrationTransport,
                                        TransportError, check_blocks_args, chunk_bounds, pack, process_request,
                                        reply_from_header, take_seq, unpack_header)
@@ -31,8 +35,9 @@ class InprocMigrationServer(MigrationServer):
     name = "inproc"
 
     def __init__(self, handler: Handler, *, host: str = "127.0.0.1",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, bind: Optional[str] = None) -> None:
-        super().__init__(handler, host=host, max_message_bytes=max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, bind: Optional[str] = None,
+                 secret: SecretArg = None) -> None:
+        super().__init__(handler, host=host, max_message_bytes=max_message_bytes, secret=secret)
         if bind is not None and not bind.startswith(PREFIX):
             raise ValueError(f"inproc address must start with {PREFIX!r}, got {bind!r}")
         self.bind = bind
@@ -70,8 +75,9 @@ class InprocMigrationTransport(MigrationTransport):
 
     name = "inproc"
 
-    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64) -> None:
-        super().__init__(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks)
+    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64,
+                 secret: SecretArg = None) -> None:
+        super().__init__(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks, secret=secret)
         self._connected = False
         self._seq = 0
         self._errors: list[str] = []
@@ -90,6 +96,8 @@ class InprocMigrationTransport(MigrationTransport):
             server = _SERVERS.get(self.address)
         if server is None:
             raise TransportError(f"no migration server at {self.address}")
+        if _mechanism_key(server.secret) != _mechanism_key(self.secret):
+            raise TransportError(f"{self.address} refused the connection: shared secret mismatch")
         self._seq += 1
         frames = [pack({**header, "seq": self._seq})] + ([payload] if payload is not None else [])
         reply = unpack_header(server.deliver(frames, self.timeout_s))
@@ -117,3 +125,7 @@ class InprocMigrationTransport(MigrationTransport):
         errors, self._errors = self._errors, []
         if errors:
             raise TransportError(f"{self.address} rejected {len(errors)} block messages: {errors[0]}")
+
+
+def _mechanism_key(secret: Optional[SharedSecret]) -> Optional[bytes]:
+    return None if secret is None else secret.tag(b"inproc")

@@ -35,6 +35,7 @@ from migration import wire
 from migration.transports.base import (DEFAULT_MAX_MESSAGE_BYTES, Handler, MigrationServer, MigrationTransport,
                                        OutOfBandPayloads, TransportError, check_blocks_args, chunk_bounds,
                                        reply_from_header)
+from migration.security import SecretArg
 from migration.transports.zmq_transport import ZmqMigrationServer, ZmqMigrationTransport
 
 MAX_CONNECTIONS = 64  # per server; the oldest connection is dropped beyond this
@@ -173,6 +174,9 @@ class GlooMigrationServer(MigrationServer):
         timeout_s: how long to wait for a process group to form or a payload to arrive.
         device: where received payloads are allocated (``cpu`` for gloo, a CUDA device for nccl).
         bind: explicit zmq address for the header connection.
+        secret: shared secret for the zmq header connection (``migration.security``). The
+            process group's TCPStore and gloo/NCCL payload links are not authenticated: only a
+            source that passed the zmq handshake learns the per-connection key.
     """
 
     name = "gloo"
@@ -180,12 +184,12 @@ class GlooMigrationServer(MigrationServer):
 
     def __init__(self, handler: Handler, *, host: str = "127.0.0.1",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout_s: float = 5.0,
-                 device: Optional[str] = None, bind: Optional[str] = None) -> None:
-        super().__init__(handler, host=host, max_message_bytes=max_message_bytes)
+                 device: Optional[str] = None, bind: Optional[str] = None, secret: SecretArg = None) -> None:
+        super().__init__(handler, host=host, max_message_bytes=max_message_bytes, secret=secret)
         dev = torch.device(device) if device is not None else self._default_device()
         self._dst = _DestinationSide(self.backend, host, timeout_s, max_message_bytes, dev)
         self._zmq = ZmqMigrationServer(handler, host=host, max_message_bytes=max_message_bytes, bind=bind,
-                                       oob=self._dst)
+                                       oob=self._dst, secret=self.secret)
 
     @staticmethod
     def _default_device() -> torch.device:
@@ -210,9 +214,11 @@ class GlooMigrationTransport(MigrationTransport):
     name = "gloo"
     backend = "gloo"
 
-    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64) -> None:
-        super().__init__(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks)
-        self._ctl = ZmqMigrationTransport(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks)
+    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64,
+                 secret: SecretArg = None) -> None:
+        super().__init__(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks, secret=secret)
+        self._ctl = ZmqMigrationTransport(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks,
+                                          secret=self.secret)
         self._pg: Any = None
         self._conn: Optional[str] = None
         self._store: Any = None

@@ -11,6 +11,9 @@
 queues chunk k+1 or packs its next stage. ``flush`` collects the replies.
 On a timeout the client drops its socket and opens a fresh one, so nothing
 queued before the timeout reaches the destination afterwards.
+
+With ``secret=`` (``migration.security``) both ends authenticate: CURVE keys
+derived from the secret, or an HMAC tag frame in front of every message.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import zmq
 
 from migration import wire
+from migration.security import AuthenticationError, SecretArg, ServerGuard, warn_if_exposed
 from migration.transports.base import (DEFAULT_MAX_MESSAGE_BYTES, MAX_HEADER_BYTES, Handler, MigrationServer,
                                        MigrationTransport, OutOfBandPayloads, TransportError, chunk_bounds,
                                        check_blocks_args, fault, pack, process_request, reply_from_header,
@@ -44,17 +48,20 @@ class ZmqMigrationServer(MigrationServer):
             (``MAXMSGSIZE``, before allocating) and the header check refuses them.
         bind: an explicit address to bind instead (``tcp://...``, ``ipc://...``).
         oob: out-of-band payload hooks (torch.distributed composes this server).
+        secret: shared secret peers must hold (``None``: no authentication, fine on loopback).
     """
 
     name = "zmq"
 
     def __init__(self, handler: Handler, *, host: str = "127.0.0.1",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, bind: Optional[str] = None,
-                 oob: Optional[OutOfBandPayloads] = None) -> None:
-        super().__init__(handler, host=host, max_message_bytes=max_message_bytes)
+                 oob: Optional[OutOfBandPayloads] = None, secret: SecretArg = None) -> None:
+        super().__init__(handler, host=host, max_message_bytes=max_message_bytes, secret=secret)
         self.bind = bind
         self.oob = oob
         self.address: Optional[str] = None
+        self.unauthenticated = 0  # messages dropped for a missing or wrong tag (hmac)
+        self._guard: Optional[ServerGuard] = None
         self._ctx: Optional[zmq.Context] = None
         self._sock: Optional[zmq.Socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -69,12 +76,16 @@ class ZmqMigrationServer(MigrationServer):
         sock.setsockopt(zmq.MAXMSGSIZE, max(self.max_message_bytes, MAX_HEADER_BYTES))
         sock.setsockopt(zmq.SNDHWM, 0)  # replies are small; never drop one
         try:
+            if self.secret is not None:
+                self._guard = self.secret.secure_server(self._ctx, sock)
             sock.bind(self.bind or f"tcp://{self.host}:*")
         except zmq.ZMQError as exc:
             sock.close()
+            self._close_guard()
             self._ctx.term()
             raise TransportError(f"cannot bind {self.bind or self.host}: {exc}") from exc
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        warn_if_exposed(self.address, self.secret, "migration server")
         self._sock = sock
         self._stopping.clear()
         self._thread = threading.Thread(target=self._serve, name=f"zmq-migration-server-{self.address}", daemon=True)
@@ -87,9 +98,20 @@ class ZmqMigrationServer(MigrationServer):
         self._stopping.set()
         self._thread.join()
         self._thread = None
+        self._close_guard()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+    def _close_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
+
+    @property
+    def denied(self) -> int:
+        """Peers or messages refused for lacking the shared secret."""
+        return self.unauthenticated + (self._guard.denied if self._guard is not None else 0)
 
     def _serve(self) -> None:
         sock = self._sock
@@ -102,9 +124,17 @@ class ZmqMigrationServer(MigrationServer):
                     continue
                 frames = sock.recv_multipart(copy=False)
                 identity, body = frames[0].bytes, frames[1:]
+                if self.secret is not None:
+                    try:
+                        body = self.secret.unwrap(body)
+                    except AuthenticationError as exc:
+                        self.unauthenticated += 1  # no reply: an outsider learns nothing
+                        logger.warning("migration server %s: %s", self.address, exc)
+                        continue
                 try:
-                    reply = self._process(body)
-                    sock.send_multipart([identity, pack(reply)])
+                    reply = pack(self._process(body))
+                    out = self.secret.wrap([reply]) if self.secret is not None else [reply]
+                    sock.send_multipart([identity, *out])
                 except Exception:  # keep serving whatever happens to one message
                     logger.exception("migration server %s: failed to answer a request", self.address)
         finally:
@@ -131,8 +161,9 @@ class ZmqMigrationTransport(MigrationTransport):
 
     name = "zmq"
 
-    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64) -> None:
-        super().__init__(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks)
+    def __init__(self, address: str, *, timeout_s: float = 5.0, chunk_blocks: int = 64,
+                 secret: SecretArg = None) -> None:
+        super().__init__(address, timeout_s=timeout_s, chunk_blocks=chunk_blocks, secret=secret)
         self._ctx: Optional[zmq.Context] = None
         self._sock: Optional[zmq.Socket] = None
         self._seq = 0
@@ -155,6 +186,8 @@ class ZmqMigrationTransport(MigrationTransport):
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        if self.secret is not None:
+            self.secret.secure_client(sock)
         sock.connect(self.address)
         self._sock = sock
 
@@ -198,7 +231,8 @@ class ZmqMigrationTransport(MigrationTransport):
                 raise TransportError(f"cannot send to {self.address}: no connection within {self.timeout_s}s")
             if sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
                 try:
-                    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    out = self.secret.wrap(frames) if self.secret is not None else frames
+                    sock.send_multipart(out, flags=zmq.NOBLOCK, copy=False)
                     return
                 except zmq.Again:
                     continue
@@ -211,6 +245,8 @@ class ZmqMigrationTransport(MigrationTransport):
             return None
         frames = sock.recv_multipart()
         try:
+            if self.secret is not None:
+                frames = self.secret.unwrap(frames)
             header = unpack_header(frames[0]) if len(frames) == 1 else None
         except Exception:
             header = None

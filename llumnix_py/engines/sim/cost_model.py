@@ -9,20 +9,26 @@ calibrated instances and a least-squares fit to measured step times.
 
 Units: "GB" is 10**9 bytes throughout (memory capacity, bandwidths, link).
 
-Roofline of one step (tensor parallel over ``num_gpus``, so peak FLOP/s and
-memory bandwidth add up across GPUs and the weights are read once per step)::
+Roofline of one pass over the model (tensor parallel over ``num_gpus``, so peak
+FLOP/s and memory bandwidth add up across GPUs and the weights are read once per
+pass)::
 
-    flops = 2 * params * (prefill_tokens + decode_seqs)           # GEMMs
-          + 4 * layers * hidden * (prefill_ctx + decode_ctx)      # QK^T and AV
-    bytes = weight_bytes + kv_bytes_per_token * (decode_ctx + prefill_tokens)
-    t     = overhead + max(flops / (peak * prefill_efficiency * gpus),
-                           bytes / (bandwidth * bandwidth_efficiency * gpus))
+    flops  = 2 * params * (prefill_tokens + decode_seqs)           # GEMMs
+           + 4 * layers * hidden * (prefill_ctx + decode_ctx)      # QK^T and AV
+    mem_s  = weight_bytes / (bandwidth * bandwidth_efficiency * gpus)
+           + kv_bytes_per_token * (decode_ctx + prefill_tokens)
+             / (bandwidth * attention_bandwidth_efficiency * gpus)
+    pass_s = max(flops / (peak * prefill_efficiency * gpus), mem_s)
+    step   = overhead + per_seq_overhead * decode_seqs + pass_s(...)
 
-A mixed step (prefill and decode in one batch) pays the *max* of compute and
-memory time, not their sum: the weights stream from memory once per step and
-the GEMMs of all tokens overlap with that stream. ``prefill_ctx`` is the
-number of (query, key) pairs of the prefill tokens; see ``causal_context``.
-An empty step costs 0.
+A *fused* mixed step (``fused_mixed_steps=True``: prefill and decode tokens in one
+batch, as chunked-prefill engines run them) is one pass and pays the max of
+compute and memory time: the weights stream once and the GEMMs of all tokens
+overlap with that stream. A *serial* engine (``fused_mixed_steps=False``: vLLM
+up to 0.3 never batches a prompt with decodes; Llumnix's own simulator adds the
+prefill and decode latencies of a step) pays one pass for the prefill tokens plus
+one for the decodes. ``prefill_ctx`` is the number of (query, key) pairs of the
+prefill tokens; see ``causal_context``. An empty step costs 0.
 """
 
 from __future__ import annotations
@@ -136,7 +142,15 @@ class CostProfile:
         mem_reserved_frac: fraction of GPU memory not usable for weights or KV
             (activations, allocator slack, CUDA context), in [0, 1).
         block_size: tokens per KV block.
-        bandwidth_efficiency: fraction of peak memory bandwidth achieved, in (0, 1].
+        bandwidth_efficiency: fraction of peak memory bandwidth achieved streaming
+            the weights, in (0, 1].
+        attention_bandwidth_efficiency: fraction of peak memory bandwidth achieved
+            reading and writing the KV cache (the paged-attention kernel), in
+            (0, 1]; ``None``: same as ``bandwidth_efficiency``.
+        per_seq_overhead_s: CPU cost of each decoding sequence in a step (input
+            preparation, sampling, output processing), seconds.
+        fused_mixed_steps: a step with both prefill and decode work is one pass
+            (max of compute and memory); ``False``: two passes, their times add.
     """
 
     model: ModelSpec
@@ -146,9 +160,16 @@ class CostProfile:
     mem_reserved_frac: float
     block_size: int = 16
     bandwidth_efficiency: float = 1.0
+    attention_bandwidth_efficiency: Optional[float] = None
+    per_seq_overhead_s: float = 0.0
+    fused_mixed_steps: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("prefill_efficiency", "bandwidth_efficiency"):
+        if self.attention_bandwidth_efficiency is None:
+            object.__setattr__(self, "attention_bandwidth_efficiency", self.bandwidth_efficiency)
+        if not math.isfinite(self.per_seq_overhead_s) or self.per_seq_overhead_s < 0:
+            raise ValueError(f"per_seq_overhead_s must be >= 0, got {self.per_seq_overhead_s!r}")
+        for name in ("prefill_efficiency", "bandwidth_efficiency", "attention_bandwidth_efficiency"):
             value = getattr(self, name)
             _check_positive(name, value)
             if value > 1:
@@ -201,6 +222,18 @@ class CostProfile:
     def _bytes_per_s(self) -> float:
         return self.hw.mem_bandwidth_gbps * _GB * self.bandwidth_efficiency * self.hw.num_gpus
 
+    @property
+    def _kv_bytes_per_s(self) -> float:
+        return self.hw.mem_bandwidth_gbps * _GB * self.attention_bandwidth_efficiency * self.hw.num_gpus
+
+    def _pass_time(self, tokens: int, pairs: int, kv_tokens: int) -> float:
+        """One pass over the model: ``tokens`` through the GEMMs, ``pairs`` attention
+        (query, key) pairs, ``kv_tokens`` of KV cache read or written."""
+        m = self.model
+        flops = 2.0 * m.num_params * tokens + 4.0 * m.num_layers * m.hidden_size * pairs
+        mem_s = self.weight_bytes / self._bytes_per_s + self.kv_bytes_per_token * kv_tokens / self._kv_bytes_per_s
+        return max(flops / self._flops_per_s, mem_s)
+
     def step_time(
         self,
         num_prefill_tokens: int,
@@ -230,12 +263,18 @@ class CostProfile:
         _check_count("prefill_context_tokens", prefill_context_tokens)
         if num_prefill_tokens == 0 and num_decode_seqs == 0:
             return 0.0
-        m = self.model
-        flops = 2.0 * m.num_params * (num_prefill_tokens + num_decode_seqs) + 4.0 * m.num_layers * m.hidden_size * (
-            prefill_context_tokens + decode_context_tokens
+        fixed = self.decode_overhead_s + self.per_seq_overhead_s * num_decode_seqs
+        if self.fused_mixed_steps or num_prefill_tokens == 0 or num_decode_seqs == 0:
+            return fixed + self._pass_time(
+                num_prefill_tokens + num_decode_seqs,
+                prefill_context_tokens + decode_context_tokens,
+                decode_context_tokens + num_prefill_tokens,
+            )
+        return (
+            fixed
+            + self._pass_time(num_prefill_tokens, prefill_context_tokens, num_prefill_tokens)
+            + self._pass_time(num_decode_seqs, decode_context_tokens, decode_context_tokens)
         )
-        mem_bytes = self.weight_bytes + self.kv_bytes_per_token * (decode_context_tokens + num_prefill_tokens)
-        return self.decode_overhead_s + max(flops / self._flops_per_s, mem_bytes / self._bytes_per_s)
 
     def migration_time(self, num_blocks: int) -> float:
         """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer)."""

@@ -1,0 +1,39 @@
+"""The soak and serving-overhead benchmarks run end to end (tiny settings) and report what they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_soak_quick_finds_nothing_lost_duplicated_or_leaked(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    proc = _run(["benchmarks/soak.py", "--quick", "--duration", "8", "--rate", "8", "--scale-every", "3",
+                 "--json", str(out), "--no-progress"], timeout=120)
+    assert out.exists(), proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    for key in ("served", "failed", "lost", "duplicated_tokens", "leaked_blocks", "rss_start_mb", "rss_end_mb",
+                "migrations", "scale_events"):
+        assert key in r, key
+    assert r["served"] > 0
+    assert r["scale_events"], "no scale event ran"
+    assert (r["lost"], r["duplicated_tokens"], r["leaked_blocks"], r["mismatched"], r["failed"]) == (0, 0, 0, 0, 0), r
+    assert r["rss_start_mb"] > 0 and r["rss_end_mb"] > 0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_serving_overhead_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    proc = _run(["benchmarks/serving_overhead.py", "--smoke", "--json", str(out)], timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    for key in ("direct_tokens_per_s", "stack_tokens_per_s", "direct_ttft_ms", "stack_ttft_ms"):
+        assert isinstance(r[key], (int, float)) and r[key] > 0, key

@@ -1,0 +1,399 @@
+"""Fault injection in one process (runtime ``local``): instances die, hang, or die mid-migration.
+
+An instance "dies" through ``LocalInstance.crash()``: its llumlet stops abruptly
+(no more steps, tokens or migration messages) and every call to its handle raises
+``InstanceDiedError``, as a killed Ray actor does. Every test checks the three
+promises of issue 7:
+
+- every request either completes with exactly the tokens of a fault-free run
+  (greedy and seeded: float64 model, sampling seeded by (seed, output index)) or
+  ends with an explicit error;
+- no KV block leaks on a surviving instance (and its engine invariants hold);
+- no request is served twice: among the surviving instances, each output position
+  of each request is produced once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import pytest
+
+from llumnix_py.cluster import Cluster, RequestFailedError, RequestHandle
+from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, SchedulerConfig
+from llumnix_py.engines.registry import build_engine
+from llumnix_py.engines.types import FinishReason, Request, SamplingParams
+from llumnix_py.llumlet import Llumlet
+from llumnix_py.runtime.base import InstanceDiedError
+from llumnix_py.runtime.local import LocalInstance
+from llumnix_py.tokens import CallbackSink
+from migration import wire
+from tests.factories import make_engine, run_to_completion
+
+MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
+         ("num_kv_heads", 2), ("dtype", "float64"))
+RESULT_TIMEOUT_S = 120.0
+
+
+def spec(num_blocks: int = 128) -> EngineSpec:
+    return EngineSpec(engine=EngineConfig(num_blocks=num_blocks, max_batch_size=32), model=MODEL)
+
+
+def config(num_instances: int, engine: EngineSpec, *, migration: bool = True, heartbeat_s: float = 1.5,
+           lease_s: float = 30.0) -> ClusterConfig:
+    return ClusterConfig(
+        num_instances=num_instances, runtime="local", engine=engine,
+        scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02, enable_migration=migration,
+                                  heartbeat_timeout_s=heartbeat_s),
+        llumlet=LlumletConfig(instance_id="template", transport="inproc", migration_timeout_s=1.0,
+                              lease_timeout_s=lease_s))
+
+
+def prompts(n: int, base_len: int = 40, step: int = 5) -> list[tuple[int, ...]]:
+    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
+
+
+def samplings(n: int, max_tokens: int) -> list[SamplingParams]:
+    """Alternating greedy and seeded sampling."""
+    return [SamplingParams(max_tokens=max_tokens, ignore_eos=True) if i % 2 == 0 else
+            SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=1000 + i, ignore_eos=True)
+            for i in range(n)]
+
+
+def reference(engine: EngineSpec, ps: Sequence[tuple[int, ...]], sps: Sequence[SamplingParams]) -> list[list[int]]:
+    """The tokens of a fault-free run: one engine, no migration."""
+    big = dataclasses.replace(engine, engine=dataclasses.replace(engine.engine, num_blocks=2048))
+    reqs = [Request(f"ref{i}", p, sp, arrival_time=float(i)) for i, (p, sp) in enumerate(zip(ps, sps))]
+    tokens = run_to_completion(build_engine(big), requests=reqs)
+    return [tokens[f"ref{i}"] for i in range(len(ps))]
+
+
+class Emissions:
+    """Records which instance sent each output position of each request (wraps ``on_outputs``)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.lock = threading.Lock()
+        self.by_position: dict[tuple[str, int], list[str]] = defaultdict(list)
+        inner = cluster.on_outputs
+
+        def record(instance_id, outputs):
+            with self.lock:
+                for o in outputs:
+                    for k in range(len(o.new_token_ids)):
+                        self.by_position[(o.request_id, o.index + k)].append(instance_id)
+            inner(instance_id, outputs)
+
+        cluster.on_outputs = record  # type: ignore[method-assign]
+
+    def assert_served_once(self, dead: set[str]) -> None:
+        with self.lock:
+            assert self.by_position
+            twice = {k: v for k, v in self.by_position.items() if len([i for i in v if i not in dead]) > 1}
+        assert not twice, f"positions produced more than once by live instances: {dict(list(twice.items())[:5])}"
+
+
+@contextlib.contextmanager
+def running(cfg: ClusterConfig) -> Iterator[tuple[Cluster, Emissions, list[LocalInstance]]]:
+    cluster = Cluster.start(cfg)
+    crashed: list[LocalInstance] = []
+    try:
+        yield cluster, Emissions(cluster), crashed
+    finally:
+        cluster.stop()
+        for inst in crashed:
+            inst.stop()  # release a crashed llumlet's threads
+
+
+def local(cluster: Cluster, iid: str) -> LocalInstance:
+    inst = cluster.control.instance(iid)
+    assert isinstance(inst, LocalInstance)
+    return inst
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def assert_no_leak(cluster: Cluster) -> None:
+    """Every surviving instance is empty, its blocks all free (reservations too), engine consistent."""
+    ids = cluster.instance_ids()
+    assert ids
+    for iid in ids:
+        inst = local(cluster, iid)
+        wait_for(lambda: inst.llumlet.load().used_blocks == 0 and inst.llumlet.is_idle(), 30,
+                 f"{iid} to free its blocks")
+        load = inst.load()
+        assert load.used_blocks == 0 and load.reserved_blocks == 0
+        assert not load.running and not load.waiting
+        inst.llumlet.engine.check_invariants()
+
+
+def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
+    assert handles
+    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
+
+
+# ----- an instance dies with requests running -----------------------------------------------------
+
+
+def test_instance_death_resumes_its_requests_with_the_same_tokens():
+    engine = spec(num_blocks=256)
+    n, max_tokens = 12, 120
+    ps, sps = prompts(n), samplings(n, max_tokens)
+    expected = reference(engine, ps, sps)
+    with running(config(3, engine, migration=False)) as (cluster, emitted, crashed):
+        handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+        victim = "instance-001"
+        on_victim = [h for h in handles if h.instance_id == victim]
+        assert len(on_victim) >= 2, [h.instance_id for h in handles]
+        wait_for(lambda: all(len(h.token_ids) >= 5 for h in on_victim), what="tokens from the victim")
+        assert not any(h.finished for h in on_victim)
+        inst = local(cluster, victim)
+        inst.crash()
+        crashed.append(inst)
+        # New requests right after the death: dispatch may still pick the victim; they must not fail.
+        extra = [cluster.submit(ps[i], sps[i]) for i in range(3)]
+        got = wait_all(handles + extra)
+        assert got == expected + expected[:3]
+        wait_for(lambda: victim not in cluster.instance_ids(), what="the victim to be removed")
+        state = cluster.state()
+        assert state["dead_instances"] == [victim]
+        assert state["resumed_requests"] >= len(on_victim)
+        assert state["failed_requests"] == 0
+        for h in on_victim:
+            assert h.resumes >= 1 and h.instances_seen[0] == victim and h.instances_seen[-1] != victim
+        assert all(h.finish_reason == FinishReason.LENGTH and h.error is None for h in handles + extra)
+        assert all(h.instance_id != victim or h.resumes for h in extra)
+        emitted.assert_served_once({victim})
+        assert_no_leak(cluster)
+
+
+def test_a_hung_instance_is_declared_dead_fenced_and_its_requests_resumed():
+    """An instance that stops answering (but whose engine still runs) is removed after the
+    heartbeat timeout and fenced, so its requests never run in two places."""
+    engine = spec(num_blocks=256)
+    n, max_tokens = 8, 200
+    ps, sps = prompts(n), samplings(n, max_tokens)
+    expected = reference(engine, ps, sps)
+    with running(config(2, engine, migration=False, heartbeat_s=0.5)) as (cluster, emitted, crashed):
+        handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+        victim = "instance-000"
+        on_victim = [h for h in handles if h.instance_id == victim]
+        assert on_victim
+        wait_for(lambda: all(h.token_ids for h in on_victim), what="tokens from the victim")
+        inst = local(cluster, victim)
+        crashed.append(inst)
+        hang = threading.Event()
+        original_load = inst.llumlet.load
+
+        def stuck_load():
+            hang.wait(60)  # the RPC never returns; the engine loop goes on
+            return original_load()
+
+        inst.llumlet.load = stuck_load  # type: ignore[method-assign]
+        try:
+            got = wait_all(handles)
+        finally:
+            hang.set()
+        assert got == expected
+        assert inst.llumlet.dead, "the unresponsive instance was not fenced"
+        assert cluster.state()["dead_instances"] == [victim]
+        assert all(h.resumes >= 1 for h in on_victim if h.finish_reason is not None and victim in h.instances_seen
+                   and h.instances_seen[-1] != victim)
+        emitted.assert_served_once({victim})
+        assert_no_leak(cluster)
+
+
+def test_death_of_the_last_instance_ends_requests_with_an_error():
+    engine = spec(num_blocks=128)
+    with running(config(1, engine, migration=False)) as (cluster, _, crashed):
+        handles = [cluster.submit(p, SamplingParams(max_tokens=300, ignore_eos=True)) for p in prompts(3)]
+        wait_for(lambda: all(h.token_ids for h in handles), what="first tokens")
+        inst = local(cluster, "instance-000")
+        inst.crash()
+        crashed.append(inst)
+        for h in handles:
+            events = list(h.events(timeout=RESULT_TIMEOUT_S))
+            assert events[-1].finished and events[-1].error and "no other instance" in events[-1].error
+            assert h.finish_reason == FinishReason.ABORT and h.error == events[-1].error
+            with pytest.raises(RequestFailedError, match="no other instance"):
+                h.result(timeout=RESULT_TIMEOUT_S)
+        assert cluster.active_requests() == []
+        assert cluster.state()["failed_requests"] == 3
+        with pytest.raises(Exception):
+            cluster.submit(prompts(1)[0], SamplingParams(max_tokens=4))
+
+
+# ----- an instance dies in the middle of a migration ----------------------------------------------
+
+STAGES = {"prealloc": wire.PreAlloc, "blocks": wire.Blocks, "commit": wire.Commit}
+
+
+@pytest.mark.parametrize("victim_side,stage,when", [
+    ("dst", "prealloc", "before"), ("dst", "blocks", "before"), ("dst", "commit", "before"),
+    ("dst", "commit", "after"),
+    ("src", "prealloc", "after"), ("src", "blocks", "after"), ("src", "commit", "after"),
+])
+def test_death_during_a_migration(monkeypatch, victim_side, stage, when):
+    """One loaded instance, two empty ones join: the first migration (always out of the loaded
+    instance) loses its source or its destination when the destination sees ``stage``
+    (``before`` handling it, or ``after``: the message took effect, the reply is lost)."""
+    engine = spec(num_blocks=96)
+    n, max_tokens = 8, 120
+    ps, sps = prompts(n), samplings(n, max_tokens)
+    expected = reference(engine, ps, sps)
+    cfg = config(1, engine)
+    fired = threading.Event()
+    victims: list[str] = []
+    lock = threading.Lock()
+    original = Llumlet._handle_migration_message
+    cluster_box: dict[str, Cluster] = {}
+
+    def hooked(self, msg, payload):
+        with lock:
+            go = not fired.is_set() and isinstance(msg, STAGES[stage])
+            if go:
+                fired.set()
+        if not go:
+            return original(self, msg, payload)
+        src = local(cluster_box["c"], "instance-000")
+        victim = self if victim_side == "dst" else src.llumlet
+        victims.append(victim.instance_id)
+        if when == "before":
+            victim.crash()
+            return original(self, msg, payload)
+        reply = original(self, msg, payload)
+        victim.crash()
+        return reply
+
+    monkeypatch.setattr(Llumlet, "_handle_migration_message", hooked)
+    with running(cfg) as (cluster, emitted, crashed):
+        cluster_box["c"] = cluster
+        handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+        src = local(cluster, "instance-000")
+        cluster.control.daemon.launch(2)
+        joined = [local(cluster, i) for i in ("instance-001", "instance-002")]
+        wait_for(fired.is_set, 60, f"a migration to reach {stage}")
+        crashed.extend(i for i in [src] + joined if i.instance_id in victims)
+        got = wait_all(handles)
+        assert got == expected
+        (victim,) = victims
+        wait_for(lambda: victim not in cluster.instance_ids(), what="the victim to be removed")
+        assert cluster.state()["dead_instances"] == [victim]
+        if victim_side == "src":
+            assert cluster.state()["resumed_requests"] > 0
+        emitted.assert_served_once({victim})
+        assert_no_leak(cluster)  # a surviving destination freed the dead source's reservation
+
+
+def test_resume_frees_a_reservation_left_by_the_dead_source():
+    """The dead source had pre-allocated blocks for the same request on the instance that
+    resumes it: the reservation goes when the request is resumed there, nothing leaks."""
+    rec = []
+    dst = Llumlet(LlumletConfig(instance_id="d", transport="inproc", migration_timeout_s=60.0),
+                  make_engine(dtype="float64", num_blocks=64), CallbackSink(lambda i, rt, outs: rec.extend(outs)))
+    dst.start()
+    try:
+        reply = dst._handle_migration_message(wire.PreAlloc("m1", "r1", 4), None)
+        assert reply["ok"] and dst.load().used_blocks == 4
+        from llumnix_py.engines.types import MigrationRequestState, SeqStatus
+
+        sp = SamplingParams(max_tokens=10, ignore_eos=True)
+        state = MigrationRequestState("r1", tuple(range(3, 40)), (7, 8), sp, 0, 0.0, 0, SeqStatus.WAITING, 0, "x")
+        assert dst.resume_request(state) is True
+        assert dst.resume_request(state) is False  # already here
+        wait_for(dst.is_idle, what="the resumed request to finish")
+        assert [o.index for o in rec if o.request_id == "r1"] == list(range(2, 10))
+        assert dst.load().used_blocks == 0 and not dst.dest.incoming
+        dst.engine.check_invariants()
+    finally:
+        dst.stop()
+
+
+# ----- the frontend dies: leases --------------------------------------------------------------------
+
+
+def test_llumlet_aborts_requests_of_a_frontend_whose_lease_lapsed():
+    outs: list = []
+    llumlet = Llumlet(LlumletConfig(instance_id="a", transport="inproc", lease_timeout_s=0.3),
+                      make_engine(dtype="float64", num_blocks=128),
+                      CallbackSink(lambda iid, rt, o: outs.extend((rt, x) for x in o)))
+    llumlet.start()
+    try:
+        sp = SamplingParams(max_tokens=100, ignore_eos=True)
+        long_sp = SamplingParams(max_tokens=400, ignore_eos=True)
+        llumlet.add_request(Request("gone", tuple(range(3, 30)), long_sp, reply_to="tcp://gone"))
+        llumlet.add_request(Request("alive", tuple(range(3, 30)), long_sp, reply_to="tcp://alive"))
+        llumlet.add_request(Request("nobody", tuple(range(3, 30)), sp, reply_to=""))  # no frontend: no lease
+        stop = threading.Event()
+
+        def renew():
+            while not stop.is_set():
+                llumlet.renew_lease("tcp://alive")
+                stop.wait(0.05)
+
+        t = threading.Thread(target=renew, daemon=True)
+        t.start()
+        try:
+            wait_for(lambda: llumlet.stats.lease_aborts == 1, 30, "the lapsed lease to abort its request")
+            assert llumlet.held(["gone", "alive"]) == ["alive"]
+            aborts = [(rt, o) for rt, o in outs if o.finish_reason == FinishReason.ABORT]
+            assert [(rt, o.request_id) for rt, o in aborts] == [("tcp://gone", "gone")]
+            wait_for(llumlet.is_idle, 60, "the renewed request to finish")
+        finally:
+            stop.set()
+            t.join()
+        finished = {o.request_id: o.finish_reason for _, o in outs if o.finish_reason is not None}
+        assert finished == {"gone": FinishReason.ABORT, "alive": FinishReason.LENGTH, "nobody": FinishReason.LENGTH}
+        assert llumlet.load().used_blocks == 0
+        llumlet.engine.check_invariants()
+    finally:
+        llumlet.stop()
+
+
+def test_a_dead_frontend_does_not_keep_instances_generating():
+    engine = spec(num_blocks=1024)
+    max_tokens = 3000  # far more than the test lasts
+    with running(config(2, engine, migration=False, lease_s=0.5)) as (cluster, _, _crashed):
+        handles = [cluster.submit(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in prompts(4)]
+        wait_for(lambda: all(h.token_ids for h in handles), what="first tokens")
+        time.sleep(0.8)  # longer than the lease: renewals keep the requests alive
+        assert not any(h.finished for h in handles)
+        cluster.stop_supervisor()  # the frontend "dies": no more renewals
+        for iid in cluster.instance_ids():
+            inst = local(cluster, iid)
+            wait_for(lambda: inst.llumlet.is_idle(), 30, f"{iid} to drop the dead frontend's requests")
+        assert sum(local(cluster, i).stats()["lease_aborts"] for i in cluster.instance_ids()) == 4
+        assert all(h.finish_reason == FinishReason.ABORT for h in handles)
+        assert all(len(h.token_ids) < max_tokens for h in handles)
+        assert_no_leak(cluster)
+
+
+def test_client_abort_mid_stream_frees_blocks_everywhere():
+    engine = spec(num_blocks=128)
+    with running(config(2, engine)) as (cluster, _, _crashed):
+        h = cluster.submit(prompts(1)[0], SamplingParams(max_tokens=400, ignore_eos=True))
+        wait_for(lambda: len(h.token_ids) >= 3, what="first tokens")
+        cluster.abort(h.request_id)
+        assert h.finish_reason == FinishReason.ABORT and h.error is None
+        assert_no_leak(cluster)
+
+
+def test_a_dead_handle_raises_instance_died():
+    engine = spec(num_blocks=64)
+    with running(config(1, engine, migration=False)) as (cluster, _, crashed):
+        inst = local(cluster, "instance-000")
+        inst.crash()
+        crashed.append(inst)
+        with pytest.raises(InstanceDiedError):
+            inst.load()
+        wait_for(lambda: cluster.instance_ids() == [], what="the dead instance to be removed")
+        assert cluster.state()["dead_instances"] == ["instance-000"]
