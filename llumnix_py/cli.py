@@ -89,16 +89,20 @@ def _wait_forever() -> None:
     stop.wait()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from llumnix_py.cluster import Cluster
+def _serve_api(cluster, args: argparse.Namespace) -> int:
     from llumnix_py.server.app import create_app, serve
 
-    cluster = Cluster.start(cluster_config(args))
     try:
         serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
     finally:
         cluster.stop()
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llumnix_py.cluster import Cluster
+
+    return _serve_api(Cluster.start(cluster_config(args)), args)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -123,14 +127,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 def cmd_frontend(args: argparse.Namespace) -> int:
     from llumnix_py.cluster import Cluster
-    from llumnix_py.server.app import create_app, serve
 
-    cluster = Cluster.attach(cluster_config(args))
-    try:
-        serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
-    finally:
-        cluster.stop()
-    return 0
+    return _serve_api(Cluster.attach(cluster_config(args)), args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
