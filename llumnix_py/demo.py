@@ -93,7 +93,8 @@ def run_demo(instances: int = 4, requests: int = 32, runtime: str = "ray", seed:
         scheduler=SchedulerConfig(poll_interval_s=0.05, migration_interval_s=0.1),
     )
     console.rule("[bold]llumnix-py demo")
-    console.print(f"starting a local {runtime} cluster with 1 built-in engine instance ...")
+    where = "Ray cluster" if runtime == "ray" else "in-process cluster"
+    console.print(f"starting a local {where} with 1 built-in engine instance ...")
     kw = {"_temp_dir": tempfile.mkdtemp(prefix="llumnix-ray-")} if runtime == "ray" else {}
     t0 = time.perf_counter()
     cluster = Cluster.start(config, **kw)
@@ -111,7 +112,7 @@ def run_demo(instances: int = 4, requests: int = 32, runtime: str = "ray", seed:
                     colour = "green" if m["status"] == "finished" else "yellow"
                     console.print(f"  [{colour}]migration[/] {m['request_id']}: {m['src']} -> {m['dst']} "
                                   f"{m['status']}, {m['stages']} stages, {m['blocks']} blocks, "
-                                  f"downtime {m['downtime_ms']:.2f} ms (total {m['total_ms']:.1f} ms)")
+                                  f"downtime {m['downtime_ms']:.2f} ms (total {m['total_ms']:.1f} ms)", soft_wrap=True)
             stop.wait(0.2)
 
     results: list[dict] = []
@@ -140,7 +141,8 @@ def run_demo(instances: int = 4, requests: int = 32, runtime: str = "ray", seed:
         _summary(results, final)
         complete = all(r["tokens"] == r["max_tokens"] for r in results)
         leaked = sum(i["used_blocks"] for i in final["instances"])
-        console.print(f"all {len(results)} streams complete: {complete}; KV blocks still in use: {leaked}")
+        console.print(f"all {len(results)} streams complete: {complete}; KV blocks still in use: {leaked}",
+                      soft_wrap=True)
         return 0 if complete and leaked == 0 else 1
     finally:
         stop.set()

@@ -1,0 +1,94 @@
+"""The command line: `llumnix-py serve` end to end, and `llumnix-py bench` against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from llumnix_py.cli import build_parser, cluster_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flags_build_a_validated_config():
+    args = build_parser().parse_args(["serve", "--instances", "3", "--runtime", "local", "--dispatch", "load",
+                                      "--no-migration", "--headroom", "1:64", "--transport", "gloo",
+                                      "--migration-mode", "blocking", "--num-blocks", "128"])
+    cfg = cluster_config(args)
+    assert cfg.num_instances == 3 and cfg.runtime == "local"
+    assert cfg.scheduler.policy.dispatch == "load" and not cfg.scheduler.enable_migration
+    assert cfg.scheduler.policy.headroom_blocks == ((1, 64),)
+    assert cfg.llumlet.transport == "gloo" and cfg.llumlet.migration.mode.value == "blocking"
+    assert cfg.engine.engine.num_blocks == 128
+
+
+def test_unknown_policy_name_is_an_error():
+    args = build_parser().parse_args(["serve", "--dispatch", "nope"])
+    with pytest.raises(KeyError):
+        cluster_config(args)
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llumnix_py.cli", "serve", "--runtime", "local", "--instances", "2",
+         "--num-blocks", "128", "--port", str(port), "--api-key", "sekret"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise AssertionError("server did not come up")
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_serve_answers_the_openai_client(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="sekret", max_retries=0)
+    out = client.completions.create(model="llumnix-tiny", prompt="hello", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 8
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_bench_against_serve(server, tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "llumnix_py.cli", "bench", "--url", server, "--num-requests", "6", "--rate", "20",
+         "--prompt-len", "zipf:16", "--output-len", "8", "--api-key", "sekret", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["succeeded"] == 6 and summary["failed"] == 0
+    for key in ("ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms", "e2e_mean_ms", "e2e_p99_ms"):
+        assert summary[key] >= 0
+    assert "TTFT" in res.stdout
