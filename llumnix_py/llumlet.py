@@ -24,6 +24,7 @@ from its prompt and the tokens already delivered, at the right output index).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -33,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from llumnix_py.engines.base import EngineAdapter
-from llumnix_py.engines.types import (EngineLoad, FinishReason, MigrationRequestState, Request, RequestOutput,
-                                      SeqStatus, StepOutput)
+from llumnix_py.engines.types import (EngineLoad, FinishReason, MigrationRequestState, Request, RequestLoad,
+                                      RequestOutput, SeqStatus, StepOutput)
 from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
 from migration import wire
 from migration.destination import DestinationMigrations
@@ -183,6 +184,11 @@ class Llumlet:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reply_to: dict[str, str] = {}
+        # New requests wait here (validated) until the engine loop's next iteration, so a
+        # burst arriving during a step is admitted together and callers never wait for a step.
+        self._inbox: deque[Request] = deque()
+        self._inbox_lock = threading.Lock()
+        self._snapshot: Optional[EngineLoad] = None  # the load after the latest step
         self._leases: dict[str, float] = {}  # reply_to -> last renewal (or first request)
         self._dead = False
         self._tombstones: "OrderedDict[str, float]" = OrderedDict()
@@ -237,10 +243,45 @@ class Llumlet:
 
     # ----- serving -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        with self._locked():
-            self.engine.add_request(request)
-            self._track(request.request_id, request.reply_to)
+        """Queue a request for the next iteration. Raises ``InvalidRequestError`` now for a
+        request the engine can never run or an id already in use here."""
+        self.engine.check_request(request)
+        with self._inbox_lock:
+            rid = request.request_id
+            if rid in self._reply_to or any(r.request_id == rid for r in self._inbox):
+                raise InvalidRequestError(f"request {rid} already exists on this instance")
+            self._inbox.append(request)
         self._wake.set()
+
+    def _admit_inbox(self) -> dict[str, list[RequestOutput]]:
+        """Move queued requests into the engine (engine lock held); error outputs for any
+        that it refuses after all (a race with a migration bringing the same id in)."""
+        with self._inbox_lock:
+            batch = list(self._inbox)
+            self._inbox.clear()
+        refused: dict[str, list[RequestOutput]] = {}
+        for request in batch:
+            try:
+                self.engine.add_request(request)
+            except LlumnixError as exc:
+                log.warning("request %s refused: %s", request.request_id, exc)
+                refused.setdefault(request.reply_to, []).append(
+                    RequestOutput(request.request_id, (), 0, FinishReason.ABORT))
+                continue
+            self._track(request.request_id, request.reply_to)
+        return refused
+
+    def _in_inbox(self, request_id: str) -> bool:
+        with self._inbox_lock:
+            return any(r.request_id == request_id for r in self._inbox)
+
+    def _drop_from_inbox(self, request_id: str) -> bool:
+        with self._inbox_lock:
+            for r in self._inbox:
+                if r.request_id == request_id:
+                    self._inbox.remove(r)
+                    return True
+        return False
 
     def resume_request(self, state: MigrationRequestState) -> bool:
         """Continue a request whose instance died: it joins the waiting queue with its
@@ -271,7 +312,7 @@ class Llumlet:
     def held(self, request_ids: Sequence[str]) -> list[str]:
         """Those of ``request_ids`` that are here (running, waiting, or migrating out)."""
         with self._locked():
-            return [r for r in request_ids if r in self._reply_to]
+            return [r for r in request_ids if r in self._reply_to or self._in_inbox(r)]
 
     def renew_lease(self, reply_to: str) -> None:
         """The frontend at ``reply_to`` is alive; its requests keep running."""
@@ -322,6 +363,8 @@ class Llumlet:
         """Abort wherever the request is here; True if it was here. Remembered for a while."""
         with self._locked():
             self._remember_abort(request_id)
+            if self._drop_from_inbox(request_id):
+                return True
             if request_id in self._outgoing:
                 return True  # aborted when its migration ends (see _after_migration)
             try:
@@ -332,18 +375,39 @@ class Llumlet:
             return True
 
     def load(self) -> EngineLoad:
-        with self._locked():
-            return self.engine.load()
+        """A fresh snapshot when the engine is between steps, else the one taken after the
+        latest step: a poll (the scheduler's heartbeat) never waits for a long step."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._snapshot = self.engine.load()
+            finally:
+                self._lock.release()
+        if self._snapshot is None:
+            with self._locked():
+                self._snapshot = self.engine.load()
+        return self._with_inbox(self._snapshot)
+
+    def _with_inbox(self, load: EngineLoad) -> EngineLoad:
+        """Requests accepted but not yet admitted count as waiting (the dispatcher's view)."""
+        with self._inbox_lock:
+            queued = list(self._inbox)
+        if not queued:
+            return load
+        bs = load.block_size
+        extra = tuple(RequestLoad(r.request_id, 0, -(-len(r.prompt_token_ids) // bs), len(r.prompt_token_ids), 0,
+                                  r.priority, r.arrival_time, 0) for r in queued)
+        return dataclasses.replace(load, waiting=load.waiting + extra)
 
     def has_request(self, request_id: str) -> bool:
         with self._locked():
-            return request_id in self._reply_to
+            return request_id in self._reply_to or self._in_inbox(request_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             out: Optional[StepOutput] = None
             groups: dict[str, list[RequestOutput]] = {}
             with self._lock:
+                refused = self._admit_inbox() if self._inbox else {}
                 if self.engine.has_unfinished():
                     out = self.engine.step()
                     # Resolve destinations under the same lock as the step: once it is released a
@@ -352,7 +416,8 @@ class Llumlet:
                 now = self.clock()
                 self.dest.expire(now)
                 lapsed = self._expire_leases(now)
-            for target, outs in lapsed.items():
+                self._snapshot = self.engine.load()
+            for target, outs in list(lapsed.items()) + list(refused.items()):
                 if not self._dead:
                     self.sink.emit(self.instance_id, target, outs)
             if out is None:

@@ -36,6 +36,10 @@ class EngineAdapter(abc.ABC):
         """Queue a request. Raises ``InvalidRequestError`` when it can never run
         (prompt longer than the model context, a token id outside the vocabulary...)."""
 
+    def check_request(self, request: Request) -> None:
+        """Raise ``InvalidRequestError`` if ``request`` can never run here. Must be safe to
+        call from any thread, beside a running step (it reads only configuration)."""
+
     @abc.abstractmethod
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free its blocks. Raises ``UnknownRequestError``."""

@@ -101,6 +101,9 @@ class EngineCore(EngineAdapter):
         self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
 
+    def check_request(self, request: Request) -> None:
+        self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), request.request_id)
+
     def _validate_tokens(self, token_ids: Seq[int], prompt_len: int, rid: str, ints_checked: bool = False) -> None:
         """Range, context and pool checks. ``ints_checked``: the ids are known to be plain ints
         (a validated migration state), so a C-speed min/max replaces the per-token type check."""
