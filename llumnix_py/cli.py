@@ -53,6 +53,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--migration-stages", type=int, default=3)
     g.add_argument("--last-stage-blocks", type=int, default=16)
     g.add_argument("--migration-mode", default="live", choices=["live", "blocking", "recompute"])
+    g.add_argument("--secret-file", default=None,
+                   help="file holding a shared secret for internal ZeroMQ sockets (needed off loopback)")
 
 
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
@@ -73,7 +75,18 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                                         last_stage_max_blocks=args.last_stage_blocks,
                                                         mode=args.migration_mode)),
         runtime=args.runtime, ray_address=args.ray_address, ray_namespace=args.namespace, detached=detached,
-        model_name=args.model_name, host=args.host if hasattr(args, "host") else "127.0.0.1")
+        model_name=args.model_name, host=args.host if hasattr(args, "host") else "127.0.0.1",
+        secret=_read_secret(args.secret_file))
+
+
+def _read_secret(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    with open(path) as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:

@@ -274,7 +274,8 @@ class Cluster:
     @classmethod
     def _with_receiver(cls, config, control, tokenizer, max_len) -> "Cluster":
         holder: dict[str, Cluster] = {}
-        receiver = TokenReceiver(lambda iid, outs: holder["c"].on_outputs(iid, outs), host=config.host)
+        receiver = TokenReceiver(lambda iid, outs: holder["c"].on_outputs(iid, outs), host=config.host,
+                                 secret=config.secret)
         receiver.start()
         cluster = cls(config, control, tokenizer, max_len, receiver)
         holder["c"] = cluster

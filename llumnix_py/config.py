@@ -5,6 +5,7 @@ Built from CLI flags (``llumnix_py.cli``) or code; no module reads the environme
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -35,6 +36,8 @@ class ClusterConfig:
         model_name: the name the OpenAI API reports.
         host: address listeners bind (token receiver); loopback unless told otherwise.
         seed: seeds dispatch's random choices.
+        secret: shared secret for the internal ZeroMQ sockets (migrations, tokens); required
+            in practice when ``host`` is not loopback. Given to every llumlet.
     """
 
     num_instances: int = 2
@@ -48,6 +51,7 @@ class ClusterConfig:
     model_name: str = "llumnix-tiny"
     host: str = "127.0.0.1"
     seed: int = 0
+    secret: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:
@@ -56,3 +60,5 @@ class ClusterConfig:
             raise ValueError(f"runtime must be 'ray' or 'local', got {self.runtime!r}")
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
+        if self.secret is not None and self.llumlet.secret is None:
+            object.__setattr__(self, "llumlet", dataclasses.replace(self.llumlet, secret=self.secret))

@@ -70,6 +70,8 @@ class LlumletConfig:
         migration_timeout_s: transport timeout; a silent source's reservation is freed after it.
         chunk_blocks: blocks per KV message (pipelining granularity).
         idle_wait_s: engine loop sleep when there is nothing to run.
+        secret: shared secret that migration connections must present (CURVE or HMAC,
+            ``migration.security``); needed when ``host`` is not loopback.
         lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
             renewed its lease for this long (the first request of an address starts
             its lease); None never expires leases.
@@ -82,9 +84,10 @@ class LlumletConfig:
     max_outgoing: int = 1
     max_incoming: int = 1
     migration_timeout_s: float = 10.0
-    chunk_blocks: int = 64
+    chunk_blocks: int = 256
     idle_wait_s: float = 0.01
     lease_timeout_s: Optional[float] = 30.0
+    secret: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -203,7 +206,7 @@ class Llumlet:
     def start(self) -> str:
         """Start the migration server and the engine loop; returns the migration address."""
         server_cls, _ = get_transport(self.config.transport)
-        self._server = server_cls(self._handle_migration_message, host=self.config.host)
+        self._server = server_cls(self._handle_migration_message, host=self.config.host, secret=self.config.secret)
         self.address = self._server.start()
         self._pool = ThreadPoolExecutor(self.config.max_outgoing, thread_name_prefix=f"mig-{self.instance_id}")
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.instance_id}", daemon=True)
@@ -502,7 +505,7 @@ class Llumlet:
         t = self._transports.get(address)
         if t is None:
             _, transport_cls = get_transport(self.config.transport)
-            t = transport_cls(address, timeout_s=self.config.migration_timeout_s,
+            t = transport_cls(address, timeout_s=self.config.migration_timeout_s, secret=self.config.secret,
                               chunk_blocks=self.config.chunk_blocks)
             t.connect()
             self._transports[address] = t

@@ -169,3 +169,29 @@ def test_migrate_out_refuses_unknown_or_busy_requests():
         assert a.load().used_blocks == 0
     finally:
         a.stop()
+
+
+def test_migration_between_llumlets_needs_the_shared_secret():
+    rec = Recorder()
+
+    def llumlet(name, secret):
+        cfg = LlumletConfig(instance_id=name, transport="zmq", secret=secret, migration_timeout_s=1.0)
+        return Llumlet(cfg, make_engine(dtype="float64", num_blocks=64, max_batch_size=8), CallbackSink(rec))
+
+    a, b, c = llumlet("a", "s3cret"), llumlet("b", "s3cret"), llumlet("c", "other")
+    for x in (a, b, c):
+        x.start()
+    try:
+        a.add_request(request("r5", max_tokens=200))
+        while not a.load().running:
+            time.sleep(0.005)
+        refused = a.migrate_now("r5", c.address, "m-wrong-secret")
+        assert refused.status == MigrationStatus.ABORTED_DST
+        assert c.load().used_blocks == 0 and not c.engine.seqs
+        moved = a.migrate_now("r5", b.address, "m-secret")
+        assert moved.status == MigrationStatus.FINISHED, moved.reason
+        rec.wait(["r5"])
+        assert rec.tokens["r5"] == reference_tokens(["r5"], max_tokens=200)["r5"]
+    finally:
+        for x in (a, b, c):
+            x.stop()

@@ -57,7 +57,7 @@ class LlumletActor:
 
     def start(self, instance_id: str) -> str:
         cfg = dataclasses.replace(self._llumlet_cfg, instance_id=instance_id)
-        self.llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink())
+        self.llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
         return self.llumlet.start()
 
     def address(self) -> str:
