@@ -182,16 +182,16 @@ def test_migration_between_llumlets_needs_the_shared_secret():
     for x in (a, b, c):
         x.start()
     try:
-        a.add_request(request("r5", max_tokens=200))
+        a.add_request(request("r5", max_tokens=450))
         while not a.load().running:
             time.sleep(0.005)
-        refused = a.migrate_now("r5", c.address, "m-wrong-secret")
-        assert refused.status == MigrationStatus.ABORTED_DST
-        assert c.load().used_blocks == 0 and not c.engine.seqs
         moved = a.migrate_now("r5", b.address, "m-secret")
         assert moved.status == MigrationStatus.FINISHED, moved.reason
+        refused = b.migrate_now("r5", c.address, "m-wrong-secret")
+        assert refused.status == MigrationStatus.ABORTED_DST
+        assert c.load().used_blocks == 0 and not c.engine.seqs
         rec.wait(["r5"])
-        assert rec.tokens["r5"] == reference_tokens(["r5"], max_tokens=200)["r5"]
+        assert rec.tokens["r5"] == reference_tokens(["r5"], max_tokens=450)["r5"]
     finally:
         for x in (a, b, c):
             x.stop()
