@@ -397,3 +397,45 @@ def test_a_dead_handle_raises_instance_died():
             inst.load()
         wait_for(lambda: cluster.instance_ids() == [], what="the dead instance to be removed")
         assert cluster.state()["dead_instances"] == ["instance-000"]
+
+
+# ----- what an HTTP client sees when its request cannot be continued ---------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_http_client_gets_an_error_when_the_last_instance_dies(stream):
+    import httpx
+
+    from llumnix_py.server.app import ServerThread, create_app
+
+    engine = spec(num_blocks=128)
+    with running(config(1, engine, migration=False)) as (cluster, _, crashed):
+        with ServerThread(create_app(cluster)) as srv:
+            body = {"model": cluster.model_name, "prompt": list(range(5, 45)), "max_tokens": 400,
+                    "ignore_eos": True, "stream": stream}
+            with httpx.Client(timeout=RESULT_TIMEOUT_S) as client:
+                if stream:
+                    with client.stream("POST", srv.url + "/v1/completions", json=body) as r:
+                        lines = r.iter_lines()
+                        first = next(line for line in lines if line.startswith("data: "))
+                        assert "choices" in first
+                        inst = local(cluster, "instance-000")
+                        inst.crash()
+                        crashed.append(inst)
+                        rest = [line for line in lines if line.startswith("data: ")]
+                    errors = [line for line in rest if '"error"' in line]
+                    assert errors and '"instance_failed"' in errors[0], rest[-3:]
+                    assert rest[-1] == "data: [DONE]"
+                else:
+                    def kill_soon():
+                        wait_for(lambda: bool(cluster.active_requests()), what="request accepted")
+                        time.sleep(0.3)
+                        inst = local(cluster, "instance-000")
+                        inst.crash()
+                        crashed.append(inst)
+
+                    killer = threading.Thread(target=kill_soon)
+                    killer.start()
+                    r = client.post(srv.url + "/v1/completions", json=body)
+                    killer.join()
+                    assert r.status_code == 503, r.text
+                    assert r.json()["error"]["code"] == "instance_failed"

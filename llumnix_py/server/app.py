@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from llumnix_py.cluster import Cluster, NoInstanceError
+from llumnix_py.cluster import Cluster, NoInstanceError, RequestFailedError
 from llumnix_py.engines.types import SamplingParams
 from llumnix_py.errors import InvalidRequestError
 from llumnix_py.server import protocol as P
@@ -232,6 +232,10 @@ class _Frontend:
             if fmt.include_usage:
                 yield _sse(fmt.usage_chunk(gen.usage()))
             yield _sse("[DONE]")
+        except RequestFailedError as exc:  # its instance died and no other could continue it
+            yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None,
+                                  "code": "instance_failed"}})
+            yield _sse("[DONE]")
         except Exception as exc:  # headers are sent: report in-band, then end the stream
             log.exception("stream %s failed", gen.request_id)
             gen.close("error")
@@ -259,6 +263,8 @@ class _Frontend:
                                                "param": None, "code": "client_disconnected"}}, status_code=400)
             try:
                 text, ids = work.result()
+            except RequestFailedError as exc:
+                raise APIError(503, str(exc), type="server_error", code="instance_failed") from None
             except Exception:
                 log.exception("request %s failed", gen.request_id)
                 gen.close("error")

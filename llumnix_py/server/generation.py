@@ -19,7 +19,7 @@ from typing import AsyncIterator, Optional
 
 from pydantic import BaseModel
 
-from llumnix_py.cluster import Cluster, RequestHandle
+from llumnix_py.cluster import Cluster, RequestFailedError, RequestHandle
 from llumnix_py.engines.torch_engine.tokenizer import IncrementalDecoder
 from llumnix_py.engines.types import FinishReason
 from llumnix_py.errors import UnknownRequestError
@@ -68,6 +68,9 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[Delta]:
         async for ev in self.handle:
+            if ev.error is not None:  # its instance died and no other could continue it
+                self._end("error", abort=False)
+                raise RequestFailedError(ev.error)
             ids = list(ev.token_ids)
             self.num_generated += len(ids)
             done = ev.finish_reason is not None
@@ -109,7 +112,7 @@ class Generation:
         first = h.first_token_at
         ttft = None if first is None else first - h.submitted_at
         tpot = (end - first) / (self.num_generated - 1) if first is not None and self.num_generated > 1 else None
-        status = "aborted" if reason == "abort" else "finished"
+        status = {"abort": "aborted", "error": "error"}.get(reason, "finished")
         self.metrics.record_request(status, self.prompt_len, self.num_generated, ttft, tpot, end - h.submitted_at)
 
     def close(self, status: str = "aborted") -> None:
