@@ -84,8 +84,8 @@ class Pair:
             w.close()
 
 
-def measure_length(pair: Pair, length: int, live_repeats: int, cfg: dict) -> dict:
-    rid = f"seq{length}"
+def measure_length(pair: Pair, length: int, live_repeats: int, cfg: dict, tag: str = "seq") -> dict:
+    rid = f"{tag}{length}"
     pair.w["A"].call("add", requests=[_request(rid, length, MAX_POS - length - 8, salt=length)])
     pair.wait("A", rid, 2)
     where = "A"
@@ -176,9 +176,11 @@ def run(lengths: list[int], transport: str, chunk_blocks: int, quick: bool, cons
         task = progress.add_task("starting workers", total=len(lengths) + 2)
         pair = Pair(transport, chunk_blocks)
         try:
+            progress.update(task, description="warm-up")
+            measure_length(pair, min(lengths), 1, cfg, tag="warmup")  # first-use costs (imports, sockets, allocator) stay out
             for length in lengths:
                 progress.update(task, description=f"{length} tokens")
-                rows.append(measure_length(pair, length, 3, cfg))
+                rows.append(measure_length(pair, length, 5, cfg))
                 progress.advance(task)
             progress.update(task, description="step time with migrations in flight")
             step = measure_step_time(pair, 2048 if quick else 3072, 2, 2 if quick else 3,

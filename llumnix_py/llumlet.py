@@ -70,6 +70,11 @@ class LlumletConfig:
         migration_timeout_s: transport timeout; a silent source's reservation is freed after it.
         chunk_blocks: blocks per KV message (pipelining granularity).
         idle_wait_s: engine loop sleep when there is nothing to run.
+        gil_switch_interval_s: the Python thread switch interval a process running a
+            llumlet should use (``sys.setswitchinterval``; Python's default is 5 ms). The
+            runtime that owns the process applies it: a migration message waiting up to
+            5 ms for the engine thread to yield the interpreter would otherwise dominate
+            the stop-and-copy downtime.
         secret: shared secret that migration connections must present (CURVE or HMAC,
             ``migration.security``); needed when ``host`` is not loopback.
         lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
@@ -87,6 +92,7 @@ class LlumletConfig:
     chunk_blocks: int = 256
     idle_wait_s: float = 0.01
     lease_timeout_s: Optional[float] = 30.0
+    gil_switch_interval_s: Optional[float] = 0.0005
     secret: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

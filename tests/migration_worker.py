@@ -111,10 +111,12 @@ def main(conn: Any, instance_id: str, transport: str, spec: dict, options: dict)
     timer = _CopyTimer()
     timer.install()
     engine = build_engine(spec)
-    llumlet = Llumlet(LlumletConfig(instance_id=instance_id, transport=transport,
-                                    chunk_blocks=options.get("chunk_blocks", 64),
-                                    migration_timeout_s=options.get("timeout_s", 30.0)),
-                      engine, CallbackSink(on_tokens))
+    config = LlumletConfig(instance_id=instance_id, transport=transport,
+                           chunk_blocks=options.get("chunk_blocks", 256),
+                           migration_timeout_s=options.get("timeout_s", 30.0))
+    if config.gil_switch_interval_s:
+        sys.setswitchinterval(config.gil_switch_interval_s)  # this process runs one llumlet, as a Ray worker does
+    llumlet = Llumlet(config, engine, CallbackSink(on_tokens))
     address = llumlet.start()
     conn.send({"address": address, "kv_block_bytes": engine.kv_block_bytes, "pid": os.getpid()})
     try:

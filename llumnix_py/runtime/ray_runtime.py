@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from typing import Any, Optional, Sequence
 
 import ray
@@ -57,6 +58,8 @@ class LlumletActor:
 
     def start(self, instance_id: str) -> str:
         cfg = dataclasses.replace(self._llumlet_cfg, instance_id=instance_id)
+        if cfg.gil_switch_interval_s:
+            sys.setswitchinterval(cfg.gil_switch_interval_s)  # this worker process runs one llumlet
         self.llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
         return self.llumlet.start()
 

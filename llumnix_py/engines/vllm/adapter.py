@@ -1,0 +1,432 @@
+"""``VLLMEngineAdapter``: a vLLM v1 engine core under llumnix-py, live migration included.
+
+The adapter drives ``vllm.v1.engine.core.EngineCore`` directly (no tokenizer, no
+output processor, no busy loop): requests go in as token ids, one ``step()`` is one
+vLLM iteration (schedule, execute, update), and its ``EngineCoreOutput`` become our
+``RequestOutput``. Private vLLM fields are reached only through ``_internals``.
+
+How a migrated request continues on the destination::
+
+    source (vLLM request r)                 destination (new vLLM request r')
+    prompt P, outputs O, computed c         prompt P+O, outputs (), max_tokens - |O|
+    blocks b0 b1 ... bk  ---- KV copy --->  reserved d0 d1 ... dk = r'.block table
+                                            num_computed_tokens = c, queued holding KV:
+                                            vLLM schedules it first, as a new request
+                                            whose prompt is already computed up to c
+
+The destination sees the tokens generated so far as part of the prompt, so its
+worker learns the whole sequence the first time it is scheduled (vLLM sends a new
+request whole, running ones only as deltas). Output positions stay right because
+the adapter remembers ``|O|`` (``RequestOutput.index`` counts from the original
+prompt). Greedy decoding continues exactly; a seeded sampled request continues
+with a generator seeded by (seed, output position) instead of vLLM's generator
+state, which does not travel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from llumnix_py.engines.base import EngineAdapter
+from llumnix_py.engines.types import (
+    EngineLoad,
+    FinishReason,
+    MigrationRequestState,
+    Request,
+    RequestLoad,
+    RequestOutput,
+    SeqStatus,
+    StepOutput,
+)
+from llumnix_py.engines.vllm._internals import VLLMInternals
+from llumnix_py.engines.vllm.config import VLLMEngineConfig, prepare_environment
+from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
+
+log = logging.getLogger(__name__)
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _Tracked:
+    """What the adapter knows of one request beside vLLM's own record.
+
+    ``prior`` are the outputs generated before this instance adopted the request
+    (a migrated-in request: vLLM sees them as the end of its prompt).
+    """
+
+    request: Request
+    prior: tuple[int, ...] = ()
+    num_outputs: int = 0  # outputs so far, ``prior`` included: the next output's index
+    base_preemptions: int = 0
+    frozen_from: Optional[SeqStatus] = None
+    mig_epoch: Optional[int] = None  # vLLM preemption count when a pre-copy began
+
+
+class VLLMEngineAdapter(EngineAdapter):
+    """One vLLM engine core (single process) as an ``EngineAdapter``.
+
+    Args:
+        core: a built ``vllm.v1.engine.core.EngineCore``.
+        config: the settings it was built from (watermark, limits).
+
+    Use ``VLLMEngineAdapter.start(config)`` to build the core; ``close()`` shuts it down.
+    """
+
+    def __init__(self, core: Any, config: VLLMEngineConfig) -> None:
+        from vllm.v1.request import RequestStatus
+
+        self.core = core
+        self.config = config
+        self.vllm = VLLMInternals(core)
+        self._status = RequestStatus
+        vcfg = core.vllm_config
+        self._block_size = int(vcfg.cache_config.block_size)
+        self._max_model_len = int(vcfg.model_config.max_model_len)
+        self._vocab_size = int(vcfg.model_config.get_vocab_size())
+        self._eos = _eos_token_ids(vcfg.model_config.hf_config)
+        self._watermark = max(int(self.vllm.num_total_blocks() * config.watermark), self.vllm.watermark_blocks())
+        self._tracked: dict[str, _Tracked] = {}
+        self._prealloc: dict[str, list] = {}  # incoming migrations: request id -> vLLM KVCacheBlock objects
+
+    @classmethod
+    def start(cls, config: VLLMEngineConfig) -> "VLLMEngineAdapter":
+        """Build the engine core in this process (loads the model; seconds)."""
+        prepare_environment(config.num_threads)
+        if config.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(config.num_threads)
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.core import EngineCore
+        from vllm.v1.executor import Executor
+
+        from llumnix_py.engines.vllm._internals import check_version
+
+        check_version()
+        vllm_config = EngineArgs(**config.engine_args()).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        try:
+            core = EngineCore(vllm_config, Executor.get_class(vllm_config), log_stats=False)
+        except ValueError as exc:
+            if "block size" in str(exc):
+                raise ValueError(f"vLLM cannot use block_size={config.block_size} here: {exc} "
+                                 f"(vLLM's CPU attention needs a multiple of 32)") from exc
+            raise
+        return cls(core, config)
+
+    def close(self) -> None:
+        self.core.shutdown()
+
+    # ----- serving -----------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def kv_block_bytes(self) -> int:
+        import torch
+
+        itemsize = getattr(torch, self.vllm.kv_dtype.replace("torch.", "")).itemsize
+        return math.prod(self.vllm.block_shape) * itemsize
+
+    def add_request(self, request: Request) -> None:
+        rid = request.request_id
+        if rid in self._tracked or rid in self._prealloc or self.vllm.request(rid) is not None:
+            raise InvalidRequestError(f"request {rid} already exists on this instance")
+        self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), rid)
+        self.core.add_request(self._vllm_request(request, prior=()))
+        self._tracked[rid] = _Tracked(request)
+
+    def _validate_tokens(self, token_ids: Sequence[int], prompt_len: int, rid: str, ints_checked: bool = False) -> None:
+        vocab = self._vocab_size
+        if ints_checked:
+            bad = [] if min(token_ids) >= 0 and max(token_ids) < vocab else [t for t in token_ids if not 0 <= t < vocab]
+        else:
+            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"request {rid}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
+        if prompt_len >= self._max_model_len:
+            raise InvalidRequestError(
+                f"request {rid}: prompt of {prompt_len} tokens leaves no room for output "
+                f"(model context is {self._max_model_len} tokens)")
+        usable = self.vllm.num_total_blocks() - self._watermark
+        if cdiv(len(token_ids), self.block_size) > usable:
+            raise InvalidRequestError(
+                f"request {rid}: {len(token_ids)} tokens need more KV blocks than this instance has ({usable})")
+
+    def _vllm_request(self, request: Request, prior: tuple[int, ...]):
+        """vLLM's ``Request`` for ``request`` whose first ``len(prior)`` outputs are already known."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.v1.engine import EngineCoreRequest
+
+        sp = request.sampling
+        remaining = sp.max_tokens - len(prior)
+        if remaining < 1:
+            raise InvalidRequestError(f"request {request.request_id}: no output tokens left to generate")
+        seed = sp.seed
+        if seed is not None and prior:  # vLLM's generator state does not travel: reseed by position
+            seed = (seed * _SEED_MIX + len(prior)) % (1 << 63)
+        vsp = VSamplingParams(n=1, max_tokens=remaining, temperature=float(sp.temperature), top_p=float(sp.top_p),
+                              seed=seed, stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos)
+        eos, more_eos = (self._eos[0], self._eos[1:]) if self._eos else (None, ())
+        vsp.update_from_generation_config({"eos_token_id": list(self._eos)} if more_eos else {}, eos)
+        ecr = EngineCoreRequest(
+            request_id=request.request_id, prompt_token_ids=list(request.prompt_token_ids) + list(prior),
+            mm_features=None, sampling_params=vsp, pooling_params=None, arrival_time=float(request.arrival_time),
+            lora_request=None, cache_salt=None, data_parallel_rank=None, priority=-request.priority,
+        )
+        vreq, _ = self.core.preprocess_add_request(ecr)
+        return vreq
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id not in self._tracked:
+            raise UnknownRequestError(f"request {request_id} is not on this instance")
+        self.core.abort_requests([request_id])
+        del self._tracked[request_id]
+
+    def has_unfinished(self) -> bool:
+        return self.core.scheduler.has_unfinished_requests()
+
+    def step(self) -> StepOutput:
+        if not self.core.scheduler.has_requests():
+            return StepOutput()
+        before = [(r, r.num_computed_tokens, r.num_tokens, r.num_preemptions)
+                  for r in self.vllm.running() + self.vllm.waiting()]
+        t0 = time.perf_counter()
+        outputs, executed = self.core.step()
+        self.core.post_step(executed)
+        duration = time.perf_counter() - t0
+        prefill = decode = 0
+        preempted = []
+        for r, computed, num_tokens, preemptions in before:
+            if r.num_preemptions > preemptions:
+                preempted.append(r.request_id)
+                continue
+            done = r.num_computed_tokens - computed
+            if done == 1 and computed == num_tokens - 1:
+                decode += 1
+            elif done > 0:
+                prefill += done
+        mapped = [self._output(o) for eco in outputs.values() for o in eco.outputs]
+        return StepOutput(outputs=tuple(o for o in mapped if o is not None), duration_s=duration,
+                          num_prefill_tokens=prefill, num_decode_tokens=decode, preempted=tuple(preempted))
+
+    def _output(self, o: Any) -> Optional[RequestOutput]:
+        rec = self._tracked.get(o.request_id)
+        if rec is None:
+            return None
+        index = rec.num_outputs
+        rec.num_outputs += len(o.new_token_ids)
+        reason = None
+        if o.finish_reason is not None:
+            reason = _FINISH.get(int(o.finish_reason), FinishReason.ABORT)
+            del self._tracked[o.request_id]
+        return RequestOutput(o.request_id, tuple(o.new_token_ids), index, reason)
+
+    def load(self) -> EngineLoad:
+        # Waiting requests that hold KV (migrated in, not yet stepped) run first at the next step:
+        # they count as running, with their blocks.
+        queued = [r for r in self.vllm.waiting() if r.request_id in self._tracked]
+        running = [self._request_load(r, migrating=self._tracked[r.request_id].mig_epoch is not None)
+                   for r in self.vllm.running() if r.request_id in self._tracked]
+        running += [self._request_load(r, migrating=False) for r in queued if r.num_computed_tokens > 0]
+        running += [self._request_load(self.vllm.request(rid), migrating=True)
+                    for rid, t in self._tracked.items() if t.frozen_from is not None]
+        waiting = [self._request_load(r, migrating=False) for r in queued if r.num_computed_tokens == 0]
+        total, free = self.vllm.num_total_blocks(), self.vllm.num_free_blocks()
+        return EngineLoad(
+            total_blocks=total, used_blocks=total - free, free_blocks=free, watermark_blocks=self._watermark,
+            block_size=self.block_size, running=tuple(running), waiting=tuple(waiting),
+            reserved_blocks=sum(len(b) for b in self._prealloc.values()), max_batch_size=self.vllm.max_num_seqs(),
+        )
+
+    def _request_load(self, r: Any, migrating: bool) -> RequestLoad:
+        rec = self._tracked[r.request_id]
+        blocks = len(self.vllm.block_ids(r.request_id))
+        return RequestLoad(
+            request_id=r.request_id, num_blocks=blocks, blocks_needed=0 if blocks else cdiv(r.num_tokens, self.block_size),
+            prompt_len=len(rec.request.prompt_token_ids), output_len=rec.num_outputs,
+            priority=rec.request.priority, arrival_time=rec.request.arrival_time,
+            num_preemptions=rec.base_preemptions + r.num_preemptions, migrating=migrating or rec.frozen_from is not None,
+        )
+
+    def request_ids(self) -> list[str]:
+        return list(self._tracked)
+
+    # ----- migration primitives: source side ------------------------------------------------------
+    def incremental_blocks(self, request_id: str, num_sent: int, include_last: bool) -> Optional[list[int]]:
+        rec, r = self._tracked.get(request_id), self.vllm.request(request_id)
+        if rec is None or r is None:
+            return None
+        if rec.frozen_from is None:
+            if r.status != self._status.RUNNING:
+                return None
+            if num_sent == 0:
+                rec.mig_epoch = r.num_preemptions
+            elif rec.mig_epoch != r.num_preemptions:
+                return None  # preempted (blocks recycled) since the migration began
+        elif rec.frozen_from != SeqStatus.RUNNING:
+            return None
+        computed = self.vllm.num_computed_tokens(r)
+        end = cdiv(computed, self.block_size) if include_last else computed // self.block_size
+        return self.vllm.block_ids(request_id)[num_sent:end]
+
+    def freeze(self, request_id: str) -> Optional[MigrationRequestState]:
+        rec, r = self._tracked.get(request_id), self.vllm.request(request_id)
+        if rec is None or r is None or rec.frozen_from is not None:
+            return None
+        if r.status == self._status.RUNNING:
+            if rec.mig_epoch is not None and rec.mig_epoch != r.num_preemptions:
+                return None
+            if not self.vllm.leave_running(r):
+                return None
+            frozen_from = SeqStatus.RUNNING
+        elif r.status in (self._status.WAITING, self._status.PREEMPTED) and r.num_computed_tokens == 0:
+            if not self.vllm.leave_waiting(r):
+                return None
+            rec.mig_epoch = None
+            frozen_from = SeqStatus.WAITING
+        else:
+            return None  # e.g. a migrated-in request not yet scheduled here (it holds KV while waiting)
+        rec.frozen_from = frozen_from
+        req = rec.request
+        outputs = tuple(r.all_token_ids[len(req.prompt_token_ids):])
+        return MigrationRequestState(
+            request_id=request_id, prompt_token_ids=req.prompt_token_ids, output_token_ids=outputs,
+            sampling=req.sampling, priority=req.priority, arrival_time=req.arrival_time,
+            num_preemptions=rec.base_preemptions + r.num_preemptions, status=frozen_from,
+            num_computed_tokens=self.vllm.num_computed_tokens(r) if frozen_from == SeqStatus.RUNNING else 0,
+            reply_to=req.reply_to,
+        )
+
+    def unfreeze(self, request_id: str) -> None:
+        """Undo ``freeze``; on a request that is not frozen, end its outgoing pre-copy.
+        ``MigrationError`` if neither applies."""
+        rec = self._tracked.get(request_id)
+        if rec is not None and rec.frozen_from is None and rec.mig_epoch is not None:
+            rec.mig_epoch = None
+            return
+        rec = self._frozen(request_id)
+        r = self.vllm.request(request_id)
+        if rec.frozen_from == SeqStatus.RUNNING:
+            self.vllm.rejoin_running(r)
+        else:
+            self.vllm.rejoin_waiting(r)
+        rec.frozen_from = None
+        rec.mig_epoch = None
+
+    def free_src(self, request_id: str) -> None:
+        self._frozen(request_id)
+        self.core.abort_requests([request_id])  # frees its blocks; the worker drops it next step
+        del self._tracked[request_id]
+
+    def _frozen(self, request_id: str) -> _Tracked:
+        rec = self._tracked.get(request_id)
+        if rec is None or rec.frozen_from is None:
+            raise MigrationError(f"request {request_id} is not frozen on this instance")
+        return rec
+
+    def read_blocks(self, block_ids: Sequence[int]) -> object:
+        return self.vllm.read_kv(block_ids)
+
+    # ----- migration primitives: destination side -------------------------------------------------
+    def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:
+        if request_id in self._tracked or self.vllm.request(request_id) is not None:
+            raise MigrationError(f"request {request_id} already runs on this instance")
+        if num_blocks < 0:
+            raise MigrationError(f"cannot reserve {num_blocks} blocks")
+        if request_id not in self._prealloc and self._batch_full():
+            return None
+        if self.vllm.num_free_blocks() - num_blocks < self._watermark:
+            return None
+        got = self.vllm.new_blocks(num_blocks)
+        self._prealloc.setdefault(request_id, []).extend(got)
+        return [b.block_id for b in got]
+
+    def _batch_full(self) -> bool:
+        holding = sum(1 for r in self.vllm.waiting() if r.num_computed_tokens > 0)
+        return len(self.vllm.running()) + holding + len(self._prealloc) >= self.vllm.max_num_seqs()
+
+    def free_pre_alloc(self, request_id: str) -> int:
+        blocks = self._prealloc.pop(request_id, [])
+        self.vllm.free_blocks(blocks)
+        return len(blocks)
+
+    def reserved_blocks(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._prealloc.get(request_id, ())]
+
+    def write_blocks(self, block_ids: Sequence[int], data: object) -> None:
+        import torch
+
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"KV data must be a tensor, got {type(data).__name__}")
+        expected = (len(block_ids),) + self.vllm.block_shape
+        if tuple(data.shape) != expected or str(data.dtype) != self.vllm.kv_dtype:
+            raise ValueError(f"KV data of shape {tuple(data.shape)} {data.dtype} does not match "
+                             f"{expected} {self.vllm.kv_dtype}")
+        self.vllm.write_kv(block_ids, data)
+
+    def commit_dst(self, state: MigrationRequestState) -> None:
+        rid = state.request_id
+        if rid in self._tracked or self.vllm.request(rid) is not None:
+            raise MigrationError(f"request {rid} already exists on this instance")
+        tokens = state.prompt_token_ids + state.output_token_ids
+        self._validate_tokens(tokens, len(state.prompt_token_ids), rid, ints_checked=True)
+        request = Request(rid, state.prompt_token_ids, state.sampling, state.priority, state.arrival_time,
+                          state.reply_to)
+        vreq = self._vllm_request(request, prior=state.output_token_ids)
+        if state.status == SeqStatus.RUNNING:
+            reserved = self._prealloc.get(rid, [])
+            need = cdiv(state.num_computed_tokens, self.block_size)
+            if not 0 < state.num_computed_tokens < len(tokens) or len(reserved) != need:
+                raise MigrationError(
+                    f"request {rid}: {len(reserved)} reserved blocks for {state.num_computed_tokens} "
+                    f"computed tokens of {len(tokens)} (need {need} blocks and at most all but the last token)")
+            self.vllm.adopt(vreq, reserved, state.num_computed_tokens)
+            del self._prealloc[rid]
+        else:
+            self.free_pre_alloc(rid)
+        self.core.add_request(vreq)  # holding KV: vLLM schedules it ahead of the waiting queue
+        self._tracked[rid] = _Tracked(request, prior=state.output_token_ids, num_outputs=len(state.output_token_ids),
+                                      base_preemptions=state.num_preemptions)
+
+    # ----- checks ------------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Every block is free, owned by one live request, or reserved for a migration."""
+        reserved = sum(len(b) for b in self._prealloc.values())
+        owned = self.vllm.owned_blocks()
+        total, free = self.vllm.num_total_blocks(), self.vllm.num_free_blocks()
+        assert free + owned + reserved == total, f"free {free} + owned {owned} + reserved {reserved} != {total}"
+        for r in self.vllm.running():
+            assert r.request_id in self._tracked and self._tracked[r.request_id].frozen_from is None
+
+
+_FINISH = {0: FinishReason.STOP, 1: FinishReason.LENGTH, 2: FinishReason.ABORT, 4: FinishReason.STOP}
+
+
+def _eos_token_ids(hf_config: Any) -> tuple[int, ...]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
+
+
+def build_vllm_engine(spec) -> VLLMEngineAdapter:
+    """``EngineSpec`` -> adapter: limits from ``spec.engine``, the model from ``spec.checkpoint``,
+    extra ``vllm.EngineArgs`` from ``spec.model`` (a tuple of (name, value) pairs)."""
+    e = spec.engine
+    config = VLLMEngineConfig(
+        checkpoint=spec.checkpoint or "", block_size=e.block_size, num_blocks=e.num_blocks,
+        max_model_len=spec.max_model_len, max_num_seqs=e.max_batch_size, max_num_batched_tokens=e.max_batched_tokens,
+        watermark=e.watermark, num_threads=spec.num_threads, extra=dict(spec.model),
+    )
+    return VLLMEngineAdapter.start(config)
