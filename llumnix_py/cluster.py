@@ -376,8 +376,10 @@ class Cluster:
                                        FinishReason.ABORT))
 
     def on_outputs(self, instance_id: str, outputs: Sequence[RequestOutput]) -> None:
-        """Token batches from llumlets (any thread)."""
+        """Token batches from llumlets (any thread). Events for consumers on one event loop
+        are handed over in one call per batch, not one wake-up per request."""
         now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
         for out in outputs:
             with self._lock:
                 handle = self._handles.get(out.request_id)
@@ -402,7 +404,16 @@ class Cluster:
                     handle.finish_reason = reason
                     handle.finished_at = now
                     self._handles.pop(out.request_id, None)
-            handle._deliver(TokenEvent(out.request_id, tuple(ready), index, instance_id, reason))
+            ev = TokenEvent(out.request_id, tuple(ready), index, instance_id, reason)
+            if handle._loop is not None and handle._aq is not None:
+                batches.setdefault(handle._loop, []).append((handle._aq, ev))
+            else:
+                handle._q.put(ev)
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
     def active_requests(self) -> list[str]:
         with self._lock:
@@ -816,3 +827,8 @@ def _frontend_model_info(config: ClusterConfig):
             positions = ModelConfig(**dict(spec.model)).max_position_embeddings
         limit = min(limit or positions, positions)
     return tokenizer, limit or 1 << 20
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for q, ev in items:
+        q.put_nowait(ev)
