@@ -6,26 +6,22 @@ even when it fails, so the named actors never outlive it.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from typing import Iterator, Sequence
 
 import pytest
 
-from llumnix_py.cluster import Cluster, RequestHandle
+from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, SchedulerConfig
-from llumnix_py.engines.registry import build_engine
-from llumnix_py.engines.types import Request, SamplingParams
+from llumnix_py.engines.types import SamplingParams
 from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, SCHEDULER_NAME
-from tests.factories import run_to_completion
+from tests.cluster_helpers import SMALL_MODEL as MODEL
+from tests.cluster_helpers import named_actors as _named_actors
+from tests.cluster_helpers import prompts, reference, wait_all
+from tests.cluster_helpers import running_ray_cluster as running_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
-         ("num_kv_heads", 2), ("dtype", "float64"))
 NAMESPACE = "llumnix-test-cluster"
-RESULT_TIMEOUT_S = 120.0
 
 
 def spec(num_blocks: int) -> EngineSpec:
@@ -35,48 +31,6 @@ def spec(num_blocks: int) -> EngineSpec:
 def config(num_instances: int, engine: EngineSpec) -> ClusterConfig:
     return ClusterConfig(num_instances=num_instances, runtime="ray", engine=engine, ray_namespace=NAMESPACE,
                          scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02))
-
-
-def named_actors(ray) -> list[str]:
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a.get("namespace") == NAMESPACE)
-
-
-@contextlib.contextmanager
-def running_cluster(ray, cfg: ClusterConfig) -> Iterator[Cluster]:
-    assert named_actors(ray) == [], "a previous test left actors behind"
-    cluster = Cluster.start(cfg)
-    try:
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        finally:  # whatever stop() did, leave no actor of ours behind
-            for name in named_actors(ray):
-                with contextlib.suppress(Exception):
-                    ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-
-
-def prompts(n: int, base_len: int = 40, step: int = 5) -> list[tuple[int, ...]]:
-    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
-
-
-def reference(engine: EngineSpec, prompt_list: Sequence[tuple[int, ...]], max_tokens: int) -> list[list[int]]:
-    """Greedy tokens from one in-process engine with the same model, no migration.
-
-    The pool is made large enough to run every request at once (fast); the tokens do
-    not depend on it (float64, greedy).
-    """
-    big = dataclasses.replace(engine, engine=dataclasses.replace(engine.engine, num_blocks=4096))
-    reqs = [Request(f"ref{i}", p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=float(i))
-            for i, p in enumerate(prompt_list)]
-    tokens = run_to_completion(build_engine(big), requests=reqs)
-    return [tokens[f"ref{i}"] for i in range(len(prompt_list))]
-
-
-def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
-    assert handles
-    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
 
 
 def assert_no_leak(cluster: Cluster) -> None:
@@ -160,7 +114,7 @@ def test_scheduler_actor_state_and_cleanup(ray_session):
     with running_cluster(ray_session, config(3, engine)) as cluster:
         ids = cluster.instance_ids()
         assert ids == ["instance-000", "instance-001", "instance-002"]
-        assert named_actors(ray_session) == sorted([SCHEDULER_NAME] + [INSTANCE_PREFIX + i for i in ids])
+        assert _named_actors(ray_session, NAMESPACE) == sorted([SCHEDULER_NAME] + [INSTANCE_PREFIX + i for i in ids])
         sp = SamplingParams(max_tokens=24, ignore_eos=True)
         handles = [cluster.submit(p, sp) for p in prompts(6, base_len=10)]
         assert {h.instance_id for h in handles} == set(ids)  # spread over the empty instances
@@ -173,4 +127,4 @@ def test_scheduler_actor_state_and_cleanup(ray_session):
             assert inst["total_blocks"] == 128 and not inst["terminating"]
         assert state["scale_events"] == []
         assert_no_leak(cluster)
-    assert named_actors(ray_session) == []  # stop() removed the scheduler and every instance
+    assert _named_actors(ray_session, NAMESPACE) == []  # stop() removed the scheduler and every instance

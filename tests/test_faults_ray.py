@@ -6,28 +6,30 @@ of its namespace in ``finally``, whatever happened.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import signal
-import time
-from typing import Iterator, Sequence
 
 import pytest
 
-from llumnix_py.cluster import Cluster, RequestHandle
+from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, SchedulerConfig
-from llumnix_py.engines.registry import build_engine
-from llumnix_py.engines.types import FinishReason, Request, SamplingParams
+from llumnix_py.engines.types import FinishReason
 from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, SCHEDULER_NAME
-from tests.factories import run_to_completion
+from tests.cluster_helpers import (
+    RESULT_TIMEOUT_S,
+    prompts,
+    reference,
+    samplings,
+    wait_all,
+    wait_for,
+)
+from tests.cluster_helpers import SMALL_MODEL as MODEL
+from tests.cluster_helpers import named_actors as _named_actors
+from tests.cluster_helpers import running_ray_cluster as running_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
-         ("num_kv_heads", 2), ("dtype", "float64"))
 NAMESPACE = "llumnix-test-faults"
-RESULT_TIMEOUT_S = 120.0
 
 
 def spec(num_blocks: int = 256) -> EngineSpec:
@@ -37,55 +39,6 @@ def spec(num_blocks: int = 256) -> EngineSpec:
 def config(num_instances: int, engine: EngineSpec) -> ClusterConfig:
     return ClusterConfig(num_instances=num_instances, runtime="ray", engine=engine, ray_namespace=NAMESPACE,
                          scheduler=SchedulerConfig(poll_interval_s=0.02, migration_interval_s=0.05))
-
-
-def named_actors(ray) -> list[str]:
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a.get("namespace") == NAMESPACE)
-
-
-@contextlib.contextmanager
-def running_cluster(ray, cfg: ClusterConfig) -> Iterator[Cluster]:
-    assert named_actors(ray) == [], "a previous test left actors behind"
-    cluster = Cluster.start(cfg)
-    try:
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        finally:
-            for name in named_actors(ray):
-                with contextlib.suppress(Exception):
-                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-
-
-def prompts(n: int, base_len: int = 20, step: int = 2) -> list[tuple[int, ...]]:
-    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
-
-
-def samplings(n: int, max_tokens: int) -> list[SamplingParams]:
-    return [SamplingParams(max_tokens=max_tokens, ignore_eos=True) if i % 2 == 0 else
-            SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=500 + i, ignore_eos=True)
-            for i in range(n)]
-
-
-def reference(engine: EngineSpec, ps: Sequence[tuple[int, ...]], sps: Sequence[SamplingParams]) -> list[list[int]]:
-    big = dataclasses.replace(engine, engine=dataclasses.replace(engine.engine, num_blocks=4096))
-    reqs = [Request(f"ref{i}", p, sp, arrival_time=float(i)) for i, (p, sp) in enumerate(zip(ps, sps))]
-    tokens = run_to_completion(build_engine(big), requests=reqs)
-    return [tokens[f"ref{i}"] for i in range(len(ps))]
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
-    assert handles
-    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
 
 
 def assert_no_leak(cluster: Cluster) -> None:
@@ -109,7 +62,7 @@ def kill_process(ray, actor) -> None:
 def test_killing_an_instance_actor_resumes_its_requests_elsewhere(ray_session, how):
     engine = spec()
     n, max_tokens = 20, 120
-    ps, sps = prompts(n), samplings(n, max_tokens)
+    ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=500)
     expected = reference(engine, ps, sps)
     with running_cluster(ray_session, config(3, engine)) as cluster:
         handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
@@ -139,7 +92,7 @@ def test_killing_an_instance_actor_resumes_its_requests_elsewhere(ray_session, h
 def test_killing_the_scheduler_keeps_requests_running_and_a_restarted_one_reattaches(ray_session):
     engine = spec()
     n, max_tokens = 12, 150
-    ps, sps = prompts(n), samplings(n, max_tokens)
+    ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=500)
     expected = reference(engine, ps, sps)
     with running_cluster(ray_session, config(3, engine)) as cluster:
         ids = cluster.instance_ids()
@@ -150,7 +103,7 @@ def test_killing_the_scheduler_keeps_requests_running_and_a_restarted_one_reatta
         wait_for(lambda: not cluster.control.scheduler_reachable or cluster.control.actor is None, 30,
                  "the frontend to notice")
         # The instances outlive the scheduler (they are not owned by it) ...
-        assert set(INSTANCE_PREFIX + i for i in ids) <= set(named_actors(ray_session))
+        assert set(INSTANCE_PREFIX + i for i in ids) <= set(_named_actors(ray_session, NAMESPACE))
         # ... new requests are dispatched by the frontend itself, over its last known loads.
         more = [cluster.submit(p, sp) for p, sp in zip(ps[8:], sps[8:])]
         assert {h.instance_id for h in more} <= set(ids)
@@ -165,4 +118,4 @@ def test_killing_the_scheduler_keeps_requests_running_and_a_restarted_one_reatta
         assert wait_all(after) == expected[:3]
         assert cluster.state()["dispatched"] == 3  # through the new scheduler
         assert_no_leak(cluster)
-    assert named_actors(ray_session) == []
+    assert _named_actors(ray_session, NAMESPACE) == []
