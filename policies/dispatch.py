@@ -29,7 +29,7 @@ import bisect
 import heapq
 import math
 import random
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from policies.config import PolicyConfig
 from policies.registry import DISPATCH
@@ -62,6 +62,7 @@ class DispatchState:
         self.rng = random.Random(seed)
         self.last_round_robin: Optional[str] = None
         self._pending: dict[str, _Pending] = {}
+        self._unseen: dict[str, dict[str, int]] = {}  # instance -> pending request -> polls not seeing it
         self._cache: dict[str, tuple[InstanceLoad, PolicyConfig, UsageSummary]] = {}
 
     def on_dispatch(self, instance_id: str, request: RequestView) -> None:
@@ -73,13 +74,42 @@ class DispatchState:
         p.blocks += request.blocks_needed
         p.classes[request.priority] = p.classes.get(request.priority, 0) + 1
 
-    def on_poll(self, instance_id: str) -> None:
-        """A fresh load of ``instance_id`` arrived: it includes the pending requests."""
+    def on_poll(self, instance_id: str, seen: Optional[Collection[str]] = None,
+                max_unseen_polls: int = 3) -> None:
+        """A fresh load of ``instance_id`` arrived.
+
+        Without ``seen`` it is taken to include every pending request. With ``seen``
+        (the request ids the load shows), only those stop being pending: a request
+        dispatched just before the poll may reach the instance just after it, and
+        counting it as gone would send the next request to the same instance. A request
+        still unseen after ``max_unseen_polls`` polls (it finished, or never arrived) is
+        dropped.
+        """
+        if seen is None:
+            self._pending.pop(instance_id, None)
+            return
+        p = self._pending.get(instance_id)
+        if p is None:
+            return
+        keep = [r for r in p.requests if r.request_id not in seen]
+        ages = self._unseen.setdefault(instance_id, {})
+        kept = []
+        for r in keep:
+            ages[r.request_id] = ages.get(r.request_id, 0) + 1
+            if ages[r.request_id] < max_unseen_polls:
+                kept.append(r)
+        live = {r.request_id for r in kept}
+        for rid in list(ages):
+            if rid not in live:
+                del ages[rid]
         self._pending.pop(instance_id, None)
+        for r in kept:
+            self.on_dispatch(instance_id, r)
 
     def forget(self, instance_id: str) -> None:
         """Drop everything kept about an instance that left the cluster."""
         self._pending.pop(instance_id, None)
+        self._unseen.pop(instance_id, None)
         self._cache.pop(instance_id, None)
         if self.last_round_robin == instance_id:
             self.last_round_robin = None

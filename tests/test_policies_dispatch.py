@@ -268,3 +268,18 @@ def test_when_nothing_fits_the_smallest_deficit_wins_not_the_biggest_batch():
     assert freeness_with_request(big, PolicyConfig(), req) == 880 - 874 - 106 - 4
     assert freeness_with_request(small, PolicyConfig(), req) == 880 - 800 - 86 - 4
     assert pick([big, small], req, PolicyConfig(), DispatchState()) == "small"
+
+
+def test_a_poll_that_does_not_show_a_request_keeps_it_pending():
+    """A request dispatched just before a poll may reach its instance just after it."""
+    cfg = PolicyConfig()
+    cluster = make_cluster(2)
+    state = DispatchState()
+    state.on_dispatch("i0", make_req("x1", 0, 50))
+    state.on_dispatch("i0", make_req("x2", 0, 50))
+    state.on_poll("i0", seen={"x1"})  # x1 arrived, x2 not yet
+    assert [r.request_id for r in state.pending("i0")] == ["x2"]
+    assert pick(cluster, make_req("x3", 0, 50), cfg, state) == "i1"
+    for _ in range(3):  # never seen (it finished before a poll, or was lost): dropped after 3 polls
+        state.on_poll("i0", seen=set())
+    assert state.pending("i0") == ()

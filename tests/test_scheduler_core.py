@@ -332,5 +332,7 @@ def test_loads_fold_in_terminating_migrations_and_pending_dispatches():
     assert by_id["a"].terminating and by_id["a"].migrating_out == 1 and by_id["a"].migrating_in == 0
     assert by_id["b"].migrating_in == 1
     assert [r.request_id for r in by_id["b"].pending_dispatch] == ["p"]
-    s.on_load("b", load(), 0.1)  # a fresh poll clears the pending dispatches
+    s.on_load("b", load(), 0.1)  # a poll that does not show it yet (it is on its way) keeps it pending
+    assert [r.request_id for r in {i.instance_id: i for i in s.loads()}["b"].pending_dispatch] == ["p"]
+    s.on_load("b", load(waiting=(req("p", 0),)), 0.2)  # a poll that shows it clears it
     assert {i.instance_id: i for i in s.loads()}["b"].pending_dispatch == ()

@@ -140,7 +140,9 @@ class GlobalScheduler:
             return
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
-        self.dispatch_state.on_poll(instance_id)
+        if self.dispatch_state.num_pending(instance_id):
+            seen = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
+            self.dispatch_state.on_poll(instance_id, seen)
 
     def loads(self) -> list[InstanceLoad]:
         """Current snapshots (terminating flag and in-flight migrations folded in), by id."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+
+import torch
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -102,9 +104,7 @@ class VLLMEngineAdapter(EngineAdapter):
         """Build the engine core in this process (loads the model; seconds)."""
         prepare_environment(config.num_threads)
         if config.num_threads is not None:
-            import torch
-
-            torch.set_num_threads(config.num_threads)
+            torch.set_num_threads(config.num_threads)  # before vLLM's CPU worker disables this call
         from vllm.engine.arg_utils import EngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.core import EngineCore
@@ -133,8 +133,6 @@ class VLLMEngineAdapter(EngineAdapter):
 
     @property
     def kv_block_bytes(self) -> int:
-        import torch
-
         itemsize = getattr(torch, self.vllm.kv_dtype.replace("torch.", "")).itemsize
         return math.prod(self.vllm.block_shape) * itemsize
 
@@ -199,6 +197,11 @@ class VLLMEngineAdapter(EngineAdapter):
     def step(self) -> StepOutput:
         if not self.core.scheduler.has_requests():
             return StepOutput()
+        # vLLM's CPU attention sizes its metadata by this thread's OpenMP thread count, then
+        # checks it in the kernel after torch has lazily applied its own count to the thread:
+        # in a thread that is not the one that built the engine (a llumlet's engine loop) the
+        # two differ unless torch initializes the thread first, which this call does.
+        torch.get_num_threads()
         before = [(r, r.num_computed_tokens, r.num_tokens, r.num_preemptions)
                   for r in self.vllm.running() + self.vllm.waiting()]
         t0 = time.perf_counter()
@@ -365,8 +368,6 @@ class VLLMEngineAdapter(EngineAdapter):
         return [b.block_id for b in self._prealloc.get(request_id, ())]
 
     def write_blocks(self, block_ids: Sequence[int], data: object) -> None:
-        import torch
-
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"KV data must be a tensor, got {type(data).__name__}")
         expected = (len(block_ids),) + self.vllm.block_shape
