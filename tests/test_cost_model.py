@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llumnix_py.engines.sim.cost_model import CostProfile, HardwareSpec, ModelSpec, causal_context
+from llumnix_py.engines.sim.cost_model import HardwareSpec, ModelSpec, causal_context
 from llumnix_py.engines.sim.profiles import (
     A10,
     LLAMA_7B,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 from llumnix_py.engines.types import Request, SamplingParams
 from llumnix_py.llumlet import Llumlet, LlumletConfig

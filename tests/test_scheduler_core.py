@@ -6,7 +6,6 @@ import pytest
 
 from llumnix_py.engines.types import EngineLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
-from policies.config import PolicyConfig
 from policies.types import RequestView
 
 TOTAL = 100

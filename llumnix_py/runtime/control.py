@@ -1,0 +1,264 @@
+"""How a frontend reaches the scheduler and the instances: one small interface, two runtimes.
+
+``LocalControlPlane`` talks to a ``SchedulerDaemon`` in this process;
+``RayControlPlane`` to the named scheduler actor and the llumlet actors, with a
+fallback (dispatch by last-known loads, direct llumlet calls) while the scheduler
+is unreachable.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+from llumnix_py.config import ClusterConfig
+from llumnix_py.errors import LlumnixError
+from llumnix_py.runtime.base import InstanceHandle
+from policies.dispatch import DispatchState
+from policies.dispatch import dispatch as dispatch_policy
+from policies.types import InstanceLoad, RequestView
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerUnavailableError(LlumnixError):
+    """The global scheduler does not answer (killed, restarting)."""
+
+
+class ControlPlane(abc.ABC):
+    """The scheduler and the instances as a frontend sees them."""
+
+    @abc.abstractmethod
+    def dispatch(self, request: RequestView) -> Optional[str]: ...
+
+    @abc.abstractmethod
+    def instance(self, instance_id: str) -> Optional[InstanceHandle]: ...
+
+    @abc.abstractmethod
+    def instance_ids(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def membership(self) -> dict[str, Any]:
+        """``{"generation", "instances", "dead", "loads"}`` (see ``SchedulerDaemon.membership``)."""
+
+    @abc.abstractmethod
+    def drain(self, instance_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def launch(self, n: int) -> list[str]: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def forget(self, instance_id: str) -> None:
+        """The frontend found ``instance_id`` dead: stop using it."""
+
+    def restart_scheduler(self) -> None:
+        raise NotImplementedError("this runtime's scheduler runs in the frontend's process")
+
+
+class LocalControlPlane(ControlPlane):
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+
+    def dispatch(self, request: RequestView) -> Optional[str]:
+        return self.daemon.dispatch(request)
+
+    def instance(self, instance_id: str) -> Optional[InstanceHandle]:
+        return self.daemon.handle(instance_id)
+
+    def instance_ids(self) -> list[str]:
+        return self.daemon.instance_ids()
+
+    def state(self) -> dict[str, Any]:
+        return self.daemon.state()
+
+    def membership(self) -> dict[str, Any]:
+        return self.daemon.membership()
+
+    def drain(self, instance_id: str) -> None:
+        self.daemon.drain(instance_id)
+
+    def launch(self, n: int) -> list[str]:
+        return self.daemon.launch(n)
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+class RayControlPlane(ControlPlane):
+    """The scheduler actor and the llumlet actors, with a fallback while the scheduler is gone.
+
+    Every successful ``membership`` call (the frontend's supervisor makes one about
+    ten times a second) refreshes a local copy of the instance ids and loads. When a
+    scheduler call fails, the frontend dispatches with the same policy over that
+    copy, polls the llumlets' loads itself, and calls the llumlets directly by
+    name; it tries the scheduler again (by name: a restarted one is found) every
+    ``retry_s`` seconds.
+    """
+
+    retry_s = 1.0
+    call_timeout_s = 10.0
+
+    def __init__(self, actor, config: ClusterConfig, owner: bool = True) -> None:
+        self.actor = actor
+        self.config = config
+        self.namespace = config.ray_namespace
+        self.owner = owner
+        self._instances: dict[str, InstanceHandle] = {}
+        self._lock = threading.Lock()
+        self._ids: list[str] = []  # last known live instances
+        self._loads: dict[str, InstanceLoad] = {}  # their last known loads
+        self._dead: list[str] = []  # instances found dead while the scheduler was away
+        self._dispatch_state = DispatchState(config.seed)
+        self._down_until = float("-inf")
+        self._generation = 0
+
+    # ----- the scheduler, or the fallback -------------------------------------------------
+    @property
+    def scheduler_reachable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _call(self, method: str, *args, timeout: Optional[float] = None):
+        import ray
+
+        from llumnix_py.runtime.ray_runtime import SCHEDULER_NAME
+
+        if not self.scheduler_reachable:
+            raise SchedulerUnavailableError("the scheduler is unreachable")
+        try:
+            if self.actor is None:
+                self.actor = ray.get_actor(SCHEDULER_NAME, namespace=self.namespace)
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout or self.call_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, LlumnixError) else exc) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as exc:
+            # ValueError: no actor of that name (not restarted yet)
+            self._down_until = time.monotonic() + self.retry_s
+            self.actor = None  # look it up by name next time: a restarted scheduler is a new actor
+            raise SchedulerUnavailableError(f"the scheduler is unreachable: {type(exc).__name__}") from None
+
+    def dispatch(self, request: RequestView) -> Optional[str]:
+        try:
+            return self._call("dispatch", request)
+        except SchedulerUnavailableError:
+            return self._fallback_dispatch(request)
+
+    def _fallback_dispatch(self, request: RequestView) -> Optional[str]:
+        with self._lock:
+            loads = [self._loads[i] for i in self._ids if i in self._loads]
+            choice = dispatch_policy(loads, request, self.config.scheduler.policy, self._dispatch_state)
+            if choice is None:
+                return None
+            self._dispatch_state.on_dispatch(choice.instance_id, request)
+            return choice.instance_id
+
+    def membership(self) -> dict[str, Any]:
+        try:
+            m = self._call("membership")
+        except SchedulerUnavailableError:
+            m = None
+        if m is None:  # unreachable, or restarting and not ready
+            return self._probe()
+        with self._lock:
+            self._ids = list(m["instances"])
+            self._loads = {x.instance_id: x for x in m["loads"]}
+            for iid in self._ids:
+                self._dispatch_state.on_poll(iid)
+        return m
+
+    def _probe(self) -> dict[str, Any]:
+        """Membership without the scheduler: poll the known instances directly."""
+        from llumnix_py.runtime.ray_runtime import probe_loads
+        from llumnix_py.scheduler.core import to_instance_load
+
+        handles = [h for h in (self.instance(i) for i in list(self._ids)) if h is not None]
+        loads, died = probe_loads(handles, timeout_s=2.0) if handles else ({}, [])
+        with self._lock:
+            for iid, load in loads.items():
+                self._loads[iid] = to_instance_load(iid, load)
+                self._dispatch_state.on_poll(iid)
+            for iid in died:
+                self._forget_locked(iid)
+                self._dead.append(iid)
+            if died:
+                self._generation += 1
+            return {"generation": -self._generation, "instances": list(self._ids), "dead": list(self._dead),
+                    "loads": [self._loads[i] for i in self._ids if i in self._loads]}
+
+    def forget(self, instance_id: str) -> None:
+        with self._lock:
+            self._forget_locked(instance_id)
+
+    def _forget_locked(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+        if instance_id in self._ids:
+            self._ids.remove(instance_id)
+        self._loads.pop(instance_id, None)
+        self._dispatch_state.forget(instance_id)
+
+    def restart_scheduler(self) -> None:
+        from llumnix_py.runtime.ray_runtime import restart_scheduler
+
+        self.actor = restart_scheduler(self.config)
+        self._down_until = float("-inf")
+
+    # ----- instances ----------------------------------------------------------------------
+    def instance(self, instance_id: str) -> Optional[InstanceHandle]:
+        with self._lock:
+            handle = self._instances.get(instance_id)
+        if handle is None:
+            import ray
+
+            from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, RayInstance
+
+            try:
+                actor = ray.get_actor(INSTANCE_PREFIX + instance_id, namespace=self.namespace)
+            except ValueError:
+                return None
+            handle = RayInstance(instance_id, "", actor)
+            with self._lock:
+                self._instances[instance_id] = handle
+        return handle
+
+    def instance_ids(self) -> list[str]:
+        try:
+            ids = self._call("instance_ids")
+        except SchedulerUnavailableError:
+            with self._lock:
+                return list(self._ids)
+        with self._lock:
+            self._ids = list(ids)
+        return ids
+
+    def state(self) -> dict[str, Any]:
+        return self._call("state")
+
+    def drain(self, instance_id: str) -> None:
+        self._call("drain", instance_id)
+
+    def launch(self, n: int) -> list[str]:
+        return self._call("launch", n, timeout=300)
+
+    def stop(self) -> None:
+        if not self.owner:
+            return
+        import ray
+
+        from llumnix_py.runtime.ray_runtime import kill_instances
+
+        try:
+            self._down_until = float("-inf")
+            self._call("stop", True)
+        except SchedulerUnavailableError:
+            kill_instances(self.namespace)  # nobody else will stop them (they are detached)
+        finally:
+            if self.actor is not None:
+                ray.kill(self.actor)
