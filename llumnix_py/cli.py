@@ -32,7 +32,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="Llama-layout checkpoint folder (default: seeded random weights)")
     g.add_argument("--model-name", default="llumnix-tiny", help="model name the API reports")
     g.add_argument("--num-blocks", type=int, default=512, help="KV blocks per instance")
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default 16; 32 for --engine vllm, whose CPU kernels need a multiple of 32)")
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--threads", type=int, default=1, help="torch threads per instance")
@@ -66,7 +67,8 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
     return ClusterConfig(
         num_instances=args.instances,
         engine=EngineSpec(kind=args.engine,
-                          engine=EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size,
+                          engine=EngineConfig(num_blocks=args.num_blocks,
+                                              block_size=args.block_size or (32 if args.engine == "vllm" else 16),
                                               max_batch_size=args.max_batch_size),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),

@@ -572,6 +572,12 @@ def _frontend_model_info(config: ClusterConfig):
     tokenizer = load_tokenizer(config.engine.checkpoint)
     spec = config.engine
     limit = spec.max_model_len
+    if spec.kind == "vllm" and spec.checkpoint:
+        import json
+        from pathlib import Path
+
+        positions = json.loads((Path(spec.checkpoint) / "config.json").read_text()).get("max_position_embeddings")
+        limit = min(limit or positions, positions) if positions else limit
     if spec.kind == "torch":
         if spec.checkpoint:
             import json

@@ -268,3 +268,34 @@ def test_one_request_of_a_batch_migrates_others_unaffected(engines):
     assert state.status == SeqStatus.RUNNING
     assert state.num_computed_tokens == len(state.prompt_token_ids) + len(state.output_token_ids) - 1
     assert pair.finish() == refs
+
+
+def test_request_preempted_during_precopy_aborts_migration(engines):
+    """vLLM preempts the newest running request when blocks run out; its blocks are recycled,
+    so a pre-copy that began before must abort (ABORTED_SRC), not send stale KV."""
+    a, b = engines
+    long_prompt = tuple(range(5, 5 + 300))  # 10 blocks each; three of them outgrow 40 blocks
+    pair = Pair(a, b)
+    pair.add(*(req(f"p{i}", max_tokens=200, prompt=long_prompt) for i in range(3)))
+    pair.step(a, 2)
+    preempted = []
+
+    def before(action):
+        if isinstance(action, p.QueryBlocks) and action.num_sent > 0:
+            for _ in range(400):  # bounded: the test fails below rather than hang
+                if preempted:
+                    break
+                out = a.step()
+                preempted.extend(out.preempted)
+                for o in out.outputs:
+                    pair.tokens[o.request_id].extend(o.new_token_ids)
+
+    m = SourceMigration("mig", "p2", config=MigrationConfig(max_stages=3, last_stage_max_blocks=0))
+    done, _ = pair.drive(m, before)
+    assert preempted == ["p2"]
+    assert done.status == MigrationStatus.ABORTED_SRC, done
+    assert b.load().reserved_blocks == 0 and b.load().used_blocks == 0
+    assert [r.request_id for r in a.load().waiting] == ["p2"] and not a.load().waiting[0].migrating
+    for rid in ("p0", "p1", "p2"):
+        a.abort_request(rid)
+    pair.finish()

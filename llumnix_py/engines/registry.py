@@ -15,7 +15,8 @@ class EngineSpec:
     """What engine an instance runs; plain data, so it can be shipped to a Ray actor.
 
     Attributes:
-        kind: ``torch`` (built-in, default), ``sim`` (cost model), or a registered adapter.
+        kind: ``torch`` (built-in, default), ``sim`` (cost model), ``vllm`` (vLLM v1 engine,
+            needs vLLM installed), or a registered adapter.
         engine: block pool and batching limits.
         model: built-in engine model shape (``ModelConfig`` kwargs) for seeded random weights.
         checkpoint: a Llama-layout checkpoint folder (built-in engine).
@@ -58,7 +59,15 @@ def _build_sim(spec: EngineSpec) -> EngineAdapter:
     return EngineCore(spec.engine, SimExecutor(profile))
 
 
-_BUILDERS: dict[str, Callable[[EngineSpec], EngineAdapter]] = {"torch": _build_torch, "sim": _build_sim}
+def _build_vllm(spec: EngineSpec) -> EngineAdapter:
+    # vLLM lives in its own environment (`make test-vllm` builds .venv-vllm); imported only when asked for.
+    from llumnix_py.engines.vllm import build_vllm_engine
+
+    return build_vllm_engine(spec)
+
+
+_BUILDERS: dict[str, Callable[[EngineSpec], EngineAdapter]] = {
+    "torch": _build_torch, "sim": _build_sim, "vllm": _build_vllm}
 
 
 def register_engine(kind: str, builder: Callable[[EngineSpec], EngineAdapter]) -> None:

@@ -11,10 +11,16 @@ from llumnix_py.engines.registry import engine_kinds, register_engine
 
 
 def build_vllm_engine(spec):
-    """Registry builder: see ``llumnix_py.engines.vllm.adapter.build_vllm_engine``."""
-    from llumnix_py.engines.vllm.adapter import build_vllm_engine as build
+    """Registry builder: an ``EngineSpec`` -> a started ``VLLMEngineAdapter`` (loads the model).
 
-    return build(spec)
+    ``spec.checkpoint`` is the model folder; ``spec.engine`` gives the block size (a multiple
+    of 32 on CPU), usable blocks, batch and token limits and the watermark; ``spec.model``
+    passes extra ``vllm.EngineArgs`` as (name, value) pairs.
+    """
+    from llumnix_py.engines.vllm.adapter import VLLMEngineAdapter
+    from llumnix_py.engines.vllm.config import VLLMEngineConfig
+
+    return VLLMEngineAdapter.start(VLLMEngineConfig.from_spec(spec))
 
 
 if "vllm" not in engine_kinds():  # the main registry may already name us (lazily)

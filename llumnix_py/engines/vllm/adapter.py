@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-
-import torch
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+import torch
 
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.types import (
@@ -51,6 +52,9 @@ from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownReques
 log = logging.getLogger(__name__)
 
 _SEED_MIX = 0x9E3779B97F4A7C15
+# vLLM's CPU kernels keep process-wide scratch state: two engine cores of one process must
+# not run model code (a step, a KV read or write) at the same time. One lock per process.
+_PROCESS_LOCK = threading.Lock()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -61,13 +65,12 @@ def cdiv(a: int, b: int) -> int:
 class _Tracked:
     """What the adapter knows of one request beside vLLM's own record.
 
-    ``prior`` are the outputs generated before this instance adopted the request
-    (a migrated-in request: vLLM sees them as the end of its prompt).
+    For a migrated-in request, vLLM's prompt is ``request.prompt_token_ids`` followed by
+    the outputs generated before this instance adopted it; ``num_outputs`` counts those too.
     """
 
     request: Request
-    prior: tuple[int, ...] = ()
-    num_outputs: int = 0  # outputs so far, ``prior`` included: the next output's index
+    num_outputs: int = 0  # outputs so far (all instances): the next output's index
     base_preemptions: int = 0
     frozen_from: Optional[SeqStatus] = None
     mig_epoch: Optional[int] = None  # vLLM preemption count when a pre-copy began
@@ -205,8 +208,9 @@ class VLLMEngineAdapter(EngineAdapter):
         before = [(r, r.num_computed_tokens, r.num_tokens, r.num_preemptions)
                   for r in self.vllm.running() + self.vllm.waiting()]
         t0 = time.perf_counter()
-        outputs, executed = self.core.step()
-        self.core.post_step(executed)
+        with _PROCESS_LOCK:
+            outputs, executed = self.core.step()
+            self.core.post_step(executed)
         duration = time.perf_counter() - t0
         prefill = decode = 0
         preempted = []
@@ -339,7 +343,8 @@ class VLLMEngineAdapter(EngineAdapter):
         return rec
 
     def read_blocks(self, block_ids: Sequence[int]) -> object:
-        return self.vllm.read_kv(block_ids)
+        with _PROCESS_LOCK:
+            return self.vllm.read_kv(block_ids)
 
     # ----- migration primitives: destination side -------------------------------------------------
     def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:
@@ -374,7 +379,8 @@ class VLLMEngineAdapter(EngineAdapter):
         if tuple(data.shape) != expected or str(data.dtype) != self.vllm.kv_dtype:
             raise ValueError(f"KV data of shape {tuple(data.shape)} {data.dtype} does not match "
                              f"{expected} {self.vllm.kv_dtype}")
-        self.vllm.write_kv(block_ids, data)
+        with _PROCESS_LOCK:
+            self.vllm.write_kv(block_ids, data)
 
     def commit_dst(self, state: MigrationRequestState) -> None:
         rid = state.request_id
@@ -397,7 +403,7 @@ class VLLMEngineAdapter(EngineAdapter):
         else:
             self.free_pre_alloc(rid)
         self.core.add_request(vreq)  # holding KV: vLLM schedules it ahead of the waiting queue
-        self._tracked[rid] = _Tracked(request, prior=state.output_token_ids, num_outputs=len(state.output_token_ids),
+        self._tracked[rid] = _Tracked(request, num_outputs=len(state.output_token_ids),
                                       base_preemptions=state.num_preemptions)
 
     # ----- checks ------------------------------------------------------------------------------------
@@ -419,15 +425,3 @@ def _eos_token_ids(hf_config: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
-
-
-def build_vllm_engine(spec) -> VLLMEngineAdapter:
-    """``EngineSpec`` -> adapter: limits from ``spec.engine``, the model from ``spec.checkpoint``,
-    extra ``vllm.EngineArgs`` from ``spec.model`` (a tuple of (name, value) pairs)."""
-    e = spec.engine
-    config = VLLMEngineConfig(
-        checkpoint=spec.checkpoint or "", block_size=e.block_size, num_blocks=e.num_blocks,
-        max_model_len=spec.max_model_len, max_num_seqs=e.max_batch_size, max_num_batched_tokens=e.max_batched_tokens,
-        watermark=e.watermark, num_threads=spec.num_threads, extra=dict(spec.model),
-    )
-    return VLLMEngineAdapter.start(config)

@@ -55,6 +55,16 @@ class VLLMEngineConfig:
         if clash:
             raise ValueError(f"extra vLLM arguments may not set {sorted(clash)} (the adapter fixes them)")
 
+    @classmethod
+    def from_spec(cls, spec) -> "VLLMEngineConfig":
+        """From an ``EngineSpec``: limits from ``spec.engine``, the model from ``spec.checkpoint``,
+        extra ``vllm.EngineArgs`` from ``spec.model`` (a tuple of (name, value) pairs)."""
+        e = spec.engine
+        return cls(checkpoint=spec.checkpoint or "", block_size=e.block_size, num_blocks=e.num_blocks,
+                   max_model_len=spec.max_model_len, max_num_seqs=e.max_batch_size,
+                   max_num_batched_tokens=e.max_batched_tokens, watermark=e.watermark,
+                   num_threads=spec.num_threads, extra=dict(spec.model))
+
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for ``vllm.EngineArgs``.
 

@@ -1,0 +1,89 @@
+"""Two llumlets over real vLLM instances: the engine loops run in their own threads and a
+live migration goes over the ZeroMQ transport while the request keeps decoding."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from llumnix_py.engines.types import Request, SamplingParams
+from llumnix_py.llumlet import Llumlet, LlumletConfig
+from llumnix_py.tokens import CallbackSink, OrderedStream
+from migration.protocol import MigrationConfig, MigrationStatus
+
+FRONTEND = "tcp://frontend-under-test"
+PROMPT = tuple(range(5, 75))
+
+
+class Recorder:
+    """A frontend: per-request ordered streams (dedup and reorder across instances)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.streams: dict[str, OrderedStream] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.done: set[str] = set()
+        self.emitters: dict[str, set[str]] = {}
+
+    def __call__(self, instance_id, reply_to, outputs) -> None:
+        assert reply_to == FRONTEND
+        with self.lock:
+            for o in outputs:
+                self.emitters.setdefault(o.request_id, set()).add(instance_id)
+                ready, done = self.streams.setdefault(o.request_id, OrderedStream()).push(instance_id, o)
+                self.tokens.setdefault(o.request_id, []).extend(ready)
+                if done:
+                    self.done.add(o.request_id)
+
+    def count(self, rid: str) -> int:
+        with self.lock:
+            return len(self.tokens.get(rid, ()))
+
+    def wait(self, rid: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if rid in self.done:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"request {rid} did not finish")
+
+
+def reference(engine, max_tokens: int) -> list[int]:
+    engine.add_request(Request("ref", PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+    out: list[int] = []
+    while engine.has_unfinished():
+        for o in engine.step().outputs:
+            out.extend(o.new_token_ids)
+    assert out
+    return out
+
+
+def test_live_migration_over_zmq_while_decoding(engines):
+    ref = reference(engines[0], 300)  # before the llumlets own the engines' threads
+    rec = Recorder()
+    cfg = dict(transport="zmq", lease_timeout_s=None, migration=MigrationConfig(max_stages=3, last_stage_max_blocks=1))
+    a = Llumlet(LlumletConfig(instance_id="a", **cfg), engines[0], CallbackSink(rec))
+    b = Llumlet(LlumletConfig(instance_id="b", **cfg), engines[1], CallbackSink(rec))
+    a.start()
+    b.start()
+    try:
+        a.add_request(Request("r", PROMPT, SamplingParams(max_tokens=300, ignore_eos=True), reply_to=FRONTEND))
+        while rec.count("r") < 40:
+            time.sleep(0.002)
+        result = a.migrate_now("r", b.address, "m1")
+        assert result.status == MigrationStatus.FINISHED, result.reason
+        assert result.stages >= 2 and result.blocks >= 3
+        rec.wait("r")
+        assert rec.tokens["r"] == ref
+        assert rec.emitters["r"] == {"a", "b"}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (a.is_idle() and b.is_idle()):
+            time.sleep(0.01)
+    finally:
+        a.stop()
+        b.stop()
+    for e in engines:
+        e.step()
+        e.check_invariants()
+        assert e.load().used_blocks == 0
