@@ -97,12 +97,15 @@ class RequestHandle:
         self.resumes = 0  # times it was resumed by recomputation after its instance died
         self.placed = False  # an instance accepted it (before that, submit handles faults itself)
 
-    def _bind_loop(self) -> None:
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._aq = asyncio.Queue()
-        except RuntimeError:
-            self._loop = None
+    def _bind_loop(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None
+                return
+        self._loop = loop
+        self._aq = asyncio.Queue()  # binds to the loop at first use, so it may be made in any thread
 
     def _deliver(self, ev: TokenEvent) -> None:
         if self._loop is not None and self._aq is not None:
@@ -269,9 +272,20 @@ class Cluster:
         self.control.restart_scheduler()
 
     # ----- requests ----------------------------------------------------------------------
+    async def submit_async(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
+                           priority: int = 0, request_id: Optional[str] = None) -> RequestHandle:
+        """``submit`` for event-loop code: the dispatch and placement calls (blocking remote
+        calls on Ray) run in a worker thread, so a burst of requests is placed concurrently
+        and the loop keeps streaming meanwhile. The handle iterates on the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(self.submit, prompt_token_ids, sampling, priority, request_id, loop)
+
     def submit(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
-               priority: int = 0, request_id: Optional[str] = None) -> RequestHandle:
-        """Dispatch a request; raises ``InvalidRequestError`` or ``NoInstanceError``."""
+               priority: int = 0, request_id: Optional[str] = None,
+               loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestHandle:
+        """Dispatch a request; raises ``InvalidRequestError`` or ``NoInstanceError``.
+
+        The handle's async iteration runs on ``loop`` (default: the running loop, if any)."""
         sampling = sampling or SamplingParams()
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         prompt = tuple(prompt_token_ids)
@@ -285,7 +299,7 @@ class Cluster:
         if iid is None:
             raise NoInstanceError("no instance can take requests")
         handle = RequestHandle(self, rid, iid, request)
-        handle._bind_loop()
+        handle._bind_loop(loop)
         with self._lock:
             if rid in self._handles:
                 raise InvalidRequestError(f"request id {rid} is in use")

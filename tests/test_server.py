@@ -404,6 +404,9 @@ def test_no_instance_is_503():
         def submit(self, *a, **kw):
             raise NoInstanceError("no instance can take requests")
 
+        async def submit_async(self, *a, **kw):
+            return self.submit(*a, **kw)
+
         def instance_ids(self):
             return []
 

@@ -210,7 +210,7 @@ class _Frontend:
                                       top_p=1.0 if req.top_p is None else float(req.top_p),
                                       seed=req.seed, ignore_eos=req.ignore_eos)
             rid = f"{fmt_cls.prefix}-{uuid.uuid4().hex}"
-            handle = self.cluster.submit(prompt_ids, sampling, priority=req.priority, request_id=rid)
+            handle = await self.cluster.submit_async(prompt_ids, sampling, priority=req.priority, request_id=rid)
         except InvalidRequestError as exc:
             raise APIError(400, str(exc)) from None
         except NoInstanceError as exc:
