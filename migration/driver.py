@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
+import torch
+
 from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import LlumnixError
 from migration import protocol as p
@@ -95,8 +97,11 @@ class LocalPort:
 
     def copy(self, migration_id, src_ids, dst_ids):
         data = self.src.read_blocks(src_ids)
-        msg = wire.Blocks(migration_id, tuple(dst_ids), "uint8", (len(dst_ids),))
-        reply = self._handle(msg, data)
+        if isinstance(data, torch.Tensor):
+            dtype, shape = wire.dtype_name(data.dtype), tuple(data.shape)
+        else:  # an engine without KV data (the simulated one): the message carries only block ids
+            dtype, shape = "uint8", (len(dst_ids),)
+        reply = self._handle(wire.Blocks(migration_id, tuple(dst_ids), dtype, shape), data)
         if not reply.ok:
             raise TransportError(reply.error or "copy failed")
 
@@ -137,6 +142,7 @@ class MigrationDriver:
 
     def run(self, m: p.SourceMigration) -> MigrationResult:
         t0 = self.clock()
+        self._frozen_at = self._committed_at = None  # a driver may be reused
         action = m.start()
         while not isinstance(action, p.Done):
             action = m.on(self.execute(m, action))
