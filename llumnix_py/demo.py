@@ -110,9 +110,10 @@ def run_demo(instances: int = 4, requests: int = 32, runtime: str = "ray", seed:
                 if m["migration_id"] not in printed:
                     printed.add(m["migration_id"])
                     colour = "green" if m["status"] == "finished" else "yellow"
+                    what = (f"{m['stages']} stages, {m['blocks']} KV blocks, downtime {m['downtime_ms']:.2f} ms"
+                            if m["blocks"] else "queued request (no KV)")
                     console.print(f"  [{colour}]migration[/] {m['request_id']}: {m['src']} -> {m['dst']} "
-                                  f"{m['status']}, {m['stages']} stages, {m['blocks']} blocks, "
-                                  f"downtime {m['downtime_ms']:.2f} ms (total {m['total_ms']:.1f} ms)", soft_wrap=True)
+                                  f"{m['status']}, {what} (total {m['total_ms']:.1f} ms)", soft_wrap=True)
             stop.wait(0.2)
 
     results: list[dict] = []

@@ -259,7 +259,8 @@ class SchedulerDaemon:
                     "terminating": inst.terminating,
                     "freeness": freeness(inst, cfg),
                 })
-            downtimes = [r.downtime_s for r in self.results if r.status == MigrationStatus.FINISHED]
+            # Downtime of running requests whose KV moved; a queued request was not decoding anyway.
+            downtimes = [r.downtime_s for r in self.results if r.status == MigrationStatus.FINISHED and r.blocks]
             recent = list(self.recent)
             return {
                 "instances": instances,
