@@ -107,7 +107,7 @@ class Recorder:
         with self.cond:
             return self.counts.get(rid, 0)
 
-    def wait(self, rid: str, n: int, timeout: float = 300.0) -> None:
+    def wait(self, rid: str, n: int, timeout: float = 120.0) -> None:
         with self.cond:
             if not self.cond.wait_for(lambda: self.counts.get(rid, 0) >= n, timeout=timeout):
                 raise RuntimeError(f"{rid}: {self.counts.get(rid, 0)} tokens after {timeout} s, wanted {n}")
@@ -138,7 +138,7 @@ class Pair:
     def add(self, k: str, rid: str, length: int, max_tokens: int, salt: int) -> None:
         from llumnix_py.engines.types import Request, SamplingParams
 
-        prompt = tuple((salt * 131 + 7 * i) % 500 + 2 for i in range(length))  # vocab 512, skip bos/eos
+        prompt = tuple((salt * 131 + 7 * i) % 400 + 2 for i in range(length))  # vocab ~450, skip bos/eos
         self.llumlets[k].add_request(Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                                              reply_to="tcp://bench-frontend"))
 
@@ -173,13 +173,17 @@ def measure_length(pair: Pair, length: int, live_repeats: int, tag: str = "seq")
     blocking = pair.migrate(where, rid, "blocking")
     where = pair.other(where)
     pair.rec.wait(rid, pair.rec.count(rid) + 2)
-    before = pair.rec.count(rid)
     rec = pair.migrate(where, rid, "recompute")
     dst = pair.other(where)
     freeze_t = rec.committed_at - rec.downtime_s
-    pair.rec.wait(rid, before + 1)
+
+    def dst_times() -> list[float]:  # tokens the destination emitted after the freeze
+        return [t for _index, inst, t in pair.rec.events[rid] if inst == dst and t >= freeze_t]
+
     with pair.rec.cond:
-        first_t = min(t for index, inst, t in pair.rec.events[rid] if index >= before and inst == dst)
+        if not pair.rec.cond.wait_for(dst_times, timeout=120):
+            raise RuntimeError(f"{rid}: no token from {dst} after recomputation")
+        first_t = min(dst_times())
     pair.llumlets[dst].abort(rid)
     return {
         "length": length,
@@ -278,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if max(lengths) > MAX_POS - 256:
         ap.error(f"lengths must be <= {MAX_POS - 256} (the request must keep decoding while it migrates)")
     repeats = args.repeats or (3 if args.quick else 5)
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=130)
     t0 = time.perf_counter()
     out = run(lengths, repeats, args.threads, console)
     out["wall_s"] = time.perf_counter() - t0

@@ -100,6 +100,19 @@ def arrival_times(cfg: BenchConfig, rng: np.random.Generator) -> np.ndarray:
     return np.cumsum(gaps) - gaps[0]
 
 
+async def _sse_lines(resp: httpx.Response):
+    """Lines of an SSE body split on ``\n`` only: JSON text may hold U+2028 or U+0085
+    unescaped, which ``aiter_lines`` would also treat as line breaks."""
+    buf = b""
+    async for data in resp.aiter_bytes():
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if buf:
+        yield buf.decode("utf-8", errors="replace")
+
+
 async def _one(client: httpx.AsyncClient, cfg: BenchConfig, prompt: list[int], max_tokens: int) -> RequestRecord:
     body = {"model": cfg.model, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0.0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -110,7 +123,7 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, prompt: list[int], m
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 return RequestRecord(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-            async for line in resp.aiter_lines():
+            async for line in _sse_lines(resp):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])

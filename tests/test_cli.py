@@ -92,3 +92,19 @@ def test_bench_against_serve(server, tmp_path):
     for key in ("ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms", "e2e_mean_ms", "e2e_p99_ms"):
         assert summary[key] >= 0
     assert "TTFT" in res.stdout
+
+
+def test_bench_splits_sse_lines_on_newline_only():
+    """JSON text may carry U+2028 or U+0085 unescaped (vLLM's server does); they are not line breaks."""
+    import asyncio
+
+    from llumnix_py.bench import _sse_lines
+
+    body = 'data: {"t": "a\u2028b\x85c"}\n\ndata: [DONE]\n\n'.encode()
+
+    async def lines():
+        return [line async for line in _sse_lines(httpx.Response(200, content=body))]
+
+    got = asyncio.run(lines())
+    assert got[0] == 'data: {"t": "a\u2028b\x85c"}' and json.loads(got[0][6:])["t"] == "a\u2028b\x85c"
+    assert "data: [DONE]" in got
