@@ -1,0 +1,68 @@
+"""`llumnix-py serve --engine vllm` end to end: the real command, the OpenAI API, two vLLM instances."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_answers_openai_requests(checkpoint):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llumnix_py.cli", "serve", "--engine", "vllm", "--model", checkpoint,
+           "--instances", "2", "--runtime", "local", "--num-blocks", "40", "--max-model-len", "512",
+           "--max-batch-size", "8", "--port", str(port), "--model-name", "tiny"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.5)
+        models = httpx.get(url + "/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        # Non-streaming and streaming completions, through the scheduler to the vLLM instances.
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": list(range(5, 45)), "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["completion_tokens"] == 24 and len(body["choices"][0]["token_ids"]) == 24
+        ids = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": list(range(5, 45)), "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    ids.extend(chunk["choices"][0].get("token_ids") or [] if chunk.get("choices") else [])
+        assert ids == body["choices"][0]["token_ids"]  # greedy: the same tokens, streamed
+        state = httpx.get(url + "/v1/cluster/state", timeout=10).json()
+        assert len(state["instances"]) == 2
+        assert all(i["used_blocks"] == 0 for i in state["instances"])
+        assert httpx.post(url + "/v1/completions", timeout=30, json={"model": "tiny"}).status_code == 400
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
