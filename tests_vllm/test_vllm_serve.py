@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 
 def _free_port() -> int:
@@ -19,10 +20,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command_answers_openai_requests(checkpoint):
+@pytest.mark.parametrize("runtime", ["local", "ray"])
+def test_serve_command_answers_openai_requests(checkpoint, runtime):
     port = _free_port()
     cmd = [sys.executable, "-m", "llumnix_py.cli", "serve", "--engine", "vllm", "--model", checkpoint,
-           "--instances", "2", "--runtime", "local", "--num-blocks", "40", "--max-model-len", "512",
+           "--instances", "2", "--runtime", runtime, "--num-blocks", "40", "--max-model-len", "512",
            "--max-batch-size", "8", "--port", str(port), "--model-name", "tiny"]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
