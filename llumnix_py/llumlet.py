@@ -425,7 +425,8 @@ class Llumlet:
                 now = self.clock()
                 self.dest.expire(now)
                 lapsed = self._expire_leases(now)
-                self._snapshot = self.engine.load()
+                if out is not None or refused:  # idle: a poll finds the lock free and reads a fresh load
+                    self._snapshot = self.engine.load()
             for target, outs in list(lapsed.items()) + list(refused.items()):
                 if not self._dead:
                     self.sink.emit(self.instance_id, target, outs)

@@ -11,17 +11,19 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Iterator
 
-from llumnix_py.cluster import Cluster, RequestHandle
-from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, PolicyConfig, SchedulerConfig
-from llumnix_py.engines.registry import build_engine
-from llumnix_py.engines.types import Request, SamplingParams
-from tests.factories import run_to_completion
-
-MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
-         ("num_kv_heads", 2), ("dtype", "float64"))
-RESULT_TIMEOUT_S = 120.0
+from llumnix_py.cluster import Cluster
+from llumnix_py.config import (
+    ClusterConfig,
+    EngineConfig,
+    EngineSpec,
+    PolicyConfig,
+    SchedulerConfig,
+)
+from llumnix_py.engines.types import SamplingParams
+from tests.cluster_helpers import SMALL_MODEL as MODEL
+from tests.cluster_helpers import prompts, reference, wait_all
 
 
 def spec(num_blocks: int = 128, max_batch_size: int = 32) -> EngineSpec:
@@ -40,25 +42,6 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def prompts(n: int, base_len: int = 40, step: int = 5) -> list[tuple[int, ...]]:
-    """Distinct, deterministic prompts of growing length (tokens in 1..300)."""
-    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
-
-
-def reference(engine: EngineSpec, prompt_list: Sequence[tuple[int, ...]], max_tokens: int) -> list[list[int]]:
-    """Greedy tokens of each prompt from one engine, no migration."""
-    eng = build_engine(engine)
-    reqs = [Request(f"ref{i}", p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=float(i))
-            for i, p in enumerate(prompt_list)]
-    tokens = run_to_completion(eng, requests=reqs)
-    return [tokens[f"ref{i}"] for i in range(len(prompt_list))]
-
-
-def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
-    assert handles
-    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
 
 
 def assert_no_leak(cluster: Cluster) -> None:

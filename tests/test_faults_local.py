@@ -16,28 +16,37 @@ promises of issue 7:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import pytest
 
-from llumnix_py.cluster import Cluster, RequestFailedError, RequestHandle
-from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, SchedulerConfig
-from llumnix_py.engines.registry import build_engine
+from llumnix_py.cluster import Cluster, RequestFailedError
+from llumnix_py.config import (
+    ClusterConfig,
+    EngineConfig,
+    EngineSpec,
+    LlumletConfig,
+    SchedulerConfig,
+)
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.runtime.base import InstanceDiedError
 from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.tokens import CallbackSink
 from migration import wire
-from tests.factories import make_engine, run_to_completion
-
-MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
-         ("num_kv_heads", 2), ("dtype", "float64"))
-RESULT_TIMEOUT_S = 120.0
+from tests.cluster_helpers import (
+    RESULT_TIMEOUT_S,
+    prompts,
+    reference,
+    samplings,
+    wait_all,
+    wait_for,
+)
+from tests.cluster_helpers import SMALL_MODEL as MODEL
+from tests.factories import make_engine
 
 
 def spec(num_blocks: int = 128) -> EngineSpec:
@@ -52,25 +61,6 @@ def config(num_instances: int, engine: EngineSpec, *, migration: bool = True, he
                                   heartbeat_timeout_s=heartbeat_s),
         llumlet=LlumletConfig(instance_id="template", transport="inproc", migration_timeout_s=1.0,
                               lease_timeout_s=lease_s))
-
-
-def prompts(n: int, base_len: int = 40, step: int = 5) -> list[tuple[int, ...]]:
-    return [tuple((7 * i + 13 * j) % 300 + 1 for j in range(base_len + step * i)) for i in range(n)]
-
-
-def samplings(n: int, max_tokens: int) -> list[SamplingParams]:
-    """Alternating greedy and seeded sampling."""
-    return [SamplingParams(max_tokens=max_tokens, ignore_eos=True) if i % 2 == 0 else
-            SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=1000 + i, ignore_eos=True)
-            for i in range(n)]
-
-
-def reference(engine: EngineSpec, ps: Sequence[tuple[int, ...]], sps: Sequence[SamplingParams]) -> list[list[int]]:
-    """The tokens of a fault-free run: one engine, no migration."""
-    big = dataclasses.replace(engine, engine=dataclasses.replace(engine.engine, num_blocks=2048))
-    reqs = [Request(f"ref{i}", p, sp, arrival_time=float(i)) for i, (p, sp) in enumerate(zip(ps, sps))]
-    tokens = run_to_completion(build_engine(big), requests=reqs)
-    return [tokens[f"ref{i}"] for i in range(len(ps))]
 
 
 class Emissions:
@@ -115,13 +105,6 @@ def local(cluster: Cluster, iid: str) -> LocalInstance:
     return inst
 
 
-def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def assert_no_leak(cluster: Cluster) -> None:
     """Every surviving instance is empty, its blocks all free (reservations too), engine consistent."""
     ids = cluster.instance_ids()
@@ -134,11 +117,6 @@ def assert_no_leak(cluster: Cluster) -> None:
         assert load.used_blocks == 0 and load.reserved_blocks == 0
         assert not load.running and not load.waiting
         inst.llumlet.engine.check_invariants()
-
-
-def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
-    assert handles
-    return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
 
 
 # ----- an instance dies with requests running -----------------------------------------------------
