@@ -10,8 +10,12 @@ torch thread count) on the same batch of ``--batch`` token-id prompts, greedy,
   concurrently by httpx as streaming ``/v1/completions`` calls.
 
 Reported: output tokens/s (all tokens / wall time from the first submit to the
-last token) and mean time to first token. The target is that the stack keeps
->= 90% of the direct throughput. ``--profile`` samples every thread's Python
+last token), mean time to first token, engine steps and engine busy time (the
+summed model-forward time: it separates a slower engine from time lost between
+steps). One cluster serves every stack round; ``--repeats`` rounds alternate a
+direct and a stack run, and the table gives the best round of each side and the
+median of the per-round ratios. The target is that the stack keeps >= 90% of the
+direct throughput. ``--profile`` samples every thread's Python
 stack while the stack phase runs (a small built-in sampling profiler: py-spy and
 yappi are not available) and prints where the time goes.
 
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from llumnix_py.cluster import Cluster  # noqa: E402
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec  # noqa: E402
@@ -63,18 +68,21 @@ def run_direct(prompts: list[list[int]], max_tokens: int, threads: int) -> dict[
     while engine.has_unfinished():
         engine.step()
     first: dict[str, float] = {}
-    tokens = 0
+    tokens = steps = 0
+    busy = 0.0
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(Request(f"d{i}", tuple(p), sp, arrival_time=float(i)))
     while engine.has_unfinished():
         out = engine.step()
         now = time.perf_counter()
+        steps += 1
+        busy += out.duration_s
         for o in out.outputs:
             tokens += len(o.new_token_ids)
             first.setdefault(o.request_id, now)
     wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps, "busy_s": busy,
             "ttft_ms": statistics.mean(first[f"d{i}"] - t0 for i in range(len(prompts))) * 1e3}
 
 
@@ -159,20 +167,33 @@ class StackSampler:
         return t
 
 
-def run_stack(prompts: list[list[int]], max_tokens: int, threads: int, runtime: str,
-              sampler: Optional[StackSampler]) -> dict[str, float]:
-    config = ClusterConfig(num_instances=1, runtime=runtime, engine=EngineSpec(num_threads=threads))
-    cluster = Cluster.start(config)
-    server = ServerThread(create_app(cluster)).start()
-    try:
+class Stack:
+    """One cluster and HTTP server, started once and driven for every stack round."""
+
+    def __init__(self, threads: int, runtime: str) -> None:
+        config = ClusterConfig(num_instances=1, runtime=runtime, engine=EngineSpec(num_threads=threads))
+        self.cluster = Cluster.start(config)
+        self.server = ServerThread(create_app(self.cluster)).start()
+        (iid,) = self.cluster.instance_ids()
+        self.instance = self.cluster.control.instance(iid)
+
+    def run(self, prompts: list[list[int]], max_tokens: int, sampler: Optional[StackSampler]) -> dict[str, float]:
+        before = self.instance.stats()
         if sampler is not None:
             sampler.start()
-        return asyncio.run(_drive_stack(server.url, prompts, max_tokens))
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        server.stop()
-        cluster.stop()
+        try:
+            result = asyncio.run(_drive_stack(self.server.url, prompts, max_tokens))
+        finally:
+            if sampler is not None:
+                sampler.stop()
+        after = self.instance.stats()
+        result["steps"] = after["steps"] - before["steps"]
+        result["busy_s"] = after["busy_s"] - before["busy_s"]
+        return result
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.cluster.stop()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -186,7 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (256; quick 64; smoke 4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the engine (both sides)")
-    p.add_argument("--repeats", type=int, default=None, help="alternating direct/stack rounds (best of; 2, smoke 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="alternating direct/stack rounds on one cluster (best and median of; 3, smoke 1)")
     p.add_argument("--profile", action="store_true", help="sample thread stacks during the stack phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
@@ -197,15 +219,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     batch = args.batch or (2 if args.smoke else 16)
     max_tokens = args.max_tokens or (4 if args.smoke else 64 if args.quick else 256)
-    repeats = args.repeats or (1 if args.smoke or args.quick else 2)
+    repeats = args.repeats or (1 if args.smoke else 3)
     prompts = make_prompts(batch, args.prompt_len, args.seed)
 
     direct, stack = [], []
     sampler = StackSampler() if args.profile else None
-    for r in range(repeats):
-        direct.append(run_direct(prompts, max_tokens, args.threads))
-        stack.append(run_stack(prompts, max_tokens, args.threads, args.runtime,
-                               sampler if r == repeats - 1 else None))
+    bench = Stack(args.threads, args.runtime)
+    try:
+        for r in tqdm(range(repeats), desc="direct/stack rounds", disable=repeats == 1):
+            direct.append(run_direct(prompts, max_tokens, args.threads))
+            stack.append(bench.run(prompts, max_tokens, sampler if r == repeats - 1 else None))
+    finally:
+        bench.stop()
+    # Per-round ratios: both sides of a round ran back to back, so they saw the same machine.
+    paired = sorted(s_["tokens_per_s"] / d["tokens_per_s"] for d, s_ in zip(direct, stack))
     best_d = max(direct, key=lambda x: x["tokens_per_s"])
     best_s = max(stack, key=lambda x: x["tokens_per_s"])
     result: dict[str, Any] = {
@@ -214,19 +241,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         "direct_tokens_per_s": round(best_d["tokens_per_s"], 1), "stack_tokens_per_s": round(best_s["tokens_per_s"], 1),
         "direct_ttft_ms": round(best_d["ttft_ms"], 1), "stack_ttft_ms": round(best_s["ttft_ms"], 1),
         "ratio": round(best_s["tokens_per_s"] / best_d["tokens_per_s"], 3),
+        "median_round_ratio": round(statistics.median(paired), 3),
+        "direct_steps": best_d["steps"], "stack_steps": best_s["steps"],
+        "direct_busy_s": round(best_d["busy_s"], 3), "stack_busy_s": round(best_s["busy_s"], 3),
         "all_direct_tokens_per_s": [round(x["tokens_per_s"], 1) for x in direct],
         "all_stack_tokens_per_s": [round(x["tokens_per_s"], 1) for x in stack],
     }
     table = Table(title=f"serving overhead: batch {batch}, prompt {args.prompt_len}, {max_tokens} tokens each, "
                         f"runtime {args.runtime}, {args.threads} torch thread(s)")
-    for col in ("path", "tokens/s", "mean TTFT ms", "wall s"):
+    for col in ("path", "tokens/s", "mean TTFT ms", "wall s", "engine steps", "engine busy s"):
         table.add_column(col, justify="right")
-    table.add_row("direct (EngineCore loop)", f"{best_d['tokens_per_s']:.0f}", f"{best_d['ttft_ms']:.1f}",
-                  f"{best_d['wall_s']:.2f}")
-    table.add_row("stack (HTTP + cluster)", f"{best_s['tokens_per_s']:.0f}", f"{best_s['ttft_ms']:.1f}",
-                  f"{best_s['wall_s']:.2f}")
-    table.add_row("stack / direct", f"{100 * result['ratio']:.1f}%", "", "")
-    console = Console()
+    for name, r in (("direct (EngineCore loop)", best_d), ("stack (HTTP + cluster)", best_s)):
+        table.add_row(name, f"{r['tokens_per_s']:.0f}", f"{r['ttft_ms']:.1f}", f"{r['wall_s']:.2f}",
+                      str(r["steps"]), f"{r['busy_s']:.2f}")
+    table.add_row("stack / direct (best rounds)", f"{100 * result['ratio']:.1f}%", "", "", "", "")
+    table.add_row("stack / direct (median of rounds)", f"{100 * result['median_round_ratio']:.1f}%", "", "", "", "")
+    console = Console(width=max(120, Console().width))
     console.print(table)
     if sampler is not None:
         console.print(sampler.table())

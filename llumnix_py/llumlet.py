@@ -115,6 +115,7 @@ class LlumletStats:
     resumed: int = 0  # requests continued here after their instance died
     lease_aborts: int = 0  # requests aborted because their frontend's lease expired
     last_step_ms: float = 0.0
+    busy_s: float = 0.0  # engine step time, summed: busy_s / uptime is the engine's utilisation
 
 
 class _LockedSource:
@@ -453,6 +454,7 @@ class Llumlet:
         self.stats.tokens += len(out.outputs)
         self.stats.preemptions += len(out.preempted)
         self.stats.last_step_ms = out.duration_s * 1e3
+        self.stats.busy_s += out.duration_s
         for target, outs in groups.items():
             self.sink.emit(self.instance_id, target, outs)
 
