@@ -30,6 +30,9 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     "round_robin": ("round_robin", False),
     "infaas++": ("load", False),
     "llumnix": ("freeness", True),
+    # Ablation, not run by default: Llumnix's migration behind INFaaS++'s dispatch rule,
+    # which separates what migration buys from what the dispatch rule buys.
+    "llumnix+load-dispatch": ("load", True),
 }
 
 

@@ -38,6 +38,25 @@ def test_serving(tmp_path):
             assert s["prefill_p99"] >= s["prefill_mean"] >= 0
 
 
+def test_serving_rate_scale_and_systems(tmp_path):
+    js = tmp_path / "scaled.json"
+    data = serving.main(["--smoke", "--no-progress", "--out", str(tmp_path / "scaled"), "--json", str(js),
+                         "--rate-scale", "1,2", "--systems", "infaas++,llumnix+load-dispatch"])
+    assert list(data) == ["L-L"]
+    assert sorted(data["L-L"], key=float) == ["0.6", "1.2"]  # the smoke rate, and twice it
+    for by_system in data["L-L"].values():
+        assert set(by_system) == {"infaas++", "llumnix+load-dispatch"}
+    assert by_system["infaas++"]["migrations"] == 0  # no migration without Llumnix
+    md = (tmp_path / "scaled" / "serving.md").read_text()
+    assert "llumnix+load-dispatch" in md
+
+
+@pytest.mark.parametrize("flag,value", [("--rate-scale", "0"), ("--rate-scale", "x"), ("--systems", "nope")])
+def test_serving_rejects_bad_sweep_options(tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        serving.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])
+
+
 def test_priorities(tmp_path):
     data = _run(priorities, tmp_path, "priorities")
     for by_system in data.values():
