@@ -37,3 +37,7 @@ def test_serving_overhead_smoke(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     for key in ("direct_tokens_per_s", "stack_tokens_per_s", "direct_ttft_ms", "stack_ttft_ms"):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
+    # The engine's own counters, read from the instance: every stack token came from a step it timed.
+    assert r["stack_steps"] >= r["max_tokens"] and r["direct_steps"] >= r["max_tokens"]
+    assert 0 < r["stack_busy_s"] and 0 < r["direct_busy_s"]
+    assert 0 < r["median_round_ratio"]
