@@ -274,8 +274,9 @@ def test_stream_client_disconnect_frees_blocks(server, cluster):
                 if line.startswith("data: "):
                     seen += 1
                 if seen >= 5:
+                    # Checked while still connected: once the stream closes, the server may abort at once.
+                    assert cluster.active_requests(), "the request should still be running when the client leaves"
                     break
-        assert cluster.active_requests(), "the request should still be running when the client leaves"
     wait_idle(cluster, timeout=5)  # 1500 tokens take far longer: the server aborted it
     assert metric(server, "llumnix_requests_total", status="aborted") == aborted_before + 1
 
