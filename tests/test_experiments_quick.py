@@ -68,9 +68,10 @@ def test_priorities(tmp_path):
 
 def test_autoscaling(tmp_path):
     data = _run(autoscaling, tmp_path, "autoscaling")
-    assert set(data) == {"poisson", "gamma", "threshold"}
+    assert set(data) == {"poisson", "gamma", "threshold", "equal_p99"}
     assert data["poisson"] and data["threshold"]
-    for part in data.values():
+    assert isinstance(data["equal_p99"], list)
+    for part in (data["poisson"], data["gamma"], data["threshold"]):
         for by_system in part.values():
             assert set(by_system) == {"infaas++", "llumnix"}
             assert all({"prefill_p99", "avg_instances"} <= set(s) for s in by_system.values())
@@ -91,3 +92,29 @@ def test_scheduler_overhead(tmp_path, module, name):
     for v in data.values():
         assert v["rounds"] > 0 and v["dispatches"] > 0
         assert v["migration_round_mean_ms"] > 0
+
+
+def test_cost_curve_keeps_the_cheapest_point_for_each_p99():
+    # (p99, instances): the 9-instance point at P99 20 is beaten by 7 instances at P99 10.
+    curve = autoscaling.cost_curve([(20.0, 9.0), (10.0, 7.0), (40.0, 5.0), (5.0, 8.0), (float("inf"), 1.0)])
+    assert curve == [(5.0, 8.0), (10.0, 7.0), (40.0, 5.0)]
+
+
+def test_cost_at_interpolates_in_log_p99_and_refuses_to_extrapolate():
+    curve = [(1.0, 10.0), (100.0, 4.0)]
+    assert autoscaling.cost_at(curve, 10.0) == pytest.approx(7.0)  # halfway in log space
+    assert autoscaling.cost_at(curve, 1.0) == 10.0 and autoscaling.cost_at(curve, 100.0) == 4.0
+    assert autoscaling.cost_at(curve, 0.5) is None and autoscaling.cost_at(curve, 200.0) is None
+    assert autoscaling.cost_at([(3.0, 6.0)], 3.0) == 6.0
+
+
+def test_equal_p99_costs_reads_llumnix_cost_at_each_infaas_p99():
+    def point(i_p99, i_cost, l_p99, l_cost):
+        return {"infaas++": {"prefill_p99": i_p99, "avg_instances": i_cost},
+                "llumnix": {"prefill_p99": l_p99, "avg_instances": l_cost}}
+    threshold = {"5": point(2.0, 10.0, 1.0, 8.0), "20": point(8.0, 8.0, 4.0, 6.0), "40": point(50.0, 6.0, 16.0, 4.0)}
+    rows = autoscaling.equal_p99_costs(threshold)
+    # INFaaS++'s P99 2 and 8 fall inside Llumnix's range [1, 16]; 50 does not.
+    assert [r["p99"] for r in rows] == [2.0, 8.0]
+    assert rows[0]["llumnix_instances"] == pytest.approx(7.0) and rows[0]["saving"] == pytest.approx(0.3)
+    assert rows[1]["llumnix_instances"] == pytest.approx(5.0) and rows[1]["saving"] == pytest.approx(0.375)
