@@ -61,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              s["decode_mean"], s["decode_p99"]]
             for cv, by_sys in results.items() for system, by_cls in by_sys.items() for cls, s in by_cls.items()]
     common.print_table("Priorities (seconds)", headers, rows)
-    common.write_markdown(args.out / "priorities.md", "Priorities (Figure 13)", [("Latencies (seconds)", headers, rows)],
+    common.write_markdown(args.out / "priorities.md", "Priorities (Figure 13)",
+                          [("Latencies (seconds)", headers, rows)],
                           notes=f"S-S, Gamma arrivals, 10% high priority, headroom {args.headroom} blocks, "
                                 f"seed {args.seed}.")
     metrics = [("e2e_mean", "E2E mean (s)"), ("prefill_mean", "Prefill mean (s)"),

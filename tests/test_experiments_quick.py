@@ -100,21 +100,26 @@ def test_cost_curve_keeps_the_cheapest_point_for_each_p99():
     assert curve == [(5.0, 8.0), (10.0, 7.0), (40.0, 5.0)]
 
 
-def test_cost_at_interpolates_in_log_p99_and_refuses_to_extrapolate():
+def test_cost_at_interpolates_in_log_p99_and_never_extrapolates():
     curve = [(1.0, 10.0), (100.0, 4.0)]
-    assert autoscaling.cost_at(curve, 10.0) == pytest.approx(7.0)  # halfway in log space
-    assert autoscaling.cost_at(curve, 1.0) == 10.0 and autoscaling.cost_at(curve, 100.0) == 4.0
-    assert autoscaling.cost_at(curve, 0.5) is None and autoscaling.cost_at(curve, 200.0) is None
-    assert autoscaling.cost_at([(3.0, 6.0)], 3.0) == 6.0
+    assert autoscaling.cost_at(curve, 10.0) == pytest.approx((10.0, 7.0))  # halfway in log space
+    assert autoscaling.cost_at(curve, 1.0) == (1.0, 10.0) and autoscaling.cost_at(curve, 100.0) == (100.0, 4.0)
+    assert autoscaling.cost_at(curve, 0.5) is None  # nothing on the curve is that good
+    assert autoscaling.cost_at(curve, 200.0) == (100.0, 4.0)  # beyond: the cheapest point, at a better P99
+    assert autoscaling.cost_at([(3.0, 6.0)], 3.0) == (3.0, 6.0)
 
 
 def test_equal_p99_costs_reads_llumnix_cost_at_each_infaas_p99():
     def point(i_p99, i_cost, l_p99, l_cost):
         return {"infaas++": {"prefill_p99": i_p99, "avg_instances": i_cost},
                 "llumnix": {"prefill_p99": l_p99, "avg_instances": l_cost}}
-    threshold = {"5": point(2.0, 10.0, 1.0, 8.0), "20": point(8.0, 8.0, 4.0, 6.0), "40": point(50.0, 6.0, 16.0, 4.0)}
+    threshold = {"5": point(2.0, 10.0, 1.0, 8.0), "20": point(8.0, 8.0, 4.0, 6.0), "40": point(50.0, 6.0, 16.0, 4.0),
+                 "60": point(0.5, 12.0, 1.5, 9.0)}
     rows = autoscaling.equal_p99_costs(threshold)
-    # INFaaS++'s P99 2 and 8 fall inside Llumnix's range [1, 16]; 50 does not.
-    assert [r["p99"] for r in rows] == [2.0, 8.0]
+    # INFaaS++'s P99 0.5 is better than anything Llumnix reached: no row. 2 and 8 interpolate; 50 is beyond
+    # Llumnix's worst P99 (16), so it gets Llumnix's cheapest point, at that better P99.
+    assert [r["p99"] for r in rows] == [2.0, 8.0, 50.0]
     assert rows[0]["llumnix_instances"] == pytest.approx(7.0) and rows[0]["saving"] == pytest.approx(0.3)
     assert rows[1]["llumnix_instances"] == pytest.approx(5.0) and rows[1]["saving"] == pytest.approx(0.375)
+    assert rows[2]["llumnix_p99"] == 16.0 and rows[2]["llumnix_instances"] == 4.0
+    assert rows[2]["saving"] == pytest.approx(1 - 4.0 / 6.0)
