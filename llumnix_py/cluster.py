@@ -11,7 +11,8 @@ request through the global scheduler, sends it to the chosen llumlet, and
 reassembles the tokens that arrive from whichever instance holds the request,
 dropping duplicates and reordering by position across migrations.
 
-Faults (a supervisor thread, started with the cluster, every ``supervise_interval_s``):
+Faults (``llumnix_py.supervision``: a supervisor thread, started with the cluster, every
+``supervise_interval_s``):
 
 - an instance dies: the scheduler removes it and lists it in ``membership()["dead"]``;
   each request whose owner (the last instance that sent it tokens, or its dispatch
@@ -24,144 +25,38 @@ Faults (a supervisor thread, started with the cluster, every ``supervise_interva
   restarted scheduler (``restart_scheduler``) attaches the running instances.
 - the frontend dies: it renews a lease on every instance (``renew_lease``) about
   every second; llumlets abort the requests of a frontend whose lease lapsed.
+
+``RequestHandle``, ``TokenEvent``, ``NoInstanceError`` and ``RequestFailedError`` live in
+``llumnix_py.handles`` and are importable from here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
-from llumnix_py.engines.types import (FinishReason, MigrationRequestState, Request, RequestOutput, SamplingParams,
-                                      SeqStatus)
-from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
+from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
+from llumnix_py.errors import InvalidRequestError, UnknownRequestError
+from llumnix_py.handles import RequestFailedError  # noqa: F401  (re-exported: part of this module's API)
+from llumnix_py.handles import NoInstanceError, RequestHandle, TokenEvent, _put_all
 from llumnix_py.runtime.base import InstanceDiedError
 from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
-from llumnix_py.tokens import CallbackSink, OrderedStream, TokenReceiver
+from llumnix_py.supervision import FaultSupervision
+from llumnix_py.tokens import CallbackSink, TokenReceiver
 from policies.types import RequestView
 
-log = logging.getLogger(__name__)
 
+class Cluster(FaultSupervision):
+    """A running llumnix-py deployment, seen from a frontend.
 
-class NoInstanceError(LlumnixError):
-    """No instance can take a request (none running, or all terminating)."""
-
-
-class RequestFailedError(LlumnixError):
-    """A request ended with an error (its instance died and no other could continue it)."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """Tokens of one request that became deliverable, in order."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    index: int  # output position of token_ids[0]
-    instance_id: str  # the instance that sent them
-    finish_reason: Optional[FinishReason] = None
-    error: Optional[str] = None  # set (with finish_reason ABORT) when the request failed
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-class RequestHandle:
-    """One submitted request: iterate its ``TokenEvent``s (async) or wait for ``result``."""
-
-    def __init__(self, cluster: "Cluster", request_id: str, instance_id: str,
-                 request: Optional[Request] = None) -> None:
-        self.cluster = cluster
-        self.request = request  # kept to resume it elsewhere if its instance dies
-        self.request_id = request_id
-        self.instance_id = instance_id  # where it was dispatched
-        self.stream = OrderedStream(owner=instance_id)
-        self.submitted_at = time.monotonic()
-        self.first_token_at: Optional[float] = None
-        self.finished_at: Optional[float] = None
-        self.instances_seen: list[str] = [instance_id]
-        self._q: "queue.SimpleQueue[TokenEvent]" = queue.SimpleQueue()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._aq: Optional[asyncio.Queue] = None
-        self.token_ids: list[int] = []
-        self.finish_reason: Optional[FinishReason] = None
-        self.error: Optional[str] = None
-        self.resumes = 0  # times it was resumed by recomputation after its instance died
-        self.placed = False  # an instance accepted it (before that, submit handles faults itself)
-
-    def _bind_loop(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._loop = None
-                return
-        self._loop = loop
-        self._aq = asyncio.Queue()  # binds to the loop at first use, so it may be made in any thread
-
-    def _deliver(self, ev: TokenEvent) -> None:
-        if self._loop is not None and self._aq is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-        else:
-            self._q.put(ev)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._aiter()
-
-    async def _aiter(self) -> AsyncIterator[TokenEvent]:
-        if self._aq is None:
-            raise RuntimeError("submit() the request from a running event loop to iterate it asynchronously")
-        while True:
-            ev = await self._aq.get()
-            yield ev
-            if ev.finished:
-                return
-
-    def events(self, timeout: Optional[float] = None):
-        """Synchronous iteration (for requests submitted outside an event loop)."""
-        while True:
-            ev = self._q.get(timeout=timeout)
-            yield ev
-            if ev.finished:
-                return
-
-    def result(self, timeout: Optional[float] = 60.0) -> list[int]:
-        """Block until the request finishes; returns all its tokens.
-
-        Raises ``RequestFailedError`` if it ended with an error."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                self._q.get(timeout=left)
-            except queue.Empty:
-                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s") from None
-        if self.error is not None:
-            raise RequestFailedError(f"request {self.request_id} failed: {self.error}")
-        return list(self.token_ids)
-
-
-class Cluster:
-    """A running llumnix-py deployment, seen from a frontend."""
-
-    supervise_interval_s = 0.1  # membership checks (dead instances) and lease renewals
-    census_window_s = 3.0  # after a death, look for requests no live instance holds for this long
-    census_confirm_s = 0.3  # ... and resume one missing from two censuses this far apart
+    Fault supervision (``supervise_once``, ``start_supervisor``, ``stop_supervisor`` and the
+    ``supervise_interval_s`` / ``census_*`` settings) comes from ``FaultSupervision``.
+    """
 
     def __init__(self, config: ClusterConfig, control: ControlPlane, tokenizer, max_model_len: int,
                  receiver: Optional[TokenReceiver] = None) -> None:
@@ -179,14 +74,7 @@ class Cluster:
         self.misrouted = 0  # outputs an instance sent to another frontend address (in-process runtime)
         self.resumed = 0  # requests resumed on another instance after theirs died
         self.failed = 0  # requests ended with an error
-        self._dead: set[str] = set()  # instances known dead
-        self._supervisor: Optional[threading.Thread] = None
-        self._stop_supervisor = threading.Event()
-        self._last_lease = float("-inf")
-        self._dead_seen = 0
-        self._members: set[str] = set()  # live instances in the last membership
-        self._census_until = float("-inf")
-        self._suspects: dict[str, float] = {}  # request id -> first census that missed it
+        self._init_supervision()
 
     # ----- construction ----------------------------------------------------------------
     @classmethod
@@ -251,20 +139,6 @@ class Cluster:
         if self._receiver is not None:
             self._receiver.stop()
 
-    def start_supervisor(self) -> None:
-        """Start watching for dead instances and renewing this frontend's leases."""
-        if self._supervisor is not None:
-            return
-        self._stop_supervisor.clear()
-        self._supervisor = threading.Thread(target=self._supervise, name="frontend-supervisor", daemon=True)
-        self._supervisor.start()
-
-    def stop_supervisor(self) -> None:
-        """Stop it (``stop`` does; tests also use it to play a frontend that died)."""
-        self._stop_supervisor.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=10)
-        self._supervisor = None
 
     def restart_scheduler(self) -> None:
         """Start the global scheduler again if it is gone; it attaches the running instances
@@ -392,170 +266,6 @@ class Cluster:
         with self._lock:
             return list(self._handles)
 
-    # ----- faults ------------------------------------------------------------------------
-    def _supervise(self) -> None:
-        while not self._stop_supervisor.is_set():
-            try:
-                self.supervise_once()
-            except Exception:
-                log.exception("frontend supervision failed")
-            self._stop_supervisor.wait(self.supervise_interval_s)
-
-    def supervise_once(self) -> None:
-        """One round: learn dead instances, resume their requests, renew leases."""
-        m = self.control.membership()
-        now = time.monotonic()
-        members = set(m["instances"])
-        # Dead, or gone without the scheduler saying so (it restarted meanwhile, or drained
-        # it: then its requests are held elsewhere and nothing is resumed).
-        for iid in set(m["dead"]) | (self._members - members):
-            if iid not in self._dead:
-                self._mark_dead(iid)
-        self._members = members
-        if len(self._dead) != self._dead_seen:  # someone died: look for its requests for a while
-            self._dead_seen = len(self._dead)
-            self._census_until = now + self.census_window_s
-        live = [i for i in m["instances"] if i not in self._dead]
-        census = now < self._census_until
-        if not census:
-            self._suspects.clear()
-        self._resume_orphans(live, census, now)
-        lease = self.config.llumlet.lease_timeout_s
-        if self.reply_to and lease is not None and now - self._last_lease >= min(1.0, lease / 4):
-            self._last_lease = now
-            for iid in live:
-                inst = self.control.instance(iid)
-                try:
-                    if inst is not None:
-                        inst.renew_lease(self.reply_to)
-                except InstanceDiedError:
-                    self._mark_dead(iid)
-                except Exception as exc:
-                    log.warning("lease renewal on %s failed: %s", iid, exc)
-
-    def _mark_dead(self, instance_id: str) -> None:
-        with self._lock:
-            self._dead.add(instance_id)
-        self.control.forget(instance_id)
-
-    def _resume_orphans(self, live: Sequence[str], census: bool, now: float) -> None:
-        """Requests that no live instance holds continue elsewhere (or end with an error).
-
-        Fast path: the request's owner (last sender, or dispatch target) died. Census
-        (for ``census_window_s`` after a death): a request may have moved to the dead
-        instance before sending anything from there (its owner is then a live former
-        source), so every live instance is asked which requests it holds; a request
-        missing from two censuses ``census_confirm_s`` apart (a migration between two
-        live instances can hide it from one census) is resumed.
-        """
-        with self._lock:
-            active = [h for h in self._handles.values() if h.placed and not h.finished]
-        orphans = [h for h in active if h.stream.owner in self._dead]
-        others = [h for h in active if h.stream.owner not in self._dead] if census else []
-        if not orphans and not others:
-            return
-        ids = [h.request_id for h in orphans + others]
-        holders: dict[str, str] = {}
-        for iid in live:
-            inst = self.control.instance(iid)
-            try:
-                for rid in (inst.held(ids) if inst is not None else ()):
-                    holders[rid] = iid
-            except InstanceDiedError:
-                self._mark_dead(iid)
-            except Exception as exc:  # unknown whether it holds them: decide next round
-                log.warning("asking %s for orphaned requests failed: %s", iid, exc)
-                return
-        for h in orphans:
-            if h.request_id in holders:
-                with self._lock:
-                    h.stream.owner = holders[h.request_id]
-            else:
-                self._resume(h)
-        for h in others:
-            rid = h.request_id
-            if rid in holders:
-                self._suspects.pop(rid, None)
-            elif now - self._suspects.setdefault(rid, now) >= self.census_confirm_s:
-                self._suspects.pop(rid, None)
-                self._resume(h)
-
-    def _resume(self, handle: RequestHandle) -> None:
-        """Continue ``handle``'s request on a live instance by recomputation from its prompt
-        and the tokens delivered so far; fail it if no instance can."""
-        req = handle.request
-        if req is None:
-            self._fail(handle, "its instance died and the request cannot be resumed")
-            return
-        with self._lock:
-            if handle.finished:
-                return
-            delivered = tuple(handle.token_ids)
-            dead_owner = handle.stream.owner
-        state = MigrationRequestState(req.request_id, req.prompt_token_ids, delivered, req.sampling, req.priority,
-                                      req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to)
-        block = self.config.engine.engine.block_size
-        n = len(req.prompt_token_ids) + len(delivered)
-        view = RequestView(req.request_id, 0, -(-n // block), req.priority, req.arrival_time,
-                           len(req.prompt_token_ids), len(delivered))
-        tried: set[str] = set(self._dead)
-        while True:
-            iid = self._pick_other(view, exclude=tried)
-            if iid is None:
-                break
-            tried.add(iid)
-            inst = self.control.instance(iid)
-            if inst is None:
-                continue
-            try:
-                inst.resume_request(state)
-            except InstanceDiedError:
-                self._mark_dead(iid)
-                continue
-            except Exception as exc:  # refused (aborted there, does not fit) or unreachable
-                log.warning("resuming %s on %s failed: %s", req.request_id, iid, exc)
-                continue
-            with self._lock:
-                if handle.stream.owner == dead_owner:
-                    handle.stream.owner = iid
-                handle.resumes += 1
-                self.resumed += 1
-            log.info("request %s resumed on %s after %d tokens (%s died)", req.request_id, iid, len(delivered),
-                     dead_owner)
-            return
-        self._fail(handle, f"its instance died ({dead_owner} last sent its tokens) and no other instance "
-                           f"could continue the request")
-
-    def _pick_other(self, view: RequestView, exclude: set[str]) -> Optional[str]:
-        """The dispatcher's choice if it is not excluded, else any other live instance."""
-        try:
-            iid = self.control.dispatch(view)
-        except Exception as exc:
-            log.warning("dispatch failed: %s", exc)
-            iid = None
-        if iid is not None and iid not in exclude:
-            return iid
-        try:
-            ids = self.control.instance_ids()
-        except Exception:
-            ids = []
-        others = [i for i in ids if i not in exclude]
-        return others[0] if others else None
-
-    def _fail(self, handle: RequestHandle, message: str) -> None:
-        with self._lock:
-            if handle.finished:
-                return
-            handle.finish_reason = FinishReason.ABORT
-            handle.error = message
-            handle.finished_at = time.monotonic()
-            self._handles.pop(handle.request_id, None)
-            self.failed += 1
-            ev = TokenEvent(handle.request_id, (), handle.stream.next_index, handle.stream.owner,
-                            FinishReason.ABORT, error=message)
-        log.warning("request %s failed: %s", handle.request_id, message)
-        handle._deliver(ev)
-
     # ----- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Instances (load, freeness), migrations by outcome, downtimes, scale events."""
@@ -606,7 +316,3 @@ def _frontend_model_info(config: ClusterConfig):
         limit = min(limit or positions, positions)
     return tokenizer, limit or 1 << 20
 
-
-def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
-    for q, ev in items:
-        q.put_nowait(ev)
