@@ -35,111 +35,32 @@ Timing model:
   decision is taken while a launch is in flight (as the daemon, whose launch blocks).
   Scale-in marks the instance terminating; it drains by migration and is removed
   once ``GlobalScheduler.drained`` lists it.
+
+Layout: ``SimConfig`` lives in ``llumnix_py.sim.config``; the migration events
+(``_start_migration`` ... ``_finish_migration``) in ``llumnix_py.sim.migrations``,
+mixed into ``SimCluster``. Both are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Sequence
 
-from llumnix_py.engines.core import EngineConfig, EngineCore
+from llumnix_py.engines.core import EngineCore
 from llumnix_py.engines.sequence import cdiv
-from llumnix_py.engines.sim.cost_model import CostProfile
 from llumnix_py.engines.sim.executor import SimExecutor
-from llumnix_py.engines.sim.profiles import PROFILES
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput
-from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder, SchedulerConfig
+from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder
+from llumnix_py.sim.config import SimConfig
 from llumnix_py.sim.metrics import RequestRecord, SimResult, Timeline
+from llumnix_py.sim.migrations import MigrationsMixin, _MigrationRun
 from migration import protocol as p
 from migration.destination import DestinationMigrations
-from migration.driver import LocalPort, MigrationDriver, MigrationResult
-from policies.config import PolicyConfig
+from migration.driver import MigrationResult
 from policies.types import RequestView, ScaleAction
 
 _EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """A simulated cluster.
-
-    Attributes:
-        num_instances: instances at time 0.
-        profile: cost profile name in ``PROFILES`` (or a ``CostProfile``).
-        policy: dispatch / pairing / migrate-out / scaling policies and thresholds.
-        enable_migration: run migration rounds (INFaaS++ and round-robin: False).
-        enable_scaling: run scaling rounds.
-        min_instances / max_instances: override the policy's bounds when set.
-        poll_interval_s: load poll (scheduler tick) period, virtual seconds.
-        migration_interval_s: migration round period, virtual seconds.
-        migration: stages, last-stage threshold, mode of each migration.
-        seed: seeds the dispatcher's random choices.
-        instance_startup_s: scale-out decision -> instance registered.
-        rpc_latency_s: one control round trip to a destination.
-        num_blocks: KV blocks per instance (default: the profile's).
-        max_batch_size / max_batched_tokens / watermark: engine limits.
-        sample_interval_s: period of the usage / fragmentation time series.
-        max_migrations_out / max_migrations_in: concurrent migrations per instance.
-    """
-
-    num_instances: int = 4
-    profile: Union[str, CostProfile] = "llama-7b-a10"
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    enable_migration: bool = True
-    enable_scaling: bool = False
-    min_instances: Optional[int] = None
-    max_instances: Optional[int] = None
-    poll_interval_s: float = 0.05
-    migration_interval_s: float = 0.1
-    migration: p.MigrationConfig = field(default_factory=p.MigrationConfig)
-    seed: int = 0
-    instance_startup_s: float = 10.0
-    rpc_latency_s: float = 0.001
-    num_blocks: Optional[int] = None
-    max_batch_size: int = 256
-    max_batched_tokens: int = 8192
-    watermark: float = 0.01
-    sample_interval_s: float = 1.0
-    max_migrations_out: int = 1
-    max_migrations_in: int = 1
-
-    def __post_init__(self) -> None:
-        if self.num_instances < 1:
-            raise ValueError("num_instances must be >= 1")
-        if isinstance(self.profile, str) and self.profile not in PROFILES:
-            raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
-        for name in ("poll_interval_s", "migration_interval_s", "sample_interval_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
-            raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
-        bounds = {}
-        if self.min_instances is not None:
-            bounds["min_instances"] = self.min_instances
-        if self.max_instances is not None:
-            bounds["max_instances"] = self.max_instances
-        if bounds:
-            object.__setattr__(self, "policy", dataclasses.replace(self.policy, **bounds))
-
-    @property
-    def cost_profile(self) -> CostProfile:
-        return PROFILES[self.profile] if isinstance(self.profile, str) else self.profile
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(
-            policy=self.policy, poll_interval_s=self.poll_interval_s, migration_interval_s=self.migration_interval_s,
-            enable_migration=self.enable_migration, enable_scaling=self.enable_scaling,
-            max_migrations_out=self.max_migrations_out, max_migrations_in=self.max_migrations_in,
-            migration_order_timeout_s=1e9)
-
-    def engine_config(self) -> EngineConfig:
-        prof = self.cost_profile
-        return EngineConfig(num_blocks=self.num_blocks or prof.num_blocks, block_size=prof.block_size,
-                            watermark=self.watermark, max_batch_size=self.max_batch_size,
-                            max_batched_tokens=self.max_batched_tokens)
 
 
 class SimInstance:
@@ -155,19 +76,7 @@ class SimInstance:
         self.deferred: list[tuple["_MigrationRun", p.Action]] = []  # freezes waiting for the step's end
 
 
-@dataclass(eq=False)
-class _MigrationRun:
-    order: MigrationOrder
-    machine: p.SourceMigration
-    driver: MigrationDriver
-    src: SimInstance
-    dst: SimInstance
-    started_at: float
-    frozen_at: Optional[float] = None
-    committed_at: Optional[float] = None
-
-
-class SimCluster:
+class SimCluster(MigrationsMixin):
     """The simulated cluster; ``run`` replays a workload and returns a ``SimResult``."""
 
     def __init__(self, config: SimConfig) -> None:
@@ -242,8 +151,8 @@ class SimCluster:
         return SimResult(
             requests=list(self.records.values()), migrations=self.migrations, timeline=self.timeline,
             instance_changes=self.instance_changes, scale_events=self.scale_events, timings=self.timings,
-            virtual_s=self.now, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, num_events=self._num_events,
-            num_steps=self._num_steps)
+            virtual_s=self.now, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+            num_events=self._num_events, num_steps=self._num_steps)
 
     def schedule_migration(self, at: float, request_id: str, src: str, dst: str, waiting: bool = False) -> None:
         """Migrate ``request_id`` from ``src`` to ``dst`` at virtual time ``at``, by hand
@@ -436,88 +345,3 @@ class SimCluster:
         tl.usage.append(used / total if total else 0.0)
         tl.fragmentation.append(frag / total if total else 0.0)
         tl.instances.append(len(self.instances))
-
-    # ----- migrations ----------------------------------------------------------------------
-    def _start_migration(self, order: MigrationOrder) -> None:
-        src = self.instances.get(order.src)
-        dst = self.instances.get(order.dst)
-        if src is None or dst is None:
-            self.scheduler.on_migration_done(order.migration_id)
-            return
-        machine = p.SourceMigration(order.migration_id, order.request_id, order.waiting, self.config.migration)
-        driver = MigrationDriver(src.engine, LocalPort(dst.dest, src.engine, now=self._clock), clock=self._clock)
-        run = _MigrationRun(order, machine, driver, src, dst, self.now)
-        self._runs[order.migration_id] = run
-        self._advance(run, machine.start())
-
-    def _advance(self, run: _MigrationRun, action: p.Action) -> None:
-        """Carry out actions until one takes virtual time (or the migration is done)."""
-        machine = run.machine
-        while not isinstance(action, p.Done):
-            if isinstance(action, p.Freeze) and run.src.busy:
-                run.src.deferred.append((run, action))  # at the iteration boundary
-                return
-            event = run.driver.execute(machine, action)
-            delay = self._apply_effects(run, action, event)
-            if delay > 0:
-                self._push(self.now + delay, self._on_migration_reply, (run, event))
-                return
-            action = machine.on(event)
-        self._finish_migration(run)
-
-    def _on_migration_reply(self, arg: tuple[_MigrationRun, p.Event]) -> None:
-        run, event = arg
-        self._advance(run, run.machine.on(event))
-
-    def _apply_effects(self, run: _MigrationRun, action: p.Action, event: p.Event) -> float:
-        """Book-keeping after an action ran; returns the virtual time it takes."""
-        src, dst = run.src, run.dst
-        if isinstance(action, p.QueryBlocks):
-            src.dirty = True
-            return 0.0
-        if isinstance(action, p.PreAllocate):
-            dst.dirty = True
-            return self.config.rpc_latency_s
-        if isinstance(action, p.CopyBlocks):
-            return self.profile.migration_time(len(action.src_block_ids))
-        if isinstance(action, p.Freeze):
-            src.dirty = True
-            run.frozen_at = self.now
-            return 0.0
-        if isinstance(action, p.Commit):
-            dst.dirty = True
-            if isinstance(event, p.Committed) and event.ok:
-                run.committed_at = self.now
-                self._wake(dst)
-            return self.config.rpc_latency_s
-        if isinstance(action, p.FreeSrc):
-            src.dirty = True
-            self._wake(src)
-            return 0.0
-        if isinstance(action, p.Rollback):
-            src.dirty = dst.dirty = True
-            if isinstance(event, p.RolledBack) and event.committed_on_dst:
-                run.committed_at = self.now
-            self._wake(src)
-            self._wake(dst)
-            return self.config.rpc_latency_s if action.abort_dst else 0.0
-        return 0.0
-
-    def _finish_migration(self, run: _MigrationRun) -> None:
-        m = run.machine
-        del self._runs[m.migration_id]
-        self.scheduler.on_migration_done(m.migration_id)
-        downtime = 0.0
-        if run.frozen_at is not None and run.committed_at is not None:
-            downtime = run.committed_at - run.frozen_at
-        result = MigrationResult(m.migration_id, m.request_id, m.status, m.reason, m.config.mode.value, m.stages,
-                                 m.blocks_sent, self.now - run.started_at, downtime, run.committed_at or 0.0)
-        self.migrations.append(result)
-        if m.status == p.MigrationStatus.FINISHED:
-            rec = self.records.get(m.request_id)
-            if rec is not None:
-                rec.migrations += 1
-                rec.migration_downtime += downtime
-        run.src.dirty = run.dst.dirty = True
-        self._wake(run.src)
-        self._wake(run.dst)

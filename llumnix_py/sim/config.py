@@ -1,0 +1,105 @@
+"""``SimConfig``: the parameters of one simulated cluster.
+
+A ``SimConfig`` fixes everything a simulator run depends on besides the workload:
+the number of instances at time 0, the cost profile (which sets the KV pool and
+the step / copy costs), the scheduler's policies and periods, the migration
+protocol's settings, and the virtual-time constants of the event model (instance
+start-up, control round trips). It also derives the ``SchedulerConfig`` and the
+``EngineConfig`` that the simulated cluster builds its scheduler and engines from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from llumnix_py.engines.core import EngineConfig
+from llumnix_py.engines.sim.cost_model import CostProfile
+from llumnix_py.engines.sim.profiles import PROFILES
+from llumnix_py.scheduler.core import SchedulerConfig
+from migration import protocol as p
+from policies.config import PolicyConfig
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A simulated cluster.
+
+    Attributes:
+        num_instances: instances at time 0.
+        profile: cost profile name in ``PROFILES`` (or a ``CostProfile``).
+        policy: dispatch / pairing / migrate-out / scaling policies and thresholds.
+        enable_migration: run migration rounds (INFaaS++ and round-robin: False).
+        enable_scaling: run scaling rounds.
+        min_instances / max_instances: override the policy's bounds when set.
+        poll_interval_s: load poll (scheduler tick) period, virtual seconds.
+        migration_interval_s: migration round period, virtual seconds.
+        migration: stages, last-stage threshold, mode of each migration.
+        seed: seeds the dispatcher's random choices.
+        instance_startup_s: scale-out decision -> instance registered.
+        rpc_latency_s: one control round trip to a destination.
+        num_blocks: KV blocks per instance (default: the profile's).
+        max_batch_size / max_batched_tokens / watermark: engine limits.
+        sample_interval_s: period of the usage / fragmentation time series.
+        max_migrations_out / max_migrations_in: concurrent migrations per instance.
+    """
+
+    num_instances: int = 4
+    profile: Union[str, CostProfile] = "llama-7b-a10"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    enable_migration: bool = True
+    enable_scaling: bool = False
+    min_instances: Optional[int] = None
+    max_instances: Optional[int] = None
+    poll_interval_s: float = 0.05
+    migration_interval_s: float = 0.1
+    migration: p.MigrationConfig = field(default_factory=p.MigrationConfig)
+    seed: int = 0
+    instance_startup_s: float = 10.0
+    rpc_latency_s: float = 0.001
+    num_blocks: Optional[int] = None
+    max_batch_size: int = 256
+    max_batched_tokens: int = 8192
+    watermark: float = 0.01
+    sample_interval_s: float = 1.0
+    max_migrations_out: int = 1
+    max_migrations_in: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError("num_instances must be >= 1")
+        if isinstance(self.profile, str) and self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
+        for name in ("poll_interval_s", "migration_interval_s", "sample_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
+            raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
+        bounds = {}
+        if self.min_instances is not None:
+            bounds["min_instances"] = self.min_instances
+        if self.max_instances is not None:
+            bounds["max_instances"] = self.max_instances
+        if bounds:
+            object.__setattr__(self, "policy", dataclasses.replace(self.policy, **bounds))
+
+    @property
+    def cost_profile(self) -> CostProfile:
+        """The ``CostProfile`` named by ``profile`` (or ``profile`` itself)."""
+        return PROFILES[self.profile] if isinstance(self.profile, str) else self.profile
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The ``GlobalScheduler`` config: this policy, periods and limits; orders never time out."""
+        return SchedulerConfig(
+            policy=self.policy, poll_interval_s=self.poll_interval_s, migration_interval_s=self.migration_interval_s,
+            enable_migration=self.enable_migration, enable_scaling=self.enable_scaling,
+            max_migrations_out=self.max_migrations_out, max_migrations_in=self.max_migrations_in,
+            migration_order_timeout_s=1e9)
+
+    def engine_config(self) -> EngineConfig:
+        """Each instance's engine config: the profile's KV pool (or ``num_blocks``) and the engine limits."""
+        prof = self.cost_profile
+        return EngineConfig(num_blocks=self.num_blocks or prof.num_blocks, block_size=prof.block_size,
+                            watermark=self.watermark, max_batch_size=self.max_batch_size,
+                            max_batched_tokens=self.max_batched_tokens)
