@@ -33,7 +33,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-name", default="llumnix-tiny", help="model name the API reports")
     g.add_argument("--num-blocks", type=int, default=512, help="KV blocks per instance")
     g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV block (default 16; 32 for --engine vllm, whose CPU kernels need a multiple of 32)")
+                   help="tokens per KV block (default 16; 32 for --engine vllm, "
+                        "whose CPU kernels need a multiple of 32)")
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--threads", type=int, default=1, help="torch threads per instance")

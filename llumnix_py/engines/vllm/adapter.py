@@ -260,10 +260,12 @@ class VLLMEngineAdapter(EngineAdapter):
         rec = self._tracked[r.request_id]
         blocks = len(self.vllm.block_ids(r.request_id))
         return RequestLoad(
-            request_id=r.request_id, num_blocks=blocks, blocks_needed=0 if blocks else cdiv(r.num_tokens, self.block_size),
+            request_id=r.request_id, num_blocks=blocks,
+            blocks_needed=0 if blocks else cdiv(r.num_tokens, self.block_size),
             prompt_len=len(rec.request.prompt_token_ids), output_len=rec.num_outputs,
             priority=rec.request.priority, arrival_time=rec.request.arrival_time,
-            num_preemptions=rec.base_preemptions + r.num_preemptions, migrating=migrating or rec.frozen_from is not None,
+            num_preemptions=rec.base_preemptions + r.num_preemptions,
+            migrating=migrating or rec.frozen_from is not None,
         )
 
     def request_ids(self) -> list[str]:
