@@ -20,6 +20,11 @@ about every second); when a lease is not renewed for ``lease_timeout_s`` the
 frontend is presumed gone and its requests are aborted here (their blocks freed).
 A request whose instance died is continued by ``resume_request`` (recomputation
 from its prompt and the tokens already delivered, at the right output index).
+
+Layout: this module holds the engine loop, request bookkeeping and the engine lock;
+the migration methods are in ``llumnix_py.llumlet_migration`` (a mixin ``Llumlet``
+inherits) and the settings, counters and ``TokenSink`` in ``llumnix_py.llumlet_types``.
+All of them stay importable from here.
 """
 
 from __future__ import annotations
@@ -30,18 +35,22 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.types import (EngineLoad, FinishReason, MigrationRequestState, Request, RequestLoad,
                                       RequestOutput, SeqStatus, StepOutput)
 from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
+from llumnix_py.llumlet_migration import LlumletMigration
+from llumnix_py.llumlet_migration import _LockedSource as _LockedSource  # re-export
+from llumnix_py.llumlet_migration import _UnlessCrashed as _UnlessCrashed  # re-export
+from llumnix_py.llumlet_types import LlumletConfig as LlumletConfig
+from llumnix_py.llumlet_types import LlumletStats as LlumletStats
+from llumnix_py.llumlet_types import TokenSink as TokenSink
 from migration import wire
 from migration.destination import DestinationMigrations
-from migration.driver import MigrationDriver, MigrationResult, TransportPort
-from migration.protocol import MigrationConfig, MigrationStatus, SourceMigration
-from migration.transports import MigrationTransport, TransportError, get_transport
+from migration.driver import MigrationResult
+from migration.transports import MigrationTransport, get_transport
 
 log = logging.getLogger(__name__)
 
@@ -49,133 +58,9 @@ _TOMBSTONE_TTL_S = 300.0
 _TOMBSTONE_MAX = 100_000
 
 
-class TokenSink(Protocol):
-    """Where a llumlet sends the tokens of one step (grouped by ``reply_to``)."""
-
-    def emit(self, instance_id: str, reply_to: str, outputs: Sequence[RequestOutput]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class LlumletConfig:
-    """Settings of one llumlet.
-
-    Attributes:
-        instance_id: the instance's id.
-        transport: migration transport name (``zmq``, ``gloo``, ``nccl``, ``inproc``).
-        host: address the migration server binds (loopback by default).
-        migration: stages, last-stage threshold, mode.
-        max_outgoing / max_incoming: concurrent migrations as source / destination.
-        migration_timeout_s: transport timeout; a silent source's reservation is freed after it.
-        chunk_blocks: blocks per KV message (pipelining granularity).
-        idle_wait_s: engine loop sleep when there is nothing to run.
-        gil_switch_interval_s: the Python thread switch interval a process running a
-            llumlet should use (``sys.setswitchinterval``; Python's default is 5 ms). The
-            runtime that owns the process applies it: a migration message waiting up to
-            5 ms for the engine thread to yield the interpreter would otherwise dominate
-            the stop-and-copy downtime.
-        secret: shared secret that migration connections must present (CURVE or HMAC,
-            ``migration.security``); needed when ``host`` is not loopback.
-        lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
-            renewed its lease for this long (the first request of an address starts
-            its lease); None never expires leases.
-    """
-
-    instance_id: str
-    transport: str = "zmq"
-    host: str = "127.0.0.1"
-    migration: MigrationConfig = field(default_factory=MigrationConfig)
-    max_outgoing: int = 1
-    max_incoming: int = 1
-    migration_timeout_s: float = 10.0
-    chunk_blocks: int = 256
-    idle_wait_s: float = 0.01
-    lease_timeout_s: Optional[float] = 30.0
-    gil_switch_interval_s: Optional[float] = 0.0005
-    secret: Optional[str] = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.instance_id:
-            raise ValueError("instance_id must be non-empty")
-        if self.lease_timeout_s is not None and self.lease_timeout_s <= 0:
-            raise ValueError("lease_timeout_s must be positive (or None)")
-        get_transport(self.transport)
-        if self.max_outgoing < 1 or self.max_incoming < 1:
-            raise ValueError("max_outgoing and max_incoming must be >= 1")
-
-
-@dataclass
-class LlumletStats:
-    steps: int = 0
-    tokens: int = 0
-    preemptions: int = 0
-    migrations: dict[str, int] = field(default_factory=dict)  # status -> count (as source)
-    migrations_in: int = 0
-    resumed: int = 0  # requests continued here after their instance died
-    lease_aborts: int = 0  # requests aborted because their frontend's lease expired
-    last_step_ms: float = 0.0
-    busy_s: float = 0.0  # engine step time, summed: busy_s / uptime is the engine's utilisation
-
-
-class _LockedSource:
-    """The engine as a migration source: primitives under the engine lock, except
-    ``read_blocks`` of full or frozen blocks, which never change under a step."""
-
-    def __init__(self, llumlet: "Llumlet") -> None:
-        self._l = llumlet
-
-    def _alive(self) -> None:
-        if self._l._dead:  # a crashed instance sends nothing more (as if its process were gone)
-            raise TransportError(f"instance {self._l.instance_id} crashed")
-
-    def incremental_blocks(self, request_id, num_sent, include_last):
-        self._alive()
-        with self._l._locked():
-            return self._l.engine.incremental_blocks(request_id, num_sent, include_last)
-
-    def read_blocks(self, block_ids):
-        self._alive()
-        return self._l.engine.read_blocks(block_ids)
-
-    def freeze(self, request_id):
-        self._alive()
-        with self._l._locked():
-            return self._l.engine.freeze(request_id)
-
-    def unfreeze(self, request_id):
-        with self._l._locked():
-            self._l.engine.unfreeze(request_id)
-
-    def free_src(self, request_id):
-        with self._l._locked():
-            self._l.engine.free_src(request_id)
-
-
-class _UnlessCrashed:
-    """A transport that sends nothing once its llumlet crashed (as if its process were gone)."""
-
-    _SENDS = ("call", "send_blocks", "flush")
-
-    def __init__(self, llumlet: "Llumlet", inner: MigrationTransport) -> None:
-        self._l = llumlet
-        self._inner = inner
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._inner, name)
-        if name not in self._SENDS:
-            return attr
-
-        def send(*args, **kw):
-            if self._l._dead:
-                raise TransportError(f"instance {self._l.instance_id} crashed")
-            return attr(*args, **kw)
-
-        return send
-
-
-class Llumlet:
-    """Runs one engine instance and its migrations."""
+class Llumlet(LlumletMigration):
+    """Runs one engine instance and its migrations (the migration methods are in
+    ``llumnix_py.llumlet_migration.LlumletMigration``)."""
 
     def __init__(self, config: LlumletConfig, engine: EngineAdapter, sink: TokenSink,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -465,117 +350,6 @@ class Llumlet:
         while self._tombstones and (len(self._tombstones) > _TOMBSTONE_MAX or
                                     now - next(iter(self._tombstones.values())) > _TOMBSTONE_TTL_S):
             self._tombstones.popitem(last=False)
-
-    # ----- migration: destination side -----------------------------------------------------
-    def _handle_migration_message(self, msg: Any, payload: Any) -> dict:
-        rid = getattr(msg, "request_id", None) or getattr(getattr(msg, "state", None), "request_id", None)
-        if self._dead:
-            return wire.Reply(ok=False, error=f"instance {self.instance_id} crashed").to_header()
-        with self._locked():
-            if rid is not None and rid in self._tombstones and not isinstance(msg, wire.Abort):
-                self.dest.handle(wire.Abort(getattr(msg, "migration_id", ""), "aborted"), None, self.clock())
-                return wire.Reply(ok=False, error=f"request {rid} was aborted").to_header()
-            reply = self.dest.handle(msg, payload, self.clock())
-            if reply.ok and isinstance(msg, wire.Commit):
-                self._track(msg.state.request_id, msg.state.reply_to)
-                self.stats.migrations_in += 1
-        if reply.ok and isinstance(msg, wire.Commit):
-            self._wake.set()
-        return reply.to_header()
-
-    # ----- migration: source side ----------------------------------------------------------
-    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,
-                    config: Optional[MigrationConfig] = None) -> bool:
-        """Start migrating ``request_id`` to the instance at ``dst_address`` in the background.
-
-        Returns False (and does nothing) if the request is not here, is already
-        migrating, or ``max_outgoing`` migrations are in flight.
-        """
-        with self._locked():
-            if request_id in self._outgoing or len(self._outgoing) >= self.config.max_outgoing \
-                    or request_id not in self._reply_to:
-                return False
-            self._outgoing[request_id] = migration_id
-        assert self._pool is not None, "start() the llumlet first"
-        self._pool.submit(self._run_migration, request_id, dst_address, migration_id, waiting,
-                          config or self.config.migration)
-        return True
-
-    def migrate_now(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,
-                    config: Optional[MigrationConfig] = None) -> MigrationResult:
-        """Migrate in the caller's thread and return the result (benchmarks, tests)."""
-        with self._locked():
-            if request_id in self._outgoing:
-                raise LlumnixError(f"request {request_id} is already migrating")
-            self._outgoing[request_id] = migration_id
-        return self._run_migration(request_id, dst_address, migration_id, waiting, config or self.config.migration)
-
-    def _transport(self, address: str) -> MigrationTransport:
-        t = self._transports.get(address)
-        if t is None:
-            _, transport_cls = get_transport(self.config.transport)
-            t = transport_cls(address, timeout_s=self.config.migration_timeout_s, secret=self.config.secret,
-                              chunk_blocks=self.config.chunk_blocks)
-            t.connect()
-            self._transports[address] = t
-        return t
-
-    def _run_migration(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
-                       config: MigrationConfig) -> MigrationResult:
-        machine = SourceMigration(migration_id, request_id, waiting=waiting, config=config)
-        try:
-            transport = _UnlessCrashed(self, self._transport(dst_address))
-            port = TransportPort(transport, _LockedSource(self))  # type: ignore[arg-type]
-            result = MigrationDriver(_LockedSource(self), port).run(machine)
-        except Exception as exc:  # a bug or a broken connection: never leave the request frozen
-            log.exception("migration %s of %s failed", migration_id, request_id)
-            self._drop_transport(dst_address)
-            result = self._recover(machine, exc)
-        if result.status == MigrationStatus.ABORTED_DST:
-            self._drop_transport(dst_address)
-        self._after_migration(result)
-        return result
-
-    def _recover(self, machine: SourceMigration, exc: Exception) -> MigrationResult:
-        with self._locked():
-            try:
-                if machine.frozen:
-                    self.engine.unfreeze(machine.request_id)
-            except LlumnixError:
-                pass
-        return MigrationResult(machine.migration_id, machine.request_id, MigrationStatus.ABORTED_DST,
-                               f"{type(exc).__name__}: {exc}", machine.config.mode.value, machine.stages,
-                               machine.blocks_sent, 0.0, 0.0)
-
-    def _drop_transport(self, address: str) -> None:
-        t = self._transports.pop(address, None)
-        if t is not None:
-            t.close()
-
-    def _after_migration(self, result: MigrationResult) -> None:
-        rid = result.request_id
-        with self._locked():
-            self._outgoing.pop(rid, None)
-            if result.status == MigrationStatus.FINISHED:
-                self._reply_to.pop(rid, None)
-            elif rid in self._tombstones:
-                try:
-                    self.engine.abort_request(rid)
-                except UnknownRequestError:
-                    pass
-                self._reply_to.pop(rid, None)
-            key = result.status.value
-            self.stats.migrations[key] = self.stats.migrations.get(key, 0) + 1
-        self.results.append(result)
-        self._wake.set()
-        if self.on_migration_done is not None:
-            self.on_migration_done(result)
-
-    def pop_results(self) -> list[MigrationResult]:
-        out = []
-        while self.results:
-            out.append(self.results.popleft())
-        return out
 
     def is_idle(self) -> bool:
         with self._locked():

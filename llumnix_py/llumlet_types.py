@@ -1,0 +1,97 @@
+"""The llumlet's settings, counters, and the interface its output tokens go through.
+
+Kept apart from ``llumnix_py.llumlet`` (which re-exports every name here) so that
+configuration code can read them without the engine loop and migration machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+from llumnix_py.engines.types import RequestOutput
+from migration.protocol import MigrationConfig
+from migration.transports import get_transport
+
+
+class TokenSink(Protocol):
+    """Where a llumlet sends the tokens of one step (grouped by ``reply_to``)."""
+
+    def emit(self, instance_id: str, reply_to: str, outputs: Sequence[RequestOutput]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LlumletConfig:
+    """Settings of one llumlet.
+
+    Attributes:
+        instance_id: the instance's id.
+        transport: migration transport name (``zmq``, ``gloo``, ``nccl``, ``inproc``).
+        host: address the migration server binds (loopback by default).
+        migration: stages, last-stage threshold, mode.
+        max_outgoing / max_incoming: concurrent migrations as source / destination.
+        migration_timeout_s: transport timeout; a silent source's reservation is freed after it.
+        chunk_blocks: blocks per KV message (pipelining granularity).
+        idle_wait_s: engine loop sleep when there is nothing to run.
+        gil_switch_interval_s: the Python thread switch interval a process running a
+            llumlet should use (``sys.setswitchinterval``; Python's default is 5 ms). The
+            runtime that owns the process applies it: a migration message waiting up to
+            5 ms for the engine thread to yield the interpreter would otherwise dominate
+            the stop-and-copy downtime.
+        secret: shared secret that migration connections must present (CURVE or HMAC,
+            ``migration.security``); needed when ``host`` is not loopback.
+        lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
+            renewed its lease for this long (the first request of an address starts
+            its lease); None never expires leases.
+    """
+
+    instance_id: str
+    transport: str = "zmq"
+    host: str = "127.0.0.1"
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    max_outgoing: int = 1
+    max_incoming: int = 1
+    migration_timeout_s: float = 10.0
+    chunk_blocks: int = 256
+    idle_wait_s: float = 0.01
+    lease_timeout_s: Optional[float] = 30.0
+    gil_switch_interval_s: Optional[float] = 0.0005
+    secret: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.instance_id:
+            raise ValueError("instance_id must be non-empty")
+        if self.lease_timeout_s is not None and self.lease_timeout_s <= 0:
+            raise ValueError("lease_timeout_s must be positive (or None)")
+        get_transport(self.transport)
+        if self.max_outgoing < 1 or self.max_incoming < 1:
+            raise ValueError("max_outgoing and max_incoming must be >= 1")
+
+
+@dataclass
+class LlumletStats:
+    """Counters of one llumlet, updated under its engine lock.
+
+    Attributes:
+        steps: engine steps that produced output.
+        tokens: output tokens emitted.
+        preemptions: requests the engine preempted.
+        migrations: outgoing migrations by final status (``MigrationStatus`` value -> count).
+        migrations_in: incoming migrations committed here.
+        resumed: requests continued here after their instance died.
+        lease_aborts: requests aborted because their frontend's lease expired.
+        last_step_ms: duration of the latest step.
+        busy_s: engine step time, summed (``busy_s / uptime`` is the engine's utilisation).
+    """
+
+    steps: int = 0
+    tokens: int = 0
+    preemptions: int = 0
+    migrations: dict[str, int] = field(default_factory=dict)
+    migrations_in: int = 0
+    resumed: int = 0
+    lease_aborts: int = 0
+    last_step_ms: float = 0.0
+    busy_s: float = 0.0
