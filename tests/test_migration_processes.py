@@ -20,7 +20,10 @@ from tests.migration_worker import Worker, request_to_dict
 SPEC = {"model": "tiny", "dtype": "float64", "num_blocks": 160, "block_size": 16, "max_model_len": 512,
         "max_batch_size": 16, "watermark": 0.0}
 N_REQUESTS = 5
-MAX_TOKENS = 100
+# Long enough that no request finishes on A while the four migrations run one after another,
+# even on a loaded 2-core machine (with 100, the last one once finished first); prompt + output
+# stays within max_model_len and the 5 requests within A's 160 blocks (5 x 31).
+MAX_TOKENS = 360
 MIGRATE = ["p0", "p1", "p3", "p4"]  # greedy and seeded (odd ids are seeded)
 
 
