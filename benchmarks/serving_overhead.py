@@ -14,7 +14,8 @@ last token), mean time to first token, engine steps and engine busy time (the
 summed model-forward time: it separates a slower engine from time lost between
 steps). The HTTP client opens all its keep-alive connections in a warm-up burst before
 timing (connection set-up is not serving overhead; left in, it staggered the arrivals by
-up to 300 ms) and runs on uvloop, since it shares the 2 cores with the stack it measures. One cluster serves every stack round; ``--repeats`` rounds alternate a
+up to 300 ms) and runs on uvloop, since it shares the 2 cores with the stack it
+measures. One cluster serves every stack round; ``--repeats`` rounds alternate a
 direct and a stack run, and the table gives the best round of each side and the
 median of the per-round ratios. The target is that the stack keeps >= 90% of the
 direct throughput. ``--profile`` samples every thread's Python
