@@ -177,7 +177,8 @@ def run(lengths: list[int], transport: str, chunk_blocks: int, quick: bool, cons
         pair = Pair(transport, chunk_blocks)
         try:
             progress.update(task, description="warm-up")
-            measure_length(pair, min(lengths), 1, cfg, tag="warmup")  # first-use costs (imports, sockets, allocator) stay out
+            # first-use costs (imports, sockets, allocator) stay out of the figures
+            measure_length(pair, min(lengths), 1, cfg, tag="warmup")
             for length in lengths:
                 progress.update(task, description=f"{length} tokens")
                 rows.append(measure_length(pair, length, 5, cfg))

@@ -45,7 +45,8 @@ def _direct(core, batch: int, prompt_len: int, max_tokens: int, tag: str) -> tup
 
     for i in range(batch):
         sp = VSamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        ecr = EngineCoreRequest(request_id=f"{tag}-{i}", prompt_token_ids=[5 + (i + j) % 200 for j in range(prompt_len)],
+        prompt = [5 + (i + j) % 200 for j in range(prompt_len)]
+        ecr = EngineCoreRequest(request_id=f"{tag}-{i}", prompt_token_ids=prompt,
                                 mm_features=None, sampling_params=sp, pooling_params=None, arrival_time=0.0,
                                 lora_request=None, cache_salt=None, data_parallel_rank=None)
         core.add_request(core.preprocess_add_request(ecr)[0])

@@ -149,7 +149,7 @@ def bench_server(server: Server, args, console) -> dict:
 def print_report(out: dict, console) -> None:
     from rich.table import Table
 
-    cols = [("vllm", f"vLLM api_server (1 instance)"), ("llumnix", f"llumnix-py serve ({out['instances']} instances)")]
+    cols = [("vllm", "vLLM api_server (1 instance)"), ("llumnix", f"llumnix-py serve ({out['instances']} instances)")]
     cols = [(k, t) for k, t in cols if k in out["results"]]
     table = Table(title=f"Serving the same load: {out['num_requests']} requests, Poisson {out['rate']}/s, "
                         f"prompt {out['prompt_len']}, output {out['output_len']} (vLLM {out['vllm']})")

@@ -9,7 +9,7 @@ on its control pipe::
     {"cmd": "wait_tokens", "ids": [...], "n": k, "timeout": s}           -> {"ok", "counts"}
     {"cmd": "migrate", "request_id", "dst", "migration_id", "mode", ...} -> MigrationResult fields + copy stats
     {"cmd": "abort", "ids": [...]}                                       -> {"ok": True}
-    {"cmd": "outputs"}                                                   -> {"outputs": [(rid, index, tokens, finish, t)]}
+    {"cmd": "outputs"}                                                   -> {"outputs": [(rid, i, tokens, fin, t)]}
     {"cmd": "wait_idle", "timeout": s}                                   -> {"ok"}
     {"cmd": "state"}                                                     -> free blocks, invariants, requests
     {"cmd": "stop"}

@@ -254,7 +254,8 @@ def test_a_long_prompt_goes_where_it_fits_not_beside_one_huge_request():
     b = make_inst("b", running=[make_req(f"b{k}", 30) for k in range(10)])
     long_prompt = make_req("x", 0, 300)
     assert pick([a, b], long_prompt, PolicyConfig(), DispatchState()) == "b"
-    assert freeness_with_request(a, PolicyConfig(), long_prompt) < 0 < freeness_with_request(b, PolicyConfig(), long_prompt)
+    cfg = PolicyConfig()
+    assert freeness_with_request(a, cfg, long_prompt) < 0 < freeness_with_request(b, cfg, long_prompt)
     # A short request still goes to the instance that stays freest with it.
     assert pick([a, b], make_req("y", 0, 1), PolicyConfig(), DispatchState()) == "a"
 

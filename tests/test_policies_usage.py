@@ -108,7 +108,8 @@ def test_headroom_only_charged_to_other_priorities():
 
 
 def test_headroom_counts_waiting_members_of_the_class():
-    inst = make_inst("a", running=[make_req("n", 100)], waiting=[make_req("w", 0, 10), make_req("h", 0, 20, priority=1)])
+    inst = make_inst("a", running=[make_req("n", 100)],
+                     waiting=[make_req("w", 0, 10), make_req("h", 0, 20, priority=1)])
     assert virtual_usage(inst, HEADROOM, purpose="migration") == 100 + 10 + 400
     assert virtual_usage(inst, HEADROOM, purpose="migration", for_priority=1) == 110
 
