@@ -62,6 +62,30 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
         time.sleep(0.01)
 
 
+def assert_no_leak(cluster: Cluster, timeout: float = 30.0) -> None:
+    """Every live instance ends empty: no running or waiting request, no used or reserved
+    block. In-process instances are also waited on until idle (no migration in flight) and
+    their engine's invariants are checked."""
+    ids = cluster.instance_ids()
+    assert ids
+    for iid in ids:
+        inst = cluster.control.instance(iid)
+        assert inst is not None
+        llumlet = getattr(inst, "llumlet", None)  # in-process runtime: the engine itself is at hand
+
+        def empty() -> bool:
+            load = inst.load()
+            return (not (load.used_blocks or load.running or load.waiting)
+                    and (llumlet is None or llumlet.is_idle()))
+
+        wait_for(empty, timeout, f"{iid} to free its blocks")  # a release may trail the last token
+        load = inst.load()
+        assert load.used_blocks == 0, f"{iid} leaks {load.used_blocks} blocks"
+        assert load.reserved_blocks == 0 and not load.running and not load.waiting
+        if llumlet is not None:
+            llumlet.engine.check_invariants()
+
+
 def named_actors(ray, namespace: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a.get("namespace") == namespace)

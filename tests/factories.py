@@ -9,14 +9,17 @@
 - ``run_to_completion(engine)`` / ``run_engines(engines)``: step until done,
   checking engine invariants after every step and that each request's output
   indices are consecutive; return the tokens per request.
+- ``AcceptingHandler``: a migration-server handler that accepts every valid
+  message (pre-allocations get block ids ``0..n-1``) and records it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from llumnix_py.engines.core import EngineConfig, EngineCore
 from llumnix_py.engines.sim.executor import SimExecutor
@@ -24,6 +27,7 @@ from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
 from llumnix_py.engines.torch_engine.engine import make_torch_engine
 from llumnix_py.engines.torch_engine.model import ModelConfig
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams, StepOutput
+from migration import wire
 
 SMALL_VOCAB = 320  # the small model's (and ByteTokenizer's) vocabulary size
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -184,3 +188,18 @@ def run_engine(engine: EngineCore, **kw) -> RunResult:
 def run_to_completion(engine: EngineCore, max_steps: int = 10_000, **kw) -> dict[str, list[int]]:
     """Step ``engine`` until done; the tokens generated per request id."""
     return run_engines([engine], max_steps=max_steps, **kw).tokens
+
+
+class AcceptingHandler:
+    """A migration-server handler that accepts everything valid and records it (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: Any, payload: Any) -> dict:
+        with self.lock:
+            self.messages.append(msg)
+        if isinstance(msg, wire.PreAlloc):
+            return wire.Reply(True, block_ids=tuple(range(msg.num_blocks))).to_header()
+        return wire.Reply(True).to_header()

@@ -23,6 +23,7 @@ from llumnix_py.config import (
 )
 from llumnix_py.engines.types import SamplingParams
 from tests.cluster_helpers import SMALL_MODEL as MODEL
+from tests.cluster_helpers import assert_no_leak
 from tests.cluster_helpers import prompts, reference, wait_all
 
 
@@ -42,23 +43,6 @@ def running_cluster(cfg: ClusterConfig) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def assert_no_leak(cluster: Cluster) -> None:
-    """Every live instance is empty, its blocks all free, and its engine consistent."""
-    ids = cluster.instance_ids()
-    assert ids
-    deadline = time.monotonic() + 30
-    for iid in ids:
-        inst = cluster.control.instance(iid)
-        assert inst is not None
-        while inst.llumlet.load().used_blocks and time.monotonic() < deadline:
-            time.sleep(0.01)  # a migration's release may trail the last token by a moment
-        load = inst.load()
-        assert load.used_blocks == 0, f"{iid} leaks {load.used_blocks} blocks"
-        assert load.reserved_blocks == 0
-        assert not load.running and not load.waiting
-        inst.llumlet.engine.check_invariants()
 
 
 def migrations_finished(cluster: Cluster) -> int:

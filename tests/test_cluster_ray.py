@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, SchedulerConfig
 from llumnix_py.engines.types import SamplingParams
 from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, SCHEDULER_NAME
 from tests.cluster_helpers import SMALL_MODEL as MODEL
+from tests.cluster_helpers import assert_no_leak
 from tests.cluster_helpers import named_actors as _named_actors
 from tests.cluster_helpers import prompts, reference, wait_all
 from tests.cluster_helpers import running_ray_cluster as running_cluster
@@ -31,21 +31,6 @@ def spec(num_blocks: int) -> EngineSpec:
 def config(num_instances: int, engine: EngineSpec) -> ClusterConfig:
     return ClusterConfig(num_instances=num_instances, runtime="ray", engine=engine, ray_namespace=NAMESPACE,
                          scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02))
-
-
-def assert_no_leak(cluster: Cluster) -> None:
-    ids = cluster.instance_ids()
-    assert ids
-    deadline = time.monotonic() + 30
-    for iid in ids:
-        inst = cluster.control.instance(iid)
-        assert inst is not None
-        load = inst.load()
-        while (load.used_blocks or load.running or load.waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            load = inst.load()
-        assert load.used_blocks == 0, f"{iid} leaks {load.used_blocks} blocks"
-        assert load.reserved_blocks == 0 and not load.running and not load.waiting
 
 
 def test_imbalanced_start_is_evened_out_by_live_migration_on_ray(ray_session):

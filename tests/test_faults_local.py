@@ -38,6 +38,7 @@ from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.tokens import CallbackSink
 from migration import wire
 from tests.cluster_helpers import (
+    assert_no_leak,
     RESULT_TIMEOUT_S,
     prompts,
     reference,
@@ -103,20 +104,6 @@ def local(cluster: Cluster, iid: str) -> LocalInstance:
     inst = cluster.control.instance(iid)
     assert isinstance(inst, LocalInstance)
     return inst
-
-
-def assert_no_leak(cluster: Cluster) -> None:
-    """Every surviving instance is empty, its blocks all free (reservations too), engine consistent."""
-    ids = cluster.instance_ids()
-    assert ids
-    for iid in ids:
-        inst = local(cluster, iid)
-        wait_for(lambda: inst.llumlet.load().used_blocks == 0 and inst.llumlet.is_idle(), 30,
-                 f"{iid} to free its blocks")
-        load = inst.load()
-        assert load.used_blocks == 0 and load.reserved_blocks == 0
-        assert not load.running and not load.waiting
-        inst.llumlet.engine.check_invariants()
 
 
 # ----- an instance dies with requests running -----------------------------------------------------

@@ -11,11 +11,11 @@ import signal
 
 import pytest
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, SchedulerConfig
 from llumnix_py.engines.types import FinishReason
 from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, SCHEDULER_NAME
 from tests.cluster_helpers import (
+    assert_no_leak,
     RESULT_TIMEOUT_S,
     prompts,
     reference,
@@ -39,17 +39,6 @@ def spec(num_blocks: int = 256) -> EngineSpec:
 def config(num_instances: int, engine: EngineSpec) -> ClusterConfig:
     return ClusterConfig(num_instances=num_instances, runtime="ray", engine=engine, ray_namespace=NAMESPACE,
                          scheduler=SchedulerConfig(poll_interval_s=0.02, migration_interval_s=0.05))
-
-
-def assert_no_leak(cluster: Cluster) -> None:
-    ids = cluster.instance_ids()
-    assert ids
-    for iid in ids:
-        inst = cluster.control.instance(iid)
-        assert inst is not None
-        wait_for(lambda: (lambda ld: not (ld.used_blocks or ld.running or ld.waiting))(inst.load()), 30,
-                 f"{iid} to free its blocks")
-        assert inst.load().reserved_blocks == 0
 
 
 def kill_process(ray, actor) -> None:

@@ -36,7 +36,7 @@ from llumnix_py.tokens import MAX_BATCH_BYTES, CallbackSink, TokenReceiver, deco
 from migration import wire
 from migration.transports.base import MAX_HEADER_BYTES, pack, process_request
 from migration.transports.zmq_transport import ZmqMigrationServer, ZmqMigrationTransport
-from tests.factories import make_engine
+from tests.factories import AcceptingHandler, make_engine
 
 FUZZ = settings(derandomize=True, deadline=None, max_examples=150,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -178,25 +178,10 @@ def test_wire_decode_reply_raises_only_protocol_error(header: Any) -> None:
     assert wire.decode_reply(reply.to_header()) == reply
 
 
-class Recorder:
-    """A destination handler that accepts everything valid and records it."""
-
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, msg: Any, payload: Optional[torch.Tensor]) -> dict:
-        with self.lock:
-            self.messages.append(msg)
-        if isinstance(msg, wire.PreAlloc):
-            return wire.Reply(True, block_ids=tuple(range(msg.num_blocks))).to_header()
-        return wire.Reply(True).to_header()
-
-
 @FUZZ
 @given(header=header_bytes, payload=st.one_of(st.none(), st.binary(max_size=80)))
 def test_process_request_never_raises(header: bytes, payload: Optional[bytes]) -> None:
-    rec = Recorder()
+    rec = AcceptingHandler()
     reply = process_request(header, payload, rec, max_message_bytes=1 << 16)
     assert set(reply) >= {"ok", "error", "block_ids", "seq"}
     wire.decode_reply({k: v for k, v in reply.items() if k in ("ok", "error", "block_ids")})
@@ -205,7 +190,7 @@ def test_process_request_never_raises(header: bytes, payload: Optional[bytes]) -
 
 
 def test_process_request_refuses_huge_declared_shapes_before_allocating() -> None:
-    rec = Recorder()
+    rec = AcceptingHandler()
     for shape in ([2, 1 << 40], [2, 2**62, 2**62], [2] + [1 << 20] * 7):
         h = {**wire.Blocks("m", (1, 2), "float32", (2, 1)).to_header(), "shape": shape, "seq": 3}
         reply = process_request(pack(h), b"\0" * 8, rec, max_message_bytes=1 << 16)
@@ -250,7 +235,7 @@ def _ping(sock: zmq.Socket) -> dict:
 
 @pytest.fixture(scope="module")
 def live_server():
-    rec = Recorder()
+    rec = AcceptingHandler()
     server = ZmqMigrationServer(rec, max_message_bytes=1 << 16)
     address = server.start()
     ctx = zmq.Context()

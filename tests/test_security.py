@@ -8,9 +8,8 @@ mechanisms are tested: CURVE (when libzmq has it) and the HMAC-tag fallback.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 import torch
@@ -24,24 +23,12 @@ from migration.security import (AuthenticationError, SharedSecret, as_secret, cu
 from migration.transports import TransportError
 from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
 from migration.transports.zmq_transport import ZmqMigrationServer, ZmqMigrationTransport
+from tests.factories import AcceptingHandler
 
 SECRET = "correct horse battery staple"
 MECHANISMS = [pytest.param("curve", marks=pytest.mark.skipif(not curve_available(), reason="no libsodium")),
               "hmac"]
 TIMEOUT_S = 1.0
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, msg: Any, payload: Optional[torch.Tensor]) -> dict:
-        with self.lock:
-            self.messages.append(msg)
-        if isinstance(msg, wire.PreAlloc):
-            return wire.Reply(True, block_ids=tuple(range(msg.num_blocks))).to_header()
-        return wire.Reply(True).to_header()
 
 
 def wait_for(pred, timeout: float = 5.0) -> bool:
@@ -108,7 +95,7 @@ def test_exposed_server_without_secret_warns(caplog) -> None:
         assert not warn_if_exposed("tcp://127.0.0.1:1", None, "thing")
     assert sum("without a shared secret" in r.message for r in caplog.records) == 1
     caplog.clear()
-    server = ZmqMigrationServer(Recorder(), host="0.0.0.0")
+    server = ZmqMigrationServer(AcceptingHandler(), host="0.0.0.0")
     with caplog.at_level(logging.WARNING, logger="migration.security"):
         server.start()
     server.stop()
@@ -124,7 +111,7 @@ def _secret(mechanism: str, value: str = SECRET) -> SharedSecret:
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_migration_with_the_secret_works(mechanism: str) -> None:
-    rec = Recorder()
+    rec = AcceptingHandler()
     server = ZmqMigrationServer(rec, secret=_secret(mechanism))
     address = server.start()
     try:
@@ -142,7 +129,7 @@ def test_migration_with_the_secret_works(mechanism: str) -> None:
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("client_secret", [None, "another secret"])
 def test_migration_without_the_secret_is_refused(mechanism: str, client_secret: Optional[str]) -> None:
-    rec = Recorder()
+    rec = AcceptingHandler()
     server = ZmqMigrationServer(rec, secret=_secret(mechanism))
     address = server.start()
     try:
@@ -164,7 +151,7 @@ def test_migration_without_the_secret_is_refused(mechanism: str, client_secret: 
 @pytest.mark.skipif(not curve_available(), reason="no libsodium")
 def test_curve_peer_knowing_only_the_server_public_key_is_denied() -> None:
     """A leaked server public key is not enough: the ZAP handler allows only the secret's client key."""
-    rec = Recorder()
+    rec = AcceptingHandler()
     server = ZmqMigrationServer(rec, secret=_secret("curve"))
     address = server.start()
     try:
@@ -180,7 +167,7 @@ def test_curve_peer_knowing_only_the_server_public_key_is_denied() -> None:
 
 
 def test_plain_client_with_plain_server_still_works() -> None:
-    rec = Recorder()
+    rec = AcceptingHandler()
     server = ZmqMigrationServer(rec)
     try:
         with ZmqMigrationTransport(server.start(), timeout_s=5.0) as client:
@@ -190,7 +177,7 @@ def test_plain_client_with_plain_server_still_works() -> None:
 
 
 def test_inproc_secret_mismatch_is_refused() -> None:
-    rec = Recorder()
+    rec = AcceptingHandler()
     server = InprocMigrationServer(rec, secret=_secret("hmac"))
     address = server.start()
     try:
