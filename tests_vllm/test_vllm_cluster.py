@@ -8,18 +8,14 @@ import time
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig
 from llumnix_py.engines.types import Request, SamplingParams
+from vllm_helpers import solo_tokens
 
 PROMPTS = {"x": tuple(range(5, 75)), "y": tuple(range(100, 160))}
 
 
 def reference(engine, rid: str, max_tokens: int) -> list[int]:
-    engine.add_request(Request("ref-" + rid, PROMPTS[rid], SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
-    out: list[int] = []
-    while engine.has_unfinished():
-        for o in engine.step().outputs:
-            out.extend(o.new_token_ids)
-    assert out
-    return out
+    return solo_tokens(engine, Request("ref-" + rid, PROMPTS[rid], SamplingParams(max_tokens=max_tokens,
+                                                                               ignore_eos=True)))
 
 
 def test_drained_instance_migrates_its_requests_and_tokens_match(checkpoint, engines):

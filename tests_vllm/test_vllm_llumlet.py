@@ -10,6 +10,7 @@ from llumnix_py.engines.types import Request, SamplingParams
 from llumnix_py.llumlet import Llumlet, LlumletConfig
 from llumnix_py.tokens import CallbackSink, OrderedStream
 from migration.protocol import MigrationConfig, MigrationStatus
+from vllm_helpers import solo_tokens
 
 FRONTEND = "tcp://frontend-under-test"
 PROMPT = tuple(range(5, 75))
@@ -50,13 +51,7 @@ class Recorder:
 
 
 def reference(engine, max_tokens: int) -> list[int]:
-    engine.add_request(Request("ref", PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
-    out: list[int] = []
-    while engine.has_unfinished():
-        for o in engine.step().outputs:
-            out.extend(o.new_token_ids)
-    assert out
-    return out
+    return solo_tokens(engine, Request("ref", PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
 
 
 def test_live_migration_over_zmq_while_decoding(engines):

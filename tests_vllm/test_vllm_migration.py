@@ -18,6 +18,7 @@ from migration import protocol as p
 from migration.destination import DestinationMigrations
 from migration.driver import LocalPort, MigrationDriver
 from migration.protocol import MigrationConfig, MigrationMode, MigrationStatus, SourceMigration
+from vllm_helpers import solo_tokens
 
 PROMPT = tuple(range(5, 75))  # 70 tokens: 2 full blocks of 32 and a partial one
 _REFS: dict[tuple, list[int]] = {}
@@ -31,13 +32,8 @@ def reference(engine, request: Request) -> list[int]:
     """Tokens of ``request`` run alone, unmigrated (memoized per prompt and length)."""
     key = (request.prompt_token_ids, request.sampling)
     if key not in _REFS:
-        engine.add_request(Request("ref-" + request.request_id, request.prompt_token_ids, request.sampling))
-        toks: list[int] = []
-        while engine.has_unfinished():
-            for o in engine.step().outputs:
-                toks.extend(o.new_token_ids)
-        _REFS[key] = toks
-    assert _REFS[key], "empty reference: the comparison would prove nothing"
+        _REFS[key] = solo_tokens(engine, Request("ref-" + request.request_id, request.prompt_token_ids,
+                                                 request.sampling))
     return _REFS[key]
 
 
@@ -49,6 +45,17 @@ class Pair:
         self.dest = DestinationMigrations(dst)
         self.tokens: dict[str, list[int]] = {}
         self.finished: set[str] = set()
+
+    @classmethod
+    def started(cls, engines, request_id: str, max_tokens: int, steps: int) -> tuple["Pair", list[int]]:
+        """One request on the first engine of ``engines`` after ``steps`` steps, and its reference tokens."""
+        a, b = engines
+        r = req(request_id, max_tokens=max_tokens)
+        ref = reference(a, r)
+        pair = cls(a, b)
+        pair.add(r)
+        pair.step(a, steps)
+        return pair, ref
 
     def add(self, *requests: Request) -> None:
         for r in requests:
@@ -89,11 +96,7 @@ class Pair:
 
 def test_live_migration_mid_decode_matches_unmigrated(engines):
     a, b = engines
-    r = req("m", max_tokens=160)
-    ref = reference(a, r)
-    pair = Pair(a, b)
-    pair.add(r)
-    pair.step(a, 10)  # prefill + 9 decodes
+    pair, ref = Pair.started(engines, "m", max_tokens=160, steps=10)  # prefill + 9 decodes
     commits = []
 
     def before(action):
@@ -122,11 +125,7 @@ def test_live_migration_mid_decode_matches_unmigrated(engines):
 @pytest.mark.parametrize("mode", [MigrationMode.BLOCKING, MigrationMode.RECOMPUTE])
 def test_blocking_and_recompute_modes_match_unmigrated(engines, mode):
     a, b = engines
-    r = req("m", max_tokens=60)
-    ref = reference(a, r)
-    pair = Pair(a, b)
-    pair.add(r)
-    pair.step(a, 25)
+    pair, ref = Pair.started(engines, "m", max_tokens=60, steps=25)
     done, _ = pair.drive(SourceMigration("mig", "m", config=MigrationConfig(mode=mode)))
     assert done.status == MigrationStatus.FINISHED
     assert pair.finish()["m"] == ref
@@ -148,11 +147,7 @@ def test_copied_kv_is_what_the_destination_decodes_from(engines):
     """Control: with the KV data replaced by zeros the continuation differs, so the
     token-identity tests above really depend on the copied KV cache."""
     a, b = engines
-    r = req("m", max_tokens=60)
-    ref = reference(a, r)
-    pair = Pair(a, b)
-    pair.add(r)
-    pair.step(a, 10)
+    pair, ref = Pair.started(engines, "m", max_tokens=60, steps=10)
     port = _ZeroingPort(pair.dest, a)
     done, _ = pair.drive(SourceMigration("mig", "m"), port=port)
     assert done.status == MigrationStatus.FINISHED
@@ -179,10 +174,7 @@ def test_migrated_request_migrates_again_and_back(engines):
 
 def test_waiting_request_migrates_and_runs_on_destination(engines):
     a, b = engines
-    r = req("w", max_tokens=30)
-    ref = reference(a, r)
-    pair = Pair(a, b)
-    pair.add(r)
+    pair, ref = Pair.started(engines, "w", max_tokens=30, steps=0)
     done, seen = pair.drive(SourceMigration("mig", "w", waiting=True))
     assert done.status == MigrationStatus.FINISHED
     assert not any(isinstance(x, p.CopyBlocks) for x in seen)
@@ -192,11 +184,7 @@ def test_waiting_request_migrates_and_runs_on_destination(engines):
 
 def test_destination_refuses_nothing_changes(engines):
     a, b = engines
-    r = req("m", max_tokens=60)
-    ref = reference(a, r)
-    pair = Pair(a, b)
-    pair.add(r)
-    pair.step(a, 10)
+    pair, ref = Pair.started(engines, "m", max_tokens=60, steps=10)
     hog = b.pre_alloc("hog", b.load().free_blocks - 1)  # the destination is (nearly) full
     assert hog is not None
     a_before, b_before = a.load(), b.load()
@@ -215,11 +203,7 @@ class _FailingCommitPort(LocalPort):
 
 def test_commit_failure_after_freeze_rolls_back_and_request_continues(engines):
     a, b = engines
-    r = req("m", max_tokens=60)
-    ref = reference(a, r)
-    pair = Pair(a, b)
-    pair.add(r)
-    pair.step(a, 10)
+    pair, ref = Pair.started(engines, "m", max_tokens=60, steps=10)
     port = _FailingCommitPort(pair.dest, a)
     done, seen = pair.drive(SourceMigration("mig", "m"), port=port)
     assert done.status == MigrationStatus.ABORTED_DST
