@@ -105,14 +105,13 @@ class EngineCore(EngineAdapter):
         self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), request.request_id)
 
     def _validate_tokens(self, token_ids: Seq[int], prompt_len: int, rid: str, ints_checked: bool = False) -> None:
-        """Range, context and pool checks. ``ints_checked``: the ids are known to be plain ints
-        (a validated migration state), so a C-speed min/max replaces the per-token type check."""
+        """Type, range, context and pool checks. ``ints_checked``: the ids are known to be plain
+        ints (a validated migration state), so the per-token type check is skipped; the range
+        is checked with a C-speed min/max either way."""
         vocab = self.executor.vocab_size
-        if ints_checked:
-            bad = [] if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab) else \
-                [t for t in token_ids if not 0 <= t < vocab]
-        else:
-            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [] if ints_checked else [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
+        if not bad and token_ids and not (min(token_ids) >= 0 and max(token_ids) < vocab):
+            bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"request {rid}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
         max_len = self.executor.max_model_len
