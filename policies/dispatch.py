@@ -2,7 +2,8 @@
 
 =============  ===============================================================
 ``freeness``   (default) highest dispatch freeness computed for the request's
-               priority, pending requests included, *with the request itself
+               priority, queued and pending requests included (in the usage
+               and in the batch they will join), *with the request itself
                virtually added* (``virtual_usage.freeness_with_request``:
                ``(M - V - need) / (B + 1)`` where it fits, the blocks short
                (negative) where it does not, so an instance where the prompt
@@ -154,9 +155,11 @@ class DispatchState:
         s = self.summary(inst, cfg)
         p = self._pending.get(inst.instance_id)
         v = s.physical + s.demand + s.headroom_total
+        batch = s.batch
         present = s.class_counts
         if p is not None:
             v += p.blocks
+            batch += len(p.requests)
             hmap = cfg.headroom_map
             if hmap:
                 for prio in p.classes:
@@ -168,8 +171,8 @@ class DispatchState:
             v -= cfg.headroom(for_priority)
         if request is not None:
             room = s.total_blocks - v - request.blocks_needed
-            return room / (s.batch + 1) if room >= 0 else room
-        return (s.total_blocks - v) / (s.batch or 1)
+            return room / (batch + 1) if room >= 0 else room
+        return (s.total_blocks - v) / (batch or 1)
 
 
 def dispatch(

@@ -23,18 +23,29 @@ The one formula every policy reads (blocks are KV-cache blocks; instance ``i``):
           reserved for exactly that request (the paper applies headroom only to
           requests of other priorities). ``for_priority=0`` charges every headroom.
 
-    freeness_i = (M_i - V_i) / B_i,  M_i = total_blocks,  B_i = max(1, len(running))
+    freeness_i = (M_i - V_i) / B_i,  M_i = total_blocks,  B_i = max(1, n_i)
+    n_i = len(running)                             purpose "migration"
+    n_i = len(running) + queued requests of D_i    purpose "dispatch"
 
 Freeness is "decode steps the batch can take before memory runs out": higher is
 freer, negative is overloaded, ``-inf`` is terminating. An empty instance has
 ``B_i = 1``, so its freeness is its unreserved blocks (finite).
+
+For dispatch, every request counted in ``D_i`` (waiting, pending, not yet polled)
+also counts in the batch it is about to join, as in Llumnix's own dispatch load
+(``num_running_requests + num_waiting_requests``). With the running batch alone, the
+blocks of a burst's requests would enter ``V_i`` but not ``B_i``: an instance whose
+poll does not show its new requests yet looks about twice as free per request as
+one that shows a single running request, and it keeps receiving the burst until its
+next poll (seen: 6 of 9 burst requests on one of three instances). Migration keeps
+the running batch, the steps before the *running* requests run out of memory.
 
 Dispatch ranks instances by the freeness they would have *with the new request
 ``r`` on them* (``freeness_with_request``): ``r`` is added virtually, its demand to
 ``V_i`` and itself to the batch::
 
     room_i(r)     = M_i - V_i - r.blocks_needed                   (V_i for r's priority)
-    freeness_i(r) = room_i(r) / (B_i + 1)      if room_i(r) >= 0  (r fits: steps left)
+    freeness_i(r) = room_i(r) / (n_i + 1)      if room_i(r) >= 0  (r fits: steps left)
                   = room_i(r)                  otherwise          (blocks short)
 
 Without ``r``'s own term, an instance running one huge request looks freest
@@ -66,7 +77,8 @@ class UsageSummary(NamedTuple):
         total_blocks: ``M_i``.
         physical: ``P_i``.
         demand: ``D_i`` for the summary's purpose.
-        batch: running requests (``B_i`` before the ``max(1, .)``).
+        batch: ``n_i``, ``B_i`` before the ``max(1, .)``: running requests, plus for
+            dispatch every queued request counted in ``demand``.
         class_counts: priority -> requests of that priority, for priorities with headroom.
         headroom_total: ``sum h(p)`` over ``class_counts`` (``H_i`` for ``for_priority=0``).
         terminating: the instance is draining (``V_i = +inf``).
@@ -107,6 +119,7 @@ def summarize(
     physical = sum([r.num_blocks for r in running])
     if inst.used_blocks > physical:
         physical = inst.used_blocks
+    batch = len(running)
     if purpose == "migration":
         demand = waiting[0].blocks_needed if waiting else 0
         queued: tuple[Sequence[RequestView], ...] = (waiting,)
@@ -116,6 +129,7 @@ def summarize(
         if extra_pending:
             demand += sum([r.blocks_needed for r in extra_pending])
         queued = (waiting, pending, extra_pending)
+        batch += len(waiting) + len(pending) + len(extra_pending)
     else:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     counts: dict[int, int] = {}
@@ -133,7 +147,7 @@ def summarize(
                 counts[p] = n
                 headroom_total += h
     return UsageSummary(
-        inst.total_blocks, physical, demand, len(running), counts, headroom_total, inst.terminating
+        inst.total_blocks, physical, demand, batch, counts, headroom_total, inst.terminating
     )
 
 
@@ -182,7 +196,7 @@ def freeness_with_request(
     """Dispatch freeness of ``inst`` with ``request`` virtually added (module docstring).
 
     ``room = M_i - V_i - request.blocks_needed`` with ``V_i`` the dispatch virtual
-    usage for ``request.priority`` (``extra_pending`` included); ``room / (B_i + 1)``
+    usage for ``request.priority`` (``extra_pending`` included); ``room / (n_i + 1)``
     when ``room >= 0``, else ``room``; ``-inf`` when terminating. This is the
     reference the dispatcher's cached fast path (``DispatchState.dispatch_freeness``)
     must equal.

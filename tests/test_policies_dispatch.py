@@ -284,3 +284,35 @@ def test_a_poll_that_does_not_show_a_request_keeps_it_pending():
     for _ in range(3):  # never seen (it finished before a poll, or was lost): dropped after 3 polls
         state.on_poll("i0", seen=set())
     assert state.pending("i0") == ()
+
+
+def test_a_burst_between_polls_spreads_instead_of_herding_onto_an_idle_instance():
+    # i0 is idle, i1 and i2 each show one running request. Nine requests arrive before
+    # any poll. Dispatched requests count in the batch they will join, not only in the
+    # usage: with the running batch alone, i0's (M - V) / 1 stays twice i1's
+    # (M - V) / 2 for the whole burst and i0 would get all nine.
+    cluster = [make_inst("i0"), make_inst("i1", running=[make_req("r1", 20)]),
+               make_inst("i2", running=[make_req("r2", 20)])]
+    state = DispatchState()
+    counts = {inst.instance_id: len(inst.running) for inst in cluster}  # requests on each afterwards
+    for k in range(9):
+        req = make_req(f"x{k}", 0, 20)
+        chosen = pick(cluster, req, PolicyConfig(), state)
+        state.on_dispatch(chosen, req)
+        counts[chosen] += 1
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+
+
+def test_queued_requests_count_in_the_dispatch_batch():
+    # Same blocks in use and queued; "q" has four waiting requests, "r" runs its five.
+    # Llumnix's dispatch load divides by running + waiting, so the two are equal,
+    # and a pending (dispatched, not yet polled) request counts the same way.
+    q = make_inst("q", running=[make_req("q0", 100)], waiting=[make_req(f"qw{k}", 0, 25) for k in range(4)])
+    r = make_inst("r", running=[make_req("r0", 100)] + [make_req(f"r{k}", 25) for k in range(1, 5)])
+    req = make_req("x", 0, 10)
+    cfg = PolicyConfig()
+    assert freeness_with_request(q, cfg, req) == freeness_with_request(r, cfg, req) == (880 - 200 - 10) / 6
+    state = DispatchState()
+    state.on_dispatch("q", make_req("p", 0, 30))
+    assert state.dispatch_freeness(q, cfg, request=req) == (880 - 230 - 10) / 7
+    assert pick([q, r], req, cfg, state) == "r"
