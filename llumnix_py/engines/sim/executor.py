@@ -10,6 +10,7 @@ and migration. The KV cache holds no data: ``read_blocks`` returns ``None``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence
 
 from llumnix_py.engines.executor import Executor, SeqWork
@@ -18,6 +19,13 @@ from llumnix_py.engines.seeding import request_seed as request_key
 from llumnix_py.engines.sim.cost_model import CostProfile, causal_context
 
 _MASK64 = MASK64
+
+
+@lru_cache(maxsize=8192)
+def _stream_key(request_id: str, seed: Optional[int]) -> int:
+    """``splitmix64`` of the request's stream key, computed once per running request
+    instead of once per token (the id hash is the executor's largest per-token cost)."""
+    return splitmix64(request_key(request_id, seed))
 
 
 class SimExecutor(Executor):
@@ -53,8 +61,8 @@ class SimExecutor(Executor):
 
     def token_for(self, work: SeqWork) -> int:
         """The token ``work``'s request samples at ``work.output_index``."""
-        key = request_key(work.request_id, work.sampling.seed)
-        token = splitmix64(splitmix64(key) ^ (work.output_index & _MASK64)) % self._vocab_size
+        key = _stream_key(work.request_id, work.sampling.seed)
+        token = splitmix64(key ^ (work.output_index & _MASK64)) % self._vocab_size
         stops = work.sampling.stop_token_ids
         if token != self._eos_token_id and token not in stops:
             return token
