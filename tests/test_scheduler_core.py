@@ -74,6 +74,25 @@ def test_dispatch_counts_pending_requests_until_the_next_poll():
     assert s.num_dispatched == 2
 
 
+def test_a_burst_spreads_over_instances_whose_polls_lag_behind():
+    # "a" polls empty; "b" and "c" show one small running request each. Then "a"'s
+    # next poll shows what it got so far as *waiting* (not yet admitted). Every
+    # request, running, waiting or only dispatched, counts in its instance's batch, so
+    # the burst spreads: requests end up within one of each other on every instance.
+    s = make()
+    s.on_load("b", load(req("b0", 2)), 0.0)
+    s.on_load("c", load(req("c0", 2)), 0.0)
+    held = {"a": [], "b": ["b0"], "c": ["c0"]}
+    for i in range(12):
+        rid = f"r{i}"
+        iid = s.dispatch(new_request(rid, blocks=2))
+        held[iid].append(rid)
+        if i == 5:  # a poll of "a" mid-burst: its requests are queued, not running yet
+            s.on_load("a", load(waiting=tuple(req(r, 2) for r in held["a"])), 0.01)
+    sizes = sorted(len(v) for v in held.values())
+    assert sizes[-1] - sizes[0] <= 1, held
+
+
 # ----- migration rounds ----------------------------------------------------------------------
 
 
