@@ -5,7 +5,7 @@
                priority, queued and pending requests included (in the usage
                and in the batch they will join), *with the request itself
                virtually added* (``virtual_usage.freeness_with_request``:
-               ``(M - V - need) / (B + 1)`` where it fits, the blocks short
+               ``(M - V - need) / (n + 1)`` where it fits, the blocks short
                (negative) where it does not, so an instance where the prompt
                does not fit ranks below every instance where it does); order
                (freeness desc, instance_id asc), then a seeded random pick among

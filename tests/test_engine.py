@@ -338,6 +338,38 @@ def test_max_batch_size_and_max_batched_tokens_are_respected():
     assert_idle(engine)
 
 
+@pytest.mark.parametrize("kind", ["sim", "torch"])
+def test_an_over_budget_prompt_does_not_wait_for_the_batch_to_empty(kind):
+    """A prompt over the step's token budget gets the next step to itself; the running
+    requests wait that one step and then go on, with exactly their solo tokens."""
+    cfg = dict(num_blocks=64, block_size=4, max_batched_tokens=40)
+    decoding = [Request(f"d{i}", tuple(range(3 + i, 11 + i)), SamplingParams(max_tokens=30)) for i in range(2)]
+    long = Request("long", tuple(range(5, 65)), SamplingParams(max_tokens=4))  # 60 tokens > 40
+    engine = make_engine(kind, **cfg)
+    for r in decoding:
+        engine.add_request(r)
+    tokens: dict[str, list[int]] = {}
+
+    def collect(out) -> None:
+        for o in out.outputs:
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    collect(engine.step())  # both prompts
+    collect(engine.step())  # both decode
+    engine.add_request(long)
+    out = engine.step()
+    collect(out)
+    assert [o.request_id for o in out.outputs] == ["long"] and out.num_decode_tokens == 0
+    out = engine.step()
+    collect(out)
+    assert {o.request_id for o in out.outputs} == {"d0", "d1", "long"}
+    engine.check_invariants()
+    full = run_to_completion(engine)  # picks up each request's outputs so far
+    assert all(full[rid][:len(t)] == t for rid, t in tokens.items())
+    assert full == solo_tokens(decoding + [long], kind=kind, **cfg)
+    assert_idle(engine)
+
+
 def test_prefill_stops_at_the_first_request_that_does_not_fit():
     """FCFS admission: a small request behind a big one that does not fit waits too."""
     engine = make_engine("sim", num_blocks=10, block_size=4, watermark=0.0, max_batch_size=8)

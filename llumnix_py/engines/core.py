@@ -36,7 +36,8 @@ class EngineConfig:
         block_size: tokens per block.
         watermark: fraction of blocks admissions leave free (decodes may use them).
         max_batch_size: running requests at most.
-        max_batched_tokens: tokens per step at most (a single longer prompt still runs alone).
+        max_batched_tokens: tokens per step at most (a longer prompt at the head of the queue
+            runs alone, the running requests waiting one step).
         eos_token_id: end-of-sequence token (ignored with ``ignore_eos``); None for none.
         preemption_policy: name of the victim policy (``newest``, ``largest``).
     """
