@@ -108,41 +108,23 @@ class BatchScheduler:
 
     # ----- planning ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        """Plan one step: decodes (preempting if blocks run out), then FCFS admissions.
+
+        A head of the queue longer than ``max_batched_tokens`` minus the running batch
+        (one token each) cannot share a step: it gets the step to itself, and the decodes
+        wait one step, as every prompt step of vLLM <= 0.3 did. Waiting for the batch to
+        empty instead would block the queue behind it until every running request
+        finished (a re-prefill after preemption grows past the budget with its outputs).
+        """
         plan = StepPlan()
-        if self._plan_alone(plan):
-            return plan
+        if self.waiting and self.waiting[0].num_tokens > self.max_batched_tokens - len(self.running):
+            self._plan_prefills(plan, budget=self.waiting[0].num_tokens)  # the head alone, if it fits
+            if plan.prefills:
+                return plan
         self._plan_decodes(plan)
         if not plan.preempted:
-            self._plan_prefills(plan)
+            self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes))
         return plan
-
-    def _plan_alone(self, plan: StepPlan) -> bool:
-        """Give the head of the queue a step of its own when it is over the token budget.
-
-        A prompt longer than ``max_batched_tokens`` minus the running batch (one token
-        each) cannot share a step. It runs alone, and the decodes wait one step, as every
-        prompt step of vLLM <= 0.3 did. Waiting for the batch to empty instead would
-        block the queue behind it until every running request finished: a re-prefill
-        after preemption grows past the budget with its outputs.
-        """
-        if not self.waiting:
-            return False
-        head = self.waiting[0]
-        n = head.num_tokens
-        if n <= self.max_batched_tokens - len(self.running):
-            return False
-        if self.max_batch_size and len(self.running) >= self.max_batch_size:
-            return False
-        got = self.blocks.allocate(("seq", head.request_id), cdiv(n, self.block_size))
-        if got is None:
-            return False
-        head.block_table = got
-        head.num_computed = 0
-        self.waiting.remove(head)
-        head.status = SeqStatus.RUNNING
-        self.running.append(head)
-        plan.prefills = [head]
-        return True
 
     def _plan_decodes(self, plan: StepPlan) -> None:
         # Iterate over a snapshot: preemption removes victims from ``running``.
@@ -166,14 +148,13 @@ class BatchScheduler:
             if seq.status == SeqStatus.RUNNING:
                 plan.decodes.append(seq)
 
-    def _plan_prefills(self, plan: StepPlan) -> None:
-        budget = self.max_batched_tokens - len(plan.decodes)
+    def _plan_prefills(self, plan: StepPlan, budget: int) -> None:
         admitted: list[Sequence] = []
         for seq in self.waiting:  # head first; FCFS: stop at the first that does not fit
             if self.max_batch_size and len(self.running) + len(admitted) >= self.max_batch_size:
                 break
             n = seq.num_tokens
-            if n > budget:  # the head, if over budget, had a step of its own (_plan_alone)
+            if n > budget:
                 break
             got = self.blocks.allocate(("seq", seq.request_id), cdiv(n, self.block_size))
             if got is None:
