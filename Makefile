@@ -8,6 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Test order: fixed by default (pytest-randomly still reseeds `random` per test and prints its seed).
+#   make test TEST_ARGS=                      shuffle (a new seed each run)
+#   make test TEST_ARGS=--randomly-seed=N     replay the order of seed N
+#   make test TEST_ARGS="--torch-threads 1"   every engine as fast as it can (fixed order)
+TEST_ARGS ?= --randomly-dont-reorganize
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -25,10 +30,10 @@ demo: $(STAMP)
 	$(VENV)/bin/llumnix-py demo
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider $(TEST_ARGS)
 
 test-fast: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider -m "not ray and not slow"
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider $(TEST_ARGS) -m "not ray and not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py --quick

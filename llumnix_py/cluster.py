@@ -40,6 +40,7 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
+from llumnix_py.engines.threads import ThreadClaim, claim_process_threads
 from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
 from llumnix_py.handles import RequestFailedError  # noqa: F401  (re-exported: part of this module's API)
@@ -74,6 +75,7 @@ class Cluster(FaultSupervision):
         self.misrouted = 0  # outputs an instance sent to another frontend address (in-process runtime)
         self.resumed = 0  # requests resumed on another instance after theirs died
         self.failed = 0  # requests ended with an error
+        self._threads = ThreadClaim(None)  # the process's torch threads, held by a local cluster
         self._init_supervision()
 
     # ----- construction ----------------------------------------------------------------
@@ -101,8 +103,15 @@ class Cluster(FaultSupervision):
             cluster = cls(config, LocalControlPlane(daemon), tokenizer, max_len)
             cluster.reply_to = address
             holder["c"] = cluster
-            daemon.launch(config.num_instances)
-            daemon.start()
+            # Every instance runs in this process: one torch thread count for all of them, until stop.
+            cluster._threads = claim_process_threads(config.engine.num_threads, "this local cluster")
+            try:
+                daemon.launch(config.num_instances)
+                daemon.start()
+            except BaseException:
+                daemon.stop()
+                cluster._threads.release()
+                raise
             cluster.start_supervisor()
             return cluster
         from llumnix_py.runtime import ray_runtime
@@ -135,7 +144,10 @@ class Cluster(FaultSupervision):
     def stop(self) -> None:
         """Stop the deployment (when this frontend started it) and the token receiver."""
         self.stop_supervisor()
-        self.control.stop()
+        try:
+            self.control.stop()
+        finally:
+            self._threads.release()
         if self._receiver is not None:
             self._receiver.stop()
 

@@ -1,9 +1,18 @@
-"""Helpers shared by the cluster and fault-injection tests (local and Ray runtimes)."""
+"""Helpers shared by the cluster and fault-injection tests (local and Ray runtimes).
+
+The rule for every test here: a test states the condition it waits for (an event, a
+token count, a membership change), never a duration it hopes is enough. ``wait_for``'s
+timeout is a failure bound for a condition that never comes, not a pause. Where a test
+needs a request to still be running at some point, it holds that instance's engine
+(``HoldOutputs``) or drives time by hand (``ManualClock``) instead of counting on the
+engine being slow: a decode step of the tiny model takes well under a millisecond.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 from typing import Iterator, Sequence, Union
 
@@ -54,7 +63,190 @@ def wait_all(handles: Sequence[RequestHandle]) -> list[list[int]]:
     return [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
 
 
+class ManualClock:
+    """A clock that moves only when the test says so (``clock.now = t`` or ``advance``).
+
+    Inject it where a component takes ``clock=`` (``Llumlet``, ``SchedulerDaemon``) to
+    make leases, timeouts and heartbeats happen exactly when the test decides."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+
+class HoldOutputs:
+    """Holds an in-process instance's engine loop right after each token batch it delivers.
+
+    The llumlet hands each step's tokens to its sink outside its engine lock, on the
+    engine thread; in the local runtime that sink calls ``cluster.on_outputs``. While
+    held, the instance makes no progress (its requests cannot finish) but still answers
+    every call (the lock is free). ``step`` lets exactly one more batch through. Use as a
+    context manager: leaving it releases the engine, whatever happened.
+
+    Args:
+        cluster: a ``Cluster`` of the local runtime.
+        instance_id: the instance to hold; the others run on.
+    """
+
+    def __init__(self, cluster: Cluster, instance_id: str, timeout: float = RESULT_TIMEOUT_S) -> None:
+        self.instance_id = instance_id
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._armed = False
+        self._released = False
+        self._permits = 0
+        self._waiting = False
+        self._holds = 0  # times the engine thread started waiting here
+        inner = cluster.on_outputs
+
+        def hooked(iid, outputs):
+            inner(iid, outputs)  # this batch is delivered; the engine stops after it
+            if iid != instance_id:
+                return
+            with self._cond:
+                if not self._armed or self._released:
+                    return
+                if self._permits:
+                    self._permits -= 1
+                    return
+                self._waiting = True
+                self._holds += 1
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._released or self._permits > 0)
+                if not self._released:
+                    self._permits -= 1
+                self._waiting = False
+
+        cluster.on_outputs = hooked  # type: ignore[method-assign]
+
+    def hold(self) -> None:
+        """After its next batch is delivered, the engine thread waits (until ``step`` or ``release``)."""
+        with self._cond:
+            self._armed = True
+
+    def wait_held(self) -> None:
+        """Block until the engine thread waits here; fails the test after ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._waiting or self._released, self.timeout):
+                raise AssertionError(f"{self.instance_id} delivered no batch to hold after")
+
+    def step(self) -> bool:
+        """Let one more batch through and wait until the engine is held after it.
+        False if it was not held again (released, or it had nothing left to run)."""
+        with self._cond:
+            holds = self._holds
+            self._permits += 1
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._holds > holds and self._waiting and not self._released,
+                                       self.timeout)
+
+    def run_until(self, cond, what: str = "condition") -> None:
+        """Let batches through one at a time until ``cond()`` holds; the engine is held after.
+
+        E.g. ``run_until(lambda: all(h.token_ids for h in handles))``: every request is
+        running and none can have finished (each batch adds one token a request)."""
+        self.wait_held()
+        while not cond():
+            if not self.step():
+                raise AssertionError(f"{self.instance_id} stopped before {what}")
+
+    @property
+    def holds(self) -> int:
+        """How many times the engine has been held so far (the current hold's number while held)."""
+        with self._cond:
+            return self._holds
+
+    @property
+    def waiting(self) -> bool:
+        with self._cond:
+            return self._waiting and not self._released
+
+    def release(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+    def __enter__(self) -> "HoldOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class InLockstep:
+    """Steps a held instance only as fast as the scheduler looks at it (local runtime).
+
+    After each batch of the held instance, it waits for a migration round of the scheduler
+    daemon that read a load of that instance polled after the batch. So the scheduler
+    reacts to every state the instance passes through (it migrates before requests finish),
+    whatever the speed of the engine or the machine.
+
+    Args:
+        cluster: a ``Cluster`` of the local runtime.
+        gate: the ``HoldOutputs`` holding the instance (armed with ``hold``).
+    """
+
+    def __init__(self, cluster: Cluster, gate: HoldOutputs, timeout: float = RESULT_TIMEOUT_S) -> None:
+        self.gate = gate
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._tags: dict[int, int] = {}  # id(load) -> the hold it was polled in
+        self._seen = -1  # the latest hold whose load reached the scheduler core
+        self._round_for = -1  # the latest hold a migration round was run on
+        llumlet = cluster.control.instance(gate.instance_id).llumlet
+        core = cluster.control.daemon.core
+        poll, on_load, migration_round = llumlet.load, core.on_load, core.migration_round
+
+        def tagged_poll():
+            hold = gate.holds if gate.waiting else None  # held: the engine lock is free, the load is fresh
+            load = poll()
+            if hold is not None:
+                with self._cond:
+                    self._tags[id(load)] = hold
+            return load
+
+        def seen(instance_id, load, now):
+            with self._cond:
+                hold = self._tags.pop(id(load), None)
+                if instance_id == gate.instance_id and hold is not None:
+                    self._seen = max(self._seen, hold)
+            return on_load(instance_id, load, now)
+
+        def counted_round(now):
+            orders = migration_round(now)
+            with self._cond:
+                self._round_for = self._seen
+                self._cond.notify_all()
+            return orders
+
+        llumlet.load = tagged_poll  # type: ignore[method-assign]
+        core.on_load = seen  # type: ignore[method-assign]
+        core.migration_round = counted_round  # type: ignore[method-assign]
+
+    def _round_saw(self, hold: int) -> bool:
+        with self._cond:
+            return self._round_for >= hold
+
+    def run_until(self, cond, what: str = "condition") -> None:
+        """Step the held instance, one migration round a batch, until ``cond()`` holds."""
+        self.gate.wait_held()
+        while not cond():
+            hold = self.gate.holds
+            wait_for(lambda: cond() or self._round_saw(hold), self.timeout,
+                     f"a migration round that saw {self.gate.instance_id} after batch {hold}")
+            if cond():
+                return
+            if not self.gate.step():
+                raise AssertionError(f"{self.gate.instance_id} stopped before {what}")
+
+
 def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+    """Wait until ``cond()`` is true; ``timeout`` only bounds a condition that never comes."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

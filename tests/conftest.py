@@ -1,4 +1,15 @@
-"""Shared fixtures. One Ray session per test session (started lazily by the tests that need it)."""
+"""Shared fixtures. One Ray session per test session (started lazily by the tests that need it).
+
+Options:
+    --torch-threads N: pin this test process to N torch threads for the whole run (each
+        test starts from it). ``--torch-threads 1`` makes the tiny test model decode as
+        fast as it can, the setting that shows a test racing the wall clock.
+
+The suite runs in a fixed order under ``make test`` (``--randomly-dont-reorganize``:
+pytest-randomly still reseeds ``random`` per test). ``make test TEST_ARGS=`` shuffles
+it; ``make test TEST_ARGS=--randomly-seed=N`` replays order N (the seed is printed at
+the top of each run).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,28 @@ import shutil
 import tempfile
 
 import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--torch-threads", type=int, default=None,
+                     help="torch threads for this test process (default: leave torch's own choice)")
+
+
+def pytest_configure(config):
+    n = config.getoption("--torch-threads")
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """``torch.set_num_threads`` is process-wide: whatever a test (or code it ran) set, the
+    next test starts from the same value."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,9 @@ from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.tokens import CallbackSink
 from migration import wire
 from tests.cluster_helpers import (
+    HoldOutputs,
+    InLockstep,
+    ManualClock,
     assert_no_leak,
     RESULT_TIMEOUT_S,
     prompts,
@@ -114,16 +117,19 @@ def test_instance_death_resumes_its_requests_with_the_same_tokens():
     n, max_tokens = 12, 120
     ps, sps = prompts(n), samplings(n, max_tokens)
     expected = reference(engine, ps, sps)
-    with running(config(3, engine, migration=False)) as (cluster, emitted, crashed):
+    victim = "instance-001"
+    with running(config(3, engine, migration=False)) as (cluster, emitted, crashed), \
+            HoldOutputs(cluster, victim) as engine_gate:
+        engine_gate.hold()  # the victim runs one batch at a time, so its requests are mid-way when it dies
         handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
-        victim = "instance-001"
         on_victim = [h for h in handles if h.instance_id == victim]
         assert len(on_victim) >= 2, [h.instance_id for h in handles]
-        wait_for(lambda: all(len(h.token_ids) >= 5 for h in on_victim), what="tokens from the victim")
+        engine_gate.run_until(lambda: all(len(h.token_ids) >= 5 for h in on_victim), "tokens from the victim")
         assert not any(h.finished for h in on_victim)
         inst = local(cluster, victim)
         inst.crash()
         crashed.append(inst)
+        engine_gate.release()
         # New requests right after the death: dispatch may still pick the victim; they must not fail.
         extra = [cluster.submit(ps[i], sps[i]) for i in range(3)]
         got = wait_all(handles + extra)
@@ -143,14 +149,17 @@ def test_instance_death_resumes_its_requests_with_the_same_tokens():
 
 def test_a_hung_instance_is_declared_dead_fenced_and_its_requests_resumed():
     """An instance that stops answering (but whose engine still runs) is removed after the
-    heartbeat timeout and fenced, so its requests never run in two places."""
+    heartbeat timeout and fenced, so its requests never run in two places. Its engine is
+    held while it hangs, so its requests are still there when the timeout comes, however
+    fast the machine."""
     engine = spec(num_blocks=256)
     n, max_tokens = 8, 200
     ps, sps = prompts(n), samplings(n, max_tokens)
     expected = reference(engine, ps, sps)
-    with running(config(2, engine, migration=False, heartbeat_s=0.5)) as (cluster, emitted, crashed):
+    victim = "instance-000"
+    with running(config(2, engine, migration=False, heartbeat_s=0.5)) as (cluster, emitted, crashed), \
+            HoldOutputs(cluster, victim) as engine_gate:
         handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
-        victim = "instance-000"
         on_victim = [h for h in handles if h.instance_id == victim]
         assert on_victim
         wait_for(lambda: all(h.token_ids for h in on_victim), what="tokens from the victim")
@@ -160,14 +169,18 @@ def test_a_hung_instance_is_declared_dead_fenced_and_its_requests_resumed():
         original_load = inst.llumlet.load
 
         def stuck_load():
-            hang.wait(60)  # the RPC never returns; the engine loop goes on
+            hang.wait(60)  # the RPC never returns
             return original_load()
 
         inst.llumlet.load = stuck_load  # type: ignore[method-assign]
+        engine_gate.hold()  # the victim's requests make no progress while it hangs
         try:
-            got = wait_all(handles)
+            wait_for(lambda: inst.llumlet.dead, 60, "the unresponsive instance to be fenced")
+            assert all(not h.finished for h in on_victim)
         finally:
             hang.set()
+            engine_gate.release()
+        got = wait_all(handles)
         assert got == expected
         assert inst.llumlet.dead, "the unresponsive instance was not fenced"
         assert cluster.state()["dead_instances"] == [victim]
@@ -179,12 +192,15 @@ def test_a_hung_instance_is_declared_dead_fenced_and_its_requests_resumed():
 
 def test_death_of_the_last_instance_ends_requests_with_an_error():
     engine = spec(num_blocks=128)
-    with running(config(1, engine, migration=False)) as (cluster, _, crashed):
+    with running(config(1, engine, migration=False)) as (cluster, _, crashed), \
+            HoldOutputs(cluster, "instance-000") as engine_gate:
+        engine_gate.hold()
         handles = [cluster.submit(p, SamplingParams(max_tokens=300, ignore_eos=True)) for p in prompts(3)]
-        wait_for(lambda: all(h.token_ids for h in handles), what="first tokens")
+        engine_gate.run_until(lambda: all(h.token_ids for h in handles), "first tokens")
         inst = local(cluster, "instance-000")
         inst.crash()
         crashed.append(inst)
+        engine_gate.release()
         for h in handles:
             events = list(h.events(timeout=RESULT_TIMEOUT_S))
             assert events[-1].finished and events[-1].error and "no other instance" in events[-1].error
@@ -242,11 +258,16 @@ def test_death_during_a_migration(monkeypatch, victim_side, stage, when):
     monkeypatch.setattr(Llumlet, "_handle_migration_message", hooked)
     with running(cfg) as (cluster, emitted, crashed):
         cluster_box["c"] = cluster
-        handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
-        src = local(cluster, "instance-000")
-        cluster.control.daemon.launch(2)
-        joined = [local(cluster, i) for i in ("instance-001", "instance-002")]
-        wait_for(fired.is_set, 60, f"a migration to reach {stage}")
+        with HoldOutputs(cluster, "instance-000") as engine_gate:
+            # The source steps once per migration round until the migration reached the stage,
+            # so its requests cannot finish first, however fast it decodes.
+            engine_gate.hold()
+            lockstep = InLockstep(cluster, engine_gate)
+            handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+            src = local(cluster, "instance-000")
+            cluster.control.daemon.launch(2)
+            joined = [local(cluster, i) for i in ("instance-001", "instance-002")]
+            lockstep.run_until(fired.is_set, f"a migration to reach {stage}")
         crashed.extend(i for i in [src] + joined if i.instance_id in victims)
         got = wait_all(handles)
         assert got == expected
@@ -287,37 +308,44 @@ def test_resume_frees_a_reservation_left_by_the_dead_source():
 
 
 def test_llumlet_aborts_requests_of_a_frontend_whose_lease_lapsed():
+    """Leases run on the llumlet's clock (a ``ManualClock`` here). The engine is held after
+    its first step while the test moves time past one frontend's lease and renews the
+    other's, so the outcome does not depend on how fast the engine decodes."""
     outs: list = []
+    first_step = threading.Event()
+    go_on = threading.Event()
+
+    def sink(iid, rt, o):
+        outs.extend((rt, x) for x in o)
+        first_step.set()
+        go_on.wait()  # the engine loop waits here (outside its lock) until the test lets it go
+
+    clock = ManualClock()
     llumlet = Llumlet(LlumletConfig(instance_id="a", transport="inproc", lease_timeout_s=0.3),
-                      make_engine(dtype="float64", num_blocks=128),
-                      CallbackSink(lambda iid, rt, o: outs.extend((rt, x) for x in o)))
+                      make_engine(dtype="float64", num_blocks=128), CallbackSink(sink), clock=clock)
+    sp = SamplingParams(max_tokens=100, ignore_eos=True)
+    long_sp = SamplingParams(max_tokens=400, ignore_eos=True)
+    # Queued before the loop starts, so all three are admitted (and both leases begin) at t=0.
+    llumlet.add_request(Request("gone", tuple(range(3, 30)), long_sp, reply_to="tcp://gone"))
+    llumlet.add_request(Request("alive", tuple(range(3, 30)), long_sp, reply_to="tcp://alive"))
+    llumlet.add_request(Request("nobody", tuple(range(3, 30)), sp, reply_to=""))  # no frontend: no lease
     llumlet.start()
     try:
-        sp = SamplingParams(max_tokens=100, ignore_eos=True)
-        long_sp = SamplingParams(max_tokens=400, ignore_eos=True)
-        llumlet.add_request(Request("gone", tuple(range(3, 30)), long_sp, reply_to="tcp://gone"))
-        llumlet.add_request(Request("alive", tuple(range(3, 30)), long_sp, reply_to="tcp://alive"))
-        llumlet.add_request(Request("nobody", tuple(range(3, 30)), sp, reply_to=""))  # no frontend: no lease
-        stop = threading.Event()
-
-        def renew():
-            while not stop.is_set():
-                llumlet.renew_lease("tcp://alive")
-                stop.wait(0.05)
-
-        t = threading.Thread(target=renew, daemon=True)
-        t.start()
         try:
-            wait_for(lambda: llumlet.stats.lease_aborts == 1, 30, "the lapsed lease to abort its request")
-            assert llumlet.held(["gone", "alive"]) == ["alive"]
-            aborts = [(rt, o) for rt, o in outs if o.finish_reason == FinishReason.ABORT]
-            assert [(rt, o.request_id) for rt, o in aborts] == [("tcp://gone", "gone")]
-            wait_for(llumlet.is_idle, 60, "the renewed request to finish")
+            wait_for(first_step.is_set, 60, "the first step")
+            clock.now = 0.2
+            llumlet.renew_lease("tcp://alive")
+            clock.now = 0.4  # "gone": 0.4 s since its lease began (> 0.3); "alive": 0.2 s since renewed
         finally:
-            stop.set()
-            t.join()
+            go_on.set()
+        wait_for(lambda: llumlet.stats.lease_aborts == 1, 60, "the lapsed lease to abort its request")
+        assert llumlet.held(["gone", "alive"]) == ["alive"]
+        aborts = [(rt, o) for rt, o in outs if o.finish_reason == FinishReason.ABORT]
+        assert [(rt, o.request_id) for rt, o in aborts] == [("tcp://gone", "gone")]
+        wait_for(llumlet.is_idle, 60, "the renewed request to finish")
         finished = {o.request_id: o.finish_reason for _, o in outs if o.finish_reason is not None}
         assert finished == {"gone": FinishReason.ABORT, "alive": FinishReason.LENGTH, "nobody": FinishReason.LENGTH}
+        assert llumlet.stats.lease_aborts == 1
         assert llumlet.load().used_blocks == 0
         llumlet.engine.check_invariants()
     finally:
@@ -325,14 +353,41 @@ def test_llumlet_aborts_requests_of_a_frontend_whose_lease_lapsed():
 
 
 def test_a_dead_frontend_does_not_keep_instances_generating():
+    """Leases run on a ``ManualClock`` (set on each llumlet) and the engines are held, so
+    nothing depends on how fast they decode: renewals keep the requests alive past the
+    lease; once the frontend stops renewing, the next iteration aborts them."""
     engine = spec(num_blocks=1024)
-    max_tokens = 3000  # far more than the test lasts
-    with running(config(2, engine, migration=False, lease_s=0.5)) as (cluster, _, _crashed):
+    max_tokens, lease = 400, 0.5
+    clock = ManualClock()
+    with running(config(2, engine, migration=False, lease_s=lease)) as (cluster, _, _crashed), \
+            contextlib.ExitStack() as stack:
+        renewed: dict[str, float] = {}  # instance -> the clock at its latest lease renewal
+        for iid in cluster.instance_ids():
+            llumlet = local(cluster, iid).llumlet
+            llumlet.clock = clock
+            renew = llumlet.renew_lease
+
+            def renew_and_note(reply_to, _iid=iid, _renew=renew):
+                _renew(reply_to)
+                renewed[_iid] = clock()
+
+            llumlet.renew_lease = renew_and_note  # type: ignore[method-assign]
+        gates = {iid: stack.enter_context(HoldOutputs(cluster, iid)) for iid in cluster.instance_ids()}
+        for gate in gates.values():
+            gate.hold()
         handles = [cluster.submit(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in prompts(4)]
-        wait_for(lambda: all(h.token_ids for h in handles), what="first tokens")
-        time.sleep(0.8)  # longer than the lease: renewals keep the requests alive
+        busy = {h.instance_id for h in handles}
+        for iid in busy:
+            gates[iid].run_until(lambda: all(h.token_ids for h in handles if h.instance_id == iid), "first tokens")
+        clock.advance(2 * lease)  # past the lease: only renewals keep the requests alive now
+        wait_for(lambda: all(renewed.get(iid) == clock() for iid in busy), what="lease renewals after the lapse")
+        for iid in busy:
+            assert gates[iid].step()  # an engine iteration at the new time: the renewed leases hold
+        assert sum(local(cluster, i).stats()["lease_aborts"] for i in busy) == 0
         assert not any(h.finished for h in handles)
         cluster.stop_supervisor()  # the frontend "dies": no more renewals
+        clock.advance(2 * lease)
+        stack.close()  # the engines run on, and their next iteration finds the leases lapsed
         for iid in cluster.instance_ids():
             inst = local(cluster, iid)
             wait_for(lambda: inst.llumlet.is_idle(), 30, f"{iid} to drop the dead frontend's requests")
@@ -344,10 +399,14 @@ def test_a_dead_frontend_does_not_keep_instances_generating():
 
 def test_client_abort_mid_stream_frees_blocks_everywhere():
     engine = spec(num_blocks=128)
-    with running(config(2, engine)) as (cluster, _, _crashed):
+    with running(config(2, engine)) as (cluster, _, _crashed), contextlib.ExitStack() as stack:
+        gates = {iid: stack.enter_context(HoldOutputs(cluster, iid)) for iid in cluster.instance_ids()}
+        for gate in gates.values():
+            gate.hold()
         h = cluster.submit(prompts(1)[0], SamplingParams(max_tokens=400, ignore_eos=True))
-        wait_for(lambda: len(h.token_ids) >= 3, what="first tokens")
-        cluster.abort(h.request_id)
+        gates[h.instance_id].run_until(lambda: len(h.token_ids) >= 3, "first tokens")
+        cluster.abort(h.request_id)  # mid-stream: its engine is held after its third token
+        stack.close()
         assert h.finish_reason == FinishReason.ABORT and h.error is None
         assert_no_leak(cluster)
 
@@ -373,34 +432,57 @@ def test_http_client_gets_an_error_when_the_last_instance_dies(stream):
     from llumnix_py.server.app import ServerThread, create_app
 
     engine = spec(num_blocks=128)
-    with running(config(1, engine, migration=False)) as (cluster, _, crashed):
+    with running(config(1, engine, migration=False)) as (cluster, _, crashed), \
+            HoldOutputs(cluster, "instance-000") as engine_gate:
+        engine_gate.hold()
         with ServerThread(create_app(cluster)) as srv:
             body = {"model": cluster.model_name, "prompt": list(range(5, 45)), "max_tokens": 400,
                     "ignore_eos": True, "stream": stream}
             with httpx.Client(timeout=RESULT_TIMEOUT_S) as client:
                 if stream:
+                    first_line = threading.Event()
+
+                    def pump():
+                        # One batch at a time until the client has its first line (the first
+                        # tokens may not decode to text yet); the engine stays held after it.
+                        engine_gate.wait_held()
+                        while not first_line.is_set() and engine_gate.step():
+                            pass
+
+                    pumper = threading.Thread(target=pump)
+                    pumper.start()
                     with client.stream("POST", srv.url + "/v1/completions", json=body) as r:
                         lines = r.iter_lines()
-                        first = next(line for line in lines if line.startswith("data: "))
+                        try:
+                            first = next(line for line in lines if line.startswith("data: "))
+                        finally:
+                            first_line.set()
+                            pumper.join()
                         assert "choices" in first
                         inst = local(cluster, "instance-000")
-                        inst.crash()
+                        inst.crash()  # held after its first tokens: the request is still running
                         crashed.append(inst)
+                        engine_gate.release()
                         rest = [line for line in lines if line.startswith("data: ")]
                     errors = [line for line in rest if '"error"' in line]
                     assert errors and '"instance_failed"' in errors[0], rest[-3:]
                     assert rest[-1] == "data: [DONE]"
                 else:
-                    def kill_soon():
-                        wait_for(lambda: bool(cluster.active_requests()), what="request accepted")
-                        time.sleep(0.3)
+                    def kill_once_running():
+                        # The engine is held after the request's first tokens: it is accepted and
+                        # cannot finish before the crash, however fast the engine decodes.
+                        engine_gate.wait_held()  # the request's first tokens are out
                         inst = local(cluster, "instance-000")
                         inst.crash()
                         crashed.append(inst)
+                        engine_gate.release()
 
-                    killer = threading.Thread(target=kill_soon)
+                    killer = threading.Thread(target=kill_once_running)
                     killer.start()
-                    r = client.post(srv.url + "/v1/completions", json=body)
-                    killer.join()
+                    try:
+                        r = client.post(srv.url + "/v1/completions", json=body)
+                    finally:
+                        engine_gate.release()
+                        killer.join()
                     assert r.status_code == 503, r.text
                     assert r.json()["error"]["code"] == "instance_failed"

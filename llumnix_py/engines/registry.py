@@ -21,7 +21,9 @@ class EngineSpec:
         model: built-in engine model shape (``ModelConfig`` kwargs) for seeded random weights.
         checkpoint: a Llama-layout checkpoint folder (built-in engine).
         max_model_len: cap on prompt + output tokens.
-        num_threads: torch threads per instance (instances share the machine's cores).
+        num_threads: torch threads per instance. Applied by the runtime, not the builder: per
+            worker process on Ray; on the local runtime one value for the whole process,
+            claimed by the cluster (``llumnix_py.engines.threads``).
         sim_profile: cost profile name for the simulated engine.
     """
 
@@ -44,7 +46,7 @@ def _build_torch(spec: EngineSpec) -> EngineAdapter:
     from llumnix_py.engines.torch_engine.model import ModelConfig
 
     model = ModelConfig(**dict(spec.model)) if spec.model else None
-    return make_torch_engine(spec.engine, model, spec.checkpoint, spec.max_model_len, spec.num_threads)
+    return make_torch_engine(spec.engine, model, spec.checkpoint, spec.max_model_len)
 
 
 def _build_sim(spec: EngineSpec) -> EngineAdapter:

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import ray
 
 from llumnix_py.engines.registry import build_engine
+from llumnix_py.engines.threads import apply_process_threads
 from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request
 from llumnix_py.errors import LlumnixError
 from llumnix_py.llumlet import Llumlet
@@ -60,6 +61,7 @@ class LlumletActor:
         cfg = dataclasses.replace(self._llumlet_cfg, instance_id=instance_id)
         if cfg.gil_switch_interval_s:
             sys.setswitchinterval(cfg.gil_switch_interval_s)  # this worker process runs one llumlet
+        apply_process_threads(self._engine_spec.num_threads)  # ... so its torch threads are the instance's
         self.llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
         return self.llumlet.start()
 

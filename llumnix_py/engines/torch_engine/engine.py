@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
-
 from llumnix_py.engines.core import EngineConfig, EngineCore
 from llumnix_py.engines.torch_engine.executor import TorchExecutor
 from llumnix_py.engines.torch_engine.loader import load_checkpoint
@@ -27,7 +25,6 @@ def make_torch_engine(
     model: Optional[ModelConfig] = None,
     checkpoint: Optional[str] = None,
     max_model_len: Optional[int] = None,
-    num_threads: Optional[int] = None,
 ) -> TorchEngine:
     """Build the built-in engine.
 
@@ -37,10 +34,10 @@ def make_torch_engine(
         checkpoint: a folder with ``config.json`` + ``model.safetensors`` (HF Llama layout)
             and optionally ``tokenizer.json``.
         max_model_len: cap on prompt + output tokens (default: the model's positions).
-        num_threads: torch intra-op threads for this process (None: leave as is).
+
+    Torch's thread count is left alone: it is per process, and the runtime that owns the
+    process sets it (``llumnix_py.engines.threads``).
     """
-    if num_threads:
-        torch.set_num_threads(num_threads)
     engine = engine or EngineConfig()
     if checkpoint:
         model_cfg, net = load_checkpoint(checkpoint, dtype=model.dtype if model else None)
