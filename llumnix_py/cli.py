@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, MigrationConfig, PolicyConfig, \
     SchedulerConfig
+from llumnix_py.errors import UnknownNameError
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -207,10 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,26 @@ class ProtocolError(LlumnixError, ValueError):
     """A message received from the network failed validation."""
 
 
-class UnknownPolicyError(LlumnixError, KeyError):
-    """A policy, transport or engine name that no registry holds."""
+class UnknownNameError(LlumnixError, KeyError):
+    """A name that no registry holds; the message lists the names it does hold.
+
+    A ``KeyError`` (a failed look-up), whose message is shown unquoted.
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown name"
+
+
+class UnknownPolicyError(UnknownNameError):
+    """A dispatch, pairing, migrate-out, scaling or preemption policy name that is not registered."""
+
+
+class UnknownEngineError(UnknownNameError):
+    """An engine kind or a simulated engine's cost profile that is not registered."""
+
+
+class UnknownTransportError(UnknownNameError):
+    """A migration transport name that is not registered."""
 
 
 class UnknownInstanceError(LlumnixError, KeyError):

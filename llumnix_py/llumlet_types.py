@@ -11,7 +11,7 @@ from typing import Optional, Protocol, Sequence
 
 from llumnix_py.engines.types import RequestOutput
 from migration.protocol import MigrationConfig
-from migration.transports import get_transport
+from migration.transports.registry import check_transport_name
 
 
 class TokenSink(Protocol):
@@ -65,7 +65,7 @@ class LlumletConfig:
             raise ValueError("instance_id must be non-empty")
         if self.lease_timeout_s is not None and self.lease_timeout_s <= 0:
             raise ValueError("lease_timeout_s must be positive (or None)")
-        get_transport(self.transport)
+        check_transport_name(self.transport)
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from llumnix_py.runtime.control import ControlPlane
 
 # The cluster's logger: these records kept their logger name when this code moved out of cluster.py.
-log = logging.getLogger("llumnix_py.cluster")
+log = logging.getLogger(__name__)
 
 
 class FaultSupervision:

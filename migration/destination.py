@@ -19,7 +19,6 @@ from llumnix_py.engines.types import SeqStatus
 from llumnix_py.errors import LlumnixError, ProtocolError
 from migration import wire
 
-ALREADY_COMMITTED = "already committed"
 _REMEMBER_COMMITTED = 4096
 
 
@@ -71,7 +70,7 @@ class DestinationMigrations:
         rec = self.incoming.get(msg.migration_id)
         if rec is None:
             if msg.migration_id in self.committed:
-                return wire.Reply(ok=False, error=ALREADY_COMMITTED)
+                return wire.Reply.already_committed()
             if len(self.incoming) >= self.max_incoming:
                 return wire.Reply(ok=False, error="destination is full of migrations")
             if any(r.request_id == msg.request_id for r in self.incoming.values()):
@@ -122,7 +121,7 @@ class DestinationMigrations:
 
     def _abort(self, msg: wire.Abort) -> wire.Reply:
         if msg.migration_id in self.committed:
-            return wire.Reply(ok=False, error=ALREADY_COMMITTED)
+            return wire.Reply.already_committed()
         self._drop(msg.migration_id)
         return wire.Reply(ok=True)
 

@@ -18,7 +18,7 @@ from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import LlumnixError
 from migration import protocol as p
 from migration import wire
-from migration.destination import ALREADY_COMMITTED, DestinationMigrations
+from migration.destination import DestinationMigrations
 from migration.transports.base import MigrationTransport, TransportError
 
 
@@ -71,7 +71,7 @@ class TransportPort:
                 reply = self.transport.call(wire.Abort(migration_id, reason[: wire.MAX_TEXT_LEN]))
             except TransportError:
                 continue
-            return not reply.ok and reply.error == ALREADY_COMMITTED
+            return reply.is_already_committed
         return False  # unreachable: it frees any reservation itself after its timeout
 
 
@@ -111,7 +111,7 @@ class LocalPort:
 
     def abort(self, migration_id, reason):
         reply = self._handle(wire.Abort(migration_id, reason))
-        return not reply.ok and reply.error == ALREADY_COMMITTED
+        return reply.is_already_committed
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,15 @@ import hmac
 import ipaddress
 import logging
 import threading
-from typing import Any, Optional, Sequence, Union
-
-import zmq
-from zmq.utils import z85
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from llumnix_py.errors import ProtocolError
+
+if TYPE_CHECKING:
+    import zmq
+
+# zmq is imported where a socket is secured, not here: configs that only validate a
+# secret (and transports other than zmq) do not load it.
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class AuthenticationError(ProtocolError):
 
 def curve_available() -> bool:
     """Whether this libzmq supports CURVE (built with libsodium)."""
+    import zmq
+
     return bool(zmq.has("curve"))
 
 
@@ -118,6 +123,9 @@ class SharedSecret:
         self.mechanism = mechanism
         self._hmac_key = _derive(secret, "hmac")
         if mechanism == "curve":
+            import zmq
+            from zmq.utils import z85
+
             self.server_secret = z85.encode(_derive(secret, "curve-server"))
             self.server_public = zmq.curve_public(self.server_secret)
             self.client_secret = z85.encode(_derive(secret, "curve-client"))
@@ -134,7 +142,7 @@ class SharedSecret:
         from zmq.auth.thread import ThreadAuthenticator
 
         check = _ClientKeyCheck(self.client_public)
-        auth = ThreadAuthenticator(ctx, log=logging.getLogger("llumnix_py.zap"))
+        auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
         auth.start()
         auth.configure_curve_callback("*", credentials_provider=check)
         sock.curve_secretkey = self.server_secret
@@ -173,6 +181,8 @@ class SharedSecret:
 
 
 def _buffer(frame: Any) -> Any:
+    import zmq  # loaded already: frames come from a zmq socket
+
     return frame.buffer if isinstance(frame, zmq.Frame) else frame
 
 

@@ -12,6 +12,10 @@ tensor payload. The source sends requests, the destination answers each with a
       Abort(migration_id, reason)           ->  free reservation  -> Reply(ok)
       Ping()                                ->                    -> Reply(ok)
 
+A refusal the source must act on carries a typed ``ReplyCode`` beside its text
+(``Abort`` of a migration the destination already committed answers
+``ALREADY_COMMITTED``: the request lives on there, the source must not resume it).
+
 ``decode_request`` and ``decode_reply`` accept arbitrary decoded msgpack and
 raise only ``ProtocolError``. Transports add their own envelope keys (``seq``)
 and remove them before calling the decoders.
@@ -19,6 +23,7 @@ and remove them before calling the decoders.
 
 from __future__ import annotations
 
+import enum
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -116,22 +121,47 @@ class Ping:
 Message = Union[PreAlloc, Blocks, Commit, Abort, Ping]
 
 
+class ReplyCode(enum.Enum):
+    """A refusal that the source acts on by its kind, not by its text."""
+
+    ALREADY_COMMITTED = "already_committed"  # the destination adopted the request: never resume it on the source
+
+
 @dataclass(frozen=True)
 class Reply:
     """The destination's answer to one request.
 
     Attributes:
         ok: the request was carried out.
-        error: why not, when ``ok`` is False.
+        error: why not, when ``ok`` is False (for people).
         block_ids: the blocks reserved by a ``PreAlloc``.
+        code: the kind of refusal, when the source must act on it (only with ``ok`` False);
+            on the wire only when set.
     """
 
     ok: bool
     error: Optional[str] = None
     block_ids: tuple[int, ...] = field(default=())
+    code: Optional[ReplyCode] = None
+
+    def __post_init__(self) -> None:
+        if self.ok and self.code is not None:
+            raise ValueError(f"a successful reply carries no refusal code, got {self.code}")
+
+    @classmethod
+    def already_committed(cls) -> "Reply":
+        """The refusal of an ``Abort`` (or a repeated ``PreAlloc``) after the destination committed."""
+        return cls(ok=False, error="already committed", code=ReplyCode.ALREADY_COMMITTED)
+
+    @property
+    def is_already_committed(self) -> bool:
+        return self.code is ReplyCode.ALREADY_COMMITTED
 
     def to_header(self) -> dict[str, Any]:
-        return {"ok": self.ok, "error": self.error, "block_ids": list(self.block_ids)}
+        header: dict[str, Any] = {"ok": self.ok, "error": self.error, "block_ids": list(self.block_ids)}
+        if self.code is not None:
+            header["code"] = self.code.value
+        return header
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -256,14 +286,27 @@ def decode_request(header: Any, payload_nbytes: Optional[int]) -> Message:
 
 def decode_reply(header: Any) -> Reply:
     """Validate a decoded reply header (envelope keys removed). Raises ``ProtocolError``."""
-    h = _fields(header, "reply", {"ok", "error", "block_ids"})
+    h = _fields(header, "reply", {"ok", "error", "block_ids"}, frozenset({"code"}))
     if not isinstance(h["ok"], bool):
         raise ProtocolError("reply: ok must be a boolean")
     err = h["error"]
     if err is not None:
         err = _str(err, "reply error", MAX_TEXT_LEN, allow_empty=True)
     ids = _int_list(h["block_ids"], "reply block_ids", MAX_BLOCKS_PER_MESSAGE)
-    return Reply(h["ok"], err, ids)
+    code = _reply_code(h["code"]) if "code" in h else None
+    if code is not None and h["ok"]:
+        raise ProtocolError("reply: a successful reply carries no refusal code")
+    return Reply(h["ok"], err, ids, code)
+
+
+_REPLY_CODES = {c.value: c for c in ReplyCode}
+
+
+def _reply_code(v: Any) -> ReplyCode:
+    if not isinstance(v, str) or v not in _REPLY_CODES:
+        shown = v if isinstance(v, str) and len(v) <= 64 else type(v).__name__
+        raise ProtocolError(f"reply: code {shown!r} is not one of {sorted(_REPLY_CODES)}")
+    return _REPLY_CODES[v]
 
 
 def error_reply(error: str) -> dict[str, Any]:

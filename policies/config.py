@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from policies.registry import check_policy_names
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -72,8 +74,6 @@ class PolicyConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty policy name, got {value!r}")
-        from policies.registry import check_policy_names  # late: the registries import this module
-
         check_policy_names(
             dispatch=self.dispatch, pairing=self.pairing, migrate_out=self.migrate_out, scaling=self.scaling
         )

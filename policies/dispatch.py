@@ -255,10 +255,3 @@ def by_random(eligible: Sequence[InstanceLoad], request: RequestView, cfg: Polic
     """Uniform choice with the state's seeded generator (ids sorted first)."""
     ids = sorted(inst.instance_id for inst in eligible)
     return ids[state.rng.randrange(len(ids))]
-
-
-DISPATCH.register("freeness", by_freeness)
-DISPATCH.register("load", by_load)
-DISPATCH.register("queue", by_queue)
-DISPATCH.register("round_robin", by_round_robin)
-DISPATCH.register("random", by_random)

@@ -241,8 +241,3 @@ def pair_by_defrag(
             )
             j += 1
     return plans
-
-
-PAIRING.register("freeness", pair_by_freeness)
-PAIRING.register("balanced", pair_by_freeness)
-PAIRING.register("defrag", pair_by_defrag)

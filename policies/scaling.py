@@ -143,7 +143,3 @@ class _Desc:
 def scale_never(instances: Sequence[InstanceLoad], cfg: PolicyConfig, state: ScalingState) -> ScaleDecision:
     """Fixed-size cluster: never scale."""
     return ScaleDecision(ScaleAction.NONE, reason="scaling disabled")
-
-
-SCALING.register("freeness", scale_by_freeness)
-SCALING.register("none", scale_never)

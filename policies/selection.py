@@ -93,13 +93,6 @@ def select_waiting_head(inst: InstanceLoad) -> Optional[MigrateOut]:
     return None
 
 
-MIGRATE_OUT.register("shortest", select_shortest)
-MIGRATE_OUT.register("longest", select_longest)
-MIGRATE_OUT.register("last", select_last)
-MIGRATE_OUT.register("lowest_priority", select_lowest_priority)
-MIGRATE_OUT.register("waiting_head", select_waiting_head)
-
-
 def select_migrate_out(inst: InstanceLoad, policy: str = "shortest") -> Optional[MigrateOut]:
     """The request ``inst`` should migrate out under ``policy``, or ``None``.
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from llumnix_py.cli import build_parser, cluster_config
+from llumnix_py.cli import build_parser, cluster_config, main
 
 
 def free_port() -> int:
@@ -38,6 +38,15 @@ def test_unknown_policy_name_is_an_error():
     args = build_parser().parse_args(["serve", "--dispatch", "nope"])
     with pytest.raises(KeyError):
         cluster_config(args)
+
+
+@pytest.mark.parametrize("flags,message", [(["--dispatch", "nope"], "unknown dispatch policy 'nope' (known: "),
+                                           (["--engine", "nope"], "unknown engine 'nope' (known: "),
+                                           (["--transport", "nope"], "unknown transport 'nope' (known: ")])
+def test_unknown_names_are_usage_errors_naming_the_known_ones(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--runtime", "local", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import torch
 from llumnix_py.engines.types import MigrationRequestState, Request, SamplingParams, SeqStatus
 from migration import protocol as p
 from migration import wire
-from migration.destination import ALREADY_COMMITTED, DestinationMigrations
-from migration.driver import LocalPort, MigrationDriver
+from migration.destination import DestinationMigrations
+from migration.driver import LocalPort, MigrationDriver, TransportPort
 from migration.protocol import MigrationConfig, MigrationMode, MigrationStatus, SourceMigration
+from migration.transports import get_transport
 from migration.transports.base import TransportError
 from tests.factories import RunResult, make_engine, run_engines
 
@@ -552,12 +553,34 @@ def test_lost_commit_reply_finishes_without_duplicate():
     res = pair.driver(port).run(SourceMigration("m", "x"))
     assert res.status == MigrationStatus.FINISHED and port.aborts == 1
     assert "x" not in pair.src.seqs and pair.dst.seqs["x"].status == SeqStatus.RUNNING
-    assert pair.dest.handle(wire.Abort("m", "again"), None, 0.0).error == ALREADY_COMMITTED
+    assert pair.dest.handle(wire.Abort("m", "again"), None, 0.0).code is wire.ReplyCode.ALREADY_COMMITTED
     assert pair.dest.handle(wire.Commit("m", pair.dst.seqs["x"].to_migration_state(SeqStatus.RUNNING)),
                             None, 0.0).ok  # a retried commit is idempotent
     assert len(pair.dst.seqs) == 1
     pair.assert_clean()
     assert pair.finish() == ref  # run_engines asserts consecutive indices: no duplicate token
+
+
+def test_abort_over_a_transport_reads_the_typed_already_committed_reply():
+    """``TransportPort.abort`` learns the destination committed from the reply's code, not its text."""
+    pair = Pair()
+    pair.add(req("x", 50, max_tokens=20))
+    pair.step_src(3)
+    assert pair.driver().run(SourceMigration("m", "x")).status == MigrationStatus.FINISHED
+    server_cls, transport_cls = get_transport("inproc")
+    replies = {"committed": lambda msg, payload: pair.dest.handle(msg, payload, 0.0).to_header(),
+               "text only": lambda msg, payload: wire.Reply(False, "already committed").to_header()}
+    seen = {}
+    for name, handler in replies.items():
+        server = server_cls(handler)
+        client = transport_cls(server.start(), timeout_s=1.0)
+        client.connect()
+        try:
+            seen[name] = TransportPort(client, pair.src).abort("m", "lost reply")
+        finally:
+            client.close()
+            server.stop()
+    assert seen == {"committed": True, "text only": False}
 
 
 @pytest.mark.parametrize("stop_after", ["prealloc", "copy", "freeze"])

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.lazy_registry import LazyRegistry, check_callable
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState
-from policies.registry import DISPATCH, MIGRATE_OUT, PAIRING, SCALING, Registry
+from policies.registry import DISPATCH, MIGRATE_OUT, PAIRING, SCALING
 from policies.types import InstanceLoad, RequestView
 from policies.virtual_usage import (
     freeness,
@@ -154,7 +155,7 @@ def test_config_headroom_lookup_and_normalization():
 
 
 def test_registry_validates():
-    reg: Registry = Registry("demo")
+    reg: LazyRegistry = LazyRegistry("demo policy", UnknownPolicyError, check=check_callable)
     reg.register("a", lambda: 1)
     with pytest.raises(ValueError):
         reg.register("a", lambda: 2)

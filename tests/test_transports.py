@@ -13,7 +13,7 @@ import torch
 import zmq
 
 from llumnix_py.engines.types import MigrationRequestState, SamplingParams, SeqStatus
-from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.errors import UnknownTransportError
 from migration import wire
 from migration.transports import (MigrationServer, MigrationTransport, TransportError, get_transport,
                                   register_transport, transport_names)
@@ -285,7 +285,7 @@ def test_inproc_rejects_what_zmq_rejects(recorder):
 
 def test_registry():
     assert {"zmq", "gloo", "nccl", "inproc"} <= set(transport_names())
-    with pytest.raises(UnknownPolicyError, match="zmq"):
+    with pytest.raises(UnknownTransportError, match="zmq"):
         get_transport("carrier-pigeon")
     with pytest.raises(ValueError):
         register_transport("bad", object, object)  # type: ignore[arg-type]

@@ -54,6 +54,28 @@ def test_reply_round_trip(reply):
     assert wire.decode_reply(roundtrip(reply.to_header())) == reply
 
 
+def test_already_committed_is_a_typed_reply_code():
+    reply = wire.Reply.already_committed()
+    assert not reply.ok and reply.code is wire.ReplyCode.ALREADY_COMMITTED and reply.is_already_committed
+    assert wire.decode_reply(roundtrip(reply.to_header())) == reply
+    assert not wire.Reply(False, reply.error).is_already_committed  # the text alone means nothing
+    assert "code" not in wire.Reply(False, "refused").to_header()  # the field travels only when set
+    with pytest.raises(ValueError, match="no refusal code"):
+        wire.Reply(True, code=wire.ReplyCode.ALREADY_COMMITTED)
+
+
+@pytest.mark.parametrize("code,match", [
+    ("already committed", "not one of"), (1, "not one of"), (None, "not one of"), ("x" * 5000, "not one of")])
+def test_reply_code_rejected(code, match):
+    with pytest.raises(ProtocolError, match=match):
+        wire.decode_reply({"ok": False, "error": "e", "block_ids": [], "code": code})
+
+
+def test_successful_reply_with_a_code_rejected():
+    with pytest.raises(ProtocolError, match="no refusal code"):
+        wire.decode_reply({"ok": True, "error": None, "block_ids": [], "code": "already_committed"})
+
+
 @pytest.mark.parametrize("header,nbytes,match", [
     ({"type": "pre_alloc", "migration_id": "m", "request_id": "r"}, None, "missing"),
     ({"type": "pre_alloc", "migration_id": "m", "request_id": "r", "num_blocks": 1, "x": 1}, None, "unexpected"),

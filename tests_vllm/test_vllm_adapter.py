@@ -27,7 +27,6 @@ def run_alone(engine, request: Request) -> list[int]:
 
 
 def test_registered_as_engine_kind(checkpoint):
-    import llumnix_py.engines.vllm  # noqa: F401  (registers the kind)
     from llumnix_py.engines.registry import EngineSpec, engine_kinds
 
     assert "vllm" in engine_kinds()

@@ -19,7 +19,6 @@ def reference(engine, rid: str, max_tokens: int) -> list[int]:
 
 
 def test_drained_instance_migrates_its_requests_and_tokens_match(checkpoint, engines):
-    import llumnix_py.engines.vllm  # noqa: F401  (registers the engine kind)
     from llumnix_py.cluster import Cluster
 
     max_tokens = 300

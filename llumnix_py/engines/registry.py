@@ -1,4 +1,8 @@
-"""Engines by name: a validating registry from ``EngineSpec.kind`` to a builder."""
+"""Engines by name: a validating registry from ``EngineSpec.kind`` to a builder.
+
+``torch`` and ``sim`` are built here; ``vllm`` is an import path, loaded only when a
+vLLM instance is built (vLLM lives in its own environment, ``make test-vllm``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Callable, Optional
 
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.core import EngineConfig
-from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.errors import UnknownEngineError
+from llumnix_py.lazy_registry import LazyRegistry, check_callable
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,7 @@ class EngineSpec:
     sim_profile: str = "llama-7b-a10"
 
     def __post_init__(self) -> None:
-        if self.kind not in _BUILDERS:
-            raise UnknownPolicyError(f"unknown engine {self.kind!r}; known: {sorted(_BUILDERS)}")
+        ENGINES.check_name(self.kind)
         object.__setattr__(self, "model", tuple(sorted(dict(self.model).items())))
 
 
@@ -57,33 +61,31 @@ def _build_sim(spec: EngineSpec) -> EngineAdapter:
     try:
         profile = PROFILES[spec.sim_profile]
     except KeyError:
-        raise UnknownPolicyError(f"unknown sim profile {spec.sim_profile!r}; known: {sorted(PROFILES)}") from None
+        raise UnknownEngineError(f"unknown sim profile {spec.sim_profile!r}; known: {sorted(PROFILES)}") from None
     return EngineCore(spec.engine, SimExecutor(profile))
 
 
-def _build_vllm(spec: EngineSpec) -> EngineAdapter:
-    # vLLM lives in its own environment (`make test-vllm` builds .venv-vllm); imported only when asked for.
-    from llumnix_py.engines.vllm import build_vllm_engine
+EngineBuilder = Callable[[EngineSpec], EngineAdapter]
 
-    return build_vllm_engine(spec)
-
-
-_BUILDERS: dict[str, Callable[[EngineSpec], EngineAdapter]] = {
-    "torch": _build_torch, "sim": _build_sim, "vllm": _build_vllm}
+ENGINES: LazyRegistry[EngineBuilder] = LazyRegistry(
+    "engine", UnknownEngineError, {"vllm": "llumnix_py.engines.vllm:build_vllm_engine"}, check_callable)
+ENGINES.register("torch", _build_torch)
+ENGINES.register("sim", _build_sim)
 
 
-def register_engine(kind: str, builder: Callable[[EngineSpec], EngineAdapter]) -> None:
-    """Plug in an engine adapter under a name (``EngineSpec(kind=name)`` then builds it)."""
-    if kind in _BUILDERS:
-        raise ValueError(f"engine {kind!r} is already registered")
-    if not callable(builder):
-        raise TypeError("builder must be callable")
-    _BUILDERS[kind] = builder
+def register_engine(kind: str, builder: EngineBuilder) -> None:
+    """Plug in an engine adapter under a name (``EngineSpec(kind=name)`` then builds it).
+
+    Raises:
+        ValueError: ``kind`` is empty or names another builder.
+        TypeError: ``builder`` is not callable.
+    """
+    ENGINES.register(kind, builder)
 
 
 def engine_kinds() -> list[str]:
-    return sorted(_BUILDERS)
+    return ENGINES.names()
 
 
 def build_engine(spec: EngineSpec) -> EngineAdapter:
-    return _BUILDERS[spec.kind](spec)
+    return ENGINES.get(spec.kind)(spec)

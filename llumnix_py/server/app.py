@@ -23,7 +23,6 @@ object and never reaches the cluster.
 Modules: this one builds the app (routes) and runs it (``serve``, ``ServerThread``);
 ``llumnix_py.server.frontend`` takes one request from checked body to response;
 ``llumnix_py.server.errors`` has ``APIError``, the body checks and the error handlers.
-Their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -41,19 +40,12 @@ from fastapi.responses import JSONResponse, Response
 
 from llumnix_py.cluster import Cluster
 from llumnix_py.server import protocol as P
-from llumnix_py.server.errors import APIError, install_error_handlers, short, validation_error
-from llumnix_py.server.errors import _finite_float, _reject_constant  # noqa: F401 (re-exported)
-from llumnix_py.server.frontend import DEFAULT_MAX_TOKENS, GREEDY_BELOW, Frontend  # noqa: F401 (re-exported)
-from llumnix_py.server.frontend import _EventStream, _kv_capacity_tokens, _sse, _wait_for_disconnect  # noqa: F401
+from llumnix_py.server.errors import APIError, install_error_handlers, short
+from llumnix_py.server.frontend import Frontend
 from llumnix_py.server.generation import ChatFormat, CompletionFormat
-from llumnix_py.server.metrics import CONTENT_TYPE, Metrics  # noqa: F401 (re-exported)
+from llumnix_py.server.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
-
-# The names these helpers had before the split into errors.py / frontend.py.
-_Frontend = Frontend
-_short = short
-_validation_error = validation_error
 
 
 def _json_safe(obj: Any) -> Any:

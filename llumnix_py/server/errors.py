@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from llumnix_py.server import protocol as P
 
-log = logging.getLogger("llumnix_py.server.app")  # the server's logger (one name for all its modules)
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):

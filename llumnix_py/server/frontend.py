@@ -37,7 +37,7 @@ from llumnix_py.server.errors import APIError, read_json_body, short, validation
 from llumnix_py.server.generation import CompletionFormat, Generation
 from llumnix_py.server.metrics import Metrics
 
-log = logging.getLogger("llumnix_py.server.app")  # the server's logger (one name for all its modules)
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
 GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (logits / T would overflow)

@@ -129,3 +129,6 @@ class InprocMigrationTransport(MigrationTransport):
 
 def _mechanism_key(secret: Optional[SharedSecret]) -> Optional[bytes]:
     return None if secret is None else secret.tag(b"inproc")
+
+
+INPROC_TRANSPORT = (InprocMigrationServer, InprocMigrationTransport)  # named by the transport registry

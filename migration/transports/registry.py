@@ -1,16 +1,36 @@
-"""Transports by name: ``zmq`` (default), ``gloo``, ``nccl``, ``inproc``."""
+"""Transports by name: ``zmq`` (default), ``gloo``, ``nccl``, ``inproc``.
+
+Built-ins are import paths, imported on first ``get_transport``: validating a
+name (``LlumletConfig(transport="gloo")``) imports neither zmq nor torch.distributed.
+"""
 
 from __future__ import annotations
 
-import threading
-
-from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.errors import UnknownTransportError
+from llumnix_py.lazy_registry import LazyRegistry
 from migration.transports.base import MigrationServer, MigrationTransport
 
 DEFAULT_TRANSPORT = "zmq"
 
-_REGISTRY: dict[str, tuple[type[MigrationServer], type[MigrationTransport]]] = {}
-_LOCK = threading.Lock()
+TransportPair = tuple[type[MigrationServer], type[MigrationTransport]]
+
+
+def _check_pair(name: str, pair: object) -> None:
+    if not isinstance(pair, tuple) or len(pair) != 2:
+        raise ValueError(f"transport {name!r} must be a (server class, transport class) pair")
+    server_cls, transport_cls = pair
+    if not (isinstance(server_cls, type) and issubclass(server_cls, MigrationServer)):
+        raise ValueError(f"{server_cls!r} is not a MigrationServer subclass")
+    if not (isinstance(transport_cls, type) and issubclass(transport_cls, MigrationTransport)):
+        raise ValueError(f"{transport_cls!r} is not a MigrationTransport subclass")
+
+
+_TRANSPORTS: LazyRegistry[TransportPair] = LazyRegistry("transport", UnknownTransportError, {
+    "zmq": "migration.transports.zmq_transport:ZMQ_TRANSPORT",
+    "gloo": "migration.transports.torch_dist:GLOO_TRANSPORT",
+    "nccl": "migration.transports.torch_dist:NCCL_TRANSPORT",
+    "inproc": "migration.transports.inproc:INPROC_TRANSPORT",
+}, _check_pair)
 
 
 def register_transport(name: str, server_cls: type[MigrationServer], transport_cls: type[MigrationTransport]) -> None:
@@ -19,43 +39,22 @@ def register_transport(name: str, server_cls: type[MigrationServer], transport_c
     Raises:
         ValueError: empty name, classes of the wrong kind, or the name already taken by another pair.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError("transport name must be a non-empty string")
-    if not (isinstance(server_cls, type) and issubclass(server_cls, MigrationServer)):
-        raise ValueError(f"{server_cls!r} is not a MigrationServer subclass")
-    if not (isinstance(transport_cls, type) and issubclass(transport_cls, MigrationTransport)):
-        raise ValueError(f"{transport_cls!r} is not a MigrationTransport subclass")
-    with _LOCK:
-        old = _REGISTRY.get(name)
-        if old is not None and old != (server_cls, transport_cls):
-            raise ValueError(f"transport {name!r} is already registered")
-        _REGISTRY[name] = (server_cls, transport_cls)
+    _TRANSPORTS.register(name, (server_cls, transport_cls))
 
 
-def get_transport(name: str) -> tuple[type[MigrationServer], type[MigrationTransport]]:
-    """The (server, client) classes of ``name``; ``UnknownPolicyError`` listing known names otherwise."""
-    with _LOCK:
-        try:
-            return _REGISTRY[name]
-        except (KeyError, TypeError):
-            raise UnknownPolicyError(f"unknown transport {name!r}; known: {sorted(_REGISTRY)}") from None
+def get_transport(name: str) -> TransportPair:
+    """The (server, client) classes of ``name``, imported on first use.
+
+    Raises:
+        UnknownTransportError: no transport of that name (the message lists the known ones).
+    """
+    return _TRANSPORTS.get(name)
+
+
+def check_transport_name(name: str) -> None:
+    """Raise ``UnknownTransportError`` unless ``name`` is a registered transport; imports nothing."""
+    _TRANSPORTS.check_name(name)
 
 
 def transport_names() -> list[str]:
-    with _LOCK:
-        return sorted(_REGISTRY)
-
-
-def _register_builtins() -> None:
-    from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
-    from migration.transports.torch_dist import (GlooMigrationServer, GlooMigrationTransport, NcclMigrationServer,
-                                                 NcclMigrationTransport)
-    from migration.transports.zmq_transport import ZmqMigrationServer, ZmqMigrationTransport
-
-    register_transport("zmq", ZmqMigrationServer, ZmqMigrationTransport)
-    register_transport("gloo", GlooMigrationServer, GlooMigrationTransport)
-    register_transport("nccl", NcclMigrationServer, NcclMigrationTransport)
-    register_transport("inproc", InprocMigrationServer, InprocMigrationTransport)
-
-
-_register_builtins()
+    return _TRANSPORTS.names()

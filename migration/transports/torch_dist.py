@@ -323,3 +323,7 @@ class NcclMigrationTransport(GlooMigrationTransport):
 
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
+
+
+GLOO_TRANSPORT = (GlooMigrationServer, GlooMigrationTransport)  # named by the transport registry
+NCCL_TRANSPORT = (NcclMigrationServer, NcclMigrationTransport)

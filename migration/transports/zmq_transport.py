@@ -341,3 +341,6 @@ class ZmqMigrationTransport(MigrationTransport):
             errors, self._errors = self._errors, []
         if errors:
             raise TransportError(f"{self.address} rejected {len(errors)} block messages: {errors[0]}")
+
+
+ZMQ_TRANSPORT = (ZmqMigrationServer, ZmqMigrationTransport)  # named by the transport registry

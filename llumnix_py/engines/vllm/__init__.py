@@ -1,16 +1,20 @@
 """vLLM as a llumnix-py engine: ``EngineSpec(kind="vllm", checkpoint=PATH)``.
 
-Importing this package registers the ``vllm`` engine kind; vLLM itself is imported
-only when an instance is built (``build_vllm_engine``), so the registration is cheap
-and works where vLLM is not installed (building then fails with vLLM's ImportError).
+The engine registry names ``build_vllm_engine`` by import path; vLLM itself is
+imported only when an instance is built, so this package imports where vLLM is not
+installed (building then fails with vLLM's ImportError).
 """
 
 from __future__ import annotations
 
-from llumnix_py.engines.registry import engine_kinds, register_engine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llumnix_py.engines.base import EngineAdapter
+    from llumnix_py.engines.registry import EngineSpec
 
 
-def build_vllm_engine(spec):
+def build_vllm_engine(spec: EngineSpec) -> EngineAdapter:
     """Registry builder: an ``EngineSpec`` -> a started ``VLLMEngineAdapter`` (loads the model).
 
     ``spec.checkpoint`` is the model folder; ``spec.engine`` gives the block size (a multiple
@@ -22,8 +26,5 @@ def build_vllm_engine(spec):
 
     return VLLMEngineAdapter.start(VLLMEngineConfig.from_spec(spec))
 
-
-if "vllm" not in engine_kinds():  # the main registry may already name us (lazily)
-    register_engine("vllm", build_vllm_engine)
 
 __all__ = ["build_vllm_engine"]
