@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llumnix_py.load import InstanceLoad, RequestLoad  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
 from policies.dispatch import DispatchState, dispatch  # noqa: E402
 from policies.pairing import plan_migrations  # noqa: E402
-from policies.types import InstanceLoad, RequestView  # noqa: E402
 
 SIZES = (16, 64, 256, 1024)
 TOTAL_BLOCKS = 880
@@ -45,14 +45,16 @@ def make_instance(rng: random.Random, iid: str) -> InstanceLoad:
     cuts = sorted(rng.randint(0, target) for _ in range(n_running - 1))
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, target])]
     running = tuple(
-        RequestView(f"{iid}-r{k}", s, s, priority=int(rng.random() < 0.1), arrival_time=rng.uniform(0, 100))
+        RequestLoad(request_id=f"{iid}-r{k}", num_blocks=s, blocks_needed=s, priority=int(rng.random() < 0.1),
+                    arrival_time=rng.uniform(0, 100))
         for k, s in enumerate(sizes)
     )
     waiting = tuple(
-        RequestView(f"{iid}-w{k}", 0, rng.randint(1, 120), arrival_time=100 + k) for k in range(rng.randint(0, 10))
+        RequestLoad(request_id=f"{iid}-w{k}", num_blocks=0, blocks_needed=rng.randint(1, 120), arrival_time=100 + k)
+        for k in range(rng.randint(0, 10))
     )
     used = min(TOTAL_BLOCKS, sum(sizes))
-    return InstanceLoad(iid, TOTAL_BLOCKS, used, running=running, waiting=waiting)
+    return InstanceLoad(instance_id=iid, total_blocks=TOTAL_BLOCKS, used_blocks=used, running=running, waiting=waiting)
 
 
 def make_cluster(n: int, seed: int) -> list[InstanceLoad]:
@@ -75,7 +77,8 @@ def dispatch_rate(cluster: list[InstanceLoad], cfg: PolicyConfig, decisions: int
     """Dispatch decisions per second, polling every instance every ``len(cluster)`` decisions."""
     state = DispatchState(seed=seed)
     rng = random.Random(seed)
-    requests = [RequestView(f"req-{k}", 0, rng.randint(1, 120), priority=int(rng.random() < 0.1)) for k in range(512)]
+    requests = [RequestLoad(request_id=f"req-{k}", num_blocks=0, blocks_needed=rng.randint(1, 120),
+                            priority=int(rng.random() < 0.1)) for k in range(512)]
     poll_every = len(cluster)
     ids = [inst.instance_id for inst in cluster]
     t0 = time.perf_counter()

@@ -45,11 +45,11 @@ from llumnix_py.engines.types import FinishReason, Request, RequestOutput, Sampl
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
 from llumnix_py.handles import RequestFailedError  # noqa: F401  (re-exported: part of this module's API)
 from llumnix_py.handles import NoInstanceError, RequestHandle, TokenEvent, _put_all
+from llumnix_py.load import RequestLoad
 from llumnix_py.runtime.base import InstanceDiedError
 from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
 from llumnix_py.supervision import FaultSupervision
 from llumnix_py.tokens import CallbackSink, TokenReceiver
-from policies.types import RequestView
 
 
 class Cluster(FaultSupervision):
@@ -180,7 +180,8 @@ class Cluster(FaultSupervision):
                                       f"(max_model_len {self.max_model_len})")
         request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to)
         block = self.config.engine.engine.block_size
-        view = RequestView(rid, 0, -(-len(prompt) // block), priority, request.arrival_time, len(prompt), 0)
+        view = RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
+                                  arrival_time=request.arrival_time)
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")

@@ -38,10 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 from llumnix_py.engines.base import EngineAdapter
-from llumnix_py.engines.types import (EngineLoad, FinishReason, MigrationRequestState, Request, RequestLoad,
-                                      RequestOutput, SeqStatus, StepOutput)
+from llumnix_py.engines.types import (FinishReason, MigrationRequestState, Request, RequestOutput, SeqStatus,
+                                      StepOutput)
 from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
 from llumnix_py.llumlet_migration import LlumletMigration
+from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.llumlet_migration import _LockedSource as _LockedSource  # re-export
 from llumnix_py.llumlet_migration import _UnlessCrashed as _UnlessCrashed  # re-export
 from llumnix_py.llumlet_types import LlumletConfig as LlumletConfig
@@ -83,7 +84,7 @@ class Llumlet(LlumletMigration):
         # burst arriving during a step is admitted together and callers never wait for a step.
         self._inbox: deque[Request] = deque()
         self._inbox_lock = threading.Lock()
-        self._snapshot: Optional[EngineLoad] = None  # the load after the latest step
+        self._snapshot: Optional[InstanceLoad] = None  # the load after the latest step
         self._leases: dict[str, float] = {}  # reply_to -> last renewal (or first request)
         self._dead = False
         self._tombstones: "OrderedDict[str, float]" = OrderedDict()
@@ -269,7 +270,7 @@ class Llumlet(LlumletMigration):
             self._reply_to.pop(request_id, None)
             return True
 
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         """A fresh snapshot when the engine is between steps, else the one taken after the
         latest step: a poll (the scheduler's heartbeat) never waits for a long step."""
         if self._lock.acquire(blocking=False):
@@ -282,15 +283,15 @@ class Llumlet(LlumletMigration):
                 self._snapshot = self.engine.load()
         return self._with_inbox(self._snapshot)
 
-    def _with_inbox(self, load: EngineLoad) -> EngineLoad:
+    def _with_inbox(self, load: InstanceLoad) -> InstanceLoad:
         """Requests accepted but not yet admitted count as waiting (the dispatcher's view)."""
         with self._inbox_lock:
             queued = list(self._inbox)
         if not queued:
             return load
         bs = load.block_size
-        extra = tuple(RequestLoad(r.request_id, 0, -(-len(r.prompt_token_ids) // bs), len(r.prompt_token_ids), 0,
-                                  r.priority, r.arrival_time, 0) for r in queued)
+        extra = tuple(RequestLoad.queued(r.request_id, prompt_len=len(r.prompt_token_ids), block_size=bs,
+                                         priority=r.priority, arrival_time=r.arrival_time) for r in queued)
         return dataclasses.replace(load, waiting=load.waiting + extra)
 
     def has_request(self, request_id: str) -> bool:

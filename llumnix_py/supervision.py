@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from llumnix_py.engines.types import FinishReason, MigrationRequestState, SeqStatus
 from llumnix_py.handles import RequestHandle, TokenEvent
+from llumnix_py.load import RequestLoad
 from llumnix_py.runtime.base import InstanceDiedError
-from policies.types import RequestView
 
 if TYPE_CHECKING:
     from llumnix_py.config import ClusterConfig
@@ -187,9 +187,8 @@ class FaultSupervision:
         state = MigrationRequestState(req.request_id, req.prompt_token_ids, delivered, req.sampling, req.priority,
                                       req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to)
         block = self.config.engine.engine.block_size
-        n = len(req.prompt_token_ids) + len(delivered)
-        view = RequestView(req.request_id, 0, -(-n // block), req.priority, req.arrival_time,
-                           len(req.prompt_token_ids), len(delivered))
+        view = RequestLoad.queued(req.request_id, prompt_len=len(req.prompt_token_ids), block_size=block,
+                                  output_len=len(delivered), priority=req.priority, arrival_time=req.arrival_time)
         tried: set[str] = set(self._dead)
         while True:
             iid = self._pick_other(view, exclude=tried)
@@ -218,7 +217,7 @@ class FaultSupervision:
         self._fail(handle, f"its instance died ({dead_owner} last sent its tokens) and no other instance "
                            f"could continue the request")
 
-    def _pick_other(self, view: RequestView, exclude: set[str]) -> Optional[str]:
+    def _pick_other(self, view: RequestLoad, exclude: set[str]) -> Optional[str]:
         """The dispatcher's choice if it is not excluded, else any other live instance."""
         try:
             iid = self.control.dispatch(view)

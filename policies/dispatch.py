@@ -32,12 +32,13 @@ import math
 import random
 from typing import Callable, Collection, Optional, Sequence
 
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.registry import DISPATCH
-from policies.types import Dispatch, InstanceLoad, RequestView
+from policies.types import Dispatch
 from policies.virtual_usage import UsageSummary, summarize
 
-DispatchFn = Callable[[Sequence[InstanceLoad], RequestView, PolicyConfig, "DispatchState"], str]
+DispatchFn = Callable[[Sequence[InstanceLoad], RequestLoad, PolicyConfig, "DispatchState"], str]
 
 
 class _Pending:
@@ -46,7 +47,7 @@ class _Pending:
     __slots__ = ("requests", "blocks", "classes")
 
     def __init__(self) -> None:
-        self.requests: list[RequestView] = []
+        self.requests: list[RequestLoad] = []
         self.blocks = 0
         self.classes: dict[int, int] = {}  # priority -> count, every priority
 
@@ -66,7 +67,7 @@ class DispatchState:
         self._unseen: dict[str, dict[str, int]] = {}  # instance -> pending request -> polls not seeing it
         self._cache: dict[str, tuple[InstanceLoad, PolicyConfig, UsageSummary]] = {}
 
-    def on_dispatch(self, instance_id: str, request: RequestView) -> None:
+    def on_dispatch(self, instance_id: str, request: RequestLoad) -> None:
         """Count ``request`` into ``instance_id``'s load until its next poll."""
         p = self._pending.get(instance_id)
         if p is None:
@@ -115,7 +116,7 @@ class DispatchState:
         if self.last_round_robin == instance_id:
             self.last_round_robin = None
 
-    def pending(self, instance_id: str) -> tuple[RequestView, ...]:
+    def pending(self, instance_id: str) -> tuple[RequestLoad, ...]:
         """Requests dispatched to ``instance_id`` since its last poll."""
         p = self._pending.get(instance_id)
         return () if p is None else tuple(p.requests)
@@ -139,7 +140,7 @@ class DispatchState:
         return s
 
     def dispatch_freeness(
-        self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0, request: Optional[RequestView] = None
+        self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0, request: Optional[RequestLoad] = None
     ) -> float:
         """``freeness(inst, purpose="dispatch", extra_pending=pending)``, from caches.
 
@@ -176,7 +177,7 @@ class DispatchState:
 
 
 def dispatch(
-    instances: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
+    instances: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState
 ) -> Optional[Dispatch]:
     """Choose the instance for ``request`` with policy ``cfg.dispatch``.
 
@@ -202,7 +203,7 @@ def dispatch(
 
 
 def by_freeness(
-    eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
+    eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState
 ) -> str:
     """Highest freeness with the request virtually added; seeded pick among the top k."""
     f = state.dispatch_freeness
@@ -223,7 +224,7 @@ def by_freeness(
     return top[state.rng.randrange(len(top))][1]
 
 
-def by_load(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState) -> str:
+def by_load(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState) -> str:
     """INFaaS++: least (physical + queued + pending demand) / total_blocks."""
 
     def key(inst: InstanceLoad) -> tuple[float, str]:
@@ -234,13 +235,13 @@ def by_load(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyC
     return min(eligible, key=key).instance_id
 
 
-def by_queue(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState) -> str:
+def by_queue(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState) -> str:
     """Fewest queued requests (waiting + pending dispatch)."""
     return min(eligible, key=lambda i: (i.num_waiting + state.num_pending(i.instance_id), i.instance_id)).instance_id
 
 
 def by_round_robin(
-    eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState
+    eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState
 ) -> str:
     """The next instance_id after the previous pick (wrapping), so membership may change."""
     ids = sorted(inst.instance_id for inst in eligible)
@@ -251,7 +252,7 @@ def by_round_robin(
     return chosen
 
 
-def by_random(eligible: Sequence[InstanceLoad], request: RequestView, cfg: PolicyConfig, state: DispatchState) -> str:
+def by_random(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState) -> str:
     """Uniform choice with the state's seeded generator (ids sorted first)."""
     ids = sorted(inst.instance_id for inst in eligible)
     return ids[state.rng.randrange(len(ids))]

@@ -58,10 +58,11 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.registry import PAIRING
 from policies.selection import SelectFn, find_request, make_selector
-from policies.types import InstanceLoad, MigrateOut, MigrationPair, RequestView
+from policies.types import MigrateOut, MigrationPair
 from policies.virtual_usage import freeness_after_addition, freeness_after_removal, summarize
 
 PairingFn = Callable[[Sequence[InstanceLoad], PolicyConfig, SelectFn], "list[PlannedMigration]"]
@@ -176,8 +177,8 @@ def room_behind_head(inst: InstanceLoad) -> int:
 
 
 def _defrag_move(
-    src: InstanceLoad, dst: InstanceLoad, choice: MigrateOut, req: RequestView
-) -> Optional[tuple[MigrateOut, RequestView]]:
+    src: InstanceLoad, dst: InstanceLoad, choice: MigrateOut, req: RequestLoad
+) -> Optional[tuple[MigrateOut, RequestLoad]]:
     """The de-fragmentation move of rule 5 (module docstring), or ``None``."""
     if not head_blocked(src):
         return None

@@ -26,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from llumnix_py.load import InstanceLoad
 from policies.config import PolicyConfig
 from policies.registry import SCALING
-from policies.types import InstanceLoad, ScaleAction, ScaleDecision
+from policies.types import ScaleAction, ScaleDecision
 from policies.virtual_usage import freeness
 
 ScalingFn = Callable[[Sequence[InstanceLoad], PolicyConfig, "ScalingState"], ScaleDecision]

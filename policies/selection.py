@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.registry import MIGRATE_OUT
-from policies.types import InstanceLoad, MigrateOut, RequestView
+from policies.types import MigrateOut
 
 SelectFn = Callable[[InstanceLoad], Optional[MigrateOut]]
 
@@ -30,7 +31,7 @@ SelectFn = Callable[[InstanceLoad], Optional[MigrateOut]]
 _INF = math.inf
 
 
-def _pick_running(running: tuple[RequestView, ...], values: list, best: float) -> Optional[MigrateOut]:
+def _pick_running(running: tuple[RequestLoad, ...], values: list, best: float) -> Optional[MigrateOut]:
     """The running request whose key in ``values`` is ``best``; ties by (arrival, id).
 
     ``values`` holds one key per running request, ``+-inf`` (never winning) for the
@@ -113,8 +114,8 @@ def make_selector(policy: str) -> SelectFn:
     return lambda inst: select_migrate_out(inst, policy)
 
 
-def find_request(inst: InstanceLoad, choice: MigrateOut) -> Optional[RequestView]:
-    """The ``RequestView`` that ``choice`` names on ``inst`` (``None`` if absent)."""
+def find_request(inst: InstanceLoad, choice: MigrateOut) -> Optional[RequestLoad]:
+    """The ``RequestLoad`` that ``choice`` names on ``inst`` (``None`` if absent)."""
     group = inst.waiting if choice.waiting else inst.running
     for r in group:
         if r.request_id == choice.request_id:

@@ -61,10 +61,12 @@ instance where ``r`` fits, this is the paper's freeness with ``r`` counted in.
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, NamedTuple, Sequence
 
 from policies.config import PolicyConfig
-from policies.types import InstanceLoad, RequestView
+
+if TYPE_CHECKING:
+    from llumnix_py.load import InstanceLoad, RequestLoad
 
 Purpose = Literal["migration", "dispatch"]
 PURPOSES: tuple[str, ...] = ("migration", "dispatch")
@@ -111,7 +113,7 @@ def summarize(
     cfg: PolicyConfig,
     *,
     purpose: Purpose = "migration",
-    extra_pending: Sequence[RequestView] = (),
+    extra_pending: Sequence[RequestLoad] = (),
 ) -> UsageSummary:
     """Compute the parts of ``V_i`` (see the module docstring) for one snapshot."""
     running = inst.running
@@ -122,7 +124,7 @@ def summarize(
     batch = len(running)
     if purpose == "migration":
         demand = waiting[0].blocks_needed if waiting else 0
-        queued: tuple[Sequence[RequestView], ...] = (waiting,)
+        queued: tuple[Sequence[RequestLoad], ...] = (waiting,)
     elif purpose == "dispatch":
         pending = inst.pending_dispatch
         demand = sum([r.blocks_needed for r in waiting]) + sum([r.blocks_needed for r in pending])
@@ -157,7 +159,7 @@ def virtual_usage(
     *,
     for_priority: int = 0,
     purpose: Purpose = "migration",
-    extra_pending: Sequence[RequestView] = (),
+    extra_pending: Sequence[RequestLoad] = (),
 ) -> float:
     """``V_i`` of the module docstring; ``+inf`` for a terminating instance.
 
@@ -180,7 +182,7 @@ def freeness(
     *,
     for_priority: int = 0,
     purpose: Purpose = "migration",
-    extra_pending: Sequence[RequestView] = (),
+    extra_pending: Sequence[RequestLoad] = (),
 ) -> float:
     """``(M_i - V_i) / B_i`` (see the module docstring); ``-inf`` when terminating."""
     return summarize(inst, cfg, purpose=purpose, extra_pending=extra_pending).freeness(cfg, for_priority)
@@ -189,9 +191,9 @@ def freeness(
 def freeness_with_request(
     inst: InstanceLoad,
     cfg: PolicyConfig,
-    request: RequestView,
+    request: RequestLoad,
     *,
-    extra_pending: Sequence[RequestView] = (),
+    extra_pending: Sequence[RequestLoad] = (),
 ) -> float:
     """Dispatch freeness of ``inst`` with ``request`` virtually added (module docstring).
 
@@ -212,7 +214,7 @@ def freeness_with_request(
 
 
 def freeness_after_removal(
-    inst: InstanceLoad, s: UsageSummary, cfg: PolicyConfig, req: RequestView, *, waiting: bool
+    inst: InstanceLoad, s: UsageSummary, cfg: PolicyConfig, req: RequestLoad, *, waiting: bool
 ) -> float:
     """Migration freeness of ``inst`` once ``req`` has left it (``s`` = its summary).
 
@@ -235,7 +237,7 @@ def freeness_after_removal(
 
 
 def freeness_after_addition(
-    inst: InstanceLoad, s: UsageSummary, cfg: PolicyConfig, req: RequestView, *, waiting: bool
+    inst: InstanceLoad, s: UsageSummary, cfg: PolicyConfig, req: RequestLoad, *, waiting: bool
 ) -> float:
     """Migration freeness of ``inst`` once ``req`` has arrived (``s`` = its summary).
 

@@ -9,22 +9,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.registry import DISPATCH
-from policies.types import Dispatch, InstanceLoad, RequestView
+from policies.types import Dispatch
 from policies.virtual_usage import freeness_with_request
 
 POLICIES = ["freeness", "load", "queue", "round_robin", "random"]
 
 
-def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestView:
-    return RequestView(rid, blocks, blocks if needed is None else needed, **kw)
+def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestLoad:
+    return RequestLoad(request_id=rid, num_blocks=blocks, blocks_needed=blocks if needed is None else needed, **kw)
 
 
 def make_inst(iid: str, running=(), waiting=(), total: int = 880, **kw) -> InstanceLoad:
     running, waiting = tuple(running), tuple(waiting)
-    return InstanceLoad(iid, total, sum(r.num_blocks for r in running), running=running, waiting=waiting, **kw)
+    return InstanceLoad(instance_id=iid, total_blocks=total, used_blocks=sum(r.num_blocks for r in running),
+                        running=running, waiting=waiting, **kw)
 
 
 def make_cluster(n: int, blocks: int = 100, **kw) -> list[InstanceLoad]:

@@ -10,22 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.pairing import head_blocked, pair_migrations, plan_migrations, room_behind_head
 from policies.selection import find_request, select_migrate_out
-from policies.types import InstanceLoad, MigrateOut, MigrationPair, RequestView
+from policies.types import MigrateOut, MigrationPair
 from policies.virtual_usage import freeness
 
 SELECTIONS = ["shortest", "last", "longest", "lowest_priority", "waiting_head"]
 
 
-def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestView:
-    return RequestView(rid, blocks, blocks if needed is None else needed, **kw)
+def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestLoad:
+    return RequestLoad(request_id=rid, num_blocks=blocks, blocks_needed=blocks if needed is None else needed, **kw)
 
 
 def make_inst(iid: str, running=(), waiting=(), total: int = 880, **kw) -> InstanceLoad:
     running, waiting = tuple(running), tuple(waiting)
-    return InstanceLoad(iid, total, sum(r.num_blocks for r in running), running=running, waiting=waiting, **kw)
+    return InstanceLoad(instance_id=iid, total_blocks=total, used_blocks=sum(r.num_blocks for r in running),
+                        running=running, waiting=waiting, **kw)
 
 
 def busy(iid: str, n: int = 4, blocks: int = 200) -> InstanceLoad:
@@ -273,7 +275,7 @@ CONFIG = st.builds(
 )
 
 
-def _after(src: InstanceLoad, dst: InstanceLoad, req: RequestView, waiting: bool):
+def _after(src: InstanceLoad, dst: InstanceLoad, req: RequestLoad, waiting: bool):
     """The two snapshots once ``req`` has moved (rebuilt, not incremental)."""
     if waiting:
         return (

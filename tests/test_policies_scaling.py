@@ -7,15 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.errors import UnknownPolicyError
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.scaling import ScalingState, average_freeness, decide_scaling
-from policies.types import InstanceLoad, RequestView, ScaleAction, ScaleDecision
+from policies.types import ScaleAction, ScaleDecision
 
 
 def make_inst(iid: str, n_running: int = 0, blocks: int = 0, n_waiting: int = 0, **kw) -> InstanceLoad:
-    running = tuple(RequestView(f"{iid}r{k}", blocks, blocks) for k in range(n_running))
-    waiting = tuple(RequestView(f"{iid}w{k}", 0, 1) for k in range(n_waiting))
-    return InstanceLoad(iid, 880, n_running * blocks, running=running, waiting=waiting, **kw)
+    running = tuple(RequestLoad(request_id=f"{iid}r{k}", num_blocks=blocks, blocks_needed=blocks)
+                    for k in range(n_running))
+    waiting = tuple(RequestLoad(request_id=f"{iid}w{k}", num_blocks=0, blocks_needed=1) for k in range(n_waiting))
+    return InstanceLoad(instance_id=iid, total_blocks=880, used_blocks=n_running * blocks, running=running,
+                        waiting=waiting, **kw)
 
 
 def busy(iid: str, **kw) -> InstanceLoad:

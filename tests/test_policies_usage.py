@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from llumnix_py.errors import UnknownPolicyError
 from llumnix_py.lazy_registry import LazyRegistry, check_callable
+from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState
 from policies.registry import DISPATCH, MIGRATE_OUT, PAIRING, SCALING
-from policies.types import InstanceLoad, RequestView
 from policies.virtual_usage import (
     freeness,
     freeness_after_addition,
@@ -26,15 +26,15 @@ from policies.virtual_usage import (
 HEADROOM = PolicyConfig(headroom_blocks=((1, 400),))
 
 
-def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestView:
-    return RequestView(rid, blocks, blocks if needed is None else needed, **kw)
+def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestLoad:
+    return RequestLoad(request_id=rid, num_blocks=blocks, blocks_needed=blocks if needed is None else needed, **kw)
 
 
 def make_inst(iid: str, running=(), waiting=(), total: int = 880, used: int | None = None, **kw) -> InstanceLoad:
     running, waiting = tuple(running), tuple(waiting)
     if used is None:
         used = sum(r.num_blocks for r in running)
-    return InstanceLoad(iid, total, used, running=running, waiting=waiting, **kw)
+    return InstanceLoad(instance_id=iid, total_blocks=total, used_blocks=used, running=running, waiting=waiting, **kw)
 
 
 # --- hand-built -------------------------------------------------------------------
@@ -186,10 +186,10 @@ def requests(draw, prefix: str, waiting: bool, max_n: int = 6):
         blocks = 0 if waiting else draw(st.integers(0, 120))
         needed = draw(st.integers(1, 200)) if waiting else blocks
         out.append(
-            RequestView(
-                f"{prefix}{k}",
-                blocks,
-                needed,
+            RequestLoad(
+                request_id=f"{prefix}{k}",
+                num_blocks=blocks,
+                blocks_needed=needed,
                 priority=draw(st.integers(0, 2)),
                 arrival_time=float(draw(st.integers(0, 5))),
                 migrating=draw(st.booleans()),
@@ -205,9 +205,9 @@ def instances(draw, iid: str = "i0"):
     pending = draw(requests(f"{iid}p", True, max_n=2))
     used = sum(r.num_blocks for r in running) + draw(st.integers(-20, 60))
     return InstanceLoad(
-        iid,
-        draw(st.sampled_from([200, 880])),
-        max(0, used),
+        instance_id=iid,
+        total_blocks=draw(st.sampled_from([200, 880])),
+        used_blocks=max(0, used),
         running=running,
         waiting=waiting,
         pending_dispatch=pending,

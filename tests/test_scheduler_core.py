@@ -1,34 +1,33 @@
-"""The sans-IO ``GlobalScheduler`` with hand-made ``EngineLoad`` snapshots (no threads, no clock)."""
+"""The sans-IO ``GlobalScheduler`` with hand-made ``InstanceLoad`` snapshots (no threads, no clock)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llumnix_py.engines.types import EngineLoad, RequestLoad
+from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
-from policies.types import RequestView
 
 TOTAL = 100
 
 
 def req(rid: str, blocks: int, *, priority: int = 0, arrival: float = 0.0, migrating: bool = False) -> RequestLoad:
-    return RequestLoad(rid, blocks, blocks, prompt_len=blocks * 16, output_len=0, priority=priority,
-                       arrival_time=arrival, num_preemptions=0, migrating=migrating)
+    return RequestLoad(request_id=rid, num_blocks=blocks, blocks_needed=blocks, prompt_len=blocks * 16, output_len=0,
+                       priority=priority, arrival_time=arrival, num_preemptions=0, migrating=migrating)
 
 
-def load(*running: RequestLoad, total: int = TOTAL, waiting: tuple[RequestLoad, ...] = ()) -> EngineLoad:
+def load(*running: RequestLoad, total: int = TOTAL, waiting: tuple[RequestLoad, ...] = ()) -> InstanceLoad:
     used = sum(r.num_blocks for r in running)
-    return EngineLoad(total_blocks=total, used_blocks=used, free_blocks=total - used, watermark_blocks=0,
-                      block_size=16, running=tuple(running), waiting=waiting, max_batch_size=64)
+    return InstanceLoad(total_blocks=total, used_blocks=used, watermark_blocks=0, block_size=16,
+                        running=tuple(running), waiting=waiting, max_batch_size=64)
 
 
-def overloaded(prefix: str, n: int = 10, blocks: int = 9) -> EngineLoad:
+def overloaded(prefix: str, n: int = 10, blocks: int = 9) -> InstanceLoad:
     """``n`` running requests of ``blocks`` each: freeness (100 - 90) / 10 = 1 < 3 (a source)."""
     return load(*(req(f"{prefix}{i}", blocks + (i % 3), arrival=float(i)) for i in range(n)))
 
 
-def new_request(rid: str = "new", blocks: int = 2, priority: int = 0) -> RequestView:
-    return RequestView(rid, 0, blocks, priority)
+def new_request(rid: str = "new", blocks: int = 2, priority: int = 0) -> RequestLoad:
+    return RequestLoad(request_id=rid, num_blocks=0, blocks_needed=blocks, priority=priority)
 
 
 def make(ids=("a", "b", "c"), now: float = 0.0, **cfg) -> GlobalScheduler:
@@ -149,8 +148,9 @@ def _reflect(s: GlobalScheduler, loads: dict, order, t: float) -> None:
     loads[order.src] = load(*running)
     moved = next(r for r in src.running if r.request_id == order.request_id)
     dst = loads[order.dst]
-    loads[order.dst] = EngineLoad(TOTAL, dst.used_blocks + moved.num_blocks, dst.free_blocks - moved.num_blocks, 0,
-                                  16, dst.running, dst.waiting, reserved_blocks=dst.reserved_blocks + moved.num_blocks)
+    loads[order.dst] = InstanceLoad(total_blocks=TOTAL, used_blocks=dst.used_blocks + moved.num_blocks,
+                                    watermark_blocks=0, block_size=16, running=dst.running, waiting=dst.waiting,
+                                    reserved_blocks=dst.reserved_blocks + moved.num_blocks)
     for iid in (order.src, order.dst):
         s.on_load(iid, loads[iid], t)
 

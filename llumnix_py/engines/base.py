@@ -22,9 +22,12 @@ Migration primitives (Llumnix's names), in the order a live migration uses them:
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request, StepOutput
+from llumnix_py.engines.types import MigrationRequestState, Request, StepOutput
+
+if TYPE_CHECKING:
+    from llumnix_py.load import InstanceLoad
 
 
 class EngineAdapter(abc.ABC):
@@ -53,7 +56,7 @@ class EngineAdapter(abc.ABC):
         """True while any request is waiting or running (frozen ones excluded)."""
 
     @abc.abstractmethod
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         """A snapshot of the instance's KV-cache use and its queues."""
 
     @property

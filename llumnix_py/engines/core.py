@@ -16,7 +16,6 @@ from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.types import (
-    EngineLoad,
     FinishReason,
     MigrationRequestState,
     Request,
@@ -25,6 +24,7 @@ from llumnix_py.engines.types import (
     StepOutput,
 )
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
+from llumnix_py.load import InstanceLoad
 
 
 @dataclass(frozen=True)
@@ -196,14 +196,13 @@ class EngineCore(EngineAdapter):
             return FinishReason.LENGTH
         return None
 
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         bs = self.block_size
         running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
         running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
-        return EngineLoad(
+        return InstanceLoad(
             total_blocks=self.config.num_blocks,
             used_blocks=self.blocks.num_used,
-            free_blocks=self.blocks.num_free,
             watermark_blocks=self.config.watermark_blocks,
             block_size=bs,
             running=tuple(running),

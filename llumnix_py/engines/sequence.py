@@ -9,10 +9,10 @@ from llumnix_py.engines.types import (
     FinishReason,
     MigrationRequestState,
     Request,
-    RequestLoad,
     SamplingParams,
     SeqStatus,
 )
+from llumnix_py.load import RequestLoad
 
 
 def cdiv(a: int, b: int) -> int:

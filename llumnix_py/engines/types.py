@@ -1,4 +1,6 @@
-"""Plain data shared by every engine adapter: requests, sampling, outputs, snapshots.
+"""Plain data shared by every engine adapter: requests, sampling, outputs, migration state.
+
+Load snapshots live in ``llumnix_py.load``.
 
 Everything here is a frozen or plain dataclass with no engine objects inside, so
 it can cross a process boundary as msgpack (see ``to_wire``/``from_wire``).
@@ -154,47 +156,6 @@ class StepOutput:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RequestLoad:
-    """One request as seen by load-aware policies (no token ids)."""
-
-    request_id: str
-    num_blocks: int  # physical blocks held now (0 when waiting)
-    blocks_needed: int  # blocks its next prefill needs (prompt + outputs so far), for waiting requests
-    prompt_len: int
-    output_len: int
-    priority: int
-    arrival_time: float
-    num_preemptions: int
-    migrating: bool = False  # frozen or being migrated out
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """A load snapshot of one engine instance.
-
-    ``running`` is in batch order; ``waiting`` in queue order (head first).
-    """
-
-    total_blocks: int
-    used_blocks: int  # owned by requests (running, frozen) and migration reservations
-    free_blocks: int
-    watermark_blocks: int
-    block_size: int
-    running: tuple[RequestLoad, ...] = ()
-    waiting: tuple[RequestLoad, ...] = ()
-    reserved_blocks: int = 0  # pre-allocated for incoming migrations
-    max_batch_size: int = 0
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
 
 class SeqStatus(str, enum.Enum):

@@ -9,7 +9,8 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request
+from llumnix_py.engines.types import MigrationRequestState, Request
+from llumnix_py.load import InstanceLoad
 from llumnix_py.errors import LlumnixError
 from migration.driver import MigrationResult
 
@@ -57,7 +58,7 @@ class InstanceHandle(abc.ABC):
     def abort(self, request_id: str) -> bool: ...
 
     @abc.abstractmethod
-    def load(self) -> EngineLoad: ...
+    def load(self) -> InstanceLoad: ...
 
     @abc.abstractmethod
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool: ...

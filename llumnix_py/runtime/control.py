@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 from llumnix_py.config import ClusterConfig
 from llumnix_py.errors import LlumnixError
+from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.runtime.base import InstanceHandle
 from policies.dispatch import DispatchState
 from policies.dispatch import dispatch as dispatch_policy
-from policies.types import InstanceLoad, RequestView
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ControlPlane(abc.ABC):
     """The scheduler and the instances as a frontend sees them."""
 
     @abc.abstractmethod
-    def dispatch(self, request: RequestView) -> Optional[str]: ...
+    def dispatch(self, request: RequestLoad) -> Optional[str]: ...
 
     @abc.abstractmethod
     def instance(self, instance_id: str) -> Optional[InstanceHandle]: ...
@@ -67,7 +67,7 @@ class LocalControlPlane(ControlPlane):
     def __init__(self, daemon) -> None:
         self.daemon = daemon
 
-    def dispatch(self, request: RequestView) -> Optional[str]:
+    def dispatch(self, request: RequestLoad) -> Optional[str]:
         return self.daemon.dispatch(request)
 
     def instance(self, instance_id: str) -> Optional[InstanceHandle]:
@@ -145,13 +145,13 @@ class RayControlPlane(ControlPlane):
             self.actor = None  # look it up by name next time: a restarted scheduler is a new actor
             raise SchedulerUnavailableError(f"the scheduler is unreachable: {type(exc).__name__}") from None
 
-    def dispatch(self, request: RequestView) -> Optional[str]:
+    def dispatch(self, request: RequestLoad) -> Optional[str]:
         try:
             return self._call("dispatch", request)
         except SchedulerUnavailableError:
             return self._fallback_dispatch(request)
 
-    def _fallback_dispatch(self, request: RequestView) -> Optional[str]:
+    def _fallback_dispatch(self, request: RequestLoad) -> Optional[str]:
         with self._lock:
             loads = [self._loads[i] for i in self._ids if i in self._loads]
             choice = dispatch_policy(loads, request, self.config.scheduler.policy, self._dispatch_state)

@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 from llumnix_py.engines.registry import EngineSpec, build_engine
-from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request
+from llumnix_py.engines.types import MigrationRequestState, Request
+from llumnix_py.load import InstanceLoad
 from llumnix_py.llumlet import Llumlet, LlumletConfig, TokenSink
 from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
 from migration.driver import MigrationResult
@@ -48,7 +49,7 @@ class LocalInstance(InstanceHandle):
     def abort(self, request_id: str) -> bool:
         return self._live().abort(request_id)
 
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         return self._live().load()
 
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:

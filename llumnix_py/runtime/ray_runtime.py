@@ -22,14 +22,14 @@ import ray
 
 from llumnix_py.engines.registry import build_engine
 from llumnix_py.engines.threads import apply_process_threads
-from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request
+from llumnix_py.engines.types import MigrationRequestState, Request
 from llumnix_py.errors import LlumnixError
 from llumnix_py.llumlet import Llumlet
+from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.daemon import SchedulerDaemon
 from llumnix_py.tokens import ZmqTokenSink
 from migration.driver import MigrationResult
-from policies.types import RequestView
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LlumletActor:
     def abort(self, request_id: str) -> bool:
         return self.llumlet.abort(request_id)
 
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         return self.llumlet.load()
 
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
@@ -136,7 +136,7 @@ class RayInstance(InstanceHandle):
     def abort(self, request_id: str) -> bool:
         return self._call("abort", request_id)
 
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         return self._call("load")
 
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
@@ -216,7 +216,7 @@ class SchedulerActor:
             n = int(suffix) if suffix.isdigit() else 0
             self.daemon._next_id = max(self.daemon._next_id, n + 1)
 
-    def dispatch(self, request: RequestView) -> Optional[str]:
+    def dispatch(self, request: RequestLoad) -> Optional[str]:
         return self.daemon.dispatch(request)
 
     def instance_ids(self) -> list[str]:
@@ -314,7 +314,7 @@ def kill_instances(namespace: str) -> None:
             pass
 
 
-def probe_loads(handles: Sequence["RayInstance"], timeout_s: float) -> tuple[dict[str, EngineLoad], list[str]]:
+def probe_loads(handles: Sequence["RayInstance"], timeout_s: float) -> tuple[dict[str, InstanceLoad], list[str]]:
     """Poll instances' loads concurrently: (loads of those that answered, ids of those that died)."""
     refs = {h.actor.load.remote(): h.instance_id for h in handles}
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from llumnix_py.engines.types import EngineLoad, RequestLoad
 from llumnix_py.errors import UnknownInstanceError
 from policies import scaling as _scaling  # noqa: F401  (registers the built-in policies)
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
 from policies.scaling import ScalingState, decide_scaling
-from policies.types import InstanceLoad, RequestView, ScaleAction, ScaleDecision
+from policies.types import ScaleAction, ScaleDecision
+
+if TYPE_CHECKING:
+    from llumnix_py.load import InstanceLoad, RequestLoad
 
 
 @dataclass(frozen=True)
@@ -81,23 +83,9 @@ class InstanceRecord:
     orders_in: dict[str, MigrationOrder] = field(default_factory=dict)
 
 
-def to_instance_load(instance_id: str, load: EngineLoad, terminating: bool = False) -> InstanceLoad:
-    """The policies' view of an engine load snapshot."""
-
-    def view(r: RequestLoad) -> RequestView:
-        return RequestView(r.request_id, r.num_blocks, r.blocks_needed, r.priority, r.arrival_time,
-                           r.prompt_len, r.output_len, r.migrating)
-
-    return InstanceLoad(
-        instance_id=instance_id,
-        total_blocks=load.total_blocks,
-        used_blocks=load.used_blocks,
-        watermark_blocks=load.watermark_blocks,
-        running=tuple(view(r) for r in load.running),
-        waiting=tuple(view(r) for r in load.waiting),
-        terminating=terminating,
-        max_batch_size=load.max_batch_size,
-    )
+def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = False) -> InstanceLoad:
+    """The scheduler's copy of an engine's snapshot: named, with its terminating flag."""
+    return replace(load, instance_id=instance_id, terminating=terminating)
 
 
 class GlobalScheduler:
@@ -134,7 +122,7 @@ class GlobalScheduler:
             raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
         rec.terminating = True
 
-    def on_load(self, instance_id: str, load: EngineLoad, now: float) -> None:
+    def on_load(self, instance_id: str, load: InstanceLoad, now: float) -> None:
         rec = self.instances.get(instance_id)
         if rec is None:
             return
@@ -157,7 +145,7 @@ class GlobalScheduler:
         return out
 
     # ----- dispatch ----------------------------------------------------------------------
-    def dispatch(self, request: RequestView) -> Optional[str]:
+    def dispatch(self, request: RequestLoad) -> Optional[str]:
         """The instance a new request goes to, or ``None`` if there is none."""
         choice = dispatch(self.loads(), request, self.config.policy, self.dispatch_state)
         if choice is None:

@@ -20,14 +20,17 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus
-from policies.types import RequestView, ScaleAction
+from policies.types import ScaleAction
 from policies.virtual_usage import freeness
+
+if TYPE_CHECKING:
+    from llumnix_py.load import RequestLoad
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +222,7 @@ class SchedulerDaemon:
                     log.exception("fencing %s failed", iid)
 
     # ----- API for frontends ---------------------------------------------------------------
-    def dispatch(self, request: RequestView) -> Optional[str]:
+    def dispatch(self, request: RequestLoad) -> Optional[str]:
         with self._lock:
             return self.core.dispatch(request)
 

@@ -48,9 +48,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from llumnix_py.engines.core import EngineCore
-from llumnix_py.engines.sequence import cdiv
 from llumnix_py.engines.sim.executor import SimExecutor
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput
+from llumnix_py.load import RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder
 from llumnix_py.sim.config import SimConfig
 from llumnix_py.sim.metrics import RequestRecord, SimResult, Timeline
@@ -58,7 +58,7 @@ from llumnix_py.sim.migrations import MigrationsMixin, _MigrationRun
 from migration import protocol as p
 from migration.destination import DestinationMigrations
 from migration.driver import MigrationResult
-from policies.types import RequestView, ScaleAction
+from policies.types import ScaleAction
 
 _EPS = 1e-9
 
@@ -209,7 +209,8 @@ class SimCluster(MigrationsMixin):
     def _dispatch(self, rec: RequestRecord) -> None:
         rid = rec.request_id
         block = self.engine_config.block_size
-        view = RequestView(rid, 0, cdiv(rec.prompt_len, block), rec.priority, rec.arrival_time, rec.prompt_len, 0)
+        view = RequestLoad.queued(rid, prompt_len=rec.prompt_len, block_size=block, priority=rec.priority,
+                                  arrival_time=rec.arrival_time)
         t0 = time.perf_counter()
         iid = self.scheduler.dispatch(view)
         self.timings["dispatch"].append(time.perf_counter() - t0)

@@ -35,10 +35,8 @@ import torch
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.sequence import cdiv
 from llumnix_py.engines.types import (
-    EngineLoad,
     FinishReason,
     Request,
-    RequestLoad,
     RequestOutput,
     StepOutput,
 )
@@ -46,6 +44,7 @@ from llumnix_py.engines.vllm._internals import VLLMInternals
 from llumnix_py.engines.vllm.config import VLLMEngineConfig, prepare_environment
 from llumnix_py.engines.vllm.migration import _PROCESS_LOCK, VLLMMigration, _Tracked
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
+from llumnix_py.load import InstanceLoad, RequestLoad
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,7 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
             del self._tracked[o.request_id]
         return RequestOutput(o.request_id, tuple(o.new_token_ids), index, reason)
 
-    def load(self) -> EngineLoad:
+    def load(self) -> InstanceLoad:
         # Waiting requests that hold KV (migrated in, not yet stepped) run first at the next step:
         # they count as running, with their blocks.
         queued = [r for r in self.vllm.waiting() if r.request_id in self._tracked]
@@ -226,8 +225,8 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
                     for rid, t in self._tracked.items() if t.frozen_from is not None]
         waiting = [self._request_load(r, migrating=False) for r in queued if r.num_computed_tokens == 0]
         total, free = self.vllm.num_total_blocks(), self.vllm.num_free_blocks()
-        return EngineLoad(
-            total_blocks=total, used_blocks=total - free, free_blocks=free, watermark_blocks=self._watermark,
+        return InstanceLoad(
+            total_blocks=total, used_blocks=total - free, watermark_blocks=self._watermark,
             block_size=self.block_size, running=tuple(running), waiting=tuple(waiting),
             reserved_blocks=sum(len(b) for b in self._prealloc.values()), max_batch_size=self.vllm.max_num_seqs(),
         )

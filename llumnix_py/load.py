@@ -1,0 +1,114 @@
+"""Load snapshots: one request's load and one instance's load, as frozen plain data.
+
+Engines build them (``EngineAdapter.load()``), the llumlet adds the requests it has
+accepted but not yet admitted, the global scheduler adds its own bookkeeping (instance
+id, terminating, pending dispatches, migrations in flight) with ``dataclasses.replace``,
+and policies read them. This module sits below ``engines/``, ``scheduler/`` and
+``policies/`` and imports none of them. Every field is keyword-only, so a snapshot is
+never built by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestLoad:
+    """One request on an instance, as load-aware policies see it (no token ids).
+
+    Attributes:
+        request_id: the request's id.
+        num_blocks: physical KV blocks it holds now (0 while waiting).
+        blocks_needed: blocks its next (re-)prefill needs (prompt plus outputs so far);
+            the demand of a waiting request.
+        prompt_len: tokens in its prompt.
+        output_len: tokens it has generated so far.
+        priority: 0 is normal; higher is more urgent.
+        arrival_time: seconds on the runtime's clock; orders requests (earlier first).
+        num_preemptions: times the engine preempted it.
+        migrating: frozen or being migrated out (not a candidate for another migration).
+    """
+
+    request_id: str
+    num_blocks: int
+    blocks_needed: int
+    prompt_len: int = 0
+    output_len: int = 0
+    priority: int = 0
+    arrival_time: float = 0.0
+    num_preemptions: int = 0
+    migrating: bool = False
+
+    @classmethod
+    def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
+               priority: int = 0, arrival_time: float = 0.0) -> "RequestLoad":
+        """A request no engine has admitted yet: it holds no blocks and needs enough for
+        its prompt plus the ``output_len`` tokens already generated (a resumed request).
+
+        Args:
+            request_id: the request's id.
+            prompt_len: tokens in its prompt.
+            block_size: tokens per KV block of the instances it may go to.
+            output_len: tokens generated before (0 for a new request).
+            priority: its priority.
+            arrival_time: when it arrived.
+        """
+        return cls(request_id=request_id, num_blocks=0, blocks_needed=-(-(prompt_len + output_len) // block_size),
+                   prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceLoad:
+    """A load snapshot of one instance.
+
+    The engine fills the memory and request fields; the global scheduler sets
+    ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in`` and
+    ``pending_dispatch`` on its copy.
+
+    Attributes:
+        instance_id: the instance's id ("" in an engine's own snapshot, which does not
+            know it; the scheduler sets it).
+        total_blocks: ``M_i``, the instance's KV blocks.
+        used_blocks: blocks owned by requests (running, frozen) or reserved for
+            incoming migrations.
+        watermark_blocks: blocks the engine keeps free (admission stops above them).
+        block_size: tokens per KV block (0 where the builder does not know it, as in
+            hand-made snapshots for policies).
+        reserved_blocks: blocks pre-allocated for incoming migrations (part of ``used_blocks``).
+        max_batch_size: the engine's batch limit (0: unlimited).
+        running: requests in the running batch, in batch order (frozen ones included).
+        waiting: the waiting queue, head first.
+        terminating: marked for scale-in; drains by migration, never a dispatch target.
+        migrating_out: migrations in flight with this instance as source.
+        migrating_in: migrations in flight with this instance as destination.
+        pending_dispatch: requests dispatched to it since its last poll (counted into its load).
+    """
+
+    instance_id: str = ""
+    total_blocks: int
+    used_blocks: int
+    watermark_blocks: int = 0
+    block_size: int = 0
+    reserved_blocks: int = 0
+    max_batch_size: int = 0
+    running: tuple[RequestLoad, ...] = ()
+    waiting: tuple[RequestLoad, ...] = ()
+    terminating: bool = False
+    migrating_out: int = 0
+    migrating_in: int = 0
+    pending_dispatch: tuple[RequestLoad, ...] = ()
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks neither owned nor reserved."""
+        return self.total_blocks - self.used_blocks
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests, those dispatched since the last poll included."""
+        return len(self.waiting) + len(self.pending_dispatch)
