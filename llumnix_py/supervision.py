@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from llumnix_py.engines.types import FinishReason, MigrationRequestState, SeqStatus
 from llumnix_py.handles import RequestHandle, TokenEvent
-from llumnix_py.runtime.base import InstanceDiedError
+from llumnix_py.instance import InstanceDiedError
 from policies.types import RequestView
 
 if TYPE_CHECKING:
