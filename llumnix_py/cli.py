@@ -130,12 +130,12 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     actor = ray_runtime.start_scheduler(cfg)
     import ray
 
-    ids = ray.get(actor.instance_ids.remote())
+    ids = ray.get(actor.call.remote("instance_ids"))
     print(f"scheduler daemon running in namespace {cfg.ray_namespace!r} with instances {ids}; "
           f"frontends attach with 'llumnix-py frontend'. Ctrl-C stops watching (the daemon keeps running; "
           f"'llumnix-py scheduler --stop' ends it).")
     if args.stop:
-        ray.get(actor.stop.remote(True))
+        ray.get(actor.call.remote("stop", (True,)))
         ray.kill(actor)
         return 0
     _wait_forever()

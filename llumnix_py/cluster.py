@@ -45,8 +45,8 @@ from llumnix_py.engines.types import FinishReason, Request, RequestOutput, Sampl
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
 from llumnix_py.handles import RequestFailedError  # noqa: F401  (re-exported: part of this module's API)
 from llumnix_py.handles import NoInstanceError, RequestHandle, TokenEvent, _put_all
+from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
-from llumnix_py.runtime.base import InstanceDiedError
 from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
 from llumnix_py.supervision import FaultSupervision
 from llumnix_py.tokens import CallbackSink, TokenReceiver

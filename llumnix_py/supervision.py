@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from llumnix_py.engines.types import FinishReason, MigrationRequestState, SeqStatus
 from llumnix_py.handles import RequestHandle, TokenEvent
+from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
-from llumnix_py.runtime.base import InstanceDiedError
 
 if TYPE_CHECKING:
     from llumnix_py.config import ClusterConfig

@@ -45,7 +45,7 @@ def test_imbalanced_start_is_evened_out_by_live_migration_on_ray(ray_session):
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         handles = [cluster.submit(p, sp) for p in ps]
         assert {h.instance_id for h in handles} == {"instance-000"}
-        new = ray_session.get(cluster.control.actor.launch.remote(2), timeout=300)
+        new = cluster.launch(2)
         assert sorted(new) == ["instance-001", "instance-002"]
         got = wait_all(handles)
         for i, (tokens, want) in enumerate(zip(got, expected)):

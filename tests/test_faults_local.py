@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import defaultdict
 from typing import Iterator
 
@@ -33,7 +32,7 @@ from llumnix_py.config import (
 )
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams
 from llumnix_py.llumlet import Llumlet
-from llumnix_py.runtime.base import InstanceDiedError
+from llumnix_py.instance import InstanceDiedError
 from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.tokens import CallbackSink
 from migration import wire

@@ -1,9 +1,10 @@
 """How a frontend reaches the scheduler and the instances: one small interface, two runtimes.
 
-``LocalControlPlane`` talks to a ``SchedulerDaemon`` in this process;
-``RayControlPlane`` to the named scheduler actor and the llumlet actors, with a
-fallback (dispatch by last-known loads, direct llumlet calls) while the scheduler
-is unreachable.
+``ControlPlane`` is the scheduler's interface (``SchedulerAPI``, served through its
+method table) plus the instances' handles. ``LocalControlPlane`` calls a
+``SchedulerDaemon`` in this process; ``RayControlPlane`` calls the named scheduler
+actor's generic ``call`` and the llumlet actors, with a fallback (dispatch by
+last-known loads, direct llumlet calls) while the scheduler is unreachable.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ import abc
 import logging
 import threading
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
 from llumnix_py.errors import LlumnixError
 from llumnix_py.load import InstanceLoad, RequestLoad
-from llumnix_py.runtime.base import InstanceHandle
+from llumnix_py.proxy import forwards
+from llumnix_py.scheduler.api import SchedulerAPI
 from policies.dispatch import DispatchState
 from policies.dispatch import dispatch as dispatch_policy
+
+if TYPE_CHECKING:
+    from llumnix_py.instance import InstanceHandle
+    from llumnix_py.scheduler.daemon import SchedulerDaemon
 
 log = logging.getLogger(__name__)
 
@@ -28,33 +34,11 @@ class SchedulerUnavailableError(LlumnixError):
     """The global scheduler does not answer (killed, restarting)."""
 
 
-class ControlPlane(abc.ABC):
+class ControlPlane(SchedulerAPI):
     """The scheduler and the instances as a frontend sees them."""
 
     @abc.abstractmethod
-    def dispatch(self, request: RequestLoad) -> Optional[str]: ...
-
-    @abc.abstractmethod
     def instance(self, instance_id: str) -> Optional[InstanceHandle]: ...
-
-    @abc.abstractmethod
-    def instance_ids(self) -> list[str]: ...
-
-    @abc.abstractmethod
-    def state(self) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def membership(self) -> dict[str, Any]:
-        """``{"generation", "instances", "dead", "loads"}`` (see ``SchedulerDaemon.membership``)."""
-
-    @abc.abstractmethod
-    def drain(self, instance_id: str) -> None: ...
-
-    @abc.abstractmethod
-    def launch(self, n: int) -> list[str]: ...
-
-    @abc.abstractmethod
-    def stop(self) -> None: ...
 
     def forget(self, instance_id: str) -> None:
         """The frontend found ``instance_id`` dead: stop using it."""
@@ -63,35 +47,21 @@ class ControlPlane(abc.ABC):
         raise NotImplementedError("this runtime's scheduler runs in the frontend's process")
 
 
+@forwards(SchedulerAPI)
 class LocalControlPlane(ControlPlane):
-    def __init__(self, daemon) -> None:
+    """Every ``SchedulerAPI`` method is a direct call on the daemon in this process."""
+
+    def __init__(self, daemon: SchedulerDaemon) -> None:
         self.daemon = daemon
 
-    def dispatch(self, request: RequestLoad) -> Optional[str]:
-        return self.daemon.dispatch(request)
+    def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        return getattr(self.daemon, method)(*args, **kwargs)
 
     def instance(self, instance_id: str) -> Optional[InstanceHandle]:
         return self.daemon.handle(instance_id)
 
-    def instance_ids(self) -> list[str]:
-        return self.daemon.instance_ids()
 
-    def state(self) -> dict[str, Any]:
-        return self.daemon.state()
-
-    def membership(self) -> dict[str, Any]:
-        return self.daemon.membership()
-
-    def drain(self, instance_id: str) -> None:
-        self.daemon.drain(instance_id)
-
-    def launch(self, n: int) -> list[str]:
-        return self.daemon.launch(n)
-
-    def stop(self) -> None:
-        self.daemon.stop()
-
-
+@forwards(SchedulerAPI)
 class RayControlPlane(ControlPlane):
     """The scheduler actor and the llumlet actors, with a fallback while the scheduler is gone.
 
@@ -105,6 +75,7 @@ class RayControlPlane(ControlPlane):
 
     retry_s = 1.0
     call_timeout_s = 10.0
+    slow_call_timeouts_s = {"launch": 300.0}  # methods that may take longer than ``call_timeout_s``
 
     def __init__(self, actor, config: ClusterConfig, owner: bool = True) -> None:
         self.actor = actor
@@ -125,7 +96,8 @@ class RayControlPlane(ControlPlane):
     def scheduler_reachable(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _call(self, method: str, *args, timeout: Optional[float] = None):
+    def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """One ``call`` on the scheduler actor; ``SchedulerUnavailableError`` if it does not answer."""
         import ray
 
         from llumnix_py.runtime.ray_runtime import SCHEDULER_NAME
@@ -135,7 +107,8 @@ class RayControlPlane(ControlPlane):
         try:
             if self.actor is None:
                 self.actor = ray.get_actor(SCHEDULER_NAME, namespace=self.namespace)
-            return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout or self.call_timeout_s)
+            timeout = self.slow_call_timeouts_s.get(method, self.call_timeout_s)
+            return ray.get(self.actor.call.remote(method, tuple(args), dict(kwargs)), timeout=timeout)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             raise (cause if isinstance(cause, LlumnixError) else exc) from None
@@ -147,7 +120,7 @@ class RayControlPlane(ControlPlane):
 
     def dispatch(self, request: RequestLoad) -> Optional[str]:
         try:
-            return self._call("dispatch", request)
+            return self._invoke("dispatch", (request,), {})
         except SchedulerUnavailableError:
             return self._fallback_dispatch(request)
 
@@ -162,7 +135,7 @@ class RayControlPlane(ControlPlane):
 
     def membership(self) -> dict[str, Any]:
         try:
-            m = self._call("membership")
+            m = self._invoke("membership", (), {})
         except SchedulerUnavailableError:
             m = None
         if m is None:  # unreachable, or restarting and not ready
@@ -230,7 +203,7 @@ class RayControlPlane(ControlPlane):
 
     def instance_ids(self) -> list[str]:
         try:
-            ids = self._call("instance_ids")
+            ids = self._invoke("instance_ids", (), {})
         except SchedulerUnavailableError:
             with self._lock:
                 return list(self._ids)
@@ -238,16 +211,7 @@ class RayControlPlane(ControlPlane):
             self._ids = list(ids)
         return ids
 
-    def state(self) -> dict[str, Any]:
-        return self._call("state")
-
-    def drain(self, instance_id: str) -> None:
-        self._call("drain", instance_id)
-
-    def launch(self, n: int) -> list[str]:
-        return self._call("launch", n, timeout=300)
-
-    def stop(self) -> None:
+    def stop(self, terminate_instances: bool = True) -> None:
         if not self.owner:
             return
         import ray
@@ -256,7 +220,7 @@ class RayControlPlane(ControlPlane):
 
         try:
             self._down_until = float("-inf")
-            self._call("stop", True)
+            self._invoke("stop", (terminate_instances,), {})
         except SchedulerUnavailableError:
             kill_instances(self.namespace)  # nobody else will stop them (they are detached)
         finally:

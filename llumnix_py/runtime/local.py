@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from llumnix_py.engines.registry import EngineSpec, build_engine
-from llumnix_py.engines.types import MigrationRequestState, Request
-from llumnix_py.load import InstanceLoad
+from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.llumlet import Llumlet, LlumletConfig, TokenSink
-from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
-from migration.driver import MigrationResult
+from llumnix_py.proxy import forwards
 
 
+@forwards(InstanceHandle)
 class LocalInstance(InstanceHandle):
-    """A llumlet in this process. After ``crash`` (fault injection) it behaves like a
-    killed Ray actor: the llumlet stops abruptly and every call raises ``InstanceDiedError``."""
+    """A llumlet in this process: every method of ``InstanceHandle`` is a direct call on it.
+
+    After ``crash`` (fault injection) it behaves like a killed Ray actor: the
+    llumlet stops abruptly and every call raises ``InstanceDiedError``. The Ray
+    runtime's actor serves one of these too, so both runtimes share this code.
+    """
 
     def __init__(self, llumlet: Llumlet) -> None:
         self.llumlet = llumlet
         self.instance_id = llumlet.instance_id
         self.address = llumlet.address
 
-    def _live(self) -> Llumlet:
+    def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if self.llumlet.dead:
             raise InstanceDiedError(f"instance {self.instance_id} died")
-        return self.llumlet
+        return getattr(self.llumlet, method)(*args, **kwargs)
 
     def crash(self) -> None:
         """Kill the instance abruptly (tests; and fencing of an unresponsive instance)."""
@@ -34,32 +37,8 @@ class LocalInstance(InstanceHandle):
     def alive(self) -> bool:
         return not self.llumlet.dead
 
-    def add_request(self, request: Request) -> None:
-        self._live().add_request(request)
-
-    def resume_request(self, state: MigrationRequestState) -> bool:
-        return self._live().resume_request(state)
-
-    def held(self, request_ids: Sequence[str]) -> list[str]:
-        return self._live().held(request_ids)
-
-    def renew_lease(self, reply_to: str) -> None:
-        self._live().renew_lease(reply_to)
-
-    def abort(self, request_id: str) -> bool:
-        return self._live().abort(request_id)
-
-    def load(self) -> InstanceLoad:
-        return self._live().load()
-
-    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
-        return self._live().migrate_out(request_id, dst_address, migration_id, waiting)
-
-    def pop_results(self) -> list[MigrationResult]:
-        return self._live().pop_results()
-
     def stats(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.llumlet.stats)
+        return dataclasses.asdict(self.llumlet.stats)  # the llumlet's stats are a dataclass, not a method
 
     def stop(self) -> None:
         self.llumlet.stop()  # also releases the threads of a crashed llumlet

@@ -16,20 +16,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import ray
 
 from llumnix_py.engines.registry import build_engine
 from llumnix_py.engines.threads import apply_process_threads
-from llumnix_py.engines.types import MigrationRequestState, Request
 from llumnix_py.errors import LlumnixError
+from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.llumlet import Llumlet
-from llumnix_py.load import InstanceLoad, RequestLoad
-from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
+from llumnix_py.proxy import Endpoint, forwards, is_oneway
+from llumnix_py.runtime.local import LocalInstance
+from llumnix_py.scheduler.api import SchedulerAPI
 from llumnix_py.scheduler.daemon import SchedulerDaemon
 from llumnix_py.tokens import ZmqTokenSink
-from migration.driver import MigrationResult
+
+if TYPE_CHECKING:
+    from llumnix_py.load import InstanceLoad
 
 log = logging.getLogger(__name__)
 
@@ -50,70 +53,54 @@ def actor_died(exc: BaseException) -> bool:
 
 
 class LlumletActor:
-    """A llumlet and its engine in one Ray worker process."""
+    """A llumlet and its engine in one Ray worker process.
+
+    Serves ``InstanceHandle`` through one generic ``call`` (the method table of
+    ``llumnix_py.proxy``) on a ``LocalInstance``, so the calls run the same code as
+    in-process; ``start`` and ``address`` are the actor's own lifecycle.
+    """
 
     def __init__(self, config) -> None:  # config: ClusterConfig-like with .engine and .llumlet
         self._engine_spec = config.engine
         self._llumlet_cfg = config.llumlet
-        self.llumlet: Optional[Llumlet] = None
+        self._endpoint: Optional[Endpoint] = None
 
     def start(self, instance_id: str) -> str:
         cfg = dataclasses.replace(self._llumlet_cfg, instance_id=instance_id)
         if cfg.gil_switch_interval_s:
             sys.setswitchinterval(cfg.gil_switch_interval_s)  # this worker process runs one llumlet
         apply_process_threads(self._engine_spec.num_threads)  # ... so its torch threads are the instance's
-        self.llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
-        return self.llumlet.start()
+        llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
+        address = llumlet.start()
+        self._endpoint = Endpoint(InstanceHandle, LocalInstance(llumlet))
+        return address
 
     def address(self) -> str:
-        return self.llumlet.address if self.llumlet else ""
+        return self._endpoint.target.address if self._endpoint else ""
 
-    def add_request(self, request: Request) -> None:
-        self.llumlet.add_request(request)
-
-    def resume_request(self, state: MigrationRequestState) -> bool:
-        return self.llumlet.resume_request(state)
-
-    def held(self, request_ids: Sequence[str]) -> list[str]:
-        return self.llumlet.held(request_ids)
-
-    def renew_lease(self, reply_to: str) -> None:
-        self.llumlet.renew_lease(reply_to)
-
-    def abort(self, request_id: str) -> bool:
-        return self.llumlet.abort(request_id)
-
-    def load(self) -> InstanceLoad:
-        return self.llumlet.load()
-
-    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
-        return self.llumlet.migrate_out(request_id, dst_address, migration_id, waiting)
-
-    def pop_results(self) -> list[MigrationResult]:
-        return self.llumlet.pop_results()
-
-    def stats(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.llumlet.stats)
-
-    def stop(self) -> None:
-        if self.llumlet is not None:
-            self.llumlet.stop()
-
-    def ping(self) -> str:
-        return "pong"
+    def call(self, method: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
+        if self._endpoint is None:
+            raise LlumnixError("the instance is not started")
+        return self._endpoint.call(method, args, kwargs)
 
 
+@forwards(InstanceHandle)
 class RayInstance(InstanceHandle):
-    """A ``LlumletActor`` seen through blocking calls."""
+    """A ``LlumletActor`` seen through blocking calls: every method of ``InstanceHandle``
+    is one ``call`` on the actor, with the llumnix-py error unwrapped, a timeout, and
+    ``InstanceDiedError`` once the actor is gone. ``oneway`` methods do not wait."""
 
     def __init__(self, instance_id: str, address: str, actor) -> None:
         self.instance_id = instance_id
         self.address = address
         self.actor = actor
 
-    def _call(self, method: str, *args):
+    def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        ref = self.actor.call.remote(method, tuple(args), dict(kwargs))
+        if is_oneway(InstanceHandle, method):
+            return None
         try:
-            return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
+            return ray.get(ref, timeout=CALL_TIMEOUT_S)
         except ray.exceptions.RayTaskError as exc:
             raise _unwrap(exc) from None
         except ray.exceptions.RayActorError as exc:
@@ -121,36 +108,9 @@ class RayInstance(InstanceHandle):
                 raise InstanceDiedError(f"instance {self.instance_id} died: {type(exc).__name__}") from None
             raise
 
-    def add_request(self, request: Request) -> None:
-        self._call("add_request", request)
-
-    def resume_request(self, state: MigrationRequestState) -> bool:
-        return self._call("resume_request", state)
-
-    def held(self, request_ids: Sequence[str]) -> list[str]:
-        return self._call("held", list(request_ids))
-
-    def renew_lease(self, reply_to: str) -> None:
-        self.actor.renew_lease.remote(reply_to)  # fire and forget: a lost renewal is retried in a second
-
-    def abort(self, request_id: str) -> bool:
-        return self._call("abort", request_id)
-
-    def load(self) -> InstanceLoad:
-        return self._call("load")
-
-    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool) -> bool:
-        return self._call("migrate_out", request_id, dst_address, migration_id, waiting)
-
-    def pop_results(self) -> list[MigrationResult]:
-        return self._call("pop_results")
-
-    def stats(self) -> dict[str, Any]:
-        return self._call("stats")
-
     def stop(self) -> None:
         try:
-            ray.get(self.actor.stop.remote(), timeout=CALL_TIMEOUT_S)
+            self._invoke("stop", (), {})
         finally:
             ray.kill(self.actor)
 
@@ -184,11 +144,16 @@ class RayLauncher(InstanceLauncher):
 
 
 class SchedulerActor:
-    """The global scheduler daemon as a named Ray actor."""
+    """The global scheduler daemon as a named Ray actor.
+
+    Serves ``SchedulerAPI`` on the daemon through one generic ``call``; ``start`` and
+    ``ping`` are the actor's own lifecycle.
+    """
 
     def __init__(self, config) -> None:
         self.config = config
         self.daemon = SchedulerDaemon(config.scheduler, RayLauncher(config), seed=config.seed)
+        self._endpoint = Endpoint(SchedulerAPI, self.daemon)
         self._ready = False  # start() has attached and launched every instance
 
     def start(self, num_instances: int) -> list[str]:
@@ -216,33 +181,13 @@ class SchedulerActor:
             n = int(suffix) if suffix.isdigit() else 0
             self.daemon._next_id = max(self.daemon._next_id, n + 1)
 
-    def dispatch(self, request: RequestLoad) -> Optional[str]:
-        return self.daemon.dispatch(request)
-
-    def instance_ids(self) -> list[str]:
-        return self.daemon.instance_ids()
-
-    def addresses(self) -> dict[str, str]:
-        return {i: h.address for i, h in self.daemon.handles.items()}
-
-    def state(self) -> dict[str, Any]:
-        return self.daemon.state()
-
-    def membership(self) -> Optional[dict[str, Any]]:
-        """None until ``start`` is done (a partial instance table would look like deaths)."""
-        return self.daemon.membership() if self._ready else None
+    def call(self, method: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
+        if method == "membership" and not self._ready:
+            return None  # until ``start`` is done: a partial instance table would look like deaths
+        return self._endpoint.call(method, args, kwargs)
 
     def ping(self) -> str:
         return "pong"
-
-    def drain(self, instance_id: str) -> None:
-        self.daemon.drain(instance_id)
-
-    def launch(self, n: int) -> list[str]:
-        return self.daemon.launch(n)
-
-    def stop(self, terminate_instances: bool = True) -> None:
-        self.daemon.stop(terminate_instances)
 
 
 def init_ray(address: Optional[str], namespace: str, **kw: Any) -> None:
@@ -316,7 +261,7 @@ def kill_instances(namespace: str) -> None:
 
 def probe_loads(handles: Sequence["RayInstance"], timeout_s: float) -> tuple[dict[str, InstanceLoad], list[str]]:
     """Poll instances' loads concurrently: (loads of those that answered, ids of those that died)."""
-    refs = {h.actor.load.remote(): h.instance_id for h in handles}
+    refs = {h.actor.call.remote("load"): h.instance_id for h in handles}
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     loads, died = {}, []
     for ref in ready:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.errors import UnknownInstanceError
-from policies import scaling as _scaling  # noqa: F401  (registers the built-in policies)
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations

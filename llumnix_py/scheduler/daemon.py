@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
+from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus

@@ -1,18 +1,27 @@
-"""What the scheduler daemon and the frontend need from a runtime.
+"""What the scheduler and the frontends may ask of an instance, wherever it runs.
 
-Framework types (Ray handles, threads) stay behind these two small interfaces.
+``InstanceHandle`` is that one interface: its abstract methods are the llumlet's
+public methods and form the method table (``llumnix_py.proxy``) that the
+runtimes serve generically: the in-process runtime by direct calls on the
+llumlet, the Ray runtime through one generic actor. Adding a method is one edit
+here (plus the llumlet's implementation). ``InstanceLauncher`` starts and stops
+instances for the scheduler.
+
+This module sits below the scheduler daemon and the runtimes: both import it.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from llumnix_py.engines.types import MigrationRequestState, Request
-from llumnix_py.load import InstanceLoad
 from llumnix_py.errors import LlumnixError
-from migration.driver import MigrationResult
+from llumnix_py.proxy import method_table, oneway
+
+if TYPE_CHECKING:
+    from llumnix_py.engines.types import MigrationRequestState, Request
+    from llumnix_py.load import InstanceLoad
+    from migration.driver import MigrationResult
 
 
 class InstanceDiedError(LlumnixError):
@@ -23,12 +32,6 @@ class InstanceDiedError(LlumnixError):
     """
 
 
-@dataclass(frozen=True)
-class InstanceInfo:
-    instance_id: str
-    address: str  # its migration server
-
-
 class InstanceHandle(abc.ABC):
     """One llumlet, wherever it runs.
 
@@ -36,7 +39,7 @@ class InstanceHandle(abc.ABC):
     """
 
     instance_id: str
-    address: str
+    address: str  # its migration server
 
     @abc.abstractmethod
     def add_request(self, request: Request) -> None: ...
@@ -51,8 +54,10 @@ class InstanceHandle(abc.ABC):
         """Those of ``request_ids`` this instance holds (running, waiting or migrating out)."""
 
     @abc.abstractmethod
+    @oneway
     def renew_lease(self, reply_to: str) -> None:
-        """The frontend at ``reply_to`` is alive (see ``LlumletConfig.lease_timeout_s``)."""
+        """The frontend at ``reply_to`` is alive (see ``LlumletConfig.lease_timeout_s``).
+        Sent without waiting: a lost renewal is retried in a second."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> bool: ...
@@ -74,6 +79,9 @@ class InstanceHandle(abc.ABC):
 
     def alive(self) -> bool:
         return True
+
+
+INSTANCE_METHODS = method_table(InstanceHandle)
 
 
 class InstanceLauncher(abc.ABC):

@@ -1,0 +1,45 @@
+"""What a frontend may ask of the global scheduler, wherever it runs.
+
+``SchedulerAPI``'s abstract methods are its method table (``llumnix_py.proxy``):
+``SchedulerDaemon`` implements them; the in-process control plane calls the
+daemon directly and the Ray scheduler actor serves the same table through one
+generic ``call``. Adding a method is one edit here (plus the daemon's
+implementation).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from llumnix_py.load import RequestLoad
+
+
+class SchedulerAPI(abc.ABC):
+    """The global scheduler as a frontend sees it."""
+
+    @abc.abstractmethod
+    def dispatch(self, request: RequestLoad) -> Optional[str]:
+        """The instance that should serve ``request`` (None: no instance can)."""
+
+    @abc.abstractmethod
+    def instance_ids(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def membership(self) -> Optional[dict[str, Any]]:
+        """``{"generation", "instances", "dead", "loads"}`` (see ``SchedulerDaemon.membership``);
+        None while a starting scheduler has not attached all its instances yet."""
+
+    @abc.abstractmethod
+    def drain(self, instance_id: str) -> None:
+        """Scale in by hand: the instance migrates everything away, then stops."""
+
+    @abc.abstractmethod
+    def launch(self, n: int) -> list[str]: ...
+
+    @abc.abstractmethod
+    def stop(self, terminate_instances: bool = True) -> None: ...
