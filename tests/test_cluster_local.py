@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import defaultdict
 from typing import Iterator
 
@@ -23,8 +22,7 @@ from llumnix_py.config import (
 )
 from llumnix_py.engines.types import SamplingParams
 from tests.cluster_helpers import SMALL_MODEL as MODEL
-from tests.cluster_helpers import assert_no_leak
-from tests.cluster_helpers import prompts, reference, wait_all
+from tests.cluster_helpers import HoldOutputs, InLockstep, assert_no_leak, prompts, reference, wait_all, wait_for
 
 
 def spec(num_blocks: int = 128, max_batch_size: int = 32) -> EngineSpec:
@@ -59,10 +57,17 @@ def test_imbalanced_start_is_evened_out_by_live_migration():
     expected = reference(engine, ps, max_tokens)
     with running_cluster(config(1, engine)) as cluster:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        handles = [cluster.submit(p, sp) for p in ps]
-        assert {h.instance_id for h in handles} == {"instance-000"}  # the only instance
-        new = cluster.control.daemon.launch(2)  # two empty instances join
-        assert sorted(new) == ["instance-001", "instance-002"]
+        with HoldOutputs(cluster, "instance-000") as engine_gate:
+            # The crowded instance steps once per migration round until each newcomer took a
+            # request: the scheduler sees it at every step, however fast it decodes.
+            engine_gate.hold()
+            lockstep = InLockstep(cluster, engine_gate)
+            handles = [cluster.submit(p, sp) for p in ps]
+            assert {h.instance_id for h in handles} == {"instance-000"}  # the only instance
+            new = cluster.control.daemon.launch(2)  # two empty instances join
+            assert sorted(new) == ["instance-001", "instance-002"]
+            lockstep.run_until(lambda: all(cluster.control.instance(i).stats()["migrations_in"] for i in new),
+                               "a migration into each new instance")
         got = wait_all(handles)
         for i, (tokens, want) in enumerate(zip(got, expected)):
             assert len(tokens) == max_tokens
@@ -87,17 +92,17 @@ def test_a_higher_threshold_spreads_the_load_further():
     expected = reference(engine, ps, max_tokens)
     with running_cluster(config(1, engine, PolicyConfig(migrate_out_threshold=30.0))) as cluster:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        handles = [cluster.submit(p, sp) for p in ps]
-        cluster.control.daemon.launch(2)
-        peak = defaultdict(int)  # most requests seen running on each instance
-        while not all(h.finished for h in handles):
-            for inst in cluster.state()["instances"]:
-                peak[inst["instance_id"]] = max(peak[inst["instance_id"]], inst["running"])
-            time.sleep(0.01)
+        with HoldOutputs(cluster, "instance-000") as engine_gate:
+            engine_gate.hold()  # one step per migration round (see above)
+            lockstep = InLockstep(cluster, engine_gate)
+            handles = [cluster.submit(p, sp) for p in ps]
+            cluster.control.daemon.launch(2)
+            lockstep.run_until(lambda: migrations_finished(cluster) >= 3, "three migrations")
         got = wait_all(handles)
         assert got == expected
         assert migrations_finished(cluster) >= 3
-        assert peak["instance-001"] >= 1 and peak["instance-002"] >= 1, dict(peak)
+        served = {iid for h in handles for iid in h.instances_seen}  # who produced tokens
+        assert {"instance-001", "instance-002"} <= served, served
         assert_no_leak(cluster)
 
 
@@ -109,31 +114,31 @@ def test_drain_migrates_running_requests_away_with_zero_dropped():
     max_tokens = 400
     ps = prompts(9, base_len=20, step=3)
     expected = reference(engine, ps, max_tokens)
+    victim = "instance-001"
     with running_cluster(config(3, engine)) as cluster:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        handles = [cluster.submit(p, sp) for p in ps]
-        victim = "instance-001"
-        on_victim = [h for h in handles if h.instance_id == victim]
-        assert len(on_victim) >= 2, [h.instance_id for h in handles]
         victim_handle = cluster.control.instance(victim)
-        deadline = time.monotonic() + 30
-        while len(victim_handle.load().running) < len(on_victim) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert victim_handle.load().running, "the victim should hold running requests when drained"
-        assert not any(h.finished for h in on_victim)
-        cluster.drain(victim)
-        extra = cluster.submit(ps[0], sp)  # dispatch never picks a draining instance
-        assert extra.instance_id != victim
-        handles.append(extra)
+        with HoldOutputs(cluster, victim) as engine_gate:
+            # The victim is held from its first batch on: its requests are running, and still
+            # there, when it is drained; migration needs no step of it.
+            engine_gate.hold()
+            handles = [cluster.submit(p, sp) for p in ps]
+            on_victim = [h for h in handles if h.instance_id == victim]
+            assert len(on_victim) >= 2, [h.instance_id for h in handles]
+            engine_gate.run_until(lambda: len(victim_handle.load().running) == len(on_victim), "the victim's batch")
+            assert victim_handle.load().running, "the victim should hold running requests when drained"
+            assert not any(h.finished for h in on_victim)
+            cluster.drain(victim)
+            extra = cluster.submit(ps[0], sp)  # dispatch never picks a draining instance
+            assert extra.instance_id != victim
+            handles.append(extra)
+            wait_for(lambda: not victim_handle.load().running, what="the drain to move the victim's requests")
         expected.append(expected[0])
         got = wait_all(handles)
         assert got == expected  # nothing dropped, nothing cut short
         for h in on_victim:
             assert h.instances_seen[0] == victim and h.instances_seen[-1] != victim, h.instances_seen
-        deadline = time.monotonic() + 30
-        while victim in cluster.instance_ids() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert victim not in cluster.instance_ids()
+        wait_for(lambda: victim not in cluster.instance_ids(), what="the drained victim to stop")
         state = cluster.state()
         assert ("in", victim) in [(ev[1], ev[2]) for ev in state["scale_events"]]
         assert state["migrations"].get("finished", 0) >= len(on_victim)
@@ -148,38 +153,28 @@ def test_drain_migrates_running_requests_away_with_zero_dropped():
 # ----- priorities -----------------------------------------------------------------------------
 
 
-class LoadSampler:
-    """Samples every instance's running batch in the background: batch sizes seen per priority."""
+class BatchRecorder:
+    """Records, for every engine step of every instance, the size of its batch (the requests
+    that produced a token in it) for each of its requests' priorities: exact, not sampled."""
 
-    def __init__(self, cluster: Cluster, period_s: float = 0.003) -> None:
-        self.cluster = cluster
-        self.period_s = period_s
+    def __init__(self, cluster: Cluster) -> None:
+        self.priority: dict[str, int] = {}
         self.batches: dict[int, list[int]] = defaultdict(list)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._lock = threading.Lock()
+        inner = cluster.on_outputs
 
-    def __enter__(self) -> "LoadSampler":
-        self._thread.start()
-        return self
+        def record(instance_id, outputs):
+            with self._lock:
+                for o in outputs:
+                    self.batches[self.priority[o.request_id]].append(len(outputs))
+            inner(instance_id, outputs)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for iid in self.cluster.instance_ids():
-                inst = self.cluster.control.instance(iid)
-                if inst is None:
-                    continue
-                load = inst.load()
-                for r in load.running:
-                    self.batches[r.priority].append(len(load.running))
-            self._stop.wait(self.period_s)
+        cluster.on_outputs = record  # type: ignore[method-assign]
 
     def mean(self, priority: int) -> float:
-        seen = self.batches[priority]
-        assert seen, f"no running request of priority {priority} was ever sampled"
+        with self._lock:
+            seen = list(self.batches[priority])
+        assert seen, f"no step ran a request of priority {priority}"
         return sum(seen) / len(seen)
 
 
@@ -193,9 +188,14 @@ def test_high_priority_requests_run_in_smaller_batches():
     policy = PolicyConfig(headroom_blocks=((1, headroom),))
     with running_cluster(config(2, engine, policy)) as cluster:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        with LoadSampler(cluster) as sampler:
-            handles = [cluster.submit(p, sp, priority=1 if i in high else 0) for i, p in enumerate(ps)]
-            got = wait_all(handles)
+        sampler = BatchRecorder(cluster)
+        handles = []
+        for i, p in enumerate(ps):
+            priority = 1 if i in high else 0
+            rid = f"p{i}"
+            sampler.priority[rid] = priority  # known before its first token can arrive
+            handles.append(cluster.submit(p, sp, priority=priority, request_id=rid))
+        got = wait_all(handles)
         assert got == expected
         mean_high, mean_normal = sampler.mean(1), sampler.mean(0)
         assert mean_high < mean_normal, (mean_high, mean_normal)
