@@ -7,7 +7,8 @@ from typing import Any, Callable, Sequence
 
 from llumnix_py.engines.registry import EngineSpec, build_engine
 from llumnix_py.engines.types import EngineLoad, MigrationRequestState, Request
-from llumnix_py.llumlet import Llumlet, LlumletConfig, TokenSink
+from llumnix_py.llumlet import Llumlet
+from llumnix_py.llumlet_types import LlumletConfig, TokenSink
 from llumnix_py.runtime.base import InstanceDiedError, InstanceHandle, InstanceLauncher
 from migration.driver import MigrationResult
 
