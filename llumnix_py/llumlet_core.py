@@ -182,7 +182,8 @@ class LlumletCore:
     def on_timer(self, now: float) -> Emits:
         """Time passed: expire silent incoming migrations and lapsed leases; returns the
         abort outputs for the requests of lapsed frontends (in case one is only slow)."""
-        self.dest.expire(now)
+        if self.dest.incoming:
+            self.dest.expire(now)
         timeout = self.config.lease_timeout_s
         if timeout is None or not self._leases:
             return {}
@@ -220,10 +221,16 @@ class LlumletCore:
         the step, so a migration committing right after cannot lose a step's tokens."""
         out = self.engine.step()
         groups: Emits = {}
-        for o in out.outputs:
-            groups.setdefault(self._reply_to.get(o.request_id, ""), []).append(o)
-            if o.finished:
-                self._reply_to.pop(o.request_id, None)
+        reply_to = self._reply_to
+        for o in out.outputs:  # the hot loop of a simulation: kept lean
+            target = reply_to.get(o.request_id, "")
+            group = groups.get(target)
+            if group is None:
+                groups[target] = [o]
+            else:
+                group.append(o)
+            if o.finish_reason is not None:
+                reply_to.pop(o.request_id, None)
         return out, groups
 
     def on_published(self, out: StepOutput) -> None:
