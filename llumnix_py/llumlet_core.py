@@ -216,13 +216,19 @@ class LlumletCore:
         """Whether the engine has work: the driver should ``step``."""
         return self.engine.has_unfinished()
 
-    def step(self) -> tuple[StepOutput, Emits]:
-        """Run one engine step; its outputs grouped by destination. Routing happens with
-        the step, so a migration committing right after cannot lose a step's tokens."""
+    def step(self, route: bool = True) -> tuple[StepOutput, Emits]:
+        """Run one engine step; its outputs grouped by destination (none when not
+        ``route``: a driver that delivers by request id, the simulator). Routing happens
+        with the step, so a migration committing right after cannot lose a step's tokens."""
         out = self.engine.step()
         groups: Emits = {}
         reply_to = self._reply_to
-        for o in out.outputs:  # the hot loop of a simulation: kept lean
+        if not route:
+            for o in out.outputs:
+                if o.finish_reason is not None:
+                    reply_to.pop(o.request_id, None)
+            return out, groups
+        for o in out.outputs:
             target = reply_to.get(o.request_id, "")
             group = groups.get(target)
             if group is None:

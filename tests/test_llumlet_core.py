@@ -74,6 +74,15 @@ def test_a_step_routes_outputs_to_their_frontends_and_forgets_finished_requests(
     assert core.stats.tokens == 4 and core.stats.steps >= 2
 
 
+def test_a_step_without_routing_still_forgets_finished_requests():
+    core = make_core()
+    core.submit(request("a", max_tokens=1))
+    core.admit(0.0)
+    out, groups = core.step(route=False)
+    assert groups == {} and [o.finish_reason for o in out.outputs] == [FinishReason.LENGTH]
+    assert core.held(["a"]) == []
+
+
 def test_a_lapsed_lease_aborts_its_requests_and_a_renewed_one_does_not():
     core = make_core(lease_s=1.0)
     core.submit(request("gone", max_tokens=100, reply_to="fe-gone"))

@@ -239,7 +239,7 @@ class SimCluster:
         for _ in range(3):  # a step that only preempted is followed at once by one that admits
             if not core.step_due():
                 return
-            out, _groups = core.step()  # every simulated request has one frontend: the records
+            out, _ = core.step(route=False)  # tokens go to the records, by request id (_on_step_end)
             inst.dirty = True
             if out.preempted:
                 for rid in out.preempted:
