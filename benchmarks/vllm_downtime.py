@@ -117,7 +117,8 @@ class Pair:
     def __init__(self, checkpoint: str, threads: int) -> None:
         from llumnix_py.engines.vllm.adapter import VLLMEngineAdapter
         from llumnix_py.engines.vllm.config import VLLMEngineConfig
-        from llumnix_py.llumlet import Llumlet, LlumletConfig
+        from llumnix_py.llumlet import Llumlet
+        from llumnix_py.llumlet_types import LlumletConfig
         from llumnix_py.tokens import CallbackSink
 
         cfg = VLLMEngineConfig(checkpoint=checkpoint, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS,

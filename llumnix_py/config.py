@@ -11,7 +11,7 @@ from typing import Optional
 
 from llumnix_py.engines.core import EngineConfig
 from llumnix_py.engines.registry import EngineSpec
-from llumnix_py.llumlet import LlumletConfig
+from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration.protocol import MigrationConfig
 from policies.config import PolicyConfig

@@ -1,75 +1,75 @@
-"""The migration side of the llumlet: serving incoming migrations and running outgoing ones.
+"""Outgoing migrations of a threaded llumlet: worker threads that run ``SourceMigration``s.
 
-``LlumletMigration`` is a mixin that ``llumnix_py.llumlet.Llumlet`` inherits; it uses
-the host's engine, engine lock (``_locked``), request bookkeeping (``_reply_to``,
-``_track``, ``_tombstones``, ``_outgoing``), transports and stats. Locking::
+``OutgoingMigrations`` belongs to one ``llumnix_py.llumlet.Llumlet``; it asks the
+llumlet's ``LlumletCore`` whether a migration may start and tells it how each one
+ended, and runs the migration itself on a ``MigrationDriver`` over a cached
+transport. Locking::
 
-    migration server ─ lock ── pre_alloc / write_blocks / commit_dst (DestinationMigrations)
     migration workers ─ lock ─ incremental_blocks / freeze / free_src / unfreeze
                       (no lock) read_blocks of full or frozen blocks, sending
 
-A crashed llumlet (``_dead``) sends and serves nothing more, as if its process were gone.
+A crashed core sends nothing more, as if its process were gone.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, ContextManager, Optional
 
-from llumnix_py.errors import LlumnixError, UnknownRequestError
-from migration import wire
+from llumnix_py.errors import LlumnixError
+from llumnix_py.llumlet_core import LlumletCore
 from migration.driver import MigrationDriver, MigrationResult, TransportPort
 from migration.protocol import MigrationConfig, MigrationStatus, SourceMigration
 from migration.transports import MigrationTransport, TransportError, get_transport
 
-if TYPE_CHECKING:
-    from llumnix_py.llumlet import Llumlet
+log = logging.getLogger(__name__)
 
-# The llumlet's own logger: these records keep the name they had before the split.
-log = logging.getLogger("llumnix_py.llumlet")
+Locked = Callable[[], ContextManager[Any]]
 
 
-class _LockedSource:
+class LockedSource:
     """The engine as a migration source: primitives under the engine lock, except
     ``read_blocks`` of full or frozen blocks, which never change under a step."""
 
-    def __init__(self, llumlet: "Llumlet") -> None:
-        self._l = llumlet
+    def __init__(self, core: LlumletCore, locked: Locked) -> None:
+        self._core = core
+        self._locked = locked
 
     def _alive(self) -> None:
-        if self._l._dead:  # a crashed instance sends nothing more (as if its process were gone)
-            raise TransportError(f"instance {self._l.instance_id} crashed")
+        if self._core.dead:  # a crashed instance sends nothing more (as if its process were gone)
+            raise TransportError(f"instance {self._core.instance_id} crashed")
 
     def incremental_blocks(self, request_id, num_sent, include_last):
         self._alive()
-        with self._l._locked():
-            return self._l.engine.incremental_blocks(request_id, num_sent, include_last)
+        with self._locked():
+            return self._core.engine.incremental_blocks(request_id, num_sent, include_last)
 
     def read_blocks(self, block_ids):
         self._alive()
-        return self._l.engine.read_blocks(block_ids)
+        return self._core.engine.read_blocks(block_ids)
 
     def freeze(self, request_id):
         self._alive()
-        with self._l._locked():
-            return self._l.engine.freeze(request_id)
+        with self._locked():
+            return self._core.engine.freeze(request_id)
 
     def unfreeze(self, request_id):
-        with self._l._locked():
-            self._l.engine.unfreeze(request_id)
+        with self._locked():
+            self._core.engine.unfreeze(request_id)
 
     def free_src(self, request_id):
-        with self._l._locked():
-            self._l.engine.free_src(request_id)
+        with self._locked():
+            self._core.engine.free_src(request_id)
 
 
-class _UnlessCrashed:
-    """A transport that sends nothing once its llumlet crashed (as if its process were gone)."""
+class UnlessCrashed:
+    """A transport that sends nothing once its core crashed (as if its process were gone)."""
 
     _SENDS = ("call", "send_blocks", "flush")
 
-    def __init__(self, llumlet: "Llumlet", inner: MigrationTransport) -> None:
-        self._l = llumlet
+    def __init__(self, core: LlumletCore, inner: MigrationTransport) -> None:
+        self._core = core
         self._inner = inner
 
     def __getattr__(self, name: str):
@@ -78,102 +78,94 @@ class _UnlessCrashed:
             return attr
 
         def send(*args, **kw):
-            if self._l._dead:
-                raise TransportError(f"instance {self._l.instance_id} crashed")
+            if self._core.dead:
+                raise TransportError(f"instance {self._core.instance_id} crashed")
             return attr(*args, **kw)
 
         return send
 
 
-class LlumletMigration:
-    """Migration methods of ``Llumlet`` (a mixin; not usable on its own).
+class OutgoingMigrations:
+    """Runs a llumlet's migrations as source: in the background (``submit``) or in the
+    caller's thread (``run_now``); ``on_done`` gets every result.
 
-    Destination side: ``_handle_migration_message`` is the migration server's handler.
-    Source side: ``migrate_out`` (background) and ``migrate_now`` (caller's thread) run
-    a ``SourceMigration`` over a cached transport; results are kept in ``results``
-    (``pop_results``) and passed to ``on_migration_done``.
+    Args:
+        core: the llumlet's core (admission of migrations, and their end).
+        locked: the llumlet's engine lock, as a context manager factory.
+        on_done: called with each result, without the lock.
     """
 
-    # ----- migration: destination side -----------------------------------------------------
-    def _handle_migration_message(self, msg: Any, payload: Any) -> dict:
-        """Serve one message from a source (the migration server's handler); the reply header.
+    def __init__(self, core: LlumletCore, locked: Locked, on_done: Callable[[MigrationResult], None]) -> None:
+        self._core = core
+        self._locked = locked
+        self._on_done = on_done
+        self._config = core.config
+        self._transports: dict[str, MigrationTransport] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
 
-        Refuses everything once crashed, and any message but ``Abort`` for a request
-        aborted here (its reservation is freed); a committed request is tracked here.
-        """
-        rid = getattr(msg, "request_id", None) or getattr(getattr(msg, "state", None), "request_id", None)
-        if self._dead:
-            return wire.Reply(ok=False, error=f"instance {self.instance_id} crashed").to_header()
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self._config.max_outgoing, thread_name_prefix=f"mig-{self._core.instance_id}")
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for t in self._transports.values():
+            t.close()
+        self._transports.clear()
+
+    def submit(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
+               config: Optional[MigrationConfig]) -> bool:
+        """Start a migration in the background; False (nothing done) if the core refuses it."""
         with self._locked():
-            if rid is not None and rid in self._tombstones and not isinstance(msg, wire.Abort):
-                self.dest.handle(wire.Abort(getattr(msg, "migration_id", ""), "aborted"), None, self.clock())
-                return wire.Reply(ok=False, error=f"request {rid} was aborted").to_header()
-            reply = self.dest.handle(msg, payload, self.clock())
-            if reply.ok and isinstance(msg, wire.Commit):
-                self._track(msg.state.request_id, msg.state.reply_to)
-                self.stats.migrations_in += 1
-        if reply.ok and isinstance(msg, wire.Commit):
-            self._wake.set()
-        return reply.to_header()
-
-    # ----- migration: source side ----------------------------------------------------------
-    def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,
-                    config: Optional[MigrationConfig] = None) -> bool:
-        """Start migrating ``request_id`` to the instance at ``dst_address`` in the background.
-
-        Returns False (and does nothing) if the request is not here, is already
-        migrating, or ``max_outgoing`` migrations are in flight.
-        """
-        with self._locked():
-            if request_id in self._outgoing or len(self._outgoing) >= self.config.max_outgoing \
-                    or request_id not in self._reply_to:
+            if not self._core.begin_migration(request_id, migration_id):
                 return False
-            self._outgoing[request_id] = migration_id
         assert self._pool is not None, "start() the llumlet first"
-        self._pool.submit(self._run_migration, request_id, dst_address, migration_id, waiting,
-                          config or self.config.migration)
+        self._pool.submit(self._run, request_id, dst_address, migration_id, waiting, config or self._config.migration)
         return True
 
-    def migrate_now(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,
-                    config: Optional[MigrationConfig] = None) -> MigrationResult:
-        """Migrate in the caller's thread and return the result (benchmarks, tests)."""
+    def run_now(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
+                config: Optional[MigrationConfig]) -> MigrationResult:
+        """Migrate in the caller's thread (no ``max_outgoing`` bound); the result."""
         with self._locked():
-            if request_id in self._outgoing:
+            if self._core.migrating_out(request_id):
                 raise LlumnixError(f"request {request_id} is already migrating")
-            self._outgoing[request_id] = migration_id
-        return self._run_migration(request_id, dst_address, migration_id, waiting, config or self.config.migration)
+            self._core.begin_migration(request_id, migration_id, bounded=False)
+        return self._run(request_id, dst_address, migration_id, waiting, config or self._config.migration)
 
     def _transport(self, address: str) -> MigrationTransport:
         t = self._transports.get(address)
         if t is None:
-            _, transport_cls = get_transport(self.config.transport)
-            t = transport_cls(address, timeout_s=self.config.migration_timeout_s, secret=self.config.secret,
-                              chunk_blocks=self.config.chunk_blocks)
+            _, transport_cls = get_transport(self._config.transport)
+            t = transport_cls(address, timeout_s=self._config.migration_timeout_s, secret=self._config.secret,
+                              chunk_blocks=self._config.chunk_blocks)
             t.connect()
             self._transports[address] = t
         return t
 
-    def _run_migration(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
-                       config: MigrationConfig) -> MigrationResult:
+    def _run(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
+             config: MigrationConfig) -> MigrationResult:
         machine = SourceMigration(migration_id, request_id, waiting=waiting, config=config)
+        source = LockedSource(self._core, self._locked)
         try:
-            transport = _UnlessCrashed(self, self._transport(dst_address))
-            port = TransportPort(transport, _LockedSource(self))  # type: ignore[arg-type]
-            result = MigrationDriver(_LockedSource(self), port).run(machine)
+            transport = UnlessCrashed(self._core, self._transport(dst_address))
+            port = TransportPort(transport, source)  # type: ignore[arg-type]
+            result = MigrationDriver(source, port).run(machine)
         except Exception as exc:  # a bug or a broken connection: never leave the request frozen
             log.exception("migration %s of %s failed", migration_id, request_id)
             self._drop_transport(dst_address)
             result = self._recover(machine, exc)
         if result.status == MigrationStatus.ABORTED_DST:
             self._drop_transport(dst_address)
-        self._after_migration(result)
+        with self._locked():
+            self._core.end_migration(result)
+        self._on_done(result)
         return result
 
     def _recover(self, machine: SourceMigration, exc: Exception) -> MigrationResult:
         with self._locked():
             try:
                 if machine.frozen:
-                    self.engine.unfreeze(machine.request_id)
+                    self._core.engine.unfreeze(machine.request_id)
             except LlumnixError:
                 pass
         return MigrationResult(machine.migration_id, machine.request_id, MigrationStatus.ABORTED_DST,
@@ -184,29 +176,3 @@ class LlumletMigration:
         t = self._transports.pop(address, None)
         if t is not None:
             t.close()
-
-    def _after_migration(self, result: MigrationResult) -> None:
-        rid = result.request_id
-        with self._locked():
-            self._outgoing.pop(rid, None)
-            if result.status == MigrationStatus.FINISHED:
-                self._reply_to.pop(rid, None)
-            elif rid in self._tombstones:
-                try:
-                    self.engine.abort_request(rid)
-                except UnknownRequestError:
-                    pass
-                self._reply_to.pop(rid, None)
-            key = result.status.value
-            self.stats.migrations[key] = self.stats.migrations.get(key, 0) + 1
-        self.results.append(result)
-        self._wake.set()
-        if self.on_migration_done is not None:
-            self.on_migration_done(result)
-
-    def pop_results(self) -> list[MigrationResult]:
-        """Take the results of the migrations that ended since the last call, oldest first."""
-        out = []
-        while self.results:
-            out.append(self.results.popleft())
-        return out

@@ -1,7 +1,7 @@
 """The llumlet's settings, counters, and the interface its output tokens go through.
 
-Kept apart from ``llumnix_py.llumlet`` (which re-exports every name here) so that
-configuration code can read them without the engine loop and migration machinery.
+Kept apart from ``llumnix_py.llumlet`` so that configuration code can read them
+without the engine loop and migration machinery.
 """
 
 from __future__ import annotations

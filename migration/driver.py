@@ -18,7 +18,6 @@ from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import LlumnixError
 from migration import protocol as p
 from migration import wire
-from migration.destination import DestinationMigrations
 from migration.transports.base import MigrationTransport, TransportError
 
 
@@ -75,10 +74,16 @@ class TransportPort:
         return False  # unreachable: it frees any reservation itself after its timeout
 
 
-class LocalPort:
-    """The destination in the same process: calls its ``DestinationMigrations`` directly."""
+class MessageHandler(Protocol):
+    """Serves migration messages: ``DestinationMigrations``, or a llumlet core in front of one."""
 
-    def __init__(self, dst: DestinationMigrations, src: SourcePort, now: Callable[[], float] = time.monotonic,
+    def handle(self, msg: wire.Message, payload: object, now: float) -> wire.Reply: ...
+
+
+class LocalPort:
+    """The destination in the same process: calls its message handler directly."""
+
+    def __init__(self, dst: MessageHandler, src: SourcePort, now: Callable[[], float] = time.monotonic,
                  lock=None) -> None:
         self.dst = dst
         self.src = src

@@ -91,7 +91,8 @@ def main(conn: Any, instance_id: str, transport: str, spec: dict, options: dict)
     import torch
 
     torch.set_num_threads(options.get("threads", 1))
-    from llumnix_py.llumlet import Llumlet, LlumletConfig
+    from llumnix_py.llumlet import Llumlet
+    from llumnix_py.llumlet_types import LlumletConfig
     from llumnix_py.tokens import CallbackSink
     from migration.protocol import MigrationConfig
 

@@ -7,7 +7,8 @@ import time
 
 
 from llumnix_py.engines.types import Request, SamplingParams
-from llumnix_py.llumlet import Llumlet, LlumletConfig
+from llumnix_py.llumlet import Llumlet
+from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink, OrderedStream
 from migration.protocol import MigrationStatus
 from tests.factories import make_engine

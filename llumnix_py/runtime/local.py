@@ -7,7 +7,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from llumnix_py.engines.registry import EngineSpec, build_engine
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
-from llumnix_py.llumlet import Llumlet, LlumletConfig, TokenSink
+from llumnix_py.llumlet import Llumlet
+from llumnix_py.llumlet_types import LlumletConfig, TokenSink
 from llumnix_py.proxy import forwards
 
 

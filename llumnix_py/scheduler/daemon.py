@@ -20,17 +20,18 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
-from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
+from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder, SchedulerConfig
+from llumnix_py.scheduler.tick import SchedulerTick
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus
-from policies.types import ScaleAction
+from policies.types import ScaleAction, ScaleDecision
 from policies.virtual_usage import freeness
 
 if TYPE_CHECKING:
-    from llumnix_py.load import RequestLoad
+    from llumnix_py.load import InstanceLoad, RequestLoad
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class SchedulerDaemon:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._last_round = float("-inf")
+        self.ticker = SchedulerTick(self.core, config.migration_interval_s)
         self._routes: dict[str, tuple[str, str]] = {}  # in-flight migration id -> (src, dst)
         self.recent: deque[dict] = deque(maxlen=200)  # the latest migrations, for reports
         self.dead: deque[str] = deque(maxlen=10_000)  # instances removed as dead, oldest first
@@ -117,22 +118,17 @@ class SchedulerDaemon:
     def tick(self, force_round: bool = False) -> None:
         with self._lock:
             handles = list(self.handles.values())
-        died = self._poll(handles)
-        now = self.clock()
+        loads, ended, died = self._poll(handles)
         with self._lock:
-            for iid in died:
-                self._retire(iid, "dead")
-            if force_round or now - self._last_round >= self.config.migration_interval_s:
-                self._last_round = now
-                self._migrate(now)
-            self._scale()
-            for iid in self.core.drained():
-                self._retire(iid, "drained")
-            for iid in self.core.dead(now):
-                self._retire(iid, "dead")
+            actions = self.ticker.tick(self.clock(), loads, ended, died, force_round=force_round)
+            for iid, why in actions.retired:
+                self._retire(iid, why)
+            self._start_migrations(actions.orders)
+            self._scale(actions.scale)
 
-    def _poll(self, handles: list[InstanceHandle]) -> list[str]:
-        """Poll loads and migration results (the heartbeat); returns the instances found dead."""
+    def _poll(self, handles: list[InstanceHandle]) -> tuple[dict[str, InstanceLoad], list[str], list[str]]:
+        """Poll loads and migration results (the heartbeat): the loads, the ids of the
+        migrations that ended (recorded here), and the instances found dead."""
         if self._pool is None:  # not started: poll in this thread (tests step ``tick`` by hand)
             done = []
             for h in handles:
@@ -150,7 +146,8 @@ class SchedulerDaemon:
             done = [(iid, f) for iid, f in self._polls.items() if f.done()]
             for iid, _ in done:
                 del self._polls[iid]
-        died = []
+        died, ended = [], []
+        loads: dict[str, InstanceLoad] = {}
         for iid, fut in done:
             exc = fut.exception()
             if isinstance(exc, InstanceDiedError):
@@ -159,19 +156,19 @@ class SchedulerDaemon:
             elif exc is not None:
                 log.warning("instance %s did not answer: %s", iid, exc)
             else:
-                load, results = fut.result()
+                loads[iid], results = fut.result()
                 with self._lock:
-                    self.core.on_load(iid, load, self.clock())
                     for r in results:
                         self._record(r)
-        return died
+                        ended.append(r.migration_id)
+        return loads, ended, died
 
     @staticmethod
     def _poll_one(h: InstanceHandle):
         return h.load(), h.pop_results()
 
-    def _migrate(self, now: float) -> None:
-        for order in self.core.migration_round(now):
+    def _start_migrations(self, orders: Sequence[MigrationOrder]) -> None:
+        for order in orders:
             self._routes[order.migration_id] = (order.src, order.dst)
             handle = self.handles.get(order.src)
             ok = False
@@ -185,7 +182,6 @@ class SchedulerDaemon:
                 self._routes.pop(order.migration_id, None)
 
     def _record(self, r: MigrationResult) -> None:
-        self.core.on_migration_done(r.migration_id)
         self.results.append(r)
         self.outcomes[r.status.value] += 1
         src, dst = self._routes.pop(r.migration_id, ("?", "?"))
@@ -195,8 +191,7 @@ class SchedulerDaemon:
         if self.on_migration is not None:
             self.on_migration(r)
 
-    def _scale(self) -> None:
-        decision = self.core.scaling_round()
+    def _scale(self, decision: ScaleDecision) -> None:
         if decision.action == ScaleAction.OUT:
             ids = self.launch(1)
             self.scale_events.append((self.clock(), "out", ids[0]))
@@ -204,10 +199,8 @@ class SchedulerDaemon:
             self.scale_events.append((self.clock(), "in", decision.instance_id or ""))
 
     def _retire(self, iid: str, why: str) -> None:
+        """Forget an instance the tick removed from the core; stop or fence it."""
         handle = self.handles.pop(iid, None)
-        if handle is None and iid not in self.core.instances:
-            return
-        self.core.remove(iid)
         self._polls.pop(iid, None)
         self.generation += 1
         log.info("instance %s removed (%s)", iid, why)

@@ -1,21 +1,23 @@
 """A discrete-event simulator of a llumnix-py cluster on a virtual clock.
 
-It runs the code that serves real traffic: every instance is an ``EngineCore``
-(block manager + batching scheduler) over a ``SimExecutor``; dispatch, migration
-pairing and scaling are the real ``GlobalScheduler``; each migration is a real
-``SourceMigration`` driven action by action by the real ``MigrationDriver`` over a
-``LocalPort`` to the destination's ``DestinationMigrations``. Only the clock (a
-heap of events, never a sleep) and the executor (a cost model) are swapped.
+It runs the code that serves real traffic: every instance is a ``LlumletCore`` (the
+llumlet's decisions: admission, routing, migration limits, destination handling)
+over an ``EngineCore`` (block manager + batching scheduler) with a ``SimExecutor``;
+each scheduler tick is the daemon's ``SchedulerTick`` over the real
+``GlobalScheduler``; each migration is a real ``SourceMigration`` driven action by
+action by the real ``MigrationDriver`` over a ``LocalPort`` to the destination's
+core. Only the clock (a heap of events, never a sleep) and the executor (a cost
+model) are swapped.
 
 Events and what each does (all engine mutations happen at event times, single
 threaded, so interleavings are exact and a run is deterministic for a seed)::
 
-    arrival          dispatch (scheduler) -> engine.add_request -> wake the instance
-    step end         deliver the step's tokens; run freezes deferred to this
-                     iteration boundary; start the next step if there is work
-    tick             (every poll_interval_s) poll changed instances' loads; every
-                     migration_interval_s a migration round; a scaling round;
-                     remove drained instances; sample the time series
+    arrival          dispatch (scheduler) -> core.submit + admit -> wake the instance
+    step end         deliver the step's tokens; the core's timers; run freezes
+                     deferred to this iteration boundary; start the next step
+    tick             (every poll_interval_s) poll changed instances' loads, then
+                     SchedulerTick: every migration_interval_s a migration round,
+                     a scaling round, drained instances; sample the time series
     migration        an action's reply arrives; the machine picks the next action
     instance start   a scaled-out instance registers (instance_startup_s after the
                      decision)
@@ -36,9 +38,8 @@ Timing model:
   Scale-in marks the instance terminating; it drains by migration and is removed
   once ``GlobalScheduler.drained`` lists it.
 
-Layout: ``SimConfig`` lives in ``llumnix_py.sim.config``; the migration events
-(``_start_migration`` ... ``_finish_migration``) in ``llumnix_py.sim.migrations``,
-mixed into ``SimCluster``. Both are re-exported here.
+Layout: ``SimConfig`` lives in ``llumnix_py.sim.config``; the migration events in
+``llumnix_py.sim.migrations`` (``SimMigrations``, which the cluster has).
 """
 
 from __future__ import annotations
@@ -50,33 +51,35 @@ from typing import Any, Callable, Sequence
 from llumnix_py.engines.core import EngineCore
 from llumnix_py.engines.sim.executor import SimExecutor
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput
+from llumnix_py.llumlet_core import LlumletCore
+from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.load import RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder
+from llumnix_py.scheduler.tick import SchedulerTick
 from llumnix_py.sim.config import SimConfig
 from llumnix_py.sim.metrics import RequestRecord, SimResult, Timeline
-from llumnix_py.sim.migrations import MigrationsMixin, _MigrationRun
+from llumnix_py.sim.migrations import MigrationRun, SimMigrations
 from migration import protocol as p
-from migration.destination import DestinationMigrations
 from migration.driver import MigrationResult
-from policies.types import ScaleAction
+from policies.types import ScaleAction, ScaleDecision
 
 _EPS = 1e-9
 
 
 class SimInstance:
-    """One simulated instance: an engine, its migration server, its stepping state."""
+    """One simulated instance: a llumlet core over its engine, and its stepping state."""
 
-    def __init__(self, instance_id: str, engine: EngineCore) -> None:
-        self.instance_id = instance_id
+    def __init__(self, core: LlumletCore, engine: EngineCore) -> None:
+        self.instance_id = core.instance_id
+        self.core = core
         self.engine = engine
-        self.dest = DestinationMigrations(engine)
         self.busy = False  # a step is in flight
         self.dirty = True  # changed since the last load poll
         self.removed = False
-        self.deferred: list[tuple["_MigrationRun", p.Action]] = []  # freezes waiting for the step's end
+        self.deferred: list[tuple[MigrationRun, p.Action]] = []  # freezes waiting for the step's end
 
 
-class SimCluster(MigrationsMixin):
+class SimCluster:
     """The simulated cluster; ``run`` replays a workload and returns a ``SimResult``."""
 
     def __init__(self, config: SimConfig) -> None:
@@ -84,13 +87,14 @@ class SimCluster(MigrationsMixin):
         self.profile = config.cost_profile
         self.engine_config = config.engine_config()
         self.scheduler = GlobalScheduler(config.scheduler_config(), seed=config.seed)
+        self.ticker = SchedulerTick(self.scheduler, config.migration_interval_s)
+        self.mig = SimMigrations(config, self._clock, self._push, self._wake, self._on_migration_done)
         self.instances: dict[str, SimInstance] = {}
         self.retired: dict[str, SimInstance] = {}
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = 0
         self._next_id = 0
-        self._runs: dict[str, _MigrationRun] = {}
         self._manual = 0
         self.records: dict[str, RequestRecord] = {}
         self._undispatched: list[RequestRecord] = []
@@ -142,7 +146,7 @@ class SimCluster(MigrationsMixin):
         with tqdm(total=total, disable=not progress, unit="req", mininterval=0.5, leave=False) as bar:
             self._progress = bar
             heap = self._heap
-            while heap and (self._completed < total or self._runs):
+            while heap and (self._completed < total or self.mig.runs):
                 at, _, fn, arg = heapq.heappop(heap)
                 self.now = at
                 self._num_events += 1
@@ -175,10 +179,13 @@ class SimCluster(MigrationsMixin):
 
     def _start_instance(self, iid: str) -> None:
         engine = EngineCore(self.engine_config, SimExecutor(self.profile))
-        inst = SimInstance(iid, engine)
+        cfg = self.config
+        core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
+                                         max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine)
+        inst = SimInstance(core, engine)
         self.instances[iid] = inst
         self.scheduler.register(iid, iid, self.now)
-        self.scheduler.on_load(iid, engine.load(), self.now)
+        self.scheduler.on_load(iid, core.load(engine.load()), self.now)
         inst.dirty = False
 
     def _on_instance_started(self, iid: str) -> None:
@@ -196,7 +203,6 @@ class SimCluster(MigrationsMixin):
     def _remove_instance(self, iid: str) -> None:
         inst = self.instances.pop(iid)
         inst.removed = True
-        self.scheduler.remove(iid)
         self.retired[iid] = inst
         self._held_change(-1)
         self.scale_events.append((self.now, "removed", iid))
@@ -219,9 +225,10 @@ class SimCluster(MigrationsMixin):
             return
         inst = self.instances[iid]
         rec.dispatched_to = iid
-        inst.engine.add_request(Request(
+        inst.core.submit(Request(
             rid, (1,) * rec.prompt_len, SamplingParams(max_tokens=rec.output_len, ignore_eos=True),
             priority=rec.priority, arrival_time=rec.arrival_time))
+        inst.core.admit(self.now)  # into the engine now, even under a step in flight (as the engine queues it)
         inst.dirty = True
         self._wake(inst)
 
@@ -229,11 +236,11 @@ class SimCluster(MigrationsMixin):
         """Start a step on an idle instance that has work (no-op if busy or nothing runs)."""
         if inst.busy or inst.removed:
             return
-        engine = inst.engine
+        core = inst.core
         for _ in range(3):  # a step that only preempted is followed at once by one that admits
-            if not engine.has_unfinished():
+            if not core.step_due():
                 return
-            out = engine.step()
+            out, _ = core.step(route=False)  # tokens go to the records, by request id (_on_step_end)
             inst.dirty = True
             if out.preempted:
                 for rid in out.preempted:
@@ -250,6 +257,8 @@ class SimCluster(MigrationsMixin):
         inst, out = arg
         inst.busy = False
         now = self.now
+        inst.core.on_published(out)
+        inst.core.on_timer(now)
         for o in out.outputs:
             rec = self.records[o.request_id]
             rec.on_tokens(now, o.index, len(o.new_token_ids))
@@ -260,43 +269,43 @@ class SimCluster(MigrationsMixin):
                     self._progress.update(1)
         if inst.deferred:
             deferred, inst.deferred = inst.deferred, []
-            for run, action in deferred:
-                self._advance(run, action)
+            self.mig.resume(deferred)
         self._wake(inst)
 
     # ----- scheduler tick ------------------------------------------------------------------
     def _on_tick(self, _: Any) -> None:
         cfg = self.config
         now = self.now
-        sched = self.scheduler
-        every = max(1, round(cfg.migration_interval_s / cfg.poll_interval_s))
-        round_now = cfg.enable_migration and self._tick_no % every == 0
+        round_now = cfg.enable_migration and self.ticker.round_due(now)
         if self._loads_read_before_next_tick(round_now):
             t0 = time.perf_counter()
             for iid, inst in self.instances.items():
                 if inst.dirty:
-                    sched.on_load(iid, inst.engine.load(), now)
+                    self.scheduler.on_load(iid, inst.core.load(inst.engine.load()), now)
                     inst.dirty = False
             self.timings["poll"].append(time.perf_counter() - t0)
+        scale = cfg.enable_scaling and not self._launching
+        t0 = time.perf_counter()
+        actions = self.ticker.tick(now, migrate=cfg.enable_migration, scale=scale, removable=self._is_empty,
+                                   heartbeat=False)  # idle instances are not polled (above): no heartbeat
+        if round_now or scale:  # the tick's time: a migration round (with any scaling), else scaling alone
+            self.timings["migration_round" if round_now else "scaling"].append(time.perf_counter() - t0)
+        for order in actions.orders:
+            self._start_migration(order)
+        self._scale(actions.scale)
+        for iid, _why in actions.retired:
+            self._remove_instance(iid)
         if self._undispatched:
             pending, self._undispatched = self._undispatched, []
             for rec in pending:
                 self._dispatch(rec)
-        if round_now:
-            t0 = time.perf_counter()
-            orders = sched.migration_round(now)
-            self.timings["migration_round"].append(time.perf_counter() - t0)
-            for order in orders:
-                self._start_migration(order)
-        if cfg.enable_scaling and not self._launching:
-            self._scale()
-        for iid in sched.drained():
-            inst = self.instances.get(iid)
-            if inst is not None and not inst.engine.has_unfinished() and not inst.engine.seqs:
-                self._remove_instance(iid)
         self._sample()
         self._tick_no += 1
         self._push(self._tick_no * cfg.poll_interval_s, self._on_tick, None)
+
+    def _is_empty(self, iid: str) -> bool:
+        inst = self.instances.get(iid)
+        return inst is not None and not inst.engine.has_unfinished() and not inst.engine.seqs
 
     def _loads_read_before_next_tick(self, round_now: bool) -> bool:
         """Whether anything reads the polled loads before the next tick.
@@ -313,10 +322,7 @@ class SimCluster(MigrationsMixin):
         i = self._arrivals_done
         return i < len(self._arrival_times) and self._arrival_times[i] <= self.now + self.config.poll_interval_s
 
-    def _scale(self) -> None:
-        t0 = time.perf_counter()
-        decision = self.scheduler.scaling_round()
-        self.timings["scaling"].append(time.perf_counter() - t0)
+    def _scale(self, decision: ScaleDecision) -> None:
         if decision.action == ScaleAction.OUT:
             iid = self._new_id()
             self._launching += 1
@@ -328,6 +334,24 @@ class SimCluster(MigrationsMixin):
             inst = self.instances.get(decision.instance_id)
             if inst is not None:
                 inst.dirty = True
+
+    # ----- migrations -----------------------------------------------------------------------
+    def _start_migration(self, order: MigrationOrder) -> None:
+        src = self.instances.get(order.src)
+        dst = self.instances.get(order.dst)
+        if src is None or dst is None:
+            self.scheduler.on_migration_done(order.migration_id)
+            return
+        self.mig.start(order, src, dst)
+
+    def _on_migration_done(self, result: MigrationResult, run: MigrationRun) -> None:
+        self.scheduler.on_migration_done(result.migration_id)
+        self.migrations.append(result)
+        if result.status == p.MigrationStatus.FINISHED:
+            rec = self.records.get(result.request_id)
+            if rec is not None:
+                rec.migrations += 1
+                rec.migration_downtime += result.downtime_s
 
     def _sample(self) -> None:
         tl = self.timeline

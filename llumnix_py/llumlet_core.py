@@ -1,0 +1,321 @@
+"""The llumlet's decisions, sans-IO: events in (with ``now`` passed in), actions out.
+
+``LlumletCore`` owns one instance's request bookkeeping and decides:
+
+* admission: requests wait in an inbox (validated at once) until the driver's next
+  iteration admits them into the engine (``submit``, ``admit``);
+* steps: ``step_due`` tells the driver a step is due, ``step`` runs one engine step
+  and groups its outputs by the frontend (``reply_to``) they go to;
+* leases: a frontend that does not renew its lease for ``lease_timeout_s`` is
+  presumed gone, and its requests are aborted (``on_timer``);
+* aborts, remembered for a while (tombstones): a migration that would bring an
+  aborted request in is refused, and a request aborted while it migrates out is
+  aborted once that migration ends;
+* migrations: as source, which may start (``begin_migration``: one per request,
+  ``max_outgoing`` at most) and what their end changes (``end_migration``); as
+  destination, every message from a source (``handle``; ``max_incoming`` at most,
+  silent sources expire in ``on_timer``);
+* death: a crashed core (``crash``) serves, publishes and sends nothing more.
+
+It owns no threads, sockets, sleeps or clocks. Two drivers run it: the threaded
+``llumnix_py.llumlet.Llumlet`` (real instances, local and Ray) and the simulator's
+event loop (``llumnix_py.sim.cluster``). The core is not thread-safe: a threaded
+driver calls it under its engine lock, except ``submit`` and the inbox reads, which
+take the ``inbox_lock`` it hands in (so a request never waits for a step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections import OrderedDict, deque
+from typing import Any, ContextManager, Optional, Sequence
+
+from llumnix_py.engines.base import EngineAdapter
+from llumnix_py.engines.types import (FinishReason, MigrationRequestState, Request, RequestOutput, SeqStatus,
+                                      StepOutput)
+from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
+from llumnix_py.llumlet_types import LlumletConfig, LlumletStats
+from llumnix_py.load import InstanceLoad, RequestLoad
+from migration import wire
+from migration.destination import DestinationMigrations
+from migration.driver import MigrationResult
+from migration.protocol import MigrationStatus
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_TTL_S = 300.0
+TOMBSTONE_MAX = 100_000
+
+Emits = dict[str, list[RequestOutput]]
+"""Outputs to send, grouped by the frontend (``reply_to``) they go to."""
+
+
+class LlumletCore:
+    """One instance's decisions over its engine; see the module docstring.
+
+    Args:
+        config: the llumlet's settings (lease timeout, migration limits and timeout).
+        engine: the engine adapter; the core calls it, never in the background.
+        inbox_lock: guards the inbox, for a driver whose callers run on other threads.
+    """
+
+    def __init__(self, config: LlumletConfig, engine: EngineAdapter,
+                 inbox_lock: Optional[ContextManager[Any]] = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.instance_id = config.instance_id
+        self.stats = LlumletStats()
+        self.dest = DestinationMigrations(engine, config.max_incoming, config.migration_timeout_s)
+        self._inbox: deque[Request] = deque()
+        self._inbox_lock = inbox_lock if inbox_lock is not None else contextlib.nullcontext()
+        self._reply_to: dict[str, str] = {}  # every request here (engine or migrating out) -> its frontend
+        self._leases: dict[str, float] = {}  # reply_to -> last renewal (or first request)
+        self._tombstones: "OrderedDict[str, float]" = OrderedDict()  # aborted request id -> when
+        self._outgoing: dict[str, str] = {}  # request id -> migration id
+        self._dead = False
+
+    # ----- admission -----------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request for the next ``admit``. Raises ``InvalidRequestError`` for a
+        request the engine can never run or an id already in use here."""
+        self.engine.check_request(request)
+        with self._inbox_lock:
+            rid = request.request_id
+            if rid in self._reply_to or any(r.request_id == rid for r in self._inbox):
+                raise InvalidRequestError(f"request {rid} already exists on this instance")
+            self._inbox.append(request)
+
+    def has_inbox(self) -> bool:
+        return bool(self._inbox)
+
+    def admit(self, now: float) -> Emits:
+        """Move queued requests into the engine; abort outputs for any it refuses after
+        all (a race with a migration bringing the same id in)."""
+        with self._inbox_lock:
+            batch = list(self._inbox)
+            self._inbox.clear()
+        refused: Emits = {}
+        for request in batch:
+            try:
+                self.engine.add_request(request)
+            except LlumnixError as exc:
+                log.warning("request %s refused: %s", request.request_id, exc)
+                refused.setdefault(request.reply_to, []).append(
+                    RequestOutput(request.request_id, (), 0, FinishReason.ABORT))
+                continue
+            self._track(request.request_id, request.reply_to, now)
+        return refused
+
+    def _in_inbox(self, request_id: str) -> bool:
+        with self._inbox_lock:
+            return any(r.request_id == request_id for r in self._inbox)
+
+    def _drop_from_inbox(self, request_id: str) -> bool:
+        with self._inbox_lock:
+            for r in self._inbox:
+                if r.request_id == request_id:
+                    self._inbox.remove(r)
+                    return True
+        return False
+
+    def resume(self, state: MigrationRequestState, now: float) -> bool:
+        """Continue a request whose instance died, by recomputation (``state.status``
+        WAITING, nothing computed). False if it is already here (a migration brought it
+        in); ``InvalidRequestError`` if it was aborted here or does not fit."""
+        if state.status != SeqStatus.WAITING or state.num_computed_tokens != 0:
+            raise InvalidRequestError("a resumed request is recomputed: status WAITING, no computed tokens")
+        rid = state.request_id
+        if rid in self._reply_to:
+            return False
+        if rid in self._tombstones:
+            raise InvalidRequestError(f"request {rid} was aborted")
+        # A half-done migration of this request from the dead instance: its reservation goes now.
+        for mid, rec in list(self.dest.incoming.items()):
+            if rec.request_id == rid:
+                self.dest.handle(wire.Abort(mid, "request resumed by recomputation"), None, now)
+        self.engine.commit_dst(state)
+        self._track(rid, state.reply_to, now)
+        self.stats.resumed += 1
+        return True
+
+    def held(self, request_ids: Sequence[str]) -> list[str]:
+        """Those of ``request_ids`` that are here (running, waiting, queued or migrating out)."""
+        return [r for r in request_ids if self.has_request(r)]
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._reply_to or self._in_inbox(request_id)
+
+    def _track(self, request_id: str, reply_to: str, now: float) -> None:
+        """Remember where a request's tokens go; a first request starts its frontend's lease."""
+        self._reply_to[request_id] = reply_to
+        if reply_to and reply_to not in self._leases:
+            self._leases[reply_to] = now
+
+    # ----- leases and aborts ---------------------------------------------------------------
+    def renew_lease(self, reply_to: str, now: float) -> None:
+        """The frontend at ``reply_to`` is alive; its requests keep running."""
+        if reply_to:
+            self._leases[reply_to] = now
+
+    def abort(self, request_id: str, now: float) -> bool:
+        """Abort wherever the request is here; True if it was here. Remembered for a while."""
+        self._remember_abort(request_id, now)
+        if self._drop_from_inbox(request_id):
+            return True
+        if request_id in self._outgoing:
+            return True  # aborted when its migration ends (see end_migration)
+        try:
+            self.engine.abort_request(request_id)
+        except UnknownRequestError:
+            return False
+        self._reply_to.pop(request_id, None)
+        return True
+
+    def _remember_abort(self, request_id: str, now: float) -> None:
+        self._tombstones[request_id] = now
+        self._tombstones.move_to_end(request_id)
+        while self._tombstones and (len(self._tombstones) > TOMBSTONE_MAX or
+                                    now - next(iter(self._tombstones.values())) > TOMBSTONE_TTL_S):
+            self._tombstones.popitem(last=False)
+
+    def on_timer(self, now: float) -> Emits:
+        """Time passed: expire silent incoming migrations and lapsed leases; returns the
+        abort outputs for the requests of lapsed frontends (in case one is only slow)."""
+        if self.dest.incoming:
+            self.dest.expire(now)
+        timeout = self.config.lease_timeout_s
+        if timeout is None or not self._leases:
+            return {}
+        expired = {rt for rt, t in self._leases.items() if now - t > timeout}
+        if not expired:
+            return {}
+        outputs: Emits = {}
+        load = self.engine.load()
+        position = {r.request_id: r.output_len for r in load.running + load.waiting}
+        for rid, rt in list(self._reply_to.items()):
+            if rt not in expired:
+                continue
+            log.warning("lease of %s expired: aborting request %s", rt, rid)
+            self._remember_abort(rid, now)
+            self.stats.lease_aborts += 1
+            outputs.setdefault(rt, []).append(RequestOutput(rid, (), position.get(rid, 0), FinishReason.ABORT))
+            if rid in self._outgoing:
+                continue  # aborted when its migration ends (see end_migration)
+            try:
+                self.engine.abort_request(rid)
+            except UnknownRequestError:
+                pass
+            self._reply_to.pop(rid, None)
+        for rt in expired:
+            del self._leases[rt]
+        return outputs
+
+    # ----- steps ---------------------------------------------------------------------------
+    def step_due(self) -> bool:
+        """Whether the engine has work: the driver should ``step``."""
+        return self.engine.has_unfinished()
+
+    def step(self, route: bool = True) -> tuple[StepOutput, Emits]:
+        """Run one engine step; its outputs grouped by destination (none when not
+        ``route``: a driver that delivers by request id, the simulator). Routing happens
+        with the step, so a migration committing right after cannot lose a step's tokens."""
+        out = self.engine.step()
+        groups: Emits = {}
+        reply_to = self._reply_to
+        if not route:
+            for o in out.outputs:
+                if o.finish_reason is not None:
+                    reply_to.pop(o.request_id, None)
+            return out, groups
+        for o in out.outputs:
+            target = reply_to.get(o.request_id, "")
+            group = groups.get(target)
+            if group is None:
+                groups[target] = [o]
+            else:
+                group.append(o)
+            if o.finish_reason is not None:
+                reply_to.pop(o.request_id, None)
+        return out, groups
+
+    def on_published(self, out: StepOutput) -> None:
+        """A step's outputs went out: count them."""
+        self.stats.steps += 1
+        self.stats.tokens += len(out.outputs)
+        self.stats.preemptions += len(out.preempted)
+        self.stats.last_step_ms = out.duration_s * 1e3
+        self.stats.busy_s += out.duration_s
+
+    def load(self, engine_load: InstanceLoad) -> InstanceLoad:
+        """``engine_load`` with the requests accepted but not yet admitted counted as
+        waiting (the dispatcher's view)."""
+        with self._inbox_lock:
+            queued = list(self._inbox)
+        if not queued:
+            return engine_load
+        bs = engine_load.block_size
+        extra = tuple(RequestLoad.queued(r.request_id, prompt_len=len(r.prompt_token_ids), block_size=bs,
+                                         priority=r.priority, arrival_time=r.arrival_time) for r in queued)
+        return dataclasses.replace(engine_load, waiting=engine_load.waiting + extra)
+
+    def is_idle(self) -> bool:
+        return not self.engine.has_unfinished() and not self._outgoing and not self.dest.incoming
+
+    # ----- migration: source side ----------------------------------------------------------
+    def begin_migration(self, request_id: str, migration_id: str, bounded: bool = True) -> bool:
+        """May ``request_id`` start migrating out? False if it is not here or already
+        migrating, or (``bounded``) ``max_outgoing`` migrations are in flight."""
+        if request_id in self._outgoing or request_id not in self._reply_to:
+            return False
+        if bounded and len(self._outgoing) >= self.config.max_outgoing:
+            return False
+        self._outgoing[request_id] = migration_id
+        return True
+
+    def migrating_out(self, request_id: str) -> bool:
+        return request_id in self._outgoing
+
+    def end_migration(self, result: MigrationResult) -> None:
+        """A migration out ended: forget a request that left, abort one aborted meanwhile."""
+        rid = result.request_id
+        self._outgoing.pop(rid, None)
+        if result.status == MigrationStatus.FINISHED:
+            self._reply_to.pop(rid, None)
+        elif rid in self._tombstones:
+            try:
+                self.engine.abort_request(rid)
+            except UnknownRequestError:
+                pass
+            self._reply_to.pop(rid, None)
+        key = result.status.value
+        self.stats.migrations[key] = self.stats.migrations.get(key, 0) + 1
+
+    # ----- migration: destination side -----------------------------------------------------
+    def handle(self, msg: wire.Message, payload: object, now: float) -> wire.Reply:
+        """Serve one message from a migration source; the reply.
+
+        Refuses everything once crashed, and any message but ``Abort`` for a request
+        aborted here (its reservation is freed); a committed request is tracked here.
+        """
+        if self._dead:
+            return wire.Reply(ok=False, error=f"instance {self.instance_id} crashed")
+        rid = getattr(msg, "request_id", None) or getattr(getattr(msg, "state", None), "request_id", None)
+        if rid is not None and rid in self._tombstones and not isinstance(msg, wire.Abort):
+            self.dest.handle(wire.Abort(getattr(msg, "migration_id", ""), "aborted"), None, now)
+            return wire.Reply(ok=False, error=f"request {rid} was aborted")
+        reply = self.dest.handle(msg, payload, now)
+        if reply.ok and isinstance(msg, wire.Commit):
+            self._track(msg.state.request_id, msg.state.reply_to, now)
+            self.stats.migrations_in += 1
+        return reply
+
+    # ----- death ---------------------------------------------------------------------------
+    def crash(self) -> None:
+        """Die as if the process were killed: nothing more is served or published."""
+        self._dead = True
+
+    @property
+    def dead(self) -> bool:
+        return self._dead

@@ -1,0 +1,285 @@
+"""The sans-IO llumlet core: events in with ``now`` passed in, actions out; no threads.
+
+Unit tests over the simulated engine (scheduling only, fast), and a hypothesis state
+machine over two cores that interleaves requests, steps, aborts, lease expiry and
+migrations (started, advanced action by action, finished); invariants: every request
+is in exactly one place, and every block is owned once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from llumnix_py.engines.types import FinishReason, MigrationRequestState, Request, SamplingParams, SeqStatus
+from llumnix_py.errors import InvalidRequestError
+from llumnix_py.llumlet_core import LlumletCore
+from llumnix_py.llumlet_types import LlumletConfig
+from migration import protocol as p
+from migration import wire
+from migration.driver import LocalPort, MigrationDriver, MigrationResult
+from migration.protocol import MigrationConfig, MigrationStatus, SourceMigration
+from tests.factories import make_engine
+
+FRONTEND = "local://frontend-a"
+
+
+def make_core(iid: str = "i0", num_blocks: int = 64, lease_s: Optional[float] = 5.0, **kw) -> LlumletCore:
+    engine = make_engine("sim", num_blocks=num_blocks, max_batch_size=8)
+    return LlumletCore(LlumletConfig(iid, transport="inproc", lease_timeout_s=lease_s, **kw), engine)
+
+
+def request(rid: str, n: int = 20, max_tokens: int = 8, reply_to: str = FRONTEND) -> Request:
+    return Request(rid, tuple(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   reply_to=reply_to)
+
+
+def run_migration(src: LlumletCore, dst: LlumletCore, rid: str, mid: str, now: float = 0.0) -> MigrationResult:
+    assert src.begin_migration(rid, mid)
+    driver = MigrationDriver(src.engine, LocalPort(dst, src.engine, now=lambda: now), clock=lambda: now)
+    result = driver.run(SourceMigration(mid, rid, config=MigrationConfig()))
+    src.end_migration(result)
+    return result
+
+
+def test_submitted_requests_wait_in_the_inbox_and_count_as_waiting_until_admitted():
+    core = make_core()
+    core.submit(request("r0"))
+    assert core.has_inbox() and core.has_request("r0") and not core.step_due()
+    assert [r.request_id for r in core.load(core.engine.load()).waiting] == ["r0"]
+    with pytest.raises(InvalidRequestError):
+        core.submit(request("r0"))
+    assert core.admit(now=0.0) == {}
+    assert not core.has_inbox() and core.step_due()
+
+
+def test_a_step_routes_outputs_to_their_frontends_and_forgets_finished_requests():
+    core = make_core()
+    core.submit(request("a", max_tokens=2, reply_to="fe-1"))
+    core.submit(request("b", max_tokens=2, reply_to="fe-2"))
+    core.admit(0.0)
+    seen: dict[str, list[str]] = {}
+    while core.step_due():
+        out, groups = core.step()
+        core.on_published(out)
+        for target, outs in groups.items():
+            seen.setdefault(target, []).extend(o.request_id for o in outs)
+    assert set(seen) == {"fe-1", "fe-2"}
+    assert set(seen["fe-1"]) == {"a"} and set(seen["fe-2"]) == {"b"}
+    assert core.held(["a", "b"]) == [] and core.is_idle()
+    assert core.stats.tokens == 4 and core.stats.steps >= 2
+
+
+def test_a_step_without_routing_still_forgets_finished_requests():
+    core = make_core()
+    core.submit(request("a", max_tokens=1))
+    core.admit(0.0)
+    out, groups = core.step(route=False)
+    assert groups == {} and [o.finish_reason for o in out.outputs] == [FinishReason.LENGTH]
+    assert core.held(["a"]) == []
+
+
+def test_a_lapsed_lease_aborts_its_requests_and_a_renewed_one_does_not():
+    core = make_core(lease_s=1.0)
+    core.submit(request("gone", max_tokens=100, reply_to="fe-gone"))
+    core.submit(request("alive", max_tokens=100, reply_to="fe-alive"))
+    core.admit(now=0.0)
+    core.step()
+    assert core.on_timer(now=0.5) == {}
+    core.renew_lease("fe-alive", now=0.9)
+    lapsed = core.on_timer(now=1.5)
+    assert list(lapsed) == ["fe-gone"]
+    assert [(o.request_id, o.finish_reason) for o in lapsed["fe-gone"]] == [("gone", FinishReason.ABORT)]
+    assert core.held(["gone", "alive"]) == ["alive"] and core.stats.lease_aborts == 1
+
+
+def test_an_abort_is_remembered_and_refuses_a_migration_bringing_the_request_in():
+    src, dst = make_core("src"), make_core("dst")
+    src.submit(request("r"))
+    src.admit(0.0)
+    src.step()
+    assert dst.abort("r", now=0.0) is False  # not there, but remembered
+    result = run_migration(src, dst, "r", "m1")
+    assert result.status == MigrationStatus.ABORTED_DST
+    assert src.held(["r"]) == ["r"] and not dst.dest.incoming
+    with pytest.raises(InvalidRequestError):
+        dst.resume(waiting_state("r"), now=0.0)
+
+
+def waiting_state(rid: str, delivered: tuple[int, ...] = ()) -> MigrationRequestState:
+    """A request to resume by recomputation, with the tokens already delivered."""
+    return MigrationRequestState(rid, tuple(range(3, 23)), delivered, SamplingParams(max_tokens=8, ignore_eos=True),
+                                 0, 0.0, 0, SeqStatus.WAITING, 0, reply_to=FRONTEND)
+
+
+def test_a_migration_moves_the_request_and_its_frontend_to_the_destination():
+    src, dst = make_core("src"), make_core("dst")
+    src.submit(request("r", max_tokens=30))
+    src.admit(0.0)
+    for _ in range(3):
+        src.step()
+    result = run_migration(src, dst, "r", "m1")
+    assert result.status == MigrationStatus.FINISHED, result.reason
+    assert src.held(["r"]) == [] and dst.held(["r"]) == ["r"]
+    assert dst.stats.migrations_in == 1 and src.stats.migrations == {"finished": 1}
+    out, groups = dst.step()
+    assert list(groups) == [FRONTEND] and out.outputs[0].request_id == "r"
+
+
+def test_migrations_out_are_bounded_and_one_per_request():
+    core = make_core(max_outgoing=1)
+    for rid in ("a", "b"):
+        core.submit(request(rid))
+    core.admit(0.0)
+    assert not core.begin_migration("nowhere", "m0")
+    assert core.begin_migration("a", "m1")
+    assert not core.begin_migration("a", "m2")  # already migrating
+    assert not core.begin_migration("b", "m3")  # max_outgoing reached
+    assert core.begin_migration("b", "m3", bounded=False)  # a caller that runs it itself
+
+
+def test_a_request_aborted_while_migrating_out_is_aborted_when_its_migration_fails():
+    core = make_core()
+    core.submit(request("r", max_tokens=50))
+    core.admit(0.0)
+    core.step()
+    assert core.begin_migration("r", "m1")
+    assert core.abort("r", now=1.0) is True
+    assert core.held(["r"]) == ["r"]  # still migrating
+    core.end_migration(MigrationResult("m1", "r", MigrationStatus.ABORTED_DST, "x", "live", 0, 0, 0.0, 0.0))
+    assert core.held(["r"]) == [] and "r" not in core.engine.seqs
+
+
+def test_a_crashed_core_serves_no_migration_message():
+    core = make_core()
+    core.crash()
+    reply = core.handle(wire.PreAlloc("m1", "r", 2), None, 0.0)
+    assert core.dead and not reply.ok and "crashed" in (reply.error or "")
+
+
+def test_resume_recomputes_a_request_and_refuses_a_duplicate():
+    core = make_core()
+    state = waiting_state("r", delivered=(5, 6))
+    assert core.resume(state, now=0.0) is True
+    assert core.resume(state, now=0.0) is False
+    out, groups = core.step()
+    assert groups[FRONTEND][0].index == 2  # continues after the tokens already delivered
+
+
+# ----- interleavings ---------------------------------------------------------------------------------
+class TwoCores(RuleBasedStateMachine):
+    """Two cores over small sim engines; migrations advance one action at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.cores = {i: make_core(i, num_blocks=40, lease_s=3.0, max_outgoing=2, max_incoming=2)
+                      for i in ("a", "b")}
+        self.n = 0
+        self.flights: list[tuple[str, str, SourceMigration, MigrationDriver, p.Action]] = []
+        self.finished: set[str] = set()
+
+    def _other(self, iid: str) -> str:
+        return "b" if iid == "a" else "a"
+
+    @rule(where=st.sampled_from("ab"), n=st.integers(1, 60), max_tokens=st.integers(1, 30), fe=st.sampled_from("xy"))
+    def add(self, where, n, max_tokens, fe):
+        self.n += 1
+        self.cores[where].submit(request(f"r{self.n}", n=n, max_tokens=max_tokens, reply_to=fe))
+
+    @rule(where=st.sampled_from("ab"))
+    def step(self, where):
+        core = self.cores[where]
+        core.admit(self.now)
+        if core.step_due():
+            out, groups = core.step()
+            for outs in groups.values():
+                self.finished |= {o.request_id for o in outs if o.finished}
+        core.on_timer(self.now)
+
+    @rule(dt=st.floats(0.1, 2.0))
+    def time_passes(self, dt):
+        self.now += dt
+
+    @rule(fe=st.sampled_from("xy"))
+    def renew(self, fe):
+        for core in self.cores.values():
+            core.renew_lease(fe, self.now)
+
+    @rule(pick=st.integers(0, 10_000))
+    def abort(self, pick):
+        if self.n:
+            rid = f"r{pick % self.n + 1}"
+            for core in self.cores.values():
+                core.abort(rid, self.now)
+
+    @rule(src=st.sampled_from("ab"), pick=st.integers(0, 10_000))
+    def start_migration(self, src, pick):
+        core = self.cores[src]
+        here = sorted(core.engine.seqs)
+        if not here:
+            return
+        rid = here[pick % len(here)]
+        mid = f"m{self.n}-{pick}"
+        if not core.begin_migration(rid, mid):
+            return
+        dst = self.cores[self._other(src)]
+        driver = MigrationDriver(core.engine, LocalPort(dst, core.engine, now=lambda: self.now),
+                                 clock=lambda: self.now)
+        machine = SourceMigration(mid, rid, config=MigrationConfig(max_stages=3, last_stage_max_blocks=1))
+        self.flights.append((src, rid, machine, driver, machine.start()))
+
+    @precondition(lambda self: self.flights)
+    @rule(k=st.integers(0, 100), actions=st.integers(1, 4))
+    def advance_migration(self, k, actions):
+        i = k % len(self.flights)
+        src, rid, machine, driver, action = self.flights[i]
+        for _ in range(actions):
+            if isinstance(action, p.Done):
+                break
+            action = machine.on(driver.execute(machine, action))
+        if isinstance(action, p.Done):
+            del self.flights[i]
+            self.cores[src].end_migration(MigrationResult(machine.migration_id, rid, machine.status, machine.reason,
+                                                          "live", machine.stages, machine.blocks_sent, 0.0, 0.0))
+        else:
+            self.flights[i] = (src, rid, machine, driver, action)
+
+    @invariant()
+    def every_request_is_in_exactly_one_place(self):
+        ids = [f"r{k}" for k in range(1, self.n + 1)]
+        tracked = {i: set(c.held(ids)) for i, c in self.cores.items()}
+        frozen = {rid for _, rid, m, _, _ in self.flights if m.frozen}
+        both = tracked["a"] & tracked["b"]
+        assert both <= frozen, both  # on both sides only between the commit and the source's release
+        assert not (tracked["a"] | tracked["b"]) & self.finished - frozen, "a finished request is still tracked"
+        for iid, core in self.cores.items():
+            queued = {r.request_id for r in core._inbox}
+            in_engine = set(core.engine.seqs)
+            reserved = {rec.request_id for rec in core.dest.incoming.values()}
+            assert tracked[iid] <= in_engine | queued, tracked[iid] - in_engine - queued
+            assert in_engine - reserved <= tracked[iid], in_engine - reserved - tracked[iid]
+            assert not queued & in_engine
+
+    @invariant()
+    def every_block_is_owned_once(self):
+        for core in self.cores.values():
+            core.engine.check_invariants()
+
+    def teardown(self):
+        while self.flights:
+            self.advance_migration(0, 100)
+        for core in self.cores.values():
+            for rid in list(core.engine.seqs):
+                core.abort(rid, self.now)
+            core.dest.abort_all()
+            assert core.engine.blocks.num_free == core.engine.config.num_blocks
+
+
+TestTwoCores = TwoCores.TestCase
+TestTwoCores.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                 suppress_health_check=[HealthCheck.too_slow])
