@@ -135,13 +135,15 @@ class HoldOutputs:
             if not self._cond.wait_for(lambda: self._waiting or self._released, self.timeout):
                 raise AssertionError(f"{self.instance_id} delivered no batch to hold after")
 
-    def step(self) -> bool:
-        """Let one more batch through and wait until the engine is held after it.
+    def step(self, wait: bool = True) -> bool:
+        """Let one more batch through and (``wait``) wait until the engine is held after it.
         False if it was not held again (released, or it had nothing left to run)."""
         with self._cond:
             holds = self._holds
             self._permits += 1
             self._cond.notify_all()
+            if not wait:
+                return True
             return self._cond.wait_for(lambda: self._holds > holds and self._waiting and not self._released,
                                        self.timeout)
 
@@ -179,70 +181,86 @@ class HoldOutputs:
 
 
 class InLockstep:
-    """Steps a held instance only as fast as the scheduler looks at it (local runtime).
+    """Steps held instances only as fast as the scheduler looks at them (local runtime).
 
-    After each batch of the held instance, it waits for a migration round of the scheduler
-    daemon that read a load of that instance polled after the batch. So the scheduler
-    reacts to every state the instance passes through (it migrates before requests finish),
-    whatever the speed of the engine or the machine.
+    Each held instance (its ``HoldOutputs`` armed with ``hold``) runs one batch per
+    migration round: before it may run the next, a round of the scheduler daemon must
+    have read a load of it polled after its latest batch. So the scheduler reacts to
+    every state the instances pass through (it migrates before requests finish), and
+    instances held together advance at the same pace, whatever the speed of the engine
+    or the machine.
 
     Args:
         cluster: a ``Cluster`` of the local runtime.
-        gate: the ``HoldOutputs`` holding the instance (armed with ``hold``).
+        gates: the ``HoldOutputs`` of the instances to hold (instances without requests
+            are simply not held until they get some).
     """
 
-    def __init__(self, cluster: Cluster, gate: HoldOutputs, timeout: float = RESULT_TIMEOUT_S) -> None:
-        self.gate = gate
+    def __init__(self, cluster: Cluster, gates: Sequence[HoldOutputs], timeout: float = RESULT_TIMEOUT_S) -> None:
+        assert gates
+        self.gates = {g.instance_id: g for g in gates}
         self.timeout = timeout
         self._cond = threading.Condition()
-        self._tags: dict[int, int] = {}  # id(load) -> the hold it was polled in
-        self._seen = -1  # the latest hold whose load reached the scheduler core
-        self._round_for = -1  # the latest hold a migration round was run on
-        llumlet = cluster.control.instance(gate.instance_id).llumlet
+        self._tags: dict[int, tuple[str, int]] = {}  # id(load) -> (instance, the hold it was polled in)
+        self._seen: dict[str, int] = {}  # instance -> the latest hold whose load reached the scheduler core
+        self._round_for: dict[str, int] = {}  # instance -> the latest hold a migration round was run on
         core = cluster.control.daemon.core
-        poll, on_load, migration_round = llumlet.load, core.on_load, core.migration_round
-
-        def tagged_poll():
-            hold = gate.holds if gate.waiting else None  # held: the engine lock is free, the load is fresh
-            load = poll()
-            if hold is not None:
-                with self._cond:
-                    self._tags[id(load)] = hold
-            return load
+        for iid, gate in self.gates.items():
+            llumlet = cluster.control.instance(iid).llumlet
+            llumlet.load = self._tagging(iid, gate, llumlet.load)  # type: ignore[method-assign]
+        on_load, migration_round = core.on_load, core.migration_round
 
         def seen(instance_id, load, now):
             with self._cond:
-                hold = self._tags.pop(id(load), None)
-                if instance_id == gate.instance_id and hold is not None:
-                    self._seen = max(self._seen, hold)
+                tag = self._tags.pop(id(load), None)
+                if tag is not None:
+                    self._seen[tag[0]] = max(self._seen.get(tag[0], -1), tag[1])
             return on_load(instance_id, load, now)
 
         def counted_round(now):
             orders = migration_round(now)
             with self._cond:
-                self._round_for = self._seen
+                self._round_for.update(self._seen)
                 self._cond.notify_all()
             return orders
 
-        llumlet.load = tagged_poll  # type: ignore[method-assign]
         core.on_load = seen  # type: ignore[method-assign]
         core.migration_round = counted_round  # type: ignore[method-assign]
 
-    def _round_saw(self, hold: int) -> bool:
+    def _tagging(self, iid: str, gate: HoldOutputs, poll):
+        def tagged_poll():
+            hold = gate.holds if gate.waiting else None  # held: the engine lock is free, the load is fresh
+            load = poll()
+            if hold is not None:
+                with self._cond:
+                    self._tags[id(load)] = (iid, hold)
+            return load
+
+        return tagged_poll
+
+    def _round_saw(self, holds: dict[str, int]) -> bool:
         with self._cond:
-            return self._round_for >= hold
+            return all(self._round_for.get(iid, -1) >= h for iid, h in holds.items())
 
     def run_until(self, cond, what: str = "condition") -> None:
-        """Step the held instance, one migration round a batch, until ``cond()`` holds."""
-        self.gate.wait_held()
+        """Step the held instances, one migration round a batch, until ``cond()`` holds."""
+        deadline = time.monotonic() + self.timeout
         while not cond():
-            hold = self.gate.holds
-            wait_for(lambda: cond() or self._round_saw(hold), self.timeout,
-                     f"a migration round that saw {self.gate.instance_id} after batch {hold}")
-            if cond():
-                return
-            if not self.gate.step():
-                raise AssertionError(f"{self.gate.instance_id} stopped before {what}")
+            held = {iid: g.holds for iid, g in self.gates.items() if g.waiting}
+            if held:
+                wait_for(lambda: cond() or self._round_saw(held), self.timeout,
+                         f"a migration round that saw {sorted(held)} after their batches")
+                if cond():
+                    return
+                for iid in held:
+                    self.gates[iid].step(wait=False)
+                for iid, hold in held.items():  # each has left its hold: it runs one batch, no more
+                    gate = self.gates[iid]
+                    wait_for(lambda: not (gate.waiting and gate.holds == hold), self.timeout, f"{iid} to run")
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"no held instance has anything to run before {what}")
+            else:
+                time.sleep(0.001)  # none is held now: an instance is between batches or idle
 
 
 def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:

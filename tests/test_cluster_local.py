@@ -57,17 +57,21 @@ def test_imbalanced_start_is_evened_out_by_live_migration():
     expected = reference(engine, ps, max_tokens)
     with running_cluster(config(1, engine)) as cluster:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        with HoldOutputs(cluster, "instance-000") as engine_gate:
-            # The crowded instance steps once per migration round until each newcomer took a
-            # request: the scheduler sees it at every step, however fast it decodes.
-            engine_gate.hold()
-            lockstep = InLockstep(cluster, engine_gate)
+        with contextlib.ExitStack() as stack:
+            # Every instance steps once per migration round until each newcomer took a request:
+            # the scheduler sees each state, and the instances keep pace, however fast they decode.
+            gates = [stack.enter_context(HoldOutputs(cluster, "instance-000"))]
+            gates[0].hold()
             handles = [cluster.submit(p, sp) for p in ps]
             assert {h.instance_id for h in handles} == {"instance-000"}  # the only instance
             new = cluster.control.daemon.launch(2)  # two empty instances join
             assert sorted(new) == ["instance-001", "instance-002"]
-            lockstep.run_until(lambda: all(cluster.control.instance(i).stats()["migrations_in"] for i in new),
-                               "a migration into each new instance")
+            gates += [stack.enter_context(HoldOutputs(cluster, iid)) for iid in new]
+            for gate in gates[1:]:
+                gate.hold()
+            InLockstep(cluster, gates).run_until(
+                lambda: all(cluster.control.instance(i).stats()["migrations_in"] for i in new),
+                "a migration into each new instance")
         got = wait_all(handles)
         for i, (tokens, want) in enumerate(zip(got, expected)):
             assert len(tokens) == max_tokens
@@ -92,12 +96,18 @@ def test_a_higher_threshold_spreads_the_load_further():
     expected = reference(engine, ps, max_tokens)
     with running_cluster(config(1, engine, PolicyConfig(migrate_out_threshold=30.0))) as cluster:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        with HoldOutputs(cluster, "instance-000") as engine_gate:
-            engine_gate.hold()  # one step per migration round (see above)
-            lockstep = InLockstep(cluster, engine_gate)
+        with contextlib.ExitStack() as stack:
+            gates = [stack.enter_context(HoldOutputs(cluster, "instance-000"))]
+            gates[0].hold()  # every instance one step per migration round (see above)
             handles = [cluster.submit(p, sp) for p in ps]
-            cluster.control.daemon.launch(2)
-            lockstep.run_until(lambda: migrations_finished(cluster) >= 3, "three migrations")
+            new = cluster.control.daemon.launch(2)
+            gates += [stack.enter_context(HoldOutputs(cluster, iid)) for iid in new]
+            for gate in gates[1:]:
+                gate.hold()
+            InLockstep(cluster, gates).run_until(
+                lambda: migrations_finished(cluster) >= 3 and all(
+                    cluster.control.instance(i).stats()["migrations_in"] for i in new),
+                "three migrations, into each new instance")
         got = wait_all(handles)
         assert got == expected
         assert migrations_finished(cluster) >= 3

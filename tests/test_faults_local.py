@@ -261,7 +261,7 @@ def test_death_during_a_migration(monkeypatch, victim_side, stage, when):
             # The source steps once per migration round until the migration reached the stage,
             # so its requests cannot finish first, however fast it decodes.
             engine_gate.hold()
-            lockstep = InLockstep(cluster, engine_gate)
+            lockstep = InLockstep(cluster, [engine_gate])
             handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
             src = local(cluster, "instance-000")
             cluster.control.daemon.launch(2)
