@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 from llumnix_py.cluster import Cluster, RequestHandle
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
@@ -89,11 +89,12 @@ class HoldOutputs:
     context manager: leaving it releases the engine, whatever happened.
 
     Args:
-        cluster: a ``Cluster`` of the local runtime.
+        cluster: a ``Cluster`` of the local runtime, whose ``on_outputs`` is hooked; None
+            when the test's own sink calls ``after_batch``.
         instance_id: the instance to hold; the others run on.
     """
 
-    def __init__(self, cluster: Cluster, instance_id: str, timeout: float = RESULT_TIMEOUT_S) -> None:
+    def __init__(self, cluster: Optional[Cluster], instance_id: str, timeout: float = RESULT_TIMEOUT_S) -> None:
         self.instance_id = instance_id
         self.timeout = timeout
         self._cond = threading.Condition()
@@ -102,27 +103,33 @@ class HoldOutputs:
         self._permits = 0
         self._waiting = False
         self._holds = 0  # times the engine thread started waiting here
-        inner = cluster.on_outputs
+        self._cluster = cluster
+        if cluster is not None:
+            inner = self._inner = cluster.on_outputs
 
-        def hooked(iid, outputs):
-            inner(iid, outputs)  # this batch is delivered; the engine stops after it
-            if iid != instance_id:
+            def hooked(iid, outputs):
+                inner(iid, outputs)  # this batch is delivered; the engine stops after it
+                if iid == instance_id:
+                    self.after_batch()
+
+            self._hooked = cluster.on_outputs = hooked  # type: ignore[method-assign]
+
+    def after_batch(self) -> None:
+        """Called on the engine thread after each batch it delivered (the cluster's hook does;
+        a test's own token sink may call it instead, with ``cluster=None``)."""
+        with self._cond:
+            if not self._armed or self._released:
                 return
-            with self._cond:
-                if not self._armed or self._released:
-                    return
-                if self._permits:
-                    self._permits -= 1
-                    return
-                self._waiting = True
-                self._holds += 1
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._released or self._permits > 0)
-                if not self._released:
-                    self._permits -= 1
-                self._waiting = False
-
-        cluster.on_outputs = hooked  # type: ignore[method-assign]
+            if self._permits:
+                self._permits -= 1
+                return
+            self._waiting = True
+            self._holds += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._released or self._permits > 0)
+            if not self._released:
+                self._permits -= 1
+            self._waiting = False
 
     def hold(self) -> None:
         """After its next batch is delivered, the engine thread waits (until ``step`` or ``release``)."""
@@ -177,7 +184,10 @@ class HoldOutputs:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Release the engine and take the hook off (gates stacked on one cluster leave in reverse order)."""
         self.release()
+        if self._cluster is not None and self._cluster.on_outputs is self._hooked:
+            self._cluster.on_outputs = self._inner  # type: ignore[method-assign]
 
 
 class InLockstep:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
-
 
 from llumnix_py.engines.types import Request, SamplingParams
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink, OrderedStream
 from migration.protocol import MigrationStatus
+from tests.cluster_helpers import HoldOutputs, wait_for
 from tests.factories import make_engine
 
 FRONTEND = "tcp://frontend-under-test"
@@ -25,6 +24,18 @@ class Recorder:
         self.tokens: dict[str, list[int]] = {}
         self.done: set[str] = set()
         self.misrouted = 0
+        self.gates: dict[str, HoldOutputs] = {}  # llumlets held after each batch they deliver
+
+    def hold(self, *instance_ids: str) -> list[HoldOutputs]:
+        """Hold these llumlets after their next batch (the engine thread waits in this sink)."""
+        for iid in instance_ids:
+            self.gates[iid] = HoldOutputs(None, iid)
+            self.gates[iid].hold()
+        return [self.gates[iid] for iid in instance_ids]
+
+    def release(self) -> None:
+        for gate in self.gates.values():
+            gate.release()
 
     def __call__(self, instance_id, reply_to, outputs) -> None:
         with self.lock:
@@ -37,15 +48,16 @@ class Recorder:
                 self.tokens.setdefault(o.request_id, []).extend(ready)
                 if done:
                     self.done.add(o.request_id)
+        gate = self.gates.get(instance_id)
+        if gate is not None:
+            gate.after_batch()
 
     def wait(self, ids, timeout=60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def finished() -> bool:
             with self.lock:
-                if set(ids) <= self.done:
-                    return
-            time.sleep(0.01)
-        raise AssertionError(f"requests {set(ids) - self.done} did not finish")
+                return set(ids) <= self.done
+
+        wait_for(finished, timeout, f"requests {sorted(ids)} to finish")
 
 
 def make_pair(recorder, **engine_kw):
@@ -97,6 +109,7 @@ def test_tokens_of_the_step_before_a_migration_reach_the_frontend(monkeypatch):
         assert rec.misrouted == 0
         assert rec.tokens["r0"] == reference_tokens(["r0"])["r0"]
     finally:
+        rec.release()
         a.stop()
         b.stop()
 
@@ -104,18 +117,17 @@ def test_tokens_of_the_step_before_a_migration_reach_the_frontend(monkeypatch):
 def test_abort_during_migration_aborts_wherever_the_request_ends_up():
     rec = Recorder()
     a, b = make_pair(rec)
+    (held,) = rec.hold("a")  # r1 runs, and is still there when it is migrated and aborted
     try:
         a.add_request(request("r1", max_tokens=400))
-        while not a.load().running:
-            time.sleep(0.005)
+        held.wait_held()
+        assert a.load().running
         assert a.migrate_out("r1", b.address, "m-abort")
         # Broadcast abort, as the frontend does, while the migration is in flight.
         a.abort("r1")
         b.abort("r1")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (a.is_idle() and b.is_idle()):
-            time.sleep(0.01)
-        assert a.is_idle() and b.is_idle()
+        rec.release()
+        wait_for(lambda: a.is_idle() and b.is_idle(), 30, "both llumlets to be idle")
         for llumlet in (a, b):
             load = llumlet.load()
             assert load.used_blocks == 0 and not load.running and not load.waiting
@@ -123,6 +135,7 @@ def test_abort_during_migration_aborts_wherever_the_request_ends_up():
         results = a.pop_results()
         assert results and results[0].request_id == "r1"
     finally:
+        rec.release()
         a.stop()
         b.stop()
 
@@ -130,18 +143,22 @@ def test_abort_during_migration_aborts_wherever_the_request_ends_up():
 def test_destination_full_refuses_and_the_source_keeps_the_request():
     rec = Recorder()
     a, b = make_pair(rec, num_blocks=16, block_size=4, max_batch_size=1)
+    held = rec.hold("a", "b")  # both running, neither done, when the migration is tried
     try:
         b.add_request(request("busy", n=8, max_tokens=200))
         a.add_request(request("r2", n=30, max_tokens=30))
-        while not (a.load().running and b.load().running):
-            time.sleep(0.005)
+        for gate in held:
+            gate.wait_held()
+        assert a.load().running and b.load().running
         before_b = b.load().used_blocks
         result = a.migrate_now("r2", b.address, "m-full")
         assert result.status == MigrationStatus.ABORTED_DST
         assert b.load().used_blocks >= before_b and not b.dest.incoming
+        rec.release()
         rec.wait(["r2", "busy"])
         assert rec.tokens["r2"] == reference_tokens(["r2"], n=30, max_tokens=30)["r2"]
     finally:
+        rec.release()
         a.stop()
         b.stop()
 
@@ -150,24 +167,24 @@ def test_migrate_out_refuses_unknown_or_busy_requests():
     rec = Recorder()
     engine = make_engine(dtype="float64", num_blocks=64, max_batch_size=8)
     a = Llumlet(LlumletConfig(instance_id="a", transport="zmq", migration_timeout_s=1.0), engine, CallbackSink(rec))
+    (held,) = rec.hold("a")
     a.start()
     try:
         assert not a.migrate_out("nope", "tcp://127.0.0.1:9", "m1")
         a.add_request(request("r3", max_tokens=300))
-        while not a.load().running:
-            time.sleep(0.005)
+        held.wait_held()  # r3 is running, and stays until both migrate_out calls are made
         # Nobody listens at the destination: the migration waits for its pre-allocation reply.
         assert a.migrate_out("r3", "tcp://127.0.0.1:9", "m2")
         assert not a.migrate_out("r3", "tcp://127.0.0.1:9", "m3")  # already migrating
+        rec.release()
         rec.wait(["r3"])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not a.results:
-            time.sleep(0.01)
+        wait_for(lambda: bool(a.results), 30, "the migration's result")
         results = a.pop_results()
         assert [r.status for r in results] == [MigrationStatus.ABORTED_DST]
         assert rec.tokens["r3"] == reference_tokens(["r3"], max_tokens=300)["r3"]
         assert a.load().used_blocks == 0
     finally:
+        rec.release()
         a.stop()
 
 
@@ -179,19 +196,21 @@ def test_migration_between_llumlets_needs_the_shared_secret():
         return Llumlet(cfg, make_engine(dtype="float64", num_blocks=64, max_batch_size=8), CallbackSink(rec))
 
     a, b, c = llumlet("a", "s3cret"), llumlet("b", "s3cret"), llumlet("c", "other")
+    held = rec.hold("a", "b")  # r5 is running on a, then on b, when each migration is tried
     for x in (a, b, c):
         x.start()
     try:
         a.add_request(request("r5", max_tokens=450))
-        while not a.load().running:
-            time.sleep(0.005)
+        held[0].wait_held()
         moved = a.migrate_now("r5", b.address, "m-secret")
         assert moved.status == MigrationStatus.FINISHED, moved.reason
         refused = b.migrate_now("r5", c.address, "m-wrong-secret")
         assert refused.status == MigrationStatus.ABORTED_DST
         assert c.load().used_blocks == 0 and not c.engine.seqs
+        rec.release()
         rec.wait(["r5"])
         assert rec.tokens["r5"] == reference_tokens(["r5"], max_tokens=450)["r5"]
     finally:
+        rec.release()
         for x in (a, b, c):
             x.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -15,6 +16,7 @@ from llumnix_py.cluster import Cluster, NoInstanceError
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
 from llumnix_py.engines.types import SamplingParams
 from llumnix_py.server import ServerThread, create_app
+from tests.cluster_helpers import HoldOutputs, wait_for
 
 MODEL = "llumnix-tiny"
 API_KEY = "sk-test-key"
@@ -40,8 +42,9 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
-def wait_idle(cluster: Cluster, timeout: float = 5.0) -> None:
-    """Every instance has no used KV block and the frontend tracks no request."""
+def wait_idle(cluster: Cluster, timeout: float = 60.0) -> None:
+    """Every instance has no used KV block and the frontend tracks no request (``timeout``
+    bounds a condition that never comes; it is no pause)."""
     deadline = time.monotonic() + timeout
     while True:
         loads = {iid: cluster.control.instance(iid).load().used_blocks for iid in cluster.instance_ids()}
@@ -213,20 +216,36 @@ def test_stream_exact_across_forced_migrations(server, cluster):
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 160, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
     results, errors = [], []
+    # Every instance is held after each batch: the request moves four times, running five
+    # batches between moves, whatever the speed of the engine (it has 160 tokens to go).
+    gates = contextlib.ExitStack()
+    held = {iid: gates.enter_context(HoldOutputs(cluster, iid)) for iid in cluster.instance_ids()}
+    for gate in held.values():
+        gate.hold()
 
-    def migrate(rid: str) -> None:
+    def migrate() -> None:
         try:
+            wait_for(lambda: cluster.active_requests(), what="the request")
+            (rid,) = cluster.active_requests()
+            first, _ = _holder(cluster, rid)
+            held[first].wait_held()  # its first batch ran
             for k in range(4):
-                time.sleep(0.02)
                 src, h = _holder(cluster, rid)
                 if h is None:
                     return
                 dst = next(i for i in cluster.instance_ids() if i != src)
                 results.append(h.llumlet.migrate_now(rid, cluster.control.instance(dst).address, f"mig-test-{k}"))
+                now_on, _ = _holder(cluster, rid)
+                for _ in range(5):
+                    held[now_on].step()
         except Exception as exc:  # surfaced below
             errors.append(exc)
+        finally:
+            gates.close()
 
-    events, thread = [], None
+    events = []
+    thread = threading.Thread(target=migrate)
+    thread.start()
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if not line.startswith("data: "):
@@ -234,12 +253,7 @@ def test_stream_exact_across_forced_migrations(server, cluster):
             if line == "data: [DONE]":
                 events.append({"done": True})
                 break
-            ev = json.loads(line[6:])
-            events.append(ev)
-            if thread is None:
-                thread = threading.Thread(target=migrate, args=(ev["id"],))
-                thread.start()
-    assert thread is not None
+            events.append(json.loads(line[6:]))
     thread.join(30)
     assert not errors, errors
     finished = [r for r in results if r.status.value == "finished"]
