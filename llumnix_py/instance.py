@@ -40,6 +40,7 @@ class InstanceHandle(abc.ABC):
 
     instance_id: str
     address: str  # its migration server
+    incarnation: str  # this life of the instance: ids can be reused by later instances, incarnations never
 
     @abc.abstractmethod
     def add_request(self, request: Request) -> None: ...

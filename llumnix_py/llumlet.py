@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any, Callable, Optional, Sequence
 
@@ -50,6 +51,9 @@ class Llumlet:
         self.sink = sink
         self.clock = clock
         self.instance_id = config.instance_id
+        # This process's life as that instance: an id may be used again by a later instance
+        # (a replacement, a restarted scheduler), an incarnation never.
+        self.incarnation = uuid.uuid4().hex[:12]
         self._inbox_lock = threading.Lock()
         self.core = LlumletCore(config, engine, self._inbox_lock)
         self.stats = self.core.stats

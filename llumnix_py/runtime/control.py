@@ -196,7 +196,7 @@ class RayControlPlane(ControlPlane):
                 actor = ray.get_actor(INSTANCE_PREFIX + instance_id, namespace=self.namespace)
             except ValueError:
                 return None
-            handle = RayInstance(instance_id, "", actor)
+            handle = RayInstance(instance_id, "", "", actor)  # a frontend needs neither address nor incarnation
             with self._lock:
                 self._instances[instance_id] = handle
         return handle

@@ -25,6 +25,7 @@ class LocalInstance(InstanceHandle):
         self.llumlet = llumlet
         self.instance_id = llumlet.instance_id
         self.address = llumlet.address
+        self.incarnation = llumlet.incarnation
 
     def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if self.llumlet.dead:

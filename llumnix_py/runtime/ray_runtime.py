@@ -65,7 +65,8 @@ class LlumletActor:
         self._llumlet_cfg = config.llumlet
         self._endpoint: Optional[Endpoint] = None
 
-    def start(self, instance_id: str) -> str:
+    def start(self, instance_id: str) -> tuple[str, str]:
+        """Build and start the llumlet; its migration address and incarnation."""
         cfg = dataclasses.replace(self._llumlet_cfg, instance_id=instance_id)
         if cfg.gil_switch_interval_s:
             sys.setswitchinterval(cfg.gil_switch_interval_s)  # this worker process runs one llumlet
@@ -73,10 +74,12 @@ class LlumletActor:
         llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
         address = llumlet.start()
         self._endpoint = Endpoint(InstanceHandle, LocalInstance(llumlet))
-        return address
+        return address, llumlet.incarnation
 
-    def address(self) -> str:
-        return self._endpoint.target.address if self._endpoint else ""
+    def identity(self) -> tuple[str, str]:
+        """The migration address and the incarnation (empty until started)."""
+        target = self._endpoint.target if self._endpoint else None
+        return (target.address, target.incarnation) if target else ("", "")
 
     def call(self, method: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
         if self._endpoint is None:
@@ -90,9 +93,10 @@ class RayInstance(InstanceHandle):
     is one ``call`` on the actor, with the llumnix-py error unwrapped, a timeout, and
     ``InstanceDiedError`` once the actor is gone. ``oneway`` methods do not wait."""
 
-    def __init__(self, instance_id: str, address: str, actor) -> None:
+    def __init__(self, instance_id: str, address: str, incarnation: str, actor) -> None:
         self.instance_id = instance_id
         self.address = address
+        self.incarnation = incarnation
         self.actor = actor
 
     def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -124,8 +128,8 @@ class RayLauncher(InstanceLauncher):
         opts: dict[str, Any] = dict(name=INSTANCE_PREFIX + instance_id, namespace=self.config.ray_namespace,
                                     num_cpus=0, max_concurrency=16, lifetime="detached")
         actor = ray.remote(LlumletActor).options(**opts).remote(self.config)
-        address = ray.get(actor.start.remote(instance_id), timeout=120)
-        return RayInstance(instance_id, address, actor)
+        address, incarnation = ray.get(actor.start.remote(instance_id), timeout=120)
+        return RayInstance(instance_id, address, incarnation, actor)
 
     def terminate(self, handle: InstanceHandle) -> None:
         handle.stop()
@@ -137,10 +141,10 @@ class RayLauncher(InstanceLauncher):
     def attach(self, instance_id: str) -> Optional[InstanceHandle]:
         try:
             actor = ray.get_actor(INSTANCE_PREFIX + instance_id, namespace=self.config.ray_namespace)
-            address = ray.get(actor.address.remote(), timeout=CALL_TIMEOUT_S)
+            address, incarnation = ray.get(actor.identity.remote(), timeout=CALL_TIMEOUT_S)
         except Exception:
             return None
-        return RayInstance(instance_id, address, actor) if address else None
+        return RayInstance(instance_id, address, incarnation, actor) if address else None
 
 
 class SchedulerActor:

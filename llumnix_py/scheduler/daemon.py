@@ -62,6 +62,7 @@ class SchedulerDaemon:
         self._routes: dict[str, tuple[str, str]] = {}  # in-flight migration id -> (src, dst)
         self.recent: deque[dict] = deque(maxlen=200)  # the latest migrations, for reports
         self.dead: deque[str] = deque(maxlen=10_000)  # instances removed as dead, oldest first
+        self.dead_incarnations: deque[tuple[str, str]] = deque(maxlen=10_000)  # (id, incarnation) of each
         self.generation = 0  # bumped on every membership change
         self._pool: Optional[ThreadPoolExecutor] = None
         self._polls: dict[str, Future] = {}  # instance id -> its poll in flight
@@ -208,6 +209,7 @@ class SchedulerDaemon:
             self.launcher.terminate(handle)
         if why == "dead":
             self.dead.append(iid)
+            self.dead_incarnations.append((iid, handle.incarnation if handle is not None else ""))
             if handle is not None:
                 try:
                     self.launcher.fence(handle)
@@ -229,11 +231,14 @@ class SchedulerDaemon:
 
     def membership(self) -> dict[str, Any]:
         """What a frontend needs to survive faults: live instances with their load snapshots
-        (for dispatching on its own while the scheduler is unreachable), instances removed
-        as dead (their requests must be resumed elsewhere), and a generation counter."""
+        (for dispatching on its own while the scheduler is unreachable) and incarnations,
+        instances removed as dead (their requests must be resumed elsewhere) with the
+        incarnation that died (an id may come back as a new instance), and a generation counter."""
         with self._lock:
             return {"generation": self.generation, "instances": sorted(self.handles),
-                    "dead": list(self.dead), "loads": self.core.loads()}
+                    "incarnations": {iid: h.incarnation for iid, h in self.handles.items()},
+                    "dead": list(self.dead), "dead_incarnations": [list(d) for d in self.dead_incarnations],
+                    "loads": self.core.loads()}
 
     def drain(self, instance_id: str) -> None:
         """Scale in by hand: the instance migrates everything away, then stops."""
