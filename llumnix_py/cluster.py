@@ -40,7 +40,9 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
+from llumnix_py.engines.registry import frontend_info
 from llumnix_py.engines.threads import ThreadClaim, claim_process_threads
+from llumnix_py.engines.tokenizer import FrontendInfo, IncrementalDecoder
 from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
 from llumnix_py.handles import RequestFailedError  # noqa: F401  (re-exported: part of this module's API)
@@ -59,12 +61,13 @@ class Cluster(FaultSupervision):
     ``supervise_interval_s`` / ``census_*`` settings) comes from ``FaultSupervision``.
     """
 
-    def __init__(self, config: ClusterConfig, control: ControlPlane, tokenizer, max_model_len: int,
+    def __init__(self, config: ClusterConfig, control: ControlPlane, info: FrontendInfo,
                  receiver: Optional[TokenReceiver] = None) -> None:
         self.config = config
         self.control = control
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        self.info = info  # the engine kind's tokenizer, detokenizer and context limit
+        self.tokenizer = info.tokenizer
+        self.max_model_len = info.max_model_len
         self.model_name = config.model_name
         self._receiver = receiver
         self.reply_to = receiver.address if receiver else ""
@@ -82,7 +85,7 @@ class Cluster(FaultSupervision):
     @classmethod
     def start(cls, config: ClusterConfig, **ray_init_kw: Any) -> "Cluster":
         """Start a deployment: the scheduler and ``config.num_instances`` instances."""
-        tokenizer, max_len = _frontend_model_info(config)
+        info = frontend_info(config.engine)
         if config.runtime == "local":
             from llumnix_py.runtime.local import LocalLauncher
             from llumnix_py.scheduler.daemon import SchedulerDaemon
@@ -100,7 +103,7 @@ class Cluster(FaultSupervision):
             sink = lambda: CallbackSink(deliver)  # noqa: E731
             daemon = SchedulerDaemon(config.scheduler, LocalLauncher(config.engine, config.llumlet, sink),
                                      seed=config.seed)
-            cluster = cls(config, LocalControlPlane(daemon), tokenizer, max_len)
+            cluster = cls(config, LocalControlPlane(daemon), info)
             cluster.reply_to = address
             holder["c"] = cluster
             # Every instance runs in this process: one torch thread count for all of them, until stop.
@@ -118,7 +121,7 @@ class Cluster(FaultSupervision):
 
         ray_runtime.init_ray(config.ray_address, config.ray_namespace, **ray_init_kw)
         actor = ray_runtime.start_scheduler(config)
-        return cls._with_receiver(config, RayControlPlane(actor, config), tokenizer, max_len)
+        return cls._with_receiver(config, RayControlPlane(actor, config), info)
 
     @classmethod
     def attach(cls, config: ClusterConfig, **ray_init_kw: Any) -> "Cluster":
@@ -127,16 +130,16 @@ class Cluster(FaultSupervision):
 
         ray_runtime.init_ray(config.ray_address, config.ray_namespace, **ray_init_kw)
         actor = ray_runtime.get_scheduler(config.ray_namespace)
-        tokenizer, max_len = _frontend_model_info(config)
-        return cls._with_receiver(config, RayControlPlane(actor, config, owner=False), tokenizer, max_len)
+        info = frontend_info(config.engine)
+        return cls._with_receiver(config, RayControlPlane(actor, config, owner=False), info)
 
     @classmethod
-    def _with_receiver(cls, config, control, tokenizer, max_len) -> "Cluster":
+    def _with_receiver(cls, config, control, info) -> "Cluster":
         holder: dict[str, Cluster] = {}
         receiver = TokenReceiver(lambda iid, outs: holder["c"].on_outputs(iid, outs), host=config.host,
                                  secret=config.secret)
         receiver.start()
-        cluster = cls(config, control, tokenizer, max_len, receiver)
+        cluster = cls(config, control, info, receiver)
         holder["c"] = cluster
         cluster.start_supervisor()
         return cluster
@@ -275,6 +278,10 @@ class Cluster(FaultSupervision):
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
+    def detokenizer(self) -> IncrementalDecoder:
+        """A new incremental detokenizer for one request's tokens (the engine kind's)."""
+        return self.info.detokenizer()
+
     def active_requests(self) -> list[str]:
         with self._lock:
             return list(self._handles)
@@ -300,32 +307,4 @@ class Cluster(FaultSupervision):
     def launch(self, n: int = 1) -> list[str]:
         """Scale out by hand: start ``n`` more instances; returns their ids."""
         return self.control.launch(n)
-
-
-def _frontend_model_info(config: ClusterConfig):
-    """The tokenizer and the context limit a frontend validates requests against."""
-    from llumnix_py.engines.torch_engine.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(config.engine.checkpoint)
-    spec = config.engine
-    limit = spec.max_model_len
-    if spec.kind == "vllm" and spec.checkpoint:
-        import json
-        from pathlib import Path
-
-        positions = json.loads((Path(spec.checkpoint) / "config.json").read_text()).get("max_position_embeddings")
-        limit = min(limit or positions, positions) if positions else limit
-    if spec.kind == "torch":
-        if spec.checkpoint:
-            import json
-            from pathlib import Path
-
-            positions = json.loads((Path(spec.checkpoint) / "config.json").read_text()).get(
-                "max_position_embeddings", 2048)
-        else:
-            from llumnix_py.engines.torch_engine.model import ModelConfig
-
-            positions = ModelConfig(**dict(spec.model)).max_position_embeddings
-        limit = min(limit or positions, positions)
-    return tokenizer, limit or 1 << 20
 

@@ -398,7 +398,7 @@ def test_no_instance_is_503():
         model_name, max_model_len = MODEL, 4096
 
         def __init__(self):
-            from llumnix_py.engines.torch_engine.tokenizer import ByteTokenizer
+            from llumnix_py.engines.tokenizer import ByteTokenizer
 
             self.tokenizer = ByteTokenizer()
 
