@@ -119,7 +119,7 @@ def _serve_api(cluster, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llumnix_py.cluster import Cluster
+    from llumnix_py.frontend.cluster import Cluster
 
     return _serve_api(Cluster.start(cluster_config(args)), args)
 
@@ -145,7 +145,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_frontend(args: argparse.Namespace) -> int:
-    from llumnix_py.cluster import Cluster
+    from llumnix_py.frontend.cluster import Cluster
 
     return _serve_api(Cluster.attach(cluster_config(args)), args)
 

@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from typing import Iterator
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import (
     ClusterConfig,
     EngineConfig,
@@ -22,6 +21,7 @@ from llumnix_py.config import (
     SchedulerConfig,
 )
 from llumnix_py.engines.types import SamplingParams
+from llumnix_py.frontend.cluster import Cluster
 from tests.cluster_helpers import SMALL_MODEL as MODEL
 from tests.cluster_helpers import assert_no_leak
 from tests.cluster_helpers import prompts, reference, wait_all

@@ -8,7 +8,8 @@ import time
 
 from llumnix_py.engines.types import Request, SamplingParams
 from llumnix_py.llumlet import Llumlet, LlumletConfig
-from llumnix_py.tokens import CallbackSink, OrderedStream
+from llumnix_py.frontend.handles import OrderedStream
+from llumnix_py.tokens import CallbackSink
 from migration.protocol import MigrationStatus
 from tests.factories import make_engine
 

@@ -11,9 +11,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llumnix_py.cluster import Cluster, NoInstanceError
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
 from llumnix_py.engines.types import SamplingParams
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import NoInstanceError
 from llumnix_py.server import ServerThread, create_app
 
 MODEL = "llumnix-tiny"

@@ -19,9 +19,10 @@ from typing import AsyncIterator, Optional
 
 from pydantic import BaseModel
 
-from llumnix_py.cluster import Cluster, RequestFailedError, RequestHandle
 from llumnix_py.engines.types import FinishReason
 from llumnix_py.errors import UnknownRequestError
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import RequestFailedError, RequestHandle
 from llumnix_py.server import protocol as P
 from llumnix_py.server.metrics import Metrics
 
