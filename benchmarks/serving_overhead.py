@@ -53,6 +53,7 @@ from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec  # noqa: E402
+from llumnix_py.engines.threads import apply_process_threads  # noqa: E402
 from llumnix_py.engines.torch_engine.engine import make_torch_engine  # noqa: E402
 from llumnix_py.engines.types import Request, SamplingParams  # noqa: E402
 from llumnix_py.frontend.cluster import Cluster  # noqa: E402
@@ -65,7 +66,8 @@ def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def run_direct(prompts: list[list[int]], max_tokens: int, threads: int) -> dict[str, float]:
-    engine = make_torch_engine(EngineConfig(), None, None, None, threads)
+    apply_process_threads(threads)  # this process runs the one direct engine
+    engine = make_torch_engine(EngineConfig())
     sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     engine.add_request(Request("warmup", tuple(prompts[0]), SamplingParams(max_tokens=2, ignore_eos=True)))
     while engine.has_unfinished():
