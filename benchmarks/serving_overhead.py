@@ -52,11 +52,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llumnix_py.cluster import Cluster  # noqa: E402
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec  # noqa: E402
-from llumnix_py.engines.torch_engine.engine import make_torch_engine  # noqa: E402
 from llumnix_py.engines.threads import apply_process_threads  # noqa: E402
+from llumnix_py.engines.torch_engine.engine import make_torch_engine  # noqa: E402
 from llumnix_py.engines.types import Request, SamplingParams  # noqa: E402
+from llumnix_py.frontend.cluster import Cluster  # noqa: E402
 from llumnix_py.server.app import ServerThread, create_app  # noqa: E402
 
 

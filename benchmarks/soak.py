@@ -43,10 +43,11 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from llumnix_py.cluster import Cluster, RequestHandle  # noqa: E402
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, PolicyConfig, SchedulerConfig  # noqa: E402
 from llumnix_py.engines.registry import build_engine  # noqa: E402
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams  # noqa: E402
+from llumnix_py.frontend.cluster import Cluster  # noqa: E402
+from llumnix_py.frontend.handles import RequestHandle  # noqa: E402
 
 MODEL = (("num_layers", 2), ("hidden_size", 64), ("intermediate_size", 128), ("num_heads", 4),
          ("num_kv_heads", 2), ("dtype", "float64"), ("max_position_embeddings", 512))

@@ -18,10 +18,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Cluster": "llumnix_py.cluster",
-    "RequestHandle": "llumnix_py.cluster",
-    "TokenEvent": "llumnix_py.cluster",
-    "NoInstanceError": "llumnix_py.cluster",
+    "Cluster": "llumnix_py.frontend.cluster",
+    "RequestHandle": "llumnix_py.frontend.handles",
+    "TokenEvent": "llumnix_py.frontend.handles",
+    "NoInstanceError": "llumnix_py.frontend.handles",
     "ClusterConfig": "llumnix_py.config",
     "EngineSpec": "llumnix_py.engines.registry",
     "register_engine": "llumnix_py.engines.registry",

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, MigrationConfig, PolicyConfig, \
     SchedulerConfig
+from llumnix_py.engines.registry import default_block_size, engine_kinds
 from llumnix_py.errors import UnknownNameError
 
 
@@ -29,12 +30,13 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", choices=["ray", "local"], default="ray")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     g.add_argument("--namespace", default="llumnix", help="Ray namespace of the named actors")
-    g.add_argument("--engine", default="torch", help="engine adapter: torch (built-in), sim")
+    g.add_argument("--engine", default=EngineSpec.kind,
+                   help=f"engine adapter: {', '.join(engine_kinds())} (default %(default)s)")
     g.add_argument("--model", default=None, help="Llama-layout checkpoint folder (default: seeded random weights)")
     g.add_argument("--model-name", default="llumnix-tiny", help="model name the API reports")
     g.add_argument("--num-blocks", type=int, default=512, help="KV blocks per instance")
     g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV block (default 16; 32 for --engine vllm, "
+                   help="tokens per KV block (default: the engine's, 16; 32 for vLLM, "
                         "whose CPU kernels need a multiple of 32)")
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -70,7 +72,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
         num_instances=args.instances,
         engine=EngineSpec(kind=args.engine,
                           engine=EngineConfig(num_blocks=args.num_blocks,
-                                              block_size=args.block_size or (32 if args.engine == "vllm" else 16),
+                                              block_size=args.block_size or default_block_size(args.engine),
                                               max_batch_size=args.max_batch_size),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
@@ -117,7 +119,7 @@ def _serve_api(cluster, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llumnix_py.cluster import Cluster
+    from llumnix_py.frontend.cluster import Cluster
 
     return _serve_api(Cluster.start(cluster_config(args)), args)
 
@@ -143,7 +145,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_frontend(args: argparse.Namespace) -> int:
-    from llumnix_py.cluster import Cluster
+    from llumnix_py.frontend.cluster import Cluster
 
     return _serve_api(Cluster.attach(cluster_config(args)), args)
 

@@ -82,7 +82,7 @@ async def _burst(url: str, model: str, n: int, seed: int) -> list[dict]:
 
 
 def run_demo(instances: int = 4, requests: int = 32, runtime: str = "ray", seed: int = 0) -> int:
-    from llumnix_py.cluster import Cluster
+    from llumnix_py.frontend.cluster import Cluster
     from llumnix_py.server.app import ServerThread, create_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

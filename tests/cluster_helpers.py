@@ -16,10 +16,11 @@ import threading
 import time
 from typing import Iterator, Optional, Sequence, Union
 
-from llumnix_py.cluster import Cluster, RequestHandle
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
 from llumnix_py.engines.registry import build_engine
 from llumnix_py.engines.types import Request, SamplingParams
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import RequestHandle
 from tests.factories import run_to_completion
 
 # A tiny Llama in float64: tokens are exact whatever the batch (so migrated, preempted and

@@ -12,7 +12,6 @@ import threading
 from collections import defaultdict
 from typing import Iterator
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import (
     ClusterConfig,
     EngineConfig,
@@ -21,6 +20,7 @@ from llumnix_py.config import (
     SchedulerConfig,
 )
 from llumnix_py.engines.types import SamplingParams
+from llumnix_py.frontend.cluster import Cluster
 from tests.cluster_helpers import SMALL_MODEL as MODEL
 from tests.cluster_helpers import HoldOutputs, InLockstep, assert_no_leak, prompts, reference, wait_all, wait_for
 

@@ -22,7 +22,6 @@ from typing import Iterator
 
 import pytest
 
-from llumnix_py.cluster import Cluster, RequestFailedError
 from llumnix_py.config import (
     ClusterConfig,
     EngineConfig,
@@ -31,6 +30,8 @@ from llumnix_py.config import (
     SchedulerConfig,
 )
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import RequestFailedError
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.runtime.local import LocalInstance

@@ -31,9 +31,10 @@ from hypothesis import strategies as st
 
 from llumnix_py.engines.types import FinishReason, MigrationRequestState, RequestOutput, SamplingParams, SeqStatus
 from llumnix_py.errors import ProtocolError
+from llumnix_py.frontend.receiver import TokenReceiver
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
-from llumnix_py.tokens import MAX_BATCH_BYTES, CallbackSink, TokenReceiver, decode_batch, encode_batch
+from llumnix_py.tokens import MAX_BATCH_BYTES, CallbackSink, decode_batch, encode_batch
 from migration import wire
 from migration.transports.base import MAX_HEADER_BYTES, pack, process_request
 from migration.transports.zmq_transport import ZmqMigrationServer, ZmqMigrationTransport

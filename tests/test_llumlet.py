@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 
 from llumnix_py.engines.types import Request, SamplingParams
+from llumnix_py.frontend.handles import OrderedStream
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
-from llumnix_py.tokens import CallbackSink, OrderedStream
+from llumnix_py.tokens import CallbackSink
 from migration.protocol import MigrationStatus
 from tests.cluster_helpers import HoldOutputs, wait_for
 from tests.factories import make_engine

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 
-@pytest.mark.parametrize("module", ["llumnix_py.supervision", "llumnix_py.server.app", "llumnix_py.server.errors",
+@pytest.mark.parametrize("module", ["llumnix_py.frontend.supervision", "llumnix_py.frontend.receiver", "llumnix_py.server.app", "llumnix_py.server.errors",
                                     "llumnix_py.server.frontend", "llumnix_py.server.generation",
                                     "migration.security"])
 def test_module_loggers_are_named_after_their_module(module):

@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytest
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, SchedulerConfig
 from llumnix_py.engines.types import MigrationRequestState, Request, SamplingParams, SeqStatus
 from llumnix_py.errors import LlumnixError
+from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.instance import INSTANCE_METHODS, InstanceHandle
 from llumnix_py.proxy import Endpoint, UnknownMethodError, forwards, is_oneway, method_table, oneway
 from llumnix_py.scheduler.api import SchedulerAPI

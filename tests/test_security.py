@@ -16,7 +16,8 @@ import torch
 import zmq
 
 from llumnix_py.engines.types import FinishReason, RequestOutput
-from llumnix_py.tokens import TokenReceiver, ZmqTokenSink
+from llumnix_py.frontend.receiver import TokenReceiver
+from llumnix_py.tokens import ZmqTokenSink
 from migration import wire
 from migration.security import (AuthenticationError, SharedSecret, as_secret, curve_available,
                                 is_loopback_address, warn_if_exposed)

@@ -12,9 +12,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llumnix_py.cluster import Cluster, NoInstanceError
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
 from llumnix_py.engines.types import SamplingParams
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import NoInstanceError
 from llumnix_py.server import ServerThread, create_app
 from tests.cluster_helpers import HoldOutputs, wait_for
 
@@ -412,7 +413,7 @@ def test_no_instance_is_503():
         model_name, max_model_len = MODEL, 4096
 
         def __init__(self):
-            from llumnix_py.engines.torch_engine.tokenizer import ByteTokenizer
+            from llumnix_py.engines.tokenizer import ByteTokenizer
 
             self.tokenizer = ByteTokenizer()
 

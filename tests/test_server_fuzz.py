@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
+from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.server import create_app
 
 MODEL = "llumnix-tiny"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llumnix_py.cluster import Cluster
 from llumnix_py.config import ClusterConfig, LlumletConfig
 from llumnix_py.engines.registry import build_engine
 from llumnix_py.engines.threads import claim_process_threads
+from llumnix_py.frontend.cluster import Cluster
 from tests.cluster_helpers import small_spec
 
 

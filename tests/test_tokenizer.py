@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.engines.torch_engine.model import ModelConfig
-from llumnix_py.engines.torch_engine.tokenizer import (
+from llumnix_py.engines.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     IncrementalDecoder,

@@ -19,7 +19,7 @@ def reference(engine, rid: str, max_tokens: int) -> list[int]:
 
 
 def test_drained_instance_migrates_its_requests_and_tokens_match(checkpoint, engines):
-    from llumnix_py.cluster import Cluster
+    from llumnix_py.frontend.cluster import Cluster
 
     max_tokens = 300
     refs = {rid: reference(engines[0], rid, max_tokens) for rid in PROMPTS}

@@ -7,9 +7,10 @@ import threading
 import time
 
 from llumnix_py.engines.types import Request, SamplingParams
+from llumnix_py.frontend.handles import OrderedStream
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
-from llumnix_py.tokens import CallbackSink, OrderedStream
+from llumnix_py.tokens import CallbackSink
 from migration.protocol import MigrationConfig, MigrationStatus
 from vllm_helpers import solo_tokens
 

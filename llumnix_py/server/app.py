@@ -38,7 +38,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from llumnix_py.cluster import Cluster
+from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.server import protocol as P
 from llumnix_py.server.errors import APIError, install_error_handlers, short
 from llumnix_py.server.frontend import Frontend

@@ -29,9 +29,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from llumnix_py.cluster import Cluster, NoInstanceError, RequestFailedError
 from llumnix_py.engines.types import SamplingParams
 from llumnix_py.errors import InvalidRequestError
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import NoInstanceError, RequestFailedError
 from llumnix_py.server import protocol as P
 from llumnix_py.server.errors import APIError, read_json_body, short, validation_error
 from llumnix_py.server.generation import CompletionFormat, Generation

@@ -19,10 +19,10 @@ from typing import AsyncIterator, Optional
 
 from pydantic import BaseModel
 
-from llumnix_py.cluster import Cluster, RequestFailedError, RequestHandle
-from llumnix_py.engines.torch_engine.tokenizer import IncrementalDecoder
 from llumnix_py.engines.types import FinishReason
 from llumnix_py.errors import UnknownRequestError
+from llumnix_py.frontend.cluster import Cluster
+from llumnix_py.frontend.handles import RequestFailedError, RequestHandle
 from llumnix_py.server import protocol as P
 from llumnix_py.server.metrics import Metrics
 
@@ -53,7 +53,7 @@ class Generation:
         self.cluster, self.metrics, self.handle = cluster, metrics, handle
         self.prompt_len = prompt_len
         self.stops = stops
-        self.decoder = IncrementalDecoder(cluster.tokenizer)
+        self.decoder = cluster.detokenizer()
         self.num_generated = 0
         self.finish_reason: Optional[str] = None
         self._held = ""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.engines.core import EngineConfig, EngineCore
 from llumnix_py.engines.torch_engine.executor import TorchExecutor
 from llumnix_py.engines.torch_engine.loader import load_checkpoint
 from llumnix_py.engines.torch_engine.model import LlamaModel, ModelConfig
-from llumnix_py.engines.torch_engine.tokenizer import load_tokenizer
+from llumnix_py.engines.tokenizer import FrontendInfo, checkpoint_config, context_limit, load_tokenizer
+
+if TYPE_CHECKING:
+    from llumnix_py.engines.registry import EngineSpec
 
 
 class TorchEngine(EngineCore):
@@ -50,3 +53,13 @@ def make_torch_engine(
         engine = dataclasses.replace(engine, eos_token_id=tokenizer.eos_token_id)
     executor = TorchExecutor(net, model_cfg, engine.num_blocks, engine.block_size, max_model_len)
     return TorchEngine(engine, executor, tokenizer)
+
+
+def torch_frontend_info(spec: "EngineSpec") -> FrontendInfo:
+    """The built-in engine's tokenizer and context limit: the checkpoint's (``config.json``,
+    2048 positions when it names none) or the seeded model shape's."""
+    if spec.checkpoint:
+        positions = checkpoint_config(spec.checkpoint).get("max_position_embeddings", 2048)
+    else:
+        positions = ModelConfig(**dict(spec.model)).max_position_embeddings
+    return FrontendInfo(load_tokenizer(spec.checkpoint), context_limit(spec.max_model_len, positions))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from llumnix_py.engines.tokenizer import FrontendInfo, checkpoint_config, context_limit, load_tokenizer
+
+if TYPE_CHECKING:
+    from llumnix_py.engines.registry import EngineSpec
 
 
 @dataclass(frozen=True)
@@ -102,3 +107,10 @@ def prepare_environment(num_threads: Optional[int]) -> None:
         defaults["OMP_NUM_THREADS"] = str(num_threads)
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+def vllm_frontend_info(spec: "EngineSpec") -> FrontendInfo:
+    """A vLLM model's tokenizer (``tokenizer.json``) and context limit (its ``config.json``'s
+    ``max_position_embeddings``, capped by ``spec.max_model_len``); imports no vLLM."""
+    positions = checkpoint_config(spec.checkpoint).get("max_position_embeddings") if spec.checkpoint else None
+    return FrontendInfo(load_tokenizer(spec.checkpoint), context_limit(spec.max_model_len, positions))

@@ -1,12 +1,10 @@
 """What a frontend hands back for each submitted request: the handle, its token events, its errors.
 
 A ``RequestHandle`` is returned by ``Cluster.submit`` (or ``submit_async``). The
-``Cluster`` feeds it ``TokenEvent``s as tokens become deliverable, in order and
-without duplicates, whichever instance sent them; the caller reads them by async
-iteration (requests submitted from an event loop), by ``events()`` (synchronous
-code), or waits for all of them with ``result()``.
-
-All names here are also importable from ``llumnix_py.cluster``.
+frontend's ``RequestTable`` feeds it ``TokenEvent``s as tokens become deliverable,
+in order and without duplicates (its ``OrderedStream``), whichever instance sent
+them; the caller reads them by async iteration (requests submitted from an event
+loop), by ``events()`` (synchronous code), or waits for all of them with ``result()``.
 """
 
 from __future__ import annotations
@@ -14,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
 
-from llumnix_py.engines.types import FinishReason, Request
+from llumnix_py.engines.types import FinishReason, Request, RequestOutput
 from llumnix_py.errors import LlumnixError
-from llumnix_py.tokens import OrderedStream
 
-if TYPE_CHECKING:
-    from llumnix_py.cluster import Cluster
+# Events for consumers on one event loop, handed over in one call per token batch.
+Batches = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, "TokenEvent"]]]
 
 
 class NoInstanceError(LlumnixError):
@@ -49,12 +46,44 @@ class TokenEvent:
         return self.finish_reason is not None
 
 
+@dataclass
+class OrderedStream:
+    """Reassembles one request's tokens in output order, whatever instance sent them.
+
+    ``push`` returns the tokens that became deliverable (in order) and whether the
+    request is now finished; duplicates (an index already delivered or buffered) are dropped.
+    """
+
+    next_index: int = 0
+    pending: dict[int, int] = field(default_factory=dict)
+    finish_at: Optional[int] = None  # index of the last token
+    finish_reason: Optional[FinishReason] = None
+    owner: str = ""
+    duplicates: int = 0
+
+    def push(self, instance_id: str, out: RequestOutput) -> tuple[list[int], bool]:
+        self.owner = instance_id
+        for k, tok in enumerate(out.new_token_ids):
+            i = out.index + k
+            if i < self.next_index or i in self.pending:
+                self.duplicates += 1
+                continue
+            self.pending[i] = tok
+        if out.finish_reason is not None and self.finish_at is None:
+            self.finish_at = out.index + len(out.new_token_ids) - 1
+            self.finish_reason = out.finish_reason
+        ready = []
+        while self.next_index in self.pending:
+            ready.append(self.pending.pop(self.next_index))
+            self.next_index += 1
+        done = self.finish_at is not None and self.next_index > self.finish_at
+        return ready, done
+
+
 class RequestHandle:
     """One submitted request: iterate its ``TokenEvent``s (async) or wait for ``result``."""
 
-    def __init__(self, cluster: "Cluster", request_id: str, instance_id: str,
-                 request: Optional[Request] = None) -> None:
-        self.cluster = cluster
+    def __init__(self, request_id: str, instance_id: str, request: Optional[Request] = None) -> None:
         self.request = request  # kept to resume it elsewhere if its instance dies
         self.request_id = request_id
         self.instance_id = instance_id  # where it was dispatched
@@ -72,7 +101,8 @@ class RequestHandle:
         self.resumes = 0  # times it was resumed by recomputation after its instance died
         self.placed = False  # an instance accepted it (before that, submit handles faults itself)
 
-    def _bind_loop(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+    def bind_loop(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        """Iterate this handle's events on ``loop`` (default: the running loop, if any)."""
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -82,8 +112,12 @@ class RequestHandle:
         self._loop = loop
         self._aq = asyncio.Queue()  # binds to the loop at first use, so it may be made in any thread
 
-    def _deliver(self, ev: TokenEvent) -> None:
-        if self._loop is not None and self._aq is not None:
+    def deliver(self, ev: TokenEvent, batches: Optional[Batches] = None) -> None:
+        """Hand ``ev`` to the consumer (any thread); with ``batches``, events for an event loop are
+        collected there for one ``flush`` per token batch instead of one wake-up each."""
+        if self._loop is not None and self._aq is not None and batches is not None:
+            batches.setdefault(self._loop, []).append((self._aq, ev))
+        elif self._loop is not None and self._aq is not None:
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
             except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -129,6 +163,15 @@ class RequestHandle:
         if self.error is not None:
             raise RequestFailedError(f"request {self.request_id} failed: {self.error}")
         return list(self.token_ids)
+
+
+def flush(batches: Batches) -> None:
+    """Hand events collected by ``deliver(ev, batches)`` to their loops, one call per loop."""
+    for loop, items in batches.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
 
 
 def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:

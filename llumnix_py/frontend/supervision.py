@@ -1,7 +1,7 @@
 """The frontend's fault supervision: dead instances, orphaned requests, leases.
 
-``Cluster`` inherits ``FaultSupervision``; a supervisor thread (``start_supervisor``)
-runs ``supervise_once`` every ``supervise_interval_s``:
+A ``Supervisor`` belongs to one ``Cluster``; a thread (``start``) runs
+``supervise_once`` every ``interval_s``:
 
 - an instance dies: the scheduler removes it and lists it in ``membership()["dead"]``;
   each request whose owner (the last instance that sent it tokens, or its dispatch
@@ -14,9 +14,10 @@ runs ``supervise_once`` every ``supervise_interval_s``:
 - the frontend dies: it renews a lease on every instance (``renew_lease``) about
   every second; llumlets abort the requests of a frontend whose lease lapsed.
 
-The supervision state (``_dead``, ``_members``, ``_suspects``, ...) lives on the
-``Cluster`` itself, so ``cluster._dead`` or ``cluster.supervise_once()`` work as
-before the split.
+It sees the cluster through two narrow doors: the control plane (membership,
+instances, dispatch) and the frontend's ``RequestTable`` (requests in flight, their
+resume points, their end). Its own state is the set of dead instances, the last
+membership, the census suspects and its counters.
 """
 
 from __future__ import annotations
@@ -24,74 +25,94 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from llumnix_py.engines.types import FinishReason, MigrationRequestState, SeqStatus
-from llumnix_py.handles import RequestHandle, TokenEvent
+from llumnix_py.frontend.handles import RequestHandle
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
 
 if TYPE_CHECKING:
-    from llumnix_py.config import ClusterConfig
+    from llumnix_py.frontend.requests import RequestTable
     from llumnix_py.runtime.control import ControlPlane
 
-# The cluster's logger: these records kept their logger name when this code moved out of cluster.py.
 log = logging.getLogger(__name__)
 
 
-class FaultSupervision:
-    """Mixin for ``Cluster``: learns dead instances, resumes or fails their requests, renews leases.
+class Supervisor:
+    """Learns dead instances, resumes or fails their requests, renews this frontend's leases.
 
-    The host class provides ``config``, ``control``, ``reply_to``, ``_lock``,
-    ``_handles``, ``resumed`` and ``failed``, and calls ``_init_supervision`` from
-    its ``__init__``.
+    Args:
+        control: the scheduler (or the frontend's own dispatcher while it is away).
+        requests: the frontend's active requests.
+        reply_to: this frontend's token address, the lease's name ("": no leases).
+        lease_timeout_s: the llumlets' lease (None: no leases).
+        block_size: tokens per KV block, to size a resumed request for dispatch.
+
+    Attributes:
+        resumed: requests resumed on another instance after theirs died.
     """
 
-    supervise_interval_s = 0.1  # membership checks (dead instances) and lease renewals
+    interval_s = 0.1  # membership checks (dead instances) and lease renewals
     census_window_s = 3.0  # after a death, look for requests no live instance holds for this long
     census_confirm_s = 0.3  # ... and resume one missing from two censuses this far apart
 
-    # Provided by the host class (``Cluster``).
-    config: "ClusterConfig"
-    control: "ControlPlane"
-    reply_to: str
-    _lock: threading.Lock
-    _handles: dict[str, RequestHandle]
-    resumed: int
-    failed: int
-
-    def _init_supervision(self) -> None:
+    def __init__(self, control: "ControlPlane", requests: "RequestTable", *, reply_to: str,
+                 lease_timeout_s: Optional[float], block_size: int) -> None:
+        self.control = control
+        self.requests = requests
+        self.reply_to = reply_to
+        self.lease_timeout_s = lease_timeout_s
+        self.block_size = block_size
+        self.resumed = 0
+        self._lock = threading.Lock()
         self._dead: set[str] = set()  # instances known dead
-        self._supervisor: Optional[threading.Thread] = None
-        self._stop_supervisor = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
         self._last_lease = float("-inf")
         self._dead_seen = 0
         self._members: set[str] = set()  # live instances in the last membership
         self._census_until = float("-inf")
         self._suspects: dict[str, float] = {}  # request id -> first census that missed it
 
-    def start_supervisor(self) -> None:
+    def start(self) -> None:
         """Start watching for dead instances and renewing this frontend's leases."""
-        if self._supervisor is not None:
+        if self._thread is not None:
             return
-        self._stop_supervisor.clear()
-        self._supervisor = threading.Thread(target=self._supervise, name="frontend-supervisor", daemon=True)
-        self._supervisor.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="frontend-supervisor", daemon=True)
+        self._thread.start()
 
-    def stop_supervisor(self) -> None:
-        """Stop it (``stop`` does; tests also use it to play a frontend that died)."""
-        self._stop_supervisor.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=10)
-        self._supervisor = None
+    def stop(self) -> None:
+        """Stop it (the cluster's ``stop`` does; tests also use it to play a frontend that died)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._thread = None
 
-    def _supervise(self) -> None:
-        while not self._stop_supervisor.is_set():
+    def _run(self) -> None:
+        while not self._stop.is_set():
             try:
                 self.supervise_once()
             except Exception:
                 log.exception("frontend supervision failed")
-            self._stop_supervisor.wait(self.supervise_interval_s)
+            self._stop.wait(self.interval_s)
+
+    def is_dead(self, instance_id: str) -> bool:
+        with self._lock:
+            return instance_id in self._dead
+
+    @property
+    def dead(self) -> frozenset[str]:
+        """Instances this frontend knows are dead."""
+        with self._lock:
+            return frozenset(self._dead)
+
+    def mark_dead(self, instance_id: str) -> None:
+        """``instance_id`` is gone: never choose it again, and let the control plane forget it."""
+        with self._lock:
+            self._dead.add(instance_id)
+        self.control.forget(instance_id)
 
     def supervise_once(self) -> None:
         """One round: learn dead instances, resume their requests, renew leases."""
@@ -101,18 +122,19 @@ class FaultSupervision:
         # Dead, or gone without the scheduler saying so (it restarted meanwhile, or drained
         # it: then its requests are held elsewhere and nothing is resumed).
         for iid in set(m["dead"]) | (self._members - members):
-            if iid not in self._dead:
-                self._mark_dead(iid)
+            if not self.is_dead(iid):
+                self.mark_dead(iid)
         self._members = members
-        if len(self._dead) != self._dead_seen:  # someone died: look for its requests for a while
-            self._dead_seen = len(self._dead)
+        dead = self.dead
+        if len(dead) != self._dead_seen:  # someone died: look for its requests for a while
+            self._dead_seen = len(dead)
             self._census_until = now + self.census_window_s
-        live = [i for i in m["instances"] if i not in self._dead]
+        live = [i for i in m["instances"] if i not in dead]
         census = now < self._census_until
         if not census:
             self._suspects.clear()
         self._resume_orphans(live, census, now)
-        lease = self.config.llumlet.lease_timeout_s
+        lease = self.lease_timeout_s
         if self.reply_to and lease is not None and now - self._last_lease >= min(1.0, lease / 4):
             self._last_lease = now
             for iid in live:
@@ -121,14 +143,9 @@ class FaultSupervision:
                     if inst is not None:
                         inst.renew_lease(self.reply_to)
                 except InstanceDiedError:
-                    self._mark_dead(iid)
+                    self.mark_dead(iid)
                 except Exception as exc:
                     log.warning("lease renewal on %s failed: %s", iid, exc)
-
-    def _mark_dead(self, instance_id: str) -> None:
-        with self._lock:
-            self._dead.add(instance_id)
-        self.control.forget(instance_id)
 
     def _resume_orphans(self, live: Sequence[str], census: bool, now: float) -> None:
         """Requests that no live instance holds continue elsewhere (or end with an error).
@@ -140,10 +157,10 @@ class FaultSupervision:
         missing from two censuses ``census_confirm_s`` apart (a migration between two
         live instances can hide it from one census) is resumed.
         """
-        with self._lock:
-            active = [h for h in self._handles.values() if h.placed and not h.finished]
-        orphans = [h for h in active if h.stream.owner in self._dead]
-        others = [h for h in active if h.stream.owner not in self._dead] if census else []
+        active = self.requests.in_flight()
+        dead = self.dead
+        orphans = [h for h in active if h.stream.owner in dead]
+        others = [h for h in active if h.stream.owner not in dead] if census else []
         if not orphans and not others:
             return
         ids = [h.request_id for h in orphans + others]
@@ -154,14 +171,13 @@ class FaultSupervision:
                 for rid in (inst.held(ids) if inst is not None else ()):
                     holders[rid] = iid
             except InstanceDiedError:
-                self._mark_dead(iid)
+                self.mark_dead(iid)
             except Exception as exc:  # unknown whether it holds them: decide next round
                 log.warning("asking %s for orphaned requests failed: %s", iid, exc)
                 return
         for h in orphans:
             if h.request_id in holders:
-                with self._lock:
-                    h.stream.owner = holders[h.request_id]
+                self.requests.set_owner(h, holders[h.request_id])
             else:
                 self._resume(h)
         for h in others:
@@ -179,19 +195,17 @@ class FaultSupervision:
         if req is None:
             self._fail(handle, "its instance died and the request cannot be resumed")
             return
-        with self._lock:
-            if handle.finished:
-                return
-            delivered = tuple(handle.token_ids)
-            dead_owner = handle.stream.owner
+        point = self.requests.resume_point(handle)
+        if point is None:  # it finished meanwhile
+            return
+        delivered, dead_owner = point
         state = MigrationRequestState(req.request_id, req.prompt_token_ids, delivered, req.sampling, req.priority,
                                       req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to)
-        block = self.config.engine.engine.block_size
-        view = RequestLoad.queued(req.request_id, prompt_len=len(req.prompt_token_ids), block_size=block,
+        view = RequestLoad.queued(req.request_id, prompt_len=len(req.prompt_token_ids), block_size=self.block_size,
                                   output_len=len(delivered), priority=req.priority, arrival_time=req.arrival_time)
-        tried: set[str] = set(self._dead)
+        tried: set[str] = set()
         while True:
-            iid = self._pick_other(view, exclude=tried)
+            iid = self.pick_other(view, exclude=tried)
             if iid is None:
                 break
             tried.add(iid)
@@ -201,15 +215,13 @@ class FaultSupervision:
             try:
                 inst.resume_request(state)
             except InstanceDiedError:
-                self._mark_dead(iid)
+                self.mark_dead(iid)
                 continue
             except Exception as exc:  # refused (aborted there, does not fit) or unreachable
                 log.warning("resuming %s on %s failed: %s", req.request_id, iid, exc)
                 continue
+            self.requests.resumed(handle, dead_owner, iid)
             with self._lock:
-                if handle.stream.owner == dead_owner:
-                    handle.stream.owner = iid
-                handle.resumes += 1
                 self.resumed += 1
             log.info("request %s resumed on %s after %d tokens (%s died)", req.request_id, iid, len(delivered),
                      dead_owner)
@@ -217,32 +229,23 @@ class FaultSupervision:
         self._fail(handle, f"its instance died ({dead_owner} last sent its tokens) and no other instance "
                            f"could continue the request")
 
-    def _pick_other(self, view: RequestLoad, exclude: set[str]) -> Optional[str]:
-        """The dispatcher's choice if it is not excluded, else any other live instance."""
+    def pick_other(self, view: RequestLoad, exclude: Iterable[str] = ()) -> Optional[str]:
+        """The dispatcher's choice if it is neither dead nor excluded, else any other such instance."""
+        skip = self.dead | set(exclude)
         try:
             iid = self.control.dispatch(view)
         except Exception as exc:
             log.warning("dispatch failed: %s", exc)
             iid = None
-        if iid is not None and iid not in exclude:
+        if iid is not None and iid not in skip:
             return iid
         try:
             ids = self.control.instance_ids()
         except Exception:
             ids = []
-        others = [i for i in ids if i not in exclude]
+        others = [i for i in ids if i not in skip]
         return others[0] if others else None
 
     def _fail(self, handle: RequestHandle, message: str) -> None:
-        with self._lock:
-            if handle.finished:
-                return
-            handle.finish_reason = FinishReason.ABORT
-            handle.error = message
-            handle.finished_at = time.monotonic()
-            self._handles.pop(handle.request_id, None)
-            self.failed += 1
-            ev = TokenEvent(handle.request_id, (), handle.stream.next_index, handle.stream.owner,
-                            FinishReason.ABORT, error=message)
-        log.warning("request %s failed: %s", handle.request_id, message)
-        handle._deliver(ev)
+        if self.requests.end(handle, FinishReason.ABORT, error=message):
+            log.warning("request %s failed: %s", handle.request_id, message)

@@ -1,4 +1,4 @@
-"""Tokenizers for the built-in engine, and incremental detokenization for streaming.
+"""Tokenizers for the engines, incremental detokenization, and what a frontend needs of an engine.
 
 ``ByteTokenizer`` needs no files and matches the default ``ModelConfig``
 (vocab 320)::
@@ -10,18 +10,25 @@
 ``HFTokenizer`` wraps a Hugging Face ``tokenizer.json`` (``tokenizers``
 package). ``load_tokenizer`` picks one from a folder. ``IncrementalDecoder``
 turns a stream of token ids into text pieces without ever emitting half of a
-multi-byte character.
+multi-byte character. ``FrontendInfo`` bundles the three things a frontend
+takes from an engine kind (tokenizer, detokenizer, context limit); the engine
+registry builds it per ``EngineSpec`` (``llumnix_py.engines.registry.frontend_info``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, Union
+
+if TYPE_CHECKING:
+    from llumnix_py.engines.registry import EngineSpec
 
 BOS_ID = 256
 EOS_ID = 257
 PAD_ID = 258
+NO_CONTEXT_LIMIT = 1 << 20  # a frontend's max_model_len when neither the spec nor the model caps it
 _REPLACEMENT = "\ufffd"
 # Tried in order when tokenizer_config.json does not name the special tokens.
 _COMMON_EOS = ("</s>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
@@ -239,3 +246,42 @@ class IncrementalDecoder:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(prefix_text):]
+
+
+@dataclass(frozen=True)
+class FrontendInfo:
+    """What a frontend takes from the engine kind behind it: how to read and write its tokens,
+    and how long a request may be.
+
+    Attributes:
+        tokenizer: turns prompts and chat messages into the engine's token ids.
+        max_model_len: cap on prompt + output tokens that the frontend validates requests against.
+        decoder: builds one request's incremental detokenizer from ``tokenizer``.
+    """
+
+    tokenizer: Tokenizer
+    max_model_len: int
+    decoder: Callable[[Tokenizer], IncrementalDecoder] = IncrementalDecoder
+
+    def detokenizer(self) -> IncrementalDecoder:
+        """A new incremental decoder for one request's stream of token ids."""
+        return self.decoder(self.tokenizer)
+
+
+def context_limit(requested: Optional[int], positions: Optional[int]) -> int:
+    """The smaller of a spec's ``max_model_len`` and the model's positions (either may be None)."""
+    limit = min(requested or positions, positions) if positions else requested
+    return limit or NO_CONTEXT_LIMIT
+
+
+def checkpoint_config(path: Union[str, Path]) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json`` (raises ``FileNotFoundError`` if it has none)."""
+    with open(Path(path) / "config.json", encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def default_frontend_info(spec: "EngineSpec") -> FrontendInfo:
+    """For an engine kind that registers nothing of its own (``sim``, plugins): the checkpoint's
+    tokenizer (bytes without one) and the spec's ``max_model_len``."""
+    return FrontendInfo(load_tokenizer(spec.checkpoint), context_limit(spec.max_model_len, None))

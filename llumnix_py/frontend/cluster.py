@@ -11,8 +11,13 @@ request through the global scheduler, sends it to the chosen llumlet, and
 reassembles the tokens that arrive from whichever instance holds the request,
 dropping duplicates and reordering by position across migrations.
 
-Faults (``llumnix_py.supervision``: a supervisor thread, started with the cluster, every
-``supervise_interval_s``):
+The cluster is composed of three parts: the frontend's ``RequestTable`` (active
+requests, their ordered streams), a ``Supervisor`` (faults, leases; its own thread)
+and, on Ray, a ``TokenReceiver`` (the socket llumlets push tokens to). Tokenizer,
+detokenizer and context limit come from the engine kind (``frontend_info``).
+
+Faults (``llumnix_py.frontend.supervision``: a supervisor thread, started with the
+cluster, every ``Supervisor.interval_s``):
 
 - an instance dies: the scheduler removes it and lists it in ``membership()["dead"]``;
   each request whose owner (the last instance that sent it tokens, or its dispatch
@@ -27,62 +32,65 @@ Faults (``llumnix_py.supervision``: a supervisor thread, started with the cluste
   every second; llumlets abort the requests of a frontend whose lease lapsed.
 
 ``RequestHandle``, ``TokenEvent``, ``NoInstanceError`` and ``RequestFailedError`` live in
-``llumnix_py.handles`` and are importable from here too.
+``llumnix_py.frontend.handles``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import threading
 import time
 import uuid
 from typing import Any, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
+from llumnix_py.engines.registry import frontend_info
 from llumnix_py.engines.threads import ThreadClaim, claim_process_threads
+from llumnix_py.engines.tokenizer import FrontendInfo, IncrementalDecoder
 from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
-from llumnix_py.handles import RequestFailedError  # noqa: F401  (re-exported: part of this module's API)
-from llumnix_py.handles import NoInstanceError, RequestHandle, TokenEvent, _put_all
+from llumnix_py.frontend.handles import NoInstanceError, RequestHandle
+from llumnix_py.frontend.receiver import TokenReceiver
+from llumnix_py.frontend.requests import RequestTable
+from llumnix_py.frontend.supervision import Supervisor
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
 from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
-from llumnix_py.supervision import FaultSupervision
-from llumnix_py.tokens import CallbackSink, TokenReceiver
+from llumnix_py.tokens import CallbackSink
 
 
-class Cluster(FaultSupervision):
+class Cluster:
     """A running llumnix-py deployment, seen from a frontend.
 
-    Fault supervision (``supervise_once``, ``start_supervisor``, ``stop_supervisor`` and the
-    ``supervise_interval_s`` / ``census_*`` settings) comes from ``FaultSupervision``.
+    Attributes:
+        requests: this frontend's active requests (``RequestTable``).
+        supervisor: its fault supervision (``Supervisor``; ``supervise_once``,
+            ``start_supervisor`` and ``stop_supervisor`` here drive it).
+        reply_to: the address llumlets send this frontend's tokens to.
+        misrouted: outputs an instance sent to another frontend's address (in-process runtime).
     """
 
-    def __init__(self, config: ClusterConfig, control: ControlPlane, tokenizer, max_model_len: int,
+    def __init__(self, config: ClusterConfig, control: ControlPlane, info: FrontendInfo, *, reply_to: str = "",
                  receiver: Optional[TokenReceiver] = None) -> None:
         self.config = config
         self.control = control
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        self.info = info  # the engine kind's tokenizer, detokenizer and context limit
+        self.tokenizer = info.tokenizer
+        self.max_model_len = info.max_model_len
         self.model_name = config.model_name
         self._receiver = receiver
-        self.reply_to = receiver.address if receiver else ""
-        self._handles: dict[str, RequestHandle] = {}
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
-        self.duplicates_dropped = 0
-        self.misrouted = 0  # outputs an instance sent to another frontend address (in-process runtime)
-        self.resumed = 0  # requests resumed on another instance after theirs died
-        self.failed = 0  # requests ended with an error
+        self.reply_to = receiver.address if receiver else reply_to
+        self.requests = RequestTable()
+        self.supervisor = Supervisor(control, self.requests, reply_to=self.reply_to,
+                                     lease_timeout_s=config.llumlet.lease_timeout_s,
+                                     block_size=config.engine.engine.block_size)
+        self.misrouted = 0
         self._threads = ThreadClaim(None)  # the process's torch threads, held by a local cluster
-        self._init_supervision()
 
     # ----- construction ----------------------------------------------------------------
     @classmethod
     def start(cls, config: ClusterConfig, **ray_init_kw: Any) -> "Cluster":
         """Start a deployment: the scheduler and ``config.num_instances`` instances."""
-        tokenizer, max_len = _frontend_model_info(config)
+        info = frontend_info(config.engine)
         if config.runtime == "local":
             from llumnix_py.runtime.local import LocalLauncher
             from llumnix_py.scheduler.daemon import SchedulerDaemon
@@ -100,8 +108,7 @@ class Cluster(FaultSupervision):
             sink = lambda: CallbackSink(deliver)  # noqa: E731
             daemon = SchedulerDaemon(config.scheduler, LocalLauncher(config.engine, config.llumlet, sink),
                                      seed=config.seed)
-            cluster = cls(config, LocalControlPlane(daemon), tokenizer, max_len)
-            cluster.reply_to = address
+            cluster = cls(config, LocalControlPlane(daemon), info, reply_to=address)
             holder["c"] = cluster
             # Every instance runs in this process: one torch thread count for all of them, until stop.
             cluster._threads = claim_process_threads(config.engine.num_threads, "this local cluster")
@@ -118,7 +125,7 @@ class Cluster(FaultSupervision):
 
         ray_runtime.init_ray(config.ray_address, config.ray_namespace, **ray_init_kw)
         actor = ray_runtime.start_scheduler(config)
-        return cls._with_receiver(config, RayControlPlane(actor, config), tokenizer, max_len)
+        return cls._with_receiver(config, RayControlPlane(actor, config), info)
 
     @classmethod
     def attach(cls, config: ClusterConfig, **ray_init_kw: Any) -> "Cluster":
@@ -127,16 +134,16 @@ class Cluster(FaultSupervision):
 
         ray_runtime.init_ray(config.ray_address, config.ray_namespace, **ray_init_kw)
         actor = ray_runtime.get_scheduler(config.ray_namespace)
-        tokenizer, max_len = _frontend_model_info(config)
-        return cls._with_receiver(config, RayControlPlane(actor, config, owner=False), tokenizer, max_len)
+        info = frontend_info(config.engine)
+        return cls._with_receiver(config, RayControlPlane(actor, config, owner=False), info)
 
     @classmethod
-    def _with_receiver(cls, config, control, tokenizer, max_len) -> "Cluster":
+    def _with_receiver(cls, config, control, info) -> "Cluster":
         holder: dict[str, Cluster] = {}
         receiver = TokenReceiver(lambda iid, outs: holder["c"].on_outputs(iid, outs), host=config.host,
                                  secret=config.secret)
         receiver.start()
-        cluster = cls(config, control, tokenizer, max_len, receiver)
+        cluster = cls(config, control, info, receiver=receiver)
         holder["c"] = cluster
         cluster.start_supervisor()
         return cluster
@@ -151,6 +158,17 @@ class Cluster(FaultSupervision):
         if self._receiver is not None:
             self._receiver.stop()
 
+    def start_supervisor(self) -> None:
+        """Start watching for dead instances and renewing this frontend's leases."""
+        self.supervisor.start()
+
+    def stop_supervisor(self) -> None:
+        """Stop it (``stop`` does; tests also use it to play a frontend that died)."""
+        self.supervisor.stop()
+
+    def supervise_once(self) -> None:
+        """One round: learn dead instances, resume their requests, renew leases."""
+        self.supervisor.supervise_once()
 
     def restart_scheduler(self) -> None:
         """Start the global scheduler again if it is gone; it attaches the running instances
@@ -185,12 +203,9 @@ class Cluster(FaultSupervision):
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")
-        handle = RequestHandle(self, rid, iid, request)
-        handle._bind_loop(loop)
-        with self._lock:
-            if rid in self._handles:
-                raise InvalidRequestError(f"request id {rid} is in use")
-            self._handles[rid] = handle
+        handle = RequestHandle(rid, iid, request)
+        handle.bind_loop(loop)
+        self.requests.add(handle)
         try:
             for _ in range(4):  # the chosen instance may have died since the scheduler last heard of it
                 inst = self.control.instance(iid)
@@ -198,29 +213,24 @@ class Cluster(FaultSupervision):
                     if inst is None:
                         raise InstanceDiedError(f"instance {iid} is gone")
                     inst.add_request(request)
-                    with self._lock:
-                        handle.placed = True
+                    self.requests.placed(handle)
                     break
                 except InstanceDiedError:
-                    self._mark_dead(iid)
-                    iid = self._pick_other(view, exclude=self._dead)
+                    self.supervisor.mark_dead(iid)
+                    iid = self.supervisor.pick_other(view)
                     if iid is None:
                         raise NoInstanceError("no live instance can take requests") from None
-                    with self._lock:
-                        handle.instance_id = handle.stream.owner = iid
-                        handle.instances_seen = [iid]
+                    self.requests.redirect(handle, iid)
             else:
                 raise NoInstanceError("no live instance took the request")
         except Exception:
-            with self._lock:
-                self._handles.pop(rid, None)
+            self.requests.remove(rid)
             raise
         return handle
 
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it is (broadcast: it may be migrating)."""
-        with self._lock:
-            handle = self._handles.pop(request_id, None)
+        handle = self.requests.remove(request_id)
         if handle is None:
             raise UnknownRequestError(f"request {request_id} is not active")
         for iid in self.control.instance_ids():
@@ -230,64 +240,34 @@ class Cluster(FaultSupervision):
                     inst.abort(request_id)
                 except Exception:
                     pass
-        if not handle.finished:
-            handle.finish_reason = FinishReason.ABORT
-            handle._deliver(TokenEvent(request_id, (), handle.stream.next_index, handle.stream.owner,
-                                       FinishReason.ABORT))
+        self.requests.end(handle, FinishReason.ABORT)
 
     def on_outputs(self, instance_id: str, outputs: Sequence[RequestOutput]) -> None:
-        """Token batches from llumlets (any thread). Events for consumers on one event loop
-        are handed over in one call per batch, not one wake-up per request."""
-        now = time.monotonic()
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
-        for out in outputs:
-            with self._lock:
-                handle = self._handles.get(out.request_id)
-                if handle is None:
-                    continue
-                before = handle.stream.duplicates
-                owner = handle.stream.owner
-                ready, done = handle.stream.push(instance_id, out)
-                if instance_id in self._dead:  # late tokens of a dead instance: welcome, but it owns nothing
-                    handle.stream.owner = owner
-                self.duplicates_dropped += handle.stream.duplicates - before
-                if instance_id != handle.instances_seen[-1]:
-                    handle.instances_seen.append(instance_id)
-                if not ready and not done:
-                    continue
-                index = handle.stream.next_index - len(ready)
-                handle.token_ids.extend(ready)
-                if ready and handle.first_token_at is None:
-                    handle.first_token_at = now
-                reason = handle.stream.finish_reason if done else None
-                if done:
-                    handle.finish_reason = reason
-                    handle.finished_at = now
-                    self._handles.pop(out.request_id, None)
-            ev = TokenEvent(out.request_id, tuple(ready), index, instance_id, reason)
-            if handle._loop is not None and handle._aq is not None:
-                batches.setdefault(handle._loop, []).append((handle._aq, ev))
-            else:
-                handle._q.put(ev)
-        for loop, items in batches.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+        """Token batches from llumlets (any thread): the token receiver's (or the in-process
+        sink's) entry into this frontend."""
+        self.requests.on_outputs(instance_id, outputs, sender_dead=self.supervisor.is_dead(instance_id))
+
+    def detokenizer(self) -> IncrementalDecoder:
+        """A new incremental detokenizer for one request's tokens (the engine kind's)."""
+        return self.info.detokenizer()
 
     def active_requests(self) -> list[str]:
-        with self._lock:
-            return list(self._handles)
+        return self.requests.ids()
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Tokens that arrived twice (a migration or a resume re-sent them) and were dropped."""
+        return self.requests.duplicates_dropped
 
     # ----- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Instances (load, freeness), migrations by outcome, downtimes, scale events."""
         s = self.control.state()
-        s["active_requests"] = len(self._handles)
-        s["duplicates_dropped"] = self.duplicates_dropped
+        s["active_requests"] = len(self.requests)
+        s["duplicates_dropped"] = self.requests.duplicates_dropped
         s["misrouted_outputs"] = self.misrouted
-        s["resumed_requests"] = self.resumed
-        s["failed_requests"] = self.failed
+        s["resumed_requests"] = self.supervisor.resumed
+        s["failed_requests"] = self.requests.failed
         return s
 
     def instance_ids(self) -> list[str]:
@@ -300,32 +280,4 @@ class Cluster(FaultSupervision):
     def launch(self, n: int = 1) -> list[str]:
         """Scale out by hand: start ``n`` more instances; returns their ids."""
         return self.control.launch(n)
-
-
-def _frontend_model_info(config: ClusterConfig):
-    """The tokenizer and the context limit a frontend validates requests against."""
-    from llumnix_py.engines.torch_engine.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(config.engine.checkpoint)
-    spec = config.engine
-    limit = spec.max_model_len
-    if spec.kind == "vllm" and spec.checkpoint:
-        import json
-        from pathlib import Path
-
-        positions = json.loads((Path(spec.checkpoint) / "config.json").read_text()).get("max_position_embeddings")
-        limit = min(limit or positions, positions) if positions else limit
-    if spec.kind == "torch":
-        if spec.checkpoint:
-            import json
-            from pathlib import Path
-
-            positions = json.loads((Path(spec.checkpoint) / "config.json").read_text()).get(
-                "max_position_embeddings", 2048)
-        else:
-            from llumnix_py.engines.torch_engine.model import ModelConfig
-
-            positions = ModelConfig(**dict(spec.model)).max_position_embeddings
-        limit = min(limit or positions, positions)
-    return tokenizer, limit or 1 << 20
 
