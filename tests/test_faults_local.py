@@ -486,3 +486,31 @@ def test_http_client_gets_an_error_when_the_last_instance_dies(stream):
                         killer.join()
                     assert r.status_code == 503, r.text
                     assert r.json()["error"]["code"] == "instance_failed"
+
+
+# ----- fencing is by incarnation: an instance id can come back --------------------------------------
+
+
+def test_a_reused_instance_id_is_a_new_incarnation_not_a_dead_instance():
+    """An instance dies; a new instance is launched under the same id (as a replacement or a
+    restarted scheduler's launch would be). The frontend fences the dead incarnation only:
+    the new one takes requests, and its tokens count, as any live instance's."""
+    engine = spec(num_blocks=128)
+    ps = prompts(2)
+    expected = reference(engine, ps, 24)
+    with running(config(1, engine, migration=False)) as (cluster, emitted, crashed):
+        old = local(cluster, "instance-000")
+        old.crash()
+        crashed.append(old)
+        wait_for(lambda: cluster.supervisor.is_dead("instance-000"), what="the frontend to learn the death")
+        daemon = cluster.control.daemon
+        new = daemon.launcher.launch("instance-000")  # the same id, a new process
+        assert new.incarnation != old.incarnation
+        daemon.add_instance(new)
+        wait_for(lambda: not cluster.supervisor.is_dead("instance-000"),
+                 what="the frontend to learn the new incarnation")
+        handles = [cluster.submit(p, SamplingParams(max_tokens=24, ignore_eos=True)) for p in ps]
+        assert wait_all(handles) == expected
+        assert all(h.resumes == 0 and h.error is None and h.instances_seen == ["instance-000"] for h in handles)
+        assert cluster.state()["dead_instances"] == ["instance-000"]  # the old incarnation's death stays on record
+        assert_no_leak(cluster)

@@ -66,11 +66,15 @@ class Supervisor:
         self.block_size = block_size
         self.resumed = 0
         self._lock = threading.Lock()
-        self._dead: set[str] = set()  # instances known dead
+        # Fencing is by incarnation: an id can come back as a new instance (a replacement, a
+        # restarted scheduler's launch), which must not inherit its predecessor's death.
+        self._dead: dict[str, str] = {}  # instance id -> the incarnation that died ("" if unknown)
+        self._incarnations: dict[str, str] = {}  # instance id -> its live incarnation, as last listed
+        self._deaths = 0  # deaths learnt so far (a census window opens after each)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._last_lease = float("-inf")
-        self._dead_seen = 0
+        self._deaths_seen = 0
         self._members: set[str] = set()  # live instances in the last membership
         self._census_until = float("-inf")
         self._suspects: dict[str, float] = {}  # request id -> first census that missed it
@@ -108,26 +112,51 @@ class Supervisor:
         with self._lock:
             return frozenset(self._dead)
 
-    def mark_dead(self, instance_id: str) -> None:
-        """``instance_id`` is gone: never choose it again, and let the control plane forget it."""
+    def mark_dead(self, instance_id: str, incarnation: Optional[str] = None) -> None:
+        """``instance_id`` (its ``incarnation``, default the last one listed) is gone: never
+        choose it again while that incarnation is the one known, and let the control plane
+        forget it."""
         with self._lock:
-            self._dead.add(instance_id)
+            inc = self._incarnations.get(instance_id, "") if incarnation is None else incarnation
+            if self._dead.get(instance_id) != inc:
+                self._deaths += 1
+            self._dead[instance_id] = inc
         self.control.forget(instance_id)
+
+    def _learn_incarnations(self, incarnations: dict[str, str]) -> None:
+        """A listed instance whose incarnation differs from the one that died is a new
+        instance with a reused id: it is alive."""
+        with self._lock:
+            for iid, inc in incarnations.items():
+                died = self._dead.get(iid)
+                if died is not None and inc and inc != died:
+                    del self._dead[iid]
+                    log.info("instance id %s is back as a new incarnation (%s)", iid, inc)
+                self._incarnations[iid] = inc
 
     def supervise_once(self) -> None:
         """One round: learn dead instances, resume their requests, renew leases."""
         m = self.control.membership()
         now = time.monotonic()
         members = set(m["instances"])
-        # Dead, or gone without the scheduler saying so (it restarted meanwhile, or drained
-        # it: then its requests are held elsewhere and nothing is resumed).
-        for iid in set(m["dead"]) | (self._members - members):
+        incarnations = m.get("incarnations") or {}
+        # Dead incarnations; or gone without the scheduler saying so (it restarted meanwhile,
+        # or drained it: then its requests are held elsewhere and nothing is resumed).
+        died = {iid: inc for iid, inc in (m.get("dead_incarnations") or [(i, None) for i in m["dead"]])}
+        for iid in self._members - members:
+            died.setdefault(iid, None)
+        for iid, inc in died.items():
+            if iid in members:
+                continue  # the id is listed alive: a newer incarnation, the death is old news
             if not self.is_dead(iid):
-                self.mark_dead(iid)
+                self.mark_dead(iid, inc)
+        self._learn_incarnations(incarnations)
         self._members = members
         dead = self.dead
-        if len(dead) != self._dead_seen:  # someone died: look for its requests for a while
-            self._dead_seen = len(dead)
+        with self._lock:
+            deaths = self._deaths
+        if deaths != self._deaths_seen:  # someone died: look for its requests for a while
+            self._deaths_seen = deaths
             self._census_until = now + self.census_window_s
         live = [i for i in m["instances"] if i not in dead]
         census = now < self._census_until
