@@ -65,3 +65,26 @@ def test_a_local_cluster_sets_its_threads_once_and_gives_them_back():
     finally:
         cluster.stop()
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.ray
+def test_each_ray_instance_sets_its_own_process_threads(ray_session):
+    """On Ray each instance is its own process, so ``EngineSpec.num_threads`` is exactly its
+    torch thread count there, and the driver's own setting is left alone."""
+    from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX
+    from tests.cluster_helpers import running_ray_cluster
+
+    before = torch.get_num_threads()
+    want = other_than(before)
+    spec = small_spec()
+    namespace = "llumnix-test-threads"
+    cfg = ClusterConfig(num_instances=2, runtime="ray", ray_namespace=namespace,
+                        engine=type(spec)(engine=spec.engine, model=spec.model, num_threads=want))
+    with running_ray_cluster(ray_session, cfg) as cluster:
+        for iid in cluster.instance_ids():
+            actor = ray_session.get_actor(INSTANCE_PREFIX + iid, namespace=namespace)
+            # A lambda travels by value; a module-level function would be looked up by module there.
+            threads = ray_session.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()),
+                                      timeout=60)
+            assert threads == want
+        assert torch.get_num_threads() == before
