@@ -34,6 +34,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     expected = reference(make_config(args).engine, [r for rid, r in requests.items()])
     served = failed = lost = mismatched = extra_tokens = aborted_ok = 0
+    failure_reasons: Counter[str] = Counter()  # why requests ended with an error, for the report
     for rid, h in handles.items():
         ref, got = expected[rid], list(h.token_ids)
         if rid in aborted:
@@ -207,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lost += 1
         elif h.finish_reason not in (FinishReason.LENGTH, FinishReason.STOP):
             failed += 1
+            failure_reasons[(h.error or f"finish reason {h.finish_reason}")[:120]] += 1
         else:
             served += 1
             extra_tokens += max(0, len(got) - len(ref))
@@ -222,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_workers_rss_start_mb": round(ray_rss_start, 1), "ray_workers_rss_end_mb": round(ray_rss_end, 1),
         "migrations": state.get("migrations", {}), "migrations_total": state.get("migrations_total", 0),
         "scale_events": scale_events,
+        "dead_instances": state.get("dead_instances", []), "failure_reasons": dict(failure_reasons),
         "served_tokens": sum(len(h.token_ids) for rid, h in handles.items() if rid not in aborted),
     }
 
@@ -265,6 +269,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         table.add_row("ray_workers_rss_mb", f"{r['ray_workers_rss_start_mb']} -> {r['ray_workers_rss_end_mb']}")
     table.add_row("migrations", ", ".join(f"{k}={v}" for k, v in sorted(r["migrations"].items())) or "-")
     table.add_row("scale events", ", ".join(e["event"] for e in r["scale_events"]) or "-")
+    table.add_row("dead instances", ", ".join(r["dead_instances"]) or "-")
+    for reason, n in sorted(r["failure_reasons"].items(), key=lambda kv: -kv[1]):
+        table.add_row(f"failed: {n}x", reason)
     Console().print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
