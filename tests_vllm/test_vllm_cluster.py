@@ -4,10 +4,11 @@ so its requests live-migrate to the other and finish there with unchanged tokens
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig
 from llumnix_py.engines.types import Request, SamplingParams
+from tests.cluster_helpers import HoldOutputs, wait_for
 from vllm_helpers import solo_tokens
 
 PROMPTS = {"x": tuple(range(5, 75)), "y": tuple(range(100, 160))}
@@ -31,13 +32,21 @@ def test_drained_instance_migrates_its_requests_and_tokens_match(checkpoint, eng
     )
     cluster = Cluster.start(config)
     try:
-        handles = {rid: cluster.submit(PROMPTS[rid], SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                       request_id=rid) for rid in PROMPTS}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and min(h.stream.next_index for h in handles.values()) < 20:
-            time.sleep(0.01)
-        victim = handles["x"].instance_id
-        cluster.drain(victim)
+        with contextlib.ExitStack() as stack:
+            # Each instance runs batch by batch until its requests have 20 tokens, and the
+            # victim stays held while it is drained: "x" is still running when it migrates.
+            gates = {iid: stack.enter_context(HoldOutputs(cluster, iid)) for iid in cluster.instance_ids()}
+            for gate in gates.values():
+                gate.hold()
+            handles = {rid: cluster.submit(PROMPTS[rid], SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                           request_id=rid) for rid in PROMPTS}
+            for iid in {h.instance_id for h in handles.values()}:
+                mine = [h for h in handles.values() if h.instance_id == iid]
+                gates[iid].run_until(lambda: min(len(h.token_ids) for h in mine) >= 20, "20 tokens each")
+            victim = handles["x"].instance_id
+            cluster.drain(victim)
+            held_by_victim = cluster.control.instance(victim).llumlet.has_request
+            wait_for(lambda: not held_by_victim("x"), 120, "the drain to move x off the victim")
         tokens = {rid: h.result(timeout=120) for rid, h in handles.items()}
         state = cluster.state()
     finally:
