@@ -26,6 +26,7 @@ from tests.cluster_helpers import (
 from tests.cluster_helpers import SMALL_MODEL as MODEL
 from tests.cluster_helpers import named_actors as _named_actors
 from tests.cluster_helpers import running_ray_cluster as running_cluster
+from tests.ray_gates import held_engines
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,6 +42,13 @@ def config(num_instances: int, engine: EngineSpec) -> ClusterConfig:
                          scheduler=SchedulerConfig(poll_interval_s=0.02, migration_interval_s=0.05))
 
 
+def every_request_running(cluster, instance_id: str, handles):
+    """A condition the instance answers: every request dispatched to it is running there."""
+    mine = sum(h.instance_id == instance_id for h in handles)
+    inst = cluster.control.instance(instance_id)
+    return lambda: len(inst.load().running) == mine
+
+
 def kill_process(ray, actor) -> None:
     """SIGKILL the actor's worker process (a crash Ray did not ask for)."""
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
@@ -53,18 +61,24 @@ def test_killing_an_instance_actor_resumes_its_requests_elsewhere(ray_session, h
     n, max_tokens = 20, 120
     ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=500)
     expected = reference(engine, ps, sps)
+    victim = "instance-001"
     with running_cluster(ray_session, config(3, engine)) as cluster:
-        handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
-        victim = "instance-001"
-        on_victim = [h for h in handles if h.instance_id == victim]
-        assert len(on_victim) >= 2, [h.instance_id for h in handles]
-        wait_for(lambda: all(h.token_ids for h in on_victim), what="tokens from the victim")
-        assert not all(h.finished for h in on_victim)
-        actor = ray_session.get_actor(INSTANCE_PREFIX + victim, namespace=NAMESPACE)
-        if how == "sigkill":
-            kill_process(ray_session, actor)
-        else:
-            ray_session.kill(actor, no_restart=True)
+        with held_engines(ray_session, cluster, [victim]) as gates:
+            # The victim is held from its first batch on: its requests are running, and still
+            # there, when it is killed (its gate goes with it).
+            handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+            on_victim = [h for h in handles if h.instance_id == victim]
+            assert len(on_victim) >= 2, [h.instance_id for h in handles]
+            victim_handle = cluster.control.instance(victim)
+            gates[victim].run_until(lambda: len(victim_handle.load().running) == len(on_victim),
+                                    "every victim request running")
+            wait_for(lambda: all(h.token_ids for h in on_victim), what="tokens from the victim")
+            assert not all(h.finished for h in on_victim)
+            actor = ray_session.get_actor(INSTANCE_PREFIX + victim, namespace=NAMESPACE)
+            if how == "sigkill":
+                kill_process(ray_session, actor)
+            else:
+                ray_session.kill(actor, no_restart=True)
         got = wait_all(handles)
         assert got == expected  # no token lost, none repeated, greedy and seeded alike
         assert all(h.finish_reason == FinishReason.LENGTH and h.error is None for h in handles)
@@ -86,16 +100,23 @@ def test_killing_the_scheduler_keeps_requests_running_and_a_restarted_one_reatta
     with running_cluster(ray_session, config(3, engine)) as cluster:
         ids = cluster.instance_ids()
         assert ids == ["instance-000", "instance-001", "instance-002"]
-        handles = [cluster.submit(p, sp) for p, sp in zip(ps[:8], sps[:8])]
-        wait_for(lambda: all(h.token_ids for h in handles), what="first tokens")
-        ray_session.kill(ray_session.get_actor(SCHEDULER_NAME, namespace=NAMESPACE), no_restart=True)
-        wait_for(lambda: not cluster.control.scheduler_reachable or cluster.control.actor is None, 30,
-                 "the frontend to notice")
-        # The instances outlive the scheduler (they are not owned by it) ...
-        assert set(INSTANCE_PREFIX + i for i in ids) <= set(_named_actors(ray_session, NAMESPACE))
-        # ... new requests are dispatched by the frontend itself, over its last known loads.
-        more = [cluster.submit(p, sp) for p, sp in zip(ps[8:], sps[8:])]
-        assert {h.instance_id for h in more} <= set(ids)
+        with held_engines(ray_session, cluster, ids) as gates:
+            # Every instance is held from its first batch on, so the requests are still running
+            # when the scheduler dies, and when the frontend dispatches without it.
+            handles = [cluster.submit(p, sp) for p, sp in zip(ps[:8], sps[:8])]
+            for iid in {h.instance_id for h in handles}:
+                gates[iid].run_until(every_request_running(cluster, iid, handles), f"{iid}'s requests running")
+            wait_for(lambda: all(h.token_ids for h in handles), what="first tokens")
+            assert not any(h.finished for h in handles)
+            ray_session.kill(ray_session.get_actor(SCHEDULER_NAME, namespace=NAMESPACE), no_restart=True)
+            wait_for(lambda: not cluster.control.scheduler_reachable or cluster.control.actor is None, 30,
+                     "the frontend to notice")
+            # The instances outlive the scheduler (they are not owned by it) ...
+            assert set(INSTANCE_PREFIX + i for i in ids) <= set(_named_actors(ray_session, NAMESPACE))
+            # ... new requests are dispatched by the frontend itself, over its last known loads.
+            more = [cluster.submit(p, sp) for p, sp in zip(ps[8:], sps[8:])]
+            assert {h.instance_id for h in more} <= set(ids)
+            assert not any(h.finished for h in handles)
         got = wait_all(handles + more)
         assert got == expected
         assert all(h.error is None for h in handles + more)

@@ -25,7 +25,8 @@ from llumnix_py.instance import INSTANCE_METHODS, InstanceHandle
 from llumnix_py.proxy import Endpoint, UnknownMethodError, forwards, is_oneway, method_table, oneway
 from llumnix_py.scheduler.api import SchedulerAPI
 from llumnix_py.load import RequestLoad
-from tests.cluster_helpers import running_ray_cluster, small_spec, wait_for
+from tests.cluster_helpers import HoldOutputs, running_ray_cluster, small_spec, wait_for
+from tests.ray_gates import RayEngineGate
 
 
 # ----- the mechanism, on a toy interface ---------------------------------------------------
@@ -215,6 +216,13 @@ def one_instance_cluster(runtime: str, request: pytest.FixtureRequest) -> Iterat
             cluster.stop()
 
 
+def engine_gate(runtime: str, request: pytest.FixtureRequest, cluster: Cluster,
+                instance_id: str) -> "HoldOutputs | RayEngineGate":
+    if runtime == "ray":
+        return RayEngineGate(request.getfixturevalue("ray_session"), cluster, instance_id)
+    return HoldOutputs(cluster, instance_id)
+
+
 @pytest.mark.parametrize("runtime", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
 def test_every_interface_method_is_reachable_through_the_runtime(runtime, request):
     with one_instance_cluster(runtime, request) as cluster:
@@ -235,9 +243,13 @@ def test_every_interface_method_is_reachable_through_the_runtime(runtime, reques
         inst = control.instance(new)
         assert isinstance(inst, InstanceHandle)
         dst = control.instance("instance-000").address
-        for name, args, check in instance_calls(cluster.reply_to, dst):
-            reply = getattr(inst, name)(*args)
-            assert check(reply), f"{name}{args!r} answered {reply!r}"
+        with engine_gate(runtime, request, cluster, new) as gate:
+            gate.hold()  # held after its first batch: the requests added below are still there when aborted
+            for name, args, check in instance_calls(cluster.reply_to, dst):
+                if name == "stop":
+                    gate.release()  # ``stop`` joins the engine thread
+                reply = getattr(inst, name)(*args)
+                assert check(reply), f"{name}{args!r} answered {reply!r}"
 
         # A stopped instance leaves by drain (local: it is stopped again) or as dead (Ray).
         with contextlib.suppress(LlumnixError):
