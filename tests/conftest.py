@@ -48,7 +48,9 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    temp = tempfile.mkdtemp(prefix="llumnix-ray-")
+    # Under /tmp whatever TMPDIR says: Ray's socket paths live below this folder and must stay
+    # under 108 bytes (a long TMPDIR, e.g. one another tool set for its own files, breaks ray.init).
+    temp = tempfile.mkdtemp(prefix="llumnix-ray-", dir="/tmp")
     ray.init(namespace="llumnix-test", include_dashboard=False, log_to_driver=False, num_cpus=8,
              _temp_dir=temp, ignore_reinit_error=True)
     yield ray

@@ -8,9 +8,9 @@ import logging
 import pytest
 
 
-@pytest.mark.parametrize("module", ["llumnix_py.frontend.supervision", "llumnix_py.frontend.receiver", "llumnix_py.server.app", "llumnix_py.server.errors",
-                                    "llumnix_py.server.frontend", "llumnix_py.server.generation",
-                                    "migration.security"])
+@pytest.mark.parametrize("module", ["llumnix_py.frontend.supervision", "llumnix_py.frontend.receiver",
+                                    "llumnix_py.server.app", "llumnix_py.server.errors", "llumnix_py.server.frontend",
+                                    "llumnix_py.server.generation", "migration.security"])
 def test_module_loggers_are_named_after_their_module(module):
     mod = importlib.import_module(module)
     assert isinstance(mod.log, logging.Logger) and mod.log.name == module
