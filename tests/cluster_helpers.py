@@ -160,10 +160,7 @@ class HoldOutputs:
 
         E.g. ``run_until(lambda: all(h.token_ids for h in handles))``: every request is
         running and none can have finished (each batch adds one token a request)."""
-        self.wait_held()
-        while not cond():
-            if not self.step():
-                raise AssertionError(f"{self.instance_id} stopped before {what}")
+        step_until(self, cond, what)
 
     @property
     def holds(self) -> int:
@@ -189,6 +186,15 @@ class HoldOutputs:
         self.release()
         if self._cluster is not None and self._cluster.on_outputs is self._hooked:
             self._cluster.on_outputs = self._inner  # type: ignore[method-assign]
+
+
+def step_until(gate, cond, what: str = "condition") -> None:
+    """Let a held engine (``HoldOutputs`` or ``tests.ray_gates.RayEngineGate``) run one batch at
+    a time until ``cond()`` holds; it is held after. Fails if it stops being held first."""
+    gate.wait_held()
+    while not cond():
+        if not gate.step():
+            raise AssertionError(f"{gate.instance_id} stopped before {what}")
 
 
 class InLockstep:

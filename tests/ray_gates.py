@@ -128,10 +128,7 @@ class RayEngineGate:
 
     def run_until(self, cond, what: str = "condition") -> None:
         """Let batches through one at a time until ``cond()`` holds; the engine is held after."""
-        self.wait_held()
-        while not cond():
-            if not self.step():
-                raise AssertionError(f"{self.instance_id} stopped before {what}")
+        cluster_helpers.step_until(self, cond, what)
 
     @property
     def holds(self) -> int:
