@@ -32,6 +32,19 @@ def pytest_configure(config):
         torch.set_num_threads(n)
 
 
+RAY_HANG_GUARD_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    """A Ray test's hang guard is longer than the suite's 300 s: on a busy machine each actor
+    takes many seconds to start, and the guard is there to catch a hang, not to time a test
+    (a test with its own ``timeout`` mark keeps it)."""
+    for item in items:
+        uses_ray = item.get_closest_marker("ray") is not None or "ray_session" in getattr(item, "fixturenames", ())
+        if uses_ray and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(RAY_HANG_GUARD_S))
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """``torch.set_num_threads`` is process-wide: whatever a test (or code it ran) set, the
