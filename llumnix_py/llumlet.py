@@ -193,7 +193,8 @@ class Llumlet:
                 if core.step_due():
                     out, groups = core.step()
                 lapsed = core.on_timer(self.clock())
-                claims = core.claims_due(self.clock()) if core.dest.parked or core.has_unresolved() else []
+                claims = core.claims_due(self.clock()) if self.ownership is not None and (
+                    core.dest.parked or core.has_unresolved()) else []
                 if out is not None or refused:  # idle: a poll finds the lock free and reads a fresh load
                     self._snapshot = self.engine.load()
             for target, outs in list(lapsed.items()) + list(refused.items()):
