@@ -172,6 +172,15 @@ class OutgoingMigrations:
     def _recover(self, machine: SourceMigration, exc: Exception) -> MigrationResult:
         # Once a commit was sent, only the arbiter may unfreeze the request (the destination
         # may hold it parked): keep it frozen and let the engine loop claim it.
+        if machine.handed_over:  # the destination runs it: this copy only has to go
+            with self._locked():
+                try:
+                    self._core.engine.free_src(machine.request_id)
+                except LlumnixError:
+                    pass
+            return MigrationResult(machine.migration_id, machine.request_id, MigrationStatus.FINISHED,
+                                   f"{type(exc).__name__}: {exc}", machine.config.mode.value, machine.stages,
+                                   machine.blocks_sent, 0.0, 0.0)
         unresolved = machine.frozen and machine.commit_sent
         if not unresolved:
             with self._locked():

@@ -13,12 +13,13 @@ Stages of a running request (``n`` = blocks of the request on the source)::
     ^ request keeps decoding on S ^   ^ downtime: only this part ^
 
     QueryBlocks(sent, last=False) -> PreAlloc(k) -> CopyBlocks -> ... (at most ``max_stages``)
-    Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> FreeSrc -> Activate
+    Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> Activate -> FreeSrc
 
-A waiting request has no KV: Freeze -> Commit(state) -> FreeSrc -> Activate.
+A waiting request has no KV: Freeze -> Commit(state) -> Activate -> FreeSrc.
 
-The destination's commit parks the request; ``Activate`` lets it run there, after
-the source freed its copy, so at no time do both run it. A commit whose reply was
+The destination's commit parks the request; ``Activate`` lets it run there. The
+source sends it once it knows the commit went through (its copy stays frozen for
+good, then is freed), so at no time do both run it. A commit whose reply was
 lost is settled by an ``Abort``: answered ``ALREADY_COMMITTED`` (the destination
 runs it: FreeSrc) or ok (the parked copy is dropped: roll back). When no abort is
 answered either, the source claims the request from the ownership arbiter
@@ -116,12 +117,13 @@ class Commit:
 
 @dataclass(frozen=True)
 class FreeSrc:
-    """Source engine: ``free_src(request_id)``; reply ``SrcFreed``."""
+    """Source engine: ``free_src(request_id)``. Then the migration is FINISHED."""
 
 
 @dataclass(frozen=True)
 class Activate:
-    """Destination: run the parked request; reply ``Activated``. Then the migration is FINISHED."""
+    """Destination: run the parked request; reply ``Activated``. The source's copy is
+    frozen for good from here on (``FreeSrc`` follows)."""
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,9 @@ class SourceMigration:
     state: Optional[MigrationRequestState] = None
     reason: str = ""
     commit_sent: bool = False  # a Commit went out: from now on only its answer (or the arbiter) unfreezes
+    handed_over: bool = False  # the destination runs it (Activate or FreeSrc issued): never unfreeze again
     unresolved: bool = False  # ended frozen: the arbiter never answered (the llumlet keeps claiming)
     _pending: Optional[Action] = None
-    _activate: bool = True  # after FreeSrc: the destination waits for Activate
     _src_ids: tuple[int, ...] = ()
 
     def start(self) -> Action:
@@ -264,19 +266,18 @@ class SourceMigration:
                 why = f"commit failed: {event.error}"
                 return self._expect(Rollback(unfreeze=True, abort_dst=True, status=MigrationStatus.ABORTED_DST,
                                              reason=why, uncertain=event.uncertain))
+            return self._expect(Activate())
+        if isinstance(pending, Activate) and isinstance(event, Activated):
+            if not event.ok:
+                self.reason = f"activation unanswered ({event.error}): the destination claims it"
             return self._expect(FreeSrc())
         if isinstance(pending, FreeSrc) and isinstance(event, SrcFreed):
-            if self._activate:
-                return self._expect(Activate())
-            return self._finish(MigrationStatus.FINISHED, "")
-        if isinstance(pending, Activate) and isinstance(event, Activated):
-            why = "" if event.ok else f"activation unanswered ({event.error}): the destination claims it"
-            return self._finish(MigrationStatus.FINISHED, why)
+            return self._finish(MigrationStatus.FINISHED, self.reason)
         if isinstance(pending, ClaimOwnership) and isinstance(event, OwnershipDecided):
             return self._on_owner(event)
         if isinstance(pending, Rollback) and isinstance(event, RolledBack):
-            if event.committed_on_dst and self.frozen:
-                self._activate = False  # it answered ALREADY_COMMITTED: it runs there already
+            if event.committed_on_dst and self.frozen:  # ALREADY_COMMITTED: it runs there already
+                self.reason = ""
                 return self._expect(FreeSrc())  # the commit went through; only its reply was lost
             if event.unanswered and pending.uncertain and self.frozen:
                 self.reason = pending.reason
@@ -344,7 +345,8 @@ class SourceMigration:
             self.unresolved = True
             return self._finish(MigrationStatus.ABORTED_DST, f"{self.reason}; ownership unresolved, kept frozen")
         if event.owner == "destination":
-            return self._expect(FreeSrc())  # Activate follows: it may still be parked there
+            self.reason = ""
+            return self._expect(Activate())  # it may still be parked there
         return self._expect(Rollback(unfreeze=True, abort_dst=True, status=MigrationStatus.ABORTED_DST,
                                      reason=f"{self.reason}; the arbiter gave it to the source", best_effort=True))
 
@@ -360,6 +362,8 @@ class SourceMigration:
     def _expect(self, action: Action) -> Action:
         if isinstance(action, Commit):
             self.commit_sent = True
+        if isinstance(action, (Activate, FreeSrc)) and self.frozen:
+            self.handed_over = True
         self._pending = action
         return action
 

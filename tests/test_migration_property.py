@@ -84,6 +84,9 @@ class FaultyPort:
             return ok, err
         return self.inner.commit(mid, state)
 
+    def activate(self, mid):
+        return self.inner.activate(mid)
+
     def abort(self, mid, reason):
         if self.fault == "abort_lost":
             self.abort_lost = True

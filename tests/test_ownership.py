@@ -101,9 +101,9 @@ def test_the_arbiter_gives_it_to_the_destination():
     m = committed_machine()
     m.on(p.Committed(False, "timeout", uncertain=True))
     m.on(p.RolledBack(unanswered=True))
-    assert m.on(p.OwnershipDecided("destination")) == p.FreeSrc()
-    assert m.on(p.SrcFreed()) == p.Activate()
-    assert m.on(p.Activated(False, "lost")).status == MigrationStatus.FINISHED
+    assert m.on(p.OwnershipDecided("destination")) == p.Activate()
+    assert m.on(p.Activated(False, "lost")) == p.FreeSrc()
+    assert m.on(p.SrcFreed()).status == MigrationStatus.FINISHED
 
 
 def test_no_answer_from_the_arbiter_ends_unresolved_and_frozen():
