@@ -225,8 +225,8 @@ class Llumlet:
             return self.core.handle(msg, payload, self.clock()).to_header()
         with self._locked():
             reply = self.core.handle(msg, payload, self.clock())
-        if reply.ok and isinstance(msg, wire.Commit):
-            self._wake.set()
+        if reply.ok and isinstance(msg, wire.Activate):
+            self._wake.set()  # the request runs from the next step on (a commit only parked it)
         return reply.to_header()
 
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,
