@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from llumnix_py.engines.types import MigrationRequestState, Request
     from llumnix_py.load import InstanceLoad
     from migration.driver import MigrationResult
+    from migration.ownership import OwnershipPort
 
 
 class InstanceDiedError(LlumnixError):
@@ -93,6 +94,10 @@ class InstanceLauncher(abc.ABC):
 
     @abc.abstractmethod
     def terminate(self, handle: InstanceHandle) -> None: ...
+
+    def bind_ownership(self, port: OwnershipPort) -> None:
+        """The scheduler's ownership arbiter, for the instances launched from now on (a
+        launcher whose instances reach the scheduler another way ignores it)."""
 
     def fence(self, handle: InstanceHandle) -> None:
         """Make sure an instance declared dead really is (it may only be unresponsive), so

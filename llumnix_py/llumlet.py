@@ -13,6 +13,10 @@ Threads (all started in ``start``, joined in ``stop``)::
     migration workers ─ lock ─ incremental_blocks / freeze / free_src / unfreeze
                       (no lock) read_blocks of full or frozen blocks, sending
                                (``llumnix_py.llumlet_migration.OutgoingMigrations``)
+    ownership claims ── claim lock, then lock ── ask the arbiter (``ownership``), apply
+                               its answer; ``held`` and ``resume_request`` wait for a
+                               claim in flight, so a census never misses a copy that
+                               the arbiter just gave to this instance
 
 Faults: a frontend renews a lease on its ``reply_to`` address (``renew_lease``,
 about every second); when a lease is not renewed for ``lease_timeout_s`` the
@@ -27,6 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
 from llumnix_py.engines.base import EngineAdapter
@@ -37,15 +42,21 @@ from llumnix_py.llumlet_types import LlumletConfig, TokenSink
 from llumnix_py.load import InstanceLoad
 from migration import wire
 from migration.driver import MigrationResult
+from migration.ownership import Owner, OwnershipPort, ask
 from migration.protocol import MigrationConfig
 from migration.transports import get_transport
 
 
 class Llumlet:
-    """Runs one engine instance and its migrations: the threaded driver of a ``LlumletCore``."""
+    """Runs one engine instance and its migrations: the threaded driver of a ``LlumletCore``.
+
+    ``ownership`` reaches the global scheduler's ownership arbiter (``migration.ownership``);
+    without one (a llumlet outside a cluster), a migration whose commit outcome stays
+    unknown keeps its request frozen, and a parked copy stays parked.
+    """
 
     def __init__(self, config: LlumletConfig, engine: EngineAdapter, sink: TokenSink,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, ownership: Optional[OwnershipPort] = None) -> None:
         self.config = config
         self.engine = engine
         self.sink = sink
@@ -64,7 +75,10 @@ class Llumlet:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._snapshot: Optional[InstanceLoad] = None  # the load after the latest step
-        self._outgoing = OutgoingMigrations(self.core, self._locked, self._migration_done)
+        self.ownership = ownership
+        self._claim_lock = threading.Lock()
+        self._claims: Optional[ThreadPoolExecutor] = None
+        self._outgoing = OutgoingMigrations(self.core, self._locked, self._migration_done, self._claim_port)
         self._thread: Optional[threading.Thread] = None
         self._server = None
         self.address = ""
@@ -76,6 +90,7 @@ class Llumlet:
         self._server = server_cls(self._handle_migration_message, host=self.config.host, secret=self.config.secret)
         self.address = self._server.start()
         self._outgoing.start()
+        self._claims = ThreadPoolExecutor(1, thread_name_prefix=f"claims-{self.instance_id}")
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.instance_id}", daemon=True)
         self._thread.start()
         return self.address
@@ -86,6 +101,8 @@ class Llumlet:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._outgoing.stop()
+        if self._claims is not None:
+            self._claims.shutdown(wait=True, cancel_futures=True)
         if self._server is not None:
             self._server.stop()
         self.sink.close()
@@ -123,7 +140,7 @@ class Llumlet:
         Returns False if the request is already here (a migration brought it in).
         Raises ``InvalidRequestError`` if it was aborted here or does not fit.
         """
-        with self._locked():
+        with self._claim_lock, self._locked():
             resumed = self.core.resume(state, self.clock())
         if resumed:
             self._wake.set()
@@ -131,7 +148,7 @@ class Llumlet:
 
     def held(self, request_ids: Sequence[str]) -> list[str]:
         """Those of ``request_ids`` that are here (running, waiting, or migrating out)."""
-        with self._locked():
+        with self._claim_lock, self._locked():
             return self.core.held(request_ids)
 
     def renew_lease(self, reply_to: str) -> None:
@@ -176,11 +193,16 @@ class Llumlet:
                 if core.step_due():
                     out, groups = core.step()
                 lapsed = core.on_timer(self.clock())
+                claims = core.claims_due(self.clock()) if self.ownership is not None and (
+                    core.dest.parked or core.has_unresolved()) else []
                 if out is not None or refused:  # idle: a poll finds the lock free and reads a fresh load
                     self._snapshot = self.engine.load()
             for target, outs in list(lapsed.items()) + list(refused.items()):
                 if not core.dead:
                     self.sink.emit(self.instance_id, target, outs)
+            for mid, side in claims:
+                if self._claims is not None:
+                    self._claims.submit(self._claim, mid, side)
             if out is None:
                 self._wake.wait(self.config.idle_wait_s)
                 self._wake.clear()
@@ -203,8 +225,8 @@ class Llumlet:
             return self.core.handle(msg, payload, self.clock()).to_header()
         with self._locked():
             reply = self.core.handle(msg, payload, self.clock())
-        if reply.ok and isinstance(msg, wire.Commit):
-            self._wake.set()
+        if reply.ok and isinstance(msg, wire.Activate):
+            self._wake.set()  # the request runs from the next step on (a commit only parked it)
         return reply.to_header()
 
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,
@@ -220,6 +242,21 @@ class Llumlet:
                     config: Optional[MigrationConfig] = None) -> MigrationResult:
         """Migrate in the caller's thread and return the result (benchmarks, tests)."""
         return self._outgoing.run_now(request_id, dst_address, migration_id, waiting, config)
+
+    def _claim_port(self, migration_id: str, side: Owner) -> Owner:
+        """The arbiter, as this instance reaches it; nothing once crashed (as if gone)."""
+        if self.core.dead or self.ownership is None:
+            raise ConnectionError(f"instance {self.instance_id} cannot reach the ownership arbiter")
+        return self.ownership(migration_id, side)
+
+    def _claim(self, migration_id: str, side: Owner) -> None:
+        """One claim (a claims thread) and its answer applied; unanswered, it is due again later."""
+        with self._claim_lock:
+            owner = ask(self._claim_port, migration_id, side)
+            with self._locked():
+                woke = self.core.on_owner(migration_id, side, owner, self.clock())
+        if woke:
+            self._wake.set()
 
     def _migration_done(self, result: MigrationResult) -> None:
         self.results.append(result)

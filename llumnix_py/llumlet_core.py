@@ -15,6 +15,11 @@
   ``max_outgoing`` at most) and what their end changes (``end_migration``); as
   destination, every message from a source (``handle``; ``max_incoming`` at most,
   silent sources expire in ``on_timer``);
+* ownership: a committed request is parked until the source activates it; a copy
+  parked too long, or a request the source kept frozen because the arbiter did not
+  answer, is due for a claim (``claims_due``); the driver asks the arbiter and hands
+  the answer back (``on_owner``). A parked copy is not held (``held``): it never
+  emits, and the arbiter gives it to the source side once that side died;
 * death: a crashed core (``crash``) serves, publishes and sends nothing more.
 
 It owns no threads, sockets, sleeps or clocks. Two drivers run it: the threaded
@@ -41,6 +46,7 @@ from llumnix_py.load import InstanceLoad, RequestLoad
 from migration import wire
 from migration.destination import DestinationMigrations
 from migration.driver import MigrationResult
+from migration.ownership import Owner
 from migration.protocol import MigrationStatus
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,7 @@ class LlumletCore:
         self._leases: dict[str, float] = {}  # reply_to -> last renewal (or first request)
         self._tombstones: "OrderedDict[str, float]" = OrderedDict()  # aborted request id -> when
         self._outgoing: dict[str, str] = {}  # request id -> migration id
+        self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
         self._dead = False
 
     # ----- admission -----------------------------------------------------------------------
@@ -131,17 +138,21 @@ class LlumletCore:
             return False
         if rid in self._tombstones:
             raise InvalidRequestError(f"request {rid} was aborted")
-        # A half-done migration of this request from the dead instance: its reservation goes now.
+        # A half-done migration of this request from the dead instance: its reservation (or
+        # its parked copy, which the arbiter gives to the source side now) goes now.
         for mid, rec in list(self.dest.incoming.items()):
             if rec.request_id == rid:
                 self.dest.handle(wire.Abort(mid, "request resumed by recomputation"), None, now)
+        for mid in self.dest.parked_for(rid):
+            self.dest.drop_parked(mid)
         self.engine.commit_dst(state)
         self._track(rid, state.reply_to, now)
         self.stats.resumed += 1
         return True
 
     def held(self, request_ids: Sequence[str]) -> list[str]:
-        """Those of ``request_ids`` that are here (running, waiting, queued or migrating out)."""
+        """Those of ``request_ids`` that are here (running, waiting, queued or migrating out;
+        not a parked copy, which runs only if the arbiter gives it to this side)."""
         return [r for r in request_ids if self.has_request(r)]
 
     def has_request(self, request_id: str) -> bool:
@@ -162,6 +173,11 @@ class LlumletCore:
     def abort(self, request_id: str, now: float) -> bool:
         """Abort wherever the request is here; True if it was here. Remembered for a while."""
         self._remember_abort(request_id, now)
+        parked = self.dest.parked_for(request_id)
+        for mid in parked:
+            self.dest.drop_parked(mid)
+        if parked:
+            return True
         if self._drop_from_inbox(request_id):
             return True
         if request_id in self._outgoing:
@@ -261,7 +277,8 @@ class LlumletCore:
         return dataclasses.replace(engine_load, waiting=engine_load.waiting + extra)
 
     def is_idle(self) -> bool:
-        return not self.engine.has_unfinished() and not self._outgoing and not self.dest.incoming
+        return (not self.engine.has_unfinished() and not self._outgoing and not self.dest.incoming
+                and not self.dest.parked and not self._unresolved)
 
     # ----- migration: source side ----------------------------------------------------------
     def begin_migration(self, request_id: str, migration_id: str, bounded: bool = True) -> bool:
@@ -281,7 +298,9 @@ class LlumletCore:
         """A migration out ended: forget a request that left, abort one aborted meanwhile."""
         rid = result.request_id
         self._outgoing.pop(rid, None)
-        if result.status == MigrationStatus.FINISHED:
+        if result.unresolved:  # still frozen here and held: claimed again from ``claims_due``
+            self._unresolved[result.migration_id] = (rid, float("-inf"))
+        elif result.status == MigrationStatus.FINISHED:
             self._reply_to.pop(rid, None)
         elif rid in self._tombstones:
             try:
@@ -305,11 +324,56 @@ class LlumletCore:
         if rid is not None and rid in self._tombstones and not isinstance(msg, wire.Abort):
             self.dest.handle(wire.Abort(getattr(msg, "migration_id", ""), "aborted"), None, now)
             return wire.Reply(ok=False, error=f"request {rid} was aborted")
+        parked = self.dest.parked.get(msg.migration_id) if isinstance(msg, wire.Activate) else None
         reply = self.dest.handle(msg, payload, now)
-        if reply.ok and isinstance(msg, wire.Commit):
-            self._track(msg.state.request_id, msg.state.reply_to, now)
+        if reply.ok and parked is not None:
+            self._track(parked.request_id, parked.reply_to, now)
             self.stats.migrations_in += 1
         return reply
+
+    # ----- ownership of migrating requests (``migration.ownership``) -------------------------
+    def claims_due(self, now: float) -> list[tuple[str, Owner]]:
+        """``(migration id, side)`` to claim from the arbiter now: copies parked here past
+        the migration timeout, and requests kept frozen after their arbiter went silent.
+        Each is listed again only after ``claim_retry_s`` (a claim in flight)."""
+        if self._dead:
+            return []
+        retry = self.config.claim_retry_s
+        due = [(m, Owner.DESTINATION) for m, _ in self.dest.claims_due(now, retry)] if self.dest.parked else []
+        for mid, (rid, at) in list(self._unresolved.items()):
+            if now >= at:
+                self._unresolved[mid] = (rid, now + retry)
+                due.append((mid, Owner.SOURCE))
+        return due
+
+    def has_unresolved(self) -> bool:
+        return bool(self._unresolved)
+
+    def on_owner(self, migration_id: str, side: Owner, owner: Optional[Owner], now: float) -> bool:
+        """The arbiter's answer to a claim of ``side`` (None: no answer, claim again later).
+        True when a request was activated or unfrozen here (the engine has work)."""
+        if owner is None or self._dead:
+            return False
+        if side == Owner.DESTINATION:
+            parked = self.dest.settle(migration_id, owner)
+            if parked is None:
+                return False
+            self._track(parked.request_id, parked.reply_to, now)
+            self.stats.migrations_in += 1
+            return True
+        got = self._unresolved.pop(migration_id, None)
+        if got is None:
+            return False
+        rid = got[0]
+        try:
+            if owner == Owner.SOURCE:
+                self.engine.unfreeze(rid)
+                return True
+            self.engine.free_src(rid)  # the destination won: it runs the request
+        except LlumnixError:
+            pass  # aborted meanwhile
+        self._reply_to.pop(rid, None)
+        return False
 
     # ----- death ---------------------------------------------------------------------------
     def crash(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, ContextManager, Optional
 from llumnix_py.errors import LlumnixError
 from llumnix_py.llumlet_core import LlumletCore
 from migration.driver import MigrationDriver, MigrationResult, TransportPort
+from migration.ownership import OwnershipPort
 from migration.protocol import MigrationConfig, MigrationStatus, SourceMigration
 from migration.transports import MigrationTransport, TransportError, get_transport
 
@@ -93,10 +94,14 @@ class OutgoingMigrations:
         core: the llumlet's core (admission of migrations, and their end).
         locked: the llumlet's engine lock, as a context manager factory.
         on_done: called with each result, without the lock.
+        ownership: the arbiter, for a commit whose outcome stays unknown (claimed for
+            ``migration_timeout_s``, then by the engine loop while the request stays frozen).
     """
 
-    def __init__(self, core: LlumletCore, locked: Locked, on_done: Callable[[MigrationResult], None]) -> None:
+    def __init__(self, core: LlumletCore, locked: Locked, on_done: Callable[[MigrationResult], None],
+                 ownership: Optional[OwnershipPort] = None) -> None:
         self._core = core
+        self._ownership = ownership
         self._locked = locked
         self._on_done = on_done
         self._config = core.config
@@ -149,7 +154,10 @@ class OutgoingMigrations:
         try:
             transport = UnlessCrashed(self._core, self._transport(dst_address))
             port = TransportPort(transport, source)  # type: ignore[arg-type]
-            result = MigrationDriver(source, port).run(machine)
+            driver = MigrationDriver(source, port, ownership=self._ownership,
+                                     claim_timeout_s=self._config.migration_timeout_s,
+                                     claim_retry_s=self._config.claim_retry_s)
+            result = driver.run(machine)
         except Exception as exc:  # a bug or a broken connection: never leave the request frozen
             log.exception("migration %s of %s failed", migration_id, request_id)
             self._drop_transport(dst_address)
@@ -162,15 +170,28 @@ class OutgoingMigrations:
         return result
 
     def _recover(self, machine: SourceMigration, exc: Exception) -> MigrationResult:
-        with self._locked():
-            try:
-                if machine.frozen:
-                    self._core.engine.unfreeze(machine.request_id)
-            except LlumnixError:
-                pass
+        # Once a commit was sent, only the arbiter may unfreeze the request (the destination
+        # may hold it parked): keep it frozen and let the engine loop claim it.
+        if machine.handed_over:  # the destination runs it: this copy only has to go
+            with self._locked():
+                try:
+                    self._core.engine.free_src(machine.request_id)
+                except LlumnixError:
+                    pass
+            return MigrationResult(machine.migration_id, machine.request_id, MigrationStatus.FINISHED,
+                                   f"{type(exc).__name__}: {exc}", machine.config.mode.value, machine.stages,
+                                   machine.blocks_sent, 0.0, 0.0)
+        unresolved = machine.frozen and machine.commit_sent
+        if not unresolved:
+            with self._locked():
+                try:
+                    if machine.frozen:
+                        self._core.engine.unfreeze(machine.request_id)
+                except LlumnixError:
+                    pass
         return MigrationResult(machine.migration_id, machine.request_id, MigrationStatus.ABORTED_DST,
                                f"{type(exc).__name__}: {exc}", machine.config.mode.value, machine.stages,
-                               machine.blocks_sent, 0.0, 0.0)
+                               machine.blocks_sent, 0.0, 0.0, unresolved=unresolved)
 
     def _drop_transport(self, address: str) -> None:
         t = self._transports.pop(address, None)

@@ -32,7 +32,10 @@ class LlumletConfig:
         host: address the migration server binds (loopback by default).
         migration: stages, last-stage threshold, mode.
         max_outgoing / max_incoming: concurrent migrations as source / destination.
-        migration_timeout_s: transport timeout; a silent source's reservation is freed after it.
+        migration_timeout_s: transport timeout; a silent source's reservation is freed after it,
+            a copy parked this long (never activated) is claimed from the ownership arbiter,
+            and a source retries its own claim this long before it hands it to the engine loop.
+        claim_retry_s: how often an unanswered ownership claim is repeated.
         chunk_blocks: blocks per KV message (pipelining granularity).
         idle_wait_s: engine loop sleep when there is nothing to run.
         gil_switch_interval_s: the Python thread switch interval a process running a
@@ -54,6 +57,7 @@ class LlumletConfig:
     max_outgoing: int = 1
     max_incoming: int = 1
     migration_timeout_s: float = 10.0
+    claim_retry_s: float = 0.2
     chunk_blocks: int = 256
     idle_wait_s: float = 0.01
     lease_timeout_s: Optional[float] = 30.0
@@ -66,6 +70,8 @@ class LlumletConfig:
         if self.lease_timeout_s is not None and self.lease_timeout_s <= 0:
             raise ValueError("lease_timeout_s must be positive (or None)")
         check_transport_name(self.transport)
+        if self.claim_retry_s <= 0:
+            raise ValueError("claim_retry_s must be positive")
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
 

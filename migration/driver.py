@@ -4,6 +4,8 @@ The driver owns the clock and the wires; the protocol machine owns the decisions
 ``SourcePort`` is the source engine (the llumlet hands in a view that takes its
 engine lock per call); ``DestinationPort`` is the destination, reached through a
 transport (``TransportPort``) or directly (``LocalPort``, for tests and the simulator).
+``ownership`` reaches the arbiter (``migration.ownership``) for the rare migration
+whose commit reply and aborts were all lost.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import LlumnixError
 from migration import protocol as p
 from migration import wire
+from migration.ownership import Owner, OwnershipPort, ask
 from migration.transports.base import MigrationTransport, TransportError
 
 
@@ -33,7 +36,10 @@ class DestinationPort(Protocol):
     def pre_alloc(self, migration_id: str, request_id: str, n: int) -> tuple[Optional[tuple[int, ...]], str]: ...
     def copy(self, migration_id: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> None: ...
     def commit(self, migration_id: str, state: MigrationRequestState) -> tuple[bool, str]: ...
-    def abort(self, migration_id: str, reason: str) -> bool: ...  # True: the destination had committed
+    def activate(self, migration_id: str) -> tuple[bool, str]: ...
+    # True: the destination runs the request (ALREADY_COMMITTED); False: it does not
+    # (any parked copy dropped); None: no answer.
+    def abort(self, migration_id: str, reason: str, attempts: int = 3) -> Optional[bool]: ...
 
 
 class TransportPort:
@@ -59,19 +65,23 @@ class TransportPort:
         reply = self.transport.call(wire.Commit(migration_id, state))
         return reply.ok, reply.error or ""
 
+    def activate(self, migration_id):
+        reply = self.transport.call(wire.Activate(migration_id))
+        return reply.ok, reply.error or ""
+
     ABORT_ATTEMPTS = 3
 
-    def abort(self, migration_id, reason):
-        # After a lost commit reply only the destination knows whether it committed, so
-        # try more than once before concluding it is gone (then the request runs on here;
-        # a destination that is merely partitioned for longer would keep a second copy).
-        for _ in range(self.ABORT_ATTEMPTS):
+    def abort(self, migration_id, reason, attempts=ABORT_ATTEMPTS):
+        # After a lost commit reply only the destination knows whether it committed (a
+        # parked copy is dropped by the abort), so try more than once; with no answer at
+        # all the caller asks the ownership arbiter (``None``).
+        for _ in range(attempts):
             try:
                 reply = self.transport.call(wire.Abort(migration_id, reason[: wire.MAX_TEXT_LEN]))
             except TransportError:
                 continue
             return reply.is_already_committed
-        return False  # unreachable: it frees any reservation itself after its timeout
+        return None  # unreachable: it frees a reservation after its timeout, claims a parked copy
 
 
 class MessageHandler(Protocol):
@@ -114,7 +124,11 @@ class LocalPort:
         reply = self._handle(wire.Commit(migration_id, state))
         return reply.ok, reply.error or ""
 
-    def abort(self, migration_id, reason):
+    def activate(self, migration_id):
+        reply = self._handle(wire.Activate(migration_id))
+        return reply.ok, reply.error or ""
+
+    def abort(self, migration_id, reason, attempts=1):
         reply = self._handle(wire.Abort(migration_id, reason))
         return reply.is_already_committed
 
@@ -131,17 +145,32 @@ class MigrationResult:
     stages: int
     blocks: int
     total_s: float
-    downtime_s: float  # from freeze to commit: the request made no progress
-    committed_at: float = 0.0
+    downtime_s: float  # from freeze to activation on the destination: the request made no progress
+    committed_at: float = 0.0  # when the destination was activated (the end of the downtime)
+    unresolved: bool = False  # kept frozen: the ownership arbiter did not answer (the llumlet keeps asking)
 
 
 class MigrationDriver:
-    """Runs one migration to completion, or executes its actions one at a time."""
+    """Runs one migration to completion, or executes its actions one at a time.
 
-    def __init__(self, src: SourcePort, dst: DestinationPort, clock: Callable[[], float] = time.perf_counter) -> None:
+    Args:
+        src, dst: the source engine and the destination.
+        clock: for the downtime and the claim deadline.
+        ownership: the arbiter, for a migration whose commit outcome stays unknown.
+        claim_timeout_s: how long a claim is retried (``claim_retry_s`` apart, with
+            ``sleep``) before the migration ends with the request kept frozen.
+    """
+
+    def __init__(self, src: SourcePort, dst: DestinationPort, clock: Callable[[], float] = time.perf_counter,
+                 ownership: Optional[OwnershipPort] = None, claim_timeout_s: float = 10.0,
+                 claim_retry_s: float = 0.2, sleep: Callable[[float], None] = time.sleep) -> None:
         self.src = src
         self.dst = dst
         self.clock = clock
+        self.ownership = ownership
+        self.claim_timeout_s = claim_timeout_s
+        self.claim_retry_s = claim_retry_s
+        self.sleep = sleep
         self._frozen_at: Optional[float] = None
         self._committed_at: Optional[float] = None
 
@@ -156,7 +185,7 @@ class MigrationDriver:
         committed = self._committed_at
         downtime = (committed - frozen) if (frozen is not None and committed is not None) else 0.0
         return MigrationResult(m.migration_id, m.request_id, m.status, m.reason, m.config.mode.value,
-                               m.stages, m.blocks_sent, end - t0, downtime, committed or 0.0)
+                               m.stages, m.blocks_sent, end - t0, downtime, committed or 0.0, m.unresolved)
 
     def execute(self, m: p.SourceMigration, action: p.Action) -> p.Event:
         rid, mid = m.request_id, m.migration_id
@@ -182,25 +211,60 @@ class MigrationDriver:
         if isinstance(action, p.Commit):
             try:
                 ok, err = self.dst.commit(mid, action.state)
-            except (TransportError, LlumnixError) as exc:
+            except TransportError as exc:  # no reply: it may have committed (and parked) or not
+                return p.Committed(False, str(exc), uncertain=True)
+            except LlumnixError as exc:
                 ok, err = False, str(exc)
-            if ok:
-                self._committed_at = self.clock()
             return p.Committed(ok, err)
         if isinstance(action, p.FreeSrc):
             self.src.free_src(rid)
             return p.SrcFreed()
+        if isinstance(action, p.Activate):
+            try:
+                ok, err = self.dst.activate(mid)
+            except (TransportError, LlumnixError) as exc:
+                ok, err = False, str(exc)
+            self._committed_at = self.clock()
+            return p.Activated(ok, err)
+        if isinstance(action, p.ClaimOwnership):
+            return p.OwnershipDecided(self._claim(mid))
         if isinstance(action, p.Rollback):
-            committed = self.dst.abort(mid, action.reason) if action.abort_dst else False
-            if committed:
-                self._committed_at = self.clock()
-                return p.RolledBack(committed_on_dst=True)
-            if action.unfreeze:
-                self.src.unfreeze(rid)
-            else:
-                try:  # end an aborted pre-copy: the request must not stay marked as migrating
-                    self.src.unfreeze(rid)
-                except LlumnixError:
-                    pass  # the request left the source, or never started a pre-copy
-            return p.RolledBack()
+            return self._rollback(rid, mid, action)
         raise TypeError(f"unknown action {action!r}")
+
+    def _claim(self, mid: str) -> Optional[str]:
+        """Claim the request for the source until the arbiter answers or the deadline passes."""
+        deadline = self.clock() + self.claim_timeout_s
+        while True:
+            owner = ask(self.ownership, mid, Owner.SOURCE)
+            if owner is not None:
+                return owner.value
+            if self.ownership is None or self.clock() >= deadline:
+                return None
+            self.sleep(self.claim_retry_s)
+
+    def _rollback(self, rid: str, mid: str, action: p.Rollback) -> p.Event:
+        if action.best_effort:  # the arbiter decided for the source: run on, then tell the destination
+            self.src.unfreeze(rid)
+            try:
+                self.dst.abort(mid, action.reason, attempts=1)
+            except (TransportError, LlumnixError):
+                pass
+            return p.RolledBack()
+        try:
+            committed = self.dst.abort(mid, action.reason) if action.abort_dst else False
+        except (TransportError, LlumnixError):
+            committed = None
+        if committed:
+            self._committed_at = self.clock()
+            return p.RolledBack(committed_on_dst=True)
+        if committed is None and action.uncertain:
+            return p.RolledBack(unanswered=True)  # still frozen: only the arbiter may decide now
+        if action.unfreeze:
+            self.src.unfreeze(rid)
+        else:
+            try:  # end an aborted pre-copy: the request must not stay marked as migrating
+                self.src.unfreeze(rid)
+            except LlumnixError:
+                pass  # the request left the source, or never started a pre-copy
+        return p.RolledBack()

@@ -13,9 +13,17 @@ Stages of a running request (``n`` = blocks of the request on the source)::
     ^ request keeps decoding on S ^   ^ downtime: only this part ^
 
     QueryBlocks(sent, last=False) -> PreAlloc(k) -> CopyBlocks -> ... (at most ``max_stages``)
-    Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> FreeSrc
+    Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> Activate -> FreeSrc
 
-A waiting request has no KV: Freeze -> Commit(state) -> FreeSrc.
+A waiting request has no KV: Freeze -> Commit(state) -> Activate -> FreeSrc.
+
+The destination's commit parks the request; ``Activate`` lets it run there. The
+source sends it once it knows the commit went through (its copy stays frozen for
+good, then is freed), so at no time do both run it. A commit whose reply was
+lost is settled by an ``Abort``: answered ``ALREADY_COMMITTED`` (the destination
+runs it: FreeSrc) or ok (the parked copy is dropped: roll back). When no abort is
+answered either, the source claims the request from the ownership arbiter
+(``ClaimOwnership``, ``migration.ownership``) and stays frozen until it has an answer.
 
 Rollback is one path: unfreeze on the source if frozen, tell the destination to
 free its reservation, and report which side aborted (``ABORTED_SRC``: the request
@@ -113,14 +121,33 @@ class FreeSrc:
 
 
 @dataclass(frozen=True)
+class Activate:
+    """Destination: run the parked request; reply ``Activated``. The source's copy is
+    frozen for good from here on (``FreeSrc`` follows)."""
+
+
+@dataclass(frozen=True)
+class ClaimOwnership:
+    """Ask the ownership arbiter for the request (the commit's outcome is unknown); reply
+    ``OwnershipDecided``. The source stays frozen meanwhile."""
+
+
+@dataclass(frozen=True)
 class Rollback:
     """Undo: ``unfreeze`` on the source if ``unfreeze``, and ``Abort`` to the destination
-    if ``abort_dst`` (it holds a reservation). Then the migration ends with ``status``."""
+    if ``abort_dst`` (it holds a reservation). Then the migration ends with ``status``.
+
+    ``uncertain``: the commit's reply was lost, so an unanswered abort leaves the
+    outcome open: the driver must not unfreeze then (``RolledBack(unanswered=True)``).
+    ``best_effort``: the arbiter gave the request to the source: unfreeze first, then
+    one abort whose answer does not matter."""
 
     unfreeze: bool
     abort_dst: bool
     status: MigrationStatus
     reason: str
+    uncertain: bool = False
+    best_effort: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +156,8 @@ class Done:
     reason: str = ""
 
 
-Action = Union[QueryBlocks, PreAllocate, CopyBlocks, Freeze, Commit, FreeSrc, Rollback, Done]
+Action = Union[QueryBlocks, PreAllocate, CopyBlocks, Freeze, Commit, FreeSrc, Activate, ClaimOwnership, Rollback,
+               Done]
 
 
 # ----- events (driver -> machine) --------------------------------------------------------------
@@ -159,6 +187,7 @@ class Frozen:
 class Committed:
     ok: bool
     error: str = ""
+    uncertain: bool = False  # no reply: the destination may have committed (parked) or not
 
 
 @dataclass(frozen=True)
@@ -167,11 +196,24 @@ class SrcFreed:
 
 
 @dataclass(frozen=True)
+class Activated:
+    ok: bool  # False: no answer; the destination activates after its own claim
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class OwnershipDecided:
+    owner: Optional[str]  # ``Owner`` value; None: the arbiter could not be reached in time
+
+
+@dataclass(frozen=True)
 class RolledBack:
     committed_on_dst: bool = False  # the destination had committed after all (a lost reply)
+    unanswered: bool = False  # an uncertain rollback's aborts got no answer: still frozen
 
 
-Event = Union[BlocksQueried, PreAllocated, Copied, Frozen, Committed, SrcFreed, RolledBack]
+Event = Union[BlocksQueried, PreAllocated, Copied, Frozen, Committed, SrcFreed, Activated, OwnershipDecided,
+              RolledBack]
 
 
 @dataclass
@@ -194,6 +236,9 @@ class SourceMigration:
     reserved: int = 0  # blocks the destination holds for us
     state: Optional[MigrationRequestState] = None
     reason: str = ""
+    commit_sent: bool = False  # a Commit went out: from now on only its answer (or the arbiter) unfreezes
+    handed_over: bool = False  # the destination runs it (Activate or FreeSrc issued): never unfreeze again
+    unresolved: bool = False  # ended frozen: the arbiter never answered (the llumlet keeps claiming)
     _pending: Optional[Action] = None
     _src_ids: tuple[int, ...] = ()
 
@@ -218,13 +263,25 @@ class SourceMigration:
             return self._on_frozen(event)
         if isinstance(pending, Commit) and isinstance(event, Committed):
             if not event.ok:
-                return self._rollback(MigrationStatus.ABORTED_DST, f"commit failed: {event.error}")
+                why = f"commit failed: {event.error}"
+                return self._expect(Rollback(unfreeze=True, abort_dst=True, status=MigrationStatus.ABORTED_DST,
+                                             reason=why, uncertain=event.uncertain))
+            return self._expect(Activate())
+        if isinstance(pending, Activate) and isinstance(event, Activated):
+            if not event.ok:
+                self.reason = f"activation unanswered ({event.error}): the destination claims it"
             return self._expect(FreeSrc())
         if isinstance(pending, FreeSrc) and isinstance(event, SrcFreed):
-            return self._finish(MigrationStatus.FINISHED, "")
+            return self._finish(MigrationStatus.FINISHED, self.reason)
+        if isinstance(pending, ClaimOwnership) and isinstance(event, OwnershipDecided):
+            return self._on_owner(event)
         if isinstance(pending, Rollback) and isinstance(event, RolledBack):
-            if event.committed_on_dst and self.frozen:
+            if event.committed_on_dst and self.frozen:  # ALREADY_COMMITTED: it runs there already
+                self.reason = ""
                 return self._expect(FreeSrc())  # the commit went through; only its reply was lost
+            if event.unanswered and pending.uncertain and self.frozen:
+                self.reason = pending.reason
+                return self._expect(ClaimOwnership())
             return self._finish(pending.status, pending.reason)
         raise RuntimeError(f"migration {self.migration_id}: event {event!r} does not answer {pending!r}")
 
@@ -283,6 +340,16 @@ class SourceMigration:
         self.state = state
         return self._expect(QueryBlocks(self.blocks_sent, include_last=True))
 
+    def _on_owner(self, event: OwnershipDecided) -> Action:
+        if event.owner is None:  # keep it frozen: consistency over availability
+            self.unresolved = True
+            return self._finish(MigrationStatus.ABORTED_DST, f"{self.reason}; ownership unresolved, kept frozen")
+        if event.owner == "destination":
+            self.reason = ""
+            return self._expect(Activate())  # it may still be parked there
+        return self._expect(Rollback(unfreeze=True, abort_dst=True, status=MigrationStatus.ABORTED_DST,
+                                     reason=f"{self.reason}; the arbiter gave it to the source", best_effort=True))
+
     def _rollback(self, status: MigrationStatus, reason: str) -> Action:
         return self._expect(Rollback(unfreeze=self.frozen, abort_dst=True, status=status, reason=reason))
 
@@ -293,6 +360,10 @@ class SourceMigration:
         return Done(status, reason)
 
     def _expect(self, action: Action) -> Action:
+        if isinstance(action, Commit):
+            self.commit_sent = True
+        if isinstance(action, (Activate, FreeSrc)) and self.frozen:
+            self.handed_over = True
         self._pending = action
         return action
 

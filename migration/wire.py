@@ -8,13 +8,18 @@ tensor payload. The source sends requests, the destination answers each with a
       PreAlloc(migration_id, request_id, n) ->  reserve n blocks  -> Reply(block_ids=...)
       Blocks(migration_id, ids, dtype, shape)
         + payload (shape[0] == len(ids))    ->  write KV blocks   -> Reply(ok)
-      Commit(migration_id, state)           ->  join running batch -> Reply(ok)
+      Commit(migration_id, state)           ->  adopt, parked     -> Reply(ok)
+      Activate(migration_id)                ->  join running batch -> Reply(ok)
       Abort(migration_id, reason)           ->  free reservation  -> Reply(ok)
+                                                (or a parked copy)
       Ping()                                ->                    -> Reply(ok)
 
 A refusal the source must act on carries a typed ``ReplyCode`` beside its text
 (``Abort`` of a migration the destination already committed answers
 ``ALREADY_COMMITTED``: the request lives on there, the source must not resume it).
+A commit only parks the request; ``Activate`` (idempotent) lets it run, and an
+``Abort`` that finds it parked drops it and answers ok: it never ran there
+(``migration.ownership`` decides when neither message gets through).
 
 ``decode_request`` and ``decode_reply`` accept arbitrary decoded msgpack and
 raise only ``ProtocolError``. Transports add their own envelope keys (``seq``)
@@ -109,6 +114,17 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class Activate:
+    """The source freed its copy: the parked request joins the destination's batch."""
+
+    migration_id: str
+    TYPE = "activate"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "migration_id": self.migration_id}
+
+
+@dataclass(frozen=True)
 class Ping:
     """Liveness check."""
 
@@ -118,7 +134,7 @@ class Ping:
         return {"type": self.TYPE}
 
 
-Message = Union[PreAlloc, Blocks, Commit, Abort, Ping]
+Message = Union[PreAlloc, Blocks, Commit, Activate, Abort, Ping]
 
 
 class ReplyCode(enum.Enum):
@@ -277,6 +293,9 @@ def decode_request(header: Any, payload_nbytes: Optional[int]) -> Message:
         h = _fields(header, "abort", {"type", "migration_id", "reason"})
         return Abort(_str(h["migration_id"], "migration_id"),
                      _str(h["reason"], "reason", MAX_TEXT_LEN, allow_empty=True))
+    if kind == Activate.TYPE:
+        h = _fields(header, "activate", {"type", "migration_id"})
+        return Activate(_str(h["migration_id"], "migration_id"))
     if kind == Ping.TYPE:
         _fields(header, "ping", {"type"})
         return Ping()

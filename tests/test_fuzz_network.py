@@ -482,6 +482,7 @@ def test_llumlet_valid_raw_migration_still_works(live_llumlet) -> None:
     state = make_state(request_id="fine-1", prompt_token_ids=prompt, output_token_ids=(5,),
                        sampling=SamplingParams(max_tokens=4, ignore_eos=True), num_computed_tokens=len(prompt))
     assert _call(sock, wire.Commit("ok1", state).to_header())["ok"], "a valid commit was refused"
+    assert _call(sock, wire.Activate("ok1").to_header())["ok"]  # the commit parks it until activated
     _settle(llumlet, engine)
     assert llumlet.dest.num_committed >= 1
 

@@ -261,6 +261,7 @@ class TwoCores(RuleBasedStateMachine):
             queued = {r.request_id for r in core._inbox}
             in_engine = set(core.engine.seqs)
             reserved = {rec.request_id for rec in core.dest.incoming.values()}
+            reserved |= {rec.request_id for rec in core.dest.parked.values()}  # committed, not activated: not held
             assert tracked[iid] <= in_engine | queued, tracked[iid] - in_engine - queued
             assert in_engine - reserved <= tracked[iid], in_engine - reserved - tracked[iid]
             assert not queued & in_engine

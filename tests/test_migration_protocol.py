@@ -134,7 +134,8 @@ class TestScripted:
         assert m.on(p.BlocksQueried(ids(110, 120))) == p.PreAllocate(10)
         assert m.on(p.PreAllocated(ids(310, 320))) == p.CopyBlocks(ids(110, 120), ids(310, 320))
         assert m.on(p.Copied(True)) == p.Commit(st)
-        assert m.on(p.Committed(True)) == p.FreeSrc()
+        assert m.on(p.Committed(True)) == p.Activate()
+        assert m.on(p.Activated(True)) == p.FreeSrc()
         assert m.on(p.SrcFreed()) == p.Done(MigrationStatus.FINISHED, "")
         assert m.status == MigrationStatus.FINISHED
         assert m.stages == 3 == m.config.max_stages and m.blocks_sent == 120 and m.reserved == 120
@@ -184,7 +185,8 @@ class TestScripted:
         assert m.on(p.BlocksQueried(ids(0, 40))) == p.PreAllocate(40)
         m.on(p.PreAllocated(ids(0, 40)))
         assert m.on(p.Copied(True)) == p.Commit(st)
-        assert m.on(p.Committed(True)) == p.FreeSrc()
+        assert m.on(p.Committed(True)) == p.Activate()
+        assert m.on(p.Activated(True)) == p.FreeSrc()
         assert m.on(p.SrcFreed()).status == MigrationStatus.FINISHED
         assert m.stages == 1
 
@@ -195,7 +197,8 @@ class TestScripted:
         assert isinstance(a, p.Commit)
         assert a.state.status == SeqStatus.WAITING and a.state.num_computed_tokens == 0
         assert a.state.output_token_ids == (5, 6)
-        assert m.on(p.Committed(True)) == p.FreeSrc()
+        assert m.on(p.Committed(True)) == p.Activate()
+        assert m.on(p.Activated(True)) == p.FreeSrc()
         assert m.on(p.SrcFreed()).status == MigrationStatus.FINISHED
         assert m.stages == 0 and m.blocks_sent == 0
 
@@ -204,7 +207,7 @@ class TestScripted:
         assert m.start() == p.Freeze()
         st = state(status=SeqStatus.WAITING)
         assert m.on(p.Frozen(st)) == p.Commit(st)
-        assert m.on(p.Committed(True)) == p.FreeSrc()
+        assert m.on(p.Committed(True)) == p.Activate()
 
     def test_waiting_request_that_started_running_aborts(self):
         m = SourceMigration("m", "r", waiting=True)
@@ -544,6 +547,8 @@ def test_commit_fails_on_destination_validation():
 
 
 def test_lost_commit_reply_finishes_without_duplicate():
+    """Issue 13 (4b): the commit only parked the request; the abort that settles the lost
+    reply drops the parked copy, so the source keeps the request (it never ran there)."""
     reqs = [req("x", 50, max_tokens=20, seeded=True), req("z", 10, max_tokens=20)]
     ref = reference(reqs)
     pair = Pair()
@@ -551,14 +556,37 @@ def test_lost_commit_reply_finishes_without_duplicate():
     pair.step_src(3)
     port = FaultyPort(pair.port, commit_mode="lose_reply")
     res = pair.driver(port).run(SourceMigration("m", "x"))
-    assert res.status == MigrationStatus.FINISHED and port.aborts == 1
-    assert "x" not in pair.src.seqs and pair.dst.seqs["x"].status == SeqStatus.RUNNING
-    assert pair.dest.handle(wire.Abort("m", "again"), None, 0.0).code is wire.ReplyCode.ALREADY_COMMITTED
-    assert pair.dest.handle(wire.Commit("m", pair.dst.seqs["x"].to_migration_state(SeqStatus.RUNNING)),
-                            None, 0.0).ok  # a retried commit is idempotent
-    assert len(pair.dst.seqs) == 1
+    assert res.status == MigrationStatus.ABORTED_DST and port.aborts == 1
+    assert pair.src.seqs["x"].status == SeqStatus.RUNNING and "x" not in pair.dst.seqs
+    assert pair.dest.handle(wire.Abort("m", "again"), None, 0.0).ok  # nothing to abort any more
+    assert not pair.dest.handle(wire.Activate("m"), None, 0.0).ok  # a dropped copy never runs
     pair.assert_clean()
     assert pair.finish() == ref  # run_engines asserts consecutive indices: no duplicate token
+
+
+def test_retried_commit_and_activate_are_idempotent():
+    reqs = [req("x", 50, max_tokens=20, seeded=True)]
+    ref = reference(reqs)
+    pair = Pair()
+    pair.add(*reqs)
+    pair.step_src(3)
+    m = SourceMigration("m", "x")
+    d = pair.driver()
+    action = m.start()
+    while not isinstance(action, p.Activate):
+        action = m.on(d.execute(m, action))
+    assert pair.dst.seqs["x"].status == SeqStatus.FROZEN  # parked: no step runs it
+    assert pair.dest.handle(wire.Commit("m", pair.dst.seqs["x"].to_migration_state(SeqStatus.RUNNING)),
+                            None, 0.0).ok  # a retried commit
+    assert pair.dest.handle(wire.Activate("m"), None, 0.0).ok
+    assert pair.dest.handle(wire.Activate("m"), None, 0.0).ok  # a retried activation
+    assert pair.dst.seqs["x"].status == SeqStatus.RUNNING and len(pair.dst.seqs) == 1
+    assert pair.dest.handle(wire.Abort("m", "late"), None, 0.0).code is wire.ReplyCode.ALREADY_COMMITTED
+    while not isinstance(action, p.Done):  # the machine's own activation is a retry too; then the free
+        action = m.on(d.execute(m, action))
+    assert action.status == MigrationStatus.FINISHED and "x" not in pair.src.seqs
+    pair.assert_clean()
+    assert pair.finish() == ref
 
 
 def test_abort_over_a_transport_reads_the_typed_already_committed_reply():

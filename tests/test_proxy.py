@@ -236,7 +236,11 @@ def test_every_interface_method_is_reachable_through_the_runtime(runtime, reques
         assert control.dispatch(view) in {"instance-000", new}
         wait_for(lambda: new in (control.membership() or {}).get("instances", []), 30, "membership to list it")
         assert {i["instance_id"] for i in control.state()["instances"]} == {"instance-000", new}
-        scheduler_calls = {"instance_ids", "launch", "dispatch", "membership", "state", "drain", "stop"}
+        # The ownership arbiter (llumlets reach it through this method): first claim wins.
+        assert control.claim_ownership("px-migration", "source") == "source"
+        assert control.claim_ownership("px-migration", "destination") == "source"
+        scheduler_calls = {"instance_ids", "launch", "dispatch", "membership", "state", "drain", "stop",
+                           "claim_ownership"}
         assert scheduler_calls == method_table(SchedulerAPI)
 
         # The instance's table, on the new instance; ``stop`` ends it.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from llumnix_py.engines.registry import EngineSpec, build_engine
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig, TokenSink
 from llumnix_py.proxy import forwards
+from migration.ownership import OwnershipPort
 
 
 @forwards(InstanceHandle)
@@ -59,10 +60,14 @@ class LocalLauncher(InstanceLauncher):
         self.engine = engine
         self.llumlet = llumlet
         self.make_sink = make_sink
+        self.ownership: Optional[OwnershipPort] = None
+
+    def bind_ownership(self, port: OwnershipPort) -> None:
+        self.ownership = port
 
     def launch(self, instance_id: str) -> InstanceHandle:
         cfg = dataclasses.replace(self.llumlet, instance_id=instance_id)
-        llumlet = Llumlet(cfg, build_engine(self.engine), self.make_sink())
+        llumlet = Llumlet(cfg, build_engine(self.engine), self.make_sink(), ownership=self.ownership)
         llumlet.start()
         return LocalInstance(llumlet)
 

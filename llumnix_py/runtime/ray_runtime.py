@@ -30,6 +30,7 @@ from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.scheduler.api import SchedulerAPI
 from llumnix_py.scheduler.daemon import SchedulerDaemon
 from llumnix_py.tokens import ZmqTokenSink
+from migration.ownership import Owner
 
 if TYPE_CHECKING:
     from llumnix_py.load import InstanceLoad
@@ -63,6 +64,7 @@ class LlumletActor:
     def __init__(self, config) -> None:  # config: ClusterConfig-like with .engine and .llumlet
         self._engine_spec = config.engine
         self._llumlet_cfg = config.llumlet
+        self._namespace = config.ray_namespace
         self._endpoint: Optional[Endpoint] = None
 
     def start(self, instance_id: str) -> tuple[str, str]:
@@ -71,7 +73,8 @@ class LlumletActor:
         if cfg.gil_switch_interval_s:
             sys.setswitchinterval(cfg.gil_switch_interval_s)  # this worker process runs one llumlet
         apply_process_threads(self._engine_spec.num_threads)  # ... so its torch threads are the instance's
-        llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret))
+        llumlet = Llumlet(cfg, build_engine(self._engine_spec), ZmqTokenSink(secret=self._llumlet_cfg.secret),
+                          ownership=SchedulerOwnership(self._namespace))
         address = llumlet.start()
         self._endpoint = Endpoint(InstanceHandle, LocalInstance(llumlet))
         return address, llumlet.incarnation
@@ -85,6 +88,22 @@ class LlumletActor:
         if self._endpoint is None:
             raise LlumnixError("the instance is not started")
         return self._endpoint.call(method, args, kwargs)
+
+
+class SchedulerOwnership:
+    """The ownership arbiter as a llumlet actor reaches it: ``claim_ownership`` on the named
+    scheduler actor (looked up per claim, so a restarted scheduler is found); raises when
+    it does not answer within ``timeout_s`` (the llumlet then stays put and retries)."""
+
+    timeout_s = 5.0
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def __call__(self, migration_id: str, side: Owner) -> Owner:
+        actor = ray.get_actor(SCHEDULER_NAME, namespace=self.namespace)
+        ref = actor.call.remote("claim_ownership", (migration_id, Owner(side).value), {})
+        return Owner(ray.get(ref, timeout=self.timeout_s))
 
 
 @forwards(InstanceHandle)

@@ -35,6 +35,12 @@ class SchedulerAPI(abc.ABC):
         None while a starting scheduler has not attached all its instances yet."""
 
     @abc.abstractmethod
+    def claim_ownership(self, migration_id: str, side: str) -> str:
+        """The ownership arbiter (``migration.ownership``): a llumlet that cannot learn a
+        migration's outcome claims its request for ``side`` (``Owner`` value); the
+        answer is the first claim's side, the same for every claim of that migration."""
+
+    @abc.abstractmethod
     def drain(self, instance_id: str) -> None:
         """Scale in by hand: the instance migrates everything away, then stops."""
 

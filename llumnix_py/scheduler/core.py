@@ -2,7 +2,10 @@
 
 It keeps an instance table (load snapshot, last heard from, terminating, the
 migrations it ordered) and no per-request state, so a restarted scheduler loses
-nothing: requests live on the llumlets. The daemon (``daemon.py``) feeds it
+nothing: requests live on the llumlets. It also owns the ownership arbiter of
+migrations (``migration.ownership``): the first claim for a migration whose commit
+outcome is unknown wins, and an instance removed as dead settles its migrations for
+the source side. A restarted scheduler starts with an empty arbiter (see the README). The daemon (``daemon.py``) feeds it
 loads and timer ticks and carries out what it returns; the simulator does the
 same on a virtual clock.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.errors import UnknownInstanceError
+from migration.ownership import Owner, OwnershipArbiter
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
@@ -98,6 +102,7 @@ class GlobalScheduler:
         self._seq = 0
         self.num_dispatched = 0
         self.num_orders = 0
+        self.ownership = OwnershipArbiter()
 
     # ----- membership --------------------------------------------------------------------
     def register(self, instance_id: str, address: str, now: float) -> None:
@@ -107,7 +112,11 @@ class GlobalScheduler:
         else:  # re-registration (the instance or the scheduler restarted)
             rec.address, rec.last_seen = address, now
 
-    def remove(self, instance_id: str) -> None:
+    def remove(self, instance_id: str, dead_at: Optional[float] = None) -> None:
+        """Forget an instance; ``dead_at``: it died then, so its open migrations are settled
+        for the source side (its parked copies, or those of its requests, never run)."""
+        if dead_at is not None:
+            self.ownership.settle_dead(instance_id, dead_at)
         rec = self.instances.pop(instance_id, None)
         self.dispatch_state.forget(instance_id)
         if rec is None:
@@ -186,11 +195,16 @@ class GlobalScheduler:
                                    self.instances[dst].address, plan.request.request_id, plan.request.waiting, now)
             self.instances[src].orders_out[order.migration_id] = order
             self.instances[dst].orders_in[order.migration_id] = order
+            self.ownership.open(order.migration_id, src, dst, now)
             busy_src.add(src)
             busy_dst.add(dst)
             orders.append(order)
         self.num_orders += len(orders)
         return orders
+
+    def claim_ownership(self, migration_id: str, side: Owner, now: float) -> Owner:
+        """Who runs a migrating request whose commit outcome one side cannot learn."""
+        return self.ownership.claim(migration_id, side, now)
 
     def on_migration_done(self, migration_id: str) -> None:
         """A source reported the end of a migration (whatever its outcome)."""

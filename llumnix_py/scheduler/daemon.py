@@ -26,6 +26,7 @@ from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLaunc
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder, SchedulerConfig
 from llumnix_py.scheduler.tick import SchedulerTick
 from migration.driver import MigrationResult
+from migration.ownership import Owner
 from migration.protocol import MigrationStatus
 from policies.types import ScaleAction, ScaleDecision
 from policies.virtual_usage import freeness
@@ -59,6 +60,7 @@ class SchedulerDaemon:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.ticker = SchedulerTick(self.core, config.migration_interval_s)
+        launcher.bind_ownership(self.claim_ownership)  # in-process llumlets call the arbiter directly
         self._routes: dict[str, tuple[str, str]] = {}  # in-flight migration id -> (src, dst)
         self.recent: deque[dict] = deque(maxlen=200)  # the latest migrations, for reports
         self.dead: deque[str] = deque(maxlen=10_000)  # instances removed as dead, oldest first
@@ -239,6 +241,11 @@ class SchedulerDaemon:
                     "incarnations": {iid: h.incarnation for iid, h in self.handles.items()},
                     "dead": list(self.dead), "dead_incarnations": [list(d) for d in self.dead_incarnations],
                     "loads": self.core.loads()}
+
+    def claim_ownership(self, migration_id: str, side: str) -> str:
+        """The arbiter's answer to a llumlet's claim (see ``SchedulerAPI.claim_ownership``)."""
+        with self._lock:
+            return self.core.claim_ownership(migration_id, Owner(side), self.clock()).value
 
     def drain(self, instance_id: str) -> None:
         """Scale in by hand: the instance migrates everything away, then stops."""

@@ -86,7 +86,7 @@ class SchedulerTick:
             core.on_migration_done(mid)
         retired: list[tuple[str, str]] = []
         for iid in died:
-            self._retire(iid, "dead", retired)
+            self._retire(iid, "dead", retired, now)
         orders: tuple["MigrationOrder", ...] = ()
         if force_round or self.round_due(now):
             self._last_round = now
@@ -98,10 +98,10 @@ class SchedulerTick:
                 self._retire(iid, "drained", retired)
         if heartbeat:
             for iid in core.dead(now):
-                self._retire(iid, "dead", retired)
+                self._retire(iid, "dead", retired, now)
         return TickActions(orders, decision, tuple(retired))
 
-    def _retire(self, iid: str, why: str, retired: list[tuple[str, str]]) -> None:
+    def _retire(self, iid: str, why: str, retired: list[tuple[str, str]], now: Optional[float] = None) -> None:
         if iid in self.core.instances:
-            self.core.remove(iid)
+            self.core.remove(iid, dead_at=now if why == "dead" else None)
             retired.append((iid, why))

@@ -11,11 +11,14 @@ real ``MigrationDriver`` carries out over a ``LocalPort`` to the destination's c
 * an action that takes no virtual time is followed at once by the next one;
 * one that takes time schedules its reply as an event that much later:
   ``CopyBlocks`` takes ``profile.migration_time(blocks)``, a call to the
-  destination (pre-allocate, commit, abort) ``rpc_latency_s``;
+  destination (pre-allocate, commit, activate, abort) ``rpc_latency_s``;
+* the destination parks a committed request and runs it from ``Activate`` on, which
+  the source sends once the commit's reply came back and it freed its copy (no
+  message is lost here, so the ownership arbiter is never asked);
 * ``Freeze`` waits for the source's iteration boundary: while the source has a step
   in flight it is parked on the instance and resumed at the step's end (``resume``);
 * when the machine is done, the source core learns the result (``end_migration``)
-  and a ``MigrationResult`` (with the downtime, freeze to commit) goes to ``on_done``.
+  and a ``MigrationResult`` (with the downtime, freeze to activation) goes to ``on_done``.
 """
 
 from __future__ import annotations
@@ -125,10 +128,12 @@ class SimMigrations:
             run.frozen_at = self._now()
             return 0.0
         if isinstance(action, p.Commit):
+            dst.dirty = True  # parked there: nothing to run until Activate
+            return self.config.rpc_latency_s
+        if isinstance(action, p.Activate):
             dst.dirty = True
-            if isinstance(event, p.Committed) and event.ok:
-                run.committed_at = self._now()
-                self._wake(dst)
+            run.committed_at = self._now()
+            self._wake(dst)
             return self.config.rpc_latency_s
         if isinstance(action, p.FreeSrc):
             src.dirty = True
