@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -251,21 +250,3 @@ def test_from_hf_config_missing_key():
     del d["hidden_size"]
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig.from_hf_config(d)
-
-
-def test_decode_step_is_fast():
-    """Default config, 16 sequences with ~512-token contexts: well under 100 ms on 2 cores.
-    The bound here is loose so that a busy test machine does not make it flaky."""
-    model = LlamaModel(ModelConfig())
-    block_size, per_seq = 16, 33
-    cache = allocate_kv_cache(model.cfg, 16 * per_seq, block_size)
-    perm = shuffled_table(16 * per_seq, 16 * per_seq, seed=0)
-    entries = [SeqBatchEntry(i, 1, 511 + i, perm[i * per_seq:(i + 1) * per_seq]) for i in range(16)]
-    x = make_tokens(16, 0)
-    model(x, entries, cache, block_size)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model(x, entries, cache, block_size)
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 0.5
