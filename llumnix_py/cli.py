@@ -135,8 +135,12 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         try:
             if args.stop:
                 report = ray_lifecycle.stop_daemon(namespace)
-                what = "the scheduler daemon" if report.scheduler else "no scheduler was running; killed"
-                print(f"{what} in namespace {namespace!r} stopped, with instances {list(report.instances)}")
+                if report.scheduler:
+                    print(f"the scheduler daemon in namespace {namespace!r} stopped, with instances "
+                          f"{list(report.instances)}")
+                else:
+                    print(f"no scheduler was running in namespace {namespace!r}; stopped the instances it left "
+                          f"behind: {list(report.instances)}")
             else:
                 print(format_status(namespace, ray_lifecycle.daemon_state(namespace)))
         except ray_lifecycle.NoSchedulerError as exc:

@@ -203,3 +203,21 @@ def test_daemon_start_refuse_status_stop(ray_address):
             frontend.stop()
         daemon.stop()
         run_scheduler(ray_address, "--stop")  # whatever a failure left behind
+
+
+def test_stop_kills_instances_a_dead_scheduler_left_behind(ray_session):
+    from llumnix_py.config import ClusterConfig
+    from llumnix_py.runtime import ray_lifecycle
+    from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, LlumletActor
+
+    ray, namespace = ray_session, "llumnix-test-orphans"
+    # An instance actor (not started: stopping goes by actor name) with no scheduler in its namespace.
+    orphan = ray.remote(LlumletActor).options(name=INSTANCE_PREFIX + "instance-007", namespace=namespace,
+                                              lifetime="detached", num_cpus=0).remote(ClusterConfig())
+    assert ray.get(orphan.identity.remote(), timeout=START_S) == ("", "")
+    assert ray_lifecycle.live_scheduler(namespace) is None
+    report = ray_lifecycle.stop_daemon(namespace)
+    assert report == ray_lifecycle.StopReport(scheduler=False, instances=("instance-007",))
+    assert ray_lifecycle.instance_ids(namespace) == []  # stop_daemon returns once Ray lists none
+    with pytest.raises(ray_lifecycle.NoSchedulerError, match="no scheduler is running in namespace"):
+        ray_lifecycle.stop_daemon(namespace)
