@@ -2,6 +2,8 @@
 
     llumnix-py serve --instances 4            # all in one: scheduler, 4 instances, OpenAI API
     llumnix-py scheduler --instances 4        # the daemon alone, on a Ray cluster (detached actors)
+    llumnix-py scheduler --status             # its instances, their loads, the attached frontends
+    llumnix-py scheduler --stop               # stop the daemon and its instances
     llumnix-py frontend --port 8001           # another API server on the same daemon
     llumnix-py bench --url http://127.0.0.1:8000 --rate 4 --num-requests 100
     llumnix-py demo                           # a local cluster serving a burst, migrations shown
@@ -18,6 +20,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
+from llumnix_py import __version__
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, MigrationConfig, PolicyConfig, \
     SchedulerConfig
 from llumnix_py.engines.registry import default_block_size, engine_kinds
@@ -101,17 +104,11 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
 
 
-def _wait_forever() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-
-
 def _serve_api(cluster, args: argparse.Namespace) -> int:
     from llumnix_py.server.app import create_app, serve
 
     try:
+        cluster.advertise(f"http://{args.host}:{args.port}")
         serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
     finally:
         cluster.stop()
@@ -125,23 +122,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from llumnix_py.runtime import ray_runtime
+    from llumnix_py.runtime import ray_lifecycle, ray_runtime
 
-    cfg = cluster_config(args, detached=True)
-    ray_runtime.init_ray(cfg.ray_address, cfg.ray_namespace)
-    actor = ray_runtime.start_scheduler(cfg)
-    import ray
-
-    ids = ray.get(actor.call.remote("instance_ids"))
-    print(f"scheduler daemon running in namespace {cfg.ray_namespace!r} with instances {ids}; "
-          f"frontends attach with 'llumnix-py frontend'. Ctrl-C stops watching (the daemon keeps running; "
-          f"'llumnix-py scheduler --stop' ends it).")
-    if args.stop:
-        ray.get(actor.call.remote("stop", (True,)))
-        ray.kill(actor)
+    namespace = args.namespace
+    if args.stop or args.status:
+        address = args.ray_address or "auto"  # the Ray cluster already running here, as `ray status` finds it
+        try:
+            ray_runtime.init_ray(address, namespace, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            print(f"no Ray cluster at {address!r} ({exc}); pass --ray-address", file=sys.stderr)
+            return 1
+        try:
+            if args.stop:
+                report = ray_lifecycle.stop_daemon(namespace)
+                if report.scheduler:
+                    print(f"the scheduler daemon in namespace {namespace!r} stopped, with instances "
+                          f"{list(report.instances)}")
+                else:
+                    print(f"no scheduler was running in namespace {namespace!r}; stopped the instances it left "
+                          f"behind: {list(report.instances)}")
+            else:
+                print(format_status(namespace, ray_lifecycle.daemon_state(namespace)))
+        except ray_lifecycle.NoSchedulerError as exc:
+            print(exc, file=sys.stderr)
+            return 1
         return 0
-    _wait_forever()
+    cfg = cluster_config(args, detached=True)
+    ray_runtime.init_ray(cfg.ray_address, cfg.ray_namespace, logging_level=logging.WARNING)
+    try:
+        _, ids = ray_lifecycle.start_daemon(cfg)
+    except ray_lifecycle.SchedulerRunningError as exc:
+        print(f"{exc}; use 'llumnix-py scheduler --stop' first", file=sys.stderr)
+        return 1
+    print(f"scheduler daemon running in namespace {namespace!r} with instances {ids}; "
+          f"frontends attach with 'llumnix-py frontend'. Ctrl-C stops watching (the daemon keeps running; "
+          f"'llumnix-py scheduler --stop' ends it).", flush=True)
+    return _watch_daemon(namespace)
+
+
+def _watch_daemon(namespace: str, interval_s: float = 1.0) -> int:
+    """Wait for Ctrl-C or SIGTERM, or for the daemon to be stopped (``--stop`` from elsewhere)."""
+    from llumnix_py.runtime import ray_lifecycle
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(interval_s):
+        if ray_lifecycle.live_scheduler(namespace) is None:
+            print(f"the scheduler daemon in namespace {namespace!r} has stopped", flush=True)
+            break
     return 0
+
+
+def format_status(namespace: str, state: dict) -> str:
+    """``llumnix-py scheduler --status``: the instances with their loads, the attached frontends."""
+    instances, frontends = state["instances"], state.get("frontends", [])
+    lines = [f"scheduler daemon in namespace {namespace!r}: {len(instances)} instance(s), "
+             f"{len(frontends)} frontend(s), {state['dispatched']} request(s) dispatched"]
+    rows = [("instance", "blocks used/total", "running", "waiting", "freeness", "state")]
+    rows += [(i["instance_id"], f"{i['used_blocks']}/{i['total_blocks']}", str(i["running"]), str(i["waiting"]),
+              f"{i['freeness']:.1f}", "draining" if i["terminating"] else "serving") for i in instances]
+    lines += _table(rows)
+    if frontends:
+        rows = [("frontend", "api", "host", "pid", "requests", "last heard")]
+        rows += [(f["frontend_id"], f["api_url"] or "-", f["host"], str(f["pid"]), str(f["active_requests"]),
+                  f"{f['last_heard_s']:.1f} s ago") for f in frontends]
+        lines += [""] + _table(rows)
+    else:
+        lines.append("no frontend attached")
+    if state["migrations"]:
+        done = ", ".join(f"{k} {v}" for k, v in sorted(state["migrations"].items()))
+        lines.append(f"migrations: {done}")
+    return "\n".join(lines)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def cmd_frontend(args: argparse.Namespace) -> int:
@@ -175,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llumnix-py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="scheduler + instances + OpenAI API server, all in one")
     _add_cluster_flags(p)
@@ -182,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("scheduler", help="start the global scheduler daemon and its instances on Ray")
     _add_cluster_flags(p)
-    p.add_argument("--stop", action="store_true", help="stop a running daemon and its instances")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stop", action="store_true", help="stop the running daemon and its instances")
+    g.add_argument("--status", action="store_true", help="print the instances, their loads and the frontends")
     p.set_defaults(fn=cmd_scheduler)
     p = sub.add_parser("frontend", help="an OpenAI API server attached to a running daemon")
     _add_cluster_flags(p)

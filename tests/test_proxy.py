@@ -24,6 +24,7 @@ from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.instance import INSTANCE_METHODS, InstanceHandle
 from llumnix_py.proxy import Endpoint, UnknownMethodError, forwards, is_oneway, method_table, oneway
 from llumnix_py.scheduler.api import SchedulerAPI
+from llumnix_py.scheduler.frontends import FrontendRecord
 from llumnix_py.load import RequestLoad
 from tests.cluster_helpers import HoldOutputs, running_ray_cluster, small_spec, wait_for
 from tests.ray_gates import RayEngineGate
@@ -239,8 +240,13 @@ def test_every_interface_method_is_reachable_through_the_runtime(runtime, reques
         # The ownership arbiter (llumlets reach it through this method): first claim wins.
         assert control.claim_ownership("px-migration", "source") == "source"
         assert control.claim_ownership("px-migration", "destination") == "source"
-        scheduler_calls = {"instance_ids", "launch", "dispatch", "membership", "state", "drain", "stop",
-                           "claim_ownership"}
+        control.frontend_heartbeat(FrontendRecord("px-frontend", api_url="http://127.0.0.1:1"))
+        listed = {f["frontend_id"]: f["api_url"] for f in control.state()["frontends"]}
+        assert listed["px-frontend"] == "http://127.0.0.1:1"
+        control.frontend_left("px-frontend")
+        assert "px-frontend" not in {f["frontend_id"] for f in control.state()["frontends"]}
+        scheduler_calls = {"instance_ids", "launch", "dispatch", "membership", "state", "drain", "frontend_heartbeat",
+                           "frontend_left", "stop", "claim_ownership"}
         assert scheduler_calls == method_table(SchedulerAPI)
 
         # The instance's table, on the new instance; ``stop`` ends it.

@@ -38,6 +38,9 @@ cluster, every ``Supervisor.interval_s``):
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any, Optional, Sequence
@@ -55,7 +58,10 @@ from llumnix_py.frontend.supervision import Supervisor
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
 from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
+from llumnix_py.scheduler.frontends import FrontendRecord
 from llumnix_py.tokens import CallbackSink
+
+log = logging.getLogger(__name__)
 
 
 class Cluster:
@@ -65,7 +71,10 @@ class Cluster:
         requests: this frontend's active requests (``RequestTable``).
         supervisor: its fault supervision (``Supervisor``; ``supervise_once``,
             ``start_supervisor`` and ``stop_supervisor`` here drive it).
-        reply_to: the address llumlets send this frontend's tokens to.
+        reply_to: the address llumlets send this frontend's tokens to (also its id in the
+            scheduler's list of frontends).
+        api_url: where this frontend's HTTP API listens, as reported to the scheduler
+            ("" until ``advertise``).
         misrouted: outputs an instance sent to another frontend's address (in-process runtime).
     """
 
@@ -80,9 +89,11 @@ class Cluster:
         self._receiver = receiver
         self.reply_to = receiver.address if receiver else reply_to
         self.requests = RequestTable()
+        self.api_url = ""
         self.supervisor = Supervisor(control, self.requests, reply_to=self.reply_to,
                                      lease_timeout_s=config.llumlet.lease_timeout_s,
-                                     block_size=config.engine.engine.block_size)
+                                     block_size=config.engine.engine.block_size,
+                                     presence=self.presence)
         self.misrouted = 0
         self._threads = ThreadClaim(None)  # the process's torch threads, held by a local cluster
 
@@ -152,11 +163,26 @@ class Cluster:
         """Stop the deployment (when this frontend started it) and the token receiver."""
         self.stop_supervisor()
         try:
+            self.control.frontend_left(self.reply_to)
+        except Exception as exc:  # the scheduler is gone: it forgets this frontend by itself
+            log.debug("could not tell the scheduler this frontend left: %s", exc)
+        try:
             self.control.stop()
         finally:
             self._threads.release()
         if self._receiver is not None:
             self._receiver.stop()
+
+    def presence(self) -> FrontendRecord:
+        """This frontend as the scheduler lists it."""
+        return FrontendRecord(frontend_id=self.reply_to, api_url=self.api_url, host=socket.gethostname(),
+                              pid=os.getpid(), active_requests=len(self.requests))
+
+    def advertise(self, api_url: str) -> None:
+        """Report ``api_url`` as where this frontend's API listens, to the scheduler at once
+        (then with every heartbeat)."""
+        self.api_url = api_url
+        self.supervisor.report_presence()
 
     def start_supervisor(self) -> None:
         """Start watching for dead instances and renewing this frontend's leases."""

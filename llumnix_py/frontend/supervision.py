@@ -13,6 +13,8 @@ A ``Supervisor`` belongs to one ``Cluster``; a thread (``start``) runs
   set (``RequestFailedError`` from ``result()``).
 - the frontend dies: it renews a lease on every instance (``renew_lease``) about
   every second; llumlets abort the requests of a frontend whose lease lapsed.
+- presence: about every second it tells the scheduler this frontend is attached
+  (``frontend_heartbeat``), so ``llumnix-py scheduler --status`` lists it.
 
 It sees the cluster through two narrow doors: the control plane (membership,
 instances, dispatch) and the frontend's ``RequestTable`` (requests in flight, their
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 from llumnix_py.engines.types import FinishReason, MigrationRequestState, SeqStatus
 from llumnix_py.frontend.handles import RequestHandle
@@ -35,6 +37,7 @@ from llumnix_py.load import RequestLoad
 if TYPE_CHECKING:
     from llumnix_py.frontend.requests import RequestTable
     from llumnix_py.runtime.control import ControlPlane
+    from llumnix_py.scheduler.frontends import FrontendRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class Supervisor:
         reply_to: this frontend's token address, the lease's name ("": no leases).
         lease_timeout_s: the llumlets' lease (None: no leases).
         block_size: tokens per KV block, to size a resumed request for dispatch.
+        presence: this frontend's record, reported to the scheduler every
+            ``presence_interval_s`` (None: not reported).
 
     Attributes:
         resumed: requests resumed on another instance after theirs died.
@@ -56,14 +61,18 @@ class Supervisor:
     interval_s = 0.1  # membership checks (dead instances) and lease renewals
     census_window_s = 3.0  # after a death, look for requests no live instance holds for this long
     census_confirm_s = 0.3  # ... and resume one missing from two censuses this far apart
+    presence_interval_s = 1.0  # heartbeats to the scheduler (it lists frontends, nothing more)
 
     def __init__(self, control: "ControlPlane", requests: "RequestTable", *, reply_to: str,
-                 lease_timeout_s: Optional[float], block_size: int) -> None:
+                 lease_timeout_s: Optional[float], block_size: int,
+                 presence: Optional[Callable[[], FrontendRecord]] = None) -> None:
         self.control = control
         self.requests = requests
         self.reply_to = reply_to
         self.lease_timeout_s = lease_timeout_s
         self.block_size = block_size
+        self.presence = presence
+        self._last_presence = float("-inf")
         self.resumed = 0
         self._lock = threading.Lock()
         # Fencing is by incarnation: an id can come back as a new instance (a replacement, a
@@ -163,6 +172,9 @@ class Supervisor:
         if not census:
             self._suspects.clear()
         self._resume_orphans(live, census, now)
+        if self.presence is not None and now - self._last_presence >= self.presence_interval_s:
+            self._last_presence = now
+            self.report_presence()
         lease = self.lease_timeout_s
         if self.reply_to and lease is not None and now - self._last_lease >= min(1.0, lease / 4):
             self._last_lease = now
@@ -175,6 +187,15 @@ class Supervisor:
                     self.mark_dead(iid)
                 except Exception as exc:
                     log.warning("lease renewal on %s failed: %s", iid, exc)
+
+    def report_presence(self) -> None:
+        """Tell the scheduler this frontend is attached (a failure is retried next interval)."""
+        if self.presence is None:
+            return
+        try:
+            self.control.frontend_heartbeat(self.presence())
+        except Exception as exc:
+            log.debug("frontend heartbeat failed: %s", exc)
 
     def _resume_orphans(self, live: Sequence[str], census: bool, now: float) -> None:
         """Requests that no live instance holds continue elsewhere (or end with an error).

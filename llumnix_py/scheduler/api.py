@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from llumnix_py.load import RequestLoad
+    from llumnix_py.scheduler.frontends import FrontendRecord
 
 
 class SchedulerAPI(abc.ABC):
@@ -46,6 +47,15 @@ class SchedulerAPI(abc.ABC):
 
     @abc.abstractmethod
     def launch(self, n: int) -> list[str]: ...
+
+    @abc.abstractmethod
+    def frontend_heartbeat(self, frontend: FrontendRecord) -> None:
+        """``frontend`` is attached (sent about once a second): the scheduler lists it in
+        ``state()["frontends"]`` until it is silent for ``SchedulerConfig.frontend_timeout_s``."""
+
+    @abc.abstractmethod
+    def frontend_left(self, frontend_id: str) -> None:
+        """The frontend stopped: list it no more."""
 
     @abc.abstractmethod
     def stop(self, terminate_instances: bool = True) -> None: ...

@@ -42,6 +42,8 @@ class SchedulerConfig:
         heartbeat_timeout_s: an instance not heard from for this long is dead (its
             requests are resumed elsewhere by recomputation, so keep it short).
         migration_order_timeout_s: forget an ordered migration never reported back.
+        frontend_timeout_s: a frontend not heard from for this long is no longer listed
+            (frontends report about once a second; listing them is all it is used for).
     """
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -53,9 +55,11 @@ class SchedulerConfig:
     max_migrations_in: int = 1
     heartbeat_timeout_s: float = 1.5
     migration_order_timeout_s: float = 30.0
+    frontend_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s"):
+        for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",
+                     "frontend_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_migrations_out < 1 or self.max_migrations_in < 1:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder, SchedulerConfig
+from llumnix_py.scheduler.frontends import FrontendRecord, FrontendTable
 from llumnix_py.scheduler.tick import SchedulerTick
 from migration.driver import MigrationResult
 from migration.ownership import Owner
@@ -68,6 +69,7 @@ class SchedulerDaemon:
         self.generation = 0  # bumped on every membership change
         self._pool: Optional[ThreadPoolExecutor] = None
         self._polls: dict[str, Future] = {}  # instance id -> its poll in flight
+        self.frontends = FrontendTable(config.frontend_timeout_s)
 
     # ----- lifecycle -----------------------------------------------------------------------
     def launch(self, n: int = 1) -> list[str]:
@@ -253,6 +255,16 @@ class SchedulerDaemon:
             self.core.mark_terminating(instance_id)
             self.scale_events.append((self.clock(), "in", instance_id))
 
+    def frontend_heartbeat(self, frontend: FrontendRecord) -> None:
+        if not isinstance(frontend, FrontendRecord):
+            raise TypeError(f"a frontend heartbeat carries a FrontendRecord, not {type(frontend).__name__}")
+        with self._lock:
+            self.frontends.heard(frontend, self.clock())
+
+    def frontend_left(self, frontend_id: str) -> None:
+        with self._lock:
+            self.frontends.left(frontend_id)
+
     def state(self) -> dict[str, Any]:
         with self._lock:
             cfg = self.config.policy
@@ -279,4 +291,5 @@ class SchedulerDaemon:
                 "dispatched": self.core.num_dispatched,
                 "scale_events": list(self.scale_events),
                 "dead_instances": list(self.dead),
+                "frontends": self.frontends.listed(self.clock()),
             }
