@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
