@@ -187,10 +187,16 @@ class Frontend:
         rid = f"{fmt_cls.prefix}-{uuid.uuid4().hex}"
         count = getattr(req, "num_generated", 1)
         best_of = count > req.num_choices
+        vocab = self.cluster.tokenizer.vocab_size
+        for name, ids in (("logit_bias", [t for t, _ in req.logit_bias_pairs()]), ("stop_token_ids", req.stop_token_ids)):
+            bad = next((t for t in ids or () if t >= vocab), None)
+            if bad is not None:
+                raise APIError(400, f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", param=name)
         try:
             samplings = [self._sampling(req, max(max_tokens, 1), i, best_of) for i in range(count)]
-        except InvalidRequestError as exc:
-            raise APIError(400, str(exc)) from None
+        except InvalidRequestError as exc:  # its message starts with the field's name
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=field if field in type(req).model_fields else None) from None
         gens: list[Generation] = []
         try:
             for i, sampling in enumerate(samplings):

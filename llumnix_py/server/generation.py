@@ -253,7 +253,7 @@ class CompletionFormat:
                 continue
             out["token_logprobs"].append(_json_lp(lp.logprob))
             top = {self._token_str(a): _json_lp(v) for a, v in lp.top[:self.num_logprobs]}
-            top.setdefault(s, _json_lp(lp.logprob))  # the sampled token is always listed, as vLLM does
+            top[s] = _json_lp(lp.logprob)  # the sampled token is always listed (as vLLM) and wins a string clash
             out["top_logprobs"].append(top)
         self._offsets[index] = offset
         return out
