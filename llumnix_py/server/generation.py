@@ -80,9 +80,6 @@ class Generation:
     def request_id(self) -> str:
         return self.handle.request_id
 
-    def usage(self) -> P.Usage:
-        return P.Usage.of(self.prompt_len, self.num_generated)
-
     async def deltas(self) -> AsyncIterator[Delta]:
         async for ev in self.handle:
             if ev.error is not None:  # its instance died and no other could continue it
