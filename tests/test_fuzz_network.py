@@ -29,7 +29,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llumnix_py.engines.types import FinishReason, MigrationRequestState, RequestOutput, SamplingParams, SeqStatus
+from llumnix_py.engines.types import FinishReason, MigrationRequestState, RequestOutput, SamplingParams, SeqStatus, TokenLogprob
 from llumnix_py.errors import ProtocolError
 from llumnix_py.frontend.receiver import TokenReceiver
 from llumnix_py.llumlet import Llumlet
@@ -66,7 +66,9 @@ VALID_HEADERS = [
 ]
 VALID_REPLIES = [wire.Reply(True, None, (1, 2)).to_header(), wire.Reply(False, "no").to_header()]
 VALID_BATCH = encode_batch("i0", [RequestOutput("r1", (1, 2, 3), 0, None),
-                                  RequestOutput("r2", (9,), 7, FinishReason.LENGTH)])
+                                  RequestOutput("r2", (9,), 7, FinishReason.LENGTH),
+                                  RequestOutput("r3", (4,), 0, None, (TokenLogprob(-0.25, ((4, -0.25), (5, -2.0))),),
+                                                (None, TokenLogprob(-1.5), TokenLogprob(float("-inf"), ((7, -0.1),))))])
 
 # ---------------------------------------------------------------- strategies
 
@@ -149,7 +151,7 @@ def test_decode_batch_rejects_oversize_and_non_bytes() -> None:
     for bad in (b"\x00" * (MAX_BATCH_BYTES + 1), None, 12, "text"):
         with pytest.raises(ProtocolError):
             decode_batch(bad)  # type: ignore[arg-type]
-    huge = msgpack.packb({"v": 1, "instance_id": "i", "outputs": [["r", 0, list(range(70_000)), None]]})
+    huge = msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, list(range(70_000)), None, None, None]]})
     with pytest.raises(ProtocolError):
         decode_batch(huge)
 
@@ -364,12 +366,19 @@ def test_live_receiver_survives_oversize_and_type_confused_batches(live_receiver
     receiver, push, got, cond = live_receiver
     rejected = receiver.rejected
     bad = [
-        msgpack.packb({"v": 1, "instance_id": "i", "outputs": [["r", -1, [1], None]]}),
-        msgpack.packb({"v": 1, "instance_id": "i", "outputs": [["r", 0, [True], None]]}),
-        msgpack.packb({"v": 1, "instance_id": "i", "outputs": [["r", 0, [1], "exploded"]]}),
-        msgpack.packb({"v": 1, "instance_id": "i", "outputs": [["r", 0, [1], [1]]]}),
-        msgpack.packb({"v": 2, "instance_id": "i", "outputs": []}),
-        msgpack.packb({"v": 1, "instance_id": "i" * 300, "outputs": []}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", -1, [1], None, None, None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [True], None, None, None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1], "exploded", None, None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1], [1], None, None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1], None]]}),
+        msgpack.packb({"v": 1, "instance_id": "i", "outputs": []}),
+        msgpack.packb({"v": 2, "instance_id": "i" * 300, "outputs": []}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1], None, [[float("nan"), []]], None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1, 2], None, [[-0.5, []]], None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1], None, [[-0.5, [[1, -0.1]] * 21]],
+                                                                 None]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 3, [1], None, None, [None, [-1.0, []]]]]}),
+        msgpack.packb({"v": 2, "instance_id": "i", "outputs": [["r", 0, [1], None, None, [[-1.0, []]]]]}),
         VALID_BATCH[:-3],
     ]
     for data in bad:

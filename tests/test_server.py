@@ -156,7 +156,7 @@ def test_chat_content_parts_priority_and_extras(server, cluster):
     base = {"model": MODEL, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     plain = httpx.post(url, json={**base, "messages": [{"role": "user", "content": "Hello there"}]}, timeout=30)
     parts = httpx.post(url, json={**base, "priority": 1, "user": "someone", "frequency_penalty": 0,
-                                  "some_future_field": {"x": [1]},
+                                  "metadata": {"x": "1"}, "tools": [], "tool_choice": "none",
                                   "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello "},
                                                                             {"type": "text", "text": "there"}]}]},
                        timeout=30)
@@ -338,10 +338,15 @@ BAD_BODIES = [
     ("stop int", {"prompt": "x", "stop": 5}),
     ("stop empty", {"prompt": "x", "stop": [""]}),
     ("stream_options wrong", {"prompt": "x", "stream": True, "stream_options": "all"}),
-    ("n two", {"prompt": "x", "n": 2}),
-    ("best_of", {"prompt": "x", "best_of": 3}),
-    ("echo", {"prompt": "x", "echo": True}),
-    ("logprobs", {"prompt": "x", "logprobs": 2}),
+    ("n zero", {"prompt": "x", "n": 0}),
+    ("n too many", {"prompt": "x", "n": 17}),
+    ("best_of below n", {"prompt": "x", "n": 3, "best_of": 2}),
+    ("best_of streamed", {"prompt": "x", "best_of": 2, "stream": True}),
+    ("logprobs above 5", {"prompt": "x", "logprobs": 6}),
+    ("logprobs bool", {"prompt": "x", "logprobs": True}),
+    ("unknown field", {"prompt": "x", "some_future_field": {"x": [1]}}),
+    ("suffix", {"prompt": "x", "suffix": "end"}),
+    ("stream_options without stream", {"prompt": "x", "stream_options": {"include_usage": True}}),
     ("priority negative", {"prompt": "x", "priority": -1}),
     ("priority string", {"prompt": "x", "priority": "high"}),
     ("ignore_eos int", {"prompt": "x", "ignore_eos": 1}),
@@ -354,7 +359,15 @@ BAD_CHAT = [
     ("content int", {"messages": [{"role": "user", "content": 3}]}),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}),
     ("chat max_tokens zero", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}),
-    ("chat logprobs", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
+    ("chat logprobs int", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 2}),
+    ("chat top_logprobs alone", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+    ("chat top_logprobs 21", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}),
+    ("chat tools", {"messages": [{"role": "user", "content": "hi"}],
+                    "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("chat json mode", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}),
+    ("chat echo", {"messages": [{"role": "user", "content": "hi"}], "echo": True}),
+    ("chat best_of", {"messages": [{"role": "user", "content": "hi"}], "best_of": 2}),
 ]
 
 
@@ -461,7 +474,7 @@ def test_auth(cluster):
 
 def test_openai_client_sees_400_as_bad_request(client):
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2)
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=17)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="other-model", prompt="x", max_tokens=2)
 

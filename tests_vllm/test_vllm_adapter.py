@@ -104,3 +104,43 @@ def test_invalid_requests_are_refused(engines):
     with pytest.raises(InvalidRequestError, match="already exists"):
         a.add_request(Request("d", PROMPT, SamplingParams(max_tokens=2)))
     a.abort_request("d")
+
+
+def test_sampling_fields_are_passed_to_vllm_sampling_params():
+    from vllm import SamplingParams as VSamplingParams
+
+    from llumnix_py.engines.vllm.adapter import vllm_sampling_kwargs
+
+    sp = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, presence_penalty=0.5,
+                        frequency_penalty=-0.3, repetition_penalty=1.2, logit_bias={7: 3.0}, min_tokens=4,
+                        seed=11, stop_token_ids=(2,), logprobs=3, prompt_logprobs=1)
+    v = VSamplingParams(**vllm_sampling_kwargs(sp, remaining=9, num_prior=0, seed=sp.seed))
+    assert (v.top_k, v.min_p, v.presence_penalty, v.frequency_penalty, v.repetition_penalty) == (5, 0.1, 0.5, -0.3, 1.2)
+    assert v.logit_bias == {7: 3.0} and v.min_tokens == 4 and v.seed == 11 and v.stop_token_ids == [2]
+    assert (v.logprobs, v.prompt_logprobs, v.max_tokens, v.temperature, v.top_p) == (3, 1, 9, 0.7, 0.9)
+    # a migrated-in request with 3 outputs already: min_tokens counts down, the prompt was scored at its start
+    moved = VSamplingParams(**vllm_sampling_kwargs(sp, remaining=6, num_prior=3, seed=5))
+    assert moved.min_tokens == 1 and moved.prompt_logprobs is None and moved.max_tokens == 6
+    plain = VSamplingParams(**vllm_sampling_kwargs(SamplingParams(), remaining=16, num_prior=0, seed=None))
+    assert plain.top_k == 0 and plain.logit_bias is None and plain.logprobs is None and plain.repetition_penalty == 1.0
+
+
+def test_logit_bias_and_logprobs_come_back_from_vllm(engines):
+    a, _ = engines
+    sp = SamplingParams(max_tokens=4, ignore_eos=True, logit_bias={7: 100.0}, logprobs=2, prompt_logprobs=1)
+    a.add_request(Request("lp", PROMPT, sp))
+    outs = []
+    while a.has_unfinished():
+        outs.extend(o for o in a.step().outputs if o.new_token_ids)
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == [7, 7, 7, 7]  # the bias reached vLLM's sampler
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert len(lps) == 4 and all(len(lp.top) == 2 and lp.logprob <= 0 for lp in lps)
+    assert all(lp.top[0][1] >= lp.top[1][1] for lp in lps)  # most likely first
+    prompt = outs[0].prompt_logprobs
+    assert prompt is not None and prompt[0] is None and len(prompt) == len(PROMPT)
+    assert all(p is not None and len(p.top) == 1 for p in prompt[1:])
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        a.add_request(Request("bad", PROMPT, SamplingParams(logit_bias={a._vocab_size: 1.0})))
+    a.step()

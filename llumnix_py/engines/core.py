@@ -20,8 +20,10 @@ from llumnix_py.engines.types import (
     MigrationRequestState,
     Request,
     RequestOutput,
+    SamplingParams,
     SeqStatus,
     StepOutput,
+    TokenLogprob,
 )
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
 from llumnix_py.load import InstanceLoad
@@ -98,12 +100,24 @@ class EngineCore(EngineAdapter):
         if rid in self.seqs or rid in self._prealloc:
             raise InvalidRequestError(f"request {rid} already exists on this instance")
         self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), rid)
+        self._validate_sampling(request.sampling, rid)
         seq = Sequence.from_request(request)
         self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
 
     def check_request(self, request: Request) -> None:
         self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), request.request_id)
+        self._validate_sampling(request.sampling, request.request_id)
+
+    def _validate_sampling(self, sp: SamplingParams, rid: str) -> None:
+        """Token ids the sampling parameters name are in the vocabulary; logprobs only where computed."""
+        vocab = self.executor.vocab_size
+        bad = [t for t in sp.token_ids_used() if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"request {rid}: stop_token_ids/logit_bias name token ids {bad[:5]} "
+                                      f"outside the vocabulary (size {vocab})")
+        if not self.executor.supports_logprobs and (sp.logprobs is not None or sp.prompt_logprobs is not None):
+            raise InvalidRequestError(f"request {rid}: this engine does not compute log probabilities")
 
     def _validate_tokens(self, token_ids: Seq[int], prompt_len: int, rid: str, ints_checked: bool = False) -> None:
         """Type, range, context and pool checks. ``ints_checked``: the ids are known to be plain
@@ -149,11 +163,12 @@ class EngineCore(EngineAdapter):
         if plan.empty:
             return StepOutput(outputs=tuple(outgrown), preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
-        tokens, duration = self.executor.execute(work)
-        outputs = [self._apply(seq, tok) for seq, tok in zip(plan.decodes + plan.prefills, tokens)] + outgrown
+        done = self.executor.execute_full(work)
+        outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
+            plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
             outputs=tuple(outputs),
-            duration_s=duration,
+            duration_s=done.duration_s,
             num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
@@ -172,13 +187,26 @@ class EngineCore(EngineAdapter):
     def _decode_work(self, seq: Sequence) -> SeqWork:
         last = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
         return SeqWork(seq.request_id, (last,), seq.num_computed, tuple(seq.block_table), seq.sampling,
-                       len(seq.output_token_ids), is_prefill=False)
+                       len(seq.output_token_ids), is_prefill=False, **self._sampling_context(seq))
 
     def _prefill_work(self, seq: Sequence) -> SeqWork:
         return SeqWork(seq.request_id, seq.all_token_ids(), 0, tuple(seq.block_table), seq.sampling,
-                       len(seq.output_token_ids), is_prefill=True)
+                       len(seq.output_token_ids), is_prefill=True, **self._sampling_context(seq))
 
-    def _apply(self, seq: Sequence, token: Optional[int]) -> RequestOutput:
+    def _sampling_context(self, seq: Sequence) -> dict:
+        """What the sampler needs beyond the logits: the tokens so far (only when a penalty reads
+        them) and the tokens ``min_tokens`` bans. Both follow from the sequence, so they are the
+        same after a preemption or a migration."""
+        sp = seq.sampling
+        banned: tuple[int, ...] = ()
+        if len(seq.output_token_ids) < sp.min_tokens:
+            eos = self.config.eos_token_id
+            banned = sp.stop_token_ids + ((eos,) if eos is not None and not sp.ignore_eos else ())
+        return {"history": seq.all_token_ids() if sp.penalized else (),
+                "prompt_len": len(seq.prompt_token_ids), "banned_token_ids": banned}
+
+    def _apply(self, seq: Sequence, token: Optional[int], logprob: Optional[TokenLogprob] = None,
+               prompt_lps: Optional[tuple[Optional[TokenLogprob], ...]] = None) -> RequestOutput:
         assert token is not None
         seq.num_computed = seq.num_tokens
         seq.output_token_ids.append(token)
@@ -186,11 +214,13 @@ class EngineCore(EngineAdapter):
         reason = self._finish_reason(seq, token)
         if reason is not None:
             self._drop(seq, reason)
-        return RequestOutput(seq.request_id, (token,), index, reason)
+        return RequestOutput(seq.request_id, (token,), index, reason,
+                             logprobs=None if logprob is None else (logprob,), prompt_logprobs=prompt_lps)
 
     def _finish_reason(self, seq: Sequence, token: int) -> Optional[FinishReason]:
         sp = seq.sampling
-        if token in sp.stop_token_ids or (token == self.config.eos_token_id and not sp.ignore_eos):
+        stops = token in sp.stop_token_ids or (token == self.config.eos_token_id and not sp.ignore_eos)
+        if stops and len(seq.output_token_ids) >= sp.min_tokens:
             return FinishReason.STOP
         if len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.executor.max_model_len:
             return FinishReason.LENGTH
@@ -303,6 +333,7 @@ class EngineCore(EngineAdapter):
             raise MigrationError(f"request {rid} already exists on this instance")
         self._validate_tokens(state.prompt_token_ids + state.output_token_ids, len(state.prompt_token_ids), rid,
                               ints_checked=True)
+        self._validate_sampling(state.sampling, rid)
         reserved = self._prealloc.get(rid, [])
         seq = Sequence.from_migration(state)
         if state.status == SeqStatus.RUNNING:

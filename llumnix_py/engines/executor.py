@@ -12,7 +12,7 @@ import abc
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from llumnix_py.engines.types import SamplingParams
+from llumnix_py.engines.types import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class SeqWork:
         output_index: index (in the request's output) of the token this step samples.
         is_prefill: the step (re)computes a prompt (or, after preemption, prompt + outputs).
         sample: False for a non-final prefill chunk (no token is sampled).
+        history: the sequence's tokens so far (prompt, then outputs) when a penalty needs them, else ().
+        prompt_len: how many of ``history`` are the prompt.
+        banned_token_ids: tokens that may not be sampled this step (stop and end-of-sequence
+            tokens while fewer than ``min_tokens`` outputs exist).
     """
 
     request_id: str
@@ -38,6 +42,33 @@ class SeqWork:
     output_index: int
     is_prefill: bool
     sample: bool = True
+    history: tuple[int, ...] = ()
+    prompt_len: int = 0
+    banned_token_ids: tuple[int, ...] = ()
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The step computes the prompt for the first time and the request asked for its logprobs."""
+        return self.is_prefill and self.output_index == 0 and self.sampling.prompt_logprobs is not None
+
+
+@dataclass(frozen=True)
+class Executed:
+    """What one step produced.
+
+    Attributes:
+        tokens: one sampled token per ``SeqWork`` (``None`` where ``sample`` is False).
+        duration_s: the step's duration in seconds.
+        logprobs: per ``SeqWork``, the sampled token's ``TokenLogprob`` when its request asked for
+            logprobs (else ``None``).
+        prompt_logprobs: per ``SeqWork``, its prompt's log-likelihoods when
+            ``wants_prompt_logprobs`` (else ``None``).
+    """
+
+    tokens: list[Optional[int]]
+    duration_s: float
+    logprobs: list[Optional[TokenLogprob]]
+    prompt_logprobs: list[Optional[tuple[Optional[TokenLogprob], ...]]]
 
 
 class Executor(abc.ABC):
@@ -47,6 +78,14 @@ class Executor(abc.ABC):
     def execute(self, work: Sequence[SeqWork]) -> tuple[list[Optional[int]], float]:
         """One sampled token per ``SeqWork`` (``None`` where ``sample`` is False)
         and the step's duration in seconds."""
+
+    supports_logprobs = False  # whether ``execute_full`` computes log probabilities
+
+    def execute_full(self, work: Sequence[SeqWork]) -> Executed:
+        """``execute`` with log probabilities where the work asks for them (executors that
+        compute them override this; the default has none, see ``supports_logprobs``)."""
+        tokens, duration = self.execute(work)
+        return Executed(tokens, duration, [None] * len(work), [None] * len(work))
 
     @abc.abstractmethod
     def read_blocks(self, block_ids: Sequence[int]) -> object:

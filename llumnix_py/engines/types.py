@@ -12,7 +12,7 @@ import array
 import enum
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from llumnix_py.errors import InvalidRequestError
@@ -22,37 +22,81 @@ NORMAL_PRIORITY = 0
 HIGH_PRIORITY = 1
 
 
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's chat limit)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias at most
+PENALTY_RANGE = 2.0  # presence and frequency penalties lie in [-2, 2], as in OpenAI's API
+BIAS_RANGE = 100.0  # logit_bias values lie in [-100, 100]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token.
+    """How to pick the next token (vLLM's semantics for every field).
+
+    The logits of a step go through, in this order (``engines/torch_engine/sampler.py``):
+    ``min_tokens`` (stop and end-of-sequence tokens banned while fewer outputs exist),
+    ``logit_bias``, the penalties, then greedy argmax or temperature, ``min_p``,
+    ``top_k``, ``top_p`` and a seeded draw.
 
     Attributes:
         max_tokens: number of tokens to generate at most (>= 1).
         temperature: 0 means greedy decoding; > 0 samples from softmax(logits / T).
         top_p: nucleus sampling mass in (0, 1].
+        top_k: keep only the k most likely tokens; 0 keeps all.
+        min_p: drop tokens less likely than ``min_p`` times the most likely one; in [0, 1].
+        presence_penalty: subtracted once from the logit of every token generated so far; [-2, 2].
+        frequency_penalty: subtracted from a token's logit once per time it was generated; [-2, 2].
+        repetition_penalty: > 0; the logits of tokens in the prompt or the output are divided by
+            it when positive and multiplied by it when negative (1 is off).
+        logit_bias: ``(token_id, bias)`` pairs added to the logits; bias in [-100, 100].
+        min_tokens: stop and end-of-sequence tokens cannot end generation before this many
+            outputs (<= ``max_tokens``).
         seed: per-request seed; with it, sampling is reproducible whatever else
             is in the batch and across preemption and migration.
         stop_token_ids: generation ends after emitting one of these.
         ignore_eos: keep generating past the tokenizer's end-of-sequence token.
+        logprobs: None for none; k in 0..20: each output token carries its log probability
+            and the k most likely tokens with theirs (of the model's raw logits, as vLLM).
+        prompt_logprobs: None for none; k in 0..20: the first output carries the log
+            probability of each prompt token (None for the first) and its top k.
     """
 
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise InvalidRequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        _check_int("max_tokens", self.max_tokens, 1)
         t = self.temperature
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_int("top_k", self.top_k, 0)
+        if not _is_number(self.min_p) or not (0.0 <= self.min_p <= 1.0):
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -PENALTY_RANGE <= v <= PENALTY_RANGE:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        object.__setattr__(self, "logit_bias", _check_bias(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
         if self.seed is not None and not (-(2**63) <= self.seed < 2**63):
@@ -61,25 +105,73 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None:
+                _check_int(name, v, 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens so far change the logits (some penalty is on)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    def token_ids_used(self) -> list[int]:
+        """Token ids the parameters name (stop tokens, biased tokens), to check against a vocabulary."""
+        return list(self.stop_token_ids) + [t for t, _ in self.logit_bias]
+
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        d["logit_bias"] = [[t, b] for t, b in self.logit_bias]
         return d
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "SamplingParams":
         if not isinstance(d, dict):
             raise InvalidRequestError("sampling params must be a mapping")
-        allowed = {"max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "ignore_eos"}
+        allowed = {f.name for f in fields(cls)}
         extra = set(d) - allowed
         if extra:
             raise InvalidRequestError(f"unknown sampling fields: {sorted(extra)}")
         return cls(**d)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(name: str, v: Any, low: int, high: Optional[int] = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {v!r}")
+    if v < low or (high is not None and v > high):
+        where = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidRequestError(f"{name} must be {where}, got {v}")
+
+
+def _check_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted ``(token_id, bias)`` pairs, validated (from pairs or a mapping)."""
+    items = list(bias.items()) if isinstance(bias, dict) else bias
+    if not isinstance(items, (list, tuple)) or len(items) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias must hold at most {MAX_LOGIT_BIAS} (token id, bias) pairs")
+    out = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise InvalidRequestError("logit_bias entries must be (token id, bias) pairs")
+        tok, b = item
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok <= MAX_TOKEN_ID:
+            raise InvalidRequestError(f"logit_bias token ids must be non-negative integers, got {tok!r}")
+        if not _is_number(b) or not -BIAS_RANGE <= b <= BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {b!r}")
+        if tok in out:
+            raise InvalidRequestError(f"logit_bias names token {tok} twice")
+        out[tok] = float(b)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -122,17 +214,36 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log probability of one token at one position, and the most likely tokens there.
+
+    Attributes:
+        logprob: log probability of the token (of the model's raw distribution).
+        top: ``(token_id, logprob)`` of the k most likely tokens, most likely first
+            (ties by token id); k is the request's ``logprobs``/``prompt_logprobs``.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """New tokens of one request from one engine step.
 
     ``index`` is the position (in the request's output) of ``new_token_ids[0]``,
     which lets a consumer drop duplicates and reorder across migrations.
+    ``logprobs`` (when the request asked for them) has one entry per new token;
+    ``prompt_logprobs`` (only with index 0, when asked for) one per prompt token,
+    ``None`` for the first, which has no context.
     """
 
     request_id: str
     new_token_ids: tuple[int, ...]
     index: int
     finish_reason: Optional[FinishReason] = None
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
+    prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None
 
     @property
     def finished(self) -> bool:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from llumnix_py.engines.types import FinishReason, Request, RequestOutput
+from llumnix_py.engines.types import FinishReason, Request, RequestOutput, TokenLogprob
 from llumnix_py.errors import LlumnixError
 
 # Events for consumers on one event loop, handed over in one call per token batch.
@@ -40,6 +40,8 @@ class TokenEvent:
     instance_id: str  # the instance that sent them
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None  # set (with finish_reason ABORT) when the request failed
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None  # one per token, when the request asked for them
+    prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None  # on the event with index 0, if asked
 
     @property
     def finished(self) -> bool:
@@ -52,10 +54,15 @@ class OrderedStream:
 
     ``push`` returns the tokens that became deliverable (in order) and whether the
     request is now finished; duplicates (an index already delivered or buffered) are dropped.
+    A token's log probability (if any) travels with it, so it is the one computed where the
+    token was sampled; ``ready_logprobs`` holds those of the tokens the last ``push`` returned
+    (None when they came without), ``prompt_logprobs`` the first copy received.
     """
 
     next_index: int = 0
-    pending: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, tuple[int, Optional[TokenLogprob]]] = field(default_factory=dict)
+    ready_logprobs: Optional[tuple[TokenLogprob, ...]] = None
+    prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None
     finish_at: Optional[int] = None  # index of the last token
     finish_reason: Optional[FinishReason] = None
     owner: str = ""
@@ -63,19 +70,25 @@ class OrderedStream:
 
     def push(self, instance_id: str, out: RequestOutput) -> tuple[list[int], bool]:
         self.owner = instance_id
+        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
+        lps = out.logprobs
         for k, tok in enumerate(out.new_token_ids):
             i = out.index + k
             if i < self.next_index or i in self.pending:
                 self.duplicates += 1
                 continue
-            self.pending[i] = tok
+            self.pending[i] = (tok, None if lps is None else lps[k])
         if out.finish_reason is not None and self.finish_at is None:
             self.finish_at = out.index + len(out.new_token_ids) - 1
             self.finish_reason = out.finish_reason
-        ready = []
+        ready, ready_lps = [], []
         while self.next_index in self.pending:
-            ready.append(self.pending.pop(self.next_index))
+            tok, lp = self.pending.pop(self.next_index)
+            ready.append(tok)
+            ready_lps.append(lp)
             self.next_index += 1
+        self.ready_logprobs = tuple(ready_lps) if ready_lps and None not in ready_lps else None
         done = self.finish_at is not None and self.next_index > self.finish_at
         return ready, done
 

@@ -115,7 +115,10 @@ class RequestTable:
                     handle.finish_reason = reason
                     handle.finished_at = now
                     self._handles.pop(out.request_id, None)
-            handle.deliver(TokenEvent(out.request_id, tuple(ready), index, instance_id, reason), batches)
+                lps = handle.stream.ready_logprobs
+                plps = handle.stream.prompt_logprobs if index == 0 else None
+            handle.deliver(TokenEvent(out.request_id, tuple(ready), index, instance_id, reason, logprobs=lps,
+                                      prompt_logprobs=plps), batches)
         flush(batches)
 
     # ----- the supervisor ------------------------------------------------------------------

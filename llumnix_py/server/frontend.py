@@ -35,7 +35,7 @@ from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.handles import NoInstanceError, RequestFailedError
 from llumnix_py.server import protocol as P
 from llumnix_py.server.errors import APIError, read_json_body, short, validation_error
-from llumnix_py.server.generation import CompletionFormat, Generation
+from llumnix_py.server.generation import Choice, CompletionFormat, Generation
 from llumnix_py.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -158,11 +158,16 @@ class Frontend:
                        max_tokens: Optional[int], fmt_cls: type[CompletionFormat]) -> Response:
         """Submit the request to the cluster and answer it.
 
+        ``n`` > 1 (or ``best_of``) fans out into that many requests of their own in the cluster
+        (``<id>-<i>``), each placed, migrated and finished on its own, with seed ``seed + i``
+        (vLLM's rule; unseeded ones draw from streams keyed by their own ids); the response joins
+        them in index order, and a stream's chunks carry their choice's index.
+
         Args:
             request: the HTTP request (watched for a disconnect when not streaming).
             req: the parsed request (sampling options, ``stream``, stop strings, ...).
             prompt_ids: the prompt's token ids.
-            max_tokens: tokens to generate (``None``: ``DEFAULT_MAX_TOKENS``).
+            max_tokens: tokens to generate (``None``: ``DEFAULT_MAX_TOKENS``; 0: score the prompt).
             fmt_cls: the response format (completion or chat).
 
         Returns:
@@ -173,83 +178,170 @@ class Frontend:
                 instance can take it or its instance failed, 500 on an internal error.
         """
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        score_only = max_tokens == 0  # echo with max_tokens=0: one token is generated and dropped
         limit = self.max_len
         what = "the model's context length" if limit == self.cluster.max_model_len else "one instance's KV cache"
-        if len(prompt_ids) + max_tokens > limit:
+        if len(prompt_ids) + max(max_tokens, 1) > limit:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                                 f"{what} ({limit} tokens)", param="max_tokens", code="context_length_exceeded")
+        rid = f"{fmt_cls.prefix}-{uuid.uuid4().hex}"
+        count = getattr(req, "num_generated", 1)
+        best_of = count > req.num_choices
+        vocab = self.cluster.tokenizer.vocab_size
+        for name, ids in (("logit_bias", [t for t, _ in req.logit_bias_pairs()]), ("stop_token_ids", req.stop_token_ids)):
+            bad = next((t for t in ids or () if t >= vocab), None)
+            if bad is not None:
+                raise APIError(400, f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", param=name)
         try:
-            temperature = 1.0 if req.temperature is None else float(req.temperature)
-            sampling = SamplingParams(max_tokens=max_tokens,
-                                      temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
-                                      top_p=1.0 if req.top_p is None else float(req.top_p),
-                                      seed=req.seed, ignore_eos=req.ignore_eos)
-            rid = f"{fmt_cls.prefix}-{uuid.uuid4().hex}"
-            handle = await self.cluster.submit_async(prompt_ids, sampling, priority=req.priority, request_id=rid)
-        except InvalidRequestError as exc:
+            samplings = [self._sampling(req, max(max_tokens, 1), i, best_of) for i in range(count)]
+        except InvalidRequestError as exc:  # its message starts with the field's name
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=field if field in type(req).model_fields else None) from None
+        gens: list[Generation] = []
+        try:
+            for i, sampling in enumerate(samplings):
+                sub = rid if count == 1 else f"{rid}-{i}"
+                handle = await self.cluster.submit_async(prompt_ids, sampling, priority=req.priority, request_id=sub)
+                gens.append(Generation(self.cluster, self.metrics, handle, len(prompt_ids), req.stop_sequences,
+                                       index=i, min_tokens=req.min_tokens or 0, score_only=score_only))
+        except (InvalidRequestError, NoInstanceError) as exc:
+            for g in gens:
+                g.close()
+            if isinstance(exc, NoInstanceError):
+                raise APIError(503, str(exc), type="server_error", code="no_instance") from None
             raise APIError(400, str(exc)) from None
-        except NoInstanceError as exc:
-            raise APIError(503, str(exc), type="server_error", code="no_instance") from None
-        gen = Generation(self.cluster, self.metrics, handle, len(prompt_ids), req.stop_sequences)
-        fmt = fmt_cls(rid, self.cluster.model_name, req)
-        if req.stream:
-            return _EventStream(self._stream(gen, fmt), on_close=gen.close)
-        return await self._complete(request, gen, fmt)
+        echo = bool(getattr(req, "echo", False))
+        prompt_text = "" if not echo else (req.prompt if isinstance(req.prompt, str)
+                                           else self.cluster.tokenizer.decode(prompt_ids))
+        fmt = fmt_cls(rid, self.cluster.model_name, req, self.cluster.tokenizer, prompt_ids, prompt_text)
 
-    async def _stream(self, gen: Generation, fmt: CompletionFormat) -> AsyncIterator[str]:
+        def close_all() -> None:
+            for g in gens:
+                g.close()
+
+        if req.stream:
+            return _EventStream(self._stream(gens, fmt), on_close=close_all)
+        return await self._complete(request, gens, fmt, req.num_choices if best_of else None)
+
+    def _sampling(self, req: P.GenerationRequest, max_tokens: int, index: int, best_of: bool) -> SamplingParams:
+        """The sampling parameters of choice ``index`` (``InvalidRequestError`` if invalid)."""
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        seed = req.seed
+        if seed is not None and index:
+            seed = (seed + index + (1 << 63)) % (1 << 64) - (1 << 63)  # seed + index, wrapped to 64 bits
+        logprobs = req.num_logprobs()
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=max(0, req.top_k or 0),
+            min_p=float(req.min_p or 0.0),
+            presence_penalty=float(req.presence_penalty or 0.0),
+            frequency_penalty=float(req.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+            logit_bias=req.logit_bias_pairs(),
+            min_tokens=req.min_tokens or 0,
+            seed=seed,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=0 if best_of and logprobs is None else logprobs,  # best_of ranks by cumulative logprob
+            prompt_logprobs=req.num_prompt_logprobs(),
+        )
+
+    async def _stream(self, gens: list[Generation], fmt: CompletionFormat) -> AsyncIterator[str]:
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(g: Generation) -> None:
+            try:
+                async for d in g.deltas():
+                    await events.put((g, d, None))
+            except BaseException as exc:  # noqa: BLE001 (handed to the stream, which reports it)
+                await events.put((g, None, exc))
+                return
+            await events.put((g, None, None))
+
+        tasks = [asyncio.ensure_future(pump(g)) for g in gens]
         try:
-            first = fmt.first_chunk()
-            if first is not None:
+            for first in fmt.first_chunks(len(gens)):
                 yield _sse(first)
-            async for d in gen.deltas():
-                if d.text or d.finish_reason or (fmt.return_ids and d.token_ids):
-                    yield _sse(fmt.chunk(d))
+            running = len(gens)
+            while running:
+                g, d, exc = await events.get()
+                if exc is not None:
+                    raise exc
+                if d is None:
+                    running -= 1
+                elif fmt.wants_chunk(d):
+                    yield _sse(fmt.chunk(d, g.prompt_logprobs))
             if fmt.include_usage:
-                yield _sse(fmt.usage_chunk(gen.usage()))
+                yield _sse(fmt.usage_chunk(_usage(gens)))
             yield _sse("[DONE]")
         except RequestFailedError as exc:  # its instance died and no other could continue it
             yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None,
                                   "code": "instance_failed"}})
             yield _sse("[DONE]")
         except Exception as exc:  # headers are sent: report in-band, then end the stream
-            log.exception("stream %s failed", gen.request_id)
-            gen.close("error")
+            log.exception("stream %s failed", fmt.id)
+            for g in gens:
+                g.close("error")
             yield _sse({"error": {"message": f"internal error: {short(exc)}", "type": "server_error",
                                   "param": None, "code": None}})
             yield _sse("[DONE]")
         finally:
-            gen.close()
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            for g in gens:
+                g.close()
 
-    async def _complete(self, request: Request, gen: Generation, fmt: CompletionFormat) -> Response:
-        async def collect() -> tuple[str, list[int]]:
-            texts, ids = [], []
-            async for d in gen.deltas():
+    async def _complete(self, request: Request, gens: list[Generation], fmt: CompletionFormat,
+                        best_n: Optional[int]) -> Response:
+        """Collect every choice; with ``best_n`` (``best_of``), keep the ``best_n`` of highest cumulative
+        log probability (ties: lower index), re-indexed 0.. in that order, as vLLM does."""
+        async def collect(g: Generation) -> Choice:
+            texts, ids, lps = [], [], []
+            async for d in g.deltas():
                 texts.append(d.text)
                 ids.extend(d.token_ids)
-            return "".join(texts), ids
+                lps.extend(d.logprobs or ())
+            return Choice(g.index, "".join(texts), ids, g.finish_reason,
+                          lps if fmt.num_logprobs is not None else None, g.prompt_logprobs)
 
-        work = asyncio.ensure_future(collect())
+        work = asyncio.ensure_future(asyncio.gather(*(collect(g) for g in gens)))
         watch = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if work not in done:  # the client left: nobody will read the answer
-                gen.close()
+                for g in gens:
+                    g.close()
                 return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                                "param": None, "code": "client_disconnected"}}, status_code=400)
             try:
-                text, ids = work.result()
+                choices = list(work.result())
             except RequestFailedError as exc:
                 raise APIError(503, str(exc), type="server_error", code="instance_failed") from None
             except Exception:
-                log.exception("request %s failed", gen.request_id)
-                gen.close("error")
+                log.exception("request %s failed", fmt.id)
+                for g in gens:
+                    g.close("error")
                 raise APIError(500, "internal error", type="server_error") from None
         finally:
             for task in (work, watch):
                 if not task.done():
                     task.cancel()
-            gen.close()
-        return JSONResponse(fmt.response(text, ids, gen.finish_reason, gen.usage()))
+            for g in gens:
+                g.close()
+        if best_n is not None:
+            ranked = sorted(gens, key=lambda g: (-g.cumulative_logprob, g.index))[:best_n]
+            choices = [choices[g.index] for g in ranked]
+            for k, c in enumerate(choices):
+                c.index = k
+        return JSONResponse(fmt.response(choices, _usage(gens)))
+
+
+def _usage(gens: list[Generation]) -> P.Usage:
+    """The prompt counted once, the completions of every choice (generated ones included, for best_of)."""
+    return P.Usage.of(gens[0].prompt_len, sum(g.num_generated for g in gens))
 
 
 async def _wait_for_disconnect(request: Request) -> None:

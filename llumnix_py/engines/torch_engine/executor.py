@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from llumnix_py.engines.executor import Executor, SeqWork
+from llumnix_py.engines.executor import Executed, Executor, SeqWork
 from llumnix_py.engines.torch_engine.model import LlamaModel, ModelConfig, SeqBatchEntry, allocate_kv_cache
-from llumnix_py.engines.torch_engine.sampler import sample
+from llumnix_py.engines.torch_engine.sampler import prompt_logprobs, sample, token_logprobs
 
 
 class TorchExecutor(Executor):
@@ -42,24 +42,43 @@ class TorchExecutor(Executor):
     def kv_block_bytes(self) -> int:
         return self.kv[0].numel() * self.kv.element_size()
 
+    supports_logprobs = True
+
     def execute(self, work: Sequence[SeqWork]) -> tuple[list[Optional[int]], float]:
+        done = self.execute_full(work)
+        return done.tokens, done.duration_s
+
+    def execute_full(self, work: Sequence[SeqWork]) -> Executed:
         t0 = time.perf_counter()
+        n = len(work)
         if not work:
-            return [], 0.0
+            return Executed([], 0.0, [], [])
         ids: list[int] = []
         entries = []
         for w in work:
             entries.append(SeqBatchEntry(start=len(ids), num_new=len(w.token_ids), num_cached=w.num_cached,
                                          block_table=torch.tensor(w.block_table, dtype=torch.long)))
             ids.extend(w.token_ids)
-        logits = self.model(torch.tensor(ids, dtype=torch.long), entries, self.kv, self.block_size)
-        sampled = [w for w in work if w.sample]
+        full = any(w.wants_prompt_logprobs for w in work)
+        logits = self.model(torch.tensor(ids, dtype=torch.long), entries, self.kv, self.block_size,
+                            all_positions=full)
+        prompt_lps: list = [None] * n
+        if full:  # every position's logits came back: the prompt's, then the last row of each entry
+            for i, (w, e) in enumerate(zip(work, entries)):
+                if w.wants_prompt_logprobs:
+                    prompt_lps[i] = prompt_logprobs(logits[e.start:e.start + e.num_new], w.token_ids,
+                                                    w.sampling.prompt_logprobs)
+            logits = logits[[e.start + e.num_new - 1 for e in entries]]
         rows = [i for i, w in enumerate(work) if w.sample]
-        tokens = sample(logits[rows], sampled) if sampled else []
-        out: list[Optional[int]] = [None] * len(work)
+        tokens = sample(logits[rows], [work[i] for i in rows]) if rows else []
+        out: list[Optional[int]] = [None] * n
+        lps: list = [None] * n
         for i, tok in zip(rows, tokens):
             out[i] = tok
-        return out, time.perf_counter() - t0
+            k = work[i].sampling.logprobs
+            if k is not None:
+                lps[i] = token_logprobs(logits[i:i + 1], [tok], k)[0]
+        return Executed(out, time.perf_counter() - t0, lps, prompt_lps)
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         return self.kv.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))

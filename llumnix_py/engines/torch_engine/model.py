@@ -290,13 +290,13 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, entries: Sequence[SeqBatchEntry],
-                kv_cache: torch.Tensor, block_size: int) -> torch.Tensor:
+                kv_cache: torch.Tensor, block_size: int, all_positions: bool = False) -> torch.Tensor:
         """Runs one engine step over a flat batch.
 
         Writes each new token's K/V into ``kv_cache`` at slot
         ``(block_table[p // block_size], p % block_size)``, attends causally over
         positions ``0 .. num_cached + num_new - 1`` of each sequence, and returns
-        the logits of the LAST new token of each entry.
+        the logits of the LAST new token of each entry (of every new token with ``all_positions``).
 
         Args:
             input_ids: (T,) new tokens of all sequences, concatenated; T = sum of num_new.
@@ -304,8 +304,10 @@ class LlamaModel(nn.Module):
             kv_cache: the instance's cache, see ``allocate_kv_cache``; updated in place.
             block_size: tokens per block (must equal ``kv_cache.shape[3]``).
 
+            all_positions: return the logits at every new token (for prompt log-likelihoods).
+
         Returns:
-            float32 tensor of shape (len(entries), vocab_size).
+            float32 tensor of shape (len(entries), vocab_size), or (T, vocab_size) with ``all_positions``.
 
         Raises:
             ValueError: bad shapes or entries, a block table too short, or a position too far.
@@ -318,7 +320,7 @@ class LlamaModel(nn.Module):
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
         if not entries:
-            return torch.empty(0, cfg.vocab_size, dtype=torch.float32)
+            return torch.empty(input_ids.numel() if all_positions else 0, cfg.vocab_size, dtype=torch.float32)
         idx, pos, blk, slot = _flatten(entries, block_size, input_ids.numel())
         cos, sin = (table[pos] for table in self.rope_tables(int(pos.max()) + 1))
         kv_shape = (cfg.num_kv_heads, cfg.head_dim)
@@ -338,6 +340,8 @@ class LlamaModel(nn.Module):
                     q[offset:offset + e.num_new], kc, vc, e.num_cached)
                 offset += e.num_new
             h = layer.finish(h, out)
+        if all_positions:
+            return self._logits(h)
         last = torch.tensor([e.num_new for e in entries]).cumsum(0) - 1
         return self._logits(h[last])
 

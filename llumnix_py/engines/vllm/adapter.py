@@ -21,6 +21,14 @@ the adapter remembers ``|O|`` (``RequestOutput.index`` counts from the original
 prompt). Greedy decoding continues exactly; a seeded sampled request continues
 with a generator seeded by (seed, output position) instead of vLLM's generator
 state, which does not travel.
+
+Sampling fields go to vLLM's own ``SamplingParams`` (vLLM applies them). Because the
+destination sees earlier outputs as prompt, ``repetition_penalty`` (prompt and output
+alike) and ``min_tokens`` (counted down by the adapter) continue exactly, while
+``presence_penalty`` and ``frequency_penalty`` (outputs only, in vLLM) no longer count the
+outputs generated before the migration: a documented difference of this engine.
+Log probabilities come from vLLM's outputs (raw logprobs, vLLM's default), prompt log
+probabilities are collected over the prefill chunks and sent with the first token.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from llumnix_py.engines.types import (
     Request,
     RequestOutput,
     StepOutput,
+    TokenLogprob,
 )
 from llumnix_py.engines.vllm._internals import VLLMInternals
 from llumnix_py.engines.vllm.config import VLLMEngineConfig, prepare_environment
@@ -119,6 +128,7 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
         if rid in self._tracked or rid in self._prealloc or self.vllm.request(rid) is not None:
             raise InvalidRequestError(f"request {rid} already exists on this instance")
         self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), rid)
+        self._validate_sampling(request)
         self.core.add_request(self._vllm_request(request, prior=()))
         self._tracked[rid] = _Tracked(request)
 
@@ -139,6 +149,12 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
             raise InvalidRequestError(
                 f"request {rid}: {len(token_ids)} tokens need more KV blocks than this instance has ({usable})")
 
+    def _validate_sampling(self, request: Request) -> None:
+        bad = [t for t in request.sampling.token_ids_used() if t >= self._vocab_size]
+        if bad:
+            raise InvalidRequestError(f"request {request.request_id}: stop_token_ids/logit_bias name token ids "
+                                      f"{bad[:5]} outside the vocabulary (size {self._vocab_size})")
+
     def _vllm_request(self, request: Request, prior: tuple[int, ...]):
         """vLLM's ``Request`` for ``request`` whose first ``len(prior)`` outputs are already known."""
         from vllm import SamplingParams as VSamplingParams
@@ -151,8 +167,7 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
         seed = sp.seed
         if seed is not None and prior:  # vLLM's generator state does not travel: reseed by position
             seed = (seed * _SEED_MIX + len(prior)) % (1 << 63)
-        vsp = VSamplingParams(n=1, max_tokens=remaining, temperature=float(sp.temperature), top_p=float(sp.top_p),
-                              seed=seed, stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos)
+        vsp = VSamplingParams(**vllm_sampling_kwargs(sp, remaining, len(prior), seed))
         eos, more_eos = (self._eos[0], self._eos[1:]) if self._eos else (None, ())
         vsp.update_from_generation_config({"eos_token_id": list(self._eos)} if more_eos else {}, eos)
         ecr = EngineCoreRequest(
@@ -206,13 +221,25 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
         rec = self._tracked.get(o.request_id)
         if rec is None:
             return None
+        sp = rec.request.sampling
+        if o.new_prompt_logprobs_tensors is not None and sp.prompt_logprobs is not None:
+            t = o.new_prompt_logprobs_tensors  # one chunk of prompt positions (chunked prefill)
+            rec.prompt_logprobs += _token_logprobs(t.logprob_token_ids.tolist(), t.logprobs.tolist(),
+                                                   sp.prompt_logprobs)
         index = rec.num_outputs
         rec.num_outputs += len(o.new_token_ids)
         reason = None
         if o.finish_reason is not None:
             reason = _FINISH.get(int(o.finish_reason), FinishReason.ABORT)
             del self._tracked[o.request_id]
-        return RequestOutput(o.request_id, tuple(o.new_token_ids), index, reason)
+        lps = None
+        if sp.logprobs is not None and o.new_logprobs is not None:
+            lps = tuple(_token_logprobs(o.new_logprobs.logprob_token_ids.tolist(), o.new_logprobs.logprobs.tolist(),
+                                        sp.logprobs)[:len(o.new_token_ids)])
+        prompt = None
+        if index == 0 and o.new_token_ids and sp.prompt_logprobs is not None:
+            prompt = (None, *rec.prompt_logprobs)
+        return RequestOutput(o.request_id, tuple(o.new_token_ids), index, reason, logprobs=lps, prompt_logprobs=prompt)
 
     def load(self) -> InstanceLoad:
         # Waiting requests that hold KV (migrated in, not yet stepped) run first at the next step:
@@ -255,6 +282,26 @@ class VLLMEngineAdapter(VLLMMigration, EngineAdapter):
         assert free + owned + reserved == total, f"free {free} + owned {owned} + reserved {reserved} != {total}"
         for r in self.vllm.running():
             assert r.request_id in self._tracked and self._tracked[r.request_id].frozen_from is None
+
+
+def vllm_sampling_kwargs(sp: Any, remaining: int, num_prior: int, seed: Optional[int]) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for our ``SamplingParams`` ``sp``, for a request
+    with ``num_prior`` outputs generated elsewhere and ``remaining`` to go (prompt logprobs only
+    before the first output: the destination's prompt holds earlier outputs)."""
+    return dict(
+        n=1, max_tokens=remaining, temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=sp.top_k,
+        min_p=float(sp.min_p), presence_penalty=float(sp.presence_penalty),
+        frequency_penalty=float(sp.frequency_penalty), repetition_penalty=float(sp.repetition_penalty),
+        logit_bias=dict(sp.logit_bias) or None, min_tokens=max(0, sp.min_tokens - num_prior), seed=seed,
+        stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos, logprobs=sp.logprobs,
+        prompt_logprobs=sp.prompt_logprobs if num_prior == 0 else None,
+    )
+
+
+def _token_logprobs(ids: list, values: list, k: int) -> list[TokenLogprob]:
+    """vLLM's logprob rows (column 0: the chosen token; then the top ones, most likely first) as ours."""
+    return [TokenLogprob(float(v[0]), tuple(zip((int(t) for t in i[1:k + 1]), (float(x) for x in v[1:k + 1]))))
+            for i, v in zip(ids, values)]
 
 
 _FINISH = {0: FinishReason.STOP, 1: FinishReason.LENGTH, 2: FinishReason.ABORT, 4: FinishReason.STOP}

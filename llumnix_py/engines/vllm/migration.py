@@ -2,14 +2,14 @@
 
 A mixin, split out of ``adapter.py`` by a pure move: the methods read the adapter's
 ``core``, ``vllm`` (``VLLMInternals``), ``_tracked``, ``_prealloc``, ``_status``,
-``_watermark``, ``block_size``, ``_validate_tokens`` and ``_vllm_request``. How a
+``_watermark``, ``block_size``, ``_validate_tokens``, ``_validate_sampling`` and ``_vllm_request``. How a
 migrated request continues on the destination is described in ``adapter.py``.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +36,7 @@ class _Tracked:
     base_preemptions: int = 0
     frozen_from: Optional[SeqStatus] = None
     mig_epoch: Optional[int] = None  # vLLM preemption count when a pre-copy began
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt position so far (prefill chunks)
 
 
 class VLLMMigration:
@@ -162,6 +163,7 @@ class VLLMMigration:
         self._validate_tokens(tokens, len(state.prompt_token_ids), rid, ints_checked=True)
         request = Request(rid, state.prompt_token_ids, state.sampling, state.priority, state.arrival_time,
                           state.reply_to)
+        self._validate_sampling(request)
         vreq = self._vllm_request(request, prior=state.output_token_ids)
         if state.status == SeqStatus.RUNNING:
             reserved = self._prealloc.get(rid, [])
