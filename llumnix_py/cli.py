@@ -134,13 +134,20 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     ids = ray.get(actor.call.remote("instance_ids"))
     print(f"scheduler daemon running in namespace {cfg.ray_namespace!r} with instances {ids}; "
-          f"frontends attach with 'llumnix-py frontend'. Ctrl-C stops watching (the daemon keeps running; "
-          f"'llumnix-py scheduler --stop' ends it).")
+          f"frontends attach with 'llumnix-py frontend'. While this runs, a dead daemon is restarted; Ctrl-C "
+          f"stops watching (the daemon keeps running; 'llumnix-py scheduler --stop' ends it).")
     if args.stop:
         ray.get(actor.call.remote("stop", (True,)))
         ray.kill(actor)
         return 0
-    _wait_forever()
+    from llumnix_py.runtime.watchdog import SchedulerWatchdog
+
+    watchdog = SchedulerWatchdog.for_ray(cfg)  # restarts the daemon if it dies, while this process runs
+    watchdog.start()
+    try:
+        _wait_forever()
+    finally:
+        watchdog.stop()
     return 0
 
 

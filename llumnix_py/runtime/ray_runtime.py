@@ -160,10 +160,14 @@ class SchedulerActor:
         self._endpoint = Endpoint(SchedulerAPI, self.daemon)
         self._ready = False  # start() has attached and launched every instance
 
-    def start(self, num_instances: int) -> list[str]:
+    def start(self, num_instances: int, launch_missing: bool = True) -> list[str]:
+        """Attach the running instances, launch the missing ones up to ``num_instances``
+        (or, with ``launch_missing`` False, leave that to the daemon's replenisher, in the
+        background: a restart answers sooner), and hold that count from now on."""
         self._attach_existing()
-        missing = max(0, num_instances - len(self.daemon.handles))
-        self.daemon.launch(missing)
+        if launch_missing:
+            self.daemon.launch(max(0, num_instances - len(self.daemon.handles)))
+        self.daemon.keep(num_instances)
         self.daemon.start()
         self._ready = True
         return self.daemon.instance_ids()
@@ -212,9 +216,25 @@ def get_scheduler(namespace: str) -> Any:
     return ray.get_actor(SCHEDULER_NAME, namespace=namespace)
 
 
+def scheduler_alive(namespace: str, timeout_s: float = 5.0) -> bool:
+    """The named scheduler actor exists and has not died (a slow answer counts as alive)."""
+    try:
+        actor = get_scheduler(namespace)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.ping.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        return True
+    except ray.exceptions.RayActorError as exc:
+        return not actor_died(exc)
+    return True
+
+
 def restart_scheduler(config, timeout_s: float = 60.0) -> Any:
     """The scheduler actor, created again if it is gone; it attaches the running instances
-    by name (and launches none). Returns the actor handle."""
+    by name and answers at once (the missing ones, up to ``config.num_instances``, are
+    launched in the background by its replenisher). Returns the actor handle."""
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -232,7 +252,7 @@ def restart_scheduler(config, timeout_s: float = 60.0) -> Any:
         else:
             try:
                 actor = ray.remote(SchedulerActor).options(**_scheduler_options(config)).remote(config)
-                ray.get(actor.start.remote(0), timeout=300)
+                ray.get(actor.start.remote(config.num_instances, False), timeout=300)
                 return actor
             except ValueError:  # the old one's name is still taken
                 pass

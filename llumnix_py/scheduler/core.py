@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.errors import UnknownInstanceError
+from llumnix_py.healing import RestartPolicy
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
@@ -38,6 +39,8 @@ class SchedulerConfig:
         heartbeat_timeout_s: an instance not heard from for this long is dead (its
             requests are resumed elsewhere by recomputation, so keep it short).
         migration_order_timeout_s: forget an ordered migration never reported back.
+        instance_restart: how dead instances are replaced to keep the configured count
+            (``llumnix_py.healing``; ``RestartPolicy(enabled=False)``: not replaced).
     """
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -49,6 +52,7 @@ class SchedulerConfig:
     max_migrations_in: int = 1
     heartbeat_timeout_s: float = 1.5
     migration_order_timeout_s: float = 30.0
+    instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s"):
