@@ -147,8 +147,8 @@ class RayControlPlane(ControlPlane):
             self._up = True
             return result
         except ray.exceptions.RayTaskError as exc:
-            self._up = True
             cause = getattr(exc, "cause", None)
+            self._up = not isinstance(cause, SchedulerUnavailableError)  # a restarted one still starting
             raise (cause if isinstance(cause, LlumnixError) else exc) from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as exc:
             # ValueError: no actor of that name (not restarted yet)

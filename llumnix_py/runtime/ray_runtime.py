@@ -26,6 +26,7 @@ from llumnix_py.errors import LlumnixError
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.proxy import Endpoint, forwards, is_oneway
+from llumnix_py.runtime.control import SchedulerUnavailableError
 from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.scheduler.api import SchedulerAPI
 from llumnix_py.scheduler.daemon import SchedulerDaemon
@@ -190,8 +191,11 @@ class SchedulerActor:
             self.daemon._next_id = max(self.daemon._next_id, n + 1)
 
     def call(self, method: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
-        if method == "membership" and not self._ready:
-            return None  # until ``start`` is done: a partial instance table would look like deaths
+        if not self._ready:  # until ``start`` is done: a partial instance table would look like deaths
+            if method == "membership":
+                return None
+            if method != "stop":  # and dispatching over it would refuse requests: the frontend falls back
+                raise SchedulerUnavailableError("the scheduler is starting")
         return self._endpoint.call(method, args, kwargs)
 
     def ping(self) -> str:
