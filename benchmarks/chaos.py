@@ -50,7 +50,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from benchmarks.soak import MODEL, VOCAB, reference, wait_idle_blocks  # noqa: E402
+from benchmarks.soak import MODEL, VOCAB, add_load_flags, reference, wait_idle_blocks  # noqa: E402
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, SchedulerConfig  # noqa: E402
 from llumnix_py.engines.types import Request, SamplingParams  # noqa: E402
 from llumnix_py.frontend.cluster import Cluster  # noqa: E402
@@ -247,13 +247,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=3)
     p.add_argument("--num-blocks", type=int, default=256, help="KV blocks (of 16 tokens) per instance")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
-    p.add_argument("--max-prompt", type=int, default=100)
-    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--recovery-timeout", type=float, default=120.0)
-    p.add_argument("--drain-timeout", type=float, default=180.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    add_load_flags(p, max_prompt=100, drain_timeout=180.0)
     args = p.parse_args(argv)
     if args.kills is None:
         args.kills = 4 if args.quick else 20

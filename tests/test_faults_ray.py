@@ -49,6 +49,13 @@ def config(num_instances: int, engine: EngineSpec, restart_scheduler: bool = Tru
                          scheduler_restart=RestartPolicy(enabled=restart_scheduler))
 
 
+def workload(n: int, max_tokens: int, seed_base: int):
+    """The engine, ``n`` prompts and samplings, and their tokens from an undisturbed run."""
+    engine = spec()
+    ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=seed_base)
+    return engine, ps, sps, reference(engine, ps, sps)
+
+
 def every_request_running(cluster, instance_id: str, handles):
     """A condition the instance answers: every request dispatched to it is running there."""
     mine = sum(h.instance_id == instance_id for h in handles)
@@ -64,10 +71,7 @@ def kill_process(ray, actor) -> None:
 
 @pytest.mark.parametrize("how", ["ray_kill", "sigkill"])
 def test_killing_an_instance_actor_resumes_its_requests_elsewhere(ray_session, how):
-    engine = spec()
-    n, max_tokens = 20, 120
-    ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=500)
-    expected = reference(engine, ps, sps)
+    engine, ps, sps, expected = workload(20, 120, seed_base=500)
     victim = "instance-001"
     with running_cluster(ray_session, config(3, engine)) as cluster:
         with held_engines(ray_session, cluster, [victim]) as gates:
@@ -104,10 +108,7 @@ def test_killing_an_instance_actor_resumes_its_requests_elsewhere(ray_session, h
 
 def test_killing_the_scheduler_keeps_requests_running_and_a_restarted_one_reattaches(ray_session):
     """With the watchdog off: the frontend's fallback dispatch, then a restart by hand."""
-    engine = spec()
-    n, max_tokens = 12, 150
-    ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=500)
-    expected = reference(engine, ps, sps)
+    engine, ps, sps, expected = workload(12, 150, seed_base=500)
     with running_cluster(ray_session, config(3, engine, restart_scheduler=False)) as cluster:
         ids = cluster.instance_ids()
         assert ids == ["instance-000", "instance-001", "instance-002"]
@@ -143,10 +144,7 @@ def test_killing_the_scheduler_keeps_requests_running_and_a_restarted_one_reatta
 
 
 def test_a_killed_scheduler_and_a_killed_instance_come_back_by_themselves_under_load(ray_session):
-    engine = spec()
-    n, max_tokens = 16, 120
-    ps, sps = prompts(n, base_len=20, step=2), samplings(n, max_tokens, seed_base=700)
-    expected = reference(engine, ps, sps)
+    engine, ps, sps, expected = workload(16, 120, seed_base=700)
     victim = "instance-001"
     with running_cluster(ray_session, config(3, engine)) as cluster:
         ids = cluster.instance_ids()

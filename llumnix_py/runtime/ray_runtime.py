@@ -179,7 +179,8 @@ class SchedulerActor:
         launcher = self.daemon.launcher
         for name in sorted(names):
             handle = launcher.attach(name[len(INSTANCE_PREFIX):])
-            if handle is None:
+            if handle is None:  # dead, or half-launched by the scheduler that died: nobody would stop it
+                _kill_named(name, self.config.ray_namespace)
                 continue
             try:
                 self.daemon.add_instance(handle)
@@ -281,10 +282,14 @@ def instance_actor_names(namespace: str) -> list[str]:
 def kill_instances(namespace: str) -> None:
     """Kill every instance actor of ``namespace`` (when their scheduler cannot stop them)."""
     for name in instance_actor_names(namespace):
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:
-            pass
+        _kill_named(name, namespace)
+
+
+def _kill_named(name: str, namespace: str) -> None:
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:  # gone already
+        pass
 
 
 def probe_loads(handles: Sequence["RayInstance"], timeout_s: float) -> tuple[dict[str, InstanceLoad], list[str]]:

@@ -152,9 +152,8 @@ class SchedulerDaemon:
                 self._retire(iid, why)
             self._start_migrations(actions.orders)
             self._scale(actions.scale)
-            live = len(self.handles)
-        if not self._stop.is_set():
-            self.replenisher.tick(self.clock(), live)
+            if not self._stop.is_set():
+                self.replenisher.tick(self.clock(), len(self.handles))  # a launch runs in its own thread
 
     def _poll(self, handles: list[InstanceHandle]) -> tuple[dict[str, InstanceLoad], list[str], list[str]]:
         """Poll loads and migration results (the heartbeat): the loads, the ids of the
