@@ -11,6 +11,7 @@ of its namespace in ``finally``, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -176,3 +177,38 @@ def test_a_killed_scheduler_and_a_killed_instance_come_back_by_themselves_under_
         assert cluster.state()["dispatched"] - before == 6  # through the restarted scheduler
         assert_no_leak(cluster)
     assert _named_actors(ray_session, NAMESPACE) == []
+
+
+def test_the_scheduler_command_restarts_its_killed_daemon(ray_session, monkeypatch):
+    """``llumnix-py scheduler``'s foreground process watches the detached daemon: a SIGKILLed
+    daemon comes back by itself and attaches the instance it left."""
+    from llumnix_py import cli
+    from llumnix_py.runtime.ray_runtime import get_scheduler, kill_instances, scheduler_alive
+
+    ns = NAMESPACE + "-cli"
+    seen: dict[str, object] = {}
+
+    def kill_and_wait_instead_of_forever() -> None:
+        old = get_scheduler(ns)
+        seen["before"] = ray_session.get(old.call.remote("instance_ids"), timeout=60)
+        kill_process(ray_session, old)
+        wait_for(lambda: scheduler_alive(ns) and get_scheduler(ns)._actor_id != old._actor_id, RESULT_TIMEOUT_S,
+                 "a new daemon")
+        new = get_scheduler(ns)
+        wait_for(lambda: ray_session.get(new.call.remote("membership"), timeout=60) is not None, RESULT_TIMEOUT_S,
+                 "the new daemon to attach its instances")
+        seen["after"] = ray_session.get(new.call.remote("instance_ids"), timeout=60)
+
+    monkeypatch.setattr(cli, "_wait_forever", kill_and_wait_instead_of_forever)
+    args = cli.build_parser().parse_args(["scheduler", "--instances", "1", "--engine", "sim", "--namespace", ns,
+                                          "--num-blocks", "64"])
+    try:
+        assert cli.cmd_scheduler(args) == 0
+        assert seen["before"] == seen["after"] == ["instance-000"]
+    finally:
+        with contextlib.suppress(Exception):
+            actor = get_scheduler(ns)
+            ray_session.get(actor.call.remote("stop", (True,)), timeout=60)
+            ray_session.kill(actor)
+        kill_instances(ns)
+    wait_for(lambda: _named_actors(ray_session, ns) == [], 60, "the daemon's actors to go")
