@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from llumnix_py.config import ClusterConfig, LlumletConfig, SchedulerConfig
+from llumnix_py.config import ClusterConfig, LlumletConfig, PolicyConfig, SchedulerConfig
 from llumnix_py.engines.registry import frontend_info
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.health import HealthView, assess
@@ -277,6 +277,20 @@ def test_replacement_backs_off_gives_up_and_a_manual_drain_is_not_replaced():
                 break
         assert daemon.instance_ids() == ["instance-001"] and launcher.calls == 2
         assert daemon.membership()["healing"]["target"] == 1
+
+
+def test_with_auto_scaling_the_floor_is_min_instances():
+    clock = ManualClock()
+    policy = PolicyConfig(scaling="none", min_instances=1, max_instances=4)  # no scaling decision interferes
+    with stepped_daemon(2, clock, policy=policy, enable_scaling=True) as (daemon, launcher):
+        clock.advance(10.0)
+        crash(daemon, "instance-000")
+        daemon.tick()
+        assert daemon.instance_ids() == ["instance-001"] and launcher.calls == 2  # 1 >= min_instances
+        assert daemon.membership()["healing"]["target"] == 1
+        crash(daemon, "instance-001")
+        daemon.tick()
+        assert daemon.instance_ids() == ["instance-002"] and launcher.calls == 3  # below the floor: replaced
 
 
 def test_a_replacement_that_dies_young_is_a_crash_loop():
