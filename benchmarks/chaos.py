@@ -180,6 +180,8 @@ def chaos(cluster: Cluster, args: argparse.Namespace, rng: random.Random, progre
         log.append({"kill": k + 1, "target": target, "victim": victim, "t": round(t_kill, 2),
                     "recovery_s": None if recovery is None else round(recovery, 2)})
         progress.update(task, advance=1, description=f"chaos: {victim} back in {recovery}")
+        if recovery is None:
+            break  # it did not heal: the next kill would measure nothing (and the run has failed)
     return log
 
 

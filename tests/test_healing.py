@@ -9,6 +9,7 @@ coming back by itself) is in ``tests/test_faults_ray.py``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator, Optional
 
 import httpx
@@ -28,7 +29,7 @@ from llumnix_py.runtime.watchdog import SchedulerWatchdog
 from llumnix_py.scheduler.daemon import SchedulerDaemon
 from llumnix_py.server.app import ServerThread, create_app
 from llumnix_py.tokens import CallbackSink
-from tests.cluster_helpers import ManualClock, small_spec
+from tests.cluster_helpers import RESULT_TIMEOUT_S, ManualClock, small_spec, wait_for
 
 POLICY = RestartPolicy(max_attempts=3, backoff_initial_s=1.0, backoff_max_s=4.0, stable_s=5.0)
 
@@ -277,6 +278,25 @@ def test_replacement_backs_off_gives_up_and_a_manual_drain_is_not_replaced():
                 break
         assert daemon.instance_ids() == ["instance-001"] and launcher.calls == 2
         assert daemon.membership()["healing"]["target"] == 1
+
+
+def test_instances_added_long_before_the_loop_starts_are_not_dead_on_its_first_tick():
+    """A restarted scheduler attaches instances one by one (seconds, under load) before its
+    loop starts; their first polls may also be slow. The heartbeat counts from ``start``."""
+    clock = ManualClock()
+    with stepped_daemon(2, clock) as (daemon, _):
+        slow = threading.Event()
+        for handle in daemon.handles.values():
+            load = handle.load
+            handle.load = lambda load=load: (slow.wait(RESULT_TIMEOUT_S), load())[1]  # type: ignore[method-assign]
+        ticks = []
+        tick = daemon.ticker.tick
+        daemon.ticker.tick = lambda *a, **kw: (ticks.append(1), tick(*a, **kw))[1]  # type: ignore[method-assign]
+        clock.advance(10.0)  # the attach took longer than the heartbeat timeout
+        daemon.start()
+        wait_for(lambda: len(ticks) >= 2, what="two ticks without an answered poll")
+        assert daemon.membership()["dead"] == [] and daemon.instance_ids() == ["instance-000", "instance-001"]
+        slow.set()
 
 
 def test_with_auto_scaling_the_floor_is_min_instances():

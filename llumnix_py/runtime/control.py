@@ -85,7 +85,9 @@ class RayControlPlane(ControlPlane):
     scheduler call fails, the frontend dispatches with the same policy over that
     copy, polls the llumlets' loads itself, and calls the llumlets directly by
     name; it tries the scheduler again (by name: a restarted one is found) every
-    ``retry_s`` seconds.
+    ``retry_s`` seconds. The deployment's owner (``owner``) also runs a
+    ``SchedulerWatchdog`` from ``start`` on, which restarts a dead scheduler and
+    switches this control plane back to it at once.
     """
 
     retry_s = 1.0

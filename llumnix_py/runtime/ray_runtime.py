@@ -179,8 +179,9 @@ class SchedulerActor:
         launcher = self.daemon.launcher
         for name in sorted(names):
             handle = launcher.attach(name[len(INSTANCE_PREFIX):])
-            if handle is None:  # dead, or half-launched by the scheduler that died: nobody would stop it
-                _kill_named(name, self.config.ray_namespace)
+            if handle is None:
+                if _half_launched(name, self.config.ray_namespace):  # by the scheduler that died: nobody
+                    _kill_named(name, self.config.ray_namespace)     # else would ever start or stop it
                 continue
             try:
                 self.daemon.add_instance(handle)
@@ -283,6 +284,14 @@ def kill_instances(namespace: str) -> None:
     """Kill every instance actor of ``namespace`` (when their scheduler cannot stop them)."""
     for name in instance_actor_names(namespace):
         _kill_named(name, namespace)
+
+
+def _half_launched(name: str, namespace: str) -> bool:
+    """The named instance actor answers but was never started (its launcher died)."""
+    try:
+        return ray.get(ray.get_actor(name, namespace=namespace).identity.remote(), timeout=CALL_TIMEOUT_S)[0] == ""
+    except Exception:  # gone, or not answering: leave it to the heartbeat of whoever holds it
+        return False
 
 
 def _kill_named(name: str, namespace: str) -> None:

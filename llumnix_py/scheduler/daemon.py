@@ -112,6 +112,12 @@ class SchedulerDaemon:
             self.generation += 1
 
     def start(self) -> None:
+        """Start the loop. The heartbeat starts now: instances added before (a restarted
+        scheduler attaches them one by one, which can take seconds) count as heard from now."""
+        with self._lock:
+            now = self.clock()
+            for iid, handle in self.handles.items():
+                self.core.register(iid, handle.address, now)
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="scheduler-poll")
         self.replenisher.start()
         self._thread = threading.Thread(target=self._run, name="scheduler-daemon", daemon=True)
