@@ -144,12 +144,14 @@ class Load:
 
 
 def recovered(cluster: Cluster, target: str, victim: str, restarts_before: int) -> bool:
-    """The scheduler is back (a restart since the kill) and the configured count is live, victim gone."""
+    """The scheduler is back (a restart since the kill) and the configured count is live, victim gone
+    (judged on one membership snapshot, taken after ``/health``'s verdict was ``ok``)."""
     if cluster.health().status != "ok":
         return False
-    if target == "scheduler":
-        return (cluster.control.healing() or {}).get("restarts", 0) > restarts_before
-    return victim not in cluster.instance_ids()
+    live = cluster.control.membership()["instances"]
+    if victim in live or len(live) < cluster.config.num_instances or not cluster.control.scheduler_up:
+        return False
+    return target != "scheduler" or (cluster.control.healing() or {}).get("restarts", 0) > restarts_before
 
 
 def chaos(cluster: Cluster, args: argparse.Namespace, rng: random.Random, progress: Progress) -> list[dict]:
