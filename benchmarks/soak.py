@@ -230,6 +230,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_load_flags(p: argparse.ArgumentParser, *, max_prompt: int, drain_timeout: float) -> None:
+    """Flags every load benchmark here shares: request sizes, the drain, the seed, the output."""
+    p.add_argument("--max-prompt", type=int, default=max_prompt)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--drain-timeout", type=float, default=drain_timeout)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=None, help="seconds of load (default 600; --quick 30)")
@@ -238,15 +248,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--num-blocks", type=int, default=40, help="KV blocks (of 16 tokens) per instance")
     p.add_argument("--rate", type=float, default=10.0, help="Poisson arrivals per second")
-    p.add_argument("--max-prompt", type=int, default=120)
-    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--abort-frac", type=float, default=0.1)
     p.add_argument("--scale-every", type=float, default=None, help="seconds between scale events")
     p.add_argument("--migrate-threshold", type=float, default=30.0)
-    p.add_argument("--drain-timeout", type=float, default=120.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    add_load_flags(p, max_prompt=120, drain_timeout=120.0)
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 30.0 if args.quick else 600.0

@@ -37,6 +37,7 @@ _EXPORTS = {
     "SchedulerConfig": "llumnix_py.scheduler.core",
     "LlumletConfig": "llumnix_py.llumlet",
     "PolicyConfig": "policies.config",
+    "RestartPolicy": "llumnix_py.healing",
     "MigrationConfig": "migration.protocol",
 }
 

@@ -155,20 +155,28 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         print(f"{exc}; use 'llumnix-py scheduler --stop' first", file=sys.stderr)
         return 1
     print(f"scheduler daemon running in namespace {namespace!r} with instances {ids}; "
-          f"frontends attach with 'llumnix-py frontend'. Ctrl-C stops watching (the daemon keeps running; "
-          f"'llumnix-py scheduler --stop' ends it).", flush=True)
-    return _watch_daemon(namespace)
+          f"frontends attach with 'llumnix-py frontend'. While this runs, a dead daemon is restarted; Ctrl-C "
+          f"stops watching (the daemon keeps running; 'llumnix-py scheduler --stop' ends it).", flush=True)
+    from llumnix_py.runtime.watchdog import SchedulerWatchdog
+
+    watchdog = SchedulerWatchdog.for_ray(cfg)  # restarts the daemon if it dies, while this process runs
+    watchdog.start()
+    try:
+        return _watch_daemon(namespace)
+    finally:
+        watchdog.stop()
 
 
 def _watch_daemon(namespace: str, interval_s: float = 1.0) -> int:
-    """Wait for Ctrl-C or SIGTERM, or for the daemon to be stopped (``--stop`` from elsewhere)."""
+    """Wait for Ctrl-C or SIGTERM, or for the daemon to be stopped on purpose (``--stop`` from
+    elsewhere); a daemon that died is the watchdog's to restart, so watching goes on."""
     from llumnix_py.runtime import ray_lifecycle
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(interval_s):
-        if ray_lifecycle.live_scheduler(namespace) is None:
+        if ray_lifecycle.stopped_on_purpose(namespace) and ray_lifecycle.live_scheduler(namespace) is None:
             print(f"the scheduler daemon in namespace {namespace!r} has stopped", flush=True)
             break
     return 0

@@ -11,13 +11,14 @@ from typing import Optional
 
 from llumnix_py.engines.core import EngineConfig
 from llumnix_py.engines.registry import EngineSpec
+from llumnix_py.healing import RestartPolicy
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration.protocol import MigrationConfig
 from policies.config import PolicyConfig
 
 __all__ = ["ClusterConfig", "EngineConfig", "EngineSpec", "LlumletConfig", "MigrationConfig", "PolicyConfig",
-           "SchedulerConfig"]
+           "RestartPolicy", "SchedulerConfig"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ClusterConfig:
         seed: seeds dispatch's random choices.
         secret: shared secret for the internal ZeroMQ sockets (migrations, tokens); required
             in practice when ``host`` is not loopback. Given to every llumlet.
+        scheduler_restart: how a dead scheduler is restarted (Ray: by the watchdog of the
+            frontend that started the deployment, or of ``llumnix-py scheduler``).
     """
 
     num_instances: int = 2
@@ -52,6 +55,7 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     seed: int = 0
     secret: Optional[str] = field(default=None, repr=False)
+    scheduler_restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:

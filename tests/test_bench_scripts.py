@@ -1,4 +1,4 @@
-"""The soak and serving-overhead benchmarks run end to end (tiny settings) and report what they promise."""
+"""The soak, chaos and serving-overhead benchmarks run end to end (tiny settings) and report what they promise."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +43,22 @@ def test_serving_overhead_smoke(tmp_path: Path) -> None:
     assert r["stack_steps"] >= r["max_tokens"] and r["direct_steps"] >= r["max_tokens"]
     assert 0 < r["stack_busy_s"] and 0 < r["direct_busy_s"]
     assert 0 < r["median_round_ratio"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_chaos_smoke_heals_every_kill_and_loses_nothing(ray_session) -> None:
+    """In this process, on the session's Ray: one scheduler and one instance SIGKILLed under
+    load through the openai client; each kill is followed by recovery (the loop waits for it)."""
+    from benchmarks import chaos
+
+    args = chaos.parse_args(["--kills", "2", "--gap", "0.5", "1", "--instances", "2", "--rate", "3",
+                             "--max-tokens", "32", "--no-progress"])
+    r = chaos.run(args)
+    assert r["kills"] == 2 and sorted(k["target"] for k in r["kill_log"]) == ["instance", "scheduler"]
+    assert all(s is not None for s in r["recovery_s"]) and r["recovery_s_max"] == max(r["recovery_s"])
+    assert r["submitted"] > 0 and r["served"] == r["submitted"], r
+    assert (r["lost"], r["duplicated_tokens"], r["leaked_blocks"], r["mismatched"], r["failed"]) == (0, 0, 0, 0, 0), r
+    assert r["health_at_end"]["status"] == "ok" and r["health_at_end"]["restarts"]["scheduler"] == 1
+    left = [a for a in ray_session.util.list_named_actors(all_namespaces=True) if a.get("namespace") == "llumnix-chaos"]
+    assert left == []

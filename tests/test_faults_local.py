@@ -32,6 +32,7 @@ from llumnix_py.config import (
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.handles import RequestFailedError
+from llumnix_py.healing import RestartPolicy
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.runtime.local import LocalInstance
@@ -58,11 +59,14 @@ def spec(num_blocks: int = 128) -> EngineSpec:
 
 
 def config(num_instances: int, engine: EngineSpec, *, migration: bool = True, heartbeat_s: float = 1.5,
-           lease_s: float = 30.0) -> ClusterConfig:
+           lease_s: float = 30.0, replace_dead: bool = False) -> ClusterConfig:
+    """Dead instances are not replaced unless ``replace_dead``: most tests here check what
+    happens to requests at a death, with the survivors only."""
     return ClusterConfig(
         num_instances=num_instances, runtime="local", engine=engine,
         scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02, enable_migration=migration,
-                                  heartbeat_timeout_s=heartbeat_s),
+                                  heartbeat_timeout_s=heartbeat_s,
+                                  instance_restart=RestartPolicy(enabled=replace_dead)),
         llumlet=LlumletConfig(instance_id="template", transport="inproc", migration_timeout_s=1.0,
                               lease_timeout_s=lease_s))
 
@@ -211,6 +215,39 @@ def test_death_of_the_last_instance_ends_requests_with_an_error():
         assert cluster.state()["failed_requests"] == 3
         with pytest.raises(Exception):
             cluster.submit(prompts(1)[0], SamplingParams(max_tokens=4))
+
+
+def test_a_dead_instance_is_replaced_by_a_new_incarnation_that_serves():
+    engine = spec(num_blocks=256)
+    ps, sps = prompts(8), samplings(8, 60)
+    expected = reference(engine, ps, sps)
+    victim = "instance-001"
+    with running(config(2, engine, migration=False, replace_dead=True)) as (cluster, emitted, crashed), \
+            HoldOutputs(cluster, victim) as engine_gate:
+        engine_gate.hold()
+        handles = [cluster.submit(p, sp) for p, sp in zip(ps[:4], sps[:4])]
+        on_victim = [h for h in handles if h.instance_id == victim]
+        assert on_victim, [h.instance_id for h in handles]
+        engine_gate.run_until(lambda: all(h.token_ids for h in on_victim), "tokens from the victim")
+        inst = local(cluster, victim)
+        old = inst.incarnation
+        inst.crash()
+        crashed.append(inst)
+        engine_gate.release()
+        wait_for(lambda: cluster.instance_ids() == ["instance-000", "instance-002"], what="a replacement")
+        assert wait_all(handles) == expected[:4]  # the victim's requests resumed, exactly
+        m = cluster.control.membership()
+        assert m["incarnations"]["instance-002"] not in (old, m["incarnations"]["instance-000"])
+        assert m["healing"]["replaced"] == 1 and m["healing"]["target"] == 2
+        assert cluster.health().status == "ok"
+        cluster.drain("instance-000")  # scale in by hand: the replacement alone takes new requests
+        wait_for(lambda: cluster.instance_ids() == ["instance-002"], what="the drain")
+        more = [cluster.submit(p, sp) for p, sp in zip(ps[4:], sps[4:])]
+        assert {h.instance_id for h in more} == {"instance-002"}
+        assert wait_all(more) == expected[4:]
+        assert cluster.health().status == "ok"  # a drained instance is not missed: the count followed it
+        emitted.assert_served_once({victim})
+        assert_no_leak(cluster)
 
 
 # ----- an instance dies in the middle of a migration ----------------------------------------------

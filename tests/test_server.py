@@ -436,8 +436,10 @@ def test_no_instance_is_503():
         async def submit_async(self, *a, **kw):
             return self.submit(*a, **kw)
 
-        def instance_ids(self):
-            return []
+        def health(self):
+            from llumnix_py.frontend.health import HealthView, assess
+
+            return assess(HealthView(scheduler_up=True, live=0, configured=2))
 
         def state(self):  # a draining instance has freeness -inf, which JSON cannot carry
             return {"instances": [{"instance_id": "i0", "freeness": float("-inf")}], "migrations": {},

@@ -26,8 +26,12 @@ cluster, every ``Supervisor.interval_s``):
   With no instance left, the request ends with ``error`` set (``RequestFailedError``
   from ``result()``).
 - the scheduler is unreachable (Ray): the frontend dispatches on its own from the
-  last load snapshots it saw, polls the llumlets itself, and keeps serving; a
-  restarted scheduler (``restart_scheduler``) attaches the running instances.
+  last load snapshots it saw, polls the llumlets itself, and keeps serving; the
+  frontend that started the deployment restarts the scheduler (its control plane's
+  watchdog; ``restart_scheduler`` by hand), which attaches the running instances and
+  launches the missing ones. Meanwhile ``state()`` answers from the last-known view
+  (``stale``) and ``health()`` says ``degraded``.
+- an instance dies: the scheduler launches a replacement to keep the configured count.
 - the frontend dies: it renews a lease on every instance (``renew_lease``) about
   every second; llumlets abort the requests of a frontend whose lease lapsed.
 
@@ -52,12 +56,13 @@ from llumnix_py.engines.tokenizer import FrontendInfo, IncrementalDecoder
 from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
 from llumnix_py.errors import InvalidRequestError, UnknownRequestError
 from llumnix_py.frontend.handles import NoInstanceError, RequestHandle
+from llumnix_py.frontend.health import Health, HealthView, assess
 from llumnix_py.frontend.receiver import TokenReceiver
 from llumnix_py.frontend.requests import RequestTable
 from llumnix_py.frontend.supervision import Supervisor
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
-from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
+from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane, SchedulerUnavailableError
 from llumnix_py.scheduler.frontends import FrontendRecord
 from llumnix_py.tokens import CallbackSink
 
@@ -95,6 +100,9 @@ class Cluster:
                                      block_size=config.engine.engine.block_size,
                                      presence=self.presence)
         self.misrouted = 0
+        self._last_state: Optional[tuple[float, dict[str, Any]]] = None  # (when, the scheduler's last state)
+        policy = config.scheduler.policy
+        self._configured = policy.min_instances if config.scheduler.enable_scaling else config.num_instances
         self._threads = ThreadClaim(None)  # the process's torch threads, held by a local cluster
 
     # ----- construction ----------------------------------------------------------------
@@ -125,6 +133,7 @@ class Cluster:
             cluster._threads = claim_process_threads(config.engine.num_threads, "this local cluster")
             try:
                 daemon.launch(config.num_instances)
+                daemon.keep(config.num_instances)
                 daemon.start()
             except BaseException:
                 daemon.stop()
@@ -156,6 +165,7 @@ class Cluster:
         receiver.start()
         cluster = cls(config, control, info, receiver=receiver)
         holder["c"] = cluster
+        control.start()
         cluster.start_supervisor()
         return cluster
 
@@ -287,14 +297,47 @@ class Cluster:
 
     # ----- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """Instances (load, freeness), migrations by outcome, downtimes, scale events."""
-        s = self.control.state()
+        """Instances (load, freeness), migrations by outcome, downtimes, scale events.
+
+        While the scheduler is unreachable: its last answer, marked ``stale`` (with its age,
+        ``stale_s``), less the instances found dead since."""
+        try:
+            s = self.control.state()
+            self._last_state = (time.monotonic(), s)
+            s = dict(s, stale=False)
+        except SchedulerUnavailableError:
+            s = self._stale_state()
         s["active_requests"] = len(self.requests)
         s["duplicates_dropped"] = self.requests.duplicates_dropped
         s["misrouted_outputs"] = self.misrouted
         s["resumed_requests"] = self.supervisor.resumed
         s["failed_requests"] = self.requests.failed
         return s
+
+    def _stale_state(self) -> dict[str, Any]:
+        when, last = self._last_state or (None, {"instances": [], "migrations": {}, "migration_downtime_ms": []})
+        live = set(self.control.instance_ids())  # the frontend's own view: it polls them meanwhile
+        s = dict(last, stale=True, stale_s=None if when is None else time.monotonic() - when)
+        s["instances"] = [i for i in last.get("instances", []) if i.get("instance_id") in live]
+        return s
+
+    def health(self) -> Health:
+        """ok, degraded (the scheduler is down, or fewer instances than configured are live)
+        or unavailable (no instance), with the reasons (``llumnix_py.frontend.health``)."""
+        try:
+            m = self.control.membership()
+        except Exception:  # the frontend's own probe failed too
+            m = None
+        up = self.control.scheduler_up and m is not None
+        healing = (m or {}).get("healing") or {}
+        if healing.get("target") is not None:
+            self._configured = int(healing["target"])
+        live = len(m["instances"]) if m else 0
+        watchdog = self.control.healing()
+        restarts = {"scheduler": watchdog["restarts"] if watchdog else 0, "instance": healing.get("replaced", 0)}
+        return assess(HealthView(scheduler_up=up, live=live, configured=self._configured,
+                                 scheduler_restart=watchdog["phase"] if watchdog else None,
+                                 instance_restart=healing.get("phase"), restarts=restarts))
 
     def instance_ids(self) -> list[str]:
         return self.control.instance_ids()

@@ -4,7 +4,9 @@
 method table) plus the instances' handles. ``LocalControlPlane`` calls a
 ``SchedulerDaemon`` in this process; ``RayControlPlane`` calls the named scheduler
 actor's generic ``call`` and the llumlet actors, with a fallback (dispatch by
-last-known loads, direct llumlet calls) while the scheduler is unreachable.
+last-known loads, direct llumlet calls) while the scheduler is unreachable, and,
+in the frontend that started the deployment, a ``SchedulerWatchdog`` that restarts
+a dead scheduler (``llumnix_py.runtime.watchdog``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from llumnix_py.config import ClusterConfig
 from llumnix_py.errors import LlumnixError
 from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.proxy import forwards
+from llumnix_py.runtime.watchdog import SchedulerWatchdog
 from llumnix_py.scheduler.api import SchedulerAPI
 from policies.dispatch import DispatchState
 from policies.dispatch import dispatch as dispatch_policy
@@ -42,6 +45,18 @@ class ControlPlane(SchedulerAPI):
 
     def forget(self, instance_id: str) -> None:
         """The frontend found ``instance_id`` dead: stop using it."""
+
+    def start(self) -> None:
+        """Start what runs beside the calls (the Ray scheduler's watchdog)."""
+
+    @property
+    def scheduler_up(self) -> bool:
+        """The scheduler answered the last call made to it."""
+        return True
+
+    def healing(self) -> Optional[dict[str, Any]]:
+        """The scheduler watchdog's report (``SchedulerWatchdog.report``); None without one."""
+        return None
 
     def restart_scheduler(self) -> None:
         raise NotImplementedError("this runtime's scheduler runs in the frontend's process")
@@ -70,7 +85,9 @@ class RayControlPlane(ControlPlane):
     scheduler call fails, the frontend dispatches with the same policy over that
     copy, polls the llumlets' loads itself, and calls the llumlets directly by
     name; it tries the scheduler again (by name: a restarted one is found) every
-    ``retry_s`` seconds.
+    ``retry_s`` seconds. The deployment's owner (``owner``) also runs a
+    ``SchedulerWatchdog`` from ``start`` on, which restarts a dead scheduler and
+    switches this control plane back to it at once.
     """
 
     retry_s = 1.0
@@ -90,11 +107,31 @@ class RayControlPlane(ControlPlane):
         self._dispatch_state = DispatchState(config.seed)
         self._down_until = float("-inf")
         self._generation = 0
+        self._up = True  # the last scheduler call was answered
+        self._watchdog: Optional[SchedulerWatchdog] = None
 
     # ----- the scheduler, or the fallback -------------------------------------------------
     @property
     def scheduler_reachable(self) -> bool:
         return time.monotonic() >= self._down_until
+
+    @property
+    def scheduler_up(self) -> bool:
+        return self._up and (self._watchdog is None or self._watchdog.up)
+
+    def start(self) -> None:
+        """The deployment's owner watches its scheduler and restarts it when it dies."""
+        if self.owner and self.config.scheduler_restart.enabled and self._watchdog is None:
+            self._watchdog = SchedulerWatchdog.for_ray(self.config, on_restart=self._switch_back)
+            self._watchdog.start()
+
+    def _switch_back(self, actor) -> None:
+        """A restarted scheduler: use it from the next call on (no waiting for ``retry_s``)."""
+        self.actor = actor
+        self._down_until = float("-inf")
+
+    def healing(self) -> Optional[dict[str, Any]]:
+        return self._watchdog.report() if self._watchdog is not None else None
 
     def _invoke(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """One ``call`` on the scheduler actor; ``SchedulerUnavailableError`` if it does not answer."""
@@ -108,13 +145,17 @@ class RayControlPlane(ControlPlane):
             if self.actor is None:
                 self.actor = ray.get_actor(SCHEDULER_NAME, namespace=self.namespace)
             timeout = self.slow_call_timeouts_s.get(method, self.call_timeout_s)
-            return ray.get(self.actor.call.remote(method, tuple(args), dict(kwargs)), timeout=timeout)
+            result = ray.get(self.actor.call.remote(method, tuple(args), dict(kwargs)), timeout=timeout)
+            self._up = True
+            return result
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            self._up = not isinstance(cause, SchedulerUnavailableError)  # a restarted one still starting
             raise (cause if isinstance(cause, LlumnixError) else exc) from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as exc:
             # ValueError: no actor of that name (not restarted yet)
             self._down_until = time.monotonic() + self.retry_s
+            self._up = False
             self.actor = None  # look it up by name next time: a restarted scheduler is a new actor
             raise SchedulerUnavailableError(f"the scheduler is unreachable: {type(exc).__name__}") from None
 
@@ -139,6 +180,7 @@ class RayControlPlane(ControlPlane):
         except SchedulerUnavailableError:
             m = None
         if m is None:  # unreachable, or restarting and not ready
+            self._up = False
             return self._probe()
         with self._lock:
             self._ids = list(m["instances"])
@@ -180,8 +222,10 @@ class RayControlPlane(ControlPlane):
     def restart_scheduler(self) -> None:
         from llumnix_py.runtime.ray_runtime import restart_scheduler
 
-        self.actor = restart_scheduler(self.config)
-        self._down_until = float("-inf")
+        actor = restart_scheduler(self.config)
+        if self._watchdog is not None:
+            self._watchdog.restarted(actor)  # a fresh restart budget
+        self._switch_back(actor)
 
     # ----- instances ----------------------------------------------------------------------
     def instance(self, instance_id: str) -> Optional[InstanceHandle]:
@@ -218,6 +262,9 @@ class RayControlPlane(ControlPlane):
 
         from llumnix_py.runtime.ray_runtime import kill_instances
 
+        if self._watchdog is not None:
+            self._watchdog.stop()  # the scheduler is stopped on purpose: not restarted
+            self._watchdog = None
         try:
             self._down_until = float("-inf")
             self._invoke("stop", (terminate_instances,), {})

@@ -66,6 +66,11 @@ def _named_actors(namespace: str) -> list[str]:
                                                          or a["name"].startswith(ray_runtime.INSTANCE_PREFIX)))
 
 
+def stopped_on_purpose(namespace: str) -> bool:
+    """The daemon of ``namespace`` was stopped by ``stop_daemon`` (and not started since)."""
+    return ray_runtime.stopped_on_purpose(namespace)
+
+
 def start_daemon(config) -> tuple[Any, list[str]]:
     """Start the scheduler and ``config.num_instances`` instances (attaching orphaned ones);
     returns the actor and the instance ids. ``SchedulerRunningError`` if one runs already."""
@@ -98,6 +103,7 @@ def stop_daemon(namespace: str, timeout_s: float = 60.0) -> StopReport:
     running = tuple(instance_ids(namespace))
     if actor is None and not running:
         raise NoSchedulerError(f"no scheduler is running in namespace {namespace!r}")
+    ray_runtime.mark_stopped(namespace)  # first: a watchdog must not bring it back
     if actor is not None:
         try:
             ray.get(actor.call.remote("stop", (True,)), timeout=timeout_s)

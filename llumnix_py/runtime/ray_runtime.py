@@ -26,6 +26,7 @@ from llumnix_py.errors import LlumnixError
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.proxy import Endpoint, forwards, is_oneway
+from llumnix_py.runtime.control import SchedulerUnavailableError
 from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.scheduler.api import SchedulerAPI
 from llumnix_py.scheduler.daemon import SchedulerDaemon
@@ -179,10 +180,14 @@ class SchedulerActor:
         self._endpoint = Endpoint(SchedulerAPI, self.daemon)
         self._ready = False  # start() has attached and launched every instance
 
-    def start(self, num_instances: int) -> list[str]:
+    def start(self, num_instances: int, launch_missing: bool = True) -> list[str]:
+        """Attach the running instances, launch the missing ones up to ``num_instances``
+        (or, with ``launch_missing`` False, leave that to the daemon's replenisher, in the
+        background: a restart answers sooner), and hold that count from now on."""
         self._attach_existing()
-        missing = max(0, num_instances - len(self.daemon.handles))
-        self.daemon.launch(missing)
+        if launch_missing:
+            self.daemon.launch(max(0, num_instances - len(self.daemon.handles)))
+        self.daemon.keep(num_instances)
         self.daemon.start()
         self._ready = True
         return self.daemon.instance_ids()
@@ -194,6 +199,8 @@ class SchedulerActor:
         for name in sorted(names):
             handle = launcher.attach(name[len(INSTANCE_PREFIX):])
             if handle is None:
+                if _half_launched(name, self.config.ray_namespace):  # by the scheduler that died: nobody
+                    _kill_named(name, self.config.ray_namespace)     # else would ever start or stop it
                 continue
             try:
                 self.daemon.add_instance(handle)
@@ -205,8 +212,11 @@ class SchedulerActor:
             self.daemon._next_id = max(self.daemon._next_id, n + 1)
 
     def call(self, method: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
-        if method == "membership" and not self._ready:
-            return None  # until ``start`` is done: a partial instance table would look like deaths
+        if not self._ready:  # until ``start`` is done: a partial instance table would look like deaths
+            if method == "membership":
+                return None
+            if method != "stop":  # and dispatching over it would refuse requests: the frontend falls back
+                raise SchedulerUnavailableError("the scheduler is starting")
         return self._endpoint.call(method, args, kwargs)
 
     def ping(self) -> str:
@@ -220,8 +230,30 @@ def init_ray(address: Optional[str], namespace: str, **kw: Any) -> None:
                  ignore_reinit_error=True, **kw)
 
 
+_STOPPED_KEY = b"llumnix-py/stopped-on-purpose"
+
+
+def mark_stopped(namespace: str, stopped: bool = True) -> None:
+    """Record in the Ray cluster (its internal key-value store) that the daemon of ``namespace``
+    was stopped on purpose (``llumnix-py scheduler --stop``), so no watchdog restarts it;
+    a new start clears it."""
+    from ray.experimental import internal_kv
+
+    if stopped:
+        internal_kv._internal_kv_put(_STOPPED_KEY, b"1", namespace=namespace)
+    else:
+        internal_kv._internal_kv_del(_STOPPED_KEY, namespace=namespace)
+
+
+def stopped_on_purpose(namespace: str) -> bool:
+    from ray.experimental import internal_kv
+
+    return bool(internal_kv._internal_kv_exists(_STOPPED_KEY, namespace=namespace))
+
+
 def start_scheduler(config) -> Any:
     """Create the named scheduler actor and its instances (attaching running ones); returns the actor."""
+    mark_stopped(config.ray_namespace, False)
     actor = ray.remote(SchedulerActor).options(**_scheduler_options(config)).remote(config)
     ray.get(actor.start.remote(config.num_instances), timeout=300)
     return actor
@@ -231,9 +263,25 @@ def get_scheduler(namespace: str) -> Any:
     return ray.get_actor(SCHEDULER_NAME, namespace=namespace)
 
 
+def scheduler_alive(namespace: str, timeout_s: float = 5.0) -> bool:
+    """The named scheduler actor exists and has not died (a slow answer counts as alive)."""
+    try:
+        actor = get_scheduler(namespace)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.ping.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        return True
+    except ray.exceptions.RayActorError as exc:
+        return not actor_died(exc)
+    return True
+
+
 def restart_scheduler(config, timeout_s: float = 60.0) -> Any:
     """The scheduler actor, created again if it is gone; it attaches the running instances
-    by name (and launches none). Returns the actor handle."""
+    by name and answers at once (the missing ones, up to ``config.num_instances``, are
+    launched in the background by its replenisher). Returns the actor handle."""
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -251,7 +299,7 @@ def restart_scheduler(config, timeout_s: float = 60.0) -> Any:
         else:
             try:
                 actor = ray.remote(SchedulerActor).options(**_scheduler_options(config)).remote(config)
-                ray.get(actor.start.remote(0), timeout=300)
+                ray.get(actor.start.remote(config.num_instances, False), timeout=300)
                 return actor
             except ValueError:  # the old one's name is still taken
                 pass
@@ -276,10 +324,22 @@ def instance_actor_names(namespace: str) -> list[str]:
 def kill_instances(namespace: str) -> None:
     """Kill every instance actor of ``namespace`` (when their scheduler cannot stop them)."""
     for name in instance_actor_names(namespace):
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:
-            pass
+        _kill_named(name, namespace)
+
+
+def _half_launched(name: str, namespace: str) -> bool:
+    """The named instance actor answers but was never started (its launcher died)."""
+    try:
+        return ray.get(ray.get_actor(name, namespace=namespace).identity.remote(), timeout=CALL_TIMEOUT_S)[0] == ""
+    except Exception:  # gone, or not answering: leave it to the heartbeat of whoever holds it
+        return False
+
+
+def _kill_named(name: str, namespace: str) -> None:
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:  # gone already
+        pass
 
 
 def probe_loads(handles: Sequence["RayInstance"], timeout_s: float) -> tuple[dict[str, InstanceLoad], list[str]]:

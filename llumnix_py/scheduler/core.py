@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.errors import UnknownInstanceError
+from llumnix_py.healing import RestartPolicy
 from migration.ownership import Owner, OwnershipArbiter
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
@@ -44,6 +45,8 @@ class SchedulerConfig:
         migration_order_timeout_s: forget an ordered migration never reported back.
         frontend_timeout_s: a frontend not heard from for this long is no longer listed
             (frontends report about once a second; listing them is all it is used for).
+        instance_restart: how dead instances are replaced to keep the configured count
+            (``llumnix_py.healing``; ``RestartPolicy(enabled=False)``: not replaced).
     """
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -56,6 +59,7 @@ class SchedulerConfig:
     heartbeat_timeout_s: float = 1.5
     migration_order_timeout_s: float = 30.0
     frontend_timeout_s: float = 10.0
+    instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",

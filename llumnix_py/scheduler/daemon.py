@@ -10,6 +10,10 @@ says so (``InstanceDiedError``: its process is gone) or when it has not answered
 for ``heartbeat_timeout_s``; it is then fenced (killed, in case it was only
 stuck), removed, and listed in ``membership()["dead"]``, from which frontends
 learn which requests to resume elsewhere.
+
+The daemon holds the instance count: its ``Replenisher`` replaces a dead instance
+with a new one (``keep(n)`` sets the count; with auto-scaling the floor is
+``min_instances``), one launch at a time, with backoff (``llumnix_py.healing``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder, SchedulerConfig
 from llumnix_py.scheduler.frontends import FrontendRecord, FrontendTable
+from llumnix_py.scheduler.replenish import Replenisher
 from llumnix_py.scheduler.tick import SchedulerTick
 from migration.driver import MigrationResult
 from migration.ownership import Owner
@@ -70,9 +75,26 @@ class SchedulerDaemon:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._polls: dict[str, Future] = {}  # instance id -> its poll in flight
         self.frontends = FrontendTable(config.frontend_timeout_s)
+        self.replenisher = Replenisher(config.instance_restart, lambda: self._launch(1)[0])
 
     # ----- lifecycle -----------------------------------------------------------------------
+    def keep(self, n: int) -> None:
+        """Hold ``n`` instances from now on: dead ones are replaced (with auto-scaling, the
+        floor is ``min_instances`` instead)."""
+        with self._lock:
+            self.replenisher.target = n
+            if self.config.enable_scaling:
+                self.replenisher.min_instances = self.config.policy.min_instances
+
     def launch(self, n: int = 1) -> list[str]:
+        """Scale out by hand: ``n`` more instances (the count held grows with them)."""
+        ids = self._launch(n)
+        if not self.config.enable_scaling:
+            with self._lock:
+                self.replenisher.scaled_by_hand(len(ids))
+        return ids
+
+    def _launch(self, n: int) -> list[str]:
         ids = []
         for _ in range(n):
             with self._lock:
@@ -80,6 +102,8 @@ class SchedulerDaemon:
                 self._next_id += 1
             handle = self.launcher.launch(iid)
             self.add_instance(handle)
+            with self._lock:
+                self.replenisher.launched(iid, self.clock())
             ids.append(iid)
         return ids
 
@@ -92,7 +116,14 @@ class SchedulerDaemon:
             self.generation += 1
 
     def start(self) -> None:
+        """Start the loop. The heartbeat starts now: instances added before (a restarted
+        scheduler attaches them one by one, which can take seconds) count as heard from now."""
+        with self._lock:
+            now = self.clock()
+            for iid, handle in self.handles.items():
+                self.core.register(iid, handle.address, now)
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="scheduler-poll")
+        self.replenisher.start()
         self._thread = threading.Thread(target=self._run, name="scheduler-daemon", daemon=True)
         self._thread.start()
 
@@ -100,6 +131,7 @@ class SchedulerDaemon:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.replenisher.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if terminate_instances:
@@ -130,6 +162,8 @@ class SchedulerDaemon:
                 self._retire(iid, why)
             self._start_migrations(actions.orders)
             self._scale(actions.scale)
+            if not self._stop.is_set():
+                self.replenisher.tick(self.clock(), len(self.handles))  # a launch runs in its own thread
 
     def _poll(self, handles: list[InstanceHandle]) -> tuple[dict[str, InstanceLoad], list[str], list[str]]:
         """Poll loads and migration results (the heartbeat): the loads, the ids of the
@@ -198,7 +232,7 @@ class SchedulerDaemon:
 
     def _scale(self, decision: ScaleDecision) -> None:
         if decision.action == ScaleAction.OUT:
-            ids = self.launch(1)
+            ids = self._launch(1)
             self.scale_events.append((self.clock(), "out", ids[0]))
         elif decision.action == ScaleAction.IN:
             self.scale_events.append((self.clock(), "in", decision.instance_id or ""))
@@ -211,7 +245,10 @@ class SchedulerDaemon:
         log.info("instance %s removed (%s)", iid, why)
         if handle is not None and why == "drained":
             self.launcher.terminate(handle)
-        if why == "dead":
+        if why != "dead":
+            self.replenisher.removed(iid)
+        else:
+            self.replenisher.died(iid, self.clock())
             self.dead.append(iid)
             self.dead_incarnations.append((iid, handle.incarnation if handle is not None else ""))
             if handle is not None:
@@ -242,7 +279,7 @@ class SchedulerDaemon:
             return {"generation": self.generation, "instances": sorted(self.handles),
                     "incarnations": {iid: h.incarnation for iid, h in self.handles.items()},
                     "dead": list(self.dead), "dead_incarnations": [list(d) for d in self.dead_incarnations],
-                    "loads": self.core.loads()}
+                    "loads": self.core.loads(), "healing": self.replenisher.report(self.clock())}
 
     def claim_ownership(self, migration_id: str, side: str) -> str:
         """The arbiter's answer to a llumlet's claim (see ``SchedulerAPI.claim_ownership``)."""
@@ -254,6 +291,8 @@ class SchedulerDaemon:
         with self._lock:
             self.core.mark_terminating(instance_id)
             self.scale_events.append((self.clock(), "in", instance_id))
+            if not self.config.enable_scaling:
+                self.replenisher.scaled_by_hand(-1)
 
     def frontend_heartbeat(self, frontend: FrontendRecord) -> None:
         if not isinstance(frontend, FrontendRecord):
@@ -292,4 +331,5 @@ class SchedulerDaemon:
                 "scale_events": list(self.scale_events),
                 "dead_instances": list(self.dead),
                 "frontends": self.frontends.listed(self.clock()),
+                "instance_healing": self.replenisher.report(self.clock()),
             }

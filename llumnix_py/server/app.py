@@ -6,8 +6,9 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming or
 not), ``GET /v1/models``, ``GET /v1/cluster/state`` (operators), ``GET /health``,
-``GET /metrics`` (Prometheus). With ``api_key`` set, every ``/v1/*`` endpoint needs
-``Authorization: Bearer <key>``.
+``GET /metrics`` (Prometheus). ``/v1/cluster/state`` answers from the last-known view
+(``"stale": true``) while the scheduler is down; ``/health`` then says ``degraded``.
+With ``api_key`` set, every ``/v1/*`` endpoint needs ``Authorization: Bearer <key>``.
 
 The path of one request::
 
@@ -121,12 +122,10 @@ def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_byte
 
     @app.get("/health")
     async def health() -> Response:
-        try:
-            n = len(await asyncio.to_thread(cluster.instance_ids))
-        except Exception:
-            n = 0
-        return JSONResponse({"status": "ok" if n else "unavailable", "instances": n},
-                            status_code=200 if n else 503)
+        # ok; degraded (200, with reasons) while the scheduler is down or instances are missing;
+        # unavailable (503) with no live instance.
+        h = await asyncio.to_thread(cluster.health)
+        return JSONResponse(h.to_dict(), status_code=h.http_status)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -135,7 +134,12 @@ def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_byte
         except Exception:
             log.warning("cluster state unavailable for /metrics", exc_info=True)
             state = None
-        return Response(fe.metrics.scrape(state), media_type=CONTENT_TYPE)
+        try:
+            health = (await asyncio.to_thread(cluster.health)).to_dict()
+        except Exception:
+            log.warning("cluster health unavailable for /metrics", exc_info=True)
+            health = None
+        return Response(fe.metrics.scrape(state, health), media_type=CONTENT_TYPE)
 
     return app
 

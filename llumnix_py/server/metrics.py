@@ -3,7 +3,9 @@
 Each ``Metrics`` owns its own ``CollectorRegistry`` (never the global one), so
 several apps, or several tests, coexist in one process. Request metrics are
 recorded as requests finish; cluster metrics (migrations, per-instance load)
-are pulled from ``cluster.state()`` at scrape time by ``scrape(state)``.
+are pulled from ``cluster.state()`` and ``cluster.health()`` at scrape time by
+``scrape(state, health)``: ``llumnix_scheduler_up``, ``llumnix_instances{kind="live"|
+"configured"}``, ``llumnix_restarts_total{component="scheduler"|"instance"}``.
 
 ``cluster.state()`` reports migrations as cumulative counts per outcome and the
 most recent downtimes as a bounded list; ``Metrics`` keeps a cursor (the counts
@@ -54,7 +56,11 @@ class Metrics:
         self.downtime = Histogram("llumnix_migration_downtime_seconds",
                                   "Downtime (stop-and-copy stage) of finished migrations.",
                                   buckets=_DOWNTIME_BUCKETS, registry=r)
-        self.instances = Gauge("llumnix_instances", "Instances in the cluster.", registry=r)
+        self.instances = Gauge("llumnix_instances", "Instances: live, and configured (the count held).",
+                               ["kind"], registry=r)
+        self.scheduler_up = Gauge("llumnix_scheduler_up", "1 while the global scheduler answers.", registry=r)
+        self.restarts = Counter("llumnix_restarts", "Restarts by component (scheduler; instance: replacements).",
+                                ["component"], registry=r)
         self.active = Gauge("llumnix_active_requests", "Requests in flight in this frontend's cluster.", registry=r)
         labels = ["instance"]
         self.kv_used = Gauge("llumnix_instance_kv_blocks_used", "KV blocks in use.", labels, registry=r)
@@ -65,7 +71,10 @@ class Metrics:
         self.waiting = Gauge("llumnix_instance_waiting_requests", "Waiting requests.", labels, registry=r)
         for status in REQUEST_STATUSES:
             self.requests.labels(status=status)  # export zeros from the start
+        for component in ("scheduler", "instance"):
+            self.restarts.labels(component=component)
         self._seen_migrations: dict[str, int] = {}
+        self._seen_restarts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # ----- per request -------------------------------------------------------------------
@@ -85,32 +94,47 @@ class Metrics:
         self.requests.labels(status="rejected").inc()
 
     # ----- cluster view at scrape time -----------------------------------------------------
-    def scrape(self, state: Optional[Mapping[str, Any]]) -> bytes:
-        """Update the cluster metrics from ``cluster.state()`` (None: leave them) and render."""
+    def scrape(self, state: Optional[Mapping[str, Any]], health: Optional[Mapping[str, Any]] = None) -> bytes:
+        """Update the cluster metrics from ``cluster.state()`` and ``cluster.health().to_dict()``
+        (None: leave them) and render."""
         with self._lock:
             if state is not None:
                 self._update(state)
+            if health is not None:
+                self._update_health(health)
             return generate_latest(self.registry)
+
+    @staticmethod
+    def _advance(seen: dict[str, int], key: str, total: int) -> int:
+        """New events since the last scrape of a cumulative count (which a restarted scheduler resets)."""
+        before = seen.get(key, 0)
+        seen[key] = total
+        return total - before if total >= before else total
+
+    def _update_health(self, health: Mapping[str, Any]) -> None:
+        self.scheduler_up.set(1 if health.get("scheduler_up") else 0)
+        self.instances.labels(kind="live").set(int(health.get("instances", 0) or 0))
+        self.instances.labels(kind="configured").set(int(health.get("configured_instances", 0) or 0))
+        for component, total in (health.get("restarts") or {}).items():
+            delta = self._advance(self._seen_restarts, str(component), int(total or 0))
+            if delta > 0:
+                self.restarts.labels(component=str(component)).inc(delta)
 
     def _update(self, state: Mapping[str, Any]) -> None:
         counts = state.get("migrations") or {}
         downtimes = list(state.get("migration_downtime_ms") or [])
         new_finished = 0
         for outcome, total in counts.items():
-            total = int(total)
-            seen = self._seen_migrations.get(outcome, 0)
-            delta = total - seen if total >= seen else total  # a restarted scheduler starts again from 0
+            delta = self._advance(self._seen_migrations, outcome, int(total))
             if delta > 0:
                 self.migrations.labels(outcome=str(outcome)).inc(delta)
             if outcome == "finished":
                 new_finished = delta
-            self._seen_migrations[outcome] = total
         if new_finished > 0:
             for ms in downtimes[-new_finished:]:
                 self.downtime.observe(max(0.0, float(ms)) / 1e3)
 
         instances = list(state.get("instances") or [])
-        self.instances.set(len(instances))
         self.active.set(int(state.get("active_requests", 0) or 0))
         for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting):
             gauge.clear()  # instances that left stop being exported
