@@ -11,54 +11,20 @@ length it asked for.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
+from vllm_helpers import served
 
 NUM_PROMPTS = 16
 MODEL_NAME = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def torch_engine_server(checkpoint):
     """`llumnix-py serve` (built-in engine, local runtime) on 127.0.0.1; its URL."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llumnix_py.cli", "serve", "--runtime", "local", "--engine", "torch",
-           "--model", checkpoint, "--model-name", MODEL_NAME, "--instances", "2", "--num-blocks", "128",
-           "--max-model-len", "512", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # bounds a start that never comes
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with served(["--runtime", "local", "--engine", "torch", "--model", checkpoint, "--model-name", MODEL_NAME,
+                 "--instances", "2", "--num-blocks", "128", "--max-model-len", "512"]) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def bench_args(url: str, checkpoint: str):

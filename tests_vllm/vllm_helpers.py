@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Sequence
+
+import httpx
+
 from llumnix_py.engines.types import Request
 
 
@@ -14,3 +25,35 @@ def solo_tokens(engine, request: Request) -> list[int]:
             out.extend(o.new_token_ids)
     assert out, "empty reference: the comparison would prove nothing"
     return out
+
+
+@contextlib.contextmanager
+def served(args: Sequence[str], start_timeout_s: float = 180.0) -> Iterator[str]:
+    """``llumnix-py serve ARGS`` on 127.0.0.1 and a free port, as a subprocess; yields its URL
+    once ``/health`` answers 200 (the timeout only bounds a start that never comes), and
+    stops it (SIGINT, then SIGKILL) on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "llumnix_py.cli", "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
