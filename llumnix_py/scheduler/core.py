@@ -14,9 +14,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.errors import UnknownInstanceError
+from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
+from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
 
@@ -90,8 +92,12 @@ def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = F
 class GlobalScheduler:
     """Instance table + dispatch + migration rounds + scaling, with no I/O."""
 
-    def __init__(self, config: Optional[SchedulerConfig] = None, seed: int = 0) -> None:
+    def __init__(self, config: Optional[SchedulerConfig] = None, seed: int = 0,
+                 keep_migration_records: bool = False) -> None:
         self.config = config or SchedulerConfig()
+        policy = self.config.policy
+        self.payoff = MigrationLedger(self.config.migration_interval_s, lambda load: freeness(load, policy),
+                                      keep_records=keep_migration_records)
         self.instances: dict[str, InstanceRecord] = {}
         self.dispatch_state = DispatchState(seed)
         self.scaling_state = ScalingState()
@@ -110,6 +116,7 @@ class GlobalScheduler:
     def remove(self, instance_id: str) -> None:
         rec = self.instances.pop(instance_id, None)
         self.dispatch_state.forget(instance_id)
+        self.payoff.on_remove(instance_id)
         if rec is None:
             return
         for order in list(rec.orders_out.values()) + list(rec.orders_in.values()):
@@ -127,6 +134,7 @@ class GlobalScheduler:
             return
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
+        self.payoff.on_load(instance_id, rec.load, now)
         if self.dispatch_state.num_pending(instance_id):
             seen = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
             self.dispatch_state.on_poll(instance_id, seen)
@@ -186,6 +194,7 @@ class GlobalScheduler:
                                    self.instances[dst].address, plan.request.request_id, plan.request.waiting, now)
             self.instances[src].orders_out[order.migration_id] = order
             self.instances[dst].orders_in[order.migration_id] = order
+            self.payoff.on_order(order.migration_id, order.request_id, src, dst, now)
             busy_src.add(src)
             busy_dst.add(dst)
             orders.append(order)
@@ -200,7 +209,16 @@ class GlobalScheduler:
                 self._forget_order(order)
                 return
 
+    def on_migration_result(self, migration_id: str, request_id: str, finished: bool, blocks: int, now: float,
+                            src: str = "", dst: str = "") -> None:
+        """A source reported how a migration ended: record it in ``payoff`` (the ledger of
+        whether migrations pay off), then forget the order. ``src``/``dst`` name the ends
+        of an order this scheduler did not issue (a migration ordered by hand)."""
+        self.payoff.on_end(migration_id, request_id, finished, blocks, now, src, dst)
+        self.on_migration_done(migration_id)
+
     def _forget_order(self, order: MigrationOrder) -> None:
+        self.payoff.drop_order(order.migration_id)
         for iid, table in ((order.src, "orders_out"), (order.dst, "orders_in")):
             rec = self.instances.get(iid)
             if rec is not None:
