@@ -29,19 +29,40 @@ def _run(module, tmp_path, name: str) -> dict:
 
 def test_serving(tmp_path):
     data = _run(serving, tmp_path, "serving")
-    points = [p for by_rate in data.values() for p in by_rate.values()]
+    points = [p for by_rate in data["fixed_rate"].values() for p in by_rate.values()]
     assert points
     for by_system in points:
         assert set(by_system) == {"round_robin", "infaas++", "llumnix"}
         for s in by_system.values():
-            assert LATENCY | {"preemption_loss", "migrations", "wall_s"} <= set(s)
+            assert LATENCY | {"preemption_loss", "migrations", "wall_s"} | set(serving.CHURN_KEYS) <= set(s)
             assert s["prefill_p99"] >= s["prefill_mean"] >= 0
+    # Capacity: per trace, system and objective, with every seed's value inside the spread.
+    cap = data["capacity"]["L-L"]
+    assert set(cap) == {"round_robin", "infaas++", "llumnix"}
+    for by_obj in cap.values():
+        assert set(by_obj) == {"2", "5", "10"}
+        for entry in by_obj.values():
+            assert entry["n"] == 2 and len(entry["per_seed"]) == 2
+            assert entry["min"] <= entry["median"] <= entry["max"]
+            assert all(entry["min"] <= v <= entry["max"] for v in entry["per_seed"].values())
+    assert set(data["capacity_gain"]["L-L"]) == {"round_robin", "infaas++"}
+    knee = data["knee"]["points"]["L-L"]["llumnix"]
+    assert len(knee) == 2  # two rates
+    for by_seed in knee.values():
+        assert len(by_seed) == 2 and all(set(by_len) == {"20", "40"} for by_len in by_seed.values())
+    window = data["knee"]["analysis"]["L-L"]["largest_ratio"]["infaas++"]
+    assert {"rate", "ratio", "base_overloaded", "ours_overloaded"} <= set(window)
+    md = (tmp_path / "serving" / "serving.md").read_text()
+    assert "Capacity" in md and "a point in the window" in md
+    assert (tmp_path / "serving" / "serving_capacity.png").exists()
 
 
 def test_serving_rate_scale_and_systems(tmp_path):
     js = tmp_path / "scaled.json"
     data = serving.main(["--smoke", "--no-progress", "--out", str(tmp_path / "scaled"), "--json", str(js),
-                         "--rate-scale", "1,2", "--systems", "infaas++,llumnix+load-dispatch"])
+                         "--rate-scale", "1,2", "--systems", "infaas++,llumnix+load-dispatch", "--no-knee"])
+    assert set(data) == {"fixed_rate"}
+    data = data["fixed_rate"]
     assert list(data) == ["L-L"]
     assert sorted(data["L-L"], key=float) == ["0.6", "1.2"]  # the smoke rate, and twice it
     for by_system in data["L-L"].values():
@@ -51,7 +72,8 @@ def test_serving_rate_scale_and_systems(tmp_path):
     assert "llumnix+load-dispatch" in md
 
 
-@pytest.mark.parametrize("flag,value", [("--rate-scale", "0"), ("--rate-scale", "x"), ("--systems", "nope")])
+@pytest.mark.parametrize("flag,value", [("--rate-scale", "0"), ("--rate-scale", "x"), ("--systems", "nope"),
+                                        ("--knee-factors", "-1"), ("--objectives", "x"), ("--lengths", "0")])
 def test_serving_rejects_bad_sweep_options(tmp_path, flag, value):
     with pytest.raises(SystemExit, match=flag):
         serving.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])
