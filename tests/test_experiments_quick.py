@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import autoscaling, fragmentation, priorities, scheduler_overhead, serving
+from experiments import autoscaling, churn, fragmentation, priorities, scheduler_overhead, serving
 
 LATENCY = {"prefill_mean", "prefill_p99", "decode_mean", "decode_p99", "e2e_mean", "e2e_p99"}
 
@@ -145,3 +145,30 @@ def test_equal_p99_costs_reads_llumnix_cost_at_each_infaas_p99():
     assert rows[1]["llumnix_instances"] == pytest.approx(5.0) and rows[1]["saving"] == pytest.approx(0.375)
     assert rows[2]["llumnix_p99"] == 16.0 and rows[2]["llumnix_instances"] == 4.0
     assert rows[2]["saving"] == pytest.approx(1 - 4.0 / 6.0)
+
+
+def test_churn(tmp_path):
+    data = _run(churn, tmp_path, "churn")
+    med = data["median"]["0.9"]
+    assert set(med) == {"default", "cooldown-10", "infaas++"}
+    for m in med.values():
+        assert set(churn.KEYS) <= set(m) and m["prefill_p99"] >= m["prefill_mean"] >= 0
+        assert 0 <= m["migration_return_rate"] <= 1 and 0 <= m["payoff_relieved"] <= 1
+    assert med["infaas++"]["migrations"] == 0
+
+
+def test_churn_payoff_shares_on_hand_made_records():
+    def rec(src_before, src_after, dst_after, finished=True):
+        return {"finished": finished, "src_freeness_before": src_before, "src_freeness_after": src_after,
+                "dst_freeness_after": dst_after}
+
+    shares = churn.payoff_shares([rec(1.0, 5.0, 9.0), rec(1.0, 12.0, 4.0), rec(2.0, 1.0, 3.0),
+                                  rec(0.0, 9.0, 1.0, finished=False), rec(None, 1.0, 1.0)])
+    assert shares == {"relieved": 2 / 3, "overshot": 1 / 3, "judged": 3}
+    assert churn.payoff_shares([]) == {"relieved": 0.0, "overshot": 0.0, "judged": 0}
+
+
+@pytest.mark.parametrize("flag,value", [("--rates", "0"), ("--variants", "nope"), ("--seeds", "0")])
+def test_churn_rejects_bad_options(tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        churn.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 from llumnix_py.errors import UnknownInstanceError
 from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
+from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
 from policies.virtual_usage import freeness
@@ -176,6 +177,9 @@ class GlobalScheduler:
         # and a planned destination above it, so a left-out instance could not have
         # taken the other role this round. Each pass leaves out at least one more.
         loads = self.loads()
+        cooldown = cfg.policy.migration_cooldown_s
+        if cooldown > 0:
+            loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
         left_out: set[str] = set()
         while True:
             plans = plan_migrations([x for x in loads if x.instance_id not in left_out], cfg.policy)

@@ -104,6 +104,7 @@ class MigrationLedger:
         self._open: list[MigrationRecord] = []  # finished, window not over
         self._last: dict[str, "InstanceLoad"] = {}  # last snapshot per instance
         self._per_request: OrderedDict[str, int] = OrderedDict()
+        self.last_moved: dict[str, float] = {}  # request -> end of its last finished migration
         self._left: dict[str, dict[str, MigrationRecord]] = {}  # request -> instance it left -> that migration
         self.finished = 0
         self.aborted = 0
@@ -135,6 +136,14 @@ class MigrationLedger:
                 if rec.dst_freeness_after is None:
                     out.add(rec.dst)
         return out
+
+    def moved_since(self, since: float) -> dict[str, float]:
+        """Requests whose last finished migration ended at or after ``since`` (and when);
+        entries older than that are dropped, so the table stays as small as the window."""
+        stale = [rid for rid, t in self.last_moved.items() if t < since]
+        for rid in stale:
+            del self.last_moved[rid]
+        return dict(self.last_moved)
 
     def drop_order(self, migration_id: str) -> None:
         """Forget an order whose end will not be reported (expired, or an end was removed)."""
@@ -187,6 +196,7 @@ class MigrationLedger:
         self.finished += 1
         self.blocks_copied += blocks
         self._count(request_id)
+        self.last_moved[request_id] = now
         left = self._left.setdefault(request_id, {})
         earlier = left.get(rec.dst)
         if earlier is not None:
@@ -241,6 +251,7 @@ class MigrationLedger:
         while len(per) > self.max_requests:
             old, _ = per.popitem(last=False)
             self._left.pop(old, None)
+            self.last_moved.pop(old, None)
 
 
 def _preemptions(load: "InstanceLoad") -> dict[str, int]:
