@@ -60,10 +60,21 @@ def analyse(sweep: dict, objectives: Sequence[float], growth: float) -> dict:
         p99 = p99_of(by_system)
         caps = capacity.capacities(p99, objectives)
         marks = capacity.overload_marks(p99, growth)
-        gains = {base: capacity.gains(caps, "llumnix", base) for base in by_system if base != "llumnix"}
-        window = {base: capacity.largest_ratio(p99, base, "llumnix", marks) for base in by_system if base != "llumnix"}
-        out[trace] = {"capacity": caps, "gains": {b: g for b, g in gains.items() if g},
-                      "overload": marks, "largest_ratio": {b: w for b, w in window.items() if w},
+        ours_all = [s for s in by_system if s.startswith("llumnix")]
+        gains: dict = {}
+        window: dict = {}
+        for ours in ours_all:
+            for base in by_system:
+                if base == ours:
+                    continue
+                g = capacity.gains(caps, ours, base)
+                if g:
+                    gains.setdefault(ours, {})[base] = g
+                if not base.startswith("llumnix"):
+                    w = capacity.largest_ratio(p99, base, ours, marks)
+                    if w:
+                        window.setdefault(ours, {})[base] = w
+        out[trace] = {"capacity": caps, "gains": gains, "overload": marks, "largest_ratio": window,
                       "main_length": capacity.main_length(p99)}
     return out
 
@@ -78,6 +89,33 @@ def to_json(sweep: dict, analysis: dict) -> dict:
     an = {t: {**a, "overload": {s: {str(r): m for r, m in by_rate.items()} for s, by_rate in a["overload"].items()}}
           for t, a in analysis.items()}
     return {"points": points, "analysis": an}
+
+
+def load_points(paths: Sequence[Path]) -> tuple[dict, dict]:
+    """The knee points of earlier ``serving.py --json`` runs, systems merged (numeric keys
+    again), and the first file's setup. Runs must share traces, rates, seeds and lengths."""
+    import json
+
+    sweep: dict = {}
+    setup: Optional[dict] = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "knee" not in data:
+            raise SystemExit(f"--from-json: {path} has no knee sweep")
+        setup = setup or data["setup"]
+        for trace, by_sys in data["knee"]["points"].items():
+            for system, by_rate in by_sys.items():
+                sweep.setdefault(trace, {})[system] = {
+                    float(r): {int(seed): {int(n): pt for n, pt in by_len.items()} for seed, by_len in by_seed.items()}
+                    for r, by_seed in by_rate.items()}
+    if not sweep or setup is None:
+        raise SystemExit("--from-json: no knee points")
+    for trace, by_sys in sweep.items():
+        shapes = {(tuple(sorted(by_rate)), tuple(sorted({s for b in by_rate.values() for s in b})))
+                  for by_rate in by_sys.values()}
+        if len(shapes) != 1:
+            raise SystemExit(f"--from-json: the runs of {trace} do not share rates and seeds")
+    return sweep, setup
 
 
 def _cap_cell(entry: dict) -> str:
@@ -102,13 +140,16 @@ def tables(analysis: dict, sweep: dict, objectives: Sequence[float]) -> dict[str
     for trace, a in analysis.items():
         for system, by_obj in a["capacity"].items():
             cap_rows.append([trace, system] + [_cap_cell(by_obj.get(k, {})) for k in obj_keys])
-        for base, by_obj in a["gains"].items():
-            gain_rows.append([trace, f"llumnix over {base}"] + [_gain_cell(by_obj.get(k)) for k in obj_keys])
-        for base, w in a["largest_ratio"].items():
-            bo, oo = w["base_overloaded"], w["ours_overloaded"]
-            window_rows.append([trace, base, w["rate"], f"{w['ratio']['median']:.3g}x "
-                                f"[{w['ratio']['min']:.3g}-{w['ratio']['max']:.3g}]",
-                                f"{bo['overloaded_seeds']}/{bo['seeds']}", f"{oo['overloaded_seeds']}/{oo['seeds']}"])
+        for ours, by_base in a["gains"].items():
+            for base, by_obj in by_base.items():
+                gain_rows.append([trace, f"{ours} over {base}"] + [_gain_cell(by_obj.get(k)) for k in obj_keys])
+        for ours, by_base in a["largest_ratio"].items():
+            for base, w in by_base.items():
+                bo, oo = w["base_overloaded"], w["ours_overloaded"]
+                window_rows.append([trace, f"{base} / {ours}", w["rate"], f"{w['ratio']['median']:.3g}x "
+                                    f"[{w['ratio']['min']:.3g}-{w['ratio']['max']:.3g}]",
+                                    f"{bo['overloaded_seeds']}/{bo['seeds']}",
+                                    f"{oo['overloaded_seeds']}/{oo['seeds']}"])
         n = a["main_length"]
         for system, by_rate in sweep[trace].items():
             for rate in sorted(by_rate):
@@ -128,7 +169,7 @@ def tables(analysis: dict, sweep: dict, objectives: Sequence[float]) -> dict[str
     return {
         "capacity": (["trace", "system"] + [f"rate at P99 prefill <= {k} s" for k in obj_keys], cap_rows),
         "gains": (["trace", "capacity gain"] + [f"P99 <= {k} s" for k in obj_keys], gain_rows),
-        "window": (["trace", "baseline", "rate", "largest P99 ratio baseline/Llumnix (a point)",
+        "window": (["trace", "baseline / Llumnix", "rate", "largest P99 ratio (a point)",
                     "baseline overloaded (seeds)", "Llumnix overloaded (seeds)"], window_rows),
         "points": (["trace", "rate", "system", lengths_label, "overloaded (seeds)", "preempt loss",
                     "migration return rate", "max migrations/request", "migration-caused preemptions"], point_rows),

@@ -32,8 +32,8 @@ JSON: ``{"fixed_rate": {trace: {rate: {system: {prefill_mean, prefill_p99, decod
 decode_p99, e2e_mean, e2e_p99, preemption_loss, migrations, migrations_per_request_max,
 migrations_per_request_p99, migration_return_rate, migration_caused_preemptions, wall_s,
 cpu_s}}}}, "capacity": {trace: {system: {objective: {median, min, max, n, per_seed,
-censored}}}}, "capacity_gain": {trace: {baseline: {objective: {median, min, max, n,
-censored}}}}, "knee": {"points": {trace: {system: {rate: {seed: {length: {...}}}}}},
+censored}}}}, "capacity_gain": {trace: {llumnix system: {baseline: {objective: {median, min, max, n,
+censored}}}}}, "knee": {"points": {trace: {system: {rate: {seed: {length: {...}}}}}},
 "analysis": {trace: {...}}}, "setup": {...}}`` (seconds, req/s).
 """
 
@@ -90,6 +90,9 @@ def _extra(ap) -> None:
                     help="a point is overloaded when its longest run's P99 exceeds this times its shortest's")
     ap.add_argument("--no-knee", action="store_true", help="skip the capacity sweep")
     ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate table")
+    ap.add_argument("--from-json", type=str, default=None,
+                    help="comma-separated JSON files of earlier runs: analyse their knee points together "
+                         "(systems merged) instead of simulating")
 
 
 def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
@@ -222,8 +225,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sections: list = []
     notes = []
     if not args.no_knee:
-        traces, rates, seeds, lengths, inst = plan_knee(args)
-        sweep = knee.run_sweep(traces, rates, systems, seeds, lengths, inst, args.progress)
+        if args.from_json:
+            sweep, setup = knee.load_points([Path(x) for x in args.from_json.split(",") if x.strip()])
+            traces, seeds, lengths, inst = list(sweep), setup["seeds"], setup["lengths"], setup["instances"]
+            rates = {t: tuple(sorted(next(iter(sweep[t].values())))) for t in traces}
+            args.no_fixed = True
+        else:
+            traces, rates, seeds, lengths, inst = plan_knee(args)
+            sweep = knee.run_sweep(traces, rates, systems, seeds, lengths, inst, args.progress)
         analysis = knee.analyse(sweep, objectives, args.growth)
         tabs = knee.tables(analysis, sweep, objectives)
         titles = {"capacity": "Capacity: highest rate (req/s) at each P99 prefill objective, median (min-max) "

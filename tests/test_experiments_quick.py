@@ -45,12 +45,12 @@ def test_serving(tmp_path):
             assert entry["n"] == 2 and len(entry["per_seed"]) == 2
             assert entry["min"] <= entry["median"] <= entry["max"]
             assert all(entry["min"] <= v <= entry["max"] for v in entry["per_seed"].values())
-    assert set(data["capacity_gain"]["L-L"]) == {"round_robin", "infaas++"}
+    assert set(data["capacity_gain"]["L-L"]["llumnix"]) == {"round_robin", "infaas++"}
     knee = data["knee"]["points"]["L-L"]["llumnix"]
     assert len(knee) == 2  # two rates
     for by_seed in knee.values():
         assert len(by_seed) == 2 and all(set(by_len) == {"20", "40"} for by_len in by_seed.values())
-    window = data["knee"]["analysis"]["L-L"]["largest_ratio"]["infaas++"]
+    window = data["knee"]["analysis"]["L-L"]["largest_ratio"]["llumnix"]["infaas++"]
     assert {"rate", "ratio", "base_overloaded", "ours_overloaded"} <= set(window)
     md = (tmp_path / "serving" / "serving.md").read_text()
     assert "Capacity" in md and "a point in the window" in md
@@ -172,3 +172,16 @@ def test_churn_payoff_shares_on_hand_made_records():
 def test_churn_rejects_bad_options(tmp_path, flag, value):
     with pytest.raises(SystemExit, match=flag):
         churn.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])
+
+
+def test_serving_analyses_saved_knee_sweeps_together(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for system, js in (("infaas++", a), ("llumnix+cooldown-10", b)):
+        serving.main(["--smoke", "--no-progress", "--no-fixed", "--out", str(tmp_path / system), "--json", str(js),
+                      "--systems", system])
+    merged = serving.main(["--smoke", "--no-progress", "--out", str(tmp_path / "merged"),
+                           "--from-json", f"{a},{b}"])
+    assert set(merged["capacity"]["L-L"]) == {"infaas++", "llumnix+cooldown-10"}
+    single = json.loads(a.read_text())
+    assert merged["capacity"]["L-L"]["infaas++"] == single["capacity"]["L-L"]["infaas++"]
+    assert "fixed_rate" not in merged
