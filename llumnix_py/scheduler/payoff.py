@@ -172,7 +172,7 @@ class MigrationLedger:
                 if rec.src_freeness_after is not None and rec.dst_freeness_after is not None:
                     rec.closed = closing = True
         if closing:
-            self._open = [r for r in self._open if not r.closed]
+            self._close_done()
 
     def on_end(self, migration_id: str, request_id: str, finished: bool, blocks: int, now: float,
                src: str = "", dst: str = "") -> None:
@@ -214,7 +214,18 @@ class MigrationLedger:
         for rec in self._open:
             if instance_id in (rec.src, rec.dst):
                 rec.closed = True
-        self._open = [r for r in self._open if not r.closed]
+        self._close_done()
+
+    def _close_done(self) -> None:
+        """Drop closed records from the open list, and their baselines (records stay
+        referenced by the per-request paths, so they must not keep snapshots alive)."""
+        still = []
+        for rec in self._open:
+            if rec.closed:
+                rec._baseline = {}
+            else:
+                still.append(rec)
+        self._open = still
 
     # ----- results --------------------------------------------------------------------------
     def migrations_of(self, request_id: str) -> int:
