@@ -33,6 +33,14 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # Ablation, not run by default: Llumnix's migration behind INFaaS++'s dispatch rule,
     # which separates what migration buys from what the dispatch rule buys.
     "llumnix+load-dispatch": ("load", True),
+    # Issue 19: Llumnix with a per-request migration cooldown (policies/cooldown.py).
+    "llumnix+cooldown-2": ("freeness", True),
+    "llumnix+cooldown-10": ("freeness", True),
+}
+# Policy settings a system adds to the defaults (a caller's own keywords win).
+SYSTEM_POLICY: dict[str, dict[str, Any]] = {
+    "llumnix+cooldown-2": {"migration_cooldown_s": 2.0},
+    "llumnix+cooldown-10": {"migration_cooldown_s": 10.0},
 }
 
 
@@ -57,7 +65,7 @@ def parse_args(name: str, description: str, argv: Optional[Sequence[str]] = None
 def system_config(system: str, **policy_kw: Any) -> tuple[PolicyConfig, bool]:
     """``(PolicyConfig, enable_migration)`` of one of ``SYSTEMS``."""
     dispatch, migrate = SYSTEMS[system]
-    return PolicyConfig(dispatch=dispatch, **policy_kw), migrate
+    return PolicyConfig(dispatch=dispatch, **{**SYSTEM_POLICY.get(system, {}), **policy_kw}), migrate
 
 
 def simulate(workload: Sequence[Any], system: str, num_instances: int, *, seed: int = 0, progress: bool = False,

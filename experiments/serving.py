@@ -1,28 +1,40 @@
-"""Serving performance of round-robin, INFaaS++ and Llumnix (paper, Figure 11).
+"""Serving capacity and latency of round-robin, INFaaS++ and Llumnix (paper, Figure 11).
 
-16 simulated LLaMA-7B/A10 instances; for each trace and arrival rate (Poisson),
-the mean and P99 of end-to-end, prefill and decode latency and the mean
-preemption loss of each system:
+16 simulated LLaMA-7B/A10 instances; three systems:
 
 * ``round_robin``: round-robin dispatch, no migration;
 * ``infaas++``: load-aware dispatch (least KV demand), no migration;
 * ``llumnix``: freeness dispatch plus live migration (load balancing and
   de-fragmentation).
 
-``--rate-scale 1.33`` multiplies every rate of the sweep (a comma list runs each
-scale): the load at which a cluster saturates depends on the per-instance step
-time, so the paper's phenomenon is looked for at the same place relative to this
-simulator's saturation point, not only at the paper's absolute rates.
-``--systems`` picks systems (default the paper's three; ``llumnix+load-dispatch``
-is an ablation: migration behind INFaaS++'s dispatch rule).
+Two parts, both on by default:
+
+1. **Capacity** (the headline; ``experiments/knee.py``, ``experiments/capacity.py``).
+   For each trace the rate is swept through the knee region of the systems
+   (``--knee-factors`` times the paper's highest rate of the trace, scaled to
+   ``--instances``/16), with ``--seeds`` seeds per rate, each workload replayed at
+   ``--lengths`` requests (its first 2,500 / 5,000 / 10,000). Per system: the highest
+   rate with P99 prefill under each of ``--objectives`` seconds (interpolated; median
+   and min-max over seeds), Llumnix's capacity gain over the others, each point marked
+   overloaded when its P99 grows with run length, and the largest P99 ratio in the
+   window between the knees (a point, with both systems' overload marks).
+2. **Fixed rates**: the paper's rates (``--rate-scale`` multiplies them), one seed,
+   means and P99s of every latency, preemption loss and the churn keys.
 
 Usage::
 
     python experiments/serving.py [--quick] [--requests N] [--traces M-M,L-L] [--rate-scale 1,1.33]
-                                  [--systems infaas++,llumnix] [--json out.json]
+                                  [--systems infaas++,llumnix] [--seeds 5] [--lengths 2500,5000,10000]
+                                  [--knee-factors 0.9,1,1.1] [--objectives 2,5,10] [--no-knee] [--no-fixed]
+                                  [--json out.json]
 
-JSON: ``{trace: {rate: {system: {prefill_mean, prefill_p99, decode_mean, decode_p99,
-e2e_mean, e2e_p99, preemption_loss, migrations, wall_s}}}}`` (seconds).
+JSON: ``{"fixed_rate": {trace: {rate: {system: {prefill_mean, prefill_p99, decode_mean,
+decode_p99, e2e_mean, e2e_p99, preemption_loss, migrations, migrations_per_request_max,
+migrations_per_request_p99, migration_return_rate, migration_caused_preemptions, wall_s,
+cpu_s}}}}, "capacity": {trace: {system: {objective: {median, min, max, n, per_seed,
+censored}}}}, "capacity_gain": {trace: {llumnix system: {baseline: {objective: {median, min, max, n,
+censored}}}}}, "knee": {"points": {trace: {system: {rate: {seed: {length: {...}}}}}},
+"analysis": {trace: {...}}}, "setup": {...}}`` (seconds, req/s).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import common  # noqa: E402
+from experiments import common, knee  # noqa: E402
 from experiments.workloads import make_workload  # noqa: E402
 
 # The paper's rate ranges (req/s) for 16 LLaMA-7B instances.
@@ -46,7 +58,13 @@ PAPER_RATES: dict[str, tuple[float, ...]] = {
     "sharegpt": (7.0, 7.5, 8.0),
     "burstgpt": (7.5, 8.0, 8.5),
 }
-KEYS = common.LATENCY_KEYS + ("preemption_loss", "migrations", "wall_s", "cpu_s")
+CHURN_KEYS = ("migrations_per_request_max", "migrations_per_request_p99", "migration_return_rate",
+              "migration_caused_preemptions")
+KEYS = common.LATENCY_KEYS + ("preemption_loss", "migrations") + CHURN_KEYS + ("wall_s", "cpu_s")
+# The knee sweep: multipliers of each trace's highest paper rate (scaled to the instances).
+KNEE_FACTORS = tuple(round(0.7 + 0.05 * i, 2) for i in range(17))  # 0.7 .. 1.5
+KNEE_LENGTHS = (2500, 5000, 10000)
+OBJECTIVES = (2.0, 5.0, 10.0)
 SYSTEMS = ("round_robin", "infaas++", "llumnix")
 
 
@@ -61,6 +79,20 @@ def _extra(ap) -> None:
     ap.add_argument("--systems", type=str, default=",".join(SYSTEMS),
                     help=f"comma-separated systems (default {','.join(SYSTEMS)}; also: "
                          f"{', '.join(s for s in common.SYSTEMS if s not in SYSTEMS)})")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per knee point (full: 5)")
+    ap.add_argument("--lengths", type=str, default=None,
+                    help="comma-separated run lengths of each knee point (full: 2500,5000,10000)")
+    ap.add_argument("--knee-factors", type=str, default=None,
+                    help="comma-separated multipliers of each trace's highest paper rate for the knee sweep")
+    ap.add_argument("--objectives", type=str, default=",".join(f"{o:g}" for o in OBJECTIVES),
+                    help="comma-separated P99 prefill objectives in seconds")
+    ap.add_argument("--growth", type=float, default=1.5,
+                    help="a point is overloaded when its longest run's P99 exceeds this times its shortest's")
+    ap.add_argument("--no-knee", action="store_true", help="skip the capacity sweep")
+    ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate table")
+    ap.add_argument("--from-json", type=str, default=None,
+                    help="comma-separated JSON files of earlier runs: analyse their knee points together "
+                         "(systems merged) instead of simulating")
 
 
 def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
@@ -69,7 +101,7 @@ def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
         traces, n, inst = ["L-L"], 60, 4
         rates = {"L-L": (0.6,)}
     elif args.quick:
-        traces, n, inst = ["M-M", "S-L"], 400, args.instances
+        traces, n, inst = ["M-M"], 400, args.instances
         rates = {t: (PAPER_RATES[t][-1],) for t in traces}
     else:
         traces, n, inst = list(PAPER_RATES), 10_000, args.instances
@@ -86,14 +118,36 @@ def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
     return traces, rates, args.requests or n, inst
 
 
-def parse_scales(text: str) -> list[float]:
+def parse_scales(text: str, flag: str = "--rate-scale") -> list[float]:
     try:
         scales = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--rate-scale: not a comma list of numbers: {text!r}") from None
+        raise SystemExit(f"{flag}: not a comma list of numbers: {text!r}") from None
     if not scales or any(not k > 0 for k in scales):
-        raise SystemExit(f"--rate-scale: multipliers must be positive: {text!r}")
+        raise SystemExit(f"{flag}: values must be positive: {text!r}")
     return scales
+
+
+def plan_knee(args) -> tuple[list[str], dict[str, tuple[float, ...]], list[int], list[int], int]:
+    """Traces, knee rates, seeds, run lengths and instances of the capacity sweep."""
+    if args.smoke:
+        traces, factors, seeds, lengths, inst = ["L-L"], (1.0, 1.4), 2, (20, 40), 4
+    elif args.quick:
+        traces, factors, seeds, lengths, inst = ["L-L"], (1.1, 1.4), 2, (100, 200), 4
+    else:
+        traces, factors, seeds, lengths, inst = list(PAPER_RATES), KNEE_FACTORS, 5, KNEE_LENGTHS, args.instances
+    if args.traces:
+        traces = args.traces.split(",")
+    if args.knee_factors:
+        factors = tuple(parse_scales(args.knee_factors, "--knee-factors"))
+    if args.lengths:
+        lengths = tuple(int(x) for x in parse_scales(args.lengths, "--lengths"))
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit("--seeds: at least 1")
+        seeds = args.seeds
+    rates = {t: tuple(sorted({round(PAPER_RATES[t][-1] * f * inst / 16, 4) for f in factors})) for t in traces}
+    return traces, rates, [args.seed + i for i in range(seeds)], sorted(set(lengths)), inst
 
 
 def parse_systems(text: str) -> list[str]:
@@ -165,25 +219,65 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("serving", __doc__.splitlines()[0], argv, _extra)
-    results = run(args)
-    headers = ["trace", "rate", "system", "e2e mean", "e2e P99", "prefill mean", "prefill P99",
-               "decode mean", "decode P99", "preempt loss", "migrations", "wall s"]
-    rows = [[trace, float(rate), system, s["e2e_mean"], s["e2e_p99"], s["prefill_mean"], s["prefill_p99"],
-             s["decode_mean"], s["decode_p99"], s["preemption_loss"], s["migrations"], s["wall_s"]]
-            for trace, by_rate in results.items() for rate, by_sys in by_rate.items() for system, s in by_sys.items()]
-    cmp_headers = ["trace", "rate", "P99 prefill INFaaS++/Llumnix", "E2E mean INFaaS++/Llumnix",
-                   "preempt loss INFaaS++", "preempt loss Llumnix", "preempt loss reduction %"]
-    cmp_rows = comparison_rows(results)
-    common.print_table("Serving (latencies in seconds)", headers, rows)
-    common.print_table("Llumnix vs INFaaS++ at each rate", cmp_headers, cmp_rows)
-    _, _, n, inst = plan(args)
-    common.write_markdown(args.out / "serving.md", "Serving performance (Figure 11)", [
-        ("Llumnix vs INFaaS++ at each rate", cmp_headers, cmp_rows),
-        ("All points (seconds)", headers, rows),
-    ], notes=f"{inst} simulated LLaMA-7B/A10 instances, {n} requests per point, Poisson arrivals, seed {args.seed}.")
-    plot(results, args.out / "serving.png")
-    common.write_json(args.json, results)
-    return results
+    systems = parse_systems(args.systems)
+    objectives = parse_scales(args.objectives, "--objectives")
+    out: dict = {}
+    sections: list = []
+    notes = []
+    if not args.no_knee:
+        if args.from_json:
+            sweep, setup = knee.load_points([Path(x) for x in args.from_json.split(",") if x.strip()])
+            traces, seeds, lengths, inst = list(sweep), setup["seeds"], setup["lengths"], setup["instances"]
+            rates = {t: tuple(sorted(next(iter(sweep[t].values())))) for t in traces}
+            args.no_fixed = True
+        else:
+            traces, rates, seeds, lengths, inst = plan_knee(args)
+            sweep = knee.run_sweep(traces, rates, systems, seeds, lengths, inst, args.progress)
+        analysis = knee.analyse(sweep, objectives, args.growth)
+        tabs = knee.tables(analysis, sweep, objectives)
+        titles = {"capacity": "Capacity: highest rate (req/s) at each P99 prefill objective, median (min-max) "
+                              "over seeds (>= / <=: in some seed the P99 was under / over the objective at every rate swept, a bound)",
+                  "gains": "Llumnix's capacity gain, paired by seed: median (min to max)",
+                  "window": "Largest P99 prefill ratio in the window (a point in the window, not the result)",
+                  "points": "Knee points (overloaded: P99 grows with run length)"}
+        for key in ("capacity", "gains", "window", "points"):
+            headers, rows = tabs[key]
+            common.print_table(titles[key], headers, rows)
+            sections.append((titles[key], headers, rows))
+        knee.plot(analysis, sweep, objectives, args.out / "serving_capacity.png", line_objective=5.0)
+        out["capacity"] = {t: a["capacity"] for t, a in analysis.items()}
+        out["capacity_gain"] = {t: a["gains"] for t, a in analysis.items()}
+        out["knee"] = knee.to_json(sweep, analysis)
+        out["setup"] = {"knee_rates": {t: list(r) for t, r in rates.items()}, "seeds": seeds, "lengths": lengths,
+                        "instances": inst, "objectives": objectives, "growth": args.growth}
+        notes.append(f"Capacity sweep: {inst} instances, rates {rates}, seeds {seeds}, run lengths {lengths} "
+                     f"requests (prefixes of one workload per seed); capacity read at {max(lengths)} requests.")
+    if not args.no_fixed:
+        results = run(args)
+        headers = ["trace", "rate", "system", "e2e mean", "e2e P99", "prefill mean", "prefill P99",
+                   "decode mean", "decode P99", "preempt loss", "migrations", "return rate", "max mig/req",
+                   "wall s"]
+        rows = [[trace, float(rate), system, s["e2e_mean"], s["e2e_p99"], s["prefill_mean"], s["prefill_p99"],
+                 s["decode_mean"], s["decode_p99"], s["preemption_loss"], s["migrations"],
+                 s["migration_return_rate"], s["migrations_per_request_max"], s["wall_s"]]
+                for trace, by_rate in results.items() for rate, by_sys in by_rate.items()
+                for system, s in by_sys.items()]
+        cmp_headers = ["trace", "rate", "P99 prefill INFaaS++/Llumnix", "E2E mean INFaaS++/Llumnix",
+                       "preempt loss INFaaS++", "preempt loss Llumnix", "preempt loss reduction %"]
+        cmp_rows = comparison_rows(results)
+        common.print_table("Fixed rates: serving (latencies in seconds)", headers, rows)
+        common.print_table("Fixed rates: Llumnix vs INFaaS++ at each rate", cmp_headers, cmp_rows)
+        sections += [("Fixed rates: Llumnix vs INFaaS++ at each rate", cmp_headers, cmp_rows),
+                     ("Fixed rates: all points (seconds)", headers, rows)]
+        _, _, n, inst = plan(args)
+        notes.append(f"Fixed rates: {inst} simulated LLaMA-7B/A10 instances, {n} requests per point, "
+                     f"Poisson arrivals, seed {args.seed}.")
+        plot(results, args.out / "serving.png")
+        out["fixed_rate"] = results
+    common.write_markdown(args.out / "serving.md", "Serving capacity and performance (Figure 11)", sections,
+                          notes="\n\n".join(notes))
+    common.write_json(args.json, out)
+    return out
 
 
 if __name__ == "__main__":

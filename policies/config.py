@@ -28,6 +28,9 @@ class PolicyConfig:
             ``longest``, ``lowest_priority``, ``waiting_head``).
         migrate_out_threshold: freeness (decode steps) below which an instance is a
             migration source and above which it is a destination.
+        migration_cooldown_s: a request that finished a migration less than this long
+            ago is not migrated again, unless its instance is draining
+            (``policies.cooldown``); 0 (default) turns the rule off.
         headroom_blocks: ``((priority, blocks), ...)``: blocks of headroom reserved on
             each instance for requests of that priority (priority > 0).
         scaling: scaling policy (``freeness``: the paper's average freeness; ``none``).
@@ -42,6 +45,7 @@ class PolicyConfig:
     pairing: str = "freeness"
     migrate_out: str = "shortest"
     migrate_out_threshold: float = 3.0
+    migration_cooldown_s: float = 0.0
     headroom_blocks: tuple[tuple[int, int], ...] = ()
     scaling: str = "freeness"
     scale_out_threshold: float = 10.0
@@ -65,6 +69,9 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        cd = self.migration_cooldown_s
+        if isinstance(cd, bool) or not isinstance(cd, (int, float)) or not math.isfinite(cd) or cd < 0:
+            raise ValueError(f"migration_cooldown_s must be a finite number >= 0, got {cd!r}")
         if self.scale_out_threshold >= self.scale_in_threshold:
             raise ValueError(
                 "scale_out_threshold must be below scale_in_threshold "

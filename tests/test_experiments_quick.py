@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import autoscaling, fragmentation, priorities, scheduler_overhead, serving
+from experiments import autoscaling, churn, fragmentation, priorities, scheduler_overhead, serving
 
 LATENCY = {"prefill_mean", "prefill_p99", "decode_mean", "decode_p99", "e2e_mean", "e2e_p99"}
 
@@ -29,19 +29,40 @@ def _run(module, tmp_path, name: str) -> dict:
 
 def test_serving(tmp_path):
     data = _run(serving, tmp_path, "serving")
-    points = [p for by_rate in data.values() for p in by_rate.values()]
+    points = [p for by_rate in data["fixed_rate"].values() for p in by_rate.values()]
     assert points
     for by_system in points:
         assert set(by_system) == {"round_robin", "infaas++", "llumnix"}
         for s in by_system.values():
-            assert LATENCY | {"preemption_loss", "migrations", "wall_s"} <= set(s)
+            assert LATENCY | {"preemption_loss", "migrations", "wall_s"} | set(serving.CHURN_KEYS) <= set(s)
             assert s["prefill_p99"] >= s["prefill_mean"] >= 0
+    # Capacity: per trace, system and objective, with every seed's value inside the spread.
+    cap = data["capacity"]["L-L"]
+    assert set(cap) == {"round_robin", "infaas++", "llumnix"}
+    for by_obj in cap.values():
+        assert set(by_obj) == {"2", "5", "10"}
+        for entry in by_obj.values():
+            assert entry["n"] == 2 and len(entry["per_seed"]) == 2
+            assert entry["min"] <= entry["median"] <= entry["max"]
+            assert all(entry["min"] <= v <= entry["max"] for v in entry["per_seed"].values())
+    assert set(data["capacity_gain"]["L-L"]["llumnix"]) == {"round_robin", "infaas++"}
+    knee = data["knee"]["points"]["L-L"]["llumnix"]
+    assert len(knee) == 2  # two rates
+    for by_seed in knee.values():
+        assert len(by_seed) == 2 and all(set(by_len) == {"20", "40"} for by_len in by_seed.values())
+    window = data["knee"]["analysis"]["L-L"]["largest_ratio"]["llumnix"]["infaas++"]
+    assert {"rate", "ratio", "base_overloaded", "ours_overloaded"} <= set(window)
+    md = (tmp_path / "serving" / "serving.md").read_text()
+    assert "Capacity" in md and "a point in the window" in md
+    assert (tmp_path / "serving" / "serving_capacity.png").exists()
 
 
 def test_serving_rate_scale_and_systems(tmp_path):
     js = tmp_path / "scaled.json"
     data = serving.main(["--smoke", "--no-progress", "--out", str(tmp_path / "scaled"), "--json", str(js),
-                         "--rate-scale", "1,2", "--systems", "infaas++,llumnix+load-dispatch"])
+                         "--rate-scale", "1,2", "--systems", "infaas++,llumnix+load-dispatch", "--no-knee"])
+    assert set(data) == {"fixed_rate"}
+    data = data["fixed_rate"]
     assert list(data) == ["L-L"]
     assert sorted(data["L-L"], key=float) == ["0.6", "1.2"]  # the smoke rate, and twice it
     for by_system in data["L-L"].values():
@@ -51,7 +72,8 @@ def test_serving_rate_scale_and_systems(tmp_path):
     assert "llumnix+load-dispatch" in md
 
 
-@pytest.mark.parametrize("flag,value", [("--rate-scale", "0"), ("--rate-scale", "x"), ("--systems", "nope")])
+@pytest.mark.parametrize("flag,value", [("--rate-scale", "0"), ("--rate-scale", "x"), ("--systems", "nope"),
+                                        ("--knee-factors", "-1"), ("--objectives", "x"), ("--lengths", "0")])
 def test_serving_rejects_bad_sweep_options(tmp_path, flag, value):
     with pytest.raises(SystemExit, match=flag):
         serving.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])
@@ -123,3 +145,43 @@ def test_equal_p99_costs_reads_llumnix_cost_at_each_infaas_p99():
     assert rows[1]["llumnix_instances"] == pytest.approx(5.0) and rows[1]["saving"] == pytest.approx(0.375)
     assert rows[2]["llumnix_p99"] == 16.0 and rows[2]["llumnix_instances"] == 4.0
     assert rows[2]["saving"] == pytest.approx(1 - 4.0 / 6.0)
+
+
+def test_churn(tmp_path):
+    data = _run(churn, tmp_path, "churn")
+    med = data["median"]["0.9"]
+    assert set(med) == {"default", "cooldown-10", "infaas++"}
+    for m in med.values():
+        assert set(churn.KEYS) <= set(m) and m["prefill_p99"] >= m["prefill_mean"] >= 0
+        assert 0 <= m["migration_return_rate"] <= 1 and 0 <= m["payoff_relieved"] <= 1
+    assert med["infaas++"]["migrations"] == 0
+
+
+def test_churn_payoff_shares_on_hand_made_records():
+    def rec(src_before, src_after, dst_after, finished=True):
+        return {"finished": finished, "src_freeness_before": src_before, "src_freeness_after": src_after,
+                "dst_freeness_after": dst_after}
+
+    shares = churn.payoff_shares([rec(1.0, 5.0, 9.0), rec(1.0, 12.0, 4.0), rec(2.0, 1.0, 3.0),
+                                  rec(0.0, 9.0, 1.0, finished=False), rec(None, 1.0, 1.0)])
+    assert shares == {"relieved": 2 / 3, "overshot": 1 / 3, "judged": 3}
+    assert churn.payoff_shares([]) == {"relieved": 0.0, "overshot": 0.0, "judged": 0}
+
+
+@pytest.mark.parametrize("flag,value", [("--rates", "0"), ("--variants", "nope"), ("--seeds", "0")])
+def test_churn_rejects_bad_options(tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        churn.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])
+
+
+def test_serving_analyses_saved_knee_sweeps_together(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for system, js in (("infaas++", a), ("llumnix+cooldown-10", b)):
+        serving.main(["--smoke", "--no-progress", "--no-fixed", "--out", str(tmp_path / system), "--json", str(js),
+                      "--systems", system])
+    merged = serving.main(["--smoke", "--no-progress", "--out", str(tmp_path / "merged"),
+                           "--from-json", f"{a},{b}"])
+    assert set(merged["capacity"]["L-L"]) == {"infaas++", "llumnix+cooldown-10"}
+    single = json.loads(a.read_text())
+    assert merged["capacity"]["L-L"]["infaas++"] == single["capacity"]["L-L"]["infaas++"]
+    assert "fixed_rate" not in merged

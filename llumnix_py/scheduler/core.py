@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Optional
 from llumnix_py.errors import UnknownInstanceError
 from llumnix_py.healing import RestartPolicy
 from migration.ownership import Owner, OwnershipArbiter
+from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
+from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
+from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
 
@@ -102,8 +105,12 @@ def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = F
 class GlobalScheduler:
     """Instance table + dispatch + migration rounds + scaling, with no I/O."""
 
-    def __init__(self, config: Optional[SchedulerConfig] = None, seed: int = 0) -> None:
+    def __init__(self, config: Optional[SchedulerConfig] = None, seed: int = 0,
+                 keep_migration_records: bool = False) -> None:
         self.config = config or SchedulerConfig()
+        policy = self.config.policy
+        self.payoff = MigrationLedger(self.config.migration_interval_s, lambda load: freeness(load, policy),
+                                      keep_records=keep_migration_records)
         self.instances: dict[str, InstanceRecord] = {}
         self.dispatch_state = DispatchState(seed)
         self.scaling_state = ScalingState()
@@ -127,6 +134,7 @@ class GlobalScheduler:
             self.ownership.settle_dead(instance_id, dead_at)
         rec = self.instances.pop(instance_id, None)
         self.dispatch_state.forget(instance_id)
+        self.payoff.on_remove(instance_id)
         if rec is None:
             return
         for order in list(rec.orders_out.values()) + list(rec.orders_in.values()):
@@ -144,6 +152,7 @@ class GlobalScheduler:
             return
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
+        self.payoff.on_load(instance_id, rec.load, now)
         if self.dispatch_state.num_pending(instance_id):
             seen = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
             self.dispatch_state.on_poll(instance_id, seen)
@@ -185,6 +194,9 @@ class GlobalScheduler:
         # and a planned destination above it, so a left-out instance could not have
         # taken the other role this round. Each pass leaves out at least one more.
         loads = self.loads()
+        cooldown = cfg.policy.migration_cooldown_s
+        if cooldown > 0:
+            loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
         left_out: set[str] = set()
         while True:
             plans = plan_migrations([x for x in loads if x.instance_id not in left_out], cfg.policy)
@@ -204,6 +216,7 @@ class GlobalScheduler:
             self.instances[src].orders_out[order.migration_id] = order
             self.instances[dst].orders_in[order.migration_id] = order
             self.ownership.open(order.migration_id, src, dst, now)
+            self.payoff.on_order(order.migration_id, order.request_id, src, dst, now)
             busy_src.add(src)
             busy_dst.add(dst)
             orders.append(order)
@@ -222,7 +235,16 @@ class GlobalScheduler:
                 self._forget_order(order)
                 return
 
+    def on_migration_result(self, migration_id: str, request_id: str, finished: bool, blocks: int, now: float,
+                            src: str = "", dst: str = "") -> None:
+        """A source reported how a migration ended: record it in ``payoff`` (the ledger of
+        whether migrations pay off), then forget the order. ``src``/``dst`` name the ends
+        of an order this scheduler did not issue (a migration ordered by hand)."""
+        self.payoff.on_end(migration_id, request_id, finished, blocks, now, src, dst)
+        self.on_migration_done(migration_id)
+
     def _forget_order(self, order: MigrationOrder) -> None:
+        self.payoff.drop_order(order.migration_id)
         for iid, table in ((order.src, "orders_out"), (order.dst, "orders_in")):
             rec = self.instances.get(iid)
             if rec is not None:

@@ -197,8 +197,9 @@ class SchedulerDaemon:
             else:
                 loads[iid], results = fut.result()
                 with self._lock:
+                    now = self.clock()
                     for r in results:
-                        self._record(r)
+                        self._record(r, now)
                         ended.append(r.migration_id)
         return loads, ended, died
 
@@ -217,13 +218,16 @@ class SchedulerDaemon:
                 except Exception as exc:
                     log.warning("migrate_out on %s failed: %s", order.src, exc)
             if not ok:
-                self.core.on_migration_done(order.migration_id)
+                self.core.on_migration_result(order.migration_id, order.request_id, False, 0, self.clock(),
+                                              order.src, order.dst)
                 self._routes.pop(order.migration_id, None)
 
-    def _record(self, r: MigrationResult) -> None:
+    def _record(self, r: MigrationResult, now: float) -> None:
         self.results.append(r)
         self.outcomes[r.status.value] += 1
         src, dst = self._routes.pop(r.migration_id, ("?", "?"))
+        self.core.on_migration_result(r.migration_id, r.request_id, r.status == MigrationStatus.FINISHED, r.blocks,
+                                      now, src, dst)
         self.recent.append({"migration_id": r.migration_id, "request_id": r.request_id, "src": src, "dst": dst,
                             "status": r.status.value, "reason": r.reason, "stages": r.stages, "blocks": r.blocks,
                             "downtime_ms": r.downtime_s * 1e3, "total_ms": r.total_s * 1e3})
@@ -332,4 +336,5 @@ class SchedulerDaemon:
                 "dead_instances": list(self.dead),
                 "frontends": self.frontends.listed(self.clock()),
                 "instance_healing": self.replenisher.report(self.clock()),
+                "payoff": self.core.payoff.stats(self.core.num_dispatched),
             }

@@ -69,12 +69,25 @@ class Metrics:
                               "Freeness: decode steps the batch can take before memory runs out.", labels, registry=r)
         self.running = Gauge("llumnix_instance_running_requests", "Running requests.", labels, registry=r)
         self.waiting = Gauge("llumnix_instance_waiting_requests", "Waiting requests.", labels, registry=r)
+        self.migration_returns = Counter(
+            "llumnix_migration_returns", "Finished migrations that took a request to an instance it had left.",
+            registry=r)
+        self.migration_caused_preemptions = Counter(
+            "llumnix_migration_caused_preemptions",
+            "Finished migrations whose destination preempted a request within one migration interval.", registry=r)
+        self.migration_return_rate = Gauge("llumnix_migration_return_rate",
+                                           "Share of finished migrations that returned a request.", registry=r)
+        self.migrations_per_request_max = Gauge("llumnix_migrations_per_request_max",
+                                                "Most finished migrations of one request.", registry=r)
+        self.migrations_per_request_p99 = Gauge("llumnix_migrations_per_request_p99",
+                                                "P99 of finished migrations per dispatched request.", registry=r)
         for status in REQUEST_STATUSES:
             self.requests.labels(status=status)  # export zeros from the start
         for component in ("scheduler", "instance"):
             self.restarts.labels(component=component)
         self._seen_migrations: dict[str, int] = {}
         self._seen_restarts: dict[str, int] = {}
+        self._seen_payoff: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # ----- per request -------------------------------------------------------------------
@@ -134,6 +147,8 @@ class Metrics:
             for ms in downtimes[-new_finished:]:
                 self.downtime.observe(max(0.0, float(ms)) / 1e3)
 
+        self._update_payoff(state.get("payoff") or {})
+
         instances = list(state.get("instances") or [])
         self.active.set(int(state.get("active_requests", 0) or 0))
         for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting):
@@ -145,3 +160,21 @@ class Metrics:
             self.freeness.labels(instance=iid).set(float(inst.get("freeness", 0.0)))
             self.running.labels(instance=iid).set(inst.get("running", 0))
             self.waiting.labels(instance=iid).set(inst.get("waiting", 0))
+
+    def _update_payoff(self, payoff: Mapping[str, Any]) -> None:
+        """The scheduler's migration ledger (``MigrationLedger.stats``): counters by cursor."""
+        for key, counter in (("migration_returns", self.migration_returns),
+                             ("migration_caused_preemptions", self.migration_caused_preemptions)):
+            if key not in payoff:
+                continue
+            total = int(payoff[key])
+            seen = self._seen_payoff.get(key, 0)
+            delta = total - seen if total >= seen else total  # a restarted scheduler starts again from 0
+            if delta > 0:
+                counter.inc(delta)
+            self._seen_payoff[key] = total
+        for key, gauge in (("migration_return_rate", self.migration_return_rate),
+                           ("migrations_per_request_max", self.migrations_per_request_max),
+                           ("migrations_per_request_p99", self.migrations_per_request_p99)):
+            if key in payoff:
+                gauge.set(float(payoff[key]))

@@ -86,7 +86,7 @@ class SimCluster:
         self.config = config
         self.profile = config.cost_profile
         self.engine_config = config.engine_config()
-        self.scheduler = GlobalScheduler(config.scheduler_config(), seed=config.seed)
+        self.scheduler = GlobalScheduler(config.scheduler_config(), seed=config.seed, keep_migration_records=True)
         self.ticker = SchedulerTick(self.scheduler, config.migration_interval_s)
         self.mig = SimMigrations(config, self._clock, self._push, self._wake, self._on_migration_done)
         self.instances: dict[str, SimInstance] = {}
@@ -156,14 +156,16 @@ class SimCluster:
             requests=list(self.records.values()), migrations=self.migrations, timeline=self.timeline,
             instance_changes=self.instance_changes, scale_events=self.scale_events, timings=self.timings,
             virtual_s=self.now, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
-            num_events=self._num_events, num_steps=self._num_steps)
+            num_events=self._num_events, num_steps=self._num_steps,
+            migration_records=[r.as_dict() for r in self.scheduler.payoff.records],
+            payoff=self.scheduler.payoff.stats(len(self.records)))
 
     def schedule_migration(self, at: float, request_id: str, src: str, dst: str, waiting: bool = False) -> None:
         """Migrate ``request_id`` from ``src`` to ``dst`` at virtual time ``at``, by hand
         (outside the scheduler's rounds; tests and experiments use it)."""
         self._manual += 1
         order = MigrationOrder(f"manual-{self._manual}", src, dst, dst, request_id, waiting, at)
-        self._push(at, self._start_migration, order)
+        self._push(at, self._start_manual, order)
 
     def engines(self) -> dict[str, EngineCore]:
         """Every engine that ever ran (live and retired), by instance id."""
@@ -279,10 +281,13 @@ class SimCluster:
         round_now = cfg.enable_migration and self.ticker.round_due(now)
         if self._loads_read_before_next_tick(round_now):
             t0 = time.perf_counter()
+            due = self.scheduler.payoff.due(now) if self.scheduler.payoff.watching else ()
             for iid, inst in self.instances.items():
                 if inst.dirty:
                     self.scheduler.on_load(iid, inst.core.load(inst.engine.load()), now)
                     inst.dirty = False
+                elif iid in due:  # unchanged since its last poll: the ledger's window closes on it
+                    self.scheduler.payoff.on_load(iid, self.scheduler.instances[iid].load, now)
             self.timings["poll"].append(time.perf_counter() - t0)
         scale = cfg.enable_scaling and not self._launching
         t0 = time.perf_counter()
@@ -312,10 +317,11 @@ class SimCluster:
 
         Polls nobody reads are skipped (the instance stays marked changed, so the next
         poll catches up): the scheduler sees exactly what it would with every poll.
-        Readers: this tick's migration, scaling and drain checks, and dispatches of
-        arrivals up to the next tick (arrival events precede a tick at the same time).
+        Readers: this tick's migration, scaling and drain checks, dispatches of
+        arrivals up to the next tick (arrival events precede a tick at the same time),
+        and the migration ledger while a migration is in flight or in its window.
         """
-        if round_now or self.config.enable_scaling or self._undispatched:
+        if round_now or self.config.enable_scaling or self._undispatched or self.scheduler.payoff.watching:
             return True
         if any(rec.terminating for rec in self.scheduler.instances.values()):
             return True
@@ -336,16 +342,28 @@ class SimCluster:
                 inst.dirty = True
 
     # ----- migrations -----------------------------------------------------------------------
+    def _start_manual(self, order: MigrationOrder) -> None:
+        for iid in (order.src, order.dst):  # the ledger's "before" is the ends' state now, as in a round
+            inst = self.instances.get(iid)
+            if inst is not None and inst.dirty:
+                self.scheduler.on_load(iid, inst.core.load(inst.engine.load()), self.now)
+                inst.dirty = False
+        self.scheduler.payoff.on_order(order.migration_id, order.request_id, order.src, order.dst, self.now)
+        self._start_migration(order)
+
     def _start_migration(self, order: MigrationOrder) -> None:
         src = self.instances.get(order.src)
         dst = self.instances.get(order.dst)
         if src is None or dst is None:
-            self.scheduler.on_migration_done(order.migration_id)
+            self.scheduler.on_migration_result(order.migration_id, order.request_id, False, 0, self.now,
+                                               order.src, order.dst)
             return
         self.mig.start(order, src, dst)
 
     def _on_migration_done(self, result: MigrationResult, run: MigrationRun) -> None:
-        self.scheduler.on_migration_done(result.migration_id)
+        finished = result.status == p.MigrationStatus.FINISHED
+        self.scheduler.on_migration_result(result.migration_id, result.request_id, finished, result.blocks,
+                                           self.now, run.order.src, run.order.dst)
         self.migrations.append(result)
         if result.status == p.MigrationStatus.FINISHED:
             rec = self.records.get(result.request_id)

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from llumnix_py.scheduler.payoff import per_request_stats
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus
 
@@ -131,6 +132,11 @@ class SimResult:
         cpu_s: CPU time of this process during the run (robust to a busy machine).
         num_events: events processed.
         num_steps: engine steps taken (all instances).
+        migration_records: one dict per ended migration (``MigrationRecord.as_dict`` of
+            ``llumnix_py.scheduler.payoff``): ends, freeness of both before and one
+            migration interval after, blocks copied, whether it returned the request to
+            an instance it had left, whether the destination preempted within the interval.
+        payoff: the scheduler's ``MigrationLedger.stats`` over every request.
     """
 
     requests: list[RequestRecord]
@@ -144,6 +150,8 @@ class SimResult:
     cpu_s: float
     num_events: int
     num_steps: int
+    migration_records: list[dict[str, Any]] = field(default_factory=list)
+    payoff: dict[str, Any] = field(default_factory=dict)
 
     def average_instances(self) -> float:
         """Time-weighted instances held over ``[0, virtual_s]``."""
@@ -161,7 +169,13 @@ class SimResult:
         ``decode_mean``, ``decode_p99``, ``e2e_mean``, ``e2e_p99``,
         ``preemption_loss`` (mean per request), ``preemptions``, ``migrations``
         (finished), ``migrations_aborted``, ``downtime_mean_ms``, ``downtime_p99_ms``,
-        ``avg_instances``, ``fragmentation_mean``, ``virtual_s``, ``wall_s``, ``cpu_s``.
+        ``avg_instances``, ``fragmentation_mean``, ``virtual_s``, ``wall_s``, ``cpu_s``;
+        churn: ``migrations_per_request_max`` / ``migrations_per_request_p99`` (finished
+        migrations per request, over every request of the selection),
+        ``migration_return_rate`` (share of finished migrations that took a request to
+        an instance it had left earlier) and ``migration_caused_preemptions`` (finished
+        migrations whose destination preempted a request within one migration interval);
+        the last two count the selection's requests only.
         """
         reqs = [r for r in self.requests if priority is None or r.priority == priority]
         done = [r for r in reqs if r.done]
@@ -171,6 +185,10 @@ class SimResult:
         finished = [m for m in self.migrations if m.status == MigrationStatus.FINISHED]
         downtime = _stats([m.downtime_s * 1e3 for m in finished])
         frag = self.timeline.fragmentation
+        per_max, per_p99 = per_request_stats([r.migrations for r in reqs if r.migrations], len(reqs))
+        ids = {r.request_id for r in reqs}
+        moved = [m for m in self.migration_records if m["finished"] and m["request_id"] in ids]
+        returns = sum(1 for m in moved if m["returned"])
         return {
             "num_requests": len(reqs),
             "completed": len(done),
@@ -191,4 +209,8 @@ class SimResult:
             "virtual_s": self.virtual_s,
             "wall_s": self.wall_s,
             "cpu_s": self.cpu_s,
+            "migrations_per_request_max": per_max,
+            "migrations_per_request_p99": per_p99,
+            "migration_return_rate": returns / len(moved) if moved else 0.0,
+            "migration_caused_preemptions": sum(1 for m in moved if m["caused_preemption"]),
         }

@@ -1,0 +1,182 @@
+"""What migration churn costs and what it buys: ablations of its causes (issue 19).
+
+Llumnix (freeness dispatch + migration) on one trace, with one knob changed per
+variant, same workloads and seeds side by side:
+
+* ``default``: the paper's settings (rounds every 0.1 s, threshold 3 steps);
+* ``interval-0.5`` / ``interval-1.0``: migration rounds every 0.5 / 1.0 s (frequency);
+* ``threshold-1`` / ``threshold-10``: the pairing threshold (decode steps);
+* ``poll-0.01``: loads polled every 0.01 s instead of 0.05 s (freeness noise between polls);
+* ``cooldown-2`` / ``cooldown-10``: a request that finished a migration is not moved
+  again for 2 / 10 s unless draining (``policies.cooldown``);
+* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference.
+
+Per variant (median over seeds): P99 and mean prefill, preemption loss, migrations
+(finished, aborted), the churn keys (``migrations_per_request_max``/``_p99``,
+``migration_return_rate``, ``migration_caused_preemptions``) and, from the ledger's
+per-migration records, the share of migrations that still left the source freer one
+interval later and the share that overshot (source freer than destination after).
+
+Usage::
+
+    python experiments/churn.py [--quick] [--trace L-L] [--rates 3.9] [--requests N] [--seeds 3]
+                                [--variants default,cooldown-10] [--json out.json]
+
+JSON: ``{"setup": {...}, "runs": {rate: {variant: {seed: {...}}}}, "median": {rate: {variant: {...}}}}``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # noqa: E402
+from experiments.workloads import make_workload  # noqa: E402
+
+# name -> (system, policy keywords, simulator keywords)
+VARIANTS: dict[str, tuple[str, dict, dict]] = {
+    "default": ("llumnix", {}, {}),
+    "interval-0.5": ("llumnix", {}, {"migration_interval_s": 0.5}),
+    "interval-1.0": ("llumnix", {}, {"migration_interval_s": 1.0}),
+    "threshold-1": ("llumnix", {"migrate_out_threshold": 1.0}, {}),
+    "threshold-10": ("llumnix", {"migrate_out_threshold": 10.0}, {}),
+    "poll-0.01": ("llumnix", {}, {"poll_interval_s": 0.01}),
+    "cooldown-2": ("llumnix", {"migration_cooldown_s": 2.0}, {}),
+    "cooldown-10": ("llumnix", {"migration_cooldown_s": 10.0}, {}),
+    "infaas++": ("infaas++", {}, {}),
+}
+KEYS = ("prefill_p99", "prefill_mean", "preemption_loss", "migrations", "migrations_aborted",
+        "migrations_per_request_max", "migrations_per_request_p99", "migration_return_rate",
+        "migration_caused_preemptions", "wall_s")
+
+
+def payoff_shares(records: Sequence[dict]) -> dict[str, float]:
+    """From the ledger's records of finished migrations with both "after" freeness values:
+    ``relieved`` (the source is freer one interval later than before the move) and
+    ``overshot`` (one interval later the source is freer than the destination)."""
+    done = [r for r in records if r["finished"] and r["src_freeness_before"] is not None
+            and r["src_freeness_after"] is not None and r["dst_freeness_after"] is not None]
+    if not done:
+        return {"relieved": 0.0, "overshot": 0.0, "judged": 0}
+    relieved = sum(1 for r in done if r["src_freeness_after"] > r["src_freeness_before"])
+    overshot = sum(1 for r in done if r["src_freeness_after"] > r["dst_freeness_after"])
+    return {"relieved": relieved / len(done), "overshot": overshot / len(done), "judged": len(done)}
+
+
+def _extra(ap) -> None:
+    ap.add_argument("--trace", type=str, default=None, help="trace (default L-L)")
+    ap.add_argument("--rates", type=str, default=None, help="comma-separated rates (req/s)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per run (full: 5000)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (full: 3)")
+    ap.add_argument("--instances", type=int, default=None)
+    ap.add_argument("--variants", type=str, default=None, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+
+
+def plan(args) -> dict[str, Any]:
+    if args.smoke:
+        setup = {"trace": "L-L", "rates": [0.9], "requests": 60, "seeds": 1, "instances": 4,
+                 "variants": ["default", "cooldown-10", "infaas++"]}
+    elif args.quick:
+        setup = {"trace": "L-L", "rates": [0.95], "requests": 300, "seeds": 1, "instances": 4,
+                 "variants": ["default", "interval-1.0", "threshold-10", "cooldown-10", "infaas++"]}
+    else:
+        setup = {"trace": "L-L", "rates": [3.8, 4.0], "requests": 5000, "seeds": 3, "instances": 16,
+                 "variants": list(VARIANTS)}
+    if args.trace:
+        setup["trace"] = args.trace
+    if args.rates:
+        try:
+            setup["rates"] = [float(x) for x in args.rates.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"--rates: not a comma list of numbers: {args.rates!r}") from None
+        if not setup["rates"] or any(r <= 0 for r in setup["rates"]):
+            raise SystemExit(f"--rates: rates must be positive: {args.rates!r}")
+    for key in ("requests", "seeds", "instances"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{key}: at least 1")
+            setup[key] = value
+    if args.variants:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown or not names:
+            raise SystemExit(f"--variants: unknown {unknown or args.variants!r}; known: {', '.join(VARIANTS)}")
+        setup["variants"] = names
+    setup["seed_list"] = [args.seed + i for i in range(setup["seeds"])]
+    return setup
+
+
+def run(setup: dict, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    runs: dict = {}
+    total = len(setup["rates"]) * len(setup["seed_list"]) * len(setup["variants"])
+    with tqdm(total=total, disable=not progress, unit="run", desc="churn") as bar:
+        for rate in setup["rates"]:
+            for seed in setup["seed_list"]:
+                workload = make_workload(setup["trace"], setup["requests"], rate, seed=seed)
+                for name in setup["variants"]:
+                    system, policy_kw, sim_kw = VARIANTS[name]
+                    res = common.simulate(workload, system, setup["instances"], seed=seed, policy_kw=policy_kw,
+                                          **sim_kw)
+                    point = common.pick(res.summary(), KEYS)
+                    point.update({f"payoff_{k}": v for k, v in payoff_shares(res.migration_records).items()})
+                    runs.setdefault(str(rate), {}).setdefault(name, {})[str(seed)] = point
+                    bar.update(1)
+    return runs
+
+
+def medians(runs: dict) -> dict:
+    return {rate: {name: {k: float(statistics.median(p[k] for p in by_seed.values()))
+                          for k in next(iter(by_seed.values()))}
+                   for name, by_seed in by_name.items()}
+            for rate, by_name in runs.items()}
+
+
+def plot(med: dict, path: Path) -> None:
+    """Churn against tail latency: one point per variant, one panel per rate."""
+    rates = list(med)
+    fig, axes = common.subplots(1, len(rates), width=4.2, height=3.4)
+    for c, rate in enumerate(rates):
+        ax = axes[0][c]
+        for i, (name, m) in enumerate(med[rate].items()):
+            ax.scatter(100 * m["migration_return_rate"], m["prefill_p99"], color=f"C{i % 10}", label=name)
+            ax.annotate(name, (100 * m["migration_return_rate"], m["prefill_p99"]), fontsize=6)
+        ax.set_xlabel("migration return rate (%)")
+        ax.set_ylabel("P99 prefill (s)")
+        ax.set_title(f"{rate} req/s")
+    axes[0][0].legend(fontsize=6)
+    common.save_figure(fig, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = common.parse_args("churn", __doc__.splitlines()[0], argv, _extra)
+    setup = plan(args)
+    runs = run(setup, args.progress)
+    med = medians(runs)
+    headers = ["rate", "variant", "P99 prefill", "mean prefill", "preempt loss", "migrations", "aborted",
+               "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]
+    rows = [[float(rate), name, m["prefill_p99"], m["prefill_mean"], m["preemption_loss"], m["migrations"],
+             m["migrations_aborted"], m["migrations_per_request_max"], m["migrations_per_request_p99"],
+             100 * m["migration_return_rate"], m["migration_caused_preemptions"], 100 * m["payoff_relieved"],
+             100 * m["payoff_overshot"]]
+            for rate, by_name in med.items() for name, m in by_name.items()]
+    title = f"Churn ablations, {setup['trace']}, medians over seeds {setup['seed_list']} (seconds)"
+    common.print_table(title, headers, rows)
+    common.write_markdown(args.out / "churn.md", "Churn ablations", [(title, headers, rows)],
+                          notes=f"{setup['instances']} simulated LLaMA-7B/A10 instances, {setup['requests']} "
+                                f"requests per run, Poisson arrivals, trace {setup['trace']}, rates {setup['rates']}, "
+                                f"seeds {setup['seed_list']}.")
+    plot(med, args.out / "churn.png")
+    out = {"setup": setup, "runs": runs, "median": med}
+    common.write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

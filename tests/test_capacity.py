@@ -1,0 +1,90 @@
+"""experiments/capacity.py: capacity at an objective, overload marks, gains and the window ratio."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from experiments import capacity
+
+
+def test_capacity_interpolates_in_log_p99_between_the_last_rate_under_and_the_first_over():
+    cap, cens = capacity.capacity_one([1.0, 2.0, 3.0], [1.0, 2.0, 8.0], 4.0)
+    assert cens is None
+    assert cap == pytest.approx(2.5)  # log 4 is halfway between log 2 and log 8
+
+
+def test_capacity_is_a_bound_when_the_sweep_does_not_cross_the_objective():
+    assert capacity.capacity_one([1.0, 2.0], [0.5, 0.9], 2.0) == (2.0, "above")
+    assert capacity.capacity_one([1.0, 2.0], [3.0, 9.0], 2.0) == (1.0, "below")
+
+
+def test_capacity_takes_the_first_crossing():
+    # A noisy dip back under the objective past the knee does not raise the capacity.
+    cap, cens = capacity.capacity_one([1.0, 2.0, 3.0, 4.0], [1.0, 10.0, 1.5, 20.0], 5.0)
+    assert cens is None and 1.0 < cap < 2.0
+
+
+@pytest.mark.parametrize("rates,p99s,obj", [([], [], 1.0), ([2.0, 1.0], [1.0, 1.0], 1.0), ([1.0], [1.0], 0.0),
+                                            ([1.0, 2.0], [1.0], 1.0)])
+def test_capacity_rejects_bad_input(rates, p99s, obj):
+    with pytest.raises(ValueError):
+        capacity.capacity_one(rates, p99s, obj)
+
+
+@given(st.lists(st.floats(0.01, 1000.0), min_size=1, max_size=8), st.floats(0.1, 100.0))
+def test_capacity_lies_in_the_swept_range_and_below_the_first_rate_over(p99s, objective):
+    rates = [1.0 + 0.5 * i for i in range(len(p99s))]
+    cap, cens = capacity.capacity_one(rates, p99s, objective)
+    assert rates[0] <= cap <= rates[-1]
+    over = [r for r, y in zip(rates, p99s) if y > objective]
+    if over:
+        assert cap <= over[0]
+        assert cens == ("below" if over[0] == rates[0] else None)
+    else:
+        assert (cap, cens) == (rates[-1], "above")
+
+
+def test_overloaded_when_p99_grows_with_run_length():
+    assert capacity.is_overloaded({2500: 10.0, 5000: 30.0, 10000: 80.0})
+    assert not capacity.is_overloaded({2500: 1.3, 5000: 1.4, 10000: 1.35})
+    assert not capacity.is_overloaded({2500: 10.0, 5000: 40.0, 10000: 20.0})  # not monotone at the end
+    assert not capacity.is_overloaded({10000: 80.0})
+
+
+def sweep() -> dict:
+    """Two systems, three rates, two seeds, two lengths: base saturates at 2, ours at 3."""
+    def point(short: float, long: float) -> dict:
+        return {100: short, 200: long}
+    base = {1.0: {0: point(1.0, 1.0), 1: point(1.0, 1.1)},
+            2.0: {0: point(5.0, 20.0), 1: point(4.0, 16.0)},
+            3.0: {0: point(30.0, 90.0), 1: point(30.0, 100.0)}}
+    ours = {1.0: {0: point(1.0, 1.0), 1: point(1.0, 1.0)},
+            2.0: {0: point(1.0, 1.2), 1: point(1.0, 1.1)},
+            3.0: {0: point(6.0, 20.0), 1: point(5.0, 10.0)}}
+    return {"base": base, "ours": ours}
+
+
+def test_capacities_gains_marks_and_the_window_ratio():
+    p99 = sweep()
+    caps = capacity.capacities(p99, [5.0])
+    assert set(caps) == {"base", "ours"}
+    b, o = caps["base"]["5"], caps["ours"]["5"]
+    assert b["n"] == o["n"] == 2 and not b["censored"] and not o["censored"]
+    assert 1.0 < b["min"] <= b["median"] <= b["max"] < 2.0
+    assert 2.0 < o["min"] <= o["max"] < 3.0
+    gains = capacity.gains(caps, "ours", "base")
+    assert gains["5"]["min"] > 0 and gains["5"]["n"] == 2
+    per_seed = [caps["ours"]["5"]["per_seed"][s] / caps["base"]["5"]["per_seed"][s] - 1 for s in ("0", "1")]
+    assert gains["5"]["median"] == pytest.approx(sum(per_seed) / 2)
+    marks = capacity.overload_marks(p99)
+    assert marks["base"][2.0]["overloaded"] and not marks["base"][1.0]["overloaded"]
+    assert not marks["ours"][2.0]["overloaded"] and marks["ours"][3.0]["overloaded_seeds"] == 2
+    window = capacity.largest_ratio(p99, "base", "ours", marks)
+    assert window["rate"] == 2.0  # 20/1.2 and 16/1.1 beat 90/20 and 100/10 at the median
+    assert window["ratio"]["median"] == pytest.approx((20 / 1.2 + 16 / 1.1) / 2)
+    assert window["base_overloaded"]["overloaded"] and not window["ours_overloaded"]["overloaded"]
+    assert math.isclose(capacity.main_length(p99), 200)
