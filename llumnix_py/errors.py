@@ -61,3 +61,7 @@ class UnknownInstanceError(LlumnixError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown instance"
+
+
+class SchedulerUnavailableError(LlumnixError):
+    """The global scheduler does not answer (killed, restarting)."""

@@ -23,7 +23,7 @@ from llumnix_py.engines.registry import frontend_info
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.health import HealthView, assess
 from llumnix_py.healing import Phase, RestartBudget, RestartPolicy
-from llumnix_py.runtime.control import SchedulerUnavailableError
+from llumnix_py.errors import SchedulerUnavailableError
 from llumnix_py.runtime.local import LocalInstance, LocalLauncher
 from llumnix_py.runtime.watchdog import SchedulerWatchdog
 from llumnix_py.scheduler.daemon import SchedulerDaemon

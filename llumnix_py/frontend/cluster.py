@@ -54,7 +54,7 @@ from llumnix_py.engines.registry import frontend_info
 from llumnix_py.engines.threads import ThreadClaim, claim_process_threads
 from llumnix_py.engines.tokenizer import FrontendInfo, IncrementalDecoder
 from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
-from llumnix_py.errors import InvalidRequestError, UnknownRequestError
+from llumnix_py.errors import InvalidRequestError, SchedulerUnavailableError, UnknownRequestError
 from llumnix_py.frontend.handles import NoInstanceError, RequestHandle
 from llumnix_py.frontend.health import Health, HealthView, assess
 from llumnix_py.frontend.receiver import TokenReceiver
@@ -62,7 +62,7 @@ from llumnix_py.frontend.requests import RequestTable
 from llumnix_py.frontend.supervision import Supervisor
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
-from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane, SchedulerUnavailableError
+from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
 from llumnix_py.scheduler.frontends import FrontendRecord
 from llumnix_py.tokens import CallbackSink
 

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
-from llumnix_py.errors import LlumnixError
+from llumnix_py.errors import LlumnixError, SchedulerUnavailableError
 from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.proxy import forwards
 from llumnix_py.runtime.watchdog import SchedulerWatchdog
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from llumnix_py.scheduler.daemon import SchedulerDaemon
 
 log = logging.getLogger(__name__)
-
-
-class SchedulerUnavailableError(LlumnixError):
-    """The global scheduler does not answer (killed, restarting)."""
 
 
 class ControlPlane(SchedulerAPI):

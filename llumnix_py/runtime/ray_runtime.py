@@ -22,11 +22,10 @@ import ray
 
 from llumnix_py.engines.registry import build_engine
 from llumnix_py.engines.threads import apply_process_threads
-from llumnix_py.errors import LlumnixError
+from llumnix_py.errors import LlumnixError, SchedulerUnavailableError
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.proxy import Endpoint, forwards, is_oneway
-from llumnix_py.runtime.control import SchedulerUnavailableError
 from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.scheduler.api import SchedulerAPI
 from llumnix_py.scheduler.daemon import SchedulerDaemon
