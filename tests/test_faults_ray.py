@@ -188,7 +188,8 @@ def test_the_scheduler_command_restarts_its_killed_daemon(ray_session, monkeypat
     ns = NAMESPACE + "-cli"
     seen: dict[str, object] = {}
 
-    def kill_and_wait_instead_of_forever() -> None:
+    def kill_and_wait_instead_of_watching(namespace: str) -> int:
+        assert namespace == ns
         old = get_scheduler(ns)
         seen["before"] = ray_session.get(old.call.remote("instance_ids"), timeout=60)
         kill_process(ray_session, old)
@@ -198,8 +199,9 @@ def test_the_scheduler_command_restarts_its_killed_daemon(ray_session, monkeypat
         wait_for(lambda: ray_session.get(new.call.remote("membership"), timeout=60) is not None, RESULT_TIMEOUT_S,
                  "the new daemon to attach its instances")
         seen["after"] = ray_session.get(new.call.remote("instance_ids"), timeout=60)
+        return 0
 
-    monkeypatch.setattr(cli, "_wait_forever", kill_and_wait_instead_of_forever)
+    monkeypatch.setattr(cli, "_watch_daemon", kill_and_wait_instead_of_watching)
     args = cli.build_parser().parse_args(["scheduler", "--instances", "1", "--engine", "sim", "--namespace", ns,
                                           "--num-blocks", "64"])
     try:
