@@ -18,6 +18,7 @@ from migration import protocol as p
 from migration.destination import DestinationMigrations
 from migration.driver import LocalPort, MigrationDriver
 from migration.protocol import MigrationConfig, MigrationMode, MigrationStatus, SourceMigration
+from migration.transports.base import TransportError
 from vllm_helpers import solo_tokens
 
 PROMPT = tuple(range(5, 75))  # 70 tokens: 2 full blocks of 32 and a partial one
@@ -128,6 +129,31 @@ def test_blocking_and_recompute_modes_match_unmigrated(engines, mode):
     pair, ref = Pair.started(engines, "m", max_tokens=60, steps=25)
     done, _ = pair.drive(SourceMigration("mig", "m", config=MigrationConfig(mode=mode)))
     assert done.status == MigrationStatus.FINISHED
+    assert pair.finish()["m"] == ref
+
+
+class _CommitReplyLostPort(LocalPort):
+    """The commit reaches the destination (which parks the request), its reply is lost."""
+
+    def commit(self, migration_id, state):
+        ok, err = super().commit(migration_id, state)
+        assert ok, err
+        assert migration_id in self.dst.parked  # adopted, frozen: not scheduled, no token
+        raise TransportError("injected: the commit's reply is lost")
+
+
+def test_a_parked_copy_is_dropped_by_the_abort_and_the_source_runs_on(engines):
+    """Ownership under message loss on vLLM: the destination's commit only parks the request;
+    the source, which never saw the reply, aborts; the abort drops the parked copy (its blocks
+    come back) and the source unfreezes and finishes with the unmigrated tokens."""
+    a, b = engines
+    pair, ref = Pair.started(engines, "m", max_tokens=60, steps=10)
+    port = _CommitReplyLostPort(pair.dest, pair.src)
+    done, seen = pair.drive(SourceMigration("mig", "m", config=MigrationConfig(max_stages=2)), port=port)
+    assert done.status != MigrationStatus.FINISHED, done
+    assert any(isinstance(x, p.Commit) for x in seen)
+    assert not pair.dest.parked and b.load().used_blocks == 0 and "m" not in b.request_ids()
+    assert "m" in a.request_ids()
     assert pair.finish()["m"] == ref
 
 

@@ -147,6 +147,11 @@ class VLLMInternals:
         """Back to the head of the waiting queue (where vLLM puts preempted requests)."""
         self.scheduler.waiting.prepend_request(req)
 
+    def rejoin_holding(self, req: Any) -> None:
+        """Back to the head of the queue of waiting requests that hold KV blocks (a migrated-in
+        request not scheduled yet: vLLM schedules that queue first)."""
+        self.scheduler.kv_holding_waiting.prepend_request(req)
+
     def num_computed_tokens(self, req: Any) -> int:
         return int(req.num_computed_tokens)
 

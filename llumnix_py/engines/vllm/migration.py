@@ -35,6 +35,7 @@ class _Tracked:
     num_outputs: int = 0  # outputs so far (all instances): the next output's index
     base_preemptions: int = 0
     frozen_from: Optional[SeqStatus] = None
+    holds_kv: bool = False  # frozen while waiting with KV blocks (migrated in, not scheduled here yet)
     mig_epoch: Optional[int] = None  # vLLM preemption count when a pre-copy began
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt position so far (prefill chunks)
 
@@ -70,13 +71,16 @@ class VLLMMigration:
             if not self.vllm.leave_running(r):
                 return None
             frozen_from = SeqStatus.RUNNING
-        elif r.status in (self._status.WAITING, self._status.PREEMPTED) and r.num_computed_tokens == 0:
+        elif r.status in (self._status.WAITING, self._status.PREEMPTED):
+            # Waiting, or migrated in and not scheduled here yet (it holds its KV blocks: the
+            # destination parks a committed request this way until the source activates it).
             if not self.vllm.leave_waiting(r):
                 return None
             rec.mig_epoch = None
+            rec.holds_kv = r.num_computed_tokens > 0
             frozen_from = SeqStatus.WAITING
         else:
-            return None  # e.g. a migrated-in request not yet scheduled here (it holds KV while waiting)
+            return None
         rec.frozen_from = frozen_from
         req = rec.request
         outputs = tuple(r.all_token_ids[len(req.prompt_token_ids):])
@@ -99,9 +103,12 @@ class VLLMMigration:
         r = self.vllm.request(request_id)
         if rec.frozen_from == SeqStatus.RUNNING:
             self.vllm.rejoin_running(r)
+        elif rec.holds_kv:
+            self.vllm.rejoin_holding(r)
         else:
             self.vllm.rejoin_waiting(r)
         rec.frozen_from = None
+        rec.holds_kv = False
         rec.mig_epoch = None
 
     def free_src(self, request_id: str) -> None:
