@@ -36,6 +36,7 @@ from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import MAX_BATCH_BYTES, CallbackSink, decode_batch, encode_batch
 from migration import wire
+from migration.ownership import OwnershipArbiter
 from migration.transports.base import MAX_HEADER_BYTES, pack, process_request
 from migration.transports.zmq_transport import ZmqMigrationServer, ZmqMigrationTransport
 from tests.factories import AcceptingHandler, make_engine
@@ -397,11 +398,15 @@ MIGRATION_TIMEOUT_S = 0.3
 
 @pytest.fixture(scope="module")
 def live_llumlet():
+    """A llumlet with an ownership arbiter, as in a cluster: a raw peer's commit that is never
+    activated is claimed by this destination after the migration timeout, and then runs."""
     engine = make_engine(num_blocks=32, block_size=16)
     outputs: list = []
+    arbiter = OwnershipArbiter()
     llumlet = Llumlet(LlumletConfig(instance_id="x", transport="zmq", migration_timeout_s=MIGRATION_TIMEOUT_S,
                                     max_incoming=2),
-                      engine, CallbackSink(lambda iid, reply_to, outs: outputs.extend(outs)))
+                      engine, CallbackSink(lambda iid, reply_to, outs: outputs.extend(outs)),
+                      ownership=lambda mid, side: arbiter.claim(mid, side, time.monotonic()))
     address = llumlet.start()
     ctx = zmq.Context()
     sock = _dealer(ctx, address)
@@ -413,7 +418,8 @@ def live_llumlet():
 
 
 def _settle(llumlet: Llumlet, engine: Any, timeout: float = 20.0) -> None:
-    """Wait until stale reservations expired and committed requests finished; then check for leaks."""
+    """Wait until stale reservations expired and committed requests finished (a parked copy
+    that no source activates is claimed after the migration timeout); then check for leaks."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if llumlet.is_idle() and llumlet.load().used_blocks == 0:
