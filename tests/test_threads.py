@@ -70,8 +70,9 @@ def test_a_local_cluster_sets_its_threads_once_and_gives_them_back():
 @pytest.mark.ray
 def test_each_ray_instance_sets_its_own_process_threads(ray_session):
     """On Ray each instance is its own process, so ``EngineSpec.num_threads`` is exactly its
-    torch thread count there, and the driver's own setting is left alone."""
-    from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX
+    torch thread count there, and the driver's own setting is left alone. Instances and the
+    scheduler run at niceness 0, not at Ray's default for workers."""
+    from llumnix_py.runtime.ray_runtime import INSTANCE_PREFIX, SCHEDULER_NAME
     from tests.cluster_helpers import running_ray_cluster
 
     before = torch.get_num_threads()
@@ -87,4 +88,8 @@ def test_each_ray_instance_sets_its_own_process_threads(ray_session):
             threads = ray_session.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()),
                                       timeout=60)
             assert threads == want
+            # Not Ray's default worker niceness (15): an engine must not yield to every other process.
+            assert ray_session.get(actor.__ray_call__.remote(lambda self: __import__("os").nice(0)), timeout=60) == 0
+        scheduler = ray_session.get_actor(SCHEDULER_NAME, namespace=namespace)
+        assert ray_session.get(scheduler.__ray_call__.remote(lambda self: __import__("os").nice(0)), timeout=60) == 0
         assert torch.get_num_threads() == before

@@ -138,6 +138,12 @@ class RayInstance(InstanceHandle):
             ray.kill(self.actor)
 
 
+# Ray starts worker processes at niceness 15, so that they yield the CPU to its own daemons and
+# to anything else on the node. An engine instance and the global scheduler are the serving path,
+# not background work: they run at the driver's priority (Ray's job supervisor does the same).
+SERVING_RUNTIME_ENV: dict[str, Any] = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 class RayLauncher(InstanceLauncher):
     def __init__(self, config) -> None:
         self.config = config
@@ -145,7 +151,8 @@ class RayLauncher(InstanceLauncher):
     def launch(self, instance_id: str) -> InstanceHandle:
         # Always detached: an actor created by the scheduler actor would die with it.
         opts: dict[str, Any] = dict(name=INSTANCE_PREFIX + instance_id, namespace=self.config.ray_namespace,
-                                    num_cpus=0, max_concurrency=16, lifetime="detached")
+                                    num_cpus=0, max_concurrency=16, lifetime="detached",
+                                    runtime_env=SERVING_RUNTIME_ENV)
         actor = ray.remote(LlumletActor).options(**opts).remote(self.config)
         address, incarnation = ray.get(actor.start.remote(instance_id), timeout=120)
         return RayInstance(instance_id, address, incarnation, actor)
@@ -309,7 +316,7 @@ def restart_scheduler(config, timeout_s: float = 60.0) -> Any:
 
 def _scheduler_options(config) -> dict[str, Any]:
     opts: dict[str, Any] = dict(name=SCHEDULER_NAME, namespace=config.ray_namespace, num_cpus=0,
-                                max_concurrency=32)
+                                max_concurrency=32, runtime_env=SERVING_RUNTIME_ENV)
     if config.detached:
         opts["lifetime"] = "detached"
     return opts
