@@ -89,25 +89,33 @@ def test_everything_cooling_leaves_only_draining_moves(instances, cfg):
         assert plan.pair.src in terminating
 
 
-def test_the_scheduler_holds_a_request_that_just_moved_until_its_cooldown_ends():
+def _snapshot(*reqs, total=100):
     from llumnix_py.load import InstanceLoad
-    from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 
-    def snapshot(*reqs, total=100):
-        return InstanceLoad(total_blocks=total, used_blocks=sum(r.num_blocks for r in reqs), running=tuple(reqs))
+    return InstanceLoad(total_blocks=total, used_blocks=sum(r.num_blocks for r in reqs), running=tuple(reqs))
+
+
+def _moved_r_from_a_to_b():
+    """A scheduler with a 5 s cooldown whose first round moved request r from a to b, ended at 1.0."""
+    from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 
     core = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(migration_cooldown_s=5.0)))
     for iid in ("a", "b"):
         core.register(iid, iid, 0.0)
-    core.on_load("a", snapshot(make_req("r", 10), make_req("big", 88)), 0.0)  # freeness 1: a source
-    core.on_load("b", snapshot(make_req("y", 50)), 0.0)  # freeness 50
+    core.on_load("a", _snapshot(make_req("r", 10), make_req("big", 88)), 0.0)  # freeness 1: a source
+    core.on_load("b", _snapshot(make_req("y", 50)), 0.0)  # freeness 50
     (order,) = core.migration_round(0.0)
     assert order.request_id == "r"
     core.on_migration_result(order.migration_id, "r", True, 10, 1.0)
+    return core
+
+
+def test_the_scheduler_holds_a_request_that_just_moved_until_its_cooldown_ends():
+    core = _moved_r_from_a_to_b()
     # Now b is the overloaded one and r (its shortest request) would go back to a;
     # the only other candidate (x) does not fit the pairing rule.
-    core.on_load("a", snapshot(make_req("z", 50)), 1.0)
-    core.on_load("b", snapshot(make_req("r", 10), make_req("x", 88)), 1.0)
+    core.on_load("a", _snapshot(make_req("z", 50)), 1.0)
+    core.on_load("b", _snapshot(make_req("r", 10), make_req("x", 88)), 1.0)
     assert core.migration_round(2.0) == []  # r is cooling (ended at 1.0, cooldown 5 s)
     assert core.migration_round(5.9) == []
     (again,) = core.migration_round(6.0)  # the cooldown is over: r goes back (a return)
@@ -116,21 +124,9 @@ def test_the_scheduler_holds_a_request_that_just_moved_until_its_cooldown_ends()
 
 
 def test_a_draining_instance_is_not_held_by_the_cooldown():
-    from llumnix_py.load import InstanceLoad
-    from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
-
-    def snapshot(*reqs, total=100):
-        return InstanceLoad(total_blocks=total, used_blocks=sum(r.num_blocks for r in reqs), running=tuple(reqs))
-
-    core = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(migration_cooldown_s=5.0)))
-    for iid in ("a", "b"):
-        core.register(iid, iid, 0.0)
-    core.on_load("a", snapshot(make_req("r", 10), make_req("big", 88)), 0.0)
-    core.on_load("b", snapshot(make_req("y", 50)), 0.0)
-    (order,) = core.migration_round(0.0)
-    core.on_migration_result(order.migration_id, "r", True, 10, 1.0)
-    core.on_load("a", snapshot(make_req("big", 88)), 1.0)
-    core.on_load("b", snapshot(make_req("r", 10), make_req("y", 50)), 1.0)
+    core = _moved_r_from_a_to_b()
+    core.on_load("a", _snapshot(make_req("big", 88)), 1.0)
+    core.on_load("b", _snapshot(make_req("r", 10), make_req("y", 50)), 1.0)
     core.mark_terminating("b")
     (drain,) = core.migration_round(1.5)
     assert (drain.src, drain.request_id) == ("b", "r")
