@@ -92,8 +92,12 @@ def to_json(sweep: dict, analysis: dict) -> dict:
 
 
 def load_points(paths: Sequence[Path]) -> tuple[dict, dict]:
-    """The knee points of earlier ``serving.py --json`` runs, systems merged (numeric keys
-    again), and the first file's setup. Runs must share traces, rates, seeds and lengths."""
+    """The knee points of earlier ``serving.py --json`` runs merged (numeric keys again),
+    and their setup. A sweep can run in chunks (one file per system, or per seed with
+    ``--seed S --seeds 1``): points of one system from several files are merged by seed,
+    and the setup's seeds are the union. Every system of a trace must end up with the same
+    rates and seeds, and the files must share run lengths and instances; a point found
+    in two files is an error (the same replay run twice)."""
     import json
 
     sweep: dict = {}
@@ -102,12 +106,20 @@ def load_points(paths: Sequence[Path]) -> tuple[dict, dict]:
         data = json.loads(Path(path).read_text())
         if "knee" not in data:
             raise SystemExit(f"--from-json: {path} has no knee sweep")
-        setup = setup or data["setup"]
+        if setup is None:
+            setup = dict(data["setup"], seeds=[])
+        elif (data["setup"]["lengths"], data["setup"]["instances"]) != (setup["lengths"], setup["instances"]):
+            raise SystemExit(f"--from-json: {path} has other run lengths or instances than {paths[0]}")
+        setup["seeds"] = sorted(set(setup["seeds"]) | {int(s) for s in data["setup"]["seeds"]})
         for trace, by_sys in data["knee"]["points"].items():
             for system, by_rate in by_sys.items():
-                sweep.setdefault(trace, {})[system] = {
-                    float(r): {int(seed): {int(n): pt for n, pt in by_len.items()} for seed, by_len in by_seed.items()}
-                    for r, by_seed in by_rate.items()}
+                mine = sweep.setdefault(trace, {}).setdefault(system, {})
+                for r, by_seed in by_rate.items():
+                    for seed, by_len in by_seed.items():
+                        if int(seed) in mine.setdefault(float(r), {}):
+                            raise SystemExit(f"--from-json: {trace} {system} at {r} req/s, seed {seed} "
+                                             f"is in two files")
+                        mine[float(r)][int(seed)] = {int(n): pt for n, pt in by_len.items()}
     if not sweep or setup is None:
         raise SystemExit("--from-json: no knee points")
     for trace, by_sys in sweep.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -88,3 +89,48 @@ def test_capacities_gains_marks_and_the_window_ratio():
     assert window["ratio"]["median"] == pytest.approx((20 / 1.2 + 16 / 1.1) / 2)
     assert window["base_overloaded"]["overloaded"] and not window["ours_overloaded"]["overloaded"]
     assert math.isclose(capacity.main_length(p99), 200)
+
+
+def _chunk(tmp_path, name: str, system: str, seeds: list[int]) -> Path:
+    """A ``serving.py --json`` file holding one system's points of the given seeds."""
+    import json
+
+    from experiments import knee
+
+    by_rate = {r: {s: {n: {"prefill_p99": p} for n, p in by_len.items()} for s, by_len in by_seed.items() if s in seeds}
+               for r, by_seed in sweep()[system].items()}
+    data = {"knee": knee.to_json({"L-L": {system: by_rate}}, {}),
+            "setup": {"seeds": seeds, "lengths": [100, 200], "instances": 16}}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_load_points_merges_a_sweep_run_in_chunks_by_system_and_seed(tmp_path):
+    from experiments import knee
+
+    files = [_chunk(tmp_path, f"{sys_}-{s}.json", sys_, [s]) for sys_ in ("base", "ours") for s in (0, 1)]
+    merged, setup = knee.load_points(files)
+    assert setup["seeds"] == [0, 1]
+    for system in ("base", "ours"):
+        got = {r: {s: {n: pt["prefill_p99"] for n, pt in by_len.items()} for s, by_len in by_seed.items()}
+               for r, by_seed in merged["L-L"][system].items()}
+        assert got == sweep()[system]
+
+
+def test_load_points_refuses_a_point_in_two_files_and_mismatched_setups(tmp_path):
+    import json
+
+    from experiments import knee
+
+    a = _chunk(tmp_path, "a.json", "base", [0])
+    with pytest.raises(SystemExit, match="in two files"):
+        knee.load_points([a, _chunk(tmp_path, "b.json", "base", [0, 1])])
+    other = json.loads(a.read_text())
+    other["setup"]["lengths"] = [100, 400]
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="run lengths"):
+        knee.load_points([_chunk(tmp_path, "d.json", "ours", [0]), c])
+    with pytest.raises(SystemExit, match="do not share rates and seeds"):
+        knee.load_points([a, _chunk(tmp_path, "e.json", "ours", [0, 1])])
