@@ -17,7 +17,9 @@ Two parts, both on by default:
    rate with P99 prefill under each of ``--objectives`` seconds (interpolated; median
    and min-max over seeds), Llumnix's capacity gain over the others, each point marked
    overloaded when its P99 grows with run length, and the largest P99 ratio in the
-   window between the knees (a point, with both systems' overload marks).
+   window between the knees (a point, with both systems' overload marks). With
+   ``--prefixes`` each point runs once, at its longest length, and the shorter lengths
+   are its first requests (``knee.prefix_point``).
 2. **Fixed rates**: the paper's rates (``--rate-scale`` multiplies them), one seed,
    means and P99s of every latency, preemption loss and the churn keys.
 
@@ -82,6 +84,9 @@ def _extra(ap) -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per knee point (full: 5)")
     ap.add_argument("--lengths", type=str, default=None,
                     help="comma-separated run lengths of each knee point (full: 2500,5000,10000)")
+    ap.add_argument("--prefixes", action="store_true",
+                    help="run each knee point once, at its longest length, and read the shorter lengths "
+                         "off its first requests (1.75x cheaper at 2500,5000,10000)")
     ap.add_argument("--knee-factors", type=str, default=None,
                     help="comma-separated multipliers of each trace's highest paper rate for the knee sweep")
     ap.add_argument("--objectives", type=str, default=",".join(f"{o:g}" for o in OBJECTIVES),
@@ -228,11 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.from_json:
             sweep, setup = knee.load_points([Path(x) for x in args.from_json.split(",") if x.strip()])
             traces, seeds, lengths, inst = list(sweep), setup["seeds"], setup["lengths"], setup["instances"]
+            args.prefixes = bool(setup.get("prefixes", False))
             rates = {t: tuple(sorted(next(iter(sweep[t].values())))) for t in traces}
             args.no_fixed = True
         else:
             traces, rates, seeds, lengths, inst = plan_knee(args)
-            sweep = knee.run_sweep(traces, rates, systems, seeds, lengths, inst, args.progress)
+            sweep = knee.run_sweep(traces, rates, systems, seeds, lengths, inst, args.progress, args.prefixes)
         analysis = knee.analyse(sweep, objectives, args.growth)
         tabs = knee.tables(analysis, sweep, objectives)
         titles = {"capacity": "Capacity: highest rate (req/s) at each P99 prefill objective, median (min-max) "
@@ -249,9 +255,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         out["capacity_gain"] = {t: a["gains"] for t, a in analysis.items()}
         out["knee"] = knee.to_json(sweep, analysis)
         out["setup"] = {"knee_rates": {t: list(r) for t, r in rates.items()}, "seeds": seeds, "lengths": lengths,
+                        "prefixes": bool(getattr(args, "prefixes", False)),
                         "instances": inst, "objectives": objectives, "growth": args.growth}
         notes.append(f"Capacity sweep: {inst} instances, rates {rates}, seeds {seeds}, run lengths {lengths} "
-                     f"requests (prefixes of one workload per seed); capacity read at {max(lengths)} requests.")
+                     f"requests (prefixes of one workload per seed"
+                     f"{', read off one run of the longest' if getattr(args, 'prefixes', False) else ', each run apart'}"
+                     f"); capacity read at {max(lengths)} requests.")
     if not args.no_fixed:
         results = run(args)
         headers = ["trace", "rate", "system", "e2e mean", "e2e P99", "prefill mean", "prefill P99",

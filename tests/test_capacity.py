@@ -134,3 +134,37 @@ def test_load_points_refuses_a_point_in_two_files_and_mismatched_setups(tmp_path
         knee.load_points([_chunk(tmp_path, "d.json", "ours", [0]), c])
     with pytest.raises(SystemExit, match="do not share rates and seeds"):
         knee.load_points([a, _chunk(tmp_path, "e.json", "ours", [0, 1])])
+
+
+def test_prefix_point_is_the_summary_of_the_first_requests_of_a_longer_run():
+    import numpy as np
+
+    from experiments import common, knee
+    from experiments.workloads import make_workload
+
+    workload = make_workload("L-L", 60, 6.0, seed=3)
+    res = common.simulate(workload, "llumnix", 4, seed=3)
+    whole = knee.prefix_point(res, 60)
+    assert {k: v for k, v in whole.items() if k != "wall_s"} == \
+        {k: v for k, v in common.pick(res.summary(), knee.POINT_KEYS).items() if k != "wall_s"}
+    first = knee.prefix_point(res, 20)
+    lat = [r.prefill_latency for r in res.requests[:20]]
+    assert first["prefill_p99"] == pytest.approx(float(np.percentile(lat, 99)))
+    assert first["prefill_mean"] == pytest.approx(float(np.mean(lat)))
+    moved = {r.request_id for r in res.requests[:20] if r.migrations}
+    assert first["migrations"] == sum(1 for m in res.migrations
+                                      if m.request_id in moved and m.status.name == "FINISHED")
+    with pytest.raises(ValueError):
+        knee.prefix_point(res, 61)
+
+
+def test_a_prefix_sweep_runs_each_point_once_and_reports_every_length():
+    from experiments import knee
+
+    args = (["L-L"], {"L-L": (4.0,)}, ["infaas++"], [0], [20, 40], 4, False)
+    by_len = knee.run_sweep(*args, prefixes=True)["L-L"]["infaas++"][4.0][0]
+    apart = knee.run_sweep(*args)["L-L"]["infaas++"][4.0][0]
+    assert set(by_len) == set(apart) == {20, 40}
+    # the longest length is the same run either way (the simulator is deterministic)
+    assert by_len[40]["prefill_p99"] == apart[40]["prefill_p99"]
+    assert by_len[20]["prefill_mean"] > 0
