@@ -24,7 +24,7 @@ from llumnix_py import __version__
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, MigrationConfig, PolicyConfig, \
     SchedulerConfig
 from llumnix_py.engines.registry import default_block_size, engine_kinds
-from llumnix_py.errors import UnknownNameError
+from llumnix_py.errors import InvalidRequestError, UnknownNameError
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -102,6 +102,20 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    g = p.add_argument_group("objectives (the default of requests that name none)")
+    g.add_argument("--default-ttft-ms", type=float, default=None, help="stream objective: time to first token")
+    g.add_argument("--default-tbt-ms", type=float, default=None, help="stream objective: time between tokens")
+    g.add_argument("--default-deadline-ms", type=float, default=None, help="whole-response deadline")
+
+
+def default_objective(args: argparse.Namespace):
+    """The server-wide default ``Objective`` from the flags (None: none); ``InvalidRequestError``
+    (a ``ValueError``-like ``LlumnixError``) names a bad combination."""
+    from llumnix_py.engines.types import Objective
+
+    given = {k: getattr(args, f"default_{k}") for k in ("ttft_ms", "tbt_ms", "deadline_ms")
+             if getattr(args, f"default_{k}", None) is not None}
+    return Objective(**given) if given else None
 
 
 def _serve_api(cluster, args: argparse.Namespace) -> int:
@@ -109,7 +123,8 @@ def _serve_api(cluster, args: argparse.Namespace) -> int:
 
     try:
         cluster.advertise(f"http://{args.host}:{args.port}")
-        serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
+        serve(create_app(cluster, api_key=args.api_key, default_objective=default_objective(args)),
+              host=args.host, port=args.port)
     finally:
         cluster.stop()
     return 0
@@ -282,6 +297,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "default_ttft_ms"):  # a server: check its default objective before starting anything
+        try:
+            default_objective(args)
+        except InvalidRequestError as exc:
+            parser.error(f"default objective: {exc}")
     try:
         return args.fn(args)
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
