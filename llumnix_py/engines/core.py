@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
 from llumnix_py.engines.base import EngineAdapter
-from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get_preemption_policy
+from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, get_preemption_policy
 from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.sequence import Sequence, cdiv
@@ -71,7 +71,8 @@ class EngineConfig:
 class EngineCore(EngineAdapter):
     """An engine instance: block manager + batching scheduler + executor."""
 
-    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None,
+                 batch_policy: Optional[BatchPolicy] = None) -> None:
         self.config = config
         self.executor = executor
         self.blocks = BlockManager(config.num_blocks, config.watermark_blocks)
@@ -81,6 +82,7 @@ class EngineCore(EngineAdapter):
             config.max_batch_size,
             config.max_batched_tokens,
             victim_policy or get_preemption_policy(config.preemption_policy),
+            batch_policy,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
