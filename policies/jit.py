@@ -76,20 +76,26 @@ class SloView:
     arrival: float = 0.0
 
 
+def margin_parts(v: SloView, now: float, step_s: float, first_s: float) -> tuple[float, float]:
+    """``(next, end)``: the slack of its next token (which a faster batch does not change)
+    and of its last token (which moves by ``remaining - 1`` steps); ``inf`` where none binds."""
+    if not v.has_objective:
+        return math.inf, math.inf
+    t_next = now + first_s
+    rest = max(0, v.remaining - 1)
+    m_next = m_end = math.inf
+    if math.isfinite(v.next_due):
+        m_next = v.next_due - t_next
+        m_end = m_next + rest * (v.tbt_s - step_s)
+    if math.isfinite(v.end_due):
+        m_end = min(m_end, v.end_due - (t_next + rest * step_s))
+    return m_next, m_end
+
+
 def margin(v: SloView, now: float, step_s: float, first_s: float) -> float:
     """Slack (seconds) if ``v`` gets its next token after ``first_s`` and every later one
     ``step_s`` apart; ``inf`` without an objective."""
-    if not v.has_objective:
-        return math.inf
-    t_next = now + first_s
-    rest = max(0, v.remaining - 1)
-    m = math.inf
-    if math.isfinite(v.next_due):
-        m_next = v.next_due - t_next
-        m = min(m_next, m_next + rest * (v.tbt_s - step_s))
-    if math.isfinite(v.end_due):
-        m = min(m, v.end_due - (t_next + rest * step_s))
-    return m
+    return min(margin_parts(v, now, step_s, first_s))
 
 
 @dataclass(frozen=True)
@@ -218,3 +224,22 @@ def pick_victim(views: Sequence[SloView], groups: dict[str, Group], margins: dic
                 -margins.get(v.request_id, 0.0) if g in (Group.SLACK, Group.URGENT) else 0, v.request_id)
 
     return min(views, key=key).request_id
+
+
+def plan_edf(views: Sequence[SloView]) -> JitPlan:
+    """Earliest due time first (the EDF baseline): waiting requests by their next token's due
+    time (a stream) or their response's (a deadline), those without an objective last (FCFS);
+    no deliberate preemption."""
+    def due(v: SloView) -> float:
+        return min(v.next_due, v.end_due) if v.has_objective else math.inf
+
+    waiting = sorted((v for v in views if not v.running), key=lambda v: (due(v), v.arrival, v.request_id))
+    return JitPlan(tuple(v.request_id for v in waiting), (), {}, {})
+
+
+def edf_victim(views: Sequence[SloView]) -> str:
+    """EDF's preemption victim: the latest due time (no objective counts as latest), newest first."""
+    if not views:
+        raise ValueError("no running request to preempt")
+    return max(views, key=lambda v: (min(v.next_due, v.end_due) if v.has_objective else math.inf,
+                                     v.arrival, v.request_id)).request_id

@@ -232,7 +232,7 @@ class EngineCore(EngineAdapter):
         bs = self.block_size
         running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
         running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
-        return InstanceLoad(
+        load = InstanceLoad(
             total_blocks=self.config.num_blocks,
             used_blocks=self.blocks.num_used,
             watermark_blocks=self.config.watermark_blocks,
@@ -242,6 +242,8 @@ class EngineCore(EngineAdapter):
             reserved_blocks=sum(len(v) for v in self._prealloc.values()),
             max_batch_size=self.config.max_batch_size,
         )
+        annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
+        return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)
 
     def request_ids(self) -> list[str]:
         return list(self.seqs)

@@ -10,12 +10,17 @@ profile in the simulator, ``MeasuredStepTime`` from real step durations otherwis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from typing import Callable, Optional, Sequence as Seq
 
 from llumnix_py.engines.sequence import Sequence
-from policies.jit import JitParams, JitPlan, SloView, StepTime, classify, pick_victim, plan_jit
+from llumnix_py.load import InstanceLoad
+from llumnix_py.engines.types import Objective
+from llumnix_py.load import RequestLoad
+from policies.jit import (JitParams, JitPlan, SloView, StepTime, classify, edf_victim, margin_parts, pick_victim,
+                          plan_edf, plan_jit)
 from policies.length import LengthPrior, remaining_bound
 
 DEFAULT_QUANTILE = 0.9
@@ -73,12 +78,64 @@ class JitBatchPolicy:
                              free_slots=free_slots, params=self.params)
         return self.last
 
+    def annotate(self, load: InstanceLoad, running: Seq[Sequence], waiting: Seq[Sequence]) -> InstanceLoad:
+        """``load`` with each request's margins and length bound, and this instance's
+        predicted step times and queue, for the global scheduler's SLO-aware policies."""
+        now = self.clock()
+        ctx = sum(s.num_tokens for s in running)
+        n = len(running)
+        step_s = self.step_time(0, max(1, n), max(1, ctx))
+        mean_ctx = ctx // n if n else 512
+        per_token = self.step_time(512, 0, 0) / 512
+        queued = sum(s.num_tokens for s in waiting)
+        views = {v.request_id: v for v in self.views(list(running) + list(waiting))}
+
+        def annotated(r):
+            v = views.get(r.request_id)
+            if v is None:
+                return r
+            first = step_s if v.running else self.step_time(queued, n, ctx)
+            m_next, m_end = margin_parts(v, now, step_s, first)
+            return dataclasses.replace(r, slo_margin_next_s=m_next, slo_margin_end_s=m_end, slo_remaining=v.remaining)
+
+        return dataclasses.replace(
+            load, running=tuple(annotated(r) for r in load.running), waiting=tuple(annotated(r) for r in load.waiting),
+            step_s=step_s, step_s_next=self.step_time(0, n + 1, ctx + mean_ctx),
+            queue_s=self.step_time(queued, n, ctx) if queued else 0.0, prefill_s_per_token=per_token)
+
     def victim(self, running: Seq[Sequence]) -> Sequence:
         """The running request to preempt when blocks run out (``VictimPolicy``)."""
         views = self.views(running)
         margins, groups = classify(views, self.clock(), self.step_time, self.params)
         rid = pick_victim(views, groups, margins)
         return next(s for s in running if s.request_id == rid)
+
+
+class EdfBatchPolicy(JitBatchPolicy):
+    """Earliest due time first (a baseline): admission and victims by due time, no margins,
+    no deliberate preemption (``policies.jit.plan_edf``)."""
+
+    def plan(self, running: Seq[Sequence], waiting: Seq[Sequence], *, free_blocks: int, block_size: int,
+             free_slots: Optional[int]) -> JitPlan:
+        self.last = plan_edf(self.views(list(running) + list(waiting)))
+        return self.last
+
+    def victim(self, running: Seq[Sequence]) -> Sequence:
+        rid = edf_victim(self.views(running))
+        return next(s for s in running if s.request_id == rid)
+
+    def annotate(self, load: InstanceLoad, running: Seq[Sequence], waiting: Seq[Sequence]) -> InstanceLoad:
+        return load  # EDF publishes no margins: the global scheduler balances as today
+
+
+def with_objective(view: RequestLoad, objective: Optional[Objective]) -> RequestLoad:
+    """A request's dispatch view with its objective (relative seconds) for the ``slo`` dispatcher;
+    a job call counts by its share of the job's time (``Objective.target_ms``)."""
+    if objective is None:
+        return view
+    if objective.kind == "stream":
+        return dataclasses.replace(view, ttft_s=objective.ttft_ms / 1e3, tbt_s=objective.tbt_ms / 1e3)  # type: ignore[operator]
+    return dataclasses.replace(view, deadline_s=objective.target_ms / 1e3)
 
 
 class MeasuredStepTime:
