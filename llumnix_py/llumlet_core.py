@@ -89,6 +89,8 @@ class LlumletCore:
         self._outgoing: dict[str, str] = {}  # request id -> migration id
         self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
         self._dead = False
+        if length_prior is None:  # the engine's batch policy's, when it estimates lengths
+            length_prior = getattr(engine, "length_prior", None)
         self.length_prior = length_prior if length_prior is not None else LengthPrior()
         self._length_keys: dict[str, tuple[str, int]] = {}  # request id -> (objective kind, prompt length)
 

@@ -50,6 +50,7 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
+from llumnix_py.engines.jit_batch import with_objective
 from llumnix_py.engines.registry import frontend_info
 from llumnix_py.engines.threads import ThreadClaim, claim_process_threads
 from llumnix_py.engines.tokenizer import FrontendInfo, IncrementalDecoder
@@ -238,8 +239,8 @@ class Cluster:
                                       f"(max_model_len {self.max_model_len})")
         request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to, objective=objective)
         block = self.config.engine.engine.block_size
-        view = RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
-                                  arrival_time=request.arrival_time)
+        view = with_objective(RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
+                                                 arrival_time=request.arrival_time), objective)
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")
