@@ -44,12 +44,19 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    g.add_argument("--batch-policy", default="fcfs", choices=["fcfs", "edf", "jit"],
+                   help="each engine's batching: fcfs (priorities), edf (earliest due), jit (by objective margin)")
+    g.add_argument("--length-estimator", default="quantile", choices=["quantile", "oracle"],
+                   help="the jit policy's output-length bound")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
     g.add_argument("--migrate-out", default="shortest", help="shortest, last, longest, lowest_priority, waiting_head")
     g.add_argument("--migrate-out-threshold", type=float, default=3.0)
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
+    g.add_argument("--rescue", action="store_true",
+                   help="migrate requests about to miss their objective where they are predicted to meet it "
+                        "(needs --batch-policy jit)")
     g.add_argument("--headroom", default="", help="priority headroom, e.g. '1:64' (priority:blocks, comma separated)")
     g.add_argument("--scaling", action="store_true", help="enable auto-scaling")
     g.add_argument("--min-instances", type=int, default=1)
@@ -70,13 +77,14 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
                           migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
-                          min_instances=args.min_instances, max_instances=args.max_instances)
+                          min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue)
     return ClusterConfig(
         num_instances=args.instances,
         engine=EngineSpec(kind=args.engine,
                           engine=EngineConfig(num_blocks=args.num_blocks,
                                               block_size=args.block_size or default_block_size(args.engine),
-                                              max_batch_size=args.max_batch_size),
+                                              max_batch_size=args.max_batch_size, batch_policy=args.batch_policy,
+                                              length_estimator=args.length_estimator),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
@@ -235,7 +243,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(url=args.url, model=args.model_name, num_requests=args.num_requests, rate=args.rate,
                       arrival=args.arrival, cv=args.cv, prompt_len=args.prompt_len, output_len=args.output_len,
-                      api_key=args.api_key, seed=args.seed)
+                      api_key=args.api_key, seed=args.seed, ttft_ms=args.ttft_ms, tbt_ms=args.tbt_ms,
+                      deadline_ms=args.deadline_ms)
     result = asyncio.run(run_bench(cfg))
     summary = result.summary()
     print_summary(summary)
@@ -283,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--ttft-ms", type=float, default=None, help="objective of every request: time to first token")
+    p.add_argument("--tbt-ms", type=float, default=None, help="objective: time between tokens (with --ttft-ms)")
+    p.add_argument("--deadline-ms", type=float, default=None, help="objective: the whole response's deadline")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("demo", help="a local cluster of built-in engines serving a burst, with live migrations")
     p.add_argument("--instances", type=int, default=4)
