@@ -196,3 +196,45 @@ def test_measured_step_time_learns_from_steps():
     assert m(0, 4, 100) == pytest.approx(0.02, rel=1e-3)
     assert m(0, 8, 100) == pytest.approx(0.04, rel=1e-3)  # scaled from the nearest batch measured
     assert m(500, 0, 0) == pytest.approx(0.05, rel=1e-2)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+objective_st = st.one_of(
+    st.none(),
+    st.builds(lambda t, b: Objective(ttft_ms=t, tbt_ms=b), st.floats(1, 2000), st.floats(1, 200)),
+    st.builds(lambda d: Objective(deadline_ms=d), st.floats(1, 20000)),
+    st.builds(lambda d, c: Objective(job_id="j", job_deadline_ms=d, job_calls_left=c), st.floats(1, 20000),
+              st.one_of(st.none(), st.integers(1, 4))),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40), objective_st, st.floats(0, 0.5)),
+                     min_size=1, max_size=12),
+       estimator=st.sampled_from(["quantile", "oracle"]), edf=st.booleans())
+def test_policy_driven_engine_keeps_blocks_consistent_and_finishes_everything(reqs, estimator, edf):
+    """Whatever the objectives, the JIT (or EDF) policy's admissions and preemptions leave every
+    block owned once, and every request ends with exactly its max_tokens tokens."""
+    from llumnix_py.engines.jit_batch import EdfBatchPolicy
+
+    clock = Clock()
+    cls = EdfBatchPolicy if edf else JitBatchPolicy
+    e = sim_engine(num_blocks=12, max_batch_size=4, policy=cls(clock, step_time, LengthPrior(), estimator))
+    pending = sorted(enumerate(reqs), key=lambda x: x[1][3])
+    got: dict[str, int] = {}
+    steps = 0
+    while pending or e.has_unfinished():
+        while pending and pending[0][1][3] <= clock.now:
+            i, (n, m, obj, at) = pending.pop(0)
+            e.add_request(req(f"r{i}", n, m, obj, arrival=at))
+        out = e.step()
+        e.check_invariants()
+        for o in out.outputs:
+            got[o.request_id] = got.get(o.request_id, 0) + len(o.new_token_ids)
+        clock.now += max(out.duration_s, 0.01)
+        steps += 1
+        assert steps < 5000, "no progress"
+    assert got == {f"r{i}": m for i, (n, m, obj, at) in enumerate(reqs)}
+    assert e.blocks.num_used == 0
