@@ -171,3 +171,21 @@ def test_rescue_migration_on_the_built_in_engine_keeps_tokens_exact():
         assert_no_leak(cluster)
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("kw", [{"rescue": 1}, {"rescue_copy_s_per_block": -1.0},
+                                {"rescue_copy_s_per_block": math.nan}, {"slo_expected_len": 0}])
+def test_policy_config_refuses_bad_slo_settings(kw):
+    with pytest.raises(ValueError):
+        PolicyConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"batch_policy": "lifo"}, {"length_estimator": "psychic"}, {"length_quantile": 0.0},
+                                {"length_quantile": 1.5}])
+def test_engine_and_sim_configs_refuse_unknown_batch_settings(kw):
+    from llumnix_py.sim.config import SimConfig
+
+    with pytest.raises(ValueError):
+        EngineConfig(**kw)
+    with pytest.raises(ValueError):
+        SimConfig(**kw)

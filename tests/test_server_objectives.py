@@ -127,3 +127,21 @@ def test_bad_objective_fields_get_a_400(server, path, fields, param):
     assert err["type"] == "invalid_request_error"
     if param is not None:
         assert param in (err.get("param") or "") + err["message"]
+
+
+@pytest.mark.parametrize("flags", [["--default-ttft-ms", "5"], ["--default-deadline-ms", "-1"],
+                                   ["--default-deadline-ms", "5", "--default-tbt-ms", "1", "--default-ttft-ms", "1"]])
+def test_a_bad_default_objective_is_a_usage_error_before_anything_starts(flags, capsys):
+    from llumnix_py.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--runtime", "local", *flags])
+    assert info.value.code == 2 and "default objective" in capsys.readouterr().err
+
+
+def test_default_objective_from_flags():
+    from llumnix_py.cli import build_parser, default_objective
+
+    args = build_parser().parse_args(["serve", "--default-ttft-ms", "300", "--default-tbt-ms", "40"])
+    assert default_objective(args) == Objective(ttft_ms=300, tbt_ms=40)
+    assert default_objective(build_parser().parse_args(["serve"])) is None
