@@ -140,7 +140,7 @@ def run(args) -> dict:
     if args.smoke:
         workloads, rates, n, inst = ("mixture",), (2.0,), 60, 2
     elif args.quick:
-        workloads, rates, n, inst = ("mixture",), (12.0, 28.0), 250, args.instances
+        workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 250, 4  # 4 instances: a sweep that loads them
     else:
         workloads, rates, n, inst = WORKLOADS, (8.0, 14.0, 20.0, 26.0, 32.0), 1000, args.instances
     if args.workloads:

@@ -29,6 +29,7 @@ Nothing here reads a clock or an engine: ``now`` and the step-time predictions c
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class SloView:
         next_due: when its next token is due (stream), else ``inf``.
         tbt_s: seconds allowed per later token (stream), else 0.
         end_due: when its whole response is due (deadline, or a job call's share), else ``inf``.
+        hard_due: when the objective itself is lost: the deadline, or a job call's job deadline
+            (later than its share); ``inf`` for a stream (its tokens' due times are ``next_due``).
         has_objective: False for a best-effort request.
         arrival: its arrival time (orders best-effort and lost requests, FCFS).
     """
@@ -72,6 +75,7 @@ class SloView:
     next_due: float = math.inf
     tbt_s: float = 0.0
     end_due: float = math.inf
+    hard_due: float = math.inf
     has_objective: bool = True
     arrival: float = 0.0
 
@@ -90,6 +94,11 @@ def margin_parts(v: SloView, now: float, step_s: float, first_s: float) -> tuple
     if math.isfinite(v.end_due):
         m_end = min(m_end, v.end_due - (t_next + rest * step_s))
     return m_next, m_end
+
+
+def hard(v: SloView) -> SloView:
+    """``v`` judged against its objective itself rather than the share a scheduler aims for."""
+    return dataclasses.replace(v, end_due=max(v.end_due, v.hard_due)) if math.isfinite(v.hard_due) else v
 
 
 def margin(v: SloView, now: float, step_s: float, first_s: float) -> float:
@@ -136,7 +145,8 @@ def classify(views: Sequence[SloView], now: float, step_time: StepTime,
 
     The decode step time is that of the running batch plus one (the request being judged,
     if waiting); a waiting request's first token comes after its prefill beside that batch.
-    ``LOST`` is judged at the fastest possible step (alone in the batch).
+    ``LOST`` is judged at the fastest possible step (alone in the batch), against the objective
+    itself (a job call's job deadline, not its share).
     """
     running = [v for v in views if v.running]
     ctx = sum(v.num_tokens for v in running)
@@ -154,7 +164,7 @@ def classify(views: Sequence[SloView], now: float, step_time: StepTime,
             g = Group.BEST_EFFORT
         elif m < 0:
             alone = step_time(0, 1, v.num_tokens)
-            best = margin(v, now, alone, alone if v.running else step_time(v.num_tokens, 0, 0))
+            best = margin(hard(v), now, alone, alone if v.running else step_time(v.num_tokens, 0, 0))
             g = Group.LOST if best < 0 else Group.URGENT
         else:
             g = Group.URGENT if m < params.urgent_steps * step_s else Group.SLACK

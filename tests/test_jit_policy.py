@@ -238,3 +238,21 @@ def test_policy_driven_engine_keeps_blocks_consistent_and_finishes_everything(re
         assert steps < 5000, "no progress"
     assert got == {f"r{i}": m for i, (n, m, obj, at) in enumerate(reqs)}
     assert e.blocks.num_used == 0
+
+
+def test_a_job_call_late_for_its_share_but_not_for_its_job_is_not_lost():
+    share_missed = view("call", end=0.05, remaining=10)  # its share of the job's time: cannot make it
+    assert classify([share_missed], 0.0, step_time)[1]["call"] == Group.LOST
+    job_ok = SloView(request_id="call", running=True, num_tokens=10, blocks=1, remaining=10, end_due=0.05,
+                     hard_due=5.0)  # the job's deadline itself is far
+    margins, groups = classify([job_ok], 0.0, step_time)
+    assert groups["call"] == Group.URGENT and margins["call"] < 0  # behind its share: served first, not dropped
+
+
+def test_engine_publishes_a_job_calls_margin_against_the_job_deadline():
+    clock = Clock()
+    e = sim_engine(num_blocks=64, policy=JitBatchPolicy(clock, step_time, LengthPrior(), estimator="oracle"))
+    e.add_request(req("c", 10, 11, Objective(job_id="j", job_deadline_ms=4000, job_calls_left=4)))
+    e.step()
+    (c,) = e.load().running
+    assert c.slo_margin_end_s == pytest.approx(4.0 - (0.01 + 9 * 0.01))  # not the 1 s share

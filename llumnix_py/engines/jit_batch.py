@@ -19,8 +19,8 @@ from llumnix_py.engines.sequence import Sequence
 from llumnix_py.load import InstanceLoad
 from llumnix_py.engines.types import Objective
 from llumnix_py.load import RequestLoad
-from policies.jit import (JitParams, JitPlan, SloView, StepTime, classify, edf_victim, margin_parts, pick_victim,
-                          plan_edf, plan_jit)
+from policies.jit import (JitParams, JitPlan, SloView, StepTime, classify, edf_victim, hard, margin_parts,
+                          pick_victim, plan_edf, plan_jit)
 from policies.length import LengthPrior, remaining_bound
 
 DEFAULT_QUANTILE = 0.9
@@ -40,7 +40,9 @@ def slo_view(seq: Sequence, prior: LengthPrior, estimator: str, quantile: float)
     if obj.kind == "stream":
         return SloView(next_due=seq.arrival_time + obj.due_s(generated, generated + 1),
                        tbt_s=obj.tbt_ms / 1e3, **common)  # type: ignore[operator]
-    return SloView(end_due=seq.arrival_time + obj.target_ms / 1e3, **common)
+    hard_ms = obj.deadline_ms if obj.deadline_ms is not None else obj.job_deadline_ms
+    return SloView(end_due=seq.arrival_time + obj.target_ms / 1e3, hard_due=seq.arrival_time + hard_ms / 1e3,
+                   **common)  # type: ignore[operator]
 
 
 class JitBatchPolicy:
@@ -95,7 +97,7 @@ class JitBatchPolicy:
             if v is None:
                 return r
             first = step_s if v.running else self.step_time(queued, n, ctx)
-            m_next, m_end = margin_parts(v, now, step_s, first)
+            m_next, m_end = margin_parts(hard(v), now, step_s, first)  # the objective's own margin
             return dataclasses.replace(r, slo_margin_next_s=m_next, slo_margin_end_s=m_end, slo_remaining=v.remaining)
 
         return dataclasses.replace(
