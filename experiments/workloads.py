@@ -29,7 +29,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from llumnix_py.engines.types import HIGH_PRIORITY, NORMAL_PRIORITY
+from llumnix_py.engines.types import HIGH_PRIORITY, NORMAL_PRIORITY, Objective
 
 MAX_LEN = 6144
 PAPER_DISTRIBUTIONS: dict[str, tuple[int, float]] = {"S": (128, 2.0), "M": (256, 1.5), "L": (512, 1.15)}
@@ -50,6 +50,7 @@ class WorkloadRequest:
     prompt_len: int
     output_len: int
     priority: int = NORMAL_PRIORITY
+    objective: Optional[Objective] = None  # SLO experiments (experiments/slo.py); None: none
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,11 @@ Requests arrive as a Poisson or Gamma process at a given rate, with fixed or
 zipf-distributed prompt and output lengths (prompts are random token ids, sent
 as the token-list form of ``prompt``). Each request streams; the generator
 records time to first token (TTFT), time per output token (TPOT) and end-to-end
-latency, and prints mean and P99 as a table (and JSON).
+latency, and prints mean and P99 as a table (and JSON). With an objective
+(``--ttft-ms`` and ``--tbt-ms``, or ``--deadline-ms``), every request carries it (the
+server's extension fields) and the generator also reports attainment (the share of
+requests whose every token arrived by its due time, as the client saw them) and
+goodput (output tokens per second of the requests that met it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Optional
 
 import httpx
 import numpy as np
+
+from llumnix_py.engines.types import Objective
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,17 @@ class BenchConfig:
     api_key: Optional[str] = None
     seed: int = 0
     timeout_s: float = 600.0
+    ttft_ms: Optional[float] = None
+    tbt_ms: Optional[float] = None
+    deadline_ms: Optional[float] = None
+
+    @property
+    def objective(self) -> Optional[Objective]:
+        given = {k: getattr(self, k) for k in ("ttft_ms", "tbt_ms", "deadline_ms") if getattr(self, k) is not None}
+        return Objective(**given) if given else None
 
     def __post_init__(self) -> None:
+        self.objective  # noqa: B018 (validates: InvalidRequestError names a bad combination)
         if self.num_requests <= 0 or self.rate <= 0 or self.cv <= 0:
             raise ValueError("num_requests, rate and cv must be positive")
         if self.arrival not in ("poisson", "gamma"):
@@ -50,6 +65,7 @@ class RequestRecord:
     e2e_s: float = 0.0
     output_tokens: int = 0
     error: str = ""
+    margin_s: Optional[float] = None  # least slack to the objective's due times (met iff >= 0)
 
     @property
     def tpot_s(self) -> float:
@@ -71,6 +87,11 @@ class BenchResult:
             arr = np.asarray(values) if values else np.zeros(1)
             out[f"{name}_mean_ms"] = float(arr.mean() * 1e3)
             out[f"{name}_p99_ms"] = float(np.percentile(arr, 99) * 1e3)
+        judged = [r for r in self.records if r.margin_s is not None or not r.ok]
+        if any(r.margin_s is not None for r in self.records):
+            met = [r for r in judged if r.ok and r.margin_s is not None and r.margin_s >= 0]
+            out["attainment"] = len(met) / len(judged) if judged else 0.0
+            out["goodput_tokens_per_s"] = sum(r.output_tokens for r in met) / self.duration_s if self.duration_s else 0.0
         return out
 
 
@@ -116,9 +137,13 @@ async def _sse_lines(resp: httpx.Response):
 async def _one(client: httpx.AsyncClient, cfg: BenchConfig, prompt: list[int], max_tokens: int) -> RequestRecord:
     body = {"model": cfg.model, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0.0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    objective = cfg.objective
+    if objective is not None:
+        body.update(objective.to_wire(), return_token_ids=True)
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
+    token_times: list[float] = []
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -129,13 +154,17 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, prompt: list[int], m
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and ttft is None:
                     ttft = time.perf_counter() - t0
+                for choice in chunk.get("choices") or ():
+                    token_times.extend([time.perf_counter() - t0] * len(choice.get("token_ids") or ()))
                 usage = chunk.get("usage")
                 if usage:
                     tokens = usage.get("completion_tokens", tokens)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return RequestRecord(False, error=f"{type(exc).__name__}: {exc}")
     e2e = time.perf_counter() - t0
-    return RequestRecord(True, ttft_s=ttft if ttft is not None else e2e, e2e_s=e2e, output_tokens=tokens)
+    margin = objective.margin_s(0.0, token_times) if objective is not None and token_times else None
+    return RequestRecord(True, ttft_s=ttft if ttft is not None else e2e, e2e_s=e2e, output_tokens=tokens,
+                         margin_s=margin)
 
 
 async def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
@@ -181,6 +210,9 @@ def print_summary(summary: dict, title: str = "llumnix-py bench") -> None:
     Console().print(table)
     Console().print(f"requests {summary['succeeded']}/{summary['requests']} ok, "
                     f"{summary['output_tokens_per_s']:.1f} output tokens/s over {summary['duration_s']:.1f} s")
+    if "attainment" in summary:
+        Console().print(f"objective attainment {100 * summary['attainment']:.1f}%, goodput "
+                        f"{summary['goodput_tokens_per_s']:.1f} tokens/s")
 
 
 def config_dict(cfg: BenchConfig) -> dict:

@@ -24,7 +24,7 @@ from llumnix_py import __version__
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig, MigrationConfig, PolicyConfig, \
     SchedulerConfig
 from llumnix_py.engines.registry import default_block_size, engine_kinds
-from llumnix_py.errors import UnknownNameError
+from llumnix_py.errors import InvalidRequestError, UnknownNameError
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -44,12 +44,19 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    g.add_argument("--batch-policy", default="fcfs", choices=["fcfs", "edf", "jit"],
+                   help="each engine's batching: fcfs (priorities), edf (earliest due), jit (by objective margin)")
+    g.add_argument("--length-estimator", default="quantile", choices=["quantile", "oracle"],
+                   help="the jit policy's output-length bound")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
     g.add_argument("--migrate-out", default="shortest", help="shortest, last, longest, lowest_priority, waiting_head")
     g.add_argument("--migrate-out-threshold", type=float, default=3.0)
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
+    g.add_argument("--rescue", action="store_true",
+                   help="migrate requests about to miss their objective where they are predicted to meet it "
+                        "(needs --batch-policy jit)")
     g.add_argument("--headroom", default="", help="priority headroom, e.g. '1:64' (priority:blocks, comma separated)")
     g.add_argument("--scaling", action="store_true", help="enable auto-scaling")
     g.add_argument("--min-instances", type=int, default=1)
@@ -70,13 +77,14 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
                           migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
-                          min_instances=args.min_instances, max_instances=args.max_instances)
+                          min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue)
     return ClusterConfig(
         num_instances=args.instances,
         engine=EngineSpec(kind=args.engine,
                           engine=EngineConfig(num_blocks=args.num_blocks,
                                               block_size=args.block_size or default_block_size(args.engine),
-                                              max_batch_size=args.max_batch_size),
+                                              max_batch_size=args.max_batch_size, batch_policy=args.batch_policy,
+                                              length_estimator=args.length_estimator),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
@@ -102,6 +110,20 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    g = p.add_argument_group("objectives (the default of requests that name none)")
+    g.add_argument("--default-ttft-ms", type=float, default=None, help="stream objective: time to first token")
+    g.add_argument("--default-tbt-ms", type=float, default=None, help="stream objective: time between tokens")
+    g.add_argument("--default-deadline-ms", type=float, default=None, help="whole-response deadline")
+
+
+def default_objective(args: argparse.Namespace):
+    """The server-wide default ``Objective`` from the flags (None: none); ``InvalidRequestError``
+    (a ``ValueError``-like ``LlumnixError``) names a bad combination."""
+    from llumnix_py.engines.types import Objective
+
+    given = {k: getattr(args, f"default_{k}") for k in ("ttft_ms", "tbt_ms", "deadline_ms")
+             if getattr(args, f"default_{k}", None) is not None}
+    return Objective(**given) if given else None
 
 
 def _serve_api(cluster, args: argparse.Namespace) -> int:
@@ -109,7 +131,8 @@ def _serve_api(cluster, args: argparse.Namespace) -> int:
 
     try:
         cluster.advertise(f"http://{args.host}:{args.port}")
-        serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
+        serve(create_app(cluster, api_key=args.api_key, default_objective=default_objective(args)),
+              host=args.host, port=args.port)
     finally:
         cluster.stop()
     return 0
@@ -220,7 +243,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(url=args.url, model=args.model_name, num_requests=args.num_requests, rate=args.rate,
                       arrival=args.arrival, cv=args.cv, prompt_len=args.prompt_len, output_len=args.output_len,
-                      api_key=args.api_key, seed=args.seed)
+                      api_key=args.api_key, seed=args.seed, ttft_ms=args.ttft_ms, tbt_ms=args.tbt_ms,
+                      deadline_ms=args.deadline_ms)
     result = asyncio.run(run_bench(cfg))
     summary = result.summary()
     print_summary(summary)
@@ -268,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--ttft-ms", type=float, default=None, help="objective of every request: time to first token")
+    p.add_argument("--tbt-ms", type=float, default=None, help="objective: time between tokens (with --ttft-ms)")
+    p.add_argument("--deadline-ms", type=float, default=None, help="objective: the whole response's deadline")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("demo", help="a local cluster of built-in engines serving a burst, with live migrations")
     p.add_argument("--instances", type=int, default=4)
@@ -282,6 +309,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "default_ttft_ms"):  # a server: check its default objective before starting anything
+        try:
+            default_objective(args)
+        except InvalidRequestError as exc:
+            parser.error(f"default objective: {exc}")
     try:
         return args.fn(args)
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered

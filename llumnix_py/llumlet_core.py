@@ -20,7 +20,10 @@
   answer, is due for a claim (``claims_due``); the driver asks the arbiter and hands
   the answer back (``on_owner``). A parked copy is not held (``held``): it never
   emits, and the arbiter gives it to the source side once that side died;
-* death: a crashed core (``crash``) serves, publishes and sends nothing more.
+* death: a crashed core (``crash``) serves, publishes and sends nothing more;
+* output lengths: each request that finishes here (stop or length) feeds the instance's
+  ``LengthPrior`` (``policies.length``) by its objective kind and prompt length, the prior
+  JITServe-style estimators bound remaining lengths from (``length_prior``).
 
 It owns no threads, sockets, sleeps or clocks. Two drivers run it: the threaded
 ``llumnix_py.llumlet.Llumlet`` (real instances, local and Ray) and the simulator's
@@ -48,6 +51,7 @@ from migration.destination import DestinationMigrations
 from migration.driver import MigrationResult
 from migration.ownership import Owner
 from migration.protocol import MigrationStatus
+from policies.length import LengthPrior
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,13 @@ class LlumletCore:
         config: the llumlet's settings (lease timeout, migration limits and timeout).
         engine: the engine adapter; the core calls it, never in the background.
         inbox_lock: guards the inbox, for a driver whose callers run on other threads.
+        length_prior: the output-length prior this core feeds (shared with the engine's batch
+            policy when it estimates lengths); a new one when None.
     """
 
     def __init__(self, config: LlumletConfig, engine: EngineAdapter,
-                 inbox_lock: Optional[ContextManager[Any]] = None) -> None:
+                 inbox_lock: Optional[ContextManager[Any]] = None,
+                 length_prior: Optional[LengthPrior] = None) -> None:
         self.config = config
         self.engine = engine
         self.instance_id = config.instance_id
@@ -82,6 +89,10 @@ class LlumletCore:
         self._outgoing: dict[str, str] = {}  # request id -> migration id
         self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
         self._dead = False
+        if length_prior is None:  # the engine's batch policy's, when it estimates lengths
+            length_prior = getattr(engine, "length_prior", None)
+        self.length_prior = length_prior if length_prior is not None else LengthPrior()
+        self._length_keys: dict[str, tuple[str, int]] = {}  # request id -> (objective kind, prompt length)
 
     # ----- admission -----------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -113,6 +124,7 @@ class LlumletCore:
                     RequestOutput(request.request_id, (), 0, FinishReason.ABORT))
                 continue
             self._track(request.request_id, request.reply_to, now)
+            self._note_length_key(request.request_id, request.objective, len(request.prompt_token_ids))
         return refused
 
     def _in_inbox(self, request_id: str) -> bool:
@@ -147,6 +159,7 @@ class LlumletCore:
             self.dest.drop_parked(mid)
         self.engine.commit_dst(state)
         self._track(rid, state.reply_to, now)
+        self._note_length_key(rid, state.objective, len(state.prompt_token_ids))
         self.stats.resumed += 1
         return True
 
@@ -163,6 +176,20 @@ class LlumletCore:
         self._reply_to[request_id] = reply_to
         if reply_to and reply_to not in self._leases:
             self._leases[reply_to] = now
+
+    def _note_length_key(self, request_id: str, objective: Any, prompt_len: int) -> None:
+        """Remember what a request's output length will count under in the prior. Keys of
+        requests that left without finishing here are pruned once they outnumber the rest."""
+        keys = self._length_keys
+        keys[request_id] = (objective.kind if objective is not None else "none", prompt_len)
+        if len(keys) > 2 * len(self._reply_to) + 1024:
+            for rid in [r for r in keys if r not in self._reply_to and not self.dest.parked_for(r)]:
+                del keys[rid]
+
+    def _observe_finish(self, o: RequestOutput) -> None:
+        key = self._length_keys.pop(o.request_id, None)
+        if key is not None and o.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.length_prior.observe(key[0], key[1], o.index + len(o.new_token_ids))
 
     # ----- leases and aborts ---------------------------------------------------------------
     def renew_lease(self, reply_to: str, now: float) -> None:
@@ -244,6 +271,7 @@ class LlumletCore:
             for o in out.outputs:
                 if o.finish_reason is not None:
                     reply_to.pop(o.request_id, None)
+                    self._observe_finish(o)
             return out, groups
         for o in out.outputs:
             target = reply_to.get(o.request_id, "")
@@ -254,6 +282,7 @@ class LlumletCore:
                 group.append(o)
             if o.finish_reason is not None:
                 reply_to.pop(o.request_id, None)
+                self._observe_finish(o)
         return out, groups
 
     def on_published(self, out: StepOutput) -> None:
@@ -326,6 +355,9 @@ class LlumletCore:
             return wire.Reply(ok=False, error=f"request {rid} was aborted")
         parked = self.dest.parked.get(msg.migration_id) if isinstance(msg, wire.Activate) else None
         reply = self.dest.handle(msg, payload, now)
+        state = getattr(msg, "state", None)
+        if reply.ok and isinstance(state, MigrationRequestState):  # a commit: the request may finish here
+            self._note_length_key(state.request_id, state.objective, len(state.prompt_token_ids))
         if reply.ok and parked is not None:
             self._track(parked.request_id, parked.reply_to, now)
             self.stats.migrations_in += 1

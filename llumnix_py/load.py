@@ -10,6 +10,7 @@ never built by position.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -28,6 +29,13 @@ class RequestLoad:
         arrival_time: seconds on the runtime's clock; orders requests (earlier first).
         num_preemptions: times the engine preempted it.
         migrating: frozen or being migrated out (not a candidate for another migration).
+        slo_margin_next_s / slo_margin_end_s: its objective's margins on its instance now, as
+            the engine's JIT policy predicts them (``policies.jit``): the part a faster batch
+            does not change (a stream's next token) and the part that scales with the step
+            time (the last token); ``inf`` without an objective or a JIT policy.
+        slo_remaining: the length estimator's bound on its tokens still to come (0: unknown).
+        ttft_s / tbt_s / deadline_s: a request being dispatched: its objective, relative to
+            its arrival (``inf`` / 0 where it has none); a job call's share counts as a deadline.
     """
 
     request_id: str
@@ -39,6 +47,17 @@ class RequestLoad:
     arrival_time: float = 0.0
     num_preemptions: int = 0
     migrating: bool = False
+    slo_margin_next_s: float = math.inf
+    slo_margin_end_s: float = math.inf
+    slo_remaining: int = 0
+    ttft_s: float = math.inf
+    tbt_s: float = 0.0
+    deadline_s: float = math.inf
+
+    @property
+    def slo_margin_s(self) -> float:
+        """Its objective's margin on its instance now (``inf``: none known)."""
+        return min(self.slo_margin_next_s, self.slo_margin_end_s)
 
     @classmethod
     def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
@@ -83,6 +102,10 @@ class InstanceLoad:
         migrating_out: migrations in flight with this instance as source.
         migrating_in: migrations in flight with this instance as destination.
         pending_dispatch: requests dispatched to it since its last poll (counted into its load).
+        step_s / step_s_next: predicted decode step time at its batch now, and with one more
+            request (0: no prediction; set by an engine with a JIT batch policy).
+        queue_s: predicted time until a request dispatched now would be prefilled (its queue).
+        prefill_s_per_token: predicted prefill seconds per prompt token.
     """
 
     instance_id: str = ""
@@ -98,6 +121,10 @@ class InstanceLoad:
     migrating_out: int = 0
     migrating_in: int = 0
     pending_dispatch: tuple[RequestLoad, ...] = ()
+    step_s: float = 0.0
+    step_s_next: float = 0.0
+    queue_s: float = 0.0
+    prefill_s_per_token: float = 0.0
 
     @property
     def free_blocks(self) -> int:

@@ -381,4 +381,5 @@ def _as_waiting(state: MigrationRequestState) -> MigrationRequestState:
         status=SeqStatus.WAITING,
         num_computed_tokens=0,
         reply_to=state.reply_to,
+        objective=state.objective,
     )

@@ -38,6 +38,11 @@ class PolicyConfig:
         scale_in_threshold: scale in when the average freeness stays above this.
         scale_period_rounds: consecutive scheduling rounds a scaling condition must hold.
         min_instances / max_instances: bounds on the number of instances.
+        rescue: each migration round, first migrate requests whose objective's margin is
+            negative on their instance to one where it is predicted non-negative
+            (``policies.rescue``; needs engines that publish margins: a JIT batch policy).
+        rescue_copy_s_per_block: the rescue's predicted migration cost per KV block.
+        slo_expected_len: output tokens the ``slo`` dispatcher assumes for a new request.
     """
 
     dispatch: str = "freeness"
@@ -53,6 +58,9 @@ class PolicyConfig:
     scale_period_rounds: int = 10
     min_instances: int = 1
     max_instances: int = 64
+    rescue: bool = False
+    rescue_copy_s_per_block: float = 1e-3
+    slo_expected_len: int = 256
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -69,6 +77,12 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.rescue, bool):
+            raise ValueError(f"rescue must be a bool, got {self.rescue!r}")
+        c = self.rescue_copy_s_per_block
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"rescue_copy_s_per_block must be a finite number >= 0, got {c!r}")
+        _check_int("slo_expected_len", self.slo_expected_len, minimum=1)
         cd = self.migration_cooldown_s
         if isinstance(cd, bool) or not isinstance(cd, (int, float)) or not math.isfinite(cd) or cd < 0:
             raise ValueError(f"migration_cooldown_s must be a finite number >= 0, got {cd!r}")

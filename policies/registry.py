@@ -25,6 +25,7 @@ DISPATCH = _policies("dispatch", {
     "queue": "policies.dispatch:by_queue",
     "round_robin": "policies.dispatch:by_round_robin",
     "random": "policies.dispatch:by_random",
+    "slo": "policies.rescue:by_slo",
 })
 PAIRING = _policies("pairing", {
     "freeness": "policies.pairing:pair_by_freeness",

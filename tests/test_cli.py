@@ -55,7 +55,8 @@ def server():
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llumnix_py.cli", "serve", "--runtime", "local", "--instances", "2",
-         "--num-blocks", "128", "--port", str(port), "--api-key", "sekret"],
+         "--num-blocks", "128", "--port", str(port), "--api-key", "sekret", "--batch-policy", "jit", "--rescue",
+         "--dispatch", "slo", "--default-deadline-ms", "604800000"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -101,6 +102,32 @@ def test_bench_against_serve(server, tmp_path):
     for key in ("ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms", "e2e_mean_ms", "e2e_p99_ms"):
         assert summary[key] >= 0
     assert "TTFT" in res.stdout
+
+
+@pytest.mark.parametrize("objective,attained", [(["--deadline-ms", "604800000"], 1.0),  # a week: always met
+                                                 (["--ttft-ms", "0.001", "--tbt-ms", "0.001"], 0.0)])  # never
+def test_bench_reports_attainment_against_serve(server, tmp_path, objective, attained):
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "llumnix_py.cli", "bench", "--url", server, "--num-requests", "4", "--rate", "20",
+         "--prompt-len", "8", "--output-len", "6", "--api-key", "sekret", "--json", str(out), *objective],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["succeeded"] == 4
+    assert summary["attainment"] == attained
+    assert (summary["goodput_tokens_per_s"] > 0) == (attained > 0)
+    assert "objective attainment" in res.stdout
+    metrics = httpx.get(server + "/metrics", timeout=30).text
+    assert 'llumnix_goodput_tokens_total{kind="deadline"}' in metrics
+
+
+def test_bench_refuses_a_half_objective():
+    from llumnix_py.bench import BenchConfig
+    from llumnix_py.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError):
+        BenchConfig(url="http://127.0.0.1:1", ttft_ms=5.0)
 
 
 def test_bench_splits_sse_lines_on_newline_only():

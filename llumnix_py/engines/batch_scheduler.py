@@ -6,13 +6,18 @@ batched-token budget allow. When a running request needs a block and none is
 free, an injected policy picks a victim to preempt (by recomputation: its blocks
 are freed and it goes back to the waiting queue). The planner only plans; the
 engine core executes and applies.
+
+An injected ``BatchPolicy`` (e.g. ``engines.jit_batch.JitBatchPolicy``) replaces FCFS
+admission: it orders the waiting requests (the planner skips what does not fit rather than
+blocking behind it) and names running requests to preempt first. Without one, FCFS with
+priorities, the default.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable, Sequence as Seq
+from typing import Callable, Optional, Protocol, Sequence as Seq
 
 from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.sequence import Sequence, cdiv
@@ -30,6 +35,20 @@ def newest_victim(running: Seq[Sequence]) -> Sequence:
 def largest_victim(running: Seq[Sequence]) -> Sequence:
     """Alternative: the request holding the most blocks (frees the most at once)."""
     return max(running, key=lambda s: (-s.priority, len(s.block_table), s.arrival_time, s.request_id))
+
+
+class BatchPlanDecision(Protocol):
+    admit_order: tuple[str, ...]
+    preempt: tuple[str, ...]
+
+
+class BatchPolicy(Protocol):
+    """Chooses admissions and deliberate preemptions for a step (see the module docstring)."""
+
+    def plan(self, running: Seq[Sequence], waiting: Seq[Sequence], *, free_blocks: int, block_size: int,
+             free_slots: Optional[int]) -> BatchPlanDecision: ...
+
+    def victim(self, running: Seq[Sequence]) -> Sequence: ...
 
 
 PREEMPTION_POLICIES: dict[str, VictimPolicy] = {"newest": newest_victim, "largest": largest_victim}
@@ -71,12 +90,14 @@ class BatchScheduler:
         max_batch_size: int,
         max_batched_tokens: int,
         victim_policy: VictimPolicy = newest_victim,
+        batch_policy: Optional[BatchPolicy] = None,
     ) -> None:
         self.blocks = blocks
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
-        self.victim_policy = victim_policy
+        self.victim_policy = batch_policy.victim if batch_policy is not None else victim_policy
+        self.batch_policy = batch_policy
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
 
@@ -116,6 +137,8 @@ class BatchScheduler:
         empty instead would block the queue behind it until every running request
         finished (a re-prefill after preemption grows past the budget with its outputs).
         """
+        if self.batch_policy is not None:
+            return self._schedule_by_policy(self.batch_policy)
         plan = StepPlan()
         if self.waiting and self.waiting[0].num_tokens > self.max_batched_tokens - len(self.running):
             self._plan_prefills(plan, budget=self.waiting[0].num_tokens)  # the head alone, if it fits
@@ -124,6 +147,31 @@ class BatchScheduler:
         self._plan_decodes(plan)
         if not plan.preempted:
             self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes))
+        return plan
+
+    def _schedule_by_policy(self, policy: BatchPolicy) -> StepPlan:
+        """Plan with the injected policy: its preemptions, the decodes, then admissions in its
+        order, skipping any that does not fit (the token budget, blocks, batch slots)."""
+        plan = StepPlan()
+        free_slots = self.max_batch_size - len(self.running) if self.max_batch_size else None
+        free = self.blocks.num_free - self.blocks.watermark_blocks
+        decision = policy.plan(self.running, self.waiting, free_blocks=max(0, free), block_size=self.block_size,
+                               free_slots=free_slots)
+        by_id = {s.request_id: s for s in self.running}
+        for rid in decision.preempt:
+            seq = by_id[rid]
+            self.preempt(seq)
+            plan.preempted.append(seq)
+        chosen = len(plan.preempted)
+        waiting = {s.request_id: s for s in self.waiting}
+        order = [waiting[r] for r in decision.admit_order if r in waiting]
+        if order and order[0].num_tokens > self.max_batched_tokens - len(self.running):
+            self._plan_prefills(plan, budget=order[0].num_tokens, order=order[:1])  # alone, as in ``schedule``
+            if plan.prefills:
+                return plan
+        self._plan_decodes(plan)
+        if len(plan.preempted) == chosen:  # no shortage while decoding: admit
+            self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes), order=order)
         return plan
 
     def _plan_decodes(self, plan: StepPlan) -> None:
@@ -148,16 +196,23 @@ class BatchScheduler:
             if seq.status == SeqStatus.RUNNING:
                 plan.decodes.append(seq)
 
-    def _plan_prefills(self, plan: StepPlan, budget: int) -> None:
+    def _plan_prefills(self, plan: StepPlan, budget: int, order: Optional[list[Sequence]] = None) -> None:
+        """Admit from the head of the queue (FCFS: stop at the first that does not fit), or
+        in ``order`` (a policy's: skip what does not fit)."""
         admitted: list[Sequence] = []
-        for seq in self.waiting:  # head first; FCFS: stop at the first that does not fit
+        skip = order is not None
+        for seq in (order if order is not None else self.waiting):
             if self.max_batch_size and len(self.running) + len(admitted) >= self.max_batch_size:
                 break
             n = seq.num_tokens
             if n > budget:
+                if skip:
+                    continue
                 break
             got = self.blocks.allocate(("seq", seq.request_id), cdiv(n, self.block_size))
             if got is None:
+                if skip:
+                    continue
                 break
             seq.block_table = got
             seq.num_computed = 0

@@ -7,13 +7,15 @@ The core also implements the migration primitives over its block manager.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
 from llumnix_py.engines.base import EngineAdapter
-from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get_preemption_policy
+from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, get_preemption_policy
 from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.executor import Executor, SeqWork
+from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, MeasuredStepTime
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.types import (
     FinishReason,
@@ -27,6 +29,7 @@ from llumnix_py.engines.types import (
 )
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
 from llumnix_py.load import InstanceLoad
+from policies.length import LengthPrior
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class EngineConfig:
             runs alone, the running requests waiting one step).
         eos_token_id: end-of-sequence token (ignored with ``ignore_eos``); None for none.
         preemption_policy: name of the victim policy (``newest``, ``largest``).
+        batch_policy: ``fcfs`` (priorities, then arrival: the default), ``edf`` (earliest due
+            time) or ``jit`` (by margin, ``policies.jit``); the last two on the wall clock that
+            stamps requests' arrival, with step times measured from this engine's own steps.
+        length_estimator / length_quantile: the ``jit`` policy's length bound (``quantile`` or
+            ``oracle``, which takes ``max_tokens`` as the true length) and its quantile.
     """
 
     num_blocks: int = 512
@@ -51,8 +59,17 @@ class EngineConfig:
     max_batched_tokens: int = 4096
     eos_token_id: Optional[int] = None
     preemption_policy: str = "newest"
+    batch_policy: str = "fcfs"
+    length_estimator: str = "quantile"
+    length_quantile: float = 0.9
 
     def __post_init__(self) -> None:
+        if self.batch_policy not in ("fcfs", "edf", "jit"):
+            raise ValueError(f"unknown batch policy {self.batch_policy!r}; known: ['edf', 'fcfs', 'jit']")
+        if self.length_estimator not in ("quantile", "oracle"):
+            raise ValueError(f"unknown length estimator {self.length_estimator!r}; known: ['oracle', 'quantile']")
+        if not 0 < self.length_quantile <= 1:
+            raise ValueError("length_quantile must be in (0, 1]")
         if self.num_blocks <= 1:
             raise ValueError("num_blocks must be > 1")
         if self.block_size <= 0:
@@ -71,20 +88,33 @@ class EngineConfig:
 class EngineCore(EngineAdapter):
     """An engine instance: block manager + batching scheduler + executor."""
 
-    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None,
+                 batch_policy: Optional[BatchPolicy] = None) -> None:
         self.config = config
         self.executor = executor
         self.blocks = BlockManager(config.num_blocks, config.watermark_blocks)
+        self.measured_step_time: Optional[MeasuredStepTime] = None
+        if batch_policy is None and config.batch_policy != "fcfs":
+            self.measured_step_time = MeasuredStepTime()
+            cls = JitBatchPolicy if config.batch_policy == "jit" else EdfBatchPolicy
+            batch_policy = cls(time.time, self.measured_step_time, LengthPrior(), config.length_estimator,
+                               config.length_quantile)
         self.scheduler = BatchScheduler(
             self.blocks,
             config.block_size,
             config.max_batch_size,
             config.max_batched_tokens,
             victim_policy or get_preemption_policy(config.preemption_policy),
+            batch_policy,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
+
+    @property
+    def length_prior(self) -> Optional[LengthPrior]:
+        """The output-length prior of this engine's batch policy (the llumlet core feeds it), if any."""
+        return getattr(self.scheduler.batch_policy, "prior", None)
 
     # ----- serving -----------------------------------------------------------------------
     @property
@@ -164,6 +194,9 @@ class EngineCore(EngineAdapter):
             return StepOutput(outputs=tuple(outgrown), preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
         done = self.executor.execute_full(work)
+        if self.measured_step_time is not None:
+            self.measured_step_time.observe(sum(len(w.token_ids) for w in work if w.is_prefill), len(plan.decodes),
+                                            done.duration_s)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
@@ -230,7 +263,7 @@ class EngineCore(EngineAdapter):
         bs = self.block_size
         running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
         running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
-        return InstanceLoad(
+        load = InstanceLoad(
             total_blocks=self.config.num_blocks,
             used_blocks=self.blocks.num_used,
             watermark_blocks=self.config.watermark_blocks,
@@ -240,6 +273,8 @@ class EngineCore(EngineAdapter):
             reserved_blocks=sum(len(v) for v in self._prealloc.values()),
             max_batch_size=self.config.max_batch_size,
         )
+        annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
+        return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)
 
     def request_ids(self) -> list[str]:
         return list(self.seqs)

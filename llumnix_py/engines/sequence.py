@@ -8,6 +8,7 @@ from typing import Optional
 from llumnix_py.engines.types import (
     FinishReason,
     MigrationRequestState,
+    Objective,
     Request,
     SamplingParams,
     SeqStatus,
@@ -43,10 +44,12 @@ class Sequence:
     finish_reason: Optional[FinishReason] = None
     frozen_from: Optional[SeqStatus] = None  # status before ``freeze``
     reply_to: str = ""
+    objective: Optional[Objective] = None
 
     @classmethod
     def from_request(cls, r: Request) -> "Sequence":
-        return cls(r.request_id, r.prompt_token_ids, r.sampling, r.priority, r.arrival_time, reply_to=r.reply_to)
+        return cls(r.request_id, r.prompt_token_ids, r.sampling, r.priority, r.arrival_time, reply_to=r.reply_to,
+                   objective=r.objective)
 
     @classmethod
     def from_migration(cls, s: MigrationRequestState) -> "Sequence":
@@ -61,6 +64,7 @@ class Sequence:
             num_computed=s.num_computed_tokens,
             num_preemptions=s.num_preemptions,
             reply_to=s.reply_to,
+            objective=s.objective,
         )
 
     @property
@@ -89,6 +93,7 @@ class Sequence:
             status=status,
             num_computed_tokens=self.num_computed if status == SeqStatus.RUNNING else 0,
             reply_to=self.reply_to,
+            objective=self.objective,
         )
 
     def to_load(self, block_size: int, migrating: bool = False) -> RequestLoad:

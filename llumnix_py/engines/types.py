@@ -13,7 +13,7 @@ import enum
 import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Sequence as Seq
 
 from llumnix_py.errors import InvalidRequestError
 
@@ -174,6 +174,112 @@ def _check_bias(bias: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out.items()))
 
 
+OBJECTIVE_KINDS = ("stream", "deadline", "job")
+MAX_OBJECTIVE_MS = 7 * 24 * 3600 * 1000.0  # a week: longer objectives are mistakes, not objectives
+MAX_JOB_ID_LEN = 128
+MAX_JOB_CALLS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a request must achieve to count as served (JITServe's three kinds of objective).
+
+    Exactly one kind is set (JITServe, Zhang et al., arXiv 2504.20068, Section 2: latency-
+    sensitive streams, deadline-sensitive calls, compound requests):
+
+    * ``stream``: ``ttft_ms`` and ``tbt_ms``. Output token ``k`` (from 0) is due
+      ``ttft_ms + k * tbt_ms`` after arrival: a token earlier than its due time may be
+      held by the client, so a stream that runs ahead banks slack for later tokens.
+    * ``deadline``: ``deadline_ms``: the whole response is due that long after arrival.
+    * ``job``: one call of a compound job: ``job_id``, ``job_deadline_ms`` (the time left
+      to the job's deadline, from this call's arrival) and ``job_calls_left`` (calls of the
+      job still to run, this one included; None when unknown). The call is met when it ends
+      before the job's deadline; a scheduler aims for its share (``target_ms``).
+
+    Times are relative to the request's ``arrival_time``, so an objective means the same
+    on every instance a request migrates to.
+    """
+
+    ttft_ms: Optional[float] = None
+    tbt_ms: Optional[float] = None
+    deadline_ms: Optional[float] = None
+    job_id: Optional[str] = None
+    job_deadline_ms: Optional[float] = None
+    job_calls_left: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "tbt_ms", "deadline_ms", "job_deadline_ms"):
+            v = getattr(self, name)
+            if v is not None and (not _is_number(v) or not math.isfinite(v) or not 0 < v <= MAX_OBJECTIVE_MS):
+                raise InvalidRequestError(f"{name} must be a number in (0, {MAX_OBJECTIVE_MS:.0f}], got {v!r}")
+        stream = self.ttft_ms is not None or self.tbt_ms is not None
+        job = self.job_id is not None or self.job_deadline_ms is not None or self.job_calls_left is not None
+        kinds = int(stream) + int(self.deadline_ms is not None) + int(job)
+        if kinds != 1:
+            raise InvalidRequestError("an objective is one of: ttft_ms and tbt_ms (a stream), deadline_ms "
+                                      "(a whole response), or job_id with job_deadline_ms (a compound job)")
+        if stream and (self.ttft_ms is None or self.tbt_ms is None):
+            raise InvalidRequestError("a stream objective needs both ttft_ms and tbt_ms")
+        if job:
+            if not isinstance(self.job_id, str) or not 0 < len(self.job_id) <= MAX_JOB_ID_LEN:
+                raise InvalidRequestError(f"job_id must be a string of 1 to {MAX_JOB_ID_LEN} characters")
+            if self.job_deadline_ms is None:
+                raise InvalidRequestError("a job objective needs job_deadline_ms")
+            if self.job_calls_left is not None:
+                _check_int("job_calls_left", self.job_calls_left, 1, MAX_JOB_CALLS)
+
+    @property
+    def kind(self) -> str:
+        """``stream``, ``deadline`` or ``job``."""
+        if self.ttft_ms is not None:
+            return "stream"
+        return "deadline" if self.deadline_ms is not None else "job"
+
+    @property
+    def target_ms(self) -> float:
+        """When the whole response should end, after arrival, for a scheduler aiming just in time:
+        the deadline; for a job call its share of the job's time left (an unknown number of
+        calls left counts as two); for a stream, infinite (its tokens have their own due times)."""
+        if self.deadline_ms is not None:
+            return self.deadline_ms
+        if self.job_deadline_ms is not None:
+            return self.job_deadline_ms / (self.job_calls_left or 2)
+        return math.inf
+
+    def due_s(self, k: int, num_tokens: int) -> float:
+        """Seconds after arrival by which output token ``k`` of ``num_tokens`` must arrive to meet it."""
+        if self.ttft_ms is not None:
+            return (self.ttft_ms + k * self.tbt_ms) / 1e3  # type: ignore[operator]
+        end = self.deadline_ms if self.deadline_ms is not None else self.job_deadline_ms
+        return end / 1e3 if k == num_tokens - 1 else math.inf  # type: ignore[operator]
+
+    def margin_s(self, arrival: float, token_times: "Seq[float]") -> float:
+        """The least slack over the response's tokens (seconds; met iff >= 0): ``due - actual``.
+
+        Args:
+            arrival: the request's arrival time, on the clock of ``token_times``.
+            token_times: when each output token arrived, in order (at least one).
+        """
+        if not token_times:
+            raise ValueError("a margin needs at least one token")
+        n = len(token_times)
+        if self.ttft_ms is None:
+            return arrival + self.due_s(n - 1, n) - token_times[-1]
+        return min(arrival + self.due_s(k, n) - t for k, t in enumerate(token_times))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "Objective":
+        if not isinstance(d, dict):
+            raise InvalidRequestError("objective must be a mapping")
+        extra = set(d) - {f.name for f in fields(cls)}
+        if extra:
+            raise InvalidRequestError(f"unknown objective fields: {sorted(extra)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class Request:
     """A request as handed to an engine.
@@ -186,6 +292,7 @@ class Request:
         arrival_time: seconds on the runtime's clock; orders the waiting queue.
         reply_to: where the instance holding the request sends its tokens (a frontend's
             address; opaque to engines, travels with the request across migrations).
+        objective: what the request must achieve (``Objective``); None for none.
     """
 
     request_id: str
@@ -194,8 +301,11 @@ class Request:
     priority: int = NORMAL_PRIORITY
     arrival_time: float = 0.0
     reply_to: str = ""
+    objective: Optional[Objective] = None
 
     def __post_init__(self) -> None:
+        if self.objective is not None and not isinstance(self.objective, Objective):
+            raise InvalidRequestError("objective must be an Objective")
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
@@ -294,8 +404,15 @@ class MigrationRequestState:
     status: SeqStatus  # RUNNING (KV blocks travel) or WAITING (re-queued, no KV)
     num_computed_tokens: int  # tokens whose KV is in the migrated blocks
     reply_to: str = ""
+    objective: Optional[Objective] = None  # on the wire only when set (an optional key)
 
     def to_wire(self) -> dict[str, Any]:
+        d = self._wire_fields()
+        if self.objective is not None:
+            d["objective"] = self.objective.to_wire()
+        return d
+
+    def _wire_fields(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,
             "prompt_token_ids": _pack_ids(self.prompt_token_ids),
@@ -316,9 +433,9 @@ class MigrationRequestState:
             raise InvalidRequestError("migration state must be a mapping")
         need = {"request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority",
                 "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to"}
-        if set(d) != need:
+        if set(d) - {"objective"} != need:
             raise InvalidRequestError(f"migration state fields differ: missing {sorted(need - set(d))}, "
-                                      f"unexpected {sorted(set(d) - need)}")
+                                      f"unexpected {sorted(set(d) - need - {'objective'})}")
         ids = {key: _unpack_ids(d[key], key) for key in ("prompt_token_ids", "output_token_ids")}
         for key in ("priority", "num_preemptions", "num_computed_tokens"):
             if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
@@ -351,6 +468,7 @@ class MigrationRequestState:
             status=status,
             num_computed_tokens=d["num_computed_tokens"],
             reply_to=d["reply_to"],
+            objective=Objective.from_wire(d["objective"]) if "objective" in d else None,
         )
 
 

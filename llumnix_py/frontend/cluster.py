@@ -50,10 +50,11 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from llumnix_py.config import ClusterConfig
+from llumnix_py.engines.jit_batch import with_objective
 from llumnix_py.engines.registry import frontend_info
 from llumnix_py.engines.threads import ThreadClaim, claim_process_threads
 from llumnix_py.engines.tokenizer import FrontendInfo, IncrementalDecoder
-from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
+from llumnix_py.engines.types import FinishReason, Objective, Request, RequestOutput, SamplingParams
 from llumnix_py.errors import InvalidRequestError, SchedulerUnavailableError, UnknownRequestError
 from llumnix_py.frontend.handles import NoInstanceError, RequestHandle
 from llumnix_py.frontend.health import Health, HealthView, assess
@@ -213,29 +214,33 @@ class Cluster:
 
     # ----- requests ----------------------------------------------------------------------
     async def submit_async(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
-                           priority: int = 0, request_id: Optional[str] = None) -> RequestHandle:
+                           priority: int = 0, request_id: Optional[str] = None,
+                           objective: Optional[Objective] = None) -> RequestHandle:
         """``submit`` for event-loop code: the dispatch and placement calls (blocking remote
         calls on Ray) run in a worker thread, so a burst of requests is placed concurrently
         and the loop keeps streaming meanwhile. The handle iterates on the caller's loop."""
         loop = asyncio.get_running_loop()
-        return await asyncio.to_thread(self.submit, prompt_token_ids, sampling, priority, request_id, loop)
+        return await asyncio.to_thread(self.submit, prompt_token_ids, sampling, priority, request_id, loop,
+                                       objective)
 
     def submit(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
                priority: int = 0, request_id: Optional[str] = None,
-               loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestHandle:
+               loop: Optional[asyncio.AbstractEventLoop] = None,
+               objective: Optional[Objective] = None) -> RequestHandle:
         """Dispatch a request; raises ``InvalidRequestError`` or ``NoInstanceError``.
 
-        The handle's async iteration runs on ``loop`` (default: the running loop, if any)."""
+        The handle's async iteration runs on ``loop`` (default: the running loop, if any);
+        ``objective`` (``Objective``, None for none) travels with the request everywhere."""
         sampling = sampling or SamplingParams()
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         prompt = tuple(prompt_token_ids)
         if len(prompt) + 1 > self.max_model_len:
             raise InvalidRequestError(f"prompt of {len(prompt)} tokens leaves no room for output "
                                       f"(max_model_len {self.max_model_len})")
-        request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to)
+        request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to, objective=objective)
         block = self.config.engine.engine.block_size
-        view = RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
-                                  arrival_time=request.arrival_time)
+        view = with_objective(RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
+                                                 arrival_time=request.arrival_time), objective)
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")

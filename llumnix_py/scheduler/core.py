@@ -24,6 +24,7 @@ from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
+from policies.rescue import plan_rescues
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -117,6 +118,7 @@ class GlobalScheduler:
         self._seq = 0
         self.num_dispatched = 0
         self.num_orders = 0
+        self.num_rescues = 0  # rescue migrations ordered (``PolicyConfig.rescue``)
         self.ownership = OwnershipArbiter()
 
     # ----- membership --------------------------------------------------------------------
@@ -197,6 +199,13 @@ class GlobalScheduler:
         cooldown = cfg.policy.migration_cooldown_s
         if cooldown > 0:
             loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
+        orders = []
+        if cfg.policy.rescue:  # objectives first: rescue requests about to miss, then balance the rest
+            for r in plan_rescues(loads, cfg.policy.rescue_copy_s_per_block, frozenset(busy_src | busy_dst)):
+                orders.append(self._order(r.src, r.dst, r.request_id, False, now))
+                busy_src.add(r.src)
+                busy_dst.add(r.dst)
+            self.num_rescues += len(orders)
         left_out: set[str] = set()
         while True:
             plans = plan_migrations([x for x in loads if x.instance_id not in left_out], cfg.policy)
@@ -205,23 +214,26 @@ class GlobalScheduler:
             if not blocked:
                 break
             left_out |= blocked
-        orders = []
         for plan in plans:
             src, dst = plan.pair.src, plan.pair.dst
             if src in busy_src or dst in busy_dst:
                 continue
-            self._seq += 1
-            order = MigrationOrder(f"mig-{uuid.uuid4().hex[:12]}-{self._seq}", src, dst,
-                                   self.instances[dst].address, plan.request.request_id, plan.request.waiting, now)
-            self.instances[src].orders_out[order.migration_id] = order
-            self.instances[dst].orders_in[order.migration_id] = order
-            self.ownership.open(order.migration_id, src, dst, now)
-            self.payoff.on_order(order.migration_id, order.request_id, src, dst, now)
+            orders.append(self._order(src, dst, plan.request.request_id, plan.request.waiting, now))
             busy_src.add(src)
             busy_dst.add(dst)
-            orders.append(order)
         self.num_orders += len(orders)
         return orders
+
+    def _order(self, src: str, dst: str, request_id: str, waiting: bool, now: float) -> MigrationOrder:
+        """Record and open one migration order."""
+        self._seq += 1
+        order = MigrationOrder(f"mig-{uuid.uuid4().hex[:12]}-{self._seq}", src, dst,
+                               self.instances[dst].address, request_id, waiting, now)
+        self.instances[src].orders_out[order.migration_id] = order
+        self.instances[dst].orders_in[order.migration_id] = order
+        self.ownership.open(order.migration_id, src, dst, now)
+        self.payoff.on_order(order.migration_id, order.request_id, src, dst, now)
+        return order
 
     def claim_ownership(self, migration_id: str, side: Owner, now: float) -> Owner:
         """Who runs a migrating request whose commit outcome one side cannot learn."""

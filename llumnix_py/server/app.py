@@ -39,6 +39,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from llumnix_py.engines.types import Objective
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.server import protocol as P
 from llumnix_py.server.errors import APIError, install_error_handlers, short
@@ -63,18 +64,20 @@ def _json_safe(obj: Any) -> Any:
 # ----- the app ----------------------------------------------------------------------------------
 
 
-def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
+               default_objective: Optional[Objective] = None) -> FastAPI:
     """The OpenAI-compatible app over ``cluster``.
 
     Args:
         cluster: a started ``Cluster`` (the app does not stop it).
         api_key: when set, ``/v1/*`` endpoints require ``Authorization: Bearer <api_key>``.
         max_body_bytes: larger request bodies are refused with a 400.
+        default_objective: the objective of requests that name none (the model's default).
 
     Returns:
         The FastAPI app; its ``state.metrics`` is the app's ``Metrics``.
     """
-    fe = Frontend(cluster, api_key, max_body_bytes)
+    fe = Frontend(cluster, api_key, max_body_bytes, default_objective)
     app = FastAPI(title="llumnix-py", description="OpenAI-compatible API over a llumnix-py cluster")
     app.state.frontend = fe
     app.state.metrics = fe.metrics

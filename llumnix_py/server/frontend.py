@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from llumnix_py.engines.types import SamplingParams
+from llumnix_py.engines.types import Objective, SamplingParams
 from llumnix_py.errors import InvalidRequestError
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.handles import NoInstanceError, RequestFailedError
@@ -83,12 +83,14 @@ class Frontend:
         cluster: the started ``Cluster`` requests go to.
         api_key: the key ``check_auth`` requires (``None``: no authentication).
         max_body_bytes: the largest request body ``read_json`` accepts.
+        default_objective: the objective of a request that names none (None: no objective).
 
     Raises:
         ValueError: ``max_body_bytes`` is not positive or ``api_key`` is empty.
     """
 
-    def __init__(self, cluster: Cluster, api_key: Optional[str], max_body_bytes: int) -> None:
+    def __init__(self, cluster: Cluster, api_key: Optional[str], max_body_bytes: int,
+                 default_objective: Optional[Objective] = None) -> None:
         if max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be positive")
         if api_key is not None and not api_key:
@@ -96,6 +98,7 @@ class Frontend:
         self.cluster = cluster
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.default_objective = default_objective
         self.metrics = Metrics()
         self.created = int(time.time())
         capacity = _kv_capacity_tokens(cluster)
@@ -197,13 +200,16 @@ class Frontend:
         except InvalidRequestError as exc:  # its message starts with the field's name
             field = str(exc).split(" ", 1)[0]
             raise APIError(400, str(exc), param=field if field in type(req).model_fields else None) from None
+        objective = self._objective(req)
         gens: list[Generation] = []
         try:
             for i, sampling in enumerate(samplings):
                 sub = rid if count == 1 else f"{rid}-{i}"
-                handle = await self.cluster.submit_async(prompt_ids, sampling, priority=req.priority, request_id=sub)
+                handle = await self.cluster.submit_async(prompt_ids, sampling, priority=req.priority, request_id=sub,
+                                                         objective=objective)
                 gens.append(Generation(self.cluster, self.metrics, handle, len(prompt_ids), req.stop_sequences,
-                                       index=i, min_tokens=req.min_tokens or 0, score_only=score_only))
+                                       index=i, min_tokens=req.min_tokens or 0, score_only=score_only,
+                                       objective=objective))
         except (InvalidRequestError, NoInstanceError) as exc:
             for g in gens:
                 g.close()
@@ -222,6 +228,16 @@ class Frontend:
         if req.stream:
             return _EventStream(self._stream(gens, fmt), on_close=close_all)
         return await self._complete(request, gens, fmt, req.num_choices if best_of else None)
+
+    def _objective(self, req: P.GenerationRequest) -> Optional[Objective]:
+        """The request's objective (its fields, else the server's default); a 400 when invalid."""
+        given = req.objective_fields()
+        if not given:
+            return self.default_objective
+        try:
+            return Objective(**given)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param=sorted(given)[0]) from None
 
     def _sampling(self, req: P.GenerationRequest, max_tokens: int, index: int, best_of: bool) -> SamplingParams:
         """The sampling parameters of choice ``index`` (``InvalidRequestError`` if invalid)."""

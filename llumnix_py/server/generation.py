@@ -20,7 +20,7 @@ from typing import AsyncIterator, Optional, Sequence
 from pydantic import BaseModel
 
 from llumnix_py.engines.tokenizer import Tokenizer
-from llumnix_py.engines.types import FinishReason, TokenLogprob
+from llumnix_py.engines.types import FinishReason, Objective, TokenLogprob
 from llumnix_py.errors import UnknownRequestError
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.handles import RequestFailedError, RequestHandle
@@ -58,10 +58,13 @@ class Generation:
         min_tokens: stop strings are looked for only from this many tokens on (vLLM's rule).
         score_only: the request scores its prompt (``echo`` with ``max_tokens=0``): it runs for one
             token, which is dropped, so only the prompt's log probabilities come back.
+        objective: the request's objective; when it finishes, whether each of its tokens arrived
+            in time (as this frontend saw them arrive) goes to the goodput metrics.
     """
 
     def __init__(self, cluster: Cluster, metrics: Metrics, handle: RequestHandle, prompt_len: int,
-                 stops: list[str], index: int = 0, min_tokens: int = 0, score_only: bool = False) -> None:
+                 stops: list[str], index: int = 0, min_tokens: int = 0, score_only: bool = False,
+                 objective: Optional[Objective] = None) -> None:
         self.cluster, self.metrics, self.handle = cluster, metrics, handle
         self.prompt_len = prompt_len
         self.stops = stops
@@ -75,6 +78,8 @@ class Generation:
         self.prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None
         self._held = ""
         self._closed = False
+        self.objective = objective
+        self._token_times: list[float] = []  # when each generated token arrived (monotonic), for the objective
 
     @property
     def request_id(self) -> str:
@@ -98,6 +103,8 @@ class Generation:
             if ev.logprobs is not None:
                 self.cumulative_logprob += sum(x.logprob for x in ev.logprobs)
             self.num_generated += len(ids)
+            if self.objective is not None:
+                self._token_times.extend([time.monotonic()] * len(ids))
             text = self.decoder.push(ids) + (self.decoder.flush() if done else "")
             text, hit = self._cut_at_stop(text, done, matching=self.num_generated >= self.min_tokens)
             if hit or done:
@@ -140,6 +147,9 @@ class Generation:
         tpot = (end - first) / (self.num_generated - 1) if first is not None and self.num_generated > 1 else None
         status = {"abort": "aborted", "error": "error"}.get(reason, "finished")
         self.metrics.record_request(status, self.prompt_len, self.num_generated, ttft, tpot, end - h.submitted_at)
+        if status == "finished" and self.objective is not None and self._token_times:
+            margin = self.objective.margin_s(h.submitted_at, self._token_times)
+            self.metrics.record_objective(self.objective.kind, margin, self.num_generated)
 
     def close(self, status: str = "aborted") -> None:
         """The consumer is gone (client disconnect, error): abort if still running. Idempotent."""

@@ -29,6 +29,9 @@ REQUEST_STATUSES = ("finished", "aborted", "error", "rejected")
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_MARGIN_BUCKETS = (-30.0, -10.0, -5.0, -2.5, -1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0)
+OBJECTIVE_KINDS = ("stream", "deadline", "job")
 _DOWNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -81,6 +84,23 @@ class Metrics:
                                                 "Most finished migrations of one request.", registry=r)
         self.migrations_per_request_p99 = Gauge("llumnix_migrations_per_request_p99",
                                                 "P99 of finished migrations per dispatched request.", registry=r)
+        self.slo_requests = Counter("llumnix_slo_requests", "Finished requests with an objective, by kind and "
+                                    "whether they met it.", ["kind", "met"], registry=r)
+        self.goodput_tokens = Counter("llumnix_goodput_tokens", "Tokens of finished requests that met their "
+                                      "objective (service goodput).", ["kind"], registry=r)
+        self.goodput_requests = Counter("llumnix_goodput_requests", "Finished requests that met their objective.",
+                                        ["kind"], registry=r)
+        self.slo_attainment = Gauge("llumnix_slo_attainment", "Share of finished requests with an objective of "
+                                    "this kind that met it.", ["kind"], registry=r)
+        self.slo_margin = Histogram("llumnix_slo_margin_seconds", "Least slack of a finished request's tokens to "
+                                    "their due times (negative: missed).", ["kind"], buckets=_MARGIN_BUCKETS,
+                                    registry=r)
+        self._slo_counts: dict[str, list[int]] = {k: [0, 0] for k in OBJECTIVE_KINDS}  # kind -> [met, total]
+        for kind in OBJECTIVE_KINDS:
+            for met in ("true", "false"):
+                self.slo_requests.labels(kind=kind, met=met)
+            self.goodput_tokens.labels(kind=kind)
+            self.goodput_requests.labels(kind=kind)
         for status in REQUEST_STATUSES:
             self.requests.labels(status=status)  # export zeros from the start
         for component in ("scheduler", "instance"):
@@ -101,6 +121,23 @@ class Metrics:
         for hist, value in ((self.ttft, ttft_s), (self.tpot, tpot_s), (self.e2e, e2e_s)):
             if value is not None and math.isfinite(value) and value >= 0:
                 hist.observe(value)
+
+    def record_objective(self, kind: str, margin_s: float, generation_tokens: int) -> None:
+        """A request with an objective of ``kind`` finished with this least margin (met iff >= 0)."""
+        if kind not in self._slo_counts:
+            raise ValueError(f"unknown objective kind {kind!r}")
+        met = margin_s >= 0
+        with self._lock:
+            counts = self._slo_counts[kind]
+            counts[0] += int(met)
+            counts[1] += 1
+            self.slo_attainment.labels(kind=kind).set(counts[0] / counts[1])
+        self.slo_requests.labels(kind=kind, met="true" if met else "false").inc()
+        if met:
+            self.goodput_tokens.labels(kind=kind).inc(max(0, generation_tokens))
+            self.goodput_requests.labels(kind=kind).inc()
+        if math.isfinite(margin_s):
+            self.slo_margin.labels(kind=kind).observe(margin_s)
 
     def record_rejected(self) -> None:
         """A request was refused before it reached the cluster (bad input, no instance)."""

@@ -28,6 +28,11 @@ Extensions (vLLM's sampling fields, with vLLM's semantics):
     stop_token_ids: list of token ids ending generation; ignore_eos: bool.
 And this server's own:
     priority: int >= 0, the request's scheduling priority (higher runs first).
+    An objective (``llumnix_py.engines.types.Objective``; the official client sends these in
+    ``extra_body``), one kind at most: ``ttft_ms`` and ``tbt_ms`` (a stream: token k due
+    ttft_ms + k * tbt_ms after arrival); or ``deadline_ms`` (the whole response); or ``job_id``,
+    ``job_deadline_ms`` and optionally ``job_calls_left`` (a call of a compound job). Times are
+    numbers in (0, one week] of milliseconds; a request without one gets the server's default.
     return_token_ids: add ``token_ids`` (the generated ids) to each choice.
 """
 
@@ -45,6 +50,8 @@ MAX_N = 16  # n and best_of at most: each choice is a request of its own in the 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 MAX_LOGIT_BIAS = 1024
+MAX_OBJECTIVE_MS = 7 * 24 * 3600 * 1000.0
+OBJECTIVE_FIELDS = ("ttft_ms", "tbt_ms", "deadline_ms", "job_id", "job_deadline_ms", "job_calls_left")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
@@ -92,6 +99,16 @@ class GenerationRequest(_Strict):
     priority: int = Field(default=0, ge=0, lt=MAX_PRIORITY)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    ttft_ms: Optional[float] = Field(default=None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
+    tbt_ms: Optional[float] = Field(default=None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
+    deadline_ms: Optional[float] = Field(default=None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
+    job_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
+    job_deadline_ms: Optional[float] = Field(default=None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
+    job_calls_left: Optional[int] = Field(default=None, ge=1, le=1 << 16)
+
+    def objective_fields(self) -> dict[str, Any]:
+        """The objective fields this request set (empty: none, the server's default applies)."""
+        return {k: getattr(self, k) for k in OBJECTIVE_FIELDS if getattr(self, k) is not None}
 
     @field_validator("stop")
     @classmethod

@@ -49,6 +49,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from llumnix_py.engines.core import EngineCore
+from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, with_objective
 from llumnix_py.engines.sim.executor import SimExecutor
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput
 from llumnix_py.llumlet_core import LlumletCore
@@ -61,6 +62,7 @@ from llumnix_py.sim.metrics import RequestRecord, SimResult, Timeline
 from llumnix_py.sim.migrations import MigrationRun, SimMigrations
 from migration import protocol as p
 from migration.driver import MigrationResult
+from policies.length import LengthPrior
 from policies.types import ScaleAction, ScaleDecision
 
 _EPS = 1e-9
@@ -139,7 +141,7 @@ class SimCluster:
         for i, w in enumerate(workload):
             rid = f"req-{i:06d}"
             self.records[rid] = RequestRecord(rid, float(w.arrival_time), int(w.prompt_len), int(w.output_len),
-                                              int(getattr(w, "priority", 0)))
+                                              int(getattr(w, "priority", 0)), objective=getattr(w, "objective", None))
             self._push(float(w.arrival_time), self._on_arrival, rid)
         self._push(0.0, self._on_tick, None)
         total = len(self.records)
@@ -180,10 +182,18 @@ class SimCluster:
         return iid
 
     def _start_instance(self, iid: str) -> None:
-        engine = EngineCore(self.engine_config, SimExecutor(self.profile))
         cfg = self.config
+        prior = LengthPrior()
+        policy = None
+        if cfg.batch_policy == "jit":
+            policy = JitBatchPolicy(self._clock, self.profile.step_time, prior, cfg.length_estimator,
+                                    cfg.length_quantile)
+        elif cfg.batch_policy == "edf":
+            policy = EdfBatchPolicy(self._clock, self.profile.step_time, prior)
+        engine = EngineCore(self.engine_config, SimExecutor(self.profile), batch_policy=policy)
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
-                                         max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine)
+                                         max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine,
+                           length_prior=prior)
         inst = SimInstance(core, engine)
         self.instances[iid] = inst
         self.scheduler.register(iid, iid, self.now)
@@ -219,6 +229,8 @@ class SimCluster:
         block = self.engine_config.block_size
         view = RequestLoad.queued(rid, prompt_len=rec.prompt_len, block_size=block, priority=rec.priority,
                                   arrival_time=rec.arrival_time)
+        if rec.objective is not None:
+            view = with_objective(view, rec.objective)
         t0 = time.perf_counter()
         iid = self.scheduler.dispatch(view)
         self.timings["dispatch"].append(time.perf_counter() - t0)
@@ -229,7 +241,7 @@ class SimCluster:
         rec.dispatched_to = iid
         inst.core.submit(Request(
             rid, (1,) * rec.prompt_len, SamplingParams(max_tokens=rec.output_len, ignore_eos=True),
-            priority=rec.priority, arrival_time=rec.arrival_time))
+            priority=rec.priority, arrival_time=rec.arrival_time, objective=rec.objective))
         inst.core.admit(self.now)  # into the engine now, even under a step in flight (as the engine queues it)
         inst.dirty = True
         self._wake(inst)

@@ -22,6 +22,9 @@ from migration import protocol as p
 from policies.config import PolicyConfig
 
 
+BATCH_POLICIES = ("fcfs", "edf", "jit")
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """A simulated cluster.
@@ -43,6 +46,11 @@ class SimConfig:
         max_batch_size / max_batched_tokens / watermark: engine limits.
         sample_interval_s: period of the usage / fragmentation time series.
         max_migrations_out / max_migrations_in: concurrent migrations per instance.
+        batch_policy: each engine's batching: ``fcfs`` (priorities, then arrival; the default),
+            ``edf`` (earliest due time first) or ``jit`` (``policies.jit``, by margin).
+        length_estimator: the JIT policy's length bound: ``quantile`` (from the instance's prior
+            of recent lengths, refined as tokens come) or ``oracle`` (the true length).
+        length_quantile: the quantile of the ``quantile`` estimator.
     """
 
     num_instances: int = 4
@@ -65,6 +73,9 @@ class SimConfig:
     sample_interval_s: float = 1.0
     max_migrations_out: int = 1
     max_migrations_in: int = 1
+    batch_policy: str = "fcfs"
+    length_estimator: str = "quantile"
+    length_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -74,6 +85,12 @@ class SimConfig:
         for name in ("poll_interval_s", "migration_interval_s", "sample_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.batch_policy not in BATCH_POLICIES:
+            raise ValueError(f"unknown batch policy {self.batch_policy!r}; known: {list(BATCH_POLICIES)}")
+        if self.length_estimator not in ("quantile", "oracle"):
+            raise ValueError(f"unknown length estimator {self.length_estimator!r}; known: ['oracle', 'quantile']")
+        if not 0 < self.length_quantile <= 1:
+            raise ValueError("length_quantile must be in (0, 1]")
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
         bounds = {}

@@ -23,10 +23,12 @@ Definitions (all times in seconds of virtual time):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Any, Optional
 
 import numpy as np
 
+from llumnix_py.engines.types import Objective
 from llumnix_py.scheduler.payoff import per_request_stats
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus
@@ -50,11 +52,16 @@ class RequestRecord:
     migrations: int = 0
     migration_downtime: float = 0.0
     preempted_at: Optional[float] = None
+    objective: Optional[Objective] = None
+    stream_margin: float = math.inf  # a stream objective: least slack of its tokens so far
 
     def on_tokens(self, now: float, index: int, count: int) -> None:
         """Tokens ``index .. index+count-1`` were delivered at ``now``."""
         if index != self.num_tokens:
             raise AssertionError(f"{self.request_id}: token {index} delivered after {self.num_tokens} tokens")
+        o = self.objective
+        if o is not None and o.kind == "stream" and count:
+            self.stream_margin = min(self.stream_margin, self.arrival_time + o.due_s(index, index + 1) - now)
         if self.first_token_time is None:
             self.first_token_time = now
         if self.preempted_at is not None:
@@ -70,6 +77,16 @@ class RequestRecord:
     @property
     def done(self) -> bool:
         return self.finish_time is not None
+
+    @property
+    def slo_margin(self) -> Optional[float]:
+        """Least slack to its objective's due times (met iff >= 0); None without an objective or unfinished.
+        A stream's first token of a batch binds (later ones in it are due later)."""
+        if self.objective is None or self.finish_time is None:
+            return None
+        if self.objective.kind == "stream":
+            return self.stream_margin
+        return self.arrival_time + self.objective.due_s(self.output_len - 1, self.output_len) - self.finish_time
 
     @property
     def prefill_latency(self) -> float:

@@ -89,7 +89,7 @@ class VLLMMigration:
             sampling=req.sampling, priority=req.priority, arrival_time=req.arrival_time,
             num_preemptions=rec.base_preemptions + r.num_preemptions, status=frozen_from,
             num_computed_tokens=self.vllm.num_computed_tokens(r) if frozen_from == SeqStatus.RUNNING else 0,
-            reply_to=req.reply_to,
+            reply_to=req.reply_to, objective=req.objective,
         )
 
     def unfreeze(self, request_id: str) -> None:
@@ -169,7 +169,7 @@ class VLLMMigration:
         tokens = state.prompt_token_ids + state.output_token_ids
         self._validate_tokens(tokens, len(state.prompt_token_ids), rid, ints_checked=True)
         request = Request(rid, state.prompt_token_ids, state.sampling, state.priority, state.arrival_time,
-                          state.reply_to)
+                          state.reply_to, state.objective)
         self._validate_sampling(request)
         vreq = self._vllm_request(request, prior=state.output_token_ids)
         if state.status == SeqStatus.RUNNING:

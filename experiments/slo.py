@@ -1,0 +1,208 @@
+"""SLO-aware scheduling (issue 16, after JITServe): service goodput against request rate.
+
+Workloads like JITServe's, on 16 simulated LLaMA-7B/A10 instances:
+
+* ``chat``: streams with a TTFT and a TBT objective (ShareGPT-like lengths);
+* ``deadline``: deep-research-like calls, the whole response by a deadline (BurstGPT-like lengths);
+* ``agentic``: compound jobs of 2-4 calls with one job deadline (BurstGPT-like lengths). The
+  simulator replays calls open loop: call i of a job arrives ``AGENT_GAP_S`` after call i-1
+  whatever happened to it (dependencies between calls are *not* simulated), carrying the job's
+  time left and its calls left;
+* ``mixture``: each request drawn from the three (50% chat, 30% deadline, 20% agentic calls).
+
+The objectives are ours, fixed before any run (the JITServe text we could read gives no numbers):
+chat TTFT 2 s and TBT 100 ms; deadlines uniform in 20-60 s; a job's deadline 20 s per call.
+
+Systems: ``fcfs+rr`` (vLLM-like: round-robin dispatch, FCFS, no migration), ``llumnix``
+(today: freeness dispatch, load-balancing migration, FCFS), ``edf`` (earliest due time first in
+each engine, Llumnix dispatch and migration), ``jit`` (``policies.jit`` batching with the
+quantile length estimator, ``slo`` dispatch, rescue migration, then Llumnix balancing),
+``jit+oracle`` (the same with the true lengths), ``jit-no-rescue`` (the ablation).
+
+Goodput: output tokens of requests that met their objective per second of the arrival span
+(so every system divides by the same time); attainment: share of requests that met theirs.
+JSON: ``{workload: {system: {rate: {"goodput": ..., "attainment": ..., "by_kind": {...}}}}}``
+plus ``rate_at_90`` per workload and system.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # noqa: E402
+from experiments.workloads import WorkloadRequest, burstgpt_like, poisson_arrivals, sharegpt_like  # noqa: E402
+from llumnix_py.engines.types import Objective  # noqa: E402
+from llumnix_py.sim.cluster import SimCluster  # noqa: E402
+from llumnix_py.sim.config import SimConfig  # noqa: E402
+from policies.config import PolicyConfig  # noqa: E402
+
+CHAT = Objective(ttft_ms=2000.0, tbt_ms=100.0)
+DEADLINE_S = (20.0, 60.0)
+AGENT_CALLS = (2, 4)
+AGENT_GAP_S = 3.0
+AGENT_DEADLINE_PER_CALL_S = 20.0
+MIX = {"chat": 0.5, "deadline": 0.3, "agentic": 0.2}
+WORKLOADS = ("chat", "deadline", "agentic", "mixture")
+
+SYSTEMS = {
+    "fcfs+rr": dict(policy=dict(dispatch="round_robin"), migrate=False, batch="fcfs"),
+    "llumnix": dict(policy=dict(dispatch="freeness"), migrate=True, batch="fcfs"),
+    "edf": dict(policy=dict(dispatch="freeness"), migrate=True, batch="edf"),
+    "jit": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit"),
+    "jit+oracle": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", estimator="oracle"),
+    "jit-no-rescue": dict(policy=dict(dispatch="slo"), migrate=True, batch="jit"),
+}
+BASELINES = ("fcfs+rr", "llumnix", "edf")
+
+
+def _lengths(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return sharegpt_like(n, rng) if kind == "chat" else burstgpt_like(n, rng)
+
+
+def make_slo_workload(kind: str, n: int, rate: float, seed: int) -> list[WorkloadRequest]:
+    """``n`` requests (calls) of workload ``kind`` arriving at ``rate`` per second (Poisson)."""
+    rng = np.random.default_rng(seed)
+    starts = poisson_arrivals(n, rate, rng)
+    kinds = [kind] * n if kind != "mixture" else list(rng.choice(list(MIX), size=n, p=list(MIX.values())))
+    out: list[WorkloadRequest] = []
+    i = 0
+    while len(out) < n:
+        k, t = kinds[i], float(starts[i])
+        i += 1
+        if k == "agentic":
+            calls = int(rng.integers(AGENT_CALLS[0], AGENT_CALLS[1] + 1))
+            deadline = AGENT_DEADLINE_PER_CALL_S * calls
+            p, o = _lengths(k, calls, rng)
+            job = f"job-{i}"
+            for c in range(calls):
+                if len(out) >= n:
+                    break
+                at = t + c * AGENT_GAP_S
+                obj = Objective(job_id=job, job_deadline_ms=(deadline - c * AGENT_GAP_S) * 1e3,
+                                job_calls_left=calls - c)
+                out.append(WorkloadRequest(at, int(p[c]), int(o[c]), objective=obj))
+            continue
+        p, o = _lengths(k, 1, rng)
+        obj = CHAT if k == "chat" else Objective(deadline_ms=float(rng.uniform(*DEADLINE_S)) * 1e3)
+        out.append(WorkloadRequest(t, int(p[0]), int(o[0]), objective=obj))
+    out.sort(key=lambda w: w.arrival_time)
+    return out
+
+
+def simulate(workload: Sequence[WorkloadRequest], system: str, instances: int, seed: int, progress: bool) -> dict:
+    spec = SYSTEMS[system]
+    cfg = SimConfig(num_instances=instances, policy=PolicyConfig(**spec["policy"]), enable_migration=spec["migrate"],
+                    seed=seed, batch_policy=spec["batch"], length_estimator=spec.get("estimator", "quantile"))
+    cluster = SimCluster(cfg)
+    res = cluster.run(workload, progress=progress)
+    span = max(w.arrival_time for w in workload) - min(w.arrival_time for w in workload)
+    recs = list(cluster.records.values())
+    by_kind: dict[str, dict] = {}
+    met_tokens = 0
+    met = 0
+    for r in recs:
+        m = r.slo_margin
+        ok = m is not None and m >= 0
+        k = by_kind.setdefault(r.objective.kind, {"n": 0, "met": 0})
+        k["n"] += 1
+        k["met"] += int(ok)
+        if ok:
+            met += 1
+            met_tokens += r.output_len
+    for k in by_kind.values():
+        k["attainment"] = k["met"] / k["n"]
+    return {"goodput": met_tokens / max(span, 1e-9), "attainment": met / len(recs), "by_kind": by_kind,
+            "migrations": len(res.migrations) if hasattr(res, "migrations") else None,
+            "rescues": cluster.scheduler.num_rescues}
+
+
+def rate_at_90(by_rate: dict[str, dict]) -> Optional[float]:
+    """The highest rate of the sweep at which attainment is still >= 90% (None: none)."""
+    ok = [float(r) for r, v in by_rate.items() if v["attainment"] >= 0.9]
+    return max(ok) if ok else None
+
+
+def _extra(ap) -> None:
+    ap.add_argument("--instances", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--rates", default=None, help="comma-separated request rates (req/s)")
+    ap.add_argument("--workloads", default=None, help=f"comma-separated, of {','.join(WORKLOADS)}")
+    ap.add_argument("--systems", default=None, help=f"comma-separated, of {','.join(SYSTEMS)}")
+
+
+def run(args) -> dict:
+    if args.smoke:
+        workloads, rates, n, inst = ("mixture",), (2.0,), 60, 2
+    elif args.quick:
+        workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 250, 4  # 4 instances: a sweep that loads them
+    else:
+        workloads, rates, n, inst = WORKLOADS, (8.0, 14.0, 20.0, 26.0, 32.0), 1000, args.instances
+    if args.workloads:
+        workloads = tuple(args.workloads.split(","))
+    if args.rates:
+        rates = tuple(float(r) for r in args.rates.split(","))
+    systems = tuple(args.systems.split(",")) if args.systems else tuple(SYSTEMS)
+    n = args.requests or n
+    out: dict = {"results": {}, "rate_at_90": {}, "config": {"instances": inst, "requests": n,
+                                                              "rates": list(rates)}}
+    from tqdm import tqdm
+
+    jobs = [(w, s, r) for w in workloads for r in rates for s in systems]
+    for w, s, r in tqdm(jobs, disable=not args.progress, unit="run"):
+        wl = make_slo_workload(w, n, r, args.seed)
+        out["results"].setdefault(w, {}).setdefault(s, {})[str(r)] = simulate(wl, s, inst, args.seed, False)
+    for w, by_sys in out["results"].items():
+        out["rate_at_90"][w] = {s: rate_at_90(v) for s, v in by_sys.items()}
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = common.parse_args("slo", __doc__.splitlines()[0], argv, _extra)
+    data = run(args)
+    res = data["results"]
+    headers = ["workload", "rate", "system", "goodput (tok/s)", "attainment", "stream", "deadline", "job",
+               "rescues", "x best baseline"]
+    rows = []
+    for w, by_sys in res.items():
+        rates = sorted({r for v in by_sys.values() for r in v}, key=float)
+        for r in rates:
+            base = max((by_sys[b][r]["goodput"] for b in BASELINES if b in by_sys), default=0.0)
+            for s, by_rate in by_sys.items():
+                v = by_rate[r]
+                att = {k: v["by_kind"].get(k, {}).get("attainment", "") for k in ("stream", "deadline", "job")}
+                rows.append([w, float(r), s, v["goodput"], v["attainment"], att["stream"], att["deadline"],
+                             att["job"], v["rescues"], v["goodput"] / base if base else float("nan")])
+    common.print_table("SLO goodput (16 simulated LLaMA-7B/A10 instances unless --instances)", headers, rows)
+    r90 = [[w, s, v if v is not None else "below sweep"] for w, by in data["rate_at_90"].items()
+           for s, v in by.items()]
+    common.print_table("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90)
+    common.write_markdown(args.out / "slo.md", "SLO-aware scheduling (issue 16)",
+                          [("Goodput and attainment", headers, rows),
+                           ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90)],
+                          notes=f"{data['config']}, seed {args.seed}. Command: python experiments/slo.py "
+                                f"{'--quick' if args.quick else ''}")
+    fig, axes = common.subplots(2, len(res))
+    for j, (w, by_sys) in enumerate(res.items()):
+        for s, by_rate in by_sys.items():
+            rates = sorted(by_rate, key=float)
+            axes[0][j].plot([float(r) for r in rates], [by_rate[r]["goodput"] for r in rates], "-o", label=s)
+            axes[1][j].plot([float(r) for r in rates], [by_rate[r]["attainment"] for r in rates], "-o", label=s)
+        axes[0][j].set_title(w)
+        axes[0][j].set_ylabel("goodput (tokens/s)")
+        axes[1][j].set_ylabel("attainment")
+        axes[1][j].axhline(0.9, color="grey", lw=0.5)
+        axes[1][j].set_xlabel("rate (req/s)")
+    axes[0][0].legend(fontsize=6)
+    common.save_figure(fig, args.out / "slo.png")
+    common.write_json(args.json, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()

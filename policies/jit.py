@@ -1,0 +1,255 @@
+"""Just-in-time batching by margin (after JITServe), as pure functions over frozen views.
+
+JITServe (Zhang et al., arXiv 2504.20068) gives each request just enough serving
+bandwidth to meet its objective just in time, and composes each batch by *grouped margin
+goodput maximization*. What this module follows, in our words (its code is not public to
+us; this is our reading of the paper's abstract and design, not a port):
+
+* **margin**: the slack between the time a request has left and the time it needs at the
+  predicted step time of the current batch, for the tokens its (conservative, refined)
+  length estimate still expects. A stream's tokens each have a due time
+  (``ttft + k * tbt``), so its margin is the tighter of its next token's and its last
+  token's; a deadline (or a compound job's share) binds the last token only.
+* **groups**: ``URGENT`` (0 <= margin < ``urgent_steps`` decode steps: it cannot afford
+  to wait), ``SLACK`` (more margin than that), ``BEST_EFFORT`` (no objective), and
+  ``LOST`` (negative margin even at the fastest step: no schedule meets it, so its
+  tokens add no goodput).
+* **goodput maximization**: admission goes group by group (urgent, slack, best effort,
+  lost), within a group by least margin first, and the policy skips a request that does
+  not fit instead of blocking the queue behind it. When an urgent or slack request
+  cannot be admitted for want of blocks or batch slots, running LOST requests are
+  preempted (by recomputation: they go back to the queue, behind everything that can
+  still be met) -- only then, only as many as free the room, and only when that room
+  actually admits it: lost work is deferred when, and only when, that saves another.
+  Under memory pressure the preemption victim is likewise taken from the lost group,
+  then best effort, then the most slack.
+
+Nothing here reads a clock or an engine: ``now`` and the step-time predictions come in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+StepTime = Callable[[int, int, int], float]
+"""``(prefill_tokens, decode_seqs, decode_context_tokens) -> seconds`` of one step."""
+
+
+class Group(enum.IntEnum):
+    """Admission order of the groups (lower first)."""
+
+    URGENT = 0
+    SLACK = 1
+    BEST_EFFORT = 2
+    LOST = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class SloView:
+    """One request as the JIT policy sees it (absolute times on the runtime's clock).
+
+    Attributes:
+        request_id: its id.
+        running: in the running batch (else waiting).
+        num_tokens: prompt plus outputs so far (a waiting request re-prefills them all).
+        blocks: KV blocks it holds (0 while waiting).
+        remaining: the length estimator's bound on the tokens still to come (>= 1).
+        next_due: when its next token is due (stream), else ``inf``.
+        tbt_s: seconds allowed per later token (stream), else 0.
+        end_due: when its whole response is due (deadline, or a job call's share), else ``inf``.
+        hard_due: when the objective itself is lost: the deadline, or a job call's job deadline
+            (later than its share); ``inf`` for a stream (its tokens' due times are ``next_due``).
+        has_objective: False for a best-effort request.
+        arrival: its arrival time (orders best-effort and lost requests, FCFS).
+    """
+
+    request_id: str
+    running: bool
+    num_tokens: int
+    blocks: int
+    remaining: int
+    next_due: float = math.inf
+    tbt_s: float = 0.0
+    end_due: float = math.inf
+    hard_due: float = math.inf
+    has_objective: bool = True
+    arrival: float = 0.0
+
+
+def margin_parts(v: SloView, now: float, step_s: float, first_s: float) -> tuple[float, float]:
+    """``(next, end)``: the slack of its next token (which a faster batch does not change)
+    and of its last token (which moves by ``remaining - 1`` steps); ``inf`` where none binds."""
+    if not v.has_objective:
+        return math.inf, math.inf
+    t_next = now + first_s
+    rest = max(0, v.remaining - 1)
+    m_next = m_end = math.inf
+    if math.isfinite(v.next_due):
+        m_next = v.next_due - t_next
+        m_end = m_next + rest * (v.tbt_s - step_s)
+    if math.isfinite(v.end_due):
+        m_end = min(m_end, v.end_due - (t_next + rest * step_s))
+    return m_next, m_end
+
+
+def hard(v: SloView) -> SloView:
+    """``v`` judged against its objective itself rather than the share a scheduler aims for."""
+    return dataclasses.replace(v, end_due=max(v.end_due, v.hard_due)) if math.isfinite(v.hard_due) else v
+
+
+def margin(v: SloView, now: float, step_s: float, first_s: float) -> float:
+    """Slack (seconds) if ``v`` gets its next token after ``first_s`` and every later one
+    ``step_s`` apart; ``inf`` without an objective."""
+    return min(margin_parts(v, now, step_s, first_s))
+
+
+@dataclass(frozen=True)
+class JitParams:
+    """Knobs of the JIT policy.
+
+    Attributes:
+        urgent_steps: a request with less margin than this many decode steps is urgent.
+    """
+
+    urgent_steps: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not self.urgent_steps >= 0:
+            raise ValueError("urgent_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class JitPlan:
+    """The JIT policy's decision for one step.
+
+    Attributes:
+        admit_order: waiting request ids, in the order to try admitting them (skip what does not fit).
+        preempt: running request ids to preempt first (lost ones whose room admits others).
+        margins: each request's margin (seconds), for reporting and tests.
+        groups: each request's group.
+    """
+
+    admit_order: tuple[str, ...]
+    preempt: tuple[str, ...]
+    margins: dict[str, float]
+    groups: dict[str, Group]
+
+
+def classify(views: Sequence[SloView], now: float, step_time: StepTime,
+             params: JitParams = JitParams()) -> tuple[dict[str, float], dict[str, Group]]:
+    """Margins at the current batch's predicted step time, and groups.
+
+    The decode step time is that of the running batch plus one (the request being judged,
+    if waiting); a waiting request's first token comes after its prefill beside that batch.
+    ``LOST`` is judged at the fastest possible step (alone in the batch), against the objective
+    itself (a job call's job deadline, not its share).
+    """
+    running = [v for v in views if v.running]
+    ctx = sum(v.num_tokens for v in running)
+    step_run = step_time(0, max(1, len(running)), max(1, ctx))
+    margins: dict[str, float] = {}
+    groups: dict[str, Group] = {}
+    for v in views:
+        if v.running:
+            step_s, first_s = step_run, step_run
+        else:
+            step_s = step_time(0, len(running) + 1, ctx + v.num_tokens)
+            first_s = step_time(v.num_tokens, len(running), ctx)
+        m = margins[v.request_id] = margin(v, now, step_s, first_s)
+        if not v.has_objective:
+            g = Group.BEST_EFFORT
+        elif m < 0:
+            alone = step_time(0, 1, v.num_tokens)
+            best = margin(hard(v), now, alone, alone if v.running else step_time(v.num_tokens, 0, 0))
+            g = Group.LOST if best < 0 else Group.URGENT
+        else:
+            g = Group.URGENT if m < params.urgent_steps * step_s else Group.SLACK
+        groups[v.request_id] = g
+    return margins, groups
+
+
+def plan_jit(views: Sequence[SloView], now: float, step_time: StepTime, *, free_blocks: int, block_size: int,
+             free_slots: Optional[int], params: JitParams = JitParams()) -> JitPlan:
+    """Admission order and lost-request preemptions for one step (see the module docstring).
+
+    Args:
+        views: every running and waiting request of the instance.
+        now: the runtime's clock.
+        step_time: predicted step durations of this instance.
+        free_blocks: KV blocks free for admissions now.
+        block_size: tokens per block.
+        free_slots: batch slots free (None: unlimited).
+        params: the policy's knobs.
+    """
+    margins, groups = classify(views, now, step_time, params)
+
+    def key(v: SloView) -> tuple:
+        g = groups[v.request_id]
+        inner = (v.arrival,) if g in (Group.BEST_EFFORT, Group.LOST) else (margins[v.request_id], v.arrival)
+        return (int(g),) + inner + (v.request_id,)
+
+    waiting = sorted((v for v in views if not v.running), key=key)
+    lost_running = sorted((v for v in views if v.running and groups[v.request_id] == Group.LOST),
+                          key=lambda v: (-v.blocks, v.request_id))
+    preempt: list[str] = []
+    blocks, slots = free_blocks, free_slots
+    for v in waiting:
+        need = -(-v.num_tokens // block_size)
+        fits = need <= blocks and (slots is None or slots > 0)
+        if not fits and groups[v.request_id] in (Group.URGENT, Group.SLACK):
+            # free room from lost running requests, only if enough of them admit this one
+            freed, slots_freed, chosen = 0, 0, []
+            for lv in lost_running:
+                if need <= blocks + freed and (slots is None or slots + slots_freed > 0):
+                    break
+                chosen.append(lv)
+                freed += lv.blocks
+                slots_freed += 1
+            if need <= blocks + freed and (slots is None or slots + slots_freed > 0):
+                preempt.extend(lv.request_id for lv in chosen)
+                lost_running = [lv for lv in lost_running if lv not in chosen]
+                blocks += freed
+                slots = None if slots is None else slots + slots_freed
+                fits = True
+        if fits:
+            blocks -= need
+            slots = None if slots is None else slots - 1
+    return JitPlan(tuple(v.request_id for v in waiting), tuple(preempt), margins, groups)
+
+
+def pick_victim(views: Sequence[SloView], groups: dict[str, Group], margins: dict[str, float]) -> str:
+    """Which running request to preempt when blocks run out: lost first (largest), then best
+    effort (newest), then the most slack; urgent last. ``views`` must not be empty."""
+    if not views:
+        raise ValueError("no running request to preempt")
+
+    def key(v: SloView) -> tuple:
+        g = groups.get(v.request_id, Group.BEST_EFFORT)
+        rank = {Group.LOST: 0, Group.BEST_EFFORT: 1, Group.SLACK: 2, Group.URGENT: 3}[g]
+        return (rank, -v.blocks if g == Group.LOST else 0, -v.arrival if g == Group.BEST_EFFORT else 0,
+                -margins.get(v.request_id, 0.0) if g in (Group.SLACK, Group.URGENT) else 0, v.request_id)
+
+    return min(views, key=key).request_id
+
+
+def plan_edf(views: Sequence[SloView]) -> JitPlan:
+    """Earliest due time first (the EDF baseline): waiting requests by their next token's due
+    time (a stream) or their response's (a deadline), those without an objective last (FCFS);
+    no deliberate preemption."""
+    def due(v: SloView) -> float:
+        return min(v.next_due, v.end_due) if v.has_objective else math.inf
+
+    waiting = sorted((v for v in views if not v.running), key=lambda v: (due(v), v.arrival, v.request_id))
+    return JitPlan(tuple(v.request_id for v in waiting), (), {}, {})
+
+
+def edf_victim(views: Sequence[SloView]) -> str:
+    """EDF's preemption victim: the latest due time (no objective counts as latest), newest first."""
+    if not views:
+        raise ValueError("no running request to preempt")
+    return max(views, key=lambda v: (min(v.next_due, v.end_due) if v.has_objective else math.inf,
+                                     v.arrival, v.request_id)).request_id

@@ -1,0 +1,60 @@
+"""``experiments/slo.py`` end to end (``--smoke``), and its workloads."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import slo
+from llumnix_py.sim.cluster import SimCluster
+from llumnix_py.sim.config import SimConfig
+from policies.config import PolicyConfig
+
+
+def test_slo_smoke(tmp_path):
+    out, js = tmp_path / "slo", tmp_path / "slo.json"
+    returned = slo.main(["--smoke", "--no-progress", "--out", str(out), "--json", str(js)])
+    assert (out / "slo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "slo.md").read_text()
+    assert md.startswith("# ") and "|---|" in md
+    data = json.loads(js.read_text())
+    assert data == json.loads(json.dumps(returned))
+    by_sys = data["results"]["mixture"]
+    assert set(by_sys) == set(slo.SYSTEMS)
+    for by_rate in by_sys.values():
+        assert by_rate
+        for v in by_rate.values():
+            assert 0 <= v["attainment"] <= 1 and v["goodput"] >= 0
+            assert sum(k["n"] for k in v["by_kind"].values()) == data["config"]["requests"]
+    assert set(data["rate_at_90"]["mixture"]) == set(slo.SYSTEMS)
+
+
+def test_workloads_carry_the_objectives_of_their_kind():
+    for kind, kinds in (("chat", {"stream"}), ("deadline", {"deadline"}), ("agentic", {"job"}),
+                        ("mixture", {"stream", "deadline", "job"})):
+        wl = slo.make_slo_workload(kind, 300, 10.0, seed=1)
+        assert len(wl) == 300
+        assert {w.objective.kind for w in wl} == kinds
+        assert [w.arrival_time for w in wl] == sorted(w.arrival_time for w in wl)
+    jobs: dict[str, list] = {}
+    for w in slo.make_slo_workload("agentic", 200, 5.0, seed=2):
+        jobs.setdefault(w.objective.job_id, []).append(w)
+    assert jobs
+    for calls in jobs.values():  # the calls left count down and the job's time left shrinks
+        lefts = [w.objective.job_calls_left for w in calls]
+        assert lefts == sorted(lefts, reverse=True)
+        assert all(a.objective.job_deadline_ms > b.objective.job_deadline_ms for a, b in zip(calls, calls[1:]))
+
+
+def test_jit_with_rescue_runs_a_mixed_workload_to_completion_without_leaks():
+    wl = slo.make_slo_workload("mixture", 150, 6.0, seed=3)
+    cfg = SimConfig(num_instances=3, policy=PolicyConfig(dispatch="slo", rescue=True), batch_policy="jit")
+    cluster = SimCluster(cfg)
+    cluster.run(wl, progress=False)
+    recs = list(cluster.records.values())
+    assert recs and all(r.done and r.num_tokens == r.output_len for r in recs)
+    assert all(r.slo_margin is not None for r in recs)
+    for engine in cluster.engines().values():
+        engine.check_invariants()
+        assert engine.blocks.num_used == 0
+    priors = [inst.core.length_prior for inst in cluster.instances.values()]
+    assert sum(len(p) for p in priors) == len(recs)  # every finish fed the prior of its last instance

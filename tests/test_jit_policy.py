@@ -1,0 +1,258 @@
+"""Just-in-time batching by margin: the pure policy (``policies/jit.py``) on hand-built
+states, and the engine's batch scheduler driving it (``engines/jit_batch.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llumnix_py.engines.core import EngineConfig, EngineCore
+from llumnix_py.engines.jit_batch import JitBatchPolicy, MeasuredStepTime
+from llumnix_py.engines.sim.executor import SimExecutor
+from llumnix_py.engines.sim.profiles import PROFILES
+from llumnix_py.engines.types import Objective, Request, SamplingParams
+from llumnix_py.llumlet_core import LlumletCore
+from llumnix_py.llumlet_types import LlumletConfig
+from policies.jit import Group, JitParams, SloView, classify, margin, pick_victim, plan_jit
+from policies.length import LengthPrior
+
+STEP = 0.01  # a decode step, whatever the batch
+PER_TOKEN = 0.0001  # a prefill token
+
+
+def step_time(prefill: int, decodes: int, ctx: int) -> float:
+    return (STEP if decodes else 0.0) + PER_TOKEN * prefill
+
+
+def view(rid, *, running=True, tokens=10, blocks=1, remaining=10, next_due=math.inf, tbt=0.0, end=math.inf,
+         objective=True, arrival=0.0):
+    return SloView(request_id=rid, running=running, num_tokens=tokens, blocks=blocks, remaining=remaining,
+                   next_due=next_due, tbt_s=tbt, end_due=end, has_objective=objective, arrival=arrival)
+
+
+# ----- margins and groups ----------------------------------------------------------------
+
+
+def test_deadline_margin_counts_every_remaining_step():
+    v = view("d", remaining=10, end=1.0)
+    assert margin(v, 0.0, STEP, STEP) == pytest.approx(1.0 - 10 * STEP)
+
+
+def test_stream_margin_is_the_tighter_of_next_and_last_token():
+    fast = view("s", remaining=5, next_due=0.05, tbt=0.02)  # tbt above the step: the next token binds
+    assert margin(fast, 0.0, STEP, STEP) == pytest.approx(0.05 - STEP)
+    slow = view("s", remaining=5, next_due=0.05, tbt=0.005)  # tbt below the step: the last token binds
+    assert margin(slow, 0.0, STEP, STEP) == pytest.approx(0.05 - STEP + 4 * (0.005 - STEP))
+    assert margin(view("b", objective=False), 0.0, STEP, STEP) == math.inf
+
+
+def test_groups():
+    views = [view("urgent", end=0.15, remaining=10), view("slack", end=10.0, remaining=10),
+             view("lost", end=0.05, remaining=10), view("best", objective=False),
+             view("late-but-savable", end=0.12, remaining=10)]
+    margins, groups = classify(views, 0.0, step_time, JitParams(urgent_steps=8))
+    assert groups == {"urgent": Group.URGENT, "slack": Group.SLACK, "lost": Group.LOST,
+                      "best": Group.BEST_EFFORT, "late-but-savable": Group.URGENT}
+    assert margins["lost"] < 0
+
+
+# ----- admission order and preemption of lost requests ----------------------------------------
+
+
+def test_admission_order_goes_group_by_group_least_margin_first():
+    views = [view("best", running=False, objective=False, arrival=0.0),
+             view("slack", running=False, end=50.0, arrival=1.0),
+             view("lost", running=False, end=0.01, arrival=2.0),
+             view("urgent2", running=False, end=0.3, arrival=3.0),
+             view("urgent1", running=False, end=0.2, arrival=4.0)]
+    plan = plan_jit(views, 0.0, step_time, free_blocks=100, block_size=16, free_slots=None)
+    assert plan.admit_order == ("urgent1", "urgent2", "slack", "best", "lost")
+    assert plan.preempt == ()
+
+
+def test_a_lost_request_is_preempted_when_its_blocks_admit_an_urgent_one():
+    views = [view("lost", blocks=4, end=0.01), view("ok", blocks=1, end=100.0),
+             view("urgent", running=False, tokens=48, end=0.3)]  # needs 3 blocks of 16
+    plan = plan_jit(views, 0.0, step_time, free_blocks=1, block_size=16, free_slots=None)
+    assert plan.preempt == ("lost",)
+
+
+def test_no_preemption_when_it_saves_nobody():
+    base = [view("lost", blocks=1, end=0.01), view("ok", blocks=1, end=100.0)]
+    big = view("urgent", running=False, tokens=160, end=0.5)  # 10 blocks: the lost one frees too few
+    assert plan_jit(base + [big], 0.0, step_time, free_blocks=1, block_size=16, free_slots=None).preempt == ()
+    best = view("best", running=False, tokens=16, objective=False)  # no objective to save
+    assert plan_jit(base + [best], 0.0, step_time, free_blocks=0, block_size=16, free_slots=None).preempt == ()
+    fits = view("urgent", running=False, tokens=16, end=0.5)  # it fits anyway
+    assert plan_jit(base + [fits], 0.0, step_time, free_blocks=5, block_size=16, free_slots=None).preempt == ()
+    lost_waiting = view("lost2", running=False, tokens=16, end=0.001)
+    assert plan_jit(base + [lost_waiting], 0.0, step_time, free_blocks=0, block_size=16, free_slots=None).preempt == ()
+
+
+def test_a_lost_request_gives_up_its_batch_slot_to_an_urgent_one():
+    views = [view("lost", blocks=1, end=0.01), view("urgent", running=False, tokens=16, end=0.5)]
+    plan = plan_jit(views, 0.0, step_time, free_blocks=10, block_size=16, free_slots=0)
+    assert plan.preempt == ("lost",)
+
+
+def test_victims_lost_then_best_effort_then_most_slack():
+    views = [view("urgent", end=0.15), view("slack", end=5.0), view("slacker", end=50.0),
+             view("best", objective=False), view("lost", end=0.01, blocks=2), view("lost-big", end=0.01, blocks=9)]
+    margins, groups = classify(views, 0.0, step_time)
+    order = []
+    rest = list(views)
+    while rest:
+        rid = pick_victim(rest, groups, margins)
+        order.append(rid)
+        rest = [v for v in rest if v.request_id != rid]
+    assert order == ["lost-big", "lost", "best", "slacker", "slack", "urgent"]
+    with pytest.raises(ValueError):
+        pick_victim([], groups, margins)
+
+
+# ----- in the engine -------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sim_engine(num_blocks=16, max_batch_size=8, policy=None):
+    cfg = EngineConfig(num_blocks=num_blocks, block_size=16, watermark=0.0, max_batch_size=max_batch_size)
+    return EngineCore(cfg, SimExecutor(PROFILES["llama-7b-a10"], vocab_size=320), batch_policy=policy)
+
+
+def req(rid, n_prompt, max_tokens, objective=None, arrival=0.0):
+    return Request(rid, tuple(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   arrival_time=arrival, objective=objective)
+
+
+def test_engine_preempts_a_lost_request_to_admit_an_urgent_one():
+    clock = Clock()
+    policy = JitBatchPolicy(clock, step_time, LengthPrior(), estimator="oracle")
+    e = sim_engine(num_blocks=4, policy=policy)
+    e.add_request(req("lost", 40, 500, Objective(deadline_ms=100)))  # 500 tokens in 0.1 s: cannot be met
+    e.step()
+    assert [s.request_id for s in e.scheduler.running] == ["lost"]
+    e.add_request(req("urgent", 40, 5, Objective(deadline_ms=500)))  # 3 blocks, 1 free: needs the lost one's
+    out = e.step()
+    assert out.preempted == ("lost",)
+    assert [s.request_id for s in e.scheduler.running] == ["urgent"]
+    assert [s.request_id for s in e.scheduler.waiting] == ["lost"]
+    e.check_invariants()
+
+
+def test_fcfs_stays_the_default_and_blocks_behind_its_head():
+    e = sim_engine(num_blocks=4)
+    e.add_request(req("lost", 40, 500, Objective(deadline_ms=100)))
+    e.step()
+    e.add_request(req("urgent", 40, 5, Objective(deadline_ms=500)))
+    assert e.step().preempted == ()
+    assert [s.request_id for s in e.scheduler.running] == ["lost"]
+
+
+def test_engine_admits_past_a_request_that_does_not_fit():
+    clock = Clock()
+    policy = JitBatchPolicy(clock, step_time, LengthPrior(), estimator="oracle")
+    e = sim_engine(num_blocks=8, policy=policy)
+    e.add_request(req("hog", 64, 50))  # best effort: 4 blocks, 5 once it decodes
+    e.step()
+    e.add_request(req("big", 60, 5, Objective(deadline_ms=1100), arrival=1.0))  # 4 blocks; 3 are free
+    e.add_request(req("small", 10, 5, Objective(deadline_ms=5000), arrival=1.0))
+    clock.now = 1.0
+    assert e.scheduler.batch_policy.plan(e.scheduler.running, e.scheduler.waiting, free_blocks=3, block_size=16,
+                                         free_slots=None).admit_order == ("big", "small")
+    e.step()
+    assert [s.request_id for s in e.scheduler.running] == ["hog", "small"]  # past "big", which waits
+
+
+def test_core_feeds_the_prior_that_the_policy_reads():
+    prior = LengthPrior()
+    clock = Clock()
+    e = sim_engine(num_blocks=64, policy=JitBatchPolicy(clock, step_time, prior))
+    core = LlumletCore(LlumletConfig("i0", transport="inproc", lease_timeout_s=None), e, length_prior=prior)
+    for i, n in enumerate((3, 5, 7)):
+        core.submit(req(f"d{i}", 8, n, Objective(deadline_ms=1e6)))
+    core.submit(req("s", 8, 4, Objective(ttft_ms=1e6, tbt_ms=1e3)))
+    core.admit(0.0)
+    while core.step_due():
+        core.step(route=False)
+    assert sorted(prior._by_kind["deadline"]) == [3, 5, 7]
+    assert list(prior._by_kind["stream"]) == [4]
+    assert len(prior) == 4
+
+
+def test_measured_step_time_learns_from_steps():
+    m = MeasuredStepTime(initial_s=0.5)
+    assert m(0, 4, 100) == 0.5
+    for _ in range(50):
+        m.observe(0, 4, 0.02)
+        m.observe(1000, 0, 0.1)
+    assert m(0, 4, 100) == pytest.approx(0.02, rel=1e-3)
+    assert m(0, 8, 100) == pytest.approx(0.04, rel=1e-3)  # scaled from the nearest batch measured
+    assert m(500, 0, 0) == pytest.approx(0.05, rel=1e-2)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+objective_st = st.one_of(
+    st.none(),
+    st.builds(lambda t, b: Objective(ttft_ms=t, tbt_ms=b), st.floats(1, 2000), st.floats(1, 200)),
+    st.builds(lambda d: Objective(deadline_ms=d), st.floats(1, 20000)),
+    st.builds(lambda d, c: Objective(job_id="j", job_deadline_ms=d, job_calls_left=c), st.floats(1, 20000),
+              st.one_of(st.none(), st.integers(1, 4))),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40), objective_st, st.floats(0, 0.5)),
+                     min_size=1, max_size=12),
+       estimator=st.sampled_from(["quantile", "oracle"]), edf=st.booleans())
+def test_policy_driven_engine_keeps_blocks_consistent_and_finishes_everything(reqs, estimator, edf):
+    """Whatever the objectives, the JIT (or EDF) policy's admissions and preemptions leave every
+    block owned once, and every request ends with exactly its max_tokens tokens."""
+    from llumnix_py.engines.jit_batch import EdfBatchPolicy
+
+    clock = Clock()
+    cls = EdfBatchPolicy if edf else JitBatchPolicy
+    e = sim_engine(num_blocks=12, max_batch_size=4, policy=cls(clock, step_time, LengthPrior(), estimator))
+    pending = sorted(enumerate(reqs), key=lambda x: x[1][3])
+    got: dict[str, int] = {}
+    steps = 0
+    while pending or e.has_unfinished():
+        while pending and pending[0][1][3] <= clock.now:
+            i, (n, m, obj, at) = pending.pop(0)
+            e.add_request(req(f"r{i}", n, m, obj, arrival=at))
+        out = e.step()
+        e.check_invariants()
+        for o in out.outputs:
+            got[o.request_id] = got.get(o.request_id, 0) + len(o.new_token_ids)
+        clock.now += max(out.duration_s, 0.01)
+        steps += 1
+        assert steps < 5000, "no progress"
+    assert got == {f"r{i}": m for i, (n, m, obj, at) in enumerate(reqs)}
+    assert e.blocks.num_used == 0
+
+
+def test_a_job_call_late_for_its_share_but_not_for_its_job_is_not_lost():
+    share_missed = view("call", end=0.05, remaining=10)  # its share of the job's time: cannot make it
+    assert classify([share_missed], 0.0, step_time)[1]["call"] == Group.LOST
+    job_ok = SloView(request_id="call", running=True, num_tokens=10, blocks=1, remaining=10, end_due=0.05,
+                     hard_due=5.0)  # the job's deadline itself is far
+    margins, groups = classify([job_ok], 0.0, step_time)
+    assert groups["call"] == Group.URGENT and margins["call"] < 0  # behind its share: served first, not dropped
+
+
+def test_engine_publishes_a_job_calls_margin_against_the_job_deadline():
+    clock = Clock()
+    e = sim_engine(num_blocks=64, policy=JitBatchPolicy(clock, step_time, LengthPrior(), estimator="oracle"))
+    e.add_request(req("c", 10, 11, Objective(job_id="j", job_deadline_ms=4000, job_calls_left=4)))
+    e.step()
+    (c,) = e.load().running
+    assert c.slo_margin_end_s == pytest.approx(4.0 - (0.01 + 9 * 0.01))  # not the 1 s share
