@@ -38,6 +38,11 @@ MIGRATE_OUT = _policies("migrate_out", {
     "lowest_priority": "policies.selection:select_lowest_priority",
     "waiting_head": "policies.selection:select_waiting_head",
 })
+PREEMPTION_MODE = _policies("preemption_mode", {
+    "cost": "policies.switching:by_cost",
+    "recompute": "policies.switching:always_recompute",
+    "swap": "policies.switching:always_swap",
+})
 SCALING = _policies("scaling", {
     "freeness": "policies.scaling:scale_by_freeness",
     "none": "policies.scaling:scale_never",

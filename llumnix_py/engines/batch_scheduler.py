@@ -3,21 +3,25 @@
 Each step every running request decodes one token and waiting requests are
 admitted (prefilled, whole) while blocks, the batch-size limit and the
 batched-token budget allow. When a running request needs a block and none is
-free, an injected policy picks a victim to preempt (by recomputation: its blocks
-are freed and it goes back to the waiting queue). The planner only plans; the
-engine core executes and applies.
+free, an injected policy picks a victim to preempt, and a second injected policy
+(``policies.switching``) picks how: by recomputation (its blocks are freed and it
+goes back to the waiting queue to prefill again) or by swapping (its blocks move to
+the host pool and come back, whole, when it is readmitted; FastSwitch,
+arXiv:2411.18424). The planner only plans, copies included; the engine core
+executes and applies.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable, Sequence as Seq
+from typing import Callable, Optional, Sequence as Seq
 
-from llumnix_py.engines.block_manager import BlockManager
+from llumnix_py.engines.block_manager import BlockManager, copy_runs
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.types import SeqStatus
 from llumnix_py.errors import UnknownPolicyError
+from policies.switching import PreemptionMode, SwitchCosts, SwitchFn, SwitchView, always_recompute
 
 VictimPolicy = Callable[[Seq[Sequence]], Sequence]
 
@@ -50,11 +54,17 @@ class StepPlan:
         decodes: running requests feeding their last token (block already appended).
         prefills: requests admitted this step (all their tokens are fed).
         preempted: requests moved back to the waiting queue while planning.
+        swap_out: (device blocks, host blocks) of each request swapped out while planning;
+            the device blocks are already free, so the copy must run before the step.
+        swap_in: (host blocks, device blocks) of each swapped request readmitted; it is in
+            ``decodes`` and its KV must land before the step reads it.
     """
 
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -71,12 +81,20 @@ class BatchScheduler:
         max_batch_size: int,
         max_batched_tokens: int,
         victim_policy: VictimPolicy = newest_victim,
+        host: Optional[BlockManager] = None,
+        switch_policy: SwitchFn = always_recompute,
+        switch_costs: Optional[SwitchCosts] = None,
+        group_copies: bool = True,
     ) -> None:
         self.blocks = blocks
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
         self.victim_policy = victim_policy
+        self.host = host  # the host swap pool; None: preemption always recomputes
+        self.switch_policy = switch_policy
+        self.switch_costs = switch_costs or SwitchCosts(0.0, 1.0, 0.0, 0)  # the core refreshes it
+        self.group_copies = group_copies
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
 
@@ -94,9 +112,14 @@ class BatchScheduler:
             self.running.remove(seq)
 
     def free_blocks_of(self, seq: Sequence) -> None:
+        """Free the request's blocks on both pools."""
         if seq.block_table:
             self.blocks.free(("seq", seq.request_id), seq.block_table)
             seq.block_table = []
+        if seq.host_table:
+            assert self.host is not None
+            self.host.free(("swap", seq.request_id), seq.host_table)
+            seq.host_table = []
 
     def preempt(self, seq: Sequence) -> None:
         """Preempt by recomputation: free blocks, back to the waiting queue."""
@@ -105,6 +128,44 @@ class BatchScheduler:
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.enqueue(seq)
+
+    def switch_view(self, seq: Sequence) -> SwitchView:
+        """What the switch policy sees of a running request about to be preempted."""
+        kept = seq.block_table[:cdiv(seq.num_computed, self.block_size)]
+        return SwitchView(
+            request_id=seq.request_id, num_tokens=seq.num_tokens, num_blocks=len(kept),
+            num_copies=len(copy_runs(kept, range(len(kept)), self.group_copies)),
+            host_free_blocks=self.host.num_free if self.host is not None else 0)
+
+    def switch_out(self, seq: Sequence, plan: StepPlan) -> PreemptionMode:
+        """Preempt a running request the way the switch policy picks; a swap records its
+        copy in ``plan.swap_out``. A swap the host pool cannot take recomputes."""
+        mode = self.switch_policy(self.switch_view(seq), self.switch_costs) if self.host is not None \
+            else PreemptionMode.RECOMPUTE
+        kept = seq.block_table[:cdiv(seq.num_computed, self.block_size)]
+        host_ids = self.host.allocate(("swap", seq.request_id), len(kept)) \
+            if mode == PreemptionMode.SWAP and kept and self.host is not None else None
+        if host_ids is None:
+            self.preempt(seq)
+            return PreemptionMode.RECOMPUTE
+        self.running.remove(seq)
+        self.blocks.free(("seq", seq.request_id), seq.block_table)  # the copy runs before the step
+        plan.swap_out.append((kept, host_ids))
+        seq.block_table = []
+        seq.host_table = host_ids
+        seq.num_preemptions += 1
+        self.enqueue(seq)
+        return PreemptionMode.SWAP
+
+    def admit_tokens(self, seq: Sequence) -> int:
+        """Tokens a waiting request feeds when admitted: one for a swapped request (its
+        KV comes back from the host pool), its whole sequence otherwise."""
+        return 1 if seq.host_table else seq.num_tokens
+
+    def admit_blocks(self, seq: Sequence) -> int:
+        if seq.host_table:
+            return cdiv(seq.num_computed + 1, self.block_size)
+        return cdiv(seq.num_tokens, self.block_size)
 
     # ----- planning ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -117,9 +178,9 @@ class BatchScheduler:
         finished (a re-prefill after preemption grows past the budget with its outputs).
         """
         plan = StepPlan()
-        if self.waiting and self.waiting[0].num_tokens > self.max_batched_tokens - len(self.running):
-            self._plan_prefills(plan, budget=self.waiting[0].num_tokens)  # the head alone, if it fits
-            if plan.prefills:
+        if self.waiting and self.admit_tokens(self.waiting[0]) > self.max_batched_tokens - len(self.running):
+            self._plan_prefills(plan, budget=self.admit_tokens(self.waiting[0]))  # the head alone, if it fits
+            if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan)
         if not plan.preempted:
@@ -139,7 +200,7 @@ class BatchScheduler:
                     need = 0
                     break
                 victim = self.victim_policy([s for s in self.running])
-                self.preempt(victim)
+                self.switch_out(victim, plan)
                 plan.preempted.append(victim)
                 if victim in plan.decodes:
                     plan.decodes.remove(victim)
@@ -153,24 +214,30 @@ class BatchScheduler:
         for seq in self.waiting:  # head first; FCFS: stop at the first that does not fit
             if self.max_batch_size and len(self.running) + len(admitted) >= self.max_batch_size:
                 break
-            n = seq.num_tokens
+            n = self.admit_tokens(seq)
             if n > budget:
                 break
-            got = self.blocks.allocate(("seq", seq.request_id), cdiv(n, self.block_size))
+            got = self.blocks.allocate(("seq", seq.request_id), self.admit_blocks(seq))
             if got is None:
                 break
             seq.block_table = got
-            seq.num_computed = 0
+            if seq.host_table:  # swap in: the KV returns, the request decodes on
+                plan.swap_in.append((seq.host_table, got[:len(seq.host_table)]))
+                assert self.host is not None
+                self.host.free(("swap", seq.request_id), seq.host_table)  # the copy runs before the step
+                seq.host_table = []
+            else:
+                seq.num_computed = 0
             admitted.append(seq)
             budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-        plan.prefills = admitted
+            (plan.decodes if seq.num_computed else plan.prefills).append(seq)
 
     def head_blocked(self) -> bool:
         """True when the head of the queue waits for blocks (fragmentation signal)."""
         if not self.waiting:
             return False
-        return not self.blocks.can_allocate(cdiv(self.waiting[0].num_tokens, self.block_size))
+        return not self.blocks.can_allocate(self.admit_blocks(self.waiting[0]))

@@ -129,3 +129,28 @@ class BlockManager:
                 counts[o] = counts.get(o, 0) + 1
         assert counts == self._owned_count, "per-owner counts disagree"
         assert self.num_free + sum(counts.values()) == self.num_blocks
+
+
+CopyRun = tuple[int, int, int]  # (first source block, first destination block, number of blocks)
+
+
+def copy_runs(src_ids: Iterable[int], dst_ids: Iterable[int], grouped: bool = True) -> list[CopyRun]:
+    """Split a block-to-block copy into runs that are contiguous on both sides.
+
+    ``grouped=False`` gives one run per block (a copy per block, as vLLM's ``swap_blocks``
+    issues); ``grouped=True`` merges neighbours, so a block group moves in one copy::
+
+        src 4 5 6 9 10   dst 0 1 2 3 4   ->  (4, 0, 3), (9, 3, 2)
+    """
+    src, dst = list(src_ids), list(dst_ids)
+    if len(src) != len(dst):
+        raise BlockManagerError(f"copy of {len(src)} blocks into {len(dst)}")
+    runs: list[CopyRun] = []
+    for s, d in zip(src, dst):
+        if grouped and runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs

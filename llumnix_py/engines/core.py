@@ -15,6 +15,7 @@ from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get
 from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.sequence import Sequence, cdiv
+from llumnix_py.engines.swap import Swapper
 from llumnix_py.engines.types import (
     FinishReason,
     MigrationRequestState,
@@ -27,6 +28,7 @@ from llumnix_py.engines.types import (
 )
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
 from llumnix_py.load import InstanceLoad
+from policies.registry import PREEMPTION_MODE
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class EngineConfig:
             runs alone, the running requests waiting one step).
         eos_token_id: end-of-sequence token (ignored with ``ignore_eos``); None for none.
         preemption_policy: name of the victim policy (``newest``, ``largest``).
+        num_host_blocks: blocks of the host swap pool (0: preemption always recomputes).
+        preemption_mode: name of the policy that picks, per preemption, recompute or swap
+            (``policies.switching``: ``cost``, ``recompute``, ``swap``).
+        group_copies: swap copies move contiguous runs of blocks in one copy (False: one
+            copy per block, as vLLM's swap).
     """
 
     num_blocks: int = 512
@@ -51,6 +58,9 @@ class EngineConfig:
     max_batched_tokens: int = 4096
     eos_token_id: Optional[int] = None
     preemption_policy: str = "newest"
+    num_host_blocks: int = 0
+    preemption_mode: str = "cost"
+    group_copies: bool = True
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 1:
@@ -62,6 +72,10 @@ class EngineConfig:
         if self.max_batch_size <= 0 or self.max_batched_tokens <= 0:
             raise ValueError("max_batch_size and max_batched_tokens must be positive")
         get_preemption_policy(self.preemption_policy)
+        if isinstance(self.num_host_blocks, bool) or not isinstance(self.num_host_blocks, int) \
+                or self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be an integer >= 0, got {self.num_host_blocks!r}")
+        PREEMPTION_MODE.check_name(self.preemption_mode)
 
     @property
     def watermark_blocks(self) -> int:
@@ -75,12 +89,19 @@ class EngineCore(EngineAdapter):
         self.config = config
         self.executor = executor
         self.blocks = BlockManager(config.num_blocks, config.watermark_blocks)
+        # The host swap pool, as big as the executor's host tensor (none without one).
+        self.host = BlockManager(executor.num_host_blocks) if executor.num_host_blocks else None
+        self.swapper = Swapper(executor, grouped=config.group_copies)
         self.scheduler = BatchScheduler(
             self.blocks,
             config.block_size,
             config.max_batch_size,
             config.max_batched_tokens,
             victim_policy or get_preemption_policy(config.preemption_policy),
+            host=self.host,
+            switch_policy=PREEMPTION_MODE.get(config.preemption_mode),
+            switch_costs=self.swapper.meter.costs(),
+            group_copies=config.group_copies,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
@@ -158,17 +179,22 @@ class EngineCore(EngineAdapter):
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def step(self) -> StepOutput:
+        self.scheduler.switch_costs = self.swapper.meter.costs()
         plan = self.scheduler.schedule()
+        copy_s = self.swapper.run(plan)  # synchronous: the KV has landed before the step reads it
         outgrown = self._finish_outgrown()
         if plan.empty:
-            return StepOutput(outputs=tuple(outgrown), preempted=tuple(s.request_id for s in plan.preempted))
+            return StepOutput(outputs=tuple(outgrown), duration_s=copy_s,
+                              preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
         done = self.executor.execute_full(work)
+        if plan.prefills and not plan.decodes:
+            self.swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
             outputs=tuple(outputs),
-            duration_s=done.duration_s,
+            duration_s=done.duration_s + copy_s,
             num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
@@ -364,3 +390,11 @@ class EngineCore(EngineAdapter):
             assert s.status == SeqStatus.RUNNING and self.seqs.get(s.request_id) is s
         for s in self.scheduler.waiting:
             assert s.status == SeqStatus.WAITING and not s.block_table and self.seqs.get(s.request_id) is s
+        for s in self.scheduler.running:
+            assert not s.host_table, f"running request {s.request_id} still holds host blocks"
+        if self.host is not None:  # the same invariant on the host pool
+            self.host.check_invariants()
+            swapped = {("swap", s.request_id): len(s.host_table) for s in self.seqs.values() if s.host_table}
+            assert self.host.owners() == swapped, f"host owners {self.host.owners()} != swapped {swapped}"
+        else:
+            assert not any(s.host_table for s in self.seqs.values())

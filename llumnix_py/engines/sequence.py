@@ -38,6 +38,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    host_table: list[int] = field(default_factory=list)  # host-pool blocks while swapped out
     num_computed: int = 0
     num_preemptions: int = 0
     finish_reason: Optional[FinishReason] = None

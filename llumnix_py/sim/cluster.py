@@ -180,7 +180,7 @@ class SimCluster:
         return iid
 
     def _start_instance(self, iid: str) -> None:
-        engine = EngineCore(self.engine_config, SimExecutor(self.profile))
+        engine = EngineCore(self.engine_config, SimExecutor(self.profile, num_host_blocks=self.engine_config.num_host_blocks))
         cfg = self.config
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
                                          max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine)
