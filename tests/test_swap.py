@@ -168,3 +168,25 @@ def test_fewer_copies_never_make_a_swap_dearer(view, costs):
     assert swap_time(grouped, costs) <= swap_time(view, costs)
     if by_cost(view, costs) == PreemptionMode.SWAP:
         assert by_cost(grouped, costs) == PreemptionMode.SWAP
+
+
+def test_block_groups_cut_the_copies_of_the_same_swaps():
+    """The same workload swaps the same blocks; with groups they move in fewer, larger copies."""
+    requests = make_requests(6, seed=8, max_tokens=30, prompt_len=(20, 40))
+    meters, sizes = {}, {}
+    for groups in (True, False):
+        e = make_engine("sim", num_blocks=40, block_size=4, watermark=0.0, num_host_blocks=200,
+                        preemption_mode="swap", block_groups=groups, group_copies=groups)
+        seen: dict[int, int] = {}
+        for r in requests:
+            e.add_request(r)
+        while e.has_unfinished():
+            e.step()
+            e.check_invariants()
+            for n, c in e.group_sizes().items():
+                seen[n] = seen.get(n, 0) + c
+        meters[groups], sizes[groups] = e.swapper.meter, seen
+    assert meters[True].blocks_copied > 0 and meters[False].blocks_copied > 0
+    assert meters[False].copies == meters[False].blocks_copied  # one copy per block
+    assert meters[True].copies < meters[False].copies
+    assert max(sizes[True]) > 1 and max(sizes[False]) >= 1

@@ -194,7 +194,8 @@ class BatchScheduler:
                 continue  # preempted earlier in this loop
             need = cdiv(seq.num_computed + 1, self.block_size) - len(seq.block_table)
             while need > 0:
-                got = self.blocks.allocate(("seq", seq.request_id), need, respect_watermark=False)
+                got = self.blocks.allocate(("seq", seq.request_id), need, respect_watermark=False,
+                                           after=seq.block_table[-1] if seq.block_table else None)
                 if got is not None:
                     seq.block_table.extend(got)
                     need = 0

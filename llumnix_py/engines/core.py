@@ -49,6 +49,8 @@ class EngineConfig:
             (``policies.switching``: ``cost``, ``recompute``, ``swap``).
         group_copies: swap copies move contiguous runs of blocks in one copy (False: one
             copy per block, as vLLM's swap).
+        block_groups: the block managers hand out contiguous runs of blocks when they are
+            free (False: single blocks off the free stack, as vLLM's).
     """
 
     num_blocks: int = 512
@@ -61,6 +63,7 @@ class EngineConfig:
     num_host_blocks: int = 0
     preemption_mode: str = "cost"
     group_copies: bool = True
+    block_groups: bool = True
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 1:
@@ -88,9 +91,10 @@ class EngineCore(EngineAdapter):
     def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None) -> None:
         self.config = config
         self.executor = executor
-        self.blocks = BlockManager(config.num_blocks, config.watermark_blocks)
+        self.blocks = BlockManager(config.num_blocks, config.watermark_blocks, groups=config.block_groups)
         # The host swap pool, as big as the executor's host tensor (none without one).
-        self.host = BlockManager(executor.num_host_blocks) if executor.num_host_blocks else None
+        self.host = BlockManager(executor.num_host_blocks, groups=config.block_groups) \
+            if executor.num_host_blocks else None
         self.swapper = Swapper(executor, grouped=config.group_copies)
         self.scheduler = BatchScheduler(
             self.blocks,
@@ -266,6 +270,15 @@ class EngineCore(EngineAdapter):
             reserved_blocks=sum(len(v) for v in self._prealloc.values()),
             max_batch_size=self.config.max_batch_size,
         )
+
+    def group_sizes(self) -> dict[int, int]:
+        """Group size (blocks in a contiguous run of a block table) -> how many such groups
+        the running requests hold: how well block groups hold up under load."""
+        sizes: dict[int, int] = {}
+        for s in self.scheduler.running:
+            for n in self.blocks.runs_of(s.block_table):
+                sizes[n] = sizes.get(n, 0) + 1
+        return sizes
 
     def request_ids(self) -> list[str]:
         return list(self.seqs)
