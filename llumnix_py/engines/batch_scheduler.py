@@ -56,15 +56,16 @@ class StepPlan:
         preempted: requests moved back to the waiting queue while planning.
         swap_out: (device blocks, host blocks) of each request swapped out while planning;
             the device blocks are already free, so the copy must run before the step.
-        swap_in: (host blocks, device blocks) of each swapped request readmitted; it is in
-            ``decodes`` and its KV must land before the step reads it.
+        swap_in: (request id, host blocks, device blocks) of each swapped request readmitted.
+            Synchronous: it is in ``decodes`` and its KV lands before the step. Asynchronous:
+            it waits in ``BatchScheduler.landing`` until its copy has landed (``land``).
     """
 
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    swap_in: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -85,6 +86,7 @@ class BatchScheduler:
         switch_policy: SwitchFn = always_recompute,
         switch_costs: Optional[SwitchCosts] = None,
         group_copies: bool = True,
+        async_swap_in: bool = False,
     ) -> None:
         self.blocks = blocks
         self.block_size = block_size
@@ -95,6 +97,8 @@ class BatchScheduler:
         self.switch_policy = switch_policy
         self.switch_costs = switch_costs or SwitchCosts(0.0, 1.0, 0.0, 0)  # the core refreshes it
         self.group_copies = group_copies
+        self.async_swap_in = async_swap_in
+        self.landing: list[Sequence] = []  # swapped in, copy in flight: not runnable yet
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
 
@@ -106,7 +110,9 @@ class BatchScheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a request out of the queue or the batch (abort, finish, freeze)."""
-        if seq.status == SeqStatus.WAITING:
+        if seq in self.landing:
+            self.landing.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
@@ -223,19 +229,32 @@ class BatchScheduler:
                 break
             seq.block_table = got
             if seq.host_table:  # swap in: the KV returns, the request decodes on
-                plan.swap_in.append((seq.host_table, got[:len(seq.host_table)]))
-                assert self.host is not None
-                self.host.free(("swap", seq.request_id), seq.host_table)  # the copy runs before the step
-                seq.host_table = []
+                plan.swap_in.append((seq.request_id, seq.host_table, got[:len(seq.host_table)]))
+                if not self.async_swap_in:  # the copy runs before the step
+                    assert self.host is not None
+                    self.host.free(("swap", seq.request_id), seq.host_table)
+                    seq.host_table = []
             else:
                 seq.num_computed = 0
             admitted.append(seq)
             budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
+            if seq.host_table:  # asynchronous swap-in: runnable once ``land``ed
+                self.landing.append(seq)
+                continue
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             (plan.decodes if seq.num_computed else plan.prefills).append(seq)
+
+    def land(self, seq: Sequence) -> None:
+        """A swap-in's copy has landed: free its host blocks; it runs from the next plan."""
+        self.landing.remove(seq)
+        assert self.host is not None
+        self.host.free(("swap", seq.request_id), seq.host_table)
+        seq.host_table = []
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def head_blocked(self) -> bool:
         """True when the head of the queue waits for blocks (fragmentation signal)."""

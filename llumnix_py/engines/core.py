@@ -13,6 +13,7 @@ from typing import Optional, Sequence as Seq
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get_preemption_policy
 from llumnix_py.engines.block_manager import BlockManager
+from llumnix_py.engines.copier import Copier
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.swap import Swapper
@@ -51,6 +52,9 @@ class EngineConfig:
             copy per block, as vLLM's swap).
         block_groups: the block managers hand out contiguous runs of blocks when they are
             free (False: single blocks off the free stack, as vLLM's).
+        async_swap: swap copies run on the executor's copier (a copy thread, or the
+            simulator's virtual clock) beside the steps; a swapped-in request runs once its
+            copy has landed (False: every copy completes before the step).
     """
 
     num_blocks: int = 512
@@ -64,6 +68,7 @@ class EngineConfig:
     preemption_mode: str = "cost"
     group_copies: bool = True
     block_groups: bool = True
+    async_swap: bool = False
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 1:
@@ -88,14 +93,17 @@ class EngineConfig:
 class EngineCore(EngineAdapter):
     """An engine instance: block manager + batching scheduler + executor."""
 
-    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None,
+                 copier: Optional[Copier] = None) -> None:
         self.config = config
         self.executor = executor
         self.blocks = BlockManager(config.num_blocks, config.watermark_blocks, groups=config.block_groups)
         # The host swap pool, as big as the executor's host tensor (none without one).
         self.host = BlockManager(executor.num_host_blocks, groups=config.block_groups) \
             if executor.num_host_blocks else None
-        self.swapper = Swapper(executor, grouped=config.group_copies)
+        if config.async_swap and copier is None:
+            copier = executor.make_copier()
+        self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
         self.scheduler = BatchScheduler(
             self.blocks,
             config.block_size,
@@ -106,6 +114,7 @@ class EngineCore(EngineAdapter):
             switch_policy=PREEMPTION_MODE.get(config.preemption_mode),
             switch_costs=self.swapper.meter.costs(),
             group_copies=config.group_copies,
+            async_swap_in=config.async_swap,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
@@ -171,6 +180,9 @@ class EngineCore(EngineAdapter):
         self._drop(seq, FinishReason.ABORT)
 
     def _drop(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.request_id in self.swapper.landing:  # its copy writes its blocks: let it land first
+            self.swapper.wait_landing(seq.request_id)
+            self.swapper.landed()
         if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             self.scheduler.remove(seq)
         self.scheduler.free_blocks_of(seq)
@@ -180,29 +192,58 @@ class EngineCore(EngineAdapter):
         self._mig_epoch.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
+
+    def close(self) -> None:
+        """Let copies in flight land and stop the copy thread, if any."""
+        self.swapper.close()
 
     def step(self) -> StepOutput:
-        self.scheduler.switch_costs = self.swapper.meter.costs()
+        """Plan, copy, execute, apply. Asynchronous swaps: land finished swap-ins first (they
+        join this plan), queue this plan's copies, wait only for swap-outs whose device blocks
+        the step touches, and for all swap-outs before returning."""
+        swapper, asynchronous = self.swapper, self.swapper.copier is not None
+        waited = 0.0
+        if asynchronous:
+            self._land()
+        self.scheduler.switch_costs = swapper.meter.costs()
         plan = self.scheduler.schedule()
-        copy_s = self.swapper.run(plan)  # synchronous: the KV has landed before the step reads it
+        if asynchronous:
+            swapper.submit(plan)
+            copy_s = 0.0
+        else:
+            copy_s = swapper.run(plan)  # synchronous: the KV has landed before the step reads it
         outgrown = self._finish_outgrown()
         if plan.empty:
-            return StepOutput(outputs=tuple(outgrown), duration_s=copy_s,
+            if asynchronous:
+                waited += swapper.wait_all_outs()
+                if self.scheduler.landing and not self.scheduler.running:
+                    waited += swapper.wait_landing()  # nothing else to run: wait for the oldest
+                    self._land()
+            return StepOutput(outputs=tuple(outgrown), duration_s=copy_s + waited,
                               preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
+        if asynchronous:
+            waited += swapper.wait_outs({b for w in work for b in w.block_table})
         done = self.executor.execute_full(work)
+        if asynchronous:
+            swapper.copier.advance(done.duration_s)
+            waited += swapper.wait_all_outs()
         if plan.prefills and not plan.decodes:
-            self.swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
+            swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
             outputs=tuple(outputs),
-            duration_s=done.duration_s + copy_s,
+            duration_s=done.duration_s + copy_s + waited,
             num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
         )
+
+    def _land(self) -> None:
+        for rid in self.swapper.landed():
+            self.scheduler.land(self.seqs[rid])
 
     def _finish_outgrown(self) -> list[RequestOutput]:
         """End waiting requests that grew (by preemption) beyond what this instance can ever hold."""
@@ -260,6 +301,7 @@ class EngineCore(EngineAdapter):
         bs = self.block_size
         running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
         running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
+        running += [s.to_load(bs, migrating=True) for s in self.scheduler.landing]  # pinned until landed
         return InstanceLoad(
             total_blocks=self.config.num_blocks,
             used_blocks=self.blocks.num_used,
@@ -298,7 +340,8 @@ class EngineCore(EngineAdapter):
 
     def freeze(self, request_id: str) -> Optional[MigrationRequestState]:
         seq = self.seqs.get(request_id)
-        if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.WAITING):
+        if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.WAITING) \
+                or request_id in self.swapper.landing:  # its swap-in is still writing its blocks
             return None
         epoch = self._mig_epoch.get(request_id)
         if seq.status == SeqStatus.RUNNING and epoch is not None and epoch != seq.num_preemptions:
@@ -403,6 +446,8 @@ class EngineCore(EngineAdapter):
             assert s.status == SeqStatus.RUNNING and self.seqs.get(s.request_id) is s
         for s in self.scheduler.waiting:
             assert s.status == SeqStatus.WAITING and not s.block_table and self.seqs.get(s.request_id) is s
+        for s in self.scheduler.landing:
+            assert s.host_table and s.block_table and s.request_id in self.swapper.landing
         for s in self.scheduler.running:
             assert not s.host_table, f"running request {s.request_id} still holds host blocks"
         if self.host is not None:  # the same invariant on the host pool

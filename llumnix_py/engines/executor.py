@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from llumnix_py.engines.block_manager import CopyRun
+from llumnix_py.engines.copier import Copier, ThreadCopier
 from llumnix_py.engines.types import SamplingParams, TokenLogprob
 from policies.switching import SwitchCosts
 
@@ -118,6 +119,10 @@ class Executor(abc.ABC):
     def swap_in(self, runs: Sequence[CopyRun]) -> float:
         """Copy host blocks to device blocks, one copy per run ``(host, device, n)``."""
         raise NotImplementedError(f"{type(self).__name__} has no host swap pool")
+
+    def make_copier(self) -> Copier:
+        """Where this executor's asynchronous swap copies run (a copy thread by default)."""
+        return ThreadCopier()
 
     def switch_cost_prior(self) -> SwitchCosts:
         """What a swap and a recompute cost before any was observed (``SwitchMeter``)."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from llumnix_py.engines.block_manager import CopyRun, copy_runs
+from llumnix_py.engines.copier import Copier, CopyTicket
 from policies.switching import SwitchCosts
 
 if TYPE_CHECKING:
@@ -67,27 +68,102 @@ class Swapper:
     """Runs a plan's swap copies on the executor, swap-outs first (their device blocks
     are already free in the books and may be handed to a swap-in of the same plan).
 
+    Synchronous (no ``copier``): ``run`` copies everything before the step. Asynchronous:
+    ``submit`` queues the copies on the copier (FIFO) and returns at once.
+
+    * A swap-out's device blocks are free in the books, so before a step reads or writes
+      one of them its copy must have landed: ``wait_outs(blocks)`` before the step, and
+      ``wait_all_outs()`` before the step returns, so no block of a finished step is
+      still being read (a migration may write into a freed block next).
+    * A swap-in's request is not runnable until its copy has landed (``landed``); its
+      host blocks stay owned until then, and its device blocks are its own.
+
     Args:
         executor: owns the device and host KV pools.
         grouped: merge contiguous blocks into one copy (False: one copy per block).
+        copier: where asynchronous copies run; ``None``: synchronous.
     """
 
-    def __init__(self, executor: "Executor", grouped: bool = True) -> None:
+    def __init__(self, executor: "Executor", grouped: bool = True, copier: Optional["Copier"] = None) -> None:
         self.executor = executor
         self.grouped = grouped
+        self.copier = copier
         self.meter = SwitchMeter(executor.switch_cost_prior())
+        self.landing: dict[str, tuple[CopyTicket, list[CopyRun]]] = {}  # swap-ins in flight, in order
+        self._outs: list[tuple[set[int], CopyTicket, list[CopyRun]]] = []  # swap-outs in flight
+        self._started = False
 
     def run(self, plan: "StepPlan") -> float:
-        """Copy everything ``plan`` swaps; the copies' time in seconds."""
+        """Copy everything ``plan`` swaps, now; the copies' time in seconds."""
         total = 0.0
         for dev, host in plan.swap_out:
             runs = copy_runs(dev, host, self.grouped)
             seconds = self.executor.swap_out(runs)
             self.meter.observe_copy(runs, seconds)
             total += seconds
-        for host, dev in plan.swap_in:
+        for _, host, dev in plan.swap_in:
             runs = copy_runs(host, dev, self.grouped)
             seconds = self.executor.swap_in(runs)
             self.meter.observe_copy(runs, seconds)
             total += seconds
         return total
+
+    # ----- asynchronous ------------------------------------------------------------------
+    def submit(self, plan: "StepPlan") -> None:
+        assert self.copier is not None
+        if not self._started:  # the copy thread starts with the first copy, not in a constructor
+            start = getattr(self.copier, "start", None)
+            if start is not None:
+                start()
+            self._started = True
+        ex = self.executor
+        for dev, host in plan.swap_out:
+            runs = copy_runs(dev, host, self.grouped)
+            self._outs.append((set(dev), self.copier.submit(lambda r=runs: ex.swap_out(r)), runs))
+        for rid, host, dev in plan.swap_in:
+            runs = copy_runs(host, dev, self.grouped)
+            self.landing[rid] = (self.copier.submit(lambda r=runs: ex.swap_in(r)), runs)
+
+    def wait_outs(self, blocks: set[int]) -> float:
+        """Wait for the swap-outs still reading any of ``blocks``; the seconds waited."""
+        waited = 0.0
+        for entry in list(self._outs):
+            if entry[0] & blocks:
+                waited += self._finish_out(entry)
+        return waited
+
+    def wait_all_outs(self) -> float:
+        waited = 0.0
+        for entry in list(self._outs):
+            waited += self._finish_out(entry)
+        return waited
+
+    def _finish_out(self, entry: tuple[set[int], CopyTicket, list[CopyRun]]) -> float:
+        _, ticket, runs = entry
+        waited = ticket.wait()
+        self._outs.remove(entry)
+        self.meter.observe_copy(runs, ticket.seconds)
+        return waited
+
+    def landed(self) -> list[str]:
+        """Request ids whose swap-in has landed since the last call, in submission order."""
+        out = [rid for rid, (ticket, _) in self.landing.items() if ticket.done()]
+        for rid in out:
+            ticket, runs = self.landing.pop(rid)
+            self.meter.observe_copy(runs, ticket.seconds)
+        return out
+
+    def wait_landing(self, request_id: Optional[str] = None) -> float:
+        """Wait for one swap-in (the oldest when ``request_id`` is None) to land; it is then
+        reported by ``landed``. The seconds waited."""
+        if not self.landing:
+            return 0.0
+        rid = request_id if request_id is not None else next(iter(self.landing))
+        return self.landing[rid][0].wait()
+
+    def close(self) -> None:
+        if self.copier is not None:
+            self.wait_all_outs()
+            for ticket, _ in list(self.landing.values()):
+                ticket.wait()
+            self.copier.close()

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Optional, Sequence
 
 from llumnix_py.engines.block_manager import CopyRun
+from llumnix_py.engines.copier import VirtualCopier
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.seeding import MASK64, splitmix64
 from llumnix_py.engines.seeding import request_seed as request_key
@@ -111,6 +112,10 @@ class SimExecutor(Executor):
 
     def swap_in(self, runs: Sequence[CopyRun]) -> float:
         return self._profile.host_copy_time(sum(n for _, _, n in runs), len(runs) * self.copy_segments)
+
+    def make_copier(self) -> VirtualCopier:
+        """Copies take their cost-model time on a virtual clock, beside the steps."""
+        return VirtualCopier()
 
     def switch_cost_prior(self) -> SwitchCosts:
         """The cost model's own figures (prefill per token from a 1,024-token re-prefill)."""
