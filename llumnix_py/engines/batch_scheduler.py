@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence as Seq
 
 from llumnix_py.engines.block_manager import BlockManager, copy_runs
+from llumnix_py.engines.conversations import ConversationStore
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.types import SeqStatus
 from llumnix_py.errors import UnknownPolicyError
@@ -66,6 +67,8 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)
     swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
     swap_in: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    restore: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (host, device): a
+    # conversation's stored prefix for a new turn, copied before the step (its prefill skips it)
 
     @property
     def empty(self) -> bool:
@@ -87,6 +90,7 @@ class BatchScheduler:
         switch_costs: Optional[SwitchCosts] = None,
         group_copies: bool = True,
         async_swap_in: bool = False,
+        conversations: Optional[ConversationStore] = None,
     ) -> None:
         self.blocks = blocks
         self.block_size = block_size
@@ -98,6 +102,7 @@ class BatchScheduler:
         self.switch_costs = switch_costs or SwitchCosts(0.0, 1.0, 0.0, 0)  # the core refreshes it
         self.group_copies = group_copies
         self.async_swap_in = async_swap_in
+        self.conversations = conversations
         self.landing: list[Sequence] = []  # swapped in, copy in flight: not runnable yet
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
@@ -141,7 +146,13 @@ class BatchScheduler:
         return SwitchView(
             request_id=seq.request_id, num_tokens=seq.num_tokens, num_blocks=len(kept),
             num_copies=len(copy_runs(kept, range(len(kept)), self.group_copies)),
-            host_free_blocks=self.host.num_free if self.host is not None else 0)
+            host_free_blocks=self._host_room())
+
+    def _host_room(self) -> int:
+        """Host blocks a swap-out may take: free ones and those stored turns would give up."""
+        if self.host is None:
+            return 0
+        return self.host.num_free + (self.conversations.num_blocks if self.conversations is not None else 0)
 
     def switch_out(self, seq: Sequence, plan: StepPlan) -> PreemptionMode:
         """Preempt a running request the way the switch policy picks; a swap records its
@@ -149,6 +160,8 @@ class BatchScheduler:
         mode = self.switch_policy(self.switch_view(seq), self.switch_costs) if self.host is not None \
             else PreemptionMode.RECOMPUTE
         kept = seq.block_table[:cdiv(seq.num_computed, self.block_size)]
+        if mode == PreemptionMode.SWAP and self.conversations is not None:
+            self.conversations.make_room(len(kept))  # a running request outranks a stored turn
         host_ids = self.host.allocate(("swap", seq.request_id), len(kept)) \
             if mode == PreemptionMode.SWAP and kept and self.host is not None else None
         if host_ids is None:
@@ -165,8 +178,19 @@ class BatchScheduler:
 
     def admit_tokens(self, seq: Sequence) -> int:
         """Tokens a waiting request feeds when admitted: one for a swapped request (its
-        KV comes back from the host pool), its whole sequence otherwise."""
-        return 1 if seq.host_table else seq.num_tokens
+        KV comes back from the host pool), its sequence less a restored conversation
+        prefix otherwise."""
+        if seq.host_table:
+            return 1
+        return seq.num_tokens - self.reusable_blocks(seq) * self.block_size
+
+    def reusable_blocks(self, seq: Sequence) -> int:
+        """Blocks of the request's conversation's stored turn that its tokens share."""
+        if self.conversations is None or not seq.conversation_id or seq.conversation_id not in self.conversations:
+            return 0
+        if seq.sampling.prompt_logprobs is not None and not seq.output_token_ids:
+            return 0  # the prompt's log probabilities need the whole prompt computed
+        return self.conversations.reusable_blocks(seq.conversation_id, seq.all_token_ids())
 
     def admit_blocks(self, seq: Sequence) -> int:
         if seq.host_table:
@@ -228,6 +252,7 @@ class BatchScheduler:
             if got is None:
                 break
             seq.block_table = got
+            decodes = bool(seq.host_table)
             if seq.host_table:  # swap in: the KV returns, the request decodes on
                 plan.swap_in.append((seq.request_id, seq.host_table, got[:len(seq.host_table)]))
                 if not self.async_swap_in:  # the copy runs before the step
@@ -235,17 +260,30 @@ class BatchScheduler:
                     self.host.free(("swap", seq.request_id), seq.host_table)
                     seq.host_table = []
             else:
-                seq.num_computed = 0
-            admitted.append(seq)
+                seq.num_computed = self._restore(seq, got, plan)
+            admitted.append((seq, decodes))
             budget -= n
-        for seq in admitted:
+        for seq, decodes in admitted:
             self.waiting.remove(seq)
             if seq.host_table:  # asynchronous swap-in: runnable once ``land``ed
                 self.landing.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            (plan.decodes if seq.num_computed else plan.prefills).append(seq)
+            (plan.decodes if decodes else plan.prefills).append(seq)
+
+    def _restore(self, seq: Sequence, got: list[int], plan: StepPlan) -> int:
+        """Restore the shared prefix of the request's conversation into its first blocks;
+        the tokens it covers (0 when nothing is reused). The stored turn is consumed."""
+        k = self.reusable_blocks(seq)
+        cid = seq.conversation_id
+        if self.conversations is not None and cid and cid in self.conversations:
+            turn = self.conversations.take(cid)
+            if k:
+                plan.restore.append((list(turn.host_blocks[:k]), got[:k]))
+                self.conversations.restored_tokens += k * self.block_size
+            self.conversations.release(cid, turn)  # synchronous copy: done before anything reuses them
+        return k * self.block_size
 
     def land(self, seq: Sequence) -> None:
         """A swap-in's copy has landed: free its host blocks; it runs from the next plan."""

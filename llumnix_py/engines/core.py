@@ -13,6 +13,7 @@ from typing import Optional, Sequence as Seq
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get_preemption_policy
 from llumnix_py.engines.block_manager import BlockManager
+from llumnix_py.engines.conversations import ConversationStore
 from llumnix_py.engines.copier import Copier
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.sequence import Sequence, cdiv
@@ -52,6 +53,8 @@ class EngineConfig:
             copy per block, as vLLM's swap).
         block_groups: the block managers hand out contiguous runs of blocks when they are
             free (False: single blocks off the free stack, as vLLM's).
+        conversation_host_blocks: host blocks that finished turns of conversations may hold
+            for the next turn to reuse (LRU; 0: none kept).
         async_swap: swap copies run on the executor's copier (a copy thread, or the
             simulator's virtual clock) beside the steps; a swapped-in request runs once its
             copy has landed (False: every copy completes before the step).
@@ -69,6 +72,7 @@ class EngineConfig:
     group_copies: bool = True
     block_groups: bool = True
     async_swap: bool = False
+    conversation_host_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 1:
@@ -84,6 +88,9 @@ class EngineConfig:
                 or self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be an integer >= 0, got {self.num_host_blocks!r}")
         PREEMPTION_MODE.check_name(self.preemption_mode)
+        if isinstance(self.conversation_host_blocks, bool) or not isinstance(self.conversation_host_blocks, int) \
+                or self.conversation_host_blocks < 0:
+            raise ValueError(f"conversation_host_blocks must be an integer >= 0, got {self.conversation_host_blocks!r}")
 
     @property
     def watermark_blocks(self) -> int:
@@ -104,6 +111,8 @@ class EngineCore(EngineAdapter):
         if config.async_swap and copier is None:
             copier = executor.make_copier()
         self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
+        self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
+        self._store_s = 0.0  # time of this step's copies of finished turns
         self.scheduler = BatchScheduler(
             self.blocks,
             config.block_size,
@@ -115,6 +124,7 @@ class EngineCore(EngineAdapter):
             switch_costs=self.swapper.meter.costs(),
             group_copies=config.group_copies,
             async_swap_in=config.async_swap,
+            conversations=self.conversations,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
@@ -185,6 +195,8 @@ class EngineCore(EngineAdapter):
             self.swapper.landed()
         if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             self.scheduler.remove(seq)
+        if reason != FinishReason.ABORT and seq.status == SeqStatus.RUNNING and seq.conversation_id:
+            self._keep_turn(seq)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -208,9 +220,10 @@ class EngineCore(EngineAdapter):
             self._land()
         self.scheduler.switch_costs = swapper.meter.costs()
         plan = self.scheduler.schedule()
+        self._store_s = 0.0
         if asynchronous:
             swapper.submit(plan)
-            copy_s = 0.0
+            copy_s = swapper.restore(plan)
         else:
             copy_s = swapper.run(plan)  # synchronous: the KV has landed before the step reads it
         outgrown = self._finish_outgrown()
@@ -235,11 +248,18 @@ class EngineCore(EngineAdapter):
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
             outputs=tuple(outputs),
-            duration_s=done.duration_s + copy_s + waited,
+            duration_s=done.duration_s + copy_s + waited + self._store_s,
             num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
         )
+
+    def _keep_turn(self, seq: Sequence) -> None:
+        """Copy a finished turn's full blocks to the host pool for its conversation's next turn."""
+        k = seq.num_computed // self.block_size
+        host = self.conversations.put(seq.conversation_id, seq.all_token_ids(), k) if k else None
+        if host is not None:
+            self._store_s += self.swapper.store(seq.block_table[:k], host)
 
     def _land(self) -> None:
         for rid in self.swapper.landed():
@@ -261,7 +281,9 @@ class EngineCore(EngineAdapter):
                        len(seq.output_token_ids), is_prefill=False, **self._sampling_context(seq))
 
     def _prefill_work(self, seq: Sequence) -> SeqWork:
-        return SeqWork(seq.request_id, seq.all_token_ids(), 0, tuple(seq.block_table), seq.sampling,
+        """All tokens past ``num_computed`` (0, or a restored conversation prefix)."""
+        return SeqWork(seq.request_id, seq.all_token_ids()[seq.num_computed:], seq.num_computed,
+                       tuple(seq.block_table), seq.sampling,
                        len(seq.output_token_ids), is_prefill=True, **self._sampling_context(seq))
 
     def _sampling_context(self, seq: Sequence) -> dict:
@@ -453,6 +475,8 @@ class EngineCore(EngineAdapter):
         if self.host is not None:  # the same invariant on the host pool
             self.host.check_invariants()
             swapped = {("swap", s.request_id): len(s.host_table) for s in self.seqs.values() if s.host_table}
+            swapped.update(self.conversations.owners())
             assert self.host.owners() == swapped, f"host owners {self.host.owners()} != swapped {swapped}"
+            assert self.conversations.num_blocks <= self.conversations.max_blocks
         else:
             assert not any(s.host_table for s in self.seqs.values())

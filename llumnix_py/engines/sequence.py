@@ -44,10 +44,13 @@ class Sequence:
     finish_reason: Optional[FinishReason] = None
     frozen_from: Optional[SeqStatus] = None  # status before ``freeze``
     reply_to: str = ""
+    client_id: str = ""
+    conversation_id: str = ""
 
     @classmethod
     def from_request(cls, r: Request) -> "Sequence":
-        return cls(r.request_id, r.prompt_token_ids, r.sampling, r.priority, r.arrival_time, reply_to=r.reply_to)
+        return cls(r.request_id, r.prompt_token_ids, r.sampling, r.priority, r.arrival_time, reply_to=r.reply_to,
+                   client_id=r.client_id, conversation_id=r.conversation_id)
 
     @classmethod
     def from_migration(cls, s: MigrationRequestState) -> "Sequence":

@@ -106,7 +106,26 @@ class Swapper:
             seconds = self.executor.swap_in(runs)
             self.meter.observe_copy(runs, seconds)
             total += seconds
+        return total + self.restore(plan)
+
+    def restore(self, plan: "StepPlan") -> float:
+        """Copy the conversation prefixes ``plan`` restores, now (both modes)."""
+        total = 0.0
+        for host, dev in plan.restore:
+            runs = copy_runs(host, dev, self.grouped)
+            seconds = self.executor.swap_in(runs)
+            self.meter.observe_copy(runs, seconds)
+            total += seconds
         return total
+
+    def store(self, dev: list[int], host: list[int]) -> float:
+        """Copy a finished turn's blocks to the host pool, now."""
+        if self.copier is not None:
+            self.wait_all_outs()  # FIFO with the copies in flight
+        runs = copy_runs(dev, host, self.grouped)
+        seconds = self.executor.swap_out(runs)
+        self.meter.observe_copy(runs, seconds)
+        return seconds
 
     # ----- asynchronous ------------------------------------------------------------------
     def submit(self, plan: "StepPlan") -> None:

@@ -186,6 +186,9 @@ class Request:
         arrival_time: seconds on the runtime's clock; orders the waiting queue.
         reply_to: where the instance holding the request sends its tokens (a frontend's
             address; opaque to engines, travels with the request across migrations).
+        client_id: who sent it (the OpenAI ``user`` field); fairness counts service per client.
+        conversation_id: the conversation this turn belongs to; when a turn ends its KV stays
+            in the host pool and the next turn reuses the prefix its prompt shares with it.
     """
 
     request_id: str
@@ -194,6 +197,8 @@ class Request:
     priority: int = NORMAL_PRIORITY
     arrival_time: float = 0.0
     reply_to: str = ""
+    client_id: str = ""
+    conversation_id: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -205,6 +210,9 @@ class Request:
             raise InvalidRequestError(f"priority must be an integer >= 0, got {self.priority!r}")
         if not isinstance(self.reply_to, str) or len(self.reply_to) > MAX_ADDRESS_LEN:
             raise InvalidRequestError("reply_to must be a string of at most 256 characters")
+        for name in ("client_id", "conversation_id"):
+            if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > MAX_ADDRESS_LEN:
+                raise InvalidRequestError(f"{name} must be a string of at most 256 characters")
 
 
 class FinishReason(str, enum.Enum):
