@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence as Seq
 
 from llumnix_py.engines.block_manager import BlockManager, copy_runs
 from llumnix_py.engines.conversations import ConversationStore
+from llumnix_py.engines.fair_share import FairShare
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.types import SeqStatus
 from llumnix_py.errors import UnknownPolicyError
@@ -91,6 +92,7 @@ class BatchScheduler:
         group_copies: bool = True,
         async_swap_in: bool = False,
         conversations: Optional[ConversationStore] = None,
+        fair: Optional[FairShare] = None,
     ) -> None:
         self.blocks = blocks
         self.block_size = block_size
@@ -103,6 +105,7 @@ class BatchScheduler:
         self.group_copies = group_copies
         self.async_swap_in = async_swap_in
         self.conversations = conversations
+        self.fair = fair  # per-client fair sharing (None: priority, then FCFS)
         self.landing: list[Sequence] = []  # swapped in, copy in flight: not runnable yet
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
@@ -215,7 +218,26 @@ class BatchScheduler:
         self._plan_decodes(plan)
         if not plan.preempted:
             self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes))
+            if self.fair is not None:
+                self._yield_to_waiting(plan)
         return plan
+
+    def _yield_to_waiting(self, plan: StepPlan) -> None:
+        """Fairness: when the least-served waiting request was not admitted, a running request
+        of a client far over its share may yield to it (at most one per step; it is admitted
+        when the switch has freed room)."""
+        assert self.fair is not None
+        order = self.fair.order(self.waiting)
+        admitted = set(plan.prefills) | set(plan.decodes)
+        if not order or order[0] in admitted:
+            return
+        victim = self.fair.switch_victim(order[0], [s for s in self.running if s not in plan.prefills])
+        if victim is None:
+            return
+        if victim in plan.decodes:
+            plan.decodes.remove(victim)
+        self.switch_out(victim, plan)
+        plan.preempted.append(victim)
 
     def _plan_decodes(self, plan: StepPlan) -> None:
         # Iterate over a snapshot: preemption removes victims from ``running``.
@@ -230,7 +252,8 @@ class BatchScheduler:
                     seq.block_table.extend(got)
                     need = 0
                     break
-                victim = self.victim_policy([s for s in self.running])
+                victim = self.fair.victim(self.running) if self.fair is not None \
+                    else self.victim_policy([s for s in self.running])
                 self.switch_out(victim, plan)
                 plan.preempted.append(victim)
                 if victim in plan.decodes:
@@ -241,8 +264,9 @@ class BatchScheduler:
                 plan.decodes.append(seq)
 
     def _plan_prefills(self, plan: StepPlan, budget: int) -> None:
-        admitted: list[Sequence] = []
-        for seq in self.waiting:  # head first; FCFS: stop at the first that does not fit
+        admitted: list[tuple[Sequence, bool]] = []
+        queue = self.fair.order(self.waiting) if self.fair is not None else self.waiting
+        for seq in queue:  # head first; FCFS: stop at the first that does not fit
             if self.max_batch_size and len(self.running) + len(admitted) >= self.max_batch_size:
                 break
             n = self.admit_tokens(seq)

@@ -15,6 +15,7 @@ from llumnix_py.engines.batch_scheduler import BatchScheduler, VictimPolicy, get
 from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.conversations import ConversationStore
 from llumnix_py.engines.copier import Copier
+from llumnix_py.engines.fair_share import FairShare
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.swap import Swapper
@@ -55,6 +56,10 @@ class EngineConfig:
             free (False: single blocks off the free stack, as vLLM's).
         conversation_host_blocks: host blocks that finished turns of conversations may hold
             for the next turn to reuse (LRU; 0: none kept).
+        fairness: admissions and preemptions follow per-client virtual token counters
+            (``policies.fairness``; clients are ``Request.client_id``).
+        fairness_margin: weighted tokens of extra service after which a running client's
+            request yields to a waiting client's.
         async_swap: swap copies run on the executor's copier (a copy thread, or the
             simulator's virtual clock) beside the steps; a swapped-in request runs once its
             copy has landed (False: every copy completes before the step).
@@ -73,6 +78,8 @@ class EngineConfig:
     block_groups: bool = True
     async_swap: bool = False
     conversation_host_blocks: int = 0
+    fairness: bool = False
+    fairness_margin: float = 64.0
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 1:
@@ -91,6 +98,8 @@ class EngineConfig:
         if isinstance(self.conversation_host_blocks, bool) or not isinstance(self.conversation_host_blocks, int) \
                 or self.conversation_host_blocks < 0:
             raise ValueError(f"conversation_host_blocks must be an integer >= 0, got {self.conversation_host_blocks!r}")
+        if not self.fairness_margin >= 0:
+            raise ValueError(f"fairness_margin must be >= 0, got {self.fairness_margin!r}")
 
     @property
     def watermark_blocks(self) -> int:
@@ -113,6 +122,7 @@ class EngineCore(EngineAdapter):
         self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
         self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
         self._store_s = 0.0  # time of this step's copies of finished turns
+        self.fair = FairShare(margin=config.fairness_margin) if config.fairness else None
         self.scheduler = BatchScheduler(
             self.blocks,
             config.block_size,
@@ -125,6 +135,7 @@ class EngineCore(EngineAdapter):
             group_copies=config.group_copies,
             async_swap_in=config.async_swap,
             conversations=self.conversations,
+            fair=self.fair,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
@@ -146,6 +157,8 @@ class EngineCore(EngineAdapter):
         self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), rid)
         self._validate_sampling(request.sampling, rid)
         seq = Sequence.from_request(request)
+        if self.fair is not None:
+            self.fair.on_arrival(seq.client_id, {s.client_id for s in self.seqs.values()})
         self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
 
@@ -244,6 +257,8 @@ class EngineCore(EngineAdapter):
             waited += swapper.wait_all_outs()
         if plan.prefills and not plan.decodes:
             swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
+        if self.fair is not None:
+            self._charge(plan, work, done.tokens)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
@@ -253,6 +268,18 @@ class EngineCore(EngineAdapter):
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
         )
+
+    def _charge(self, plan, work: list[SeqWork], tokens: list[Optional[int]]) -> None:
+        """Charge each client the prompt tokens computed and the tokens generated this step."""
+        prompt: dict[str, int] = {}
+        output: dict[str, int] = {}
+        for seq, w, tok in zip(plan.decodes + plan.prefills, work, tokens):
+            if w.is_prefill:
+                prompt[seq.client_id] = prompt.get(seq.client_id, 0) + len(w.token_ids)
+            if tok is not None:
+                output[seq.client_id] = output.get(seq.client_id, 0) + 1
+        assert self.fair is not None
+        self.fair.on_step(prompt, output)
 
     def _keep_turn(self, seq: Sequence) -> None:
         """Copy a finished turn's full blocks to the host pool for its conversation's next turn."""
