@@ -213,17 +213,21 @@ class Cluster:
 
     # ----- requests ----------------------------------------------------------------------
     async def submit_async(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
-                           priority: int = 0, request_id: Optional[str] = None) -> RequestHandle:
+                           priority: int = 0, request_id: Optional[str] = None, client_id: str = "",
+                           conversation_id: str = "") -> RequestHandle:
         """``submit`` for event-loop code: the dispatch and placement calls (blocking remote
         calls on Ray) run in a worker thread, so a burst of requests is placed concurrently
         and the loop keeps streaming meanwhile. The handle iterates on the caller's loop."""
         loop = asyncio.get_running_loop()
-        return await asyncio.to_thread(self.submit, prompt_token_ids, sampling, priority, request_id, loop)
+        return await asyncio.to_thread(self.submit, prompt_token_ids, sampling, priority, request_id, loop,
+                                       client_id, conversation_id)
 
     def submit(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
                priority: int = 0, request_id: Optional[str] = None,
-               loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestHandle:
+               loop: Optional[asyncio.AbstractEventLoop] = None, client_id: str = "",
+               conversation_id: str = "") -> RequestHandle:
         """Dispatch a request; raises ``InvalidRequestError`` or ``NoInstanceError``.
+        ``client_id`` and ``conversation_id``: see ``Request``.
 
         The handle's async iteration runs on ``loop`` (default: the running loop, if any)."""
         sampling = sampling or SamplingParams()
@@ -232,7 +236,8 @@ class Cluster:
         if len(prompt) + 1 > self.max_model_len:
             raise InvalidRequestError(f"prompt of {len(prompt)} tokens leaves no room for output "
                                       f"(max_model_len {self.max_model_len})")
-        request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to)
+        request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to, client_id=client_id,
+                          conversation_id=conversation_id)
         block = self.config.engine.engine.block_size
         view = RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
                                   arrival_time=request.arrival_time)

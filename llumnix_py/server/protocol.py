@@ -13,7 +13,8 @@ Every OpenAI field, and what the server does with it (both endpoints unless note
                logit_bias (token id -> bias in [-100, 100]), logprobs (completions: 0..5; chat: bool),
                top_logprobs (chat: 0..20, needs logprobs), echo (completions; with max_tokens=0:
                prompt log-likelihoods), best_of (completions; n..16, not streamed)
-    no effect  user, metadata, store, service_tier, prompt_cache_key, safety_identifier (accepted);
+    client     user: the client id (fair sharing between clients, metrics); a string of at most 256
+    no effect  metadata, store, service_tier, prompt_cache_key, safety_identifier (accepted);
                chat: tools=[] / tool_choice "none" / parallel_tool_calls / response_format
                {"type": "text"} / modalities ["text"] (accepted: they ask for nothing)
     refused    suffix (completions, non-empty), and in chat: tools, tool_choice, functions,
@@ -28,6 +29,8 @@ Extensions (vLLM's sampling fields, with vLLM's semantics):
     stop_token_ids: list of token ids ending generation; ignore_eos: bool.
 And this server's own:
     priority: int >= 0, the request's scheduling priority (higher runs first).
+    conversation_id: string (1..256 characters) naming a multi-turn conversation: its turn's KV
+        is kept in the host pool and the next turn with the same id reuses the prefix it shares.
     return_token_ids: add ``token_ids`` (the generated ids) to each choice.
 """
 
@@ -41,12 +44,13 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_PRIORITY = 1 << 31
+MAX_ID_LENGTH = 256  # user (client id) and conversation_id
 MAX_N = 16  # n and best_of at most: each choice is a request of its own in the cluster
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 MAX_LOGIT_BIAS = 1024
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+NO_EFFECT_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 # ----- requests --------------------------------------------------------------------------
 
@@ -90,6 +94,8 @@ class GenerationRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1, le=MAX_N)
     priority: int = Field(default=0, ge=0, lt=MAX_PRIORITY)
+    user: Optional[str] = Field(default=None, max_length=MAX_ID_LENGTH)  # the client id
+    conversation_id: Optional[str] = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     ignore_eos: bool = False
     return_token_ids: bool = False
 
