@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec
 from llumnix_py.frontend.cluster import Cluster
@@ -49,6 +50,14 @@ def test_next_turn_reuses_the_conversation_kv_with_exact_tokens(served):
     ref = client.completions.create(model=MODEL, prompt=p2, max_tokens=12, temperature=0,
                                     extra_body={"ignore_eos": True, "return_token_ids": True})
     assert out2.choices[0].model_extra["token_ids"] == ref.choices[0].model_extra["token_ids"]
+    # the client id appears in the metrics
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)}
+    by_client = {s.labels["client"]: s.value for s in families["llumnix_client_requests"].samples
+                 if s.name.endswith("_total")}
+    assert by_client.get("alice", 0) >= 2
+    tokens = {s.labels["client"]: s.value for s in families["llumnix_client_generation_tokens"].samples
+              if s.name.endswith("_total")}
+    assert tokens.get("alice", 0) >= 24
 
 
 @pytest.mark.parametrize("extra", [{"user": 5}, {"user": "u" * 257}, {"conversation_id": ""},
