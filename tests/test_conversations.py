@@ -132,3 +132,25 @@ def test_request_rejects_bad_ids():
     with pytest.raises(InvalidRequestError):
         Request("x", (1,), client_id="u" * 300)
     assert dataclasses.replace(Request("x", (1,)), client_id="u").client_id == "u"
+
+
+def test_client_and_conversation_travel_with_a_migration():
+    from llumnix_py.engines.types import MigrationRequestState
+    from llumnix_py.errors import InvalidRequestError as Invalid
+
+    src, dst = engine("sim"), engine("sim")
+    src.add_request(Request("t1", prompt(13, 1), sampling("greedy", 0), client_id="alice", conversation_id="c"))
+    state = src.freeze("t1")  # still waiting: it moves without KV
+    wire = state.to_wire()
+    assert wire["client_id"] == "alice" and wire["conversation_id"] == "c"
+    back = MigrationRequestState.from_wire(wire)
+    assert back == state
+    for bad in ({"client_id": 3}, {"conversation_id": "x" * 300}):
+        with pytest.raises(Invalid):
+            MigrationRequestState.from_wire({**wire, **bad})
+    dst.commit_dst(back)
+    src.free_src("t1")
+    while dst.has_unfinished():
+        dst.step()
+        dst.check_invariants()
+    assert "c" in dst.conversations  # the destination kept the turn for the conversation's next one

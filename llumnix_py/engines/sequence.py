@@ -65,6 +65,8 @@ class Sequence:
             num_computed=s.num_computed_tokens,
             num_preemptions=s.num_preemptions,
             reply_to=s.reply_to,
+            client_id=s.client_id,
+            conversation_id=s.conversation_id,
         )
 
     @property
@@ -93,6 +95,8 @@ class Sequence:
             status=status,
             num_computed_tokens=self.num_computed if status == SeqStatus.RUNNING else 0,
             reply_to=self.reply_to,
+            client_id=self.client_id,
+            conversation_id=self.conversation_id,
         )
 
     def to_load(self, block_size: int, migrating: bool = False) -> RequestLoad:

@@ -302,6 +302,8 @@ class MigrationRequestState:
     status: SeqStatus  # RUNNING (KV blocks travel) or WAITING (re-queued, no KV)
     num_computed_tokens: int  # tokens whose KV is in the migrated blocks
     reply_to: str = ""
+    client_id: str = ""  # see ``Request``
+    conversation_id: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -315,6 +317,8 @@ class MigrationRequestState:
             "status": self.status.value,
             "num_computed_tokens": self.num_computed_tokens,
             "reply_to": self.reply_to,
+            "client_id": self.client_id,
+            "conversation_id": self.conversation_id,
         }
 
     @classmethod
@@ -323,7 +327,8 @@ class MigrationRequestState:
         if not isinstance(d, dict):
             raise InvalidRequestError("migration state must be a mapping")
         need = {"request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority",
-                "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to"}
+                "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to", "client_id",
+                "conversation_id"}
         if set(d) != need:
             raise InvalidRequestError(f"migration state fields differ: missing {sorted(need - set(d))}, "
                                       f"unexpected {sorted(set(d) - need)}")
@@ -348,6 +353,9 @@ class MigrationRequestState:
             raise InvalidRequestError("migration state request_id must be a non-empty string")
         if not isinstance(d["reply_to"], str) or len(d["reply_to"]) > MAX_ADDRESS_LEN:
             raise InvalidRequestError("migration state reply_to must be a string of at most 256 characters")
+        for key in ("client_id", "conversation_id"):
+            if not isinstance(d[key], str) or len(d[key]) > MAX_ADDRESS_LEN:
+                raise InvalidRequestError(f"migration state {key} must be a string of at most 256 characters")
         return cls(
             request_id=d["request_id"],
             prompt_token_ids=ids["prompt_token_ids"],
@@ -359,6 +367,8 @@ class MigrationRequestState:
             status=status,
             num_computed_tokens=d["num_computed_tokens"],
             reply_to=d["reply_to"],
+            client_id=d["client_id"],
+            conversation_id=d["conversation_id"],
         )
 
 
