@@ -28,6 +28,7 @@ class RequestLoad:
         arrival_time: seconds on the runtime's clock; orders requests (earlier first).
         num_preemptions: times the engine preempted it.
         migrating: frozen or being migrated out (not a candidate for another migration).
+        conversation_id: the conversation it belongs to ("" for none).
     """
 
     request_id: str
@@ -39,10 +40,11 @@ class RequestLoad:
     arrival_time: float = 0.0
     num_preemptions: int = 0
     migrating: bool = False
+    conversation_id: str = ""
 
     @classmethod
     def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
-               priority: int = 0, arrival_time: float = 0.0) -> "RequestLoad":
+               priority: int = 0, arrival_time: float = 0.0, conversation_id: str = "") -> "RequestLoad":
         """A request no engine has admitted yet: it holds no blocks and needs enough for
         its prompt plus the ``output_len`` tokens already generated (a resumed request).
 
@@ -53,9 +55,11 @@ class RequestLoad:
             output_len: tokens generated before (0 for a new request).
             priority: its priority.
             arrival_time: when it arrived.
+            conversation_id: its conversation ("" for none).
         """
         return cls(request_id=request_id, num_blocks=0, blocks_needed=-(-(prompt_len + output_len) // block_size),
-                   prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time)
+                   prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time,
+                   conversation_id=conversation_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +87,8 @@ class InstanceLoad:
         migrating_out: migrations in flight with this instance as source.
         migrating_in: migrations in flight with this instance as destination.
         pending_dispatch: requests dispatched to it since its last poll (counted into its load).
+        conversations: ``((conversation_id, tokens), ...)``: conversations whose last turn's KV
+            the instance keeps in its host pool, and how many tokens it covers.
     """
 
     instance_id: str = ""
@@ -98,6 +104,7 @@ class InstanceLoad:
     migrating_out: int = 0
     migrating_in: int = 0
     pending_dispatch: tuple[RequestLoad, ...] = ()
+    conversations: tuple[tuple[str, int], ...] = ()
 
     @property
     def free_blocks(self) -> int:

@@ -38,6 +38,9 @@ class PolicyConfig:
         scale_in_threshold: scale in when the average freeness stays above this.
         scale_period_rounds: consecutive scheduling rounds a scaling condition must hold.
         min_instances / max_instances: bounds on the number of instances.
+        conversation_slack: the ``conversation`` dispatcher sends a conversation's turn to the
+            instance holding its KV while that instance's freeness (decode steps) is at most
+            this much below the best, scaled by the share of the prompt the KV covers.
     """
 
     dispatch: str = "freeness"
@@ -53,6 +56,7 @@ class PolicyConfig:
     scale_period_rounds: int = 10
     min_instances: int = 1
     max_instances: int = 64
+    conversation_slack: float = 8.0
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -65,6 +69,9 @@ class PolicyConfig:
         _check_int("scale_period_rounds", self.scale_period_rounds, minimum=1)
         _check_int("min_instances", self.min_instances, minimum=1)
         _check_int("max_instances", self.max_instances, minimum=self.min_instances)
+        if isinstance(self.conversation_slack, bool) or not isinstance(self.conversation_slack, (int, float)) \
+                or not (0 <= self.conversation_slack < math.inf):
+            raise ValueError(f"conversation_slack must be a finite number >= 0, got {self.conversation_slack!r}")
         for name in ("migrate_out_threshold", "scale_out_threshold", "scale_in_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -25,6 +25,7 @@ DISPATCH = _policies("dispatch", {
     "queue": "policies.dispatch:by_queue",
     "round_robin": "policies.dispatch:by_round_robin",
     "random": "policies.dispatch:by_random",
+    "conversation": "policies.conversation:by_conversation",
 })
 PAIRING = _policies("pairing", {
     "freeness": "policies.pairing:pair_by_freeness",

@@ -360,6 +360,7 @@ class EngineCore(EngineAdapter):
             waiting=tuple(s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.waiting),
             reserved_blocks=sum(len(v) for v in self._prealloc.values()),
             max_batch_size=self.config.max_batch_size,
+            conversations=tuple((cid, len(t.tokens)) for cid, t in self.conversations.entries().items()),
         )
 
     def group_sizes(self) -> dict[int, int]:

@@ -110,4 +110,5 @@ class Sequence:
             arrival_time=self.arrival_time,
             num_preemptions=self.num_preemptions,
             migrating=migrating,
+            conversation_id=self.conversation_id,
         )

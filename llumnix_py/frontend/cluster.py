@@ -240,7 +240,7 @@ class Cluster:
                           conversation_id=conversation_id)
         block = self.config.engine.engine.block_size
         view = RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
-                                  arrival_time=request.arrival_time)
+                                  arrival_time=request.arrival_time, conversation_id=conversation_id)
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")
