@@ -27,7 +27,9 @@ overhead per copy plus bytes over PCIe (``HardwareSpec.host_link_gbps``,
 
 Metrics: P95/P99 TTFT and TBT (seconds), and the fairness metric: the largest
 difference of service (VTC counters, weighted tokens) between clients with requests in
-the system, sampled every step.
+the system, sampled every step; the group-size distribution under load (blocks per
+contiguous run of the running requests' block tables, sampled every step; ``group`` is
+its mean).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Run:
     reused_tokens: int = 0
     switches: int = 0
     makespan: float = 0.0
+    group_sizes: dict = field(default_factory=dict)  # blocks per contiguous run of the running block tables
 
 
 def make_conversations(args, rng: np.random.Generator) -> list[Conversation]:
@@ -158,6 +161,8 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
                 del live[o.request_id], last_token[o.request_id]
                 if c.turn < len(c.turns) and len(c.history) + sum(c.turns[c.turn]) <= args.max_context:
                     heapq.heappush(arrivals, (now + float(rng.exponential(args.think)), i))
+        for n, k in engine.group_sizes().items():  # sampled every step: the distribution under load
+            run.group_sizes[n] = run.group_sizes.get(n, 0) + k
         active = {s.client_id for s in engine.seqs.values()}
         if len(active) > 1:
             run.gap = max(run.gap, max_service_gap(engine.fair.counters, active))
@@ -174,7 +179,10 @@ def summarize(run: Run) -> dict:
     return {"ttft_p95": pct(run.ttft, 95), "ttft_p99": pct(run.ttft, 99), "tbt_p95": pct(run.tbt, 95),
             "tbt_p99": pct(run.tbt, 99), "fairness_gap": run.gap, "preemptions": run.preemptions,
             "yields": run.switches, "copies": run.copies, "blocks_copied": run.blocks_copied,
-            "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan}
+            "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan,
+            "group_size_mean": (sum(n * k for n, k in run.group_sizes.items()) / sum(run.group_sizes.values())
+                                if run.group_sizes else 0.0),
+            "group_sizes": {str(n): run.group_sizes[n] for n in sorted(run.group_sizes)}}
 
 
 def _extra(ap) -> None:
@@ -218,10 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("fairness", __doc__.splitlines()[0], argv, _extra)
     results = run(args)
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
-               "fairness gap", "preempt", "yields", "copies", "reused tok"]
+               "fairness gap", "preempt", "yields", "copies", "reused tok", "group"]
     rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
              r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["preemptions"], r["yields"], r["copies"],
-             r["reused_tokens"]] for n, r in results["systems"].items()]
+             r["reused_tokens"], r["group_size_mean"]] for n, r in results["systems"].items()]
     common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
     common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
                           [("Latencies (seconds) and switches", headers, rows)],

@@ -197,3 +197,7 @@ def test_fairness(tmp_path):
     assert systems["recompute"]["copies"] == 0 and systems["recompute"]["preemptions"] > 0
     assert systems["vllm-swap"]["copies"] > 0, "the smoke run never swapped; shrink it"
     assert systems["llumnix-py"]["reused_tokens"] > 0 and systems["-reuse"]["reused_tokens"] == 0
+    for name in ("llumnix-py", "-groups"):
+        sizes = systems[name]["group_sizes"]
+        assert sizes and systems[name]["group_size_mean"] >= 1
+    assert systems["llumnix-py"]["group_size_mean"] > systems["-groups"]["group_size_mean"]
