@@ -29,6 +29,7 @@ class RequestLoad:
         num_preemptions: times the engine preempted it.
         migrating: frozen or being migrated out (not a candidate for another migration).
         conversation_id: the conversation it belongs to ("" for none).
+        client_id: the client that sent it ("" for none).
     """
 
     request_id: str
@@ -41,6 +42,7 @@ class RequestLoad:
     num_preemptions: int = 0
     migrating: bool = False
     conversation_id: str = ""
+    client_id: str = ""
 
     @classmethod
     def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
@@ -89,6 +91,8 @@ class InstanceLoad:
         pending_dispatch: requests dispatched to it since its last poll (counted into its load).
         conversations: ``((conversation_id, tokens), ...)``: conversations whose last turn's KV
             the instance keeps in its host pool, and how many tokens it covers.
+        client_service: ``((client_id, service), ...)``: the engine's virtual token counters
+            (weighted tokens served per client) when it shares fairly, else empty.
     """
 
     instance_id: str = ""
@@ -105,6 +109,7 @@ class InstanceLoad:
     migrating_in: int = 0
     pending_dispatch: tuple[RequestLoad, ...] = ()
     conversations: tuple[tuple[str, int], ...] = ()
+    client_service: tuple[tuple[str, float], ...] = ()
 
     @property
     def free_blocks(self) -> int:

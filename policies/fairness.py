@@ -13,6 +13,11 @@ share and cannot be admitted, the most-served running client yields a request.
 ``switch_victim`` is that decision; how the victim leaves (swap or recompute) is the
 preemption-mode policy's (``policies.switching``), and across instances a migration.
 
+Across instances, a context switch has a third option: migrate the request to an
+instance with room. ``select_most_served`` is the ``migrate_out`` policy for it: a
+migration source moves out a request of its most-served client (by the counters in
+``InstanceLoad.client_service``), so the client over its share is the one that moves.
+
 All functions are pure over plain mappings and frozen views.
 """
 
@@ -20,6 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
+
+from llumnix_py.load import InstanceLoad
+from policies.types import MigrateOut
 
 
 @dataclass(frozen=True)
@@ -106,3 +114,16 @@ def max_service_gap(counters: Mapping[str, float], clients: Iterable[str]) -> fl
     """The fairness metric: the largest difference of service between the given clients."""
     values = [counters.get(c, 0.0) for c in clients]
     return max(values) - min(values) if values else 0.0
+
+
+def select_most_served(inst: InstanceLoad) -> Optional[MigrateOut]:
+    """``migrate_out`` policy: the running request of the instance's most-served client (highest
+    counter in ``inst.client_service``), the fewest blocks among that client's (it moves
+    fastest), then arrival and id; ``None`` when every running request is migrating."""
+    service = dict(inst.client_service)
+    candidates = [r for r in inst.running if not r.migrating]
+    if not candidates:
+        return None
+    pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
+                                          r.request_id))
+    return MigrateOut(pick.request_id, waiting=False)

@@ -38,6 +38,7 @@ MIGRATE_OUT = _policies("migrate_out", {
     "last": "policies.selection:select_last",
     "lowest_priority": "policies.selection:select_lowest_priority",
     "waiting_head": "policies.selection:select_waiting_head",
+    "most_served": "policies.fairness:select_most_served",
 })
 PREEMPTION_MODE = _policies("preemption_mode", {
     "cost": "policies.switching:by_cost",

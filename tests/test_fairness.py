@@ -167,3 +167,37 @@ def test_a_heavy_client_yields_a_running_request_and_tokens_stay_exact(mode):
 def test_config_validates_the_margin():
     with pytest.raises(ValueError):
         EngineConfig(fairness_margin=-1.0)
+
+
+# ----- across instances: the most-served client's request migrates out ---------------------------
+def test_most_served_client_migrates_out():
+    from llumnix_py.load import InstanceLoad, RequestLoad
+    from policies.selection import select_migrate_out
+
+    def req(rid, client, blocks, migrating=False):
+        return RequestLoad(request_id=rid, num_blocks=blocks, blocks_needed=blocks, client_id=client,
+                           migrating=migrating)
+
+    running = (req("a1", "a", 2), req("b1", "b", 9), req("b2", "b", 5), req("c1", "c", 1))
+    inst = InstanceLoad(instance_id="i", total_blocks=100, used_blocks=17, running=running,
+                        client_service=(("a", 10.0), ("b", 50.0), ("c", 5.0)))
+    assert select_migrate_out(inst, "most_served").request_id == "b2"  # b is most served; b2 moves fastest
+    inst = InstanceLoad(instance_id="i", total_blocks=100, used_blocks=17,
+                        running=running[:2] + (req("b2", "b", 5, migrating=True),) + running[3:],
+                        client_service=(("a", 10.0), ("b", 50.0)))
+    assert select_migrate_out(inst, "most_served").request_id == "b1"
+    # no counters: every client at 0, so the fewest blocks, as ``shortest``
+    plain = InstanceLoad(instance_id="i", total_blocks=100, used_blocks=17, running=running)
+    assert select_migrate_out(plain, "most_served").request_id == "c1"
+    gone = InstanceLoad(instance_id="i", total_blocks=100, used_blocks=2, running=(req("x", "a", 2, True),))
+    assert select_migrate_out(gone, "most_served") is None
+
+
+def test_a_fair_engine_reports_its_counters_and_clients():
+    e = make_engine("sim", num_blocks=24, block_size=4, fairness=True)
+    e.add_request(Request("x", tuple(range(1, 9)), SamplingParams(max_tokens=4, ignore_eos=True), client_id="a"))
+    e.step()
+    load = e.load()
+    assert load.running[0].client_id == "a"
+    assert load.client_service == (("a", 8.0 + 2.0),)  # 8 prompt tokens, 1 generated (weight 2)
+    assert make_engine("sim").load().client_service == ()

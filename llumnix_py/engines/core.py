@@ -361,6 +361,7 @@ class EngineCore(EngineAdapter):
             reserved_blocks=sum(len(v) for v in self._prealloc.values()),
             max_batch_size=self.config.max_batch_size,
             conversations=tuple((cid, len(t.tokens)) for cid, t in self.conversations.entries().items()),
+            client_service=tuple(sorted(self.fair.counters.items())) if self.fair is not None else (),
         )
 
     def group_sizes(self) -> dict[int, int]:

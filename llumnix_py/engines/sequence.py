@@ -111,4 +111,5 @@ class Sequence:
             num_preemptions=self.num_preemptions,
             migrating=migrating,
             conversation_id=self.conversation_id,
+            client_id=self.client_id,
         )
