@@ -38,6 +38,12 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="Llama-layout checkpoint folder (default: seeded random weights)")
     g.add_argument("--model-name", default="llumnix-tiny", help="model name the API reports")
     g.add_argument("--num-blocks", type=int, default=512, help="KV blocks per instance")
+    g.add_argument("--host-blocks", type=int, default=0,
+                   help="host swap-pool blocks per instance (0: preemption recomputes)")
+    g.add_argument("--conversation-blocks", type=int, default=0,
+                   help="host blocks per instance that finished turns of conversations keep for the next turn")
+    g.add_argument("--preemption-mode", default="cost", help="cost, swap or recompute (with --host-blocks)")
+    g.add_argument("--fairness", action="store_true", help="per-client fair sharing (VTC) in each engine")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: the engine's, 16; 32 for vLLM, "
                         "whose CPU kernels need a multiple of 32)")
@@ -84,7 +90,10 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           engine=EngineConfig(num_blocks=args.num_blocks,
                                               block_size=args.block_size or default_block_size(args.engine),
                                               max_batch_size=args.max_batch_size, batch_policy=args.batch_policy,
-                                              length_estimator=args.length_estimator),
+                                              length_estimator=args.length_estimator,
+                                              num_host_blocks=args.host_blocks,
+                                              conversation_host_blocks=args.conversation_blocks,
+                                              preemption_mode=args.preemption_mode, fairness=args.fairness),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,

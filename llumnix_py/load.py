@@ -36,6 +36,8 @@ class RequestLoad:
         slo_remaining: the length estimator's bound on its tokens still to come (0: unknown).
         ttft_s / tbt_s / deadline_s: a request being dispatched: its objective, relative to
             its arrival (``inf`` / 0 where it has none); a job call's share counts as a deadline.
+        conversation_id: the conversation it belongs to ("" for none).
+        client_id: the client that sent it ("" for none).
     """
 
     request_id: str
@@ -58,10 +60,12 @@ class RequestLoad:
     def slo_margin_s(self) -> float:
         """Its objective's margin on its instance now (``inf``: none known)."""
         return min(self.slo_margin_next_s, self.slo_margin_end_s)
+    conversation_id: str = ""
+    client_id: str = ""
 
     @classmethod
     def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
-               priority: int = 0, arrival_time: float = 0.0) -> "RequestLoad":
+               priority: int = 0, arrival_time: float = 0.0, conversation_id: str = "") -> "RequestLoad":
         """A request no engine has admitted yet: it holds no blocks and needs enough for
         its prompt plus the ``output_len`` tokens already generated (a resumed request).
 
@@ -72,9 +76,11 @@ class RequestLoad:
             output_len: tokens generated before (0 for a new request).
             priority: its priority.
             arrival_time: when it arrived.
+            conversation_id: its conversation ("" for none).
         """
         return cls(request_id=request_id, num_blocks=0, blocks_needed=-(-(prompt_len + output_len) // block_size),
-                   prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time)
+                   prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time,
+                   conversation_id=conversation_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +112,10 @@ class InstanceLoad:
             request (0: no prediction; set by an engine with a JIT batch policy).
         queue_s: predicted time until a request dispatched now would be prefilled (its queue).
         prefill_s_per_token: predicted prefill seconds per prompt token.
+        conversations: ``((conversation_id, tokens), ...)``: conversations whose last turn's KV
+            the instance keeps in its host pool, and how many tokens it covers.
+        client_service: ``((client_id, service), ...)``: the engine's virtual token counters
+            (weighted tokens served per client) when it shares fairly, else empty.
     """
 
     instance_id: str = ""
@@ -125,6 +135,8 @@ class InstanceLoad:
     step_s_next: float = 0.0
     queue_s: float = 0.0
     prefill_s_per_token: float = 0.0
+    conversations: tuple[tuple[str, int], ...] = ()
+    client_service: tuple[tuple[str, float], ...] = ()
 
     @property
     def free_blocks(self) -> int:

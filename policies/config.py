@@ -43,6 +43,9 @@ class PolicyConfig:
             (``policies.rescue``; needs engines that publish margins: a JIT batch policy).
         rescue_copy_s_per_block: the rescue's predicted migration cost per KV block.
         slo_expected_len: output tokens the ``slo`` dispatcher assumes for a new request.
+        conversation_slack: the ``conversation`` dispatcher sends a conversation's turn to the
+            instance holding its KV while that instance's freeness (decode steps) is at most
+            this much below the best, scaled by the share of the prompt the KV covers.
     """
 
     dispatch: str = "freeness"
@@ -61,6 +64,7 @@ class PolicyConfig:
     rescue: bool = False
     rescue_copy_s_per_block: float = 1e-3
     slo_expected_len: int = 256
+    conversation_slack: float = 8.0
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -73,6 +77,9 @@ class PolicyConfig:
         _check_int("scale_period_rounds", self.scale_period_rounds, minimum=1)
         _check_int("min_instances", self.min_instances, minimum=1)
         _check_int("max_instances", self.max_instances, minimum=self.min_instances)
+        if isinstance(self.conversation_slack, bool) or not isinstance(self.conversation_slack, (int, float)) \
+                or not (0 <= self.conversation_slack < math.inf):
+            raise ValueError(f"conversation_slack must be a finite number >= 0, got {self.conversation_slack!r}")
         for name in ("migrate_out_threshold", "scale_out_threshold", "scale_in_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

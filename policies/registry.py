@@ -26,6 +26,7 @@ DISPATCH = _policies("dispatch", {
     "round_robin": "policies.dispatch:by_round_robin",
     "random": "policies.dispatch:by_random",
     "slo": "policies.rescue:by_slo",
+    "conversation": "policies.conversation:by_conversation",
 })
 PAIRING = _policies("pairing", {
     "freeness": "policies.pairing:pair_by_freeness",
@@ -38,6 +39,12 @@ MIGRATE_OUT = _policies("migrate_out", {
     "last": "policies.selection:select_last",
     "lowest_priority": "policies.selection:select_lowest_priority",
     "waiting_head": "policies.selection:select_waiting_head",
+    "most_served": "policies.fairness:select_most_served",
+})
+PREEMPTION_MODE = _policies("preemption_mode", {
+    "cost": "policies.switching:by_cost",
+    "recompute": "policies.switching:always_recompute",
+    "swap": "policies.switching:always_swap",
 })
 SCALING = _policies("scaling", {
     "freeness": "policies.scaling:scale_by_freeness",

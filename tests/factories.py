@@ -72,7 +72,8 @@ def make_engine(
     if kind == "sim":
         if model is not None or max_model_len is not None:
             raise TypeError("make_engine: the sim engine has no model")
-        return EngineCore(config, SimExecutor(LLAMA_7B_A10, vocab_size=SMALL_VOCAB, eos_token_id=config.eos_token_id))
+        return EngineCore(config, SimExecutor(LLAMA_7B_A10, vocab_size=SMALL_VOCAB, eos_token_id=config.eos_token_id,
+                                             num_host_blocks=config.num_host_blocks))
     raise ValueError(f"make_engine: unknown kind {kind!r} (torch or sim)")
 
 

@@ -62,3 +62,14 @@ def test_chaos_smoke_heals_every_kill_and_loses_nothing(ray_session) -> None:
     assert r["health_at_end"]["status"] == "ok" and r["health_at_end"]["restarts"]["scheduler"] == 1
     left = [a for a in ray_session.util.list_named_actors(all_namespaces=True) if a.get("namespace") == "llumnix-chaos"]
     assert left == []
+
+
+def test_context_switch_benchmark_reports_its_keys(tmp_path: Path) -> None:
+    """The context-switch benchmark measures real copies and steps (tiny settings, in process)."""
+    from benchmarks import context_switch
+
+    r = context_switch.run(blocks=16, repeats=2, steps=2, batch=2, context=16)
+    for key in ("blocks", "swap_out_ms_per_block_copy", "swap_out_ms_grouped", "swap_in_ms_per_block_copy",
+                "swap_in_ms_grouped", "step_ms_idle", "step_ms_swapping"):
+        assert isinstance(r[key], (int, float)) and r[key] > 0, key
+    assert r["blocks"] == 16

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import autoscaling, churn, fragmentation, priorities, scheduler_overhead, serving
+from experiments import autoscaling, churn, fairness, fragmentation, priorities, scheduler_overhead, serving
 
 LATENCY = {"prefill_mean", "prefill_p99", "decode_mean", "decode_p99", "e2e_mean", "e2e_p99"}
 
@@ -185,3 +185,19 @@ def test_serving_analyses_saved_knee_sweeps_together(tmp_path):
     single = json.loads(a.read_text())
     assert merged["capacity"]["L-L"]["infaas++"] == single["capacity"]["L-L"]["infaas++"]
     assert "fixed_rate" not in merged
+
+
+def test_fairness(tmp_path):
+    data = _run(fairness, tmp_path, "fairness")
+    systems = data["systems"]
+    assert set(systems) == set(fairness.SYSTEMS)
+    for name, s in systems.items():
+        assert s["requests"] == data["turns"] or s["requests"] > 0
+        assert s["ttft_p99"] >= s["ttft_p95"] >= 0 and s["tbt_p99"] >= s["tbt_p95"] >= 0
+    assert systems["recompute"]["copies"] == 0 and systems["recompute"]["preemptions"] > 0
+    assert systems["vllm-swap"]["copies"] > 0, "the smoke run never swapped; shrink it"
+    assert systems["llumnix-py"]["reused_tokens"] > 0 and systems["-reuse"]["reused_tokens"] == 0
+    for name in ("llumnix-py", "-groups"):
+        sizes = systems[name]["group_sizes"]
+        assert sizes and systems[name]["group_size_mean"] >= 1
+    assert systems["llumnix-py"]["group_size_mean"] > systems["-groups"]["group_size_mean"]

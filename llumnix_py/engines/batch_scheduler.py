@@ -3,9 +3,12 @@
 Each step every running request decodes one token and waiting requests are
 admitted (prefilled, whole) while blocks, the batch-size limit and the
 batched-token budget allow. When a running request needs a block and none is
-free, an injected policy picks a victim to preempt (by recomputation: its blocks
-are freed and it goes back to the waiting queue). The planner only plans; the
-engine core executes and applies.
+free, an injected policy picks a victim to preempt, and a second injected policy
+(``policies.switching``) picks how: by recomputation (its blocks are freed and it
+goes back to the waiting queue to prefill again) or by swapping (its blocks move to
+the host pool and come back, whole, when it is readmitted; FastSwitch,
+arXiv:2411.18424). The planner only plans, copies included; the engine core
+executes and applies.
 
 An injected ``BatchPolicy`` (e.g. ``engines.jit_batch.JitBatchPolicy``) replaces FCFS
 admission: it orders the waiting requests (the planner skips what does not fit rather than
@@ -19,10 +22,13 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence as Seq
 
-from llumnix_py.engines.block_manager import BlockManager
+from llumnix_py.engines.block_manager import BlockManager, copy_runs
+from llumnix_py.engines.conversations import ConversationStore
+from llumnix_py.engines.fair_share import FairShare
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.types import SeqStatus
 from llumnix_py.errors import UnknownPolicyError
+from policies.switching import PreemptionMode, SwitchCosts, SwitchFn, SwitchView, always_recompute
 
 VictimPolicy = Callable[[Seq[Sequence]], Sequence]
 
@@ -69,11 +75,20 @@ class StepPlan:
         decodes: running requests feeding their last token (block already appended).
         prefills: requests admitted this step (all their tokens are fed).
         preempted: requests moved back to the waiting queue while planning.
+        swap_out: (device blocks, host blocks) of each request swapped out while planning;
+            the device blocks are already free, so the copy must run before the step.
+        swap_in: (request id, host blocks, device blocks) of each swapped request readmitted.
+            Synchronous: it is in ``decodes`` and its KV lands before the step. Asynchronous:
+            it waits in ``BatchScheduler.landing`` until its copy has landed (``land``).
     """
 
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    restore: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (host, device): a
+    # conversation's stored prefix for a new turn, copied before the step (its prefill skips it)
 
     @property
     def empty(self) -> bool:
@@ -91,6 +106,13 @@ class BatchScheduler:
         max_batched_tokens: int,
         victim_policy: VictimPolicy = newest_victim,
         batch_policy: Optional[BatchPolicy] = None,
+        host: Optional[BlockManager] = None,
+        switch_policy: SwitchFn = always_recompute,
+        switch_costs: Optional[SwitchCosts] = None,
+        group_copies: bool = True,
+        async_swap_in: bool = False,
+        conversations: Optional[ConversationStore] = None,
+        fair: Optional[FairShare] = None,
     ) -> None:
         self.blocks = blocks
         self.block_size = block_size
@@ -98,6 +120,14 @@ class BatchScheduler:
         self.max_batched_tokens = max_batched_tokens
         self.victim_policy = batch_policy.victim if batch_policy is not None else victim_policy
         self.batch_policy = batch_policy
+        self.host = host  # the host swap pool; None: preemption always recomputes
+        self.switch_policy = switch_policy
+        self.switch_costs = switch_costs or SwitchCosts(0.0, 1.0, 0.0, 0)  # the core refreshes it
+        self.group_copies = group_copies
+        self.async_swap_in = async_swap_in
+        self.conversations = conversations
+        self.fair = fair  # per-client fair sharing (None: priority, then FCFS)
+        self.landing: list[Sequence] = []  # swapped in, copy in flight: not runnable yet
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
 
@@ -109,15 +139,22 @@ class BatchScheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a request out of the queue or the batch (abort, finish, freeze)."""
-        if seq.status == SeqStatus.WAITING:
+        if seq in self.landing:
+            self.landing.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
 
     def free_blocks_of(self, seq: Sequence) -> None:
+        """Free the request's blocks on both pools."""
         if seq.block_table:
             self.blocks.free(("seq", seq.request_id), seq.block_table)
             seq.block_table = []
+        if seq.host_table:
+            assert self.host is not None
+            self.host.free(("swap", seq.request_id), seq.host_table)
+            seq.host_table = []
 
     def preempt(self, seq: Sequence) -> None:
         """Preempt by recomputation: free blocks, back to the waiting queue."""
@@ -126,6 +163,63 @@ class BatchScheduler:
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.enqueue(seq)
+
+    def switch_view(self, seq: Sequence) -> SwitchView:
+        """What the switch policy sees of a running request about to be preempted."""
+        kept = seq.block_table[:cdiv(seq.num_computed, self.block_size)]
+        return SwitchView(
+            request_id=seq.request_id, num_tokens=seq.num_tokens, num_blocks=len(kept),
+            num_copies=len(copy_runs(kept, range(len(kept)), self.group_copies)),
+            host_free_blocks=self._host_room())
+
+    def _host_room(self) -> int:
+        """Host blocks a swap-out may take: free ones and those stored turns would give up."""
+        if self.host is None:
+            return 0
+        return self.host.num_free + (self.conversations.num_blocks if self.conversations is not None else 0)
+
+    def switch_out(self, seq: Sequence, plan: StepPlan) -> PreemptionMode:
+        """Preempt a running request the way the switch policy picks; a swap records its
+        copy in ``plan.swap_out``. A swap the host pool cannot take recomputes."""
+        mode = self.switch_policy(self.switch_view(seq), self.switch_costs) if self.host is not None \
+            else PreemptionMode.RECOMPUTE
+        kept = seq.block_table[:cdiv(seq.num_computed, self.block_size)]
+        if mode == PreemptionMode.SWAP and self.conversations is not None:
+            self.conversations.make_room(len(kept))  # a running request outranks a stored turn
+        host_ids = self.host.allocate(("swap", seq.request_id), len(kept)) \
+            if mode == PreemptionMode.SWAP and kept and self.host is not None else None
+        if host_ids is None:
+            self.preempt(seq)
+            return PreemptionMode.RECOMPUTE
+        self.running.remove(seq)
+        self.blocks.free(("seq", seq.request_id), seq.block_table)  # the copy runs before the step
+        plan.swap_out.append((kept, host_ids))
+        seq.block_table = []
+        seq.host_table = host_ids
+        seq.num_preemptions += 1
+        self.enqueue(seq)
+        return PreemptionMode.SWAP
+
+    def admit_tokens(self, seq: Sequence) -> int:
+        """Tokens a waiting request feeds when admitted: one for a swapped request (its
+        KV comes back from the host pool), its sequence less a restored conversation
+        prefix otherwise."""
+        if seq.host_table:
+            return 1
+        return seq.num_tokens - self.reusable_blocks(seq) * self.block_size
+
+    def reusable_blocks(self, seq: Sequence) -> int:
+        """Blocks of the request's conversation's stored turn that its tokens share."""
+        if self.conversations is None or not seq.conversation_id or seq.conversation_id not in self.conversations:
+            return 0
+        if seq.sampling.prompt_logprobs is not None and not seq.output_token_ids:
+            return 0  # the prompt's log probabilities need the whole prompt computed
+        return self.conversations.reusable_blocks(seq.conversation_id, seq.all_token_ids())
+
+    def admit_blocks(self, seq: Sequence) -> int:
+        if seq.host_table:
+            return cdiv(seq.num_computed + 1, self.block_size)
+        return cdiv(seq.num_tokens, self.block_size)
 
     # ----- planning ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -140,13 +234,15 @@ class BatchScheduler:
         if self.batch_policy is not None:
             return self._schedule_by_policy(self.batch_policy)
         plan = StepPlan()
-        if self.waiting and self.waiting[0].num_tokens > self.max_batched_tokens - len(self.running):
-            self._plan_prefills(plan, budget=self.waiting[0].num_tokens)  # the head alone, if it fits
-            if plan.prefills:
+        if self.waiting and self.admit_tokens(self.waiting[0]) > self.max_batched_tokens - len(self.running):
+            self._plan_prefills(plan, budget=self.admit_tokens(self.waiting[0]))  # the head alone, if it fits
+            if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan)
         if not plan.preempted:
             self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes))
+            if self.fair is not None:
+                self._yield_to_waiting(plan)
         return plan
 
     def _schedule_by_policy(self, policy: BatchPolicy) -> StepPlan:
@@ -160,19 +256,36 @@ class BatchScheduler:
         by_id = {s.request_id: s for s in self.running}
         for rid in decision.preempt:
             seq = by_id[rid]
-            self.preempt(seq)
+            self.switch_out(seq, plan)
             plan.preempted.append(seq)
         chosen = len(plan.preempted)
         waiting = {s.request_id: s for s in self.waiting}
         order = [waiting[r] for r in decision.admit_order if r in waiting]
-        if order and order[0].num_tokens > self.max_batched_tokens - len(self.running):
-            self._plan_prefills(plan, budget=order[0].num_tokens, order=order[:1])  # alone, as in ``schedule``
-            if plan.prefills:
+        if order and self.admit_tokens(order[0]) > self.max_batched_tokens - len(self.running):
+            self._plan_prefills(plan, budget=self.admit_tokens(order[0]), order=order[:1])  # alone, as in ``schedule``
+            if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan)
         if len(plan.preempted) == chosen:  # no shortage while decoding: admit
             self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes), order=order)
         return plan
+
+    def _yield_to_waiting(self, plan: StepPlan) -> None:
+        """Fairness: when the least-served waiting request was not admitted, a running request
+        of a client far over its share may yield to it (at most one per step; it is admitted
+        when the switch has freed room)."""
+        assert self.fair is not None
+        order = self.fair.order(self.waiting)
+        admitted = set(plan.prefills) | set(plan.decodes)
+        if not order or order[0] in admitted:
+            return
+        victim = self.fair.switch_victim(order[0], [s for s in self.running if s not in plan.prefills])
+        if victim is None:
+            return
+        if victim in plan.decodes:
+            plan.decodes.remove(victim)
+        self.switch_out(victim, plan)
+        plan.preempted.append(victim)
 
     def _plan_decodes(self, plan: StepPlan) -> None:
         # Iterate over a snapshot: preemption removes victims from ``running``.
@@ -181,13 +294,15 @@ class BatchScheduler:
                 continue  # preempted earlier in this loop
             need = cdiv(seq.num_computed + 1, self.block_size) - len(seq.block_table)
             while need > 0:
-                got = self.blocks.allocate(("seq", seq.request_id), need, respect_watermark=False)
+                got = self.blocks.allocate(("seq", seq.request_id), need, respect_watermark=False,
+                                           after=seq.block_table[-1] if seq.block_table else None)
                 if got is not None:
                     seq.block_table.extend(got)
                     need = 0
                     break
-                victim = self.victim_policy([s for s in self.running])
-                self.preempt(victim)
+                victim = self.fair.victim(self.running) if self.fair is not None \
+                    else self.victim_policy([s for s in self.running])
+                self.switch_out(victim, plan)
                 plan.preempted.append(victim)
                 if victim in plan.decodes:
                     plan.decodes.remove(victim)
@@ -197,35 +312,70 @@ class BatchScheduler:
                 plan.decodes.append(seq)
 
     def _plan_prefills(self, plan: StepPlan, budget: int, order: Optional[list[Sequence]] = None) -> None:
-        """Admit from the head of the queue (FCFS: stop at the first that does not fit), or
-        in ``order`` (a policy's: skip what does not fit)."""
-        admitted: list[Sequence] = []
+        """Admit from the head of the queue (FCFS, or the fair-share order: stop at the first that
+        does not fit), or in ``order`` (a policy's: skip what does not fit)."""
+        admitted: list[tuple[Sequence, bool]] = []
         skip = order is not None
-        for seq in (order if order is not None else self.waiting):
+        if order is None:
+            order = self.fair.order(self.waiting) if self.fair is not None else self.waiting
+        for seq in order:
             if self.max_batch_size and len(self.running) + len(admitted) >= self.max_batch_size:
                 break
-            n = seq.num_tokens
+            n = self.admit_tokens(seq)
             if n > budget:
                 if skip:
                     continue
                 break
-            got = self.blocks.allocate(("seq", seq.request_id), cdiv(n, self.block_size))
+            got = self.blocks.allocate(("seq", seq.request_id), self.admit_blocks(seq))
             if got is None:
                 if skip:
                     continue
                 break
             seq.block_table = got
-            seq.num_computed = 0
-            admitted.append(seq)
+            decodes = bool(seq.host_table)
+            if seq.host_table:  # swap in: the KV returns, the request decodes on
+                plan.swap_in.append((seq.request_id, seq.host_table, got[:len(seq.host_table)]))
+                if not self.async_swap_in:  # the copy runs before the step
+                    assert self.host is not None
+                    self.host.free(("swap", seq.request_id), seq.host_table)
+                    seq.host_table = []
+            else:
+                seq.num_computed = self._restore(seq, got, plan)
+            admitted.append((seq, decodes))
             budget -= n
-        for seq in admitted:
+        for seq, decodes in admitted:
             self.waiting.remove(seq)
+            if seq.host_table:  # asynchronous swap-in: runnable once ``land``ed
+                self.landing.append(seq)
+                continue
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-        plan.prefills = admitted
+            (plan.decodes if decodes else plan.prefills).append(seq)
+
+    def _restore(self, seq: Sequence, got: list[int], plan: StepPlan) -> int:
+        """Restore the shared prefix of the request's conversation into its first blocks;
+        the tokens it covers (0 when nothing is reused). The stored turn is consumed."""
+        k = self.reusable_blocks(seq)
+        cid = seq.conversation_id
+        if self.conversations is not None and cid and cid in self.conversations:
+            turn = self.conversations.take(cid)
+            if k:
+                plan.restore.append((list(turn.host_blocks[:k]), got[:k]))
+                self.conversations.restored_tokens += k * self.block_size
+            self.conversations.release(cid, turn)  # synchronous copy: done before anything reuses them
+        return k * self.block_size
+
+    def land(self, seq: Sequence) -> None:
+        """A swap-in's copy has landed: free its host blocks; it runs from the next plan."""
+        self.landing.remove(seq)
+        assert self.host is not None
+        self.host.free(("swap", seq.request_id), seq.host_table)
+        seq.host_table = []
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def head_blocked(self) -> bool:
         """True when the head of the queue waits for blocks (fragmentation signal)."""
         if not self.waiting:
             return False
-        return not self.blocks.can_allocate(cdiv(self.waiting[0].num_tokens, self.block_size))
+        return not self.blocks.can_allocate(self.admit_blocks(self.waiting[0]))

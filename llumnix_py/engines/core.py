@@ -14,9 +14,13 @@ from typing import Optional, Sequence as Seq
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, get_preemption_policy
 from llumnix_py.engines.block_manager import BlockManager
+from llumnix_py.engines.conversations import ConversationStore
+from llumnix_py.engines.copier import Copier
+from llumnix_py.engines.fair_share import FairShare
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, MeasuredStepTime
 from llumnix_py.engines.sequence import Sequence, cdiv
+from llumnix_py.engines.swap import Swapper
 from llumnix_py.engines.types import (
     FinishReason,
     MigrationRequestState,
@@ -30,6 +34,7 @@ from llumnix_py.engines.types import (
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
 from llumnix_py.load import InstanceLoad
 from policies.length import LengthPrior
+from policies.registry import PREEMPTION_MODE
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,22 @@ class EngineConfig:
             stamps requests' arrival, with step times measured from this engine's own steps.
         length_estimator / length_quantile: the ``jit`` policy's length bound (``quantile`` or
             ``oracle``, which takes ``max_tokens`` as the true length) and its quantile.
+        num_host_blocks: blocks of the host swap pool (0: preemption always recomputes).
+        preemption_mode: name of the policy that picks, per preemption, recompute or swap
+            (``policies.switching``: ``cost``, ``recompute``, ``swap``).
+        group_copies: swap copies move contiguous runs of blocks in one copy (False: one
+            copy per block, as vLLM's swap).
+        block_groups: the block managers hand out contiguous runs of blocks when they are
+            free (False: single blocks off the free stack, as vLLM's).
+        conversation_host_blocks: host blocks that finished turns of conversations may hold
+            for the next turn to reuse (LRU; 0: none kept).
+        fairness: admissions and preemptions follow per-client virtual token counters
+            (``policies.fairness``; clients are ``Request.client_id``).
+        fairness_margin: weighted tokens of extra service after which a running client's
+            request yields to a waiting client's.
+        async_swap: swap copies run on the executor's copier (a copy thread, or the
+            simulator's virtual clock) beside the steps; a swapped-in request runs once its
+            copy has landed (False: every copy completes before the step).
     """
 
     num_blocks: int = 512
@@ -62,6 +83,14 @@ class EngineConfig:
     batch_policy: str = "fcfs"
     length_estimator: str = "quantile"
     length_quantile: float = 0.9
+    num_host_blocks: int = 0
+    preemption_mode: str = "cost"
+    group_copies: bool = True
+    block_groups: bool = True
+    async_swap: bool = False
+    conversation_host_blocks: int = 0
+    fairness: bool = False
+    fairness_margin: float = 64.0
 
     def __post_init__(self) -> None:
         if self.batch_policy not in ("fcfs", "edf", "jit"):
@@ -79,6 +108,15 @@ class EngineConfig:
         if self.max_batch_size <= 0 or self.max_batched_tokens <= 0:
             raise ValueError("max_batch_size and max_batched_tokens must be positive")
         get_preemption_policy(self.preemption_policy)
+        if isinstance(self.num_host_blocks, bool) or not isinstance(self.num_host_blocks, int) \
+                or self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be an integer >= 0, got {self.num_host_blocks!r}")
+        PREEMPTION_MODE.check_name(self.preemption_mode)
+        if isinstance(self.conversation_host_blocks, bool) or not isinstance(self.conversation_host_blocks, int) \
+                or self.conversation_host_blocks < 0:
+            raise ValueError(f"conversation_host_blocks must be an integer >= 0, got {self.conversation_host_blocks!r}")
+        if not self.fairness_margin >= 0:
+            raise ValueError(f"fairness_margin must be >= 0, got {self.fairness_margin!r}")
 
     @property
     def watermark_blocks(self) -> int:
@@ -89,10 +127,19 @@ class EngineCore(EngineAdapter):
     """An engine instance: block manager + batching scheduler + executor."""
 
     def __init__(self, config: EngineConfig, executor: Executor, victim_policy: Optional[VictimPolicy] = None,
-                 batch_policy: Optional[BatchPolicy] = None) -> None:
+                 batch_policy: Optional[BatchPolicy] = None, copier: Optional[Copier] = None) -> None:
         self.config = config
         self.executor = executor
-        self.blocks = BlockManager(config.num_blocks, config.watermark_blocks)
+        self.blocks = BlockManager(config.num_blocks, config.watermark_blocks, groups=config.block_groups)
+        # The host swap pool, as big as the executor's host tensor (none without one).
+        self.host = BlockManager(executor.num_host_blocks, groups=config.block_groups) \
+            if executor.num_host_blocks else None
+        if config.async_swap and copier is None:
+            copier = executor.make_copier()
+        self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
+        self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
+        self._store_s = 0.0  # time of this step's copies of finished turns
+        self.fair = FairShare(margin=config.fairness_margin) if config.fairness else None
         self.measured_step_time: Optional[MeasuredStepTime] = None
         if batch_policy is None and config.batch_policy != "fcfs":
             self.measured_step_time = MeasuredStepTime()
@@ -106,6 +153,13 @@ class EngineCore(EngineAdapter):
             config.max_batched_tokens,
             victim_policy or get_preemption_policy(config.preemption_policy),
             batch_policy,
+            host=self.host,
+            switch_policy=PREEMPTION_MODE.get(config.preemption_mode),
+            switch_costs=self.swapper.meter.costs(),
+            group_copies=config.group_copies,
+            async_swap_in=config.async_swap,
+            conversations=self.conversations,
+            fair=self.fair,
         )
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
@@ -132,6 +186,8 @@ class EngineCore(EngineAdapter):
         self._validate_tokens(request.prompt_token_ids, len(request.prompt_token_ids), rid)
         self._validate_sampling(request.sampling, rid)
         seq = Sequence.from_request(request)
+        if self.fair is not None:
+            self.fair.on_arrival(seq.client_id, {s.client_id for s in self.seqs.values()})
         self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
 
@@ -176,8 +232,13 @@ class EngineCore(EngineAdapter):
         self._drop(seq, FinishReason.ABORT)
 
     def _drop(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.request_id in self.swapper.landing:  # its copy writes its blocks: let it land first
+            self.swapper.wait_landing(seq.request_id)
+            self.swapper.landed()
         if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             self.scheduler.remove(seq)
+        if reason != FinishReason.ABORT and seq.status == SeqStatus.RUNNING and seq.conversation_id:
+            self._keep_turn(seq)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -185,27 +246,83 @@ class EngineCore(EngineAdapter):
         self._mig_epoch.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
+
+    def close(self) -> None:
+        """Let copies in flight land and stop the copy thread, if any."""
+        self.swapper.close()
 
     def step(self) -> StepOutput:
+        """Plan, copy, execute, apply. Asynchronous swaps: land finished swap-ins first (they
+        join this plan), queue this plan's copies, wait only for swap-outs whose device blocks
+        the step touches, and for all swap-outs before returning."""
+        swapper, asynchronous = self.swapper, self.swapper.copier is not None
+        waited = 0.0
+        if asynchronous:
+            self._land()
+        self.scheduler.switch_costs = swapper.meter.costs()
         plan = self.scheduler.schedule()
+        self._store_s = 0.0
+        if asynchronous:
+            swapper.submit(plan)
+            copy_s = swapper.restore(plan)
+        else:
+            copy_s = swapper.run(plan)  # synchronous: the KV has landed before the step reads it
         outgrown = self._finish_outgrown()
         if plan.empty:
-            return StepOutput(outputs=tuple(outgrown), preempted=tuple(s.request_id for s in plan.preempted))
+            if asynchronous:
+                waited += swapper.wait_all_outs()
+                if self.scheduler.landing and not self.scheduler.running:
+                    waited += swapper.wait_landing()  # nothing else to run: wait for the oldest
+                    self._land()
+            return StepOutput(outputs=tuple(outgrown), duration_s=copy_s + waited,
+                              preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
+        if asynchronous:
+            waited += swapper.wait_outs({b for w in work for b in w.block_table})
         done = self.executor.execute_full(work)
         if self.measured_step_time is not None:
             self.measured_step_time.observe(sum(len(w.token_ids) for w in work if w.is_prefill), len(plan.decodes),
                                             done.duration_s)
+        if asynchronous:
+            swapper.copier.advance(done.duration_s)
+            waited += swapper.wait_all_outs()
+        if plan.prefills and not plan.decodes:
+            swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
+        if self.fair is not None:
+            self._charge(plan, work, done.tokens)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
             outputs=tuple(outputs),
-            duration_s=done.duration_s,
+            duration_s=done.duration_s + copy_s + waited + self._store_s,
             num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
         )
+
+    def _charge(self, plan, work: list[SeqWork], tokens: list[Optional[int]]) -> None:
+        """Charge each client the prompt tokens computed and the tokens generated this step."""
+        prompt: dict[str, int] = {}
+        output: dict[str, int] = {}
+        for seq, w, tok in zip(plan.decodes + plan.prefills, work, tokens):
+            if w.is_prefill:
+                prompt[seq.client_id] = prompt.get(seq.client_id, 0) + len(w.token_ids)
+            if tok is not None:
+                output[seq.client_id] = output.get(seq.client_id, 0) + 1
+        assert self.fair is not None
+        self.fair.on_step(prompt, output)
+
+    def _keep_turn(self, seq: Sequence) -> None:
+        """Copy a finished turn's full blocks to the host pool for its conversation's next turn."""
+        k = seq.num_computed // self.block_size
+        host = self.conversations.put(seq.conversation_id, seq.all_token_ids(), k) if k else None
+        if host is not None:
+            self._store_s += self.swapper.store(seq.block_table[:k], host)
+
+    def _land(self) -> None:
+        for rid in self.swapper.landed():
+            self.scheduler.land(self.seqs[rid])
 
     def _finish_outgrown(self) -> list[RequestOutput]:
         """End waiting requests that grew (by preemption) beyond what this instance can ever hold."""
@@ -223,7 +340,9 @@ class EngineCore(EngineAdapter):
                        len(seq.output_token_ids), is_prefill=False, **self._sampling_context(seq))
 
     def _prefill_work(self, seq: Sequence) -> SeqWork:
-        return SeqWork(seq.request_id, seq.all_token_ids(), 0, tuple(seq.block_table), seq.sampling,
+        """All tokens past ``num_computed`` (0, or a restored conversation prefix)."""
+        return SeqWork(seq.request_id, seq.all_token_ids()[seq.num_computed:], seq.num_computed,
+                       tuple(seq.block_table), seq.sampling,
                        len(seq.output_token_ids), is_prefill=True, **self._sampling_context(seq))
 
     def _sampling_context(self, seq: Sequence) -> dict:
@@ -263,6 +382,7 @@ class EngineCore(EngineAdapter):
         bs = self.block_size
         running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
         running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
+        running += [s.to_load(bs, migrating=True) for s in self.scheduler.landing]  # pinned until landed
         load = InstanceLoad(
             total_blocks=self.config.num_blocks,
             used_blocks=self.blocks.num_used,
@@ -272,9 +392,20 @@ class EngineCore(EngineAdapter):
             waiting=tuple(s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.waiting),
             reserved_blocks=sum(len(v) for v in self._prealloc.values()),
             max_batch_size=self.config.max_batch_size,
+            conversations=tuple((cid, len(t.tokens)) for cid, t in self.conversations.entries().items()),
+            client_service=tuple(sorted(self.fair.counters.items())) if self.fair is not None else (),
         )
         annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
         return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)
+
+    def group_sizes(self) -> dict[int, int]:
+        """Group size (blocks in a contiguous run of a block table) -> how many such groups
+        the running requests hold: how well block groups hold up under load."""
+        sizes: dict[int, int] = {}
+        for s in self.scheduler.running:
+            for n in self.blocks.runs_of(s.block_table):
+                sizes[n] = sizes.get(n, 0) + 1
+        return sizes
 
     def request_ids(self) -> list[str]:
         return list(self.seqs)
@@ -294,7 +425,8 @@ class EngineCore(EngineAdapter):
 
     def freeze(self, request_id: str) -> Optional[MigrationRequestState]:
         seq = self.seqs.get(request_id)
-        if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.WAITING):
+        if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.WAITING) \
+                or request_id in self.swapper.landing:  # its swap-in is still writing its blocks
             return None
         epoch = self._mig_epoch.get(request_id)
         if seq.status == SeqStatus.RUNNING and epoch is not None and epoch != seq.num_preemptions:
@@ -399,3 +531,15 @@ class EngineCore(EngineAdapter):
             assert s.status == SeqStatus.RUNNING and self.seqs.get(s.request_id) is s
         for s in self.scheduler.waiting:
             assert s.status == SeqStatus.WAITING and not s.block_table and self.seqs.get(s.request_id) is s
+        for s in self.scheduler.landing:
+            assert s.host_table and s.block_table and s.request_id in self.swapper.landing
+        for s in self.scheduler.running:
+            assert not s.host_table, f"running request {s.request_id} still holds host blocks"
+        if self.host is not None:  # the same invariant on the host pool
+            self.host.check_invariants()
+            swapped = {("swap", s.request_id): len(s.host_table) for s in self.seqs.values() if s.host_table}
+            swapped.update(self.conversations.owners())
+            assert self.host.owners() == swapped, f"host owners {self.host.owners()} != swapped {swapped}"
+            assert self.conversations.num_blocks <= self.conversations.max_blocks
+        else:
+            assert not any(s.host_table for s in self.seqs.values())

@@ -12,7 +12,10 @@ import abc
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from llumnix_py.engines.block_manager import CopyRun
+from llumnix_py.engines.copier import Copier, ThreadCopier
 from llumnix_py.engines.types import SamplingParams, TokenLogprob
+from policies.switching import SwitchCosts
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,27 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def vocab_size(self) -> int:
         """Token ids accepted are ``0 .. vocab_size-1``."""
+
+    # ----- the host swap pool (none by default) ------------------------------------------
+    num_host_blocks = 0  # blocks of the host pool
+
+    def swap_out(self, runs: Sequence[CopyRun]) -> float:
+        """Copy device blocks to host blocks, one copy per run ``(device, host, n)``;
+        the seconds it took."""
+        raise NotImplementedError(f"{type(self).__name__} has no host swap pool")
+
+    def swap_in(self, runs: Sequence[CopyRun]) -> float:
+        """Copy host blocks to device blocks, one copy per run ``(host, device, n)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no host swap pool")
+
+    def make_copier(self) -> Copier:
+        """Where this executor's asynchronous swap copies run (a copy thread by default)."""
+        return ThreadCopier()
+
+    def switch_cost_prior(self) -> SwitchCosts:
+        """What a swap and a recompute cost before any was observed (``SwitchMeter``)."""
+        return SwitchCosts(copy_overhead_s=2e-5, host_link_bytes_per_s=5e9, recompute_s_per_token=1e-4,
+                           block_bytes=self.kv_block_bytes)
 
     @property
     def max_model_len(self) -> int:

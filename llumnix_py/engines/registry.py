@@ -66,7 +66,7 @@ def _build_sim(spec: EngineSpec) -> EngineAdapter:
         profile = PROFILES[spec.sim_profile]
     except KeyError:
         raise UnknownEngineError(f"unknown sim profile {spec.sim_profile!r}; known: {sorted(PROFILES)}") from None
-    return EngineCore(spec.engine, SimExecutor(profile))
+    return EngineCore(spec.engine, SimExecutor(profile, num_host_blocks=spec.engine.num_host_blocks))
 
 
 EngineBuilder = Callable[[EngineSpec], EngineAdapter]

@@ -39,17 +39,20 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    host_table: list[int] = field(default_factory=list)  # host-pool blocks while swapped out
     num_computed: int = 0
     num_preemptions: int = 0
     finish_reason: Optional[FinishReason] = None
     frozen_from: Optional[SeqStatus] = None  # status before ``freeze``
     reply_to: str = ""
     objective: Optional[Objective] = None
+    client_id: str = ""
+    conversation_id: str = ""
 
     @classmethod
     def from_request(cls, r: Request) -> "Sequence":
         return cls(r.request_id, r.prompt_token_ids, r.sampling, r.priority, r.arrival_time, reply_to=r.reply_to,
-                   objective=r.objective)
+                   objective=r.objective, client_id=r.client_id, conversation_id=r.conversation_id)
 
     @classmethod
     def from_migration(cls, s: MigrationRequestState) -> "Sequence":
@@ -65,6 +68,8 @@ class Sequence:
             num_preemptions=s.num_preemptions,
             reply_to=s.reply_to,
             objective=s.objective,
+            client_id=s.client_id,
+            conversation_id=s.conversation_id,
         )
 
     @property
@@ -94,6 +99,8 @@ class Sequence:
             num_computed_tokens=self.num_computed if status == SeqStatus.RUNNING else 0,
             reply_to=self.reply_to,
             objective=self.objective,
+            client_id=self.client_id,
+            conversation_id=self.conversation_id,
         )
 
     def to_load(self, block_size: int, migrating: bool = False) -> RequestLoad:
@@ -107,4 +114,6 @@ class Sequence:
             arrival_time=self.arrival_time,
             num_preemptions=self.num_preemptions,
             migrating=migrating,
+            conversation_id=self.conversation_id,
+            client_id=self.client_id,
         )

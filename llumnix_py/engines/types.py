@@ -293,6 +293,9 @@ class Request:
         reply_to: where the instance holding the request sends its tokens (a frontend's
             address; opaque to engines, travels with the request across migrations).
         objective: what the request must achieve (``Objective``); None for none.
+        client_id: who sent it (the OpenAI ``user`` field); fairness counts service per client.
+        conversation_id: the conversation this turn belongs to; when a turn ends its KV stays
+            in the host pool and the next turn reuses the prefix its prompt shares with it.
     """
 
     request_id: str
@@ -302,6 +305,8 @@ class Request:
     arrival_time: float = 0.0
     reply_to: str = ""
     objective: Optional[Objective] = None
+    client_id: str = ""
+    conversation_id: str = ""
 
     def __post_init__(self) -> None:
         if self.objective is not None and not isinstance(self.objective, Objective):
@@ -315,6 +320,9 @@ class Request:
             raise InvalidRequestError(f"priority must be an integer >= 0, got {self.priority!r}")
         if not isinstance(self.reply_to, str) or len(self.reply_to) > MAX_ADDRESS_LEN:
             raise InvalidRequestError("reply_to must be a string of at most 256 characters")
+        for name in ("client_id", "conversation_id"):
+            if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > MAX_ADDRESS_LEN:
+                raise InvalidRequestError(f"{name} must be a string of at most 256 characters")
 
 
 class FinishReason(str, enum.Enum):
@@ -405,6 +413,8 @@ class MigrationRequestState:
     num_computed_tokens: int  # tokens whose KV is in the migrated blocks
     reply_to: str = ""
     objective: Optional[Objective] = None  # on the wire only when set (an optional key)
+    client_id: str = ""  # see ``Request``
+    conversation_id: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         d = self._wire_fields()
@@ -424,6 +434,8 @@ class MigrationRequestState:
             "status": self.status.value,
             "num_computed_tokens": self.num_computed_tokens,
             "reply_to": self.reply_to,
+            "client_id": self.client_id,
+            "conversation_id": self.conversation_id,
         }
 
     @classmethod
@@ -432,7 +444,8 @@ class MigrationRequestState:
         if not isinstance(d, dict):
             raise InvalidRequestError("migration state must be a mapping")
         need = {"request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority",
-                "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to"}
+                "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to", "client_id",
+                "conversation_id"}
         if set(d) - {"objective"} != need:
             raise InvalidRequestError(f"migration state fields differ: missing {sorted(need - set(d))}, "
                                       f"unexpected {sorted(set(d) - need - {'objective'})}")
@@ -457,6 +470,9 @@ class MigrationRequestState:
             raise InvalidRequestError("migration state request_id must be a non-empty string")
         if not isinstance(d["reply_to"], str) or len(d["reply_to"]) > MAX_ADDRESS_LEN:
             raise InvalidRequestError("migration state reply_to must be a string of at most 256 characters")
+        for key in ("client_id", "conversation_id"):
+            if not isinstance(d[key], str) or len(d[key]) > MAX_ADDRESS_LEN:
+                raise InvalidRequestError(f"migration state {key} must be a string of at most 256 characters")
         return cls(
             request_id=d["request_id"],
             prompt_token_ids=ids["prompt_token_ids"],
@@ -469,6 +485,8 @@ class MigrationRequestState:
             num_computed_tokens=d["num_computed_tokens"],
             reply_to=d["reply_to"],
             objective=Objective.from_wire(d["objective"]) if "objective" in d else None,
+            client_id=d["client_id"],
+            conversation_id=d["conversation_id"],
         )
 
 

@@ -215,19 +215,22 @@ class Cluster:
     # ----- requests ----------------------------------------------------------------------
     async def submit_async(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
                            priority: int = 0, request_id: Optional[str] = None,
-                           objective: Optional[Objective] = None) -> RequestHandle:
+                           objective: Optional[Objective] = None, client_id: str = "",
+                           conversation_id: str = "") -> RequestHandle:
         """``submit`` for event-loop code: the dispatch and placement calls (blocking remote
         calls on Ray) run in a worker thread, so a burst of requests is placed concurrently
         and the loop keeps streaming meanwhile. The handle iterates on the caller's loop."""
         loop = asyncio.get_running_loop()
         return await asyncio.to_thread(self.submit, prompt_token_ids, sampling, priority, request_id, loop,
-                                       objective)
+                                       objective, client_id, conversation_id)
 
     def submit(self, prompt_token_ids: Sequence[int], sampling: Optional[SamplingParams] = None,
                priority: int = 0, request_id: Optional[str] = None,
                loop: Optional[asyncio.AbstractEventLoop] = None,
-               objective: Optional[Objective] = None) -> RequestHandle:
+               objective: Optional[Objective] = None, client_id: str = "",
+               conversation_id: str = "") -> RequestHandle:
         """Dispatch a request; raises ``InvalidRequestError`` or ``NoInstanceError``.
+        ``client_id`` and ``conversation_id``: see ``Request``.
 
         The handle's async iteration runs on ``loop`` (default: the running loop, if any);
         ``objective`` (``Objective``, None for none) travels with the request everywhere."""
@@ -237,10 +240,12 @@ class Cluster:
         if len(prompt) + 1 > self.max_model_len:
             raise InvalidRequestError(f"prompt of {len(prompt)} tokens leaves no room for output "
                                       f"(max_model_len {self.max_model_len})")
-        request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to, objective=objective)
+        request = Request(rid, prompt, sampling, priority, time.time(), reply_to=self.reply_to, objective=objective,
+                          client_id=client_id, conversation_id=conversation_id)
         block = self.config.engine.engine.block_size
         view = with_objective(RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
-                                                 arrival_time=request.arrival_time), objective)
+                                                 arrival_time=request.arrival_time, conversation_id=conversation_id),
+                              objective)
         iid = self.control.dispatch(view)
         if iid is None:
             raise NoInstanceError("no instance can take requests")

@@ -250,7 +250,8 @@ class Supervisor:
             return
         delivered, dead_owner = point
         state = MigrationRequestState(req.request_id, req.prompt_token_ids, delivered, req.sampling, req.priority,
-                                      req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to, req.objective)
+                                      req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to, req.objective,
+                                      client_id=req.client_id, conversation_id=req.conversation_id)
         view = RequestLoad.queued(req.request_id, prompt_len=len(req.prompt_token_ids), block_size=self.block_size,
                                   output_len=len(delivered), priority=req.priority, arrival_time=req.arrival_time)
         tried: set[str] = set()

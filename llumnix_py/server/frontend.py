@@ -206,7 +206,9 @@ class Frontend:
             for i, sampling in enumerate(samplings):
                 sub = rid if count == 1 else f"{rid}-{i}"
                 handle = await self.cluster.submit_async(prompt_ids, sampling, priority=req.priority, request_id=sub,
-                                                         objective=objective)
+                                                         objective=objective,
+                                                         client_id=req.user or "",
+                                                         conversation_id=req.conversation_id or "")
                 gens.append(Generation(self.cluster, self.metrics, handle, len(prompt_ids), req.stop_sequences,
                                        index=i, min_tokens=req.min_tokens or 0, score_only=score_only,
                                        objective=objective))

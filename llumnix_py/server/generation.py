@@ -146,7 +146,8 @@ class Generation:
         ttft = None if first is None else first - h.submitted_at
         tpot = (end - first) / (self.num_generated - 1) if first is not None and self.num_generated > 1 else None
         status = {"abort": "aborted", "error": "error"}.get(reason, "finished")
-        self.metrics.record_request(status, self.prompt_len, self.num_generated, ttft, tpot, end - h.submitted_at)
+        self.metrics.record_request(status, self.prompt_len, self.num_generated, ttft, tpot, end - h.submitted_at,
+                                    client=h.request.client_id)
         if status == "finished" and self.objective is not None and self._token_times:
             margin = self.objective.margin_s(h.submitted_at, self._token_times)
             self.metrics.record_objective(self.objective.kind, margin, self.num_generated)
@@ -157,7 +158,7 @@ class Generation:
             return
         self._closed = True
         self._abort()
-        self.metrics.record_request(status, self.prompt_len, self.num_generated)
+        self.metrics.record_request(status, self.prompt_len, self.num_generated, client=self.handle.request.client_id)
 
     def _abort(self) -> None:
         try:

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_STATUSES = ("finished", "aborted", "error", "rejected")
 
+MAX_CLIENT_LABELS = 256  # distinct client label values; later clients are counted as "other"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 _MARGIN_BUCKETS = (-30.0, -10.0, -5.0, -2.5, -1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -59,6 +60,11 @@ class Metrics:
         self.downtime = Histogram("llumnix_migration_downtime_seconds",
                                   "Downtime (stop-and-copy stage) of finished migrations.",
                                   buckets=_DOWNTIME_BUCKETS, registry=r)
+        self.client_requests = Counter("llumnix_client_requests", "Finished requests per client (OpenAI user).",
+                                       ["client"], registry=r)
+        self.client_tokens = Counter("llumnix_client_generation_tokens", "Tokens generated per client.",
+                                     ["client"], registry=r)
+        self._clients: set[str] = set()  # label values seen (bounded: MAX_CLIENT_LABELS)
         self.instances = Gauge("llumnix_instances", "Instances: live, and configured (the count held).",
                                ["kind"], registry=r)
         self.scheduler_up = Gauge("llumnix_scheduler_up", "1 while the global scheduler answers.", registry=r)
@@ -113,9 +119,13 @@ class Metrics:
     # ----- per request -------------------------------------------------------------------
     def record_request(self, status: str, prompt_tokens: int, generation_tokens: int,
                        ttft_s: Optional[float] = None, tpot_s: Optional[float] = None,
-                       e2e_s: Optional[float] = None) -> None:
-        """A submitted request ended (``status`` is one of ``REQUEST_STATUSES``)."""
+                       e2e_s: Optional[float] = None, client: str = "") -> None:
+        """A submitted request ended (``status`` is one of ``REQUEST_STATUSES``); ``client``: its
+        client id (OpenAI ``user``; "" for none)."""
         self.requests.labels(status=status).inc()
+        label = self._client_label(client)
+        self.client_requests.labels(client=label).inc()
+        self.client_tokens.labels(client=label).inc(max(0, generation_tokens))
         self.prompt_tokens.inc(max(0, prompt_tokens))
         self.generation_tokens.inc(max(0, generation_tokens))
         for hist, value in ((self.ttft, ttft_s), (self.tpot, tpot_s), (self.e2e, e2e_s)):
@@ -138,6 +148,14 @@ class Metrics:
             self.goodput_requests.labels(kind=kind).inc()
         if math.isfinite(margin_s):
             self.slo_margin.labels(kind=kind).observe(margin_s)
+    def _client_label(self, client: str) -> str:
+        with self._lock:
+            if client in self._clients:
+                return client
+            if len(self._clients) < MAX_CLIENT_LABELS:
+                self._clients.add(client)
+                return client
+        return "other"
 
     def record_rejected(self) -> None:
         """A request was refused before it reached the cluster (bad input, no instance)."""

@@ -13,7 +13,8 @@ Every OpenAI field, and what the server does with it (both endpoints unless note
                logit_bias (token id -> bias in [-100, 100]), logprobs (completions: 0..5; chat: bool),
                top_logprobs (chat: 0..20, needs logprobs), echo (completions; with max_tokens=0:
                prompt log-likelihoods), best_of (completions; n..16, not streamed)
-    no effect  user, metadata, store, service_tier, prompt_cache_key, safety_identifier (accepted);
+    client     user: the client id (fair sharing between clients, metrics); a string of at most 256
+    no effect  metadata, store, service_tier, prompt_cache_key, safety_identifier (accepted);
                chat: tools=[] / tool_choice "none" / parallel_tool_calls / response_format
                {"type": "text"} / modalities ["text"] (accepted: they ask for nothing)
     refused    suffix (completions, non-empty), and in chat: tools, tool_choice, functions,
@@ -33,6 +34,8 @@ And this server's own:
     ttft_ms + k * tbt_ms after arrival); or ``deadline_ms`` (the whole response); or ``job_id``,
     ``job_deadline_ms`` and optionally ``job_calls_left`` (a call of a compound job). Times are
     numbers in (0, one week] of milliseconds; a request without one gets the server's default.
+    conversation_id: string (1..256 characters) naming a multi-turn conversation: its turn's KV
+        is kept in the host pool and the next turn with the same id reuses the prefix it shares.
     return_token_ids: add ``token_ids`` (the generated ids) to each choice.
 """
 
@@ -46,6 +49,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_PRIORITY = 1 << 31
+MAX_ID_LENGTH = 256  # user (client id) and conversation_id
 MAX_N = 16  # n and best_of at most: each choice is a request of its own in the cluster
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
@@ -53,7 +57,7 @@ MAX_LOGIT_BIAS = 1024
 MAX_OBJECTIVE_MS = 7 * 24 * 3600 * 1000.0
 OBJECTIVE_FIELDS = ("ttft_ms", "tbt_ms", "deadline_ms", "job_id", "job_deadline_ms", "job_calls_left")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+NO_EFFECT_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 # ----- requests --------------------------------------------------------------------------
 
@@ -97,6 +101,8 @@ class GenerationRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1, le=MAX_N)
     priority: int = Field(default=0, ge=0, lt=MAX_PRIORITY)
+    user: Optional[str] = Field(default=None, max_length=MAX_ID_LENGTH)  # the client id
+    conversation_id: Optional[str] = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     ignore_eos: bool = False
     return_token_ids: bool = False
     ttft_ms: Optional[float] = Field(default=None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)

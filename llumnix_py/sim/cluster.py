@@ -190,7 +190,8 @@ class SimCluster:
                                     cfg.length_quantile)
         elif cfg.batch_policy == "edf":
             policy = EdfBatchPolicy(self._clock, self.profile.step_time, prior)
-        engine = EngineCore(self.engine_config, SimExecutor(self.profile), batch_policy=policy)
+        executor = SimExecutor(self.profile, num_host_blocks=self.engine_config.num_host_blocks)
+        engine = EngineCore(self.engine_config, executor, batch_policy=policy)
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
                                          max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine,
                            length_prior=prior)

@@ -79,6 +79,10 @@ class HardwareSpec:
             instance (all its GPUs together), GB/s.
         link_latency_s: fixed cost of one migration transfer (a round trip of
             control messages), seconds.
+        host_link_gbps: bandwidth between one GPU and host memory, per direction,
+            GB/s (the PCIe link; the instance's GPUs copy their KV shards in parallel).
+        host_copy_overhead_s: fixed cost of one host<->GPU copy (issuing it, setting
+            up its DMA), seconds.
     """
 
     name: str
@@ -88,14 +92,18 @@ class HardwareSpec:
     mem_gb: float
     link_gbps: float
     link_latency_s: float = 1e-3
+    host_link_gbps: float = 32.0
+    host_copy_overhead_s: float = 1e-5
 
     def __post_init__(self) -> None:
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1:
             raise ValueError(f"num_gpus must be an integer >= 1, got {self.num_gpus!r}")
-        for name in ("peak_tflops", "mem_bandwidth_gbps", "mem_gb", "link_gbps"):
+        for name in ("peak_tflops", "mem_bandwidth_gbps", "mem_gb", "link_gbps", "host_link_gbps"):
             _check_positive(name, getattr(self, name))
         if not math.isfinite(self.link_latency_s) or self.link_latency_s < 0:
             raise ValueError(f"link_latency_s must be >= 0, got {self.link_latency_s!r}")
+        if not math.isfinite(self.host_copy_overhead_s) or self.host_copy_overhead_s < 0:
+            raise ValueError(f"host_copy_overhead_s must be >= 0, got {self.host_copy_overhead_s!r}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +288,15 @@ class CostProfile:
         """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer)."""
         _check_count("num_blocks", num_blocks)
         return self.hw.link_latency_s + num_blocks * self.kv_block_bytes / (self.hw.link_gbps * _GB)
+
+    def host_copy_time(self, num_blocks: int, num_copies: int) -> float:
+        """Time to copy ``num_blocks`` KV blocks between GPU and host in ``num_copies`` copies
+        (one direction): a fixed cost per copy plus the bytes over the host link, so the
+        size of a copy matters (FastSwitch, arXiv:2411.18424, Section 3.1)."""
+        _check_count("num_blocks", num_blocks)
+        _check_count("num_copies", num_copies)
+        link = self.hw.host_link_gbps * _GB * self.hw.num_gpus
+        return num_copies * self.hw.host_copy_overhead_s + num_blocks * self.kv_block_bytes / link
 
     def recompute_time(self, num_tokens: int) -> float:
         """Time to rebuild the KV of a ``num_tokens`` sequence by one prefill step."""

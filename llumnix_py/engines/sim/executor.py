@@ -13,10 +13,13 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Optional, Sequence
 
+from llumnix_py.engines.block_manager import CopyRun
+from llumnix_py.engines.copier import VirtualCopier
 from llumnix_py.engines.executor import Executor, SeqWork
 from llumnix_py.engines.seeding import MASK64, splitmix64
 from llumnix_py.engines.seeding import request_seed as request_key
 from llumnix_py.engines.sim.cost_model import CostProfile, causal_context
+from policies.switching import SwitchCosts
 
 _MASK64 = MASK64
 
@@ -36,9 +39,15 @@ class SimExecutor(Executor):
         vocab_size: token ids are drawn from ``0 .. vocab_size-1``.
         eos_token_id: never sampled, so simulated requests finish by ``max_tokens``
             (a request's ``stop_token_ids`` are never sampled either).
+        num_host_blocks: blocks of the simulated host swap pool.
+        copy_segments: separate memory regions one run of blocks spans, so copies issued per
+            run: 1 for a block-major KV layout (the built-in engine's: a block of every layer
+            is contiguous), ``2 * num_layers`` for per-layer K and V tensors (vLLM's layout,
+            whose swap issues one copy per block per layer per K/V).
     """
 
-    def __init__(self, profile: CostProfile, vocab_size: int = 32000, eos_token_id: Optional[int] = None) -> None:
+    def __init__(self, profile: CostProfile, vocab_size: int = 32000, eos_token_id: Optional[int] = None,
+                 num_host_blocks: int = 0, copy_segments: int = 1) -> None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
         if eos_token_id is not None and not (0 <= eos_token_id < vocab_size):
@@ -46,6 +55,12 @@ class SimExecutor(Executor):
         self._profile = profile
         self._vocab_size = vocab_size
         self._eos_token_id = eos_token_id
+        if isinstance(num_host_blocks, bool) or not isinstance(num_host_blocks, int) or num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be an integer >= 0, got {num_host_blocks!r}")
+        self.num_host_blocks = num_host_blocks
+        if isinstance(copy_segments, bool) or not isinstance(copy_segments, int) or copy_segments < 1:
+            raise ValueError(f"copy_segments must be an integer >= 1, got {copy_segments!r}")
+        self.copy_segments = copy_segments
 
     @property
     def profile(self) -> CostProfile:
@@ -90,6 +105,25 @@ class SimExecutor(Executor):
     def execute(self, work: Sequence[SeqWork]) -> tuple[list[Optional[int]], float]:
         tokens = [self.token_for(w) if w.sample else None for w in work]
         return tokens, self.step_duration(work)
+
+    def swap_out(self, runs: Sequence[CopyRun]) -> float:
+        """Cost-model time of the copies (the simulated pools hold no data)."""
+        return self._profile.host_copy_time(sum(n for _, _, n in runs), len(runs) * self.copy_segments)
+
+    def swap_in(self, runs: Sequence[CopyRun]) -> float:
+        return self._profile.host_copy_time(sum(n for _, _, n in runs), len(runs) * self.copy_segments)
+
+    def make_copier(self) -> VirtualCopier:
+        """Copies take their cost-model time on a virtual clock, beside the steps."""
+        return VirtualCopier()
+
+    def switch_cost_prior(self) -> SwitchCosts:
+        """The cost model's own figures (prefill per token from a 1,024-token re-prefill)."""
+        hw = self._profile.hw
+        return SwitchCosts(copy_overhead_s=hw.host_copy_overhead_s * self.copy_segments,
+                           host_link_bytes_per_s=hw.host_link_gbps * 1e9 * hw.num_gpus,
+                           recompute_s_per_token=self._profile.recompute_time(1024) / 1024,
+                           block_bytes=self._profile.kv_block_bytes)
 
     def read_blocks(self, block_ids: Sequence[int]) -> None:
         """Simulated blocks hold no data; the cost model times the transfer."""

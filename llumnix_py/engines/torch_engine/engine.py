@@ -51,7 +51,8 @@ def make_torch_engine(
     tokenizer = load_tokenizer(checkpoint)
     if engine.eos_token_id is None and tokenizer.eos_token_id is not None:
         engine = dataclasses.replace(engine, eos_token_id=tokenizer.eos_token_id)
-    executor = TorchExecutor(net, model_cfg, engine.num_blocks, engine.block_size, max_model_len)
+    executor = TorchExecutor(net, model_cfg, engine.num_blocks, engine.block_size, max_model_len,
+                            num_host_blocks=engine.num_host_blocks)
     return TorchEngine(engine, executor, tokenizer)
 
 

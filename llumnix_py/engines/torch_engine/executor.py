@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from llumnix_py.engines.block_manager import CopyRun
 from llumnix_py.engines.executor import Executed, Executor, SeqWork
 from llumnix_py.engines.torch_engine.model import LlamaModel, ModelConfig, SeqBatchEntry, allocate_kv_cache
 from llumnix_py.engines.torch_engine.sampler import prompt_logprobs, sample, token_logprobs
@@ -19,14 +20,21 @@ class TorchExecutor(Executor):
     contiguous and a migration reads or writes whole blocks with one index op::
 
         kv[num_blocks, num_layers, 2 (K/V), block_size, num_kv_heads, head_dim]
+
+    The host swap pool ``host_kv`` has the same layout, so a run of contiguous blocks
+    is one contiguous slice on each side and moves in one copy. On CPU it is a
+    separate tensor; beside a CUDA cache it is pinned memory (page-locked, so the
+    copy is a DMA over the host link).
     """
 
     def __init__(self, model: LlamaModel, model_config: ModelConfig, num_blocks: int, block_size: int,
-                 max_model_len: Optional[int] = None) -> None:
+                 max_model_len: Optional[int] = None, num_host_blocks: int = 0) -> None:
         self.model = model
         self.model_config = model_config
         self.block_size = block_size
         self.kv = allocate_kv_cache(model_config, num_blocks, block_size)
+        self.host_kv = torch.empty((num_host_blocks,) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype,
+                                   pin_memory=self.kv.is_cuda)
         self._max_model_len = min(max_model_len or model_config.max_position_embeddings,
                                   model_config.max_position_embeddings)
 
@@ -79,6 +87,24 @@ class TorchExecutor(Executor):
             if k is not None:
                 lps[i] = token_logprobs(logits[i:i + 1], [tok], k)[0]
         return Executed(out, time.perf_counter() - t0, lps, prompt_lps)
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_kv.shape[0]
+
+    def swap_out(self, runs: Sequence[CopyRun]) -> float:
+        return self._copy(self.kv, self.host_kv, runs)
+
+    def swap_in(self, runs: Sequence[CopyRun]) -> float:
+        return self._copy(self.host_kv, self.kv, runs)
+
+    def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: Sequence[CopyRun]) -> float:
+        t0 = time.perf_counter()
+        for s, d, n in runs:
+            dst[d:d + n].copy_(src[s:s + n])
+        if self.kv.is_cuda:
+            torch.cuda.synchronize(self.kv.device)
+        return time.perf_counter() - t0
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         return self.kv.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))

@@ -1,0 +1,252 @@
+"""Fair preemption with cheap context switches (FastSwitch's ideas) on one simulated instance.
+
+Under one fairness policy (per-client virtual token counters, ``policies/fairness.py``,
+with FastSwitch-style priority adjustment: a far-over-share running client yields to a
+waiting one), the same multi-turn workload runs with each way of switching context:
+
+* ``recompute``: preempted requests re-prefill (vLLM's default);
+* ``vllm-swap``: synchronous swap, one copy per block and, as vLLM's KV layout has one
+  tensor per layer for K and for V, one copy per block per layer per K/V
+  (``copy_segments = 2 * num_layers``);
+* ``swap-per-block``: the same, on the built-in engine's block-major layout (a block of
+  every layer is contiguous: one copy per block) - separates layout from grouping;
+* ``llumnix-py``: block groups (contiguous runs, one copy per run), asynchronous copies
+  (overlapping steps on the virtual clock), and multi-turn KV reuse (a finished turn's
+  KV kept in the host pool, the next turn prefills only its new tokens);
+* ablations of ``llumnix-py``: without groups, without async, without reuse, and with
+  the cost policy choosing swap or recompute per preemption (``+cost``).
+
+Workload: ShareGPT-like conversations (``experiments.workloads.sharegpt_like`` lengths per
+turn) from a few heavy clients (many conversations each) and more light ones; a turn's
+prompt is the conversation's history plus the new message; the next turn arrives a
+think time (exponential) after the previous one ended. The engine is the real
+``EngineCore`` over the LLaMA-7B/A10 cost model on a virtual clock; copies cost a fixed
+overhead per copy plus bytes over PCIe (``HardwareSpec.host_link_gbps``,
+``host_copy_overhead_s``). Not done here: the cluster with migration as a third option
+(the cluster simulator has no closed-loop multi-turn arrivals yet).
+
+Metrics: P95/P99 TTFT and TBT (seconds), and the fairness metric: the largest
+difference of service (VTC counters, weighted tokens) between clients with requests in
+the system, sampled every step; the group-size distribution under load (blocks per
+contiguous run of the running requests' block tables, sampled every step; ``group`` is
+its mean).
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # noqa: E402
+from experiments.workloads import sharegpt_like  # noqa: E402
+from llumnix_py.engines.core import EngineConfig, EngineCore  # noqa: E402
+from llumnix_py.engines.sim.executor import SimExecutor  # noqa: E402
+from llumnix_py.engines.sim.profiles import LLAMA_7B_A10  # noqa: E402
+from llumnix_py.engines.types import Request, SamplingParams  # noqa: E402
+from policies.fairness import max_service_gap  # noqa: E402
+
+PROFILE = LLAMA_7B_A10
+VLLM_SEGMENTS = 2 * PROFILE.model.num_layers
+
+
+@dataclass(frozen=True)
+class System:
+    mode: str  # preemption_mode
+    groups: bool = True
+    asynchronous: bool = True
+    reuse: bool = True
+    segments: int = 1
+
+
+SYSTEMS: dict[str, System] = {
+    "recompute": System("recompute", groups=False, asynchronous=False, reuse=False),
+    "vllm-swap": System("swap", groups=False, asynchronous=False, reuse=False, segments=VLLM_SEGMENTS),
+    "swap-per-block": System("swap", groups=False, asynchronous=False, reuse=False),
+    "llumnix-py": System("swap"),
+    "-groups": System("swap", groups=False),
+    "-async": System("swap", asynchronous=False),
+    "-reuse": System("swap", reuse=False),
+    "+cost": System("cost"),
+}
+
+
+@dataclass
+class Conversation:
+    client: str
+    turns: list[tuple[int, int]]  # (new message tokens, output tokens) per turn
+    start: float
+    history: tuple[int, ...] = ()
+    turn: int = 0
+
+
+@dataclass
+class Run:
+    ttft: list[float] = field(default_factory=list)
+    tbt: list[float] = field(default_factory=list)
+    gap: float = 0.0
+    preemptions: int = 0
+    copies: int = 0
+    blocks_copied: int = 0
+    reused_tokens: int = 0
+    switches: int = 0
+    makespan: float = 0.0
+    group_sizes: dict = field(default_factory=dict)  # blocks per contiguous run of the running block tables
+
+
+def make_conversations(args, rng: np.random.Generator) -> list[Conversation]:
+    heavy, light = (2, 4) if args.smoke else (2, 6)
+    per_heavy, per_light = (3, 1) if args.smoke else ((8, 2) if args.quick else (16, 3))
+    turns = (2, 3) if args.smoke else ((2, 4) if args.quick else (3, 6))
+    clients = [f"heavy{i}" for i in range(heavy) for _ in range(per_heavy)] + \
+              [f"light{i}" for i in range(light) for _ in range(per_light)]
+    convs = []
+    for k, client in enumerate(clients):
+        n = int(rng.integers(turns[0], turns[1] + 1))
+        p, o = sharegpt_like(n, rng)
+        msgs = [(int(min(a, args.max_message)), int(min(b, args.max_output))) for a, b in zip(p, o)]
+        convs.append(Conversation(client, msgs, start=float(rng.uniform(0, args.spread))))
+    return convs
+
+
+def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
+    num_blocks = args.blocks or (160 if args.smoke else PROFILE.num_blocks)
+    cfg = EngineConfig(num_blocks=num_blocks, block_size=PROFILE.block_size, max_batch_size=args.max_batch,
+                       max_batched_tokens=4096, num_host_blocks=2 * num_blocks, preemption_mode=system.mode,
+                       block_groups=system.groups, group_copies=system.groups, async_swap=system.asynchronous,
+                       conversation_host_blocks=num_blocks if system.reuse else 0, fairness=True,
+                       fairness_margin=args.margin)
+    ex = SimExecutor(PROFILE, vocab_size=32000, num_host_blocks=cfg.num_host_blocks, copy_segments=system.segments)
+    engine = EngineCore(cfg, ex)
+    rng = np.random.default_rng(seed)
+    convs = [replace(c) for c in convs]
+    arrivals: list = [(c.start, i) for i, c in enumerate(convs)]
+    heapq.heapify(arrivals)
+    now, run = 0.0, Run()
+    live: dict[str, tuple[int, float, list[int]]] = {}  # request id -> (conversation, arrival, tokens)
+    last_token: dict[str, float] = {}
+    while arrivals or engine.has_unfinished():
+        if not engine.has_unfinished() and arrivals[0][0] > now:
+            now = arrivals[0][0]
+        while arrivals and arrivals[0][0] <= now:
+            _, i = heapq.heappop(arrivals)
+            c = convs[i]
+            msg, out_len = c.turns[c.turn]
+            prompt = c.history + tuple(int(t) for t in rng.integers(0, 32000, msg))
+            rid = f"c{i}t{c.turn}"
+            engine.add_request(Request(rid, prompt, SamplingParams(max_tokens=max(out_len, 1), ignore_eos=True,
+                                                                   seed=i * 100 + c.turn),
+                                       arrival_time=now, client_id=c.client, conversation_id=f"c{i}"))
+            live[rid] = (i, now, list(prompt))
+        out = engine.step()
+        now += out.duration_s
+        run.preemptions += len(out.preempted)
+        for o in out.outputs:
+            i, arrived, tokens = live[o.request_id]
+            if o.index == 0 and o.new_token_ids:
+                run.ttft.append(now - arrived)
+            elif o.new_token_ids:
+                run.tbt.append(now - last_token[o.request_id])
+            last_token[o.request_id] = now
+            tokens.extend(o.new_token_ids)
+            if o.finish_reason is not None:
+                c = convs[i]
+                c.history, c.turn = tuple(tokens), c.turn + 1
+                del live[o.request_id], last_token[o.request_id]
+                if c.turn < len(c.turns) and len(c.history) + sum(c.turns[c.turn]) <= args.max_context:
+                    heapq.heappush(arrivals, (now + float(rng.exponential(args.think)), i))
+        for n, k in engine.group_sizes().items():  # sampled every step: the distribution under load
+            run.group_sizes[n] = run.group_sizes.get(n, 0) + k
+        active = {s.client_id for s in engine.seqs.values()}
+        if len(active) > 1:
+            run.gap = max(run.gap, max_service_gap(engine.fair.counters, active))
+    m = engine.swapper.meter
+    run.copies, run.blocks_copied = m.copies, m.blocks_copied
+    run.reused_tokens, run.switches, run.makespan = engine.conversations.restored_tokens, engine.fair.switches, now
+    engine.close()
+    return run
+
+
+def summarize(run: Run) -> dict:
+    def pct(xs, q):
+        return float(np.percentile(xs, q)) if xs else 0.0
+    return {"ttft_p95": pct(run.ttft, 95), "ttft_p99": pct(run.ttft, 99), "tbt_p95": pct(run.tbt, 95),
+            "tbt_p99": pct(run.tbt, 99), "fairness_gap": run.gap, "preemptions": run.preemptions,
+            "yields": run.switches, "copies": run.copies, "blocks_copied": run.blocks_copied,
+            "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan,
+            "group_size_mean": (sum(n * k for n, k in run.group_sizes.items()) / sum(run.group_sizes.values())
+                                if run.group_sizes else 0.0),
+            "group_sizes": {str(n): run.group_sizes[n] for n in sorted(run.group_sizes)}}
+
+
+def _extra(ap) -> None:
+    ap.add_argument("--blocks", type=int, default=None, help="KV blocks of the instance (default: the profile's)")
+    ap.add_argument("--max-batch", type=int, default=48)
+    ap.add_argument("--margin", type=float, default=512.0, help="fairness margin (weighted tokens)")
+    ap.add_argument("--think", type=float, default=3.0, help="mean think time between turns (s)")
+    ap.add_argument("--spread", type=float, default=20.0, help="conversations start within this many seconds")
+    ap.add_argument("--max-message", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=512)
+    ap.add_argument("--max-context", type=int, default=6000)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+
+
+def run(args) -> dict:
+    if args.smoke:  # a small instance under pressure, with short turns that fit it
+        args.max_message, args.max_output, args.max_context = 256, 128, 1500
+    convs = make_conversations(args, np.random.default_rng(args.seed))
+    names = [n for n in args.systems.split(",") if n]
+    unknown = set(names) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; known: {list(SYSTEMS)}")
+    out = {}
+    iterator = names
+    if args.progress:
+        from tqdm import tqdm
+        iterator = tqdm(names, desc="systems")
+    for name in iterator:
+        out[name] = summarize(simulate(SYSTEMS[name], convs, args, args.seed))
+    base = out.get("vllm-swap")
+    for name, r in out.items():
+        if base:
+            r["ttft_p99_vs_vllm_swap"] = base["ttft_p99"] / r["ttft_p99"] if r["ttft_p99"] else 0.0
+            r["tbt_p99_vs_vllm_swap"] = base["tbt_p99"] / r["tbt_p99"] if r["tbt_p99"] else 0.0
+    return {"conversations": len(convs), "turns": sum(len(c.turns) for c in convs), "systems": out}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    args = common.parse_args("fairness", __doc__.splitlines()[0], argv, _extra)
+    results = run(args)
+    headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
+               "fairness gap", "preempt", "yields", "copies", "reused tok", "group"]
+    rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
+             r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["preemptions"], r["yields"], r["copies"],
+             r["reused_tokens"], r["group_size_mean"]] for n, r in results["systems"].items()]
+    common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
+    common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
+                          [("Latencies (seconds) and switches", headers, rows)],
+                          notes=f"{results['conversations']} conversations, {results['turns']} turns, "
+                                f"LLaMA-7B/A10 cost model, seed {args.seed}, margin {args.margin}.")
+    names = list(results["systems"])
+    fig, axes = common.subplots(1, 3)
+    for ax, (key, label) in zip(axes[0], [("ttft_p99", "P99 TTFT (s)"), ("tbt_p99", "P99 TBT (s)"),
+                                          ("fairness_gap", "max service gap (tokens)")]):
+        ax.bar(range(len(names)), [results["systems"][n][key] for n in names])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, fontsize=6)
+        ax.set_ylabel(label)
+    common.save_figure(fig, args.out / "fairness.png")
+    common.write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""One engine's per-client service counters, and the fairness policy's decisions over its queues.
+
+Mechanism only: the counters are books (charged after every step, lifted when an idle
+client returns); which request is admitted first, which one is preempted and when a
+running request yields to a waiting one are ``policies.fairness``' pure functions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence as Seq
+
+from llumnix_py.engines.sequence import Sequence
+from policies import fairness
+from policies.fairness import FairItem, VtcWeights
+
+
+def _item(seq: Sequence) -> FairItem:
+    return FairItem(seq.request_id, seq.client_id, seq.priority, seq.arrival_time)
+
+
+class FairShare:
+    """Virtual token counters of one engine's clients.
+
+    Args:
+        weights: service per prompt token and per generated token.
+        margin: weighted tokens of extra service after which a running client yields to a
+            waiting one (FastSwitch's priority adjustment; larger: fewer context switches).
+    """
+
+    def __init__(self, weights: VtcWeights = VtcWeights(), margin: float = 64.0) -> None:
+        self.weights = weights
+        self.margin = margin
+        self.counters: dict[str, float] = {}
+        self.switches = 0  # running requests that yielded to a waiting one
+
+    def on_arrival(self, client: str, active: Iterable[str]) -> None:
+        self.counters = fairness.lift(self.counters, client, active)
+
+    def on_step(self, prompt_tokens: dict[str, int], output_tokens: dict[str, int]) -> None:
+        self.counters = fairness.charge(self.counters, prompt_tokens, output_tokens, self.weights)
+
+    def order(self, waiting: Seq[Sequence]) -> list[Sequence]:
+        by_id = {s.request_id: s for s in waiting}
+        return [by_id[r] for r in fairness.fair_order([_item(s) for s in waiting], self.counters)]
+
+    def victim(self, running: Seq[Sequence]) -> Sequence:
+        rid = fairness.fair_victim([_item(s) for s in running], self.counters)
+        return next(s for s in running if s.request_id == rid)
+
+    def switch_victim(self, head: Sequence, running: Seq[Sequence]) -> Optional[Sequence]:
+        rid = fairness.switch_victim(_item(head), [_item(s) for s in running], self.counters, self.margin)
+        if rid is None:
+            return None
+        self.switches += 1
+        return next(s for s in running if s.request_id == rid)

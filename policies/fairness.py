@@ -1,0 +1,129 @@
+"""Fair sharing between clients: virtual token counters (VTC) and priority adjustment.
+
+The Virtual Token Counter ("Fairness in Serving Large Language Models", Sheng et al.,
+OSDI 2024) keeps one counter per client: the service it received, in weighted
+tokens (``prompt_weight`` per prompt token computed, ``output_weight`` per token
+generated; the paper's weights are 1 and 2). The scheduler serves the client with
+the smallest counter first; a client that (re)appears after an idle spell is lifted
+to the smallest counter of the clients still active, so idling earns no credit.
+
+FastSwitch (Shen, Li and Gao, arXiv:2411.18424, Section 2.2) evaluates a scheduler
+that adjusts priorities at run time and preempts: when a waiting client is under its
+share and cannot be admitted, the most-served running client yields a request.
+``switch_victim`` is that decision; how the victim leaves (swap or recompute) is the
+preemption-mode policy's (``policies.switching``), and across instances a migration.
+
+Across instances, a context switch has a third option: migrate the request to an
+instance with room. ``select_most_served`` is the ``migrate_out`` policy for it: a
+migration source moves out a request of its most-served client (by the counters in
+``InstanceLoad.client_service``), so the client over its share is the one that moves.
+
+All functions are pure over plain mappings and frozen views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+from llumnix_py.load import InstanceLoad
+from policies.types import MigrateOut
+
+
+@dataclass(frozen=True)
+class VtcWeights:
+    """Service per token: ``prompt`` per prompt token computed, ``output`` per token generated."""
+
+    prompt: float = 1.0
+    output: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (self.prompt >= 0 and self.output >= 0):
+            raise ValueError(f"VTC weights must be non-negative, got {self}")
+
+
+@dataclass(frozen=True)
+class FairItem:
+    """A request as the fairness policy sees it."""
+
+    request_id: str
+    client_id: str
+    priority: int = 0
+    arrival_time: float = 0.0
+
+
+def charge(counters: Mapping[str, float], prompt_tokens: Mapping[str, int], output_tokens: Mapping[str, int],
+           weights: VtcWeights = VtcWeights()) -> dict[str, float]:
+    """The counters after a step that computed ``prompt_tokens`` and generated ``output_tokens``
+    per client."""
+    out = dict(counters)
+    for c, n in prompt_tokens.items():
+        out[c] = out.get(c, 0.0) + weights.prompt * n
+    for c, n in output_tokens.items():
+        out[c] = out.get(c, 0.0) + weights.output * n
+    return out
+
+
+def lift(counters: Mapping[str, float], client: str, active: Iterable[str]) -> dict[str, float]:
+    """A request of ``client`` arrived. If the client was idle (not in ``active``), its counter
+    rises to the smallest counter among the active clients (VTC's counter lift), never falls."""
+    out = dict(counters)
+    active = set(active)
+    if client in active and client in out:
+        return out  # still active: no lift
+    others = [a for a in active if a != client]
+    floor = min((out.get(a, 0.0) for a in others), default=0.0)
+    out[client] = max(out.get(client, 0.0), floor)
+    return out
+
+
+def fair_key(item: FairItem, counters: Mapping[str, float]) -> tuple:
+    """Serve order: higher priority first, then the least-served client, then arrival, then id."""
+    return (-item.priority, counters.get(item.client_id, 0.0), item.arrival_time, item.request_id)
+
+
+def fair_order(items: Sequence[FairItem], counters: Mapping[str, float]) -> list[str]:
+    """Request ids in the order a fair scheduler admits them."""
+    return [i.request_id for i in sorted(items, key=lambda i: fair_key(i, counters))]
+
+
+def fair_victim(items: Sequence[FairItem], counters: Mapping[str, float]) -> str:
+    """The running request to preempt: lowest priority, most-served client, latest arrival."""
+    if not items:
+        raise ValueError("fair_victim needs at least one running request")
+    return max(items, key=lambda i: (-i.priority, counters.get(i.client_id, 0.0), i.arrival_time,
+                                     i.request_id)).request_id
+
+
+def switch_victim(head: FairItem, running: Sequence[FairItem], counters: Mapping[str, float],
+                  margin: float) -> Optional[str]:
+    """Priority adjustment: the running request that yields to the waiting ``head`` (which cannot
+    be admitted as things are), or ``None``. A request yields when its client has received more
+    than ``margin`` weighted tokens more service than the head's client, at no higher priority."""
+    if not running:
+        return None
+    victim_id = fair_victim(running, counters)
+    victim = next(i for i in running if i.request_id == victim_id)
+    if victim.priority > head.priority or victim.client_id == head.client_id:
+        return None
+    gap = counters.get(victim.client_id, 0.0) - counters.get(head.client_id, 0.0)
+    return victim_id if gap > margin else None
+
+
+def max_service_gap(counters: Mapping[str, float], clients: Iterable[str]) -> float:
+    """The fairness metric: the largest difference of service between the given clients."""
+    values = [counters.get(c, 0.0) for c in clients]
+    return max(values) - min(values) if values else 0.0
+
+
+def select_most_served(inst: InstanceLoad) -> Optional[MigrateOut]:
+    """``migrate_out`` policy: the running request of the instance's most-served client (highest
+    counter in ``inst.client_service``), the fewest blocks among that client's (it moves
+    fastest), then arrival and id; ``None`` when every running request is migrating."""
+    service = dict(inst.client_service)
+    candidates = [r for r in inst.running if not r.migrating]
+    if not candidates:
+        return None
+    pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
+                                          r.request_id))
+    return MigrateOut(pick.request_id, waiting=False)
