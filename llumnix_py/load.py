@@ -63,8 +63,8 @@ class InstanceLoad:
     """A load snapshot of one instance.
 
     The engine fills the memory and request fields; the global scheduler sets
-    ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in`` and
-    ``pending_dispatch`` on its copy.
+    ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in``,
+    ``pending_dispatch`` and ``role`` on its copy.
 
     Attributes:
         instance_id: the instance's id ("" in an engine's own snapshot, which does not
@@ -83,6 +83,8 @@ class InstanceLoad:
         migrating_out: migrations in flight with this instance as source.
         migrating_in: migrations in flight with this instance as destination.
         pending_dispatch: requests dispatched to it since its last poll (counted into its load).
+        role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
+            set on its copy (an engine's own snapshot says ``both``).
     """
 
     instance_id: str = ""
@@ -98,6 +100,7 @@ class InstanceLoad:
     migrating_out: int = 0
     migrating_in: int = 0
     pending_dispatch: tuple[RequestLoad, ...] = ()
+    role: str = "both"
 
     @property
     def free_blocks(self) -> int:

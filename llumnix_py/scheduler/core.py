@@ -24,6 +24,7 @@ from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
 from policies.pairing import plan_migrations
+from policies.roles import Role, assign_role, parse_pd_ratio, parse_role, plan_handoffs
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -50,6 +51,9 @@ class SchedulerConfig:
             (frontends report about once a second; listing them is all it is used for).
         instance_restart: how dead instances are replaced to keep the configured count
             (``llumnix_py.healing``; ``RestartPolicy(enabled=False)``: not replaced).
+        pd_ratio: ``(P, D)``: prefill/decode disaggregation, instances get the roles
+            ``prefill`` and ``decode`` in this ratio as they register (``policies.roles``);
+            None (default): every instance is ``both`` (colocated). Also ``"P:D"``.
     """
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -63,8 +67,11 @@ class SchedulerConfig:
     migration_order_timeout_s: float = 30.0
     frontend_timeout_s: float = 10.0
     instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
+    pd_ratio: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
+        if self.pd_ratio is not None:
+            object.__setattr__(self, "pd_ratio", parse_pd_ratio(self.pd_ratio))
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",
                      "frontend_timeout_s"):
             if getattr(self, name) <= 0:
@@ -84,6 +91,7 @@ class MigrationOrder:
     request_id: str
     waiting: bool
     issued_at: float
+    handoff: bool = False  # a prefill instance hands a request to a decode instance
 
 
 @dataclass
@@ -95,6 +103,8 @@ class InstanceRecord:
     terminating: bool = False
     orders_out: dict[str, MigrationOrder] = field(default_factory=dict)
     orders_in: dict[str, MigrationOrder] = field(default_factory=dict)
+    role: Role = Role.BOTH
+    handoffs_tried: set[str] = field(default_factory=set)  # requests here whose hand-off was ordered
 
 
 def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = False) -> InstanceLoad:
@@ -117,15 +127,40 @@ class GlobalScheduler:
         self._seq = 0
         self.num_dispatched = 0
         self.num_orders = 0
+        self.num_handoffs = 0
         self.ownership = OwnershipArbiter()
 
     # ----- membership --------------------------------------------------------------------
-    def register(self, instance_id: str, address: str, now: float) -> None:
+    def register(self, instance_id: str, address: str, now: float, role: Optional[str] = None) -> None:
+        """Add an instance (or refresh a known one). ``role``: its role; default: the one
+        ``config.pd_ratio`` calls for next (``policies.roles.assign_role``); a known
+        instance keeps its role unless one is given."""
         rec = self.instances.get(instance_id)
         if rec is None:
-            self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now)
+            chosen = parse_role(role) if role is not None else \
+                assign_role([r.role for r in self.instances.values()], self.config.pd_ratio)
+            self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now, role=chosen)
         else:  # re-registration (the instance or the scheduler restarted)
             rec.address, rec.last_seen = address, now
+            if role is not None:
+                rec.role = parse_role(role)
+
+    def role(self, instance_id: str) -> Role:
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
+        return rec.role
+
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Give a registered instance another role (``ValueError`` for an unknown role)."""
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
+        rec.role = parse_role(role)
+
+    def disaggregated(self) -> bool:
+        """Whether any instance has the ``prefill`` role (hand-offs may be due)."""
+        return any(r.role == Role.PREFILL for r in self.instances.values())
 
     def remove(self, instance_id: str, dead_at: Optional[float] = None) -> None:
         """Forget an instance; ``dead_at``: it died then, so its open migrations are settled
@@ -152,6 +187,9 @@ class GlobalScheduler:
             return
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
+        if rec.handoffs_tried:  # forget requests that left or ended
+            here = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
+            rec.handoffs_tried &= here
         self.payoff.on_load(instance_id, rec.load, now)
         if self.dispatch_state.num_pending(instance_id):
             seen = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
@@ -166,7 +204,7 @@ class GlobalScheduler:
                 continue
             out.append(replace(rec.load, terminating=rec.terminating, migrating_out=len(rec.orders_out),
                                migrating_in=len(rec.orders_in),
-                               pending_dispatch=self.dispatch_state.pending(rid)))
+                               pending_dispatch=self.dispatch_state.pending(rid), role=rec.role.value))
         return out
 
     # ----- dispatch ----------------------------------------------------------------------
@@ -180,6 +218,37 @@ class GlobalScheduler:
         return choice.instance_id
 
     # ----- migration ---------------------------------------------------------------------
+    def handoff_round(self, now: float) -> list[MigrationOrder]:
+        """Hand-offs from prefill to decode instances (``policies.roles.plan_handoffs``):
+        one order per request whose first token is out, within the migration limits.
+        A request is ordered once: if its hand-off fails, it decodes where it is."""
+        if not self.disaggregated():
+            return []
+        cfg = self.config
+        slots_out = {i: cfg.max_migrations_out - len(r.orders_out) for i, r in self.instances.items()
+                     if r.role == Role.PREFILL}
+        slots_in = {i: cfg.max_migrations_in - len(r.orders_in) for i, r in self.instances.items()
+                    if r.role == Role.DECODE}
+        tried = set().union(*(r.handoffs_tried for r in self.instances.values() if r.role == Role.PREFILL))
+        plans = plan_handoffs(self.loads(), cfg.policy, skip=tried, slots_out=slots_out, slots_in=slots_in)
+        orders = []
+        for h in plans:
+            self._seq += 1
+            order = MigrationOrder(f"pd-{uuid.uuid4().hex[:12]}-{self._seq}", h.src, h.dst,
+                                   self.instances[h.dst].address, h.request_id, False, now, handoff=True)
+            self._open_order(order, now)
+            self.instances[h.src].handoffs_tried.add(h.request_id)
+            orders.append(order)
+        self.num_orders += len(orders)
+        self.num_handoffs += len(orders)
+        return orders
+
+    def _open_order(self, order: MigrationOrder, now: float) -> None:
+        self.instances[order.src].orders_out[order.migration_id] = order
+        self.instances[order.dst].orders_in[order.migration_id] = order
+        self.ownership.open(order.migration_id, order.src, order.dst, now)
+        self.payoff.on_order(order.migration_id, order.request_id, order.src, order.dst, now)
+
     def migration_round(self, now: float) -> list[MigrationOrder]:
         """Pair overloaded with underloaded instances; one order per kept pair."""
         self._expire_orders(now)
@@ -193,7 +262,8 @@ class GlobalScheduler:
         # a source) from a pair that could run. A planned source is below the threshold
         # and a planned destination above it, so a left-out instance could not have
         # taken the other role this round. Each pass leaves out at least one more.
-        loads = self.loads()
+        # Prefill instances are left out of load balancing: their requests leave by hand-off.
+        loads = [x for x in self.loads() if x.role != Role.PREFILL.value]
         cooldown = cfg.policy.migration_cooldown_s
         if cooldown > 0:
             loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
@@ -213,10 +283,7 @@ class GlobalScheduler:
             self._seq += 1
             order = MigrationOrder(f"mig-{uuid.uuid4().hex[:12]}-{self._seq}", src, dst,
                                    self.instances[dst].address, plan.request.request_id, plan.request.waiting, now)
-            self.instances[src].orders_out[order.migration_id] = order
-            self.instances[dst].orders_in[order.migration_id] = order
-            self.ownership.open(order.migration_id, src, dst, now)
-            self.payoff.on_order(order.migration_id, order.request_id, src, dst, now)
+            self._open_order(order, now)
             busy_src.add(src)
             busy_dst.add(dst)
             orders.append(order)

@@ -20,6 +20,7 @@ from llumnix_py.engines.sim.profiles import PROFILES
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration import protocol as p
 from policies.config import PolicyConfig
+from policies.roles import parse_pd_ratio
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class SimConfig:
         max_batch_size / max_batched_tokens / watermark: engine limits.
         sample_interval_s: period of the usage / fragmentation time series.
         max_migrations_out / max_migrations_in: concurrent migrations per instance.
+        pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
+            roles in this ratio as they start; ``policies.roles``); None: colocated.
     """
 
     num_instances: int = 4
@@ -65,6 +68,7 @@ class SimConfig:
     sample_interval_s: float = 1.0
     max_migrations_out: int = 1
     max_migrations_in: int = 1
+    pd_ratio: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -76,6 +80,11 @@ class SimConfig:
                 raise ValueError(f"{name} must be positive")
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
+        if self.pd_ratio is not None:
+            object.__setattr__(self, "pd_ratio", parse_pd_ratio(self.pd_ratio))
+            if self.num_instances < sum(self.pd_ratio):
+                raise ValueError(f"a {self.pd_ratio[0]}:{self.pd_ratio[1]} split needs at least "
+                                 f"{sum(self.pd_ratio)} instances, got {self.num_instances}")
         bounds = {}
         if self.min_instances is not None:
             bounds["min_instances"] = self.min_instances
@@ -95,7 +104,7 @@ class SimConfig:
             policy=self.policy, poll_interval_s=self.poll_interval_s, migration_interval_s=self.migration_interval_s,
             enable_migration=self.enable_migration, enable_scaling=self.enable_scaling,
             max_migrations_out=self.max_migrations_out, max_migrations_in=self.max_migrations_in,
-            migration_order_timeout_s=1e9)
+            migration_order_timeout_s=1e9, pd_ratio=self.pd_ratio)
 
     def engine_config(self) -> EngineConfig:
         """Each instance's engine config: the profile's KV pool (or ``num_blocks``) and the engine limits."""
