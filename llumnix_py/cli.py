@@ -44,6 +44,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    g.add_argument("--pd", type=_pd_ratio, default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: instances get the roles prefill and decode in this "
+                        "ratio (e.g. 1:3 with --instances 4); new requests go to prefill instances and move to a "
+                        "decode instance by live migration once their first token is out (default: colocated)")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
@@ -65,6 +69,15 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="file holding a shared secret for internal ZeroMQ sockets (needed off loopback)")
 
 
+def _pd_ratio(text: str) -> tuple[int, int]:
+    from policies.roles import parse_pd_ratio
+
+    try:
+        return parse_pd_ratio(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
     headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
@@ -78,7 +91,8 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               block_size=args.block_size or default_block_size(args.engine),
                                               max_batch_size=args.max_batch_size),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
-        scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
+        scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
+                                  pd_ratio=args.pd),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
@@ -187,9 +201,10 @@ def format_status(namespace: str, state: dict) -> str:
     instances, frontends = state["instances"], state.get("frontends", [])
     lines = [f"scheduler daemon in namespace {namespace!r}: {len(instances)} instance(s), "
              f"{len(frontends)} frontend(s), {state['dispatched']} request(s) dispatched"]
-    rows = [("instance", "blocks used/total", "running", "waiting", "freeness", "state")]
-    rows += [(i["instance_id"], f"{i['used_blocks']}/{i['total_blocks']}", str(i["running"]), str(i["waiting"]),
-              f"{i['freeness']:.1f}", "draining" if i["terminating"] else "serving") for i in instances]
+    rows = [("instance", "role", "blocks used/total", "running", "waiting", "freeness", "state")]
+    rows += [(i["instance_id"], i.get("role", "both"), f"{i['used_blocks']}/{i['total_blocks']}", str(i["running"]),
+              str(i["waiting"]), f"{i['freeness']:.1f}", "draining" if i["terminating"] else "serving")
+             for i in instances]
     lines += _table(rows)
     if frontends:
         rows = [("frontend", "api", "host", "pid", "requests", "last heard")]
@@ -285,6 +300,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
+        parser.error(str(exc))
+    except ValueError as exc:  # flags that build an invalid config (e.g. --pd 1:3 with --instances 2)
+        if args.command not in ("serve", "scheduler", "frontend"):
+            raise
         parser.error(str(exc))
 
 
