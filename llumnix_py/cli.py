@@ -116,14 +116,31 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="server-wide time-to-first-token objective (with --slo-tpot-ms): /metrics reports the "
+                        "share of finished requests meeting both (llumnix_slo_attainment)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="server-wide time-per-output-token objective")
 
 
-def _serve_api(cluster, args: argparse.Namespace) -> int:
+def server_slo(args: argparse.Namespace):
+    """The server-wide ``SLO`` of ``--slo-ttft-ms``/``--slo-tpot-ms`` (None without them);
+    ``ValueError`` when only one is given or one is not positive."""
+    from llumnix_py.slo import SLO
+
+    ttft, tpot = getattr(args, "slo_ttft_ms", None), getattr(args, "slo_tpot_ms", None)
+    if ttft is None and tpot is None:
+        return None
+    if ttft is None or tpot is None:
+        raise ValueError("give both --slo-ttft-ms and --slo-tpot-ms (a request meets its SLO when it meets both)")
+    return SLO.from_ms(ttft, tpot)
+
+
+def _serve_api(cluster, args: argparse.Namespace, slo=None) -> int:
     from llumnix_py.server.app import create_app, serve
 
     try:
         cluster.advertise(f"http://{args.host}:{args.port}")
-        serve(create_app(cluster, api_key=args.api_key), host=args.host, port=args.port)
+        serve(create_app(cluster, api_key=args.api_key, slo=slo), host=args.host, port=args.port)
     finally:
         cluster.stop()
     return 0
@@ -132,7 +149,8 @@ def _serve_api(cluster, args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from llumnix_py.frontend.cluster import Cluster
 
-    return _serve_api(Cluster.start(cluster_config(args)), args)
+    slo = server_slo(args)  # validated before anything starts
+    return _serve_api(Cluster.start(cluster_config(args)), args, slo)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -227,15 +245,24 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 def cmd_frontend(args: argparse.Namespace) -> int:
     from llumnix_py.frontend.cluster import Cluster
 
-    return _serve_api(Cluster.attach(cluster_config(args)), args)
+    slo = server_slo(args)
+    return _serve_api(Cluster.attach(cluster_config(args)), args, slo)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llumnix_py.bench import BenchConfig, config_dict, print_summary, run_bench
+    from llumnix_py.bench import BenchConfig, config_dict, print_summary, print_sweep, run_bench, run_sweep
 
     cfg = BenchConfig(url=args.url, model=args.model_name, num_requests=args.num_requests, rate=args.rate,
                       arrival=args.arrival, cv=args.cv, prompt_len=args.prompt_len, output_len=args.output_len,
-                      api_key=args.api_key, seed=args.seed)
+                      api_key=args.api_key, seed=args.seed, slo_ttft_ms=args.slo_ttft_ms,
+                      slo_tpot_ms=args.slo_tpot_ms)
+    if args.rates:
+        sweep = asyncio.run(run_sweep(cfg, [float(r) for r in args.rates.split(",") if r.strip()]))
+        print_sweep(sweep)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": config_dict(cfg), "sweep": sweep}, f, indent=2)
+        return 0 if all(s["failed"] == 0 for s in sweep["summaries"]) else 1
     result = asyncio.run(run_bench(cfg))
     summary = result.summary()
     print_summary(summary)
@@ -282,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", default="64", help="N or zipf:MEAN")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective: report SLO attainment and scale")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT objective (with --slo-ttft-ms)")
+    p.add_argument("--rates", default=None,
+                   help="comma-separated rates to sweep (needs the SLOs): reports goodput, the highest rate at which "
+                        ">= 90%% of requests meet both objectives, also per instance")
     p.add_argument("--json", default=None)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("demo", help="a local cluster of built-in engines serving a burst, with live migrations")
@@ -302,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
         parser.error(str(exc))
     except ValueError as exc:  # flags that build an invalid config (e.g. --pd 1:3 with --instances 2)
-        if args.command not in ("serve", "scheduler", "frontend"):
+        if args.command not in ("serve", "scheduler", "frontend", "bench"):
             raise
         parser.error(str(exc))
 
