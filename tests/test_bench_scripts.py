@@ -62,3 +62,19 @@ def test_chaos_smoke_heals_every_kill_and_loses_nothing(ray_session) -> None:
     assert r["health_at_end"]["status"] == "ok" and r["health_at_end"]["restarts"]["scheduler"] == 1
     left = [a for a in ray_session.util.list_named_actors(all_namespaces=True) if a.get("namespace") == "llumnix-chaos"]
     assert left == []
+
+
+def test_pd_handoff_reports_its_keys_with_every_position_once(tmp_path: Path) -> None:
+    """One short prompt, no background batch: the hand-off runs between two processes; the
+    script itself fails if a position is missing or emitted by both instances."""
+    out = tmp_path / "pd.json"
+    proc = _run(["benchmarks/pd_handoff.py", "--lengths", "64", "--batch", "0", "--repeats", "1", "--json", str(out)],
+                timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["prompt_lengths"] == [64]
+    for key in ("handoff_ms", "decode_gap_ms", "step_ms"):
+        assert len(r[key]) == 1 and r[key][0] > 0, key
+    (row,) = r["rows"]
+    assert row["tokens_on_prefill_instance"] >= 1 and row["stages"] >= 1
+    assert isinstance(r["target_met"], bool)
