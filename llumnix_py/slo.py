@@ -12,8 +12,9 @@ alone. Objectives are arguments, a scalar for every request or one value per req
 
 * attainment: the share of requests that meet both objectives;
 * goodput (DistServe, OSDI 2024): the highest request rate at which at least 90% of
-  requests meet both; ``goodput`` reads it off a sweep of rates, and per GPU it is
-  divided by the instances (GPUs) used;
+  requests meet both; ``goodput`` reads it off a sweep of rates, ``max_rate`` finds it
+  by bisection over a function of the rate (a simulation), and per GPU it is divided
+  by the instances (GPUs) used;
 * SLO scale: the tightest factor ``s`` such that at least 90% of requests meet
   ``s * TTFT`` and ``s * TPOT``; exactly the 90th-percentile (by rank) of each request's
   own need ``max(ttft / TTFT, tpot / TPOT)``.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 DEFAULT_TARGET = 0.9  # DistServe: 90% of requests meet both objectives
 
@@ -133,3 +134,26 @@ def goodput(rates: Iterable[float], attainments: Iterable[float], target: float 
 def _check_target(target: float) -> None:
     if not 0 < target <= 1:
         raise ValueError(f"the attainment target must be in (0, 1], got {target!r}")
+
+
+def max_rate(attainment_at: Callable[[float], float], low: float, high: float, *, iterations: int = 8,
+             target: float = DEFAULT_TARGET) -> float:
+    """Goodput by bisection, as DistServe's placement search finds it: the highest rate in
+    ``[low, high]`` whose ``attainment_at(rate)`` reaches ``target``, assuming attainment
+    falls as the rate grows. 0.0 if ``low`` already misses; ``high`` if it still meets.
+    ``iterations`` halvings of ``[low, high]`` bound the error to ``(high - low) / 2**iterations``.
+    """
+    _check_target(target)
+    if not 0 < low < high:
+        raise ValueError(f"need 0 < low < high, got {low!r}, {high!r}")
+    if not attainment_at(low) >= target:
+        return 0.0
+    if attainment_at(high) >= target:
+        return high
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if attainment_at(mid) >= target:
+            low = mid
+        else:
+            high = mid
+    return low

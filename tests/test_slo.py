@@ -20,7 +20,7 @@ from llumnix_py.server import ServerThread, create_app
 from llumnix_py.server.metrics import Metrics
 from llumnix_py.sim.cluster import SimCluster
 from llumnix_py.sim.config import SimConfig
-from llumnix_py.slo import SLO, attainment, goodput, meets, slo_scale
+from llumnix_py.slo import SLO, attainment, goodput, max_rate, meets, slo_scale
 
 # ----- the math -------------------------------------------------------------------------------
 
@@ -163,3 +163,20 @@ def test_bad_server_objectives_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--runtime", "local", *flags])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_max_rate_bisects_to_the_knee_of_a_monotone_attainment():
+    knee = 3.7
+    calls = []
+
+    def att(rate):
+        calls.append(rate)
+        return 1.0 if rate <= knee else 0.5
+
+    got = max_rate(att, 0.5, 10.0, iterations=12)
+    assert knee - 9.5 / 2 ** 12 <= got <= knee
+    assert len(calls) == 14
+    assert max_rate(lambda r: 0.0, 1.0, 2.0) == 0.0
+    assert max_rate(lambda r: 1.0, 1.0, 2.0) == 2.0
+    with pytest.raises(ValueError):
+        max_rate(att, 2.0, 1.0)
