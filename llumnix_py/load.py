@@ -85,6 +85,10 @@ class InstanceLoad:
         pending_dispatch: requests dispatched to it since its last poll (counted into its load).
         role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
             set on its copy (an engine's own snapshot says ``both``).
+        links: ``(peer migration address, GB/s)``: the smoothed bandwidth this instance's
+            finished migrations to each peer achieved (the llumlet measures it).
+        kv_block_bytes: bytes of one KV block (0: unknown); with ``links``, predicts copy time.
+        step_s: the instance's latest step time (0: unknown).
     """
 
     instance_id: str = ""
@@ -101,6 +105,9 @@ class InstanceLoad:
     migrating_in: int = 0
     pending_dispatch: tuple[RequestLoad, ...] = ()
     role: str = "both"
+    links: tuple[tuple[str, float], ...] = ()
+    kv_block_bytes: int = 0
+    step_s: float = 0.0
 
     @property
     def free_blocks(self) -> int:

@@ -38,6 +38,10 @@ class PolicyConfig:
         scale_in_threshold: scale in when the average freeness stays above this.
         scale_period_rounds: consecutive scheduling rounds a scaling condition must hold.
         min_instances / max_instances: bounds on the number of instances.
+        link_tolerance: decode instances within this fraction of the best freeness compete
+            for a hand-off on measured link speed (``policies.bandwidth.pick_by_link``).
+        decline_slow_migrations: decline a load-balancing migration whose predicted copy
+            time exceeds its benefit (``policies.bandwidth.migration_pays``).
     """
 
     dispatch: str = "freeness"
@@ -53,6 +57,8 @@ class PolicyConfig:
     scale_period_rounds: int = 10
     min_instances: int = 1
     max_instances: int = 64
+    link_tolerance: float = 0.1
+    decline_slow_migrations: bool = True
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -69,6 +75,9 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        tol = self.link_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"link_tolerance must be a finite number >= 0, got {tol!r}")
         cd = self.migration_cooldown_s
         if isinstance(cd, bool) or not isinstance(cd, (int, float)) or not math.isfinite(cd) or cd < 0:
             raise ValueError(f"migration_cooldown_s must be a finite number >= 0, got {cd!r}")

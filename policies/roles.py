@@ -25,6 +25,7 @@ import enum
 from typing import Collection, Mapping, Optional, Sequence
 
 from llumnix_py.load import InstanceLoad, RequestLoad
+from policies.bandwidth import pick_by_link
 from policies.config import PolicyConfig
 from policies.types import Handoff
 from policies.virtual_usage import freeness_after_addition, summarize
@@ -111,7 +112,8 @@ def handoff_ready(req: RequestLoad) -> bool:
 
 
 def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip: Collection[str] = (),
-                  slots_out: Mapping[str, int], slots_in: Mapping[str, int]) -> list[Handoff]:
+                  slots_out: Mapping[str, int], slots_in: Mapping[str, int],
+                  links: Mapping[tuple[str, str], float] = {}) -> list[Handoff]:
     """The hand-offs to start now, from ``prefill`` instances to ``decode`` instances.
 
     Args:
@@ -120,10 +122,13 @@ def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip:
         skip: request ids not to hand off (a hand-off of theirs was already tried).
         slots_out / slots_in: how many more migrations each instance may start as
             source / destination now (absent: none).
+        links: measured GB/s by ``(src id, dst id)`` (``policies.bandwidth``).
 
     Each ready request (``handoff_ready``; per source in arrival order) goes to the
     decode instance with free slots where its migration freeness after the addition
-    is highest (ties: lowest id), with this round's earlier hand-offs counted in; a
+    is highest, with this round's earlier hand-offs counted in; among those within
+    ``cfg.link_tolerance`` of the highest, the fastest measured link from the source
+    wins (``policies.bandwidth.pick_by_link``; ties: freeness, then lowest id); a
     request that would leave every decode instance with negative freeness (it does
     not fit) waits for a later round.
     """
@@ -140,18 +145,16 @@ def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip:
         for req in ready:
             if out_left.get(src.instance_id, 0) <= 0:
                 break
-            best: Optional[tuple[float, str]] = None
+            options = []
             for iid, dst in dsts.items():
                 if in_left[iid] <= 0:
                     continue
                 after = freeness_after_addition(dst, summarize(dst, cfg), cfg, req, waiting=False)
-                if after < 0:
-                    continue
-                if best is None or after > best[0] or (after == best[0] and iid < best[1]):
-                    best = (after, iid)
-            if best is None:
+                if after >= 0:
+                    options.append((iid, after, links.get((src.instance_id, iid))))
+            dst_id = pick_by_link(options, cfg.link_tolerance)
+            if dst_id is None:
                 continue
-            dst_id = best[1]
             dst = dsts[dst_id]
             dsts[dst_id] = dataclasses.replace(dst, running=dst.running + (req,),
                                                used_blocks=dst.used_blocks + req.num_blocks)

@@ -23,7 +23,8 @@ from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
-from policies.pairing import plan_migrations
+from policies.bandwidth import migration_pays
+from policies.pairing import PlannedMigration, plan_migrations
 from policies.roles import Role, assign_role, parse_pd_ratio, parse_role, plan_handoffs
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
@@ -128,6 +129,7 @@ class GlobalScheduler:
         self.num_dispatched = 0
         self.num_orders = 0
         self.num_handoffs = 0
+        self.num_declined = 0  # load-balancing migrations declined as slower than their benefit
         self.ownership = OwnershipArbiter()
 
     # ----- membership --------------------------------------------------------------------
@@ -230,7 +232,9 @@ class GlobalScheduler:
         slots_in = {i: cfg.max_migrations_in - len(r.orders_in) for i, r in self.instances.items()
                     if r.role == Role.DECODE}
         tried = set().union(*(r.handoffs_tried for r in self.instances.values() if r.role == Role.PREFILL))
-        plans = plan_handoffs(self.loads(), cfg.policy, skip=tried, slots_out=slots_out, slots_in=slots_in)
+        loads = self.loads()
+        plans = plan_handoffs(loads, cfg.policy, skip=tried, slots_out=slots_out, slots_in=slots_in,
+                              links=self.links(loads))
         orders = []
         for h in plans:
             self._seq += 1
@@ -242,6 +246,12 @@ class GlobalScheduler:
         self.num_orders += len(orders)
         self.num_handoffs += len(orders)
         return orders
+
+    def links(self, loads: list[InstanceLoad]) -> dict[tuple[str, str], float]:
+        """Measured migration bandwidth (GB/s) by ``(src id, dst id)``, from the snapshots."""
+        by_address = {r.address: i for i, r in self.instances.items()}
+        return {(x.instance_id, by_address[peer]): gbps for x in loads for peer, gbps in x.links
+                if peer in by_address}
 
     def _open_order(self, order: MigrationOrder, now: float) -> None:
         self.instances[order.src].orders_out[order.migration_id] = order
@@ -276,9 +286,14 @@ class GlobalScheduler:
                 break
             left_out |= blocked
         orders = []
+        links = self.links(loads) if cfg.policy.decline_slow_migrations else {}
+        by_id = {x.instance_id: x for x in loads}
         for plan in plans:
             src, dst = plan.pair.src, plan.pair.dst
             if src in busy_src or dst in busy_dst:
+                continue
+            if links and not self._pays(plan, by_id[src], links.get((src, dst))):
+                self.num_declined += 1
                 continue
             self._seq += 1
             order = MigrationOrder(f"mig-{uuid.uuid4().hex[:12]}-{self._seq}", src, dst,
@@ -289,6 +304,17 @@ class GlobalScheduler:
             orders.append(order)
         self.num_orders += len(orders)
         return orders
+
+    @staticmethod
+    def _pays(plan: PlannedMigration, src: InstanceLoad, gbps: Optional[float]) -> bool:
+        """The decline rule (``policies.bandwidth.migration_pays``) for one planned move."""
+        if plan.request.waiting:
+            return True
+        req = next((r for r in src.running if r.request_id == plan.request.request_id), None)
+        if req is None:
+            return True
+        return migration_pays(req.num_blocks, src.kv_block_bytes, gbps, plan.src_after - plan.src_before,
+                              src.step_s or None)
 
     def claim_ownership(self, migration_id: str, side: Owner, now: float) -> Owner:
         """Who runs a migrating request whose commit outcome one side cannot learn."""
