@@ -7,6 +7,8 @@ into the load snapshots (``InstanceLoad.role``), and the policies read it:
 
 * dispatch sends new requests only to prefill-capable instances (``prefill``, ``both``);
 * load-balancing pairs leave ``prefill`` instances out (their requests leave by hand-off);
+* ``plan_role_flip``: at run time, a pure policy flips one instance's role when the
+  prefill backlog and the decode instances' room drift apart (no restart);
 * ``plan_handoffs``: once a request on a ``prefill`` instance has its first token out
   (``output_len >= 1``), it is handed to the ``decode`` instance where it leaves the
   most freeness (the paper's freeness with the request added, and the hand-offs
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+from dataclasses import dataclass
 from typing import Collection, Mapping, Optional, Sequence
 
 from llumnix_py.load import InstanceLoad, RequestLoad
@@ -162,3 +166,94 @@ def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip:
             out_left[src.instance_id] = out_left.get(src.instance_id, 0) - 1
             planned.append(Handoff(req.request_id, src.instance_id, dst_id))
     return planned
+
+
+# ----- run-time role flipping -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoleFlipConfig:
+    """When the scheduler flips an instance's role (``plan_role_flip``).
+
+    Attributes:
+        backlog_blocks: prompt blocks waiting per prefill instance above which prefill is
+            short of instances.
+        decode_free_steps: mean freeness of the decode instances above which they can
+            spare one (and below ``decode_tight_steps`` they need one more).
+        decode_tight_steps: see ``decode_free_steps``.
+        rounds: consecutive rounds a condition must hold before a flip, and rounds after
+            a flip before the next may be considered.
+    """
+
+    backlog_blocks: float = 64.0
+    decode_free_steps: float = 60.0
+    decode_tight_steps: float = 10.0
+    rounds: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("backlog_blocks", "decode_free_steps", "decode_tight_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.decode_tight_steps >= self.decode_free_steps:
+            raise ValueError("decode_tight_steps must be below decode_free_steps: roles would flap")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+
+
+@dataclass(frozen=True)
+class RoleFlip:
+    """Give ``instance_id`` the role ``role``."""
+
+    instance_id: str
+    role: Role
+
+
+@dataclass
+class FlipState:
+    """Streaks and cooldown of ``plan_role_flip`` (the scheduler keeps one)."""
+
+    to_prefill: int = 0
+    to_decode: int = 0
+    cooldown: int = 0
+
+
+def plan_role_flip(instances: Sequence[InstanceLoad], cfg: PolicyConfig, flip: RoleFlipConfig,
+                   state: FlipState) -> Optional[RoleFlip]:
+    """One round of the role-flip policy: at most one flip.
+
+    Signals: the prefill backlog (blocks needed by waiting requests, per prefill
+    instance) and the decode instances' mean migration freeness. When the backlog is
+    above ``backlog_blocks`` while decode has room (``decode_free_steps``) for ``rounds``
+    rounds, the decode instance with the fewest running requests becomes ``prefill``;
+    its decoding requests then leave by hand-off like any prefill instance's. When
+    there is no backlog but decode is tight (``decode_tight_steps``) for ``rounds``
+    rounds, the prefill instance with the least work becomes ``decode``: it takes no new
+    request, its queued ones are prefilled and decode where they are. Each phase keeps
+    at least one instance; terminating instances are neither counted nor flipped.
+    """
+    live = [i for i in instances if not i.terminating]
+    pre = [i for i in live if i.role == Role.PREFILL.value]
+    dec = [i for i in live if i.role == Role.DECODE.value]
+    if state.cooldown > 0:
+        state.cooldown -= 1
+        return None
+    if not pre or not dec:
+        state.to_prefill = state.to_decode = 0
+        return None
+    backlog = sum(r.blocks_needed for i in pre for r in i.waiting) / len(pre)
+    free = sum(summarize(i, cfg).freeness(cfg) for i in dec) / len(dec)
+    state.to_prefill = state.to_prefill + 1 if backlog > flip.backlog_blocks and free > flip.decode_free_steps \
+        and len(dec) >= 2 else 0
+    state.to_decode = state.to_decode + 1 if backlog == 0 and free < flip.decode_tight_steps and len(pre) >= 2 else 0
+    choice: Optional[RoleFlip] = None
+    if state.to_prefill >= flip.rounds:
+        pick = min(dec, key=lambda i: (len(i.running) + len(i.waiting), i.instance_id))
+        choice = RoleFlip(pick.instance_id, Role.PREFILL)
+    elif state.to_decode >= flip.rounds:
+        pick = min(pre, key=lambda i: (len(i.running) + len(i.waiting), i.instance_id))
+        choice = RoleFlip(pick.instance_id, Role.DECODE)
+    if choice is not None:
+        state.to_prefill = state.to_decode = 0
+        state.cooldown = flip.rounds
+    return choice

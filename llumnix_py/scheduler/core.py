@@ -25,7 +25,8 @@ from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
-from policies.roles import Role, assign_role, parse_pd_ratio, parse_role, plan_handoffs
+from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, plan_handoffs,
+                            plan_role_flip)
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -55,6 +56,8 @@ class SchedulerConfig:
         pd_ratio: ``(P, D)``: prefill/decode disaggregation, instances get the roles
             ``prefill`` and ``decode`` in this ratio as they register (``policies.roles``);
             None (default): every instance is ``both`` (colocated). Also ``"P:D"``.
+        role_flip: flip roles at run time when the phase loads drift apart
+            (``policies.roles.plan_role_flip``, once per migration round); None: fixed roles.
     """
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -69,6 +72,7 @@ class SchedulerConfig:
     frontend_timeout_s: float = 10.0
     instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
     pd_ratio: Optional[tuple[int, int]] = None
+    role_flip: Optional[RoleFlipConfig] = None
 
     def __post_init__(self) -> None:
         if self.pd_ratio is not None:
@@ -130,6 +134,8 @@ class GlobalScheduler:
         self.num_orders = 0
         self.num_handoffs = 0
         self.num_declined = 0  # load-balancing migrations declined as slower than their benefit
+        self.flip_state = FlipState()
+        self.role_flips: list[tuple[float, str, str]] = []  # (when, instance, new role)
         self.ownership = OwnershipArbiter()
 
     # ----- membership --------------------------------------------------------------------
@@ -247,6 +253,17 @@ class GlobalScheduler:
         self.num_handoffs += len(orders)
         return orders
 
+    def _flip_roles(self, now: float) -> None:
+        """One round of the role-flip policy, if configured: a flipped prefill instance takes
+        no new request; a flipped decode instance's decoding requests leave by hand-off."""
+        flip_cfg = self.config.role_flip
+        if flip_cfg is None or not self.disaggregated():
+            return
+        decision = plan_role_flip(self.loads(), self.config.policy, flip_cfg, self.flip_state)
+        if decision is not None and decision.instance_id in self.instances:
+            self.set_role(decision.instance_id, decision.role.value)
+            self.role_flips.append((now, decision.instance_id, decision.role.value))
+
     def links(self, loads: list[InstanceLoad]) -> dict[tuple[str, str], float]:
         """Measured migration bandwidth (GB/s) by ``(src id, dst id)``, from the snapshots."""
         by_address = {r.address: i for i, r in self.instances.items()}
@@ -262,6 +279,7 @@ class GlobalScheduler:
     def migration_round(self, now: float) -> list[MigrationOrder]:
         """Pair overloaded with underloaded instances; one order per kept pair."""
         self._expire_orders(now)
+        self._flip_roles(now)
         if not self.config.enable_migration:
             return []
         cfg = self.config

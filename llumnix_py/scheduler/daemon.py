@@ -334,6 +334,7 @@ class SchedulerDaemon:
                 "migrations_total": len(self.results),
                 "dispatched": self.core.num_dispatched,
                 "handoffs": self.core.num_handoffs,
+                "role_flips": [list(f) for f in self.core.role_flips],
                 "scale_events": list(self.scale_events),
                 "dead_instances": list(self.dead),
                 "frontends": self.frontends.listed(self.clock()),

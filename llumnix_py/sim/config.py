@@ -20,7 +20,7 @@ from llumnix_py.engines.sim.profiles import PROFILES
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration import protocol as p
 from policies.config import PolicyConfig
-from policies.roles import parse_pd_ratio
+from policies.roles import RoleFlipConfig, parse_pd_ratio
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class SimConfig:
         max_migrations_out / max_migrations_in: concurrent migrations per instance.
         pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
             roles in this ratio as they start; ``policies.roles``); None: colocated.
+        role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
     """
 
     num_instances: int = 4
@@ -69,6 +70,7 @@ class SimConfig:
     max_migrations_out: int = 1
     max_migrations_in: int = 1
     pd_ratio: Optional[tuple[int, int]] = None
+    role_flip: Optional[RoleFlipConfig] = None
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -104,7 +106,7 @@ class SimConfig:
             policy=self.policy, poll_interval_s=self.poll_interval_s, migration_interval_s=self.migration_interval_s,
             enable_migration=self.enable_migration, enable_scaling=self.enable_scaling,
             max_migrations_out=self.max_migrations_out, max_migrations_in=self.max_migrations_in,
-            migration_order_timeout_s=1e9, pd_ratio=self.pd_ratio)
+            migration_order_timeout_s=1e9, pd_ratio=self.pd_ratio, role_flip=self.role_flip)
 
     def engine_config(self) -> EngineConfig:
         """Each instance's engine config: the profile's KV pool (or ``num_blocks``) and the engine limits."""
