@@ -15,7 +15,8 @@ them:
   decode steps of room it gives the source (``src_after - src_before``, in freeness
   units, which are decode steps) times the source's step time: if the copy outlasts
   the room it buys, the source runs out of memory before the move can help. Without a
-  measured link, a step time or a block size, the migration is not declined.
+  measured link, a step time or a block size, or with an infinite or undefined gain (a
+  draining source, whose freeness is -inf), the migration is not declined.
 """
 
 from __future__ import annotations
@@ -62,6 +63,6 @@ def migration_pays(blocks: int, block_bytes: int, gbps: Optional[float], src_gai
     """The decline rule (module docstring): False only when the predicted copy time is
     known and exceeds ``src_gain_steps * step_s``."""
     copy = copy_time_s(blocks, block_bytes, gbps)
-    if copy is None or step_s is None or step_s <= 0:
-        return True
+    if copy is None or step_s is None or step_s <= 0 or math.isnan(src_gain_steps) or src_gain_steps == math.inf:
+        return True  # unknown, or an infinite gain (a draining source): never declined
     return copy <= max(0.0, src_gain_steps) * step_s

@@ -41,7 +41,8 @@ class PolicyConfig:
         link_tolerance: decode instances within this fraction of the best freeness compete
             for a hand-off on measured link speed (``policies.bandwidth.pick_by_link``).
         decline_slow_migrations: decline a load-balancing migration whose predicted copy
-            time exceeds its benefit (``policies.bandwidth.migration_pays``).
+            time exceeds its benefit (``policies.bandwidth.migration_pays``); off by
+            default, so the paper's Llumnix (which never declines) is what runs.
     """
 
     dispatch: str = "freeness"
@@ -58,7 +59,7 @@ class PolicyConfig:
     min_instances: int = 1
     max_instances: int = 64
     link_tolerance: float = 0.1
-    decline_slow_migrations: bool = True
+    decline_slow_migrations: bool = False
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]

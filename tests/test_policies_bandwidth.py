@@ -76,14 +76,14 @@ def test_without_measurements_the_freest_decode_instance_takes_the_hand_off():
 
 @pytest.mark.parametrize("gbps,declined", [(0.01, True), (100.0, False)])
 def test_a_load_balancing_migration_slower_than_its_benefit_is_declined(gbps, declined):
-    core = GlobalScheduler(SchedulerConfig(policy=PolicyConfig()))
+    core = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(decline_slow_migrations=True)))
     core.register("s", "addr-s", 0.0)
     core.register("t", "addr-t", 0.0)
     core.on_load("s", snapshot([req(f"q{k}", 24) for k in range(4)], links=[("addr-t", gbps)]), 0.0)
     core.on_load("t", snapshot(), 0.0)
     orders = core.migration_round(0.1)
     assert (orders == [], core.num_declined) == ((True, 1) if declined else (False, 0))
-    off = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(decline_slow_migrations=False)))
+    off = GlobalScheduler(SchedulerConfig(policy=PolicyConfig()))  # off by default
     off.register("s", "addr-s", 0.0)
     off.register("t", "addr-t", 0.0)
     off.on_load("s", snapshot([req(f"q{k}", 24) for k in range(4)], links=[("addr-t", gbps)]), 0.0)
@@ -108,3 +108,15 @@ def test_the_llumlet_core_measures_each_peer_in_the_simulator():
 def test_a_bad_link_tolerance_is_an_error():
     with pytest.raises(ValueError, match="link_tolerance"):
         PolicyConfig(link_tolerance=-0.1)
+
+
+def test_a_draining_source_is_never_declined():
+    assert migration_pays(100, 8 << 20, 0.001, math.nan, 0.05)
+    assert migration_pays(100, 8 << 20, 0.001, math.inf, 0.05)
+    core = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(decline_slow_migrations=True)))
+    core.register("s", "addr-s", 0.0)
+    core.register("t", "addr-t", 0.0)
+    core.on_load("s", snapshot([req("q", 24)], links=[("addr-t", 0.001)]), 0.0)
+    core.on_load("t", snapshot(), 0.0)
+    core.mark_terminating("s")
+    assert [o.src for o in core.migration_round(0.1)] == ["s"] and core.num_declined == 0

@@ -325,8 +325,9 @@ class GlobalScheduler:
 
     @staticmethod
     def _pays(plan: PlannedMigration, src: InstanceLoad, gbps: Optional[float]) -> bool:
-        """The decline rule (``policies.bandwidth.migration_pays``) for one planned move."""
-        if plan.request.waiting:
+        """The decline rule (``policies.bandwidth.migration_pays``) for one planned move; a
+        draining source's moves always pay (its freeness is -inf: it must empty)."""
+        if plan.request.waiting or src.terminating:
             return True
         req = next((r for r in src.running if r.request_id == plan.request.request_id), None)
         if req is None:
