@@ -9,6 +9,11 @@ latency, and prints mean and P99 as a table (and JSON). With an objective
 server's extension fields) and the generator also reports attainment (the share of
 requests whose every token arrived by its due time, as the client saw them) and
 goodput (output tokens per second of the requests that met it).
+
+With objectives (``slo_ttft_ms`` and ``slo_tpot_ms``) it also reports SLO attainment
+and SLO scale (``llumnix_py.slo``); ``run_sweep`` runs the same load at several rates
+and reports DistServe's goodput (the highest rate at which 90% of requests meet both
+objectives), also per instance (the server's ``/v1/cluster/state`` counts them).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import httpx
 import numpy as np
 
 from llumnix_py.engines.types import Objective
+from llumnix_py import slo as slo_math
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class BenchConfig:
     ttft_ms: Optional[float] = None
     tbt_ms: Optional[float] = None
     deadline_ms: Optional[float] = None
+    slo_ttft_ms: Optional[float] = None  # with slo_tpot_ms: report attainment and SLO scale
+    slo_tpot_ms: Optional[float] = None
 
     @property
     def objective(self) -> Optional[Objective]:
@@ -50,6 +58,10 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.objective  # noqa: B018 (validates: InvalidRequestError names a bad combination)
+        if (self.slo_ttft_ms is None) != (self.slo_tpot_ms is None):
+            raise ValueError("give both slo_ttft_ms and slo_tpot_ms, or neither")
+        if self.slo_ttft_ms is not None:
+            slo_math.SLO.from_ms(self.slo_ttft_ms, self.slo_tpot_ms)  # type: ignore[arg-type]
         if self.num_requests <= 0 or self.rate <= 0 or self.cv <= 0:
             raise ValueError("num_requests, rate and cv must be positive")
         if self.arrival not in ("poisson", "gamma"):
@@ -76,6 +88,14 @@ class RequestRecord:
 class BenchResult:
     records: list[RequestRecord] = field(default_factory=list)
     duration_s: float = 0.0
+    slo: Optional[slo_math.SLO] = None
+
+    def attainment(self) -> float:
+        """Share of all requests (a failed one misses) that met both objectives."""
+        assert self.slo is not None
+        ttfts = [r.ttft_s if r.ok else float("inf") for r in self.records]
+        tpots = [r.tpot_s if r.ok and r.output_tokens > 1 else None for r in self.records]
+        return slo_math.attainment(ttfts, tpots, self.slo.ttft_s, self.slo.tpot_s)
 
     def summary(self) -> dict:
         ok = [r for r in self.records if r.ok]
@@ -92,6 +112,12 @@ class BenchResult:
             met = [r for r in judged if r.ok and r.margin_s is not None and r.margin_s >= 0]
             out["attainment"] = len(met) / len(judged) if judged else 0.0
             out["goodput_tokens_per_s"] = sum(r.output_tokens for r in met) / self.duration_s if self.duration_s else 0.0
+        if self.slo is not None:
+            ttfts = [r.ttft_s if r.ok else float("inf") for r in self.records]
+            tpots = [r.tpot_s if r.ok and r.output_tokens > 1 else None for r in self.records]
+            out["slo_ttft_ms"], out["slo_tpot_ms"] = self.slo.ttft_s * 1e3, self.slo.tpot_s * 1e3
+            out["slo_attainment"] = self.attainment()
+            out["slo_scale"] = slo_math.slo_scale(ttfts, tpots, self.slo.ttft_s, self.slo.tpot_s)
         return out
 
 
@@ -194,7 +220,42 @@ async def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
         duration = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    return BenchResult(list(records), duration)
+    slo = slo_math.SLO.from_ms(cfg.slo_ttft_ms, cfg.slo_tpot_ms) if cfg.slo_ttft_ms is not None else None
+    return BenchResult(list(records), duration, slo)
+
+
+async def run_sweep(cfg: BenchConfig, rates: list[float], progress: bool = True) -> dict:
+    """The same load (``cfg``) at each of ``rates``, then DistServe's goodput over them.
+
+    Returns ``{"rates": [...], "attainment": [...], "summaries": [...], "goodput_rps": g,
+    "instances": n, "goodput_per_instance_rps": g / n}`` (``n`` from the server's
+    ``/v1/cluster/state``; ``None`` where it does not say).
+    """
+    if cfg.slo_ttft_ms is None:
+        raise ValueError("a goodput sweep needs SLOs (slo_ttft_ms, slo_tpot_ms)")
+    if not rates or any(r <= 0 for r in rates):
+        raise ValueError("rates must be a non-empty list of positive request rates")
+    summaries = []
+    for rate in sorted(rates):
+        result = await run_bench(replace(cfg, rate=rate), progress)
+        summaries.append(result.summary())
+    attained = [s["slo_attainment"] for s in summaries]
+    good = slo_math.goodput(sorted(rates), attained)
+    instances = await _instance_count(cfg)
+    return {"rates": sorted(rates), "attainment": attained, "summaries": summaries, "goodput_rps": good,
+            "instances": instances, "goodput_per_instance_rps": good / instances if instances else None}
+
+
+async def _instance_count(cfg: BenchConfig) -> Optional[int]:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    try:
+        async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=30) as client:
+            resp = await client.get("/v1/cluster/state")
+            if resp.status_code != 200:
+                return None
+            return len(resp.json().get("instances") or []) or None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def print_summary(summary: dict, title: str = "llumnix-py bench") -> None:
@@ -213,6 +274,26 @@ def print_summary(summary: dict, title: str = "llumnix-py bench") -> None:
     if "attainment" in summary:
         Console().print(f"objective attainment {100 * summary['attainment']:.1f}%, goodput "
                         f"{summary['goodput_tokens_per_s']:.1f} tokens/s")
+    if "slo_attainment" in summary:
+        Console().print(f"SLO (TTFT {summary['slo_ttft_ms']:.0f} ms, TPOT {summary['slo_tpot_ms']:.0f} ms): "
+                        f"{summary['slo_attainment']:.1%} of requests met both; SLO scale for 90%: "
+                        f"{summary['slo_scale']:.2f}")
+
+
+def print_sweep(sweep: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="SLO attainment by rate")
+    for col in ("rate (req/s)", "attainment", "SLO scale", "TTFT P99 (ms)", "TPOT P99 (ms)"):
+        table.add_column(col, justify="right")
+    for rate, s in zip(sweep["rates"], sweep["summaries"]):
+        table.add_row(f"{rate:g}", f"{s['slo_attainment']:.1%}", f"{s['slo_scale']:.2f}", f"{s['ttft_p99_ms']:.1f}",
+                      f"{s['tpot_p99_ms']:.1f}")
+    Console().print(table)
+    per = sweep["goodput_per_instance_rps"]
+    Console().print(f"goodput (highest swept rate with >= 90% meeting both): {sweep['goodput_rps']:g} req/s"
+                    + (f", {per:.3g} req/s per instance ({sweep['instances']} instances)" if per is not None else ""))
 
 
 def config_dict(cfg: BenchConfig) -> dict:

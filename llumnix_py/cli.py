@@ -54,6 +54,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="each engine's batching: fcfs (priorities), edf (earliest due), jit (by objective margin)")
     g.add_argument("--length-estimator", default="quantile", choices=["quantile", "oracle"],
                    help="the jit policy's output-length bound")
+    g.add_argument("--pd", type=_pd_ratio, default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: instances get the roles prefill and decode in this "
+                        "ratio (e.g. 1:3 with --instances 4); new requests go to prefill instances and move to a "
+                        "decode instance by live migration once their first token is out (default: colocated)")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
@@ -78,6 +82,15 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="file holding a shared secret for internal ZeroMQ sockets (needed off loopback)")
 
 
+def _pd_ratio(text: str) -> tuple[int, int]:
+    from policies.roles import parse_pd_ratio
+
+    try:
+        return parse_pd_ratio(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
     headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
@@ -95,7 +108,8 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               conversation_host_blocks=args.conversation_blocks,
                                               preemption_mode=args.preemption_mode, fairness=args.fairness),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
-        scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling),
+        scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
+                                  pd_ratio=args.pd),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
@@ -119,6 +133,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="server-wide time-to-first-token objective (with --slo-tpot-ms): /metrics reports the "
+                        "share of finished requests meeting both (llumnix_latency_slo_attainment)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="server-wide time-per-output-token objective")
     g = p.add_argument_group("objectives (the default of requests that name none)")
     g.add_argument("--default-ttft-ms", type=float, default=None, help="stream objective: time to first token")
     g.add_argument("--default-tbt-ms", type=float, default=None, help="stream objective: time between tokens")
@@ -135,12 +153,25 @@ def default_objective(args: argparse.Namespace):
     return Objective(**given) if given else None
 
 
-def _serve_api(cluster, args: argparse.Namespace) -> int:
+def server_slo(args: argparse.Namespace):
+    """The server-wide ``SLO`` of ``--slo-ttft-ms``/``--slo-tpot-ms`` (None without them);
+    ``ValueError`` when only one is given or one is not positive."""
+    from llumnix_py.slo import SLO
+
+    ttft, tpot = getattr(args, "slo_ttft_ms", None), getattr(args, "slo_tpot_ms", None)
+    if ttft is None and tpot is None:
+        return None
+    if ttft is None or tpot is None:
+        raise ValueError("give both --slo-ttft-ms and --slo-tpot-ms (a request meets its SLO when it meets both)")
+    return SLO.from_ms(ttft, tpot)
+
+
+def _serve_api(cluster, args: argparse.Namespace, slo=None) -> int:
     from llumnix_py.server.app import create_app, serve
 
     try:
         cluster.advertise(f"http://{args.host}:{args.port}")
-        serve(create_app(cluster, api_key=args.api_key, default_objective=default_objective(args)),
+        serve(create_app(cluster, api_key=args.api_key, default_objective=default_objective(args), slo=slo),
               host=args.host, port=args.port)
     finally:
         cluster.stop()
@@ -150,7 +181,8 @@ def _serve_api(cluster, args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from llumnix_py.frontend.cluster import Cluster
 
-    return _serve_api(Cluster.start(cluster_config(args)), args)
+    slo = server_slo(args)  # validated before anything starts
+    return _serve_api(Cluster.start(cluster_config(args)), args, slo)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -219,9 +251,10 @@ def format_status(namespace: str, state: dict) -> str:
     instances, frontends = state["instances"], state.get("frontends", [])
     lines = [f"scheduler daemon in namespace {namespace!r}: {len(instances)} instance(s), "
              f"{len(frontends)} frontend(s), {state['dispatched']} request(s) dispatched"]
-    rows = [("instance", "blocks used/total", "running", "waiting", "freeness", "state")]
-    rows += [(i["instance_id"], f"{i['used_blocks']}/{i['total_blocks']}", str(i["running"]), str(i["waiting"]),
-              f"{i['freeness']:.1f}", "draining" if i["terminating"] else "serving") for i in instances]
+    rows = [("instance", "role", "blocks used/total", "running", "waiting", "freeness", "state")]
+    rows += [(i["instance_id"], i.get("role", "both"), f"{i['used_blocks']}/{i['total_blocks']}", str(i["running"]),
+              str(i["waiting"]), f"{i['freeness']:.1f}", "draining" if i["terminating"] else "serving")
+             for i in instances]
     lines += _table(rows)
     if frontends:
         rows = [("frontend", "api", "host", "pid", "requests", "last heard")]
@@ -244,16 +277,24 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 def cmd_frontend(args: argparse.Namespace) -> int:
     from llumnix_py.frontend.cluster import Cluster
 
-    return _serve_api(Cluster.attach(cluster_config(args)), args)
+    slo = server_slo(args)
+    return _serve_api(Cluster.attach(cluster_config(args)), args, slo)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llumnix_py.bench import BenchConfig, config_dict, print_summary, run_bench
+    from llumnix_py.bench import BenchConfig, config_dict, print_summary, print_sweep, run_bench, run_sweep
 
     cfg = BenchConfig(url=args.url, model=args.model_name, num_requests=args.num_requests, rate=args.rate,
                       arrival=args.arrival, cv=args.cv, prompt_len=args.prompt_len, output_len=args.output_len,
                       api_key=args.api_key, seed=args.seed, ttft_ms=args.ttft_ms, tbt_ms=args.tbt_ms,
-                      deadline_ms=args.deadline_ms)
+                      deadline_ms=args.deadline_ms, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    if args.rates:
+        sweep = asyncio.run(run_sweep(cfg, [float(r) for r in args.rates.split(",") if r.strip()]))
+        print_sweep(sweep)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": config_dict(cfg), "sweep": sweep}, f, indent=2)
+        return 0 if all(s["failed"] == 0 for s in sweep["summaries"]) else 1
     result = asyncio.run(run_bench(cfg))
     summary = result.summary()
     print_summary(summary)
@@ -300,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", default="64", help="N or zipf:MEAN")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective: report SLO attainment and scale")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT objective (with --slo-ttft-ms)")
+    p.add_argument("--rates", default=None,
+                   help="comma-separated rates to sweep (needs the SLOs): reports goodput, the highest rate at which "
+                        ">= 90%% of requests meet both objectives, also per instance")
     p.add_argument("--json", default=None)
     p.add_argument("--ttft-ms", type=float, default=None, help="objective of every request: time to first token")
     p.add_argument("--tbt-ms", type=float, default=None, help="objective: time between tokens (with --ttft-ms)")
@@ -326,6 +372,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
+        parser.error(str(exc))
+    except ValueError as exc:  # flags that build an invalid config (e.g. --pd 1:3 with --instances 2)
+        if args.command not in ("serve", "scheduler", "frontend", "bench"):
+            raise
         parser.error(str(exc))
 
 

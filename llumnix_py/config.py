@@ -64,5 +64,9 @@ class ClusterConfig:
             raise ValueError(f"runtime must be 'ray' or 'local', got {self.runtime!r}")
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
+        ratio = self.scheduler.pd_ratio
+        if ratio is not None and 0 < self.num_instances < sum(ratio):
+            raise ValueError(f"a prefill:decode split of {ratio[0]}:{ratio[1]} needs at least {sum(ratio)} "
+                             f"instances, got {self.num_instances}")
         if self.secret is not None and self.llumlet.secret is None:
             object.__setattr__(self, "llumlet", dataclasses.replace(self.llumlet, secret=self.secret))

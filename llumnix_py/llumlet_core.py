@@ -52,6 +52,7 @@ from migration.driver import MigrationResult
 from migration.ownership import Owner
 from migration.protocol import MigrationStatus
 from policies.length import LengthPrior
+from policies.bandwidth import smooth
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class LlumletCore:
         self._tombstones: "OrderedDict[str, float]" = OrderedDict()  # aborted request id -> when
         self._outgoing: dict[str, str] = {}  # request id -> migration id
         self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
+        self.links: dict[str, float] = {}  # peer migration address -> smoothed GB/s of finished migrations
         self._dead = False
         if length_prior is None:  # the engine's batch policy's, when it estimates lengths
             length_prior = getattr(engine, "length_prior", None)
@@ -295,9 +297,14 @@ class LlumletCore:
 
     def load(self, engine_load: InstanceLoad) -> InstanceLoad:
         """``engine_load`` with the requests accepted but not yet admitted counted as
-        waiting (the dispatcher's view)."""
+        waiting (the dispatcher's view), and the measured links, block size in bytes and
+        latest step time (``policies.bandwidth``)."""
         with self._inbox_lock:
             queued = list(self._inbox)
+        if self.links or self.stats.last_step_ms:  # a policy's predicted step time wins over the last one
+            engine_load = dataclasses.replace(engine_load, links=tuple(sorted(self.links.items())),
+                                              kv_block_bytes=self.engine.kv_block_bytes,
+                                              step_s=engine_load.step_s or self.stats.last_step_ms / 1e3)
         if not queued:
             return engine_load
         bs = engine_load.block_size
@@ -323,9 +330,15 @@ class LlumletCore:
     def migrating_out(self, request_id: str) -> bool:
         return request_id in self._outgoing
 
-    def end_migration(self, result: MigrationResult) -> None:
-        """A migration out ended: forget a request that left, abort one aborted meanwhile."""
+    def end_migration(self, result: MigrationResult, peer: str = "") -> None:
+        """A migration out ended: forget a request that left, abort one aborted meanwhile.
+        A finished one to ``peer`` (its destination's address) updates the measured
+        bandwidth to it: blocks times block bytes over the migration's whole time."""
         rid = result.request_id
+        if peer and result.status == MigrationStatus.FINISHED and result.blocks > 0 and result.total_s > 0:
+            sample = result.blocks * self.engine.kv_block_bytes / result.total_s / 1e9
+            if sample > 0:
+                self.links[peer] = smooth(self.links.get(peer), sample)
         self._outgoing.pop(rid, None)
         if result.unresolved:  # still frozen here and held: claimed again from ``claims_due``
             self._unresolved[result.migration_id] = (rid, float("-inf"))

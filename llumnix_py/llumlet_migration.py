@@ -165,7 +165,7 @@ class OutgoingMigrations:
         if result.status == MigrationStatus.ABORTED_DST:
             self._drop_transport(dst_address)
         with self._locked():
-            self._core.end_migration(result)
+            self._core.end_migration(result, dst_address)
         self._on_done(result)
         return result
 

@@ -88,8 +88,8 @@ class InstanceLoad:
     """A load snapshot of one instance.
 
     The engine fills the memory and request fields; the global scheduler sets
-    ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in`` and
-    ``pending_dispatch`` on its copy.
+    ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in``,
+    ``pending_dispatch`` and ``role`` on its copy.
 
     Attributes:
         instance_id: the instance's id ("" in an engine's own snapshot, which does not
@@ -108,14 +108,20 @@ class InstanceLoad:
         migrating_out: migrations in flight with this instance as source.
         migrating_in: migrations in flight with this instance as destination.
         pending_dispatch: requests dispatched to it since its last poll (counted into its load).
-        step_s / step_s_next: predicted decode step time at its batch now, and with one more
-            request (0: no prediction; set by an engine with a JIT batch policy).
+        step_s / step_s_next: decode step time at its batch now, and with one more request:
+            an SLO-aware batch policy's prediction (``engines.jit_batch``); else ``step_s`` is
+            the latest measured step (the llumlet sets it) and ``step_s_next`` 0 (0: unknown).
         queue_s: predicted time until a request dispatched now would be prefilled (its queue).
         prefill_s_per_token: predicted prefill seconds per prompt token.
         conversations: ``((conversation_id, tokens), ...)``: conversations whose last turn's KV
             the instance keeps in its host pool, and how many tokens it covers.
         client_service: ``((client_id, service), ...)``: the engine's virtual token counters
             (weighted tokens served per client) when it shares fairly, else empty.
+        role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
+            set on its copy (an engine's own snapshot says ``both``).
+        links: ``(peer migration address, GB/s)``: the smoothed bandwidth this instance's
+            finished migrations to each peer achieved (the llumlet measures it).
+        kv_block_bytes: bytes of one KV block (0: unknown); with ``links``, predicts copy time.
     """
 
     instance_id: str = ""
@@ -137,6 +143,9 @@ class InstanceLoad:
     prefill_s_per_token: float = 0.0
     conversations: tuple[tuple[str, int], ...] = ()
     client_service: tuple[tuple[str, float], ...] = ()
+    role: str = "both"
+    links: tuple[tuple[str, float], ...] = ()
+    kv_block_bytes: int = 0
 
     @property
     def free_blocks(self) -> int:

@@ -46,6 +46,11 @@ class PolicyConfig:
         conversation_slack: the ``conversation`` dispatcher sends a conversation's turn to the
             instance holding its KV while that instance's freeness (decode steps) is at most
             this much below the best, scaled by the share of the prompt the KV covers.
+        link_tolerance: decode instances within this fraction of the best freeness compete
+            for a hand-off on measured link speed (``policies.bandwidth.pick_by_link``).
+        decline_slow_migrations: decline a load-balancing migration whose predicted copy
+            time exceeds its benefit (``policies.bandwidth.migration_pays``); off by
+            default, so the paper's Llumnix (which never declines) is what runs.
     """
 
     dispatch: str = "freeness"
@@ -65,6 +70,8 @@ class PolicyConfig:
     rescue_copy_s_per_block: float = 1e-3
     slo_expected_len: int = 256
     conversation_slack: float = 8.0
+    link_tolerance: float = 0.1
+    decline_slow_migrations: bool = False
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -90,6 +97,9 @@ class PolicyConfig:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
             raise ValueError(f"rescue_copy_s_per_block must be a finite number >= 0, got {c!r}")
         _check_int("slo_expected_len", self.slo_expected_len, minimum=1)
+        tol = self.link_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"link_tolerance must be a finite number >= 0, got {tol!r}")
         cd = self.migration_cooldown_s
         if isinstance(cd, bool) or not isinstance(cd, (int, float)) or not math.isfinite(cd) or cd < 0:
             raise ValueError(f"migration_cooldown_s must be a finite number >= 0, got {cd!r}")

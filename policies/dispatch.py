@@ -35,6 +35,7 @@ from typing import Callable, Collection, Optional, Sequence
 from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
 from policies.registry import DISPATCH
+from policies.roles import takes_new_requests
 from policies.types import Dispatch
 from policies.virtual_usage import UsageSummary, summarize
 
@@ -183,14 +184,14 @@ def dispatch(
 
     Returns:
         ``Dispatch(instance_id)``, or ``None`` when no instance is eligible (the list
-        is empty or every instance is terminating).
+        is empty or every instance is terminating or a ``decode`` instance).
 
     Raises:
         UnknownPolicyError: ``cfg.dispatch`` is not registered.
         ValueError: a policy returned an instance that is not eligible.
     """
     policy = DISPATCH.get(cfg.dispatch)
-    eligible = [inst for inst in instances if not inst.terminating]
+    eligible = [inst for inst in instances if not inst.terminating and takes_new_requests(inst)]
     if not eligible:
         return None
     chosen = policy(eligible, request, cfg, state)

@@ -76,11 +76,12 @@ def plan_rescues(instances: Sequence[InstanceLoad], copy_s_per_block: float,
     best predicted margin first; instances in ``busy`` (at their migration limit) take no part.
 
     Args:
-        instances: the load snapshots (those without step-time predictions are ignored).
+        instances: the load snapshots (those without step-time predictions, ``step_s_next`` 0,
+            are ignored: a measured ``step_s`` alone predicts nothing about one more request).
         copy_s_per_block: predicted migration time per KV block the request holds.
         busy: instance ids that may neither send nor receive this round.
     """
-    live = [i for i in instances if i.step_s > 0 and i.instance_id not in busy]
+    live = [i for i in instances if i.step_s_next > 0 and i.instance_id not in busy]
     targets = [i for i in live if not i.terminating and not _harms(i)]
     options = []
     for src in live:

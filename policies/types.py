@@ -41,3 +41,12 @@ class ScaleDecision:
     action: ScaleAction
     instance_id: Optional[str] = None
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Hand ``request_id``, its prefill done, from prefill instance ``src`` to decode instance ``dst``."""
+
+    request_id: str
+    src: str
+    dst: str

@@ -73,3 +73,17 @@ def test_context_switch_benchmark_reports_its_keys(tmp_path: Path) -> None:
                 "swap_in_ms_grouped", "step_ms_idle", "step_ms_swapping"):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
     assert r["blocks"] == 16
+def test_pd_handoff_reports_its_keys_with_every_position_once(tmp_path: Path) -> None:
+    """One short prompt, no background batch: the hand-off runs between two processes; the
+    script itself fails if a position is missing or emitted by both instances."""
+    out = tmp_path / "pd.json"
+    proc = _run(["benchmarks/pd_handoff.py", "--lengths", "64", "--batch", "0", "--repeats", "1", "--json", str(out)],
+                timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["prompt_lengths"] == [64]
+    for key in ("handoff_ms", "decode_gap_ms", "step_ms"):
+        assert len(r[key]) == 1 and r[key][0] > 0, key
+    (row,) = r["rows"]
+    assert row["tokens_on_prefill_instance"] >= 1 and row["stages"] >= 1
+    assert isinstance(r["target_met"], bool)

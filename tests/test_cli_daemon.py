@@ -179,10 +179,10 @@ def test_daemon_start_refuse_status_stop(ray_address):
         assert status.returncode == 0, status.stderr
         out = status.stdout.splitlines()
         assert out[0].startswith(f"scheduler daemon in namespace {NAMESPACE!r}: 2 instance(s), 1 frontend(s), "), out
-        assert out[1].split() == ["instance", "blocks", "used/total", "running", "waiting", "freeness", "state"]
+        assert out[1].split() == ["instance", "role", "blocks", "used/total", "running", "waiting", "freeness", "state"]
         rows = {line.split()[0]: line.split() for line in out[2:4]}
         assert sorted(rows) == ["instance-000", "instance-001"], out
-        assert all(row[1].endswith("/64") and row[-1] == "serving" for row in rows.values()), out
+        assert all(row[1] == "both" and row[2].endswith("/64") and row[-1] == "serving" for row in rows.values()), out
         [fe] = [line.split() for line in out if url in line]
         assert fe[0].startswith("tcp://127.0.0.1:") and fe[1] == url and fe[3] == str(frontend.proc.pid), out
 

@@ -15,12 +15,13 @@ from llumnix_py.engines.sim.profiles import (
     LLAMA_7B,
     LLAMA_7B_A10,
     LLAMA_30B_4xA10,
+    OPT_13B_A100,
     PROFILES,
     FittedCostProfile,
     profile_from_csv,
 )
 
-ALL_PROFILES = [LLAMA_7B_A10, LLAMA_30B_4xA10]
+ALL_PROFILES = [LLAMA_7B_A10, LLAMA_30B_4xA10, OPT_13B_A100]
 
 
 def within(value: float, target: float, tol: float) -> bool:
@@ -228,3 +229,13 @@ def test_csv_rejects_malformed(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError):
         profile_from_csv(path, LLAMA_7B, A10)
+
+
+def test_opt_13b_a100_follows_from_public_specs():
+    """KV per token 2 * 40 * 5120 * 2 B; about 3,300 blocks in 80 GB; a short decode step is
+    the weights streamed at 80% of 2039 GB/s plus the 4 ms overhead; 512 prompt tokens at
+    51% of 312 TFLOP/s."""
+    assert OPT_13B_A100.kv_bytes_per_token == 2 * 40 * 5120 * 2
+    assert 3200 <= OPT_13B_A100.num_blocks <= 3400
+    assert OPT_13B_A100.step_time(0, 1, 128) == pytest.approx(25.8e9 / (2039e9 * 0.8) + 0.004, rel=0.05)
+    assert OPT_13B_A100.step_time(512, 0, 0) == pytest.approx(2 * 12.9e9 * 512 / (312e12 * 0.51), rel=0.1)

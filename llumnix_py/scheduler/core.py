@@ -23,8 +23,11 @@ from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
-from policies.pairing import plan_migrations
+from policies.bandwidth import migration_pays
+from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
+from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, plan_handoffs,
+                            plan_role_flip)
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -51,6 +54,11 @@ class SchedulerConfig:
             (frontends report about once a second; listing them is all it is used for).
         instance_restart: how dead instances are replaced to keep the configured count
             (``llumnix_py.healing``; ``RestartPolicy(enabled=False)``: not replaced).
+        pd_ratio: ``(P, D)``: prefill/decode disaggregation, instances get the roles
+            ``prefill`` and ``decode`` in this ratio as they register (``policies.roles``);
+            None (default): every instance is ``both`` (colocated). Also ``"P:D"``.
+        role_flip: flip roles at run time when the phase loads drift apart
+            (``policies.roles.plan_role_flip``, once per migration round); None: fixed roles.
     """
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -64,8 +72,12 @@ class SchedulerConfig:
     migration_order_timeout_s: float = 30.0
     frontend_timeout_s: float = 10.0
     instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
+    pd_ratio: Optional[tuple[int, int]] = None
+    role_flip: Optional[RoleFlipConfig] = None
 
     def __post_init__(self) -> None:
+        if self.pd_ratio is not None:
+            object.__setattr__(self, "pd_ratio", parse_pd_ratio(self.pd_ratio))
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",
                      "frontend_timeout_s"):
             if getattr(self, name) <= 0:
@@ -85,6 +97,7 @@ class MigrationOrder:
     request_id: str
     waiting: bool
     issued_at: float
+    handoff: bool = False  # a prefill instance hands a request to a decode instance
 
 
 @dataclass
@@ -96,6 +109,8 @@ class InstanceRecord:
     terminating: bool = False
     orders_out: dict[str, MigrationOrder] = field(default_factory=dict)
     orders_in: dict[str, MigrationOrder] = field(default_factory=dict)
+    role: Role = Role.BOTH
+    handoffs_tried: set[str] = field(default_factory=set)  # requests here whose hand-off was ordered
 
 
 def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = False) -> InstanceLoad:
@@ -119,15 +134,43 @@ class GlobalScheduler:
         self.num_dispatched = 0
         self.num_orders = 0
         self.num_rescues = 0  # rescue migrations ordered (``PolicyConfig.rescue``)
+        self.num_handoffs = 0
+        self.num_declined = 0  # load-balancing migrations declined as slower than their benefit
+        self.flip_state = FlipState()
+        self.role_flips: list[tuple[float, str, str]] = []  # (when, instance, new role)
         self.ownership = OwnershipArbiter()
 
     # ----- membership --------------------------------------------------------------------
-    def register(self, instance_id: str, address: str, now: float) -> None:
+    def register(self, instance_id: str, address: str, now: float, role: Optional[str] = None) -> None:
+        """Add an instance (or refresh a known one). ``role``: its role; default: the one
+        ``config.pd_ratio`` calls for next (``policies.roles.assign_role``); a known
+        instance keeps its role unless one is given."""
         rec = self.instances.get(instance_id)
         if rec is None:
-            self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now)
+            chosen = parse_role(role) if role is not None else \
+                assign_role([r.role for r in self.instances.values()], self.config.pd_ratio)
+            self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now, role=chosen)
         else:  # re-registration (the instance or the scheduler restarted)
             rec.address, rec.last_seen = address, now
+            if role is not None:
+                rec.role = parse_role(role)
+
+    def role(self, instance_id: str) -> Role:
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
+        return rec.role
+
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Give a registered instance another role (``ValueError`` for an unknown role)."""
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
+        rec.role = parse_role(role)
+
+    def disaggregated(self) -> bool:
+        """Whether any instance has the ``prefill`` role (hand-offs may be due)."""
+        return any(r.role == Role.PREFILL for r in self.instances.values())
 
     def remove(self, instance_id: str, dead_at: Optional[float] = None) -> None:
         """Forget an instance; ``dead_at``: it died then, so its open migrations are settled
@@ -154,6 +197,9 @@ class GlobalScheduler:
             return
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
+        if rec.handoffs_tried:  # forget requests that left or ended
+            here = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
+            rec.handoffs_tried &= here
         self.payoff.on_load(instance_id, rec.load, now)
         if self.dispatch_state.num_pending(instance_id):
             seen = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
@@ -168,7 +214,7 @@ class GlobalScheduler:
                 continue
             out.append(replace(rec.load, terminating=rec.terminating, migrating_out=len(rec.orders_out),
                                migrating_in=len(rec.orders_in),
-                               pending_dispatch=self.dispatch_state.pending(rid)))
+                               pending_dispatch=self.dispatch_state.pending(rid), role=rec.role.value))
         return out
 
     # ----- dispatch ----------------------------------------------------------------------
@@ -182,9 +228,60 @@ class GlobalScheduler:
         return choice.instance_id
 
     # ----- migration ---------------------------------------------------------------------
+    def handoff_round(self, now: float) -> list[MigrationOrder]:
+        """Hand-offs from prefill to decode instances (``policies.roles.plan_handoffs``):
+        one order per request whose first token is out, within the migration limits.
+        A request is ordered once: if its hand-off fails, it decodes where it is."""
+        if not self.disaggregated():
+            return []
+        cfg = self.config
+        slots_out = {i: cfg.max_migrations_out - len(r.orders_out) for i, r in self.instances.items()
+                     if r.role == Role.PREFILL}
+        slots_in = {i: cfg.max_migrations_in - len(r.orders_in) for i, r in self.instances.items()
+                    if r.role == Role.DECODE}
+        tried = set().union(*(r.handoffs_tried for r in self.instances.values() if r.role == Role.PREFILL))
+        loads = self.loads()
+        plans = plan_handoffs(loads, cfg.policy, skip=tried, slots_out=slots_out, slots_in=slots_in,
+                              links=self.links(loads))
+        orders = []
+        for h in plans:
+            self._seq += 1
+            order = MigrationOrder(f"pd-{uuid.uuid4().hex[:12]}-{self._seq}", h.src, h.dst,
+                                   self.instances[h.dst].address, h.request_id, False, now, handoff=True)
+            self._open_order(order, now)
+            self.instances[h.src].handoffs_tried.add(h.request_id)
+            orders.append(order)
+        self.num_orders += len(orders)
+        self.num_handoffs += len(orders)
+        return orders
+
+    def _flip_roles(self, now: float) -> None:
+        """One round of the role-flip policy, if configured: a flipped prefill instance takes
+        no new request; a flipped decode instance's decoding requests leave by hand-off."""
+        flip_cfg = self.config.role_flip
+        if flip_cfg is None or not self.disaggregated():
+            return
+        decision = plan_role_flip(self.loads(), self.config.policy, flip_cfg, self.flip_state)
+        if decision is not None and decision.instance_id in self.instances:
+            self.set_role(decision.instance_id, decision.role.value)
+            self.role_flips.append((now, decision.instance_id, decision.role.value))
+
+    def links(self, loads: list[InstanceLoad]) -> dict[tuple[str, str], float]:
+        """Measured migration bandwidth (GB/s) by ``(src id, dst id)``, from the snapshots."""
+        by_address = {r.address: i for i, r in self.instances.items()}
+        return {(x.instance_id, by_address[peer]): gbps for x in loads for peer, gbps in x.links
+                if peer in by_address}
+
+    def _open_order(self, order: MigrationOrder, now: float) -> None:
+        self.instances[order.src].orders_out[order.migration_id] = order
+        self.instances[order.dst].orders_in[order.migration_id] = order
+        self.ownership.open(order.migration_id, order.src, order.dst, now)
+        self.payoff.on_order(order.migration_id, order.request_id, order.src, order.dst, now)
+
     def migration_round(self, now: float) -> list[MigrationOrder]:
         """Pair overloaded with underloaded instances; one order per kept pair."""
         self._expire_orders(now)
+        self._flip_roles(now)
         if not self.config.enable_migration:
             return []
         cfg = self.config
@@ -195,7 +292,8 @@ class GlobalScheduler:
         # a source) from a pair that could run. A planned source is below the threshold
         # and a planned destination above it, so a left-out instance could not have
         # taken the other role this round. Each pass leaves out at least one more.
-        loads = self.loads()
+        # Prefill instances are left out of load balancing: their requests leave by hand-off.
+        loads = [x for x in self.loads() if x.role != Role.PREFILL.value]
         cooldown = cfg.policy.migration_cooldown_s
         if cooldown > 0:
             loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
@@ -214,9 +312,14 @@ class GlobalScheduler:
             if not blocked:
                 break
             left_out |= blocked
+        links = self.links(loads) if cfg.policy.decline_slow_migrations else {}
+        by_id = {x.instance_id: x for x in loads}
         for plan in plans:
             src, dst = plan.pair.src, plan.pair.dst
             if src in busy_src or dst in busy_dst:
+                continue
+            if links and not self._pays(plan, by_id[src], links.get((src, dst))):
+                self.num_declined += 1
                 continue
             orders.append(self._order(src, dst, plan.request.request_id, plan.request.waiting, now))
             busy_src.add(src)
@@ -229,11 +332,20 @@ class GlobalScheduler:
         self._seq += 1
         order = MigrationOrder(f"mig-{uuid.uuid4().hex[:12]}-{self._seq}", src, dst,
                                self.instances[dst].address, request_id, waiting, now)
-        self.instances[src].orders_out[order.migration_id] = order
-        self.instances[dst].orders_in[order.migration_id] = order
-        self.ownership.open(order.migration_id, src, dst, now)
-        self.payoff.on_order(order.migration_id, order.request_id, src, dst, now)
+        self._open_order(order, now)
         return order
+
+    @staticmethod
+    def _pays(plan: PlannedMigration, src: InstanceLoad, gbps: Optional[float]) -> bool:
+        """The decline rule (``policies.bandwidth.migration_pays``) for one planned move; a
+        draining source's moves always pay (its freeness is -inf: it must empty)."""
+        if plan.request.waiting or src.terminating:
+            return True
+        req = next((r for r in src.running if r.request_id == plan.request.request_id), None)
+        if req is None:
+            return True
+        return migration_pays(req.num_blocks, src.kv_block_bytes, gbps, plan.src_after - plan.src_before,
+                              src.step_s or None)
 
     def claim_ownership(self, migration_id: str, side: Owner, now: float) -> Owner:
         """Who runs a migrating request whose commit outcome one side cannot learn."""

@@ -320,6 +320,7 @@ class SchedulerDaemon:
                     "running": inst.num_running,
                     "waiting": len(inst.waiting),
                     "terminating": inst.terminating,
+                    "role": inst.role,
                     "freeness": freeness(inst, cfg),
                 })
             # Downtime of running requests whose KV moved; a queued request was not decoding anyway.
@@ -332,6 +333,8 @@ class SchedulerDaemon:
                 "recent_migrations": recent,
                 "migrations_total": len(self.results),
                 "dispatched": self.core.num_dispatched,
+                "handoffs": self.core.num_handoffs,
+                "role_flips": [list(f) for f in self.core.role_flips],
                 "scale_events": list(self.scale_events),
                 "dead_instances": list(self.dead),
                 "frontends": self.frontends.listed(self.clock()),

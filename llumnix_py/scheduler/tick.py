@@ -5,6 +5,7 @@ migrations, instances found dead) and returns what to do::
 
     loads, ended migrations ──► on_load / on_migration_done
     instances found dead     ──► removed                           ──► retire (dead)
+    prefill instances?       ──► handoff_round (every tick)        ──► hand-off orders to start
     migration round due?     ──► migration_round                   ──► orders to start
     scaling allowed?         ──► scaling_round                     ──► scale decision
     drained / silent         ──► removed                           ──► retire (drained / dead)
@@ -87,11 +88,11 @@ class SchedulerTick:
         retired: list[tuple[str, str]] = []
         for iid in died:
             self._retire(iid, "dead", retired, now)
-        orders: tuple["MigrationOrder", ...] = ()
+        orders: tuple["MigrationOrder", ...] = tuple(core.handoff_round(now))
         if force_round or self.round_due(now):
             self._last_round = now
             if migrate:
-                orders = tuple(core.migration_round(now))
+                orders += tuple(core.migration_round(now))
         decision = core.scaling_round() if scale else ScaleDecision(ScaleAction.NONE)
         for iid in core.drained():
             if removable is None or removable(iid):

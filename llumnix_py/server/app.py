@@ -46,6 +46,7 @@ from llumnix_py.server.errors import APIError, install_error_handlers, short
 from llumnix_py.server.frontend import Frontend
 from llumnix_py.server.generation import ChatFormat, CompletionFormat
 from llumnix_py.server.metrics import CONTENT_TYPE
+from llumnix_py.slo import SLO
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               default_objective: Optional[Objective] = None) -> FastAPI:
+               default_objective: Optional[Objective] = None, slo: Optional[SLO] = None) -> FastAPI:
     """The OpenAI-compatible app over ``cluster``.
 
     Args:
@@ -73,11 +74,13 @@ def create_app(cluster: Cluster, *, api_key: Optional[str] = None, max_body_byte
         api_key: when set, ``/v1/*`` endpoints require ``Authorization: Bearer <api_key>``.
         max_body_bytes: larger request bodies are refused with a 400.
         default_objective: the objective of requests that name none (the model's default).
+        slo: server-wide TTFT/TPOT objectives; finished requests are judged against them
+            and ``/metrics`` reports the attainment (``llumnix_slo_*``).
 
     Returns:
         The FastAPI app; its ``state.metrics`` is the app's ``Metrics``.
     """
-    fe = Frontend(cluster, api_key, max_body_bytes, default_objective)
+    fe = Frontend(cluster, api_key, max_body_bytes, default_objective, slo)
     app = FastAPI(title="llumnix-py", description="OpenAI-compatible API over a llumnix-py cluster")
     app.state.frontend = fe
     app.state.metrics = fe.metrics

@@ -37,6 +37,7 @@ from llumnix_py.server import protocol as P
 from llumnix_py.server.errors import APIError, read_json_body, short, validation_error
 from llumnix_py.server.generation import Choice, CompletionFormat, Generation
 from llumnix_py.server.metrics import Metrics
+from llumnix_py.slo import SLO
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,14 @@ class Frontend:
         api_key: the key ``check_auth`` requires (``None``: no authentication).
         max_body_bytes: the largest request body ``read_json`` accepts.
         default_objective: the objective of a request that names none (None: no objective).
+        slo: server-wide TTFT/TPOT objectives the metrics judge finished requests by.
 
     Raises:
         ValueError: ``max_body_bytes`` is not positive or ``api_key`` is empty.
     """
 
     def __init__(self, cluster: Cluster, api_key: Optional[str], max_body_bytes: int,
-                 default_objective: Optional[Objective] = None) -> None:
+                 default_objective: Optional[Objective] = None, slo: Optional[SLO] = None) -> None:
         if max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be positive")
         if api_key is not None and not api_key:
@@ -99,7 +101,7 @@ class Frontend:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.default_objective = default_objective
-        self.metrics = Metrics()
+        self.metrics = Metrics(slo)
         self.created = int(time.time())
         capacity = _kv_capacity_tokens(cluster)
         # prompt + max_tokens limit: the context length, or less when one instance's KV pool is smaller

@@ -7,6 +7,13 @@ are pulled from ``cluster.state()`` and ``cluster.health()`` at scrape time by
 ``scrape(state, health)``: ``llumnix_scheduler_up``, ``llumnix_instances{kind="live"|
 "configured"}``, ``llumnix_restarts_total{component="scheduler"|"instance"}``.
 
+With a server-wide latency SLO (``--slo-ttft-ms``/``--slo-tpot-ms``, DistServe's: TTFT and
+mean TPOT), every finished request is judged against it (``llumnix_py.slo.meets``):
+``llumnix_latency_slo_requests_total{met="true"|"false"}``, ``llumnix_latency_slo_attainment``
+(the share met so far) and ``llumnix_latency_slo_objective_seconds{objective="ttft"|"tpot"}``.
+Per-request objectives (``Objective``: per-token due times, deadlines, jobs; JITServe's) are
+counted apart, by kind: ``llumnix_slo_*{kind}`` and ``llumnix_goodput_*``.
+
 ``cluster.state()`` reports migrations as cumulative counts per outcome and the
 most recent downtimes as a bounded list; ``Metrics`` keeps a cursor (the counts
 seen at the previous scrape) so each migration is counted, and its downtime
@@ -24,6 +31,8 @@ from typing import Any, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from llumnix_py.slo import SLO, meets
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_STATUSES = ("finished", "aborted", "error", "rejected")
 
@@ -39,12 +48,31 @@ _DOWNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 
 class Metrics:
     """The frontend's metrics, in a private registry.
 
+    Args:
+        slo: server-wide objectives finished requests are judged against (None: no SLO metrics).
+
     Attributes:
         registry: the ``CollectorRegistry`` holding every metric below.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, slo: Optional[SLO] = None) -> None:
         r = self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self.slo = slo
+        self._slo_met = self._slo_judged = 0
+        if slo is not None:
+            self.latency_slo_requests = Counter(
+                "llumnix_latency_slo_requests", "Finished requests judged against the server-wide latency SLO, "
+                "by whether they met both TTFT and TPOT.", ["met"], registry=r)
+            self.latency_slo_attainment = Gauge(
+                "llumnix_latency_slo_attainment", "Share of finished requests that met both the TTFT and the "
+                "TPOT objective.", registry=r)
+            self.latency_slo_objective = Gauge("llumnix_latency_slo_objective_seconds",
+                                               "The server-wide latency SLO.", ["objective"], registry=r)
+            self.latency_slo_objective.labels(objective="ttft").set(slo.ttft_s)
+            self.latency_slo_objective.labels(objective="tpot").set(slo.tpot_s)
+            for met in ("true", "false"):
+                self.latency_slo_requests.labels(met=met)
         self.ttft = Histogram("llumnix_time_to_first_token_seconds", "Time from submission to the first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("llumnix_time_per_output_token_seconds",
@@ -114,7 +142,6 @@ class Metrics:
         self._seen_migrations: dict[str, int] = {}
         self._seen_restarts: dict[str, int] = {}
         self._seen_payoff: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     # ----- per request -------------------------------------------------------------------
     def record_request(self, status: str, prompt_tokens: int, generation_tokens: int,
@@ -131,6 +158,13 @@ class Metrics:
         for hist, value in ((self.ttft, ttft_s), (self.tpot, tpot_s), (self.e2e, e2e_s)):
             if value is not None and math.isfinite(value) and value >= 0:
                 hist.observe(value)
+        if self.slo is not None and status == "finished" and ttft_s is not None:
+            met = meets(ttft_s, tpot_s, self.slo.ttft_s, self.slo.tpot_s)
+            with self._lock:
+                self._slo_judged += 1
+                self._slo_met += met
+                self.latency_slo_requests.labels(met="true" if met else "false").inc()
+                self.latency_slo_attainment.set(self._slo_met / self._slo_judged)
 
     def record_objective(self, kind: str, margin_s: float, generation_tokens: int) -> None:
         """A request with an objective of ``kind`` finished with this least margin (met iff >= 0)."""

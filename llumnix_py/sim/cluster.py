@@ -332,9 +332,11 @@ class SimCluster:
         poll catches up): the scheduler sees exactly what it would with every poll.
         Readers: this tick's migration, scaling and drain checks, dispatches of
         arrivals up to the next tick (arrival events precede a tick at the same time),
-        and the migration ledger while a migration is in flight or in its window.
+        and the migration ledger while a migration is in flight or in its window, and
+        the hand-off planner of a disaggregated cluster (every tick).
         """
-        if round_now or self.config.enable_scaling or self._undispatched or self.scheduler.payoff.watching:
+        if round_now or self.config.enable_scaling or self._undispatched or self.scheduler.payoff.watching \
+                or self.scheduler.disaggregated():  # hand-offs are planned every tick
             return True
         if any(rec.terminating for rec in self.scheduler.instances.values()):
             return True

@@ -20,6 +20,7 @@ from llumnix_py.engines.sim.profiles import PROFILES
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration import protocol as p
 from policies.config import PolicyConfig
+from policies.roles import RoleFlipConfig, parse_pd_ratio
 
 
 BATCH_POLICIES = ("fcfs", "edf", "jit")
@@ -51,6 +52,9 @@ class SimConfig:
         length_estimator: the JIT policy's length bound: ``quantile`` (from the instance's prior
             of recent lengths, refined as tokens come) or ``oracle`` (the true length).
         length_quantile: the quantile of the ``quantile`` estimator.
+        pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
+            roles in this ratio as they start; ``policies.roles``); None: colocated.
+        role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
     """
 
     num_instances: int = 4
@@ -76,6 +80,8 @@ class SimConfig:
     batch_policy: str = "fcfs"
     length_estimator: str = "quantile"
     length_quantile: float = 0.9
+    pd_ratio: Optional[tuple[int, int]] = None
+    role_flip: Optional[RoleFlipConfig] = None
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -93,6 +99,11 @@ class SimConfig:
             raise ValueError("length_quantile must be in (0, 1]")
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
+        if self.pd_ratio is not None:
+            object.__setattr__(self, "pd_ratio", parse_pd_ratio(self.pd_ratio))
+            if self.num_instances < sum(self.pd_ratio):
+                raise ValueError(f"a {self.pd_ratio[0]}:{self.pd_ratio[1]} split needs at least "
+                                 f"{sum(self.pd_ratio)} instances, got {self.num_instances}")
         bounds = {}
         if self.min_instances is not None:
             bounds["min_instances"] = self.min_instances
@@ -112,7 +123,7 @@ class SimConfig:
             policy=self.policy, poll_interval_s=self.poll_interval_s, migration_interval_s=self.migration_interval_s,
             enable_migration=self.enable_migration, enable_scaling=self.enable_scaling,
             max_migrations_out=self.max_migrations_out, max_migrations_in=self.max_migrations_in,
-            migration_order_timeout_s=1e9)
+            migration_order_timeout_s=1e9, pd_ratio=self.pd_ratio, role_flip=self.role_flip)
 
     def engine_config(self) -> EngineConfig:
         """Each instance's engine config: the profile's KV pool (or ``num_blocks``) and the engine limits."""

@@ -22,14 +22,15 @@ Definitions (all times in seconds of virtual time):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
 from llumnix_py.engines.types import Objective
 from llumnix_py.scheduler.payoff import per_request_stats
+from llumnix_py.slo import DEFAULT_TARGET, SLO, attainment, slo_scale
 from migration.driver import MigrationResult
 from migration.protocol import MigrationStatus
 
@@ -178,6 +179,23 @@ class SimResult:
         for (t0, n), (t1, _) in zip(self.instance_changes, self.instance_changes[1:] + [(self.virtual_s, 0)]):
             total += n * (min(t1, self.virtual_s) - t0)
         return total / self.virtual_s
+
+    def latencies(self) -> tuple[list[float], list[Optional[float]]]:
+        """Every request's (TTFT, TPOT) in seconds; a request that never finished counts as
+        infinitely late, one with a single output token has no TPOT."""
+        ttfts = [r.prefill_latency if r.done else math.inf for r in self.requests]
+        tpots = [(r.decode_latency if r.done else math.inf) for r in self.requests]
+        return ttfts, tpots
+
+    def slo_attainment(self, slo: SLO) -> float:
+        """Share of the requests meeting both objectives (``llumnix_py.slo.attainment``)."""
+        ttfts, tpots = self.latencies()
+        return attainment(ttfts, tpots, slo.ttft_s, slo.tpot_s)
+
+    def slo_scale(self, slo: SLO, target: float = DEFAULT_TARGET) -> float:
+        """The tightest scale of both objectives that ``target`` of requests meet (``llumnix_py.slo``)."""
+        ttfts, tpots = self.latencies()
+        return slo_scale(ttfts, tpots, slo.ttft_s, slo.tpot_s, target)
 
     def summary(self, priority: Optional[int] = None) -> dict[str, Any]:
         """Means and P99s (seconds) over completed requests, optionally of one priority.

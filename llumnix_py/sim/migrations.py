@@ -156,7 +156,7 @@ class SimMigrations:
             downtime = run.committed_at - run.frozen_at
         result = MigrationResult(m.migration_id, m.request_id, m.status, m.reason, m.config.mode.value, m.stages,
                                  m.blocks_sent, self._now() - run.started_at, downtime, run.committed_at or 0.0)
-        run.src.core.end_migration(result)
+        run.src.core.end_migration(result, run.order.dst_address)
         run.src.dirty = run.dst.dirty = True
         self._on_done(result, run)
         self._wake(run.src)

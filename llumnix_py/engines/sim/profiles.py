@@ -60,6 +60,20 @@ heads of 128, fp16) on four A10s, tensor parallel.
   8k decode step is then 34 + 8.5 + 24 = 67 ms), per-sequence cost and serial
   mixed steps.
 
+``OPT_13B_A100``: OPT-13B (12.9e9 params, 40 layers, hidden 5120, 40 heads of 128,
+fp16) on one A100-80GB SXM (312 TFLOP/s fp16 dense, 2039 GB/s, 80 GB): the chatbot
+model of DistServe (OSDI 2024), for the disaggregation experiments. From public specs
+only, with the engine assumptions of the A10 profiles unchanged (GEMM efficiency 0.51,
+bandwidth efficiencies 0.8 / 0.64, 4 ms per step, 0.1 ms per sequence, serial mixed
+steps, as DistServe's vLLM baseline); nothing was fitted to a DistServe figure.
+* KV per token = 2 * 40 * 5120 * 2 B = 800 KiB; a 16-token block is 12.5 MiB;
+  capacity 80 GB * 0.866 - 25.8 GB of weights = 43.5 GB = about 3,300 blocks.
+* Decode step of one short sequence: 25.8 GB / (2039 GB/s * 0.8) = 16 ms + 4 ms.
+* Prefill of 512 tokens: 2 * 12.9e9 * 512 / (312e12 * 0.51) = 83 ms.
+* Migration link: ``link_gbps = 25``, PCIe 4.0 x16 (32 GB/s peak) at about 80%: a
+  copy through the host between two GPUs of one node, not NVLink (DistServe places the
+  phases on NVLink where it can; this profile takes the slower path).
+
 ``profile_from_csv`` fits the step time of a user's own hardware instead.
 """
 
@@ -80,6 +94,9 @@ A10 = HardwareSpec(
 )
 A10_X4 = HardwareSpec(
     name="4xA10-24GB", num_gpus=4, peak_tflops=125.0, mem_bandwidth_gbps=600.0, mem_gb=24.0, link_gbps=10.0
+)
+A100 = HardwareSpec(
+    name="A100-80GB", num_gpus=1, peak_tflops=312.0, mem_bandwidth_gbps=2039.0, mem_gb=80.0, link_gbps=25.0
 )
 LLAMA_7B = ModelSpec(
     name="llama-7b", num_params=6.7e9, num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128
@@ -111,7 +128,23 @@ LLAMA_30B_4xA10 = CostProfile(
     fused_mixed_steps=False,
 )
 
-PROFILES: dict[str, CostProfile] = {"llama-7b-a10": LLAMA_7B_A10, "llama-30b-4xa10": LLAMA_30B_4xA10}
+OPT_13B = ModelSpec(
+    name="opt-13b", num_params=12.9e9, num_layers=40, hidden_size=5120, num_kv_heads=40, head_dim=128
+)
+OPT_13B_A100 = CostProfile(
+    model=OPT_13B,
+    hw=A100,
+    prefill_efficiency=0.51,
+    decode_overhead_s=0.004,
+    mem_reserved_frac=0.134,
+    bandwidth_efficiency=0.8,
+    attention_bandwidth_efficiency=0.64,
+    per_seq_overhead_s=1e-4,
+    fused_mixed_steps=False,
+)
+
+PROFILES: dict[str, CostProfile] = {"llama-7b-a10": LLAMA_7B_A10, "llama-30b-4xa10": LLAMA_30B_4xA10,
+                                    "opt-13b-a100": OPT_13B_A100}
 
 CSV_COLUMNS = ("batch_size", "context_tokens", "prefill_tokens", "step_ms")
 

@@ -1,0 +1,259 @@
+"""Instance roles for prefill/decode disaggregation (after DistServe), as pure functions.
+
+An instance is ``prefill``, ``decode`` or ``both`` (the default: colocated, the
+behaviour without roles). The role is scheduler state: the scheduler assigns one to
+each instance it registers (``assign_role``, from a prefill:decode ratio), folds it
+into the load snapshots (``InstanceLoad.role``), and the policies read it:
+
+* dispatch sends new requests only to prefill-capable instances (``prefill``, ``both``);
+* load-balancing pairs leave ``prefill`` instances out (their requests leave by hand-off);
+* ``plan_role_flip``: at run time, a pure policy flips one instance's role when the
+  prefill backlog and the decode instances' room drift apart (no restart);
+* ``plan_handoffs``: once a request on a ``prefill`` instance has its first token out
+  (``output_len >= 1``), it is handed to the ``decode`` instance where it leaves the
+  most freeness (the paper's freeness with the request added, and the hand-offs
+  planned earlier in the same round counted in). The hand-off is a live migration:
+  the request keeps decoding on its prefill instance while its KV is copied.
+
+A hand-off that cannot start or fails leaves the request decoding where it is; the
+scheduler does not try it again (``skip``), so a failing link never makes a request
+bounce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+from typing import Collection, Mapping, Optional, Sequence
+
+from llumnix_py.load import InstanceLoad, RequestLoad
+from policies.bandwidth import pick_by_link
+from policies.config import PolicyConfig
+from policies.types import Handoff
+from policies.virtual_usage import freeness_after_addition, summarize
+
+
+class Role(str, enum.Enum):
+    """What an instance runs."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    @property
+    def takes_new_requests(self) -> bool:
+        return self is not Role.DECODE
+
+
+ROLES: tuple[str, ...] = tuple(r.value for r in Role)
+
+
+def parse_role(text: object) -> Role:
+    """``Role`` named by ``text``; ``ValueError`` naming the valid roles otherwise."""
+    if isinstance(text, Role):
+        return text
+    if isinstance(text, str) and text.strip().lower() in ROLES:
+        return Role(text.strip().lower())
+    raise ValueError(f"unknown instance role {text!r}; expected one of {', '.join(ROLES)}")
+
+
+def parse_pd_ratio(text: object) -> tuple[int, int]:
+    """``"P:D"`` (or a ``(P, D)`` pair) as ``(P, D)``; both must be positive integers.
+
+    Raises:
+        ValueError: malformed, or a ratio with no prefill or no decode instance.
+    """
+    if isinstance(text, str):
+        parts = text.strip().split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"a prefill:decode ratio is two integers 'P:D' (e.g. 1:3), got {text!r}")
+        p, d = (int(x) for x in parts)
+    elif isinstance(text, (tuple, list)) and len(text) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in text):
+        p, d = int(text[0]), int(text[1])
+    else:
+        raise ValueError(f"a prefill:decode ratio is 'P:D' or a (P, D) pair of integers, got {text!r}")
+    if p < 1 or d < 1:
+        raise ValueError(f"a prefill:decode ratio needs at least one prefill and one decode instance, got {p}:{d}")
+    return p, d
+
+
+def roles_for(n: int, ratio: tuple[int, int]) -> list[Role]:
+    """The roles of ``n`` instances registered one after another under ``ratio``
+    (``assign_role`` applied in turn)."""
+    roles: list[Role] = []
+    for _ in range(n):
+        roles.append(assign_role(roles, ratio))
+    return roles
+
+
+def assign_role(current: Sequence[Role], ratio: Optional[tuple[int, int]]) -> Role:
+    """The role of one more instance, given the roles of those registered.
+
+    Without a ratio every instance is ``both``. With ``(P, D)``, the role whose count
+    is furthest below its share of the ratio (count / share smallest; prefill on a tie),
+    so instances registered in turn follow the ratio and a replacement of a dead
+    instance takes the role the cluster is short of.
+    """
+    if ratio is None:
+        return Role.BOTH
+    p, d = ratio
+    n_p = sum(1 for r in current if r == Role.PREFILL)
+    n_d = sum(1 for r in current if r == Role.DECODE)
+    return Role.PREFILL if n_p * d <= n_d * p else Role.DECODE
+
+
+def takes_new_requests(inst: InstanceLoad) -> bool:
+    """May new requests be dispatched to ``inst`` (by role; terminating is checked apart)?"""
+    return inst.role != Role.DECODE.value
+
+
+def handoff_ready(req: RequestLoad) -> bool:
+    """A running request whose prefill is done and first token out, not migrating."""
+    return req.output_len >= 1 and not req.migrating
+
+
+def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip: Collection[str] = (),
+                  slots_out: Mapping[str, int], slots_in: Mapping[str, int],
+                  links: Mapping[tuple[str, str], float] = {}) -> list[Handoff]:
+    """The hand-offs to start now, from ``prefill`` instances to ``decode`` instances.
+
+    Args:
+        instances: load snapshots (``role`` set by the scheduler).
+        cfg: policy thresholds (headroom) for freeness.
+        skip: request ids not to hand off (a hand-off of theirs was already tried).
+        slots_out / slots_in: how many more migrations each instance may start as
+            source / destination now (absent: none).
+        links: measured GB/s by ``(src id, dst id)`` (``policies.bandwidth``).
+
+    Each ready request (``handoff_ready``; per source in arrival order) goes to the
+    decode instance with free slots where its migration freeness after the addition
+    is highest, with this round's earlier hand-offs counted in; among those within
+    ``cfg.link_tolerance`` of the highest, the fastest measured link from the source
+    wins (``policies.bandwidth.pick_by_link``; ties: freeness, then lowest id); a
+    request that would leave every decode instance with negative freeness (it does
+    not fit) waits for a later round.
+    """
+    dsts = {inst.instance_id: inst for inst in instances
+            if inst.role == Role.DECODE.value and not inst.terminating}
+    if not dsts:
+        return []
+    out_left = dict(slots_out)
+    in_left = {iid: slots_in.get(iid, 0) for iid in dsts}
+    planned: list[Handoff] = []
+    for src in sorted((i for i in instances if i.role == Role.PREFILL.value), key=lambda i: i.instance_id):
+        ready = sorted((r for r in src.running if handoff_ready(r) and r.request_id not in skip),
+                       key=lambda r: (r.arrival_time, r.request_id))
+        for req in ready:
+            if out_left.get(src.instance_id, 0) <= 0:
+                break
+            options = []
+            for iid, dst in dsts.items():
+                if in_left[iid] <= 0:
+                    continue
+                after = freeness_after_addition(dst, summarize(dst, cfg), cfg, req, waiting=False)
+                if after >= 0:
+                    options.append((iid, after, links.get((src.instance_id, iid))))
+            dst_id = pick_by_link(options, cfg.link_tolerance)
+            if dst_id is None:
+                continue
+            dst = dsts[dst_id]
+            dsts[dst_id] = dataclasses.replace(dst, running=dst.running + (req,),
+                                               used_blocks=dst.used_blocks + req.num_blocks)
+            in_left[dst_id] -= 1
+            out_left[src.instance_id] = out_left.get(src.instance_id, 0) - 1
+            planned.append(Handoff(req.request_id, src.instance_id, dst_id))
+    return planned
+
+
+# ----- run-time role flipping -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoleFlipConfig:
+    """When the scheduler flips an instance's role (``plan_role_flip``).
+
+    Attributes:
+        backlog_blocks: prompt blocks waiting per prefill instance above which prefill is
+            short of instances.
+        decode_free_steps: mean freeness of the decode instances above which they can
+            spare one (and below ``decode_tight_steps`` they need one more).
+        decode_tight_steps: see ``decode_free_steps``.
+        rounds: consecutive rounds a condition must hold before a flip, and rounds after
+            a flip before the next may be considered.
+    """
+
+    backlog_blocks: float = 64.0
+    decode_free_steps: float = 60.0
+    decode_tight_steps: float = 10.0
+    rounds: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("backlog_blocks", "decode_free_steps", "decode_tight_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.decode_tight_steps >= self.decode_free_steps:
+            raise ValueError("decode_tight_steps must be below decode_free_steps: roles would flap")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+
+
+@dataclass(frozen=True)
+class RoleFlip:
+    """Give ``instance_id`` the role ``role``."""
+
+    instance_id: str
+    role: Role
+
+
+@dataclass
+class FlipState:
+    """Streaks and cooldown of ``plan_role_flip`` (the scheduler keeps one)."""
+
+    to_prefill: int = 0
+    to_decode: int = 0
+    cooldown: int = 0
+
+
+def plan_role_flip(instances: Sequence[InstanceLoad], cfg: PolicyConfig, flip: RoleFlipConfig,
+                   state: FlipState) -> Optional[RoleFlip]:
+    """One round of the role-flip policy: at most one flip.
+
+    Signals: the prefill backlog (blocks needed by waiting requests, per prefill
+    instance) and the decode instances' mean migration freeness. When the backlog is
+    above ``backlog_blocks`` while decode has room (``decode_free_steps``) for ``rounds``
+    rounds, the decode instance with the fewest running requests becomes ``prefill``;
+    its decoding requests then leave by hand-off like any prefill instance's. When
+    there is no backlog but decode is tight (``decode_tight_steps``) for ``rounds``
+    rounds, the prefill instance with the least work becomes ``decode``: it takes no new
+    request, its queued ones are prefilled and decode where they are. Each phase keeps
+    at least one instance; terminating instances are neither counted nor flipped.
+    """
+    live = [i for i in instances if not i.terminating]
+    pre = [i for i in live if i.role == Role.PREFILL.value]
+    dec = [i for i in live if i.role == Role.DECODE.value]
+    if state.cooldown > 0:
+        state.cooldown -= 1
+        return None
+    if not pre or not dec:
+        state.to_prefill = state.to_decode = 0
+        return None
+    backlog = sum(r.blocks_needed for i in pre for r in i.waiting) / len(pre)
+    free = sum(summarize(i, cfg).freeness(cfg) for i in dec) / len(dec)
+    state.to_prefill = state.to_prefill + 1 if backlog > flip.backlog_blocks and free > flip.decode_free_steps \
+        and len(dec) >= 2 else 0
+    state.to_decode = state.to_decode + 1 if backlog == 0 and free < flip.decode_tight_steps and len(pre) >= 2 else 0
+    choice: Optional[RoleFlip] = None
+    if state.to_prefill >= flip.rounds:
+        pick = min(dec, key=lambda i: (len(i.running) + len(i.waiting), i.instance_id))
+        choice = RoleFlip(pick.instance_id, Role.PREFILL)
+    elif state.to_decode >= flip.rounds:
+        pick = min(pre, key=lambda i: (len(i.running) + len(i.waiting), i.instance_id))
+        choice = RoleFlip(pick.instance_id, Role.DECODE)
+    if choice is not None:
+        state.to_prefill = state.to_decode = 0
+        state.cooldown = flip.rounds
+    return choice

@@ -1,0 +1,110 @@
+"""Prefill/decode disaggregation on the built-in engine, in one process (runtime ``local``).
+
+A ``prefill`` instance takes every new request; once a request's first token is out,
+the scheduler orders its hand-off to a ``decode`` instance, a live migration (the
+request keeps decoding on the prefill instance while its KV is copied). The promises:
+exactly the tokens of a colocated run, each output position produced once, and a
+hand-off that fails at any stage leaves the request decoding on its prefill instance.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from llumnix_py.config import ClusterConfig, LlumletConfig, SchedulerConfig
+from llumnix_py.llumlet import Llumlet
+from migration import wire
+from tests.cluster_helpers import HoldOutputs, assert_no_leak, prompts, reference, samplings, small_spec, wait_all, \
+    wait_for
+from tests.test_faults_local import Emissions, running
+
+PREFILL, DECODE = "instance-000", "instance-001"
+
+
+def pd_config(num_instances: int = 2, ratio: str = "1:1", **sched) -> ClusterConfig:
+    return ClusterConfig(
+        num_instances=num_instances, runtime="local", engine=small_spec(num_blocks=256),
+        scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02, pd_ratio=ratio, **sched),
+        llumlet=LlumletConfig(instance_id="template", transport="inproc", migration_timeout_s=2.0))
+
+
+def positions_by_instance(emitted: Emissions, request_id: str) -> dict[int, list[str]]:
+    with emitted.lock:
+        return {i: v for (rid, i), v in emitted.by_position.items() if rid == request_id}
+
+
+def test_roles_follow_the_ratio_and_show_in_the_cluster_state():
+    with running(pd_config(4, "1:3")) as (cluster, _, _):
+        roles = {i["instance_id"]: i["role"] for i in cluster.state()["instances"]}
+    assert roles == {"instance-000": "prefill", "instance-001": "decode", "instance-002": "decode",
+                     "instance-003": "decode"}
+
+
+def test_a_disaggregated_request_produces_the_colocated_tokens_and_each_position_once():
+    """Requests enter on the prefill instance only; each is handed off once its first token
+    is out (the prefill instance is held after that batch, so none can finish there first)
+    and ends on the decode instance with exactly the tokens of a run on one engine."""
+    n, max_tokens = 4, 24
+    ps, sps = prompts(n), samplings(n, max_tokens)
+    expected = reference(small_spec(num_blocks=256), ps, sps)
+    with running(pd_config()) as (cluster, emitted, _):
+        with HoldOutputs(cluster, PREFILL) as gate:
+            gate.hold()
+            handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+            gate.wait_held()
+            gate.run_until(lambda: all(h.token_ids for h in handles), "every first token")
+            wait_for(lambda: cluster.state()["migrations"].get("finished", 0) == n, what="every hand-off")
+        got = wait_all(handles)
+        state = cluster.state()
+        assert state["handoffs"] == n
+        assert_no_leak(cluster)
+    assert got == expected
+    emitted.assert_served_once(set())
+    for h in handles:
+        by_pos = positions_by_instance(emitted, h.request_id)
+        assert by_pos[0] == [PREFILL]
+        assert by_pos[max_tokens - 1] == [DECODE]
+        assert sorted(by_pos) == list(range(max_tokens))
+
+
+STAGES = {"prealloc": wire.PreAlloc, "blocks": wire.Blocks, "commit": wire.Commit}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_hand_off_failing_at_any_stage_leaves_the_request_decoding_on_its_prefill_instance(monkeypatch, stage):
+    """The decode instance refuses the hand-off's ``stage`` message: the migration aborts,
+    the request decodes on, to the end, on the prefill instance (no retry), with the tokens
+    of a colocated run; nothing leaks on either instance."""
+    max_tokens = 24
+    ps, sps = prompts(1), samplings(1, max_tokens)
+    expected = reference(small_spec(num_blocks=256), ps, sps)
+    refused = threading.Event()
+    original = Llumlet._handle_migration_message
+
+    def refusing(self, msg, payload):
+        if isinstance(msg, STAGES[stage]) and not refused.is_set():
+            refused.set()
+            reply = wire.Reply(ok=False, error=f"injected failure at {stage}")
+            self.core.handle(wire.Abort(msg.migration_id, "injected"), None, 0.0)  # as a failing side frees
+            return reply.to_header()
+        return original(self, msg, payload)
+
+    monkeypatch.setattr(Llumlet, "_handle_migration_message", refusing)
+    with running(pd_config()) as (cluster, emitted, _):
+        with HoldOutputs(cluster, PREFILL) as gate:
+            gate.hold()
+            (handle,) = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]
+            gate.wait_held()
+            wait_for(lambda: sum(cluster.state()["migrations"].values()) == 1, what="the hand-off to end")
+        got = wait_all([handle])
+        state = cluster.state()
+        assert refused.is_set()
+        assert state["handoffs"] == 1  # tried once, not again
+        assert state["migrations"].get("finished", 0) == 0
+        assert_no_leak(cluster)
+    assert got == expected
+    by_pos = positions_by_instance(emitted, handle.request_id)
+    assert sorted(by_pos) == list(range(max_tokens))
+    assert all(v == [PREFILL] for v in by_pos.values())

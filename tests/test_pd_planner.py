@@ -1,0 +1,53 @@
+"""The P:D planner (``experiments/pd_planner.py``) and the disaggregation experiment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import disaggregation
+from experiments.pd_planner import APPLICATIONS, Application, make_requests, plan, splits
+from llumnix_py.slo import SLO
+
+# Known by hand on opt-13b-a100 (3 GPUs, every GPU used):
+# - 2,000-token prompts, 2 output tokens, loose objectives: a prompt costs ~0.32 s of prefill
+#   (2 * 12.9e9 * 2000 / (312e12 * 0.51)) and decoding is nearly free, so goodput follows
+#   the prefill instances: 2:1 beats 1:2.
+# - 16-token prompts, 200 output tokens, a 25 ms TPOT: a decode step is ~20 ms of weights
+#   plus ~0.2 ms per sequence of this length, so each decode instance holds ~20 requests
+#   within the objective and prefill is nearly free: 1:2 beats 2:1.
+PREFILL_HEAVY = Application("prefill-heavy", SLO(1.0, 1.0), (2000.0, 2001.0), (2.0, 2.01))
+DECODE_HEAVY = Application("decode-heavy", SLO(1.0, 0.025), (16.0, 16.01), (200.0, 200.5))
+
+
+@pytest.mark.parametrize("app,best", [(PREFILL_HEAVY, (2, 1)), (DECODE_HEAVY, (1, 2))], ids=["prefill", "decode"])
+def test_the_planner_picks_the_split_known_by_hand(app, best):
+    ranked = plan(app, 3, 80, "opt-13b-a100", exact=True, iterations=6)
+    assert [(r["prefill"], r["decode"]) for r in ranked][0] == best
+    assert len(ranked) == 2
+    first, second = ranked
+    assert first["goodput_per_gpu"] >= 1.5 * second["goodput_per_gpu"] > 0
+
+
+def test_splits_and_workloads():
+    assert splits(3) == [(1, 1), (1, 2), (2, 1)]
+    assert splits(4, exact=True) == [(1, 3), (2, 2), (3, 1)]
+    a = make_requests(APPLICATIONS["summarization"], 50, 2.0, seed=3)
+    b = make_requests(APPLICATIONS["summarization"], 50, 4.0, seed=3)
+    assert [r.prompt_len for r in a] == [r.prompt_len for r in b]  # a rate sweep keeps the lengths
+    assert a[-1].arrival_time > b[-1].arrival_time
+    assert all(1 <= r.prompt_len <= 4096 and r.output_len >= 1 for r in a)
+
+
+def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
+    out, js = tmp_path / "out", tmp_path / "d.json"
+    data = disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--out", str(out), "--json", str(js)])
+    assert json.loads(js.read_text()) == json.loads(json.dumps(data))
+    r = data["results"]["code"]
+    assert set(r["goodput_rps"]) == {"colocated round-robin", "colocated llumnix", "disaggregated"}
+    assert r["split"] == [r["plan"][0]["prefill"], r["plan"][0]["decode"]]
+    assert all(0 <= a <= 1 for c in r["curves"].values() for a in c["attainment"] + c["attainment_by_scale"])
+    assert (out / "disaggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "disaggregation.md").read_text()
+    assert md.startswith("# ") and "|---|" in md and "DistServe" in md
