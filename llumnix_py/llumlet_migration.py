@@ -2,8 +2,12 @@
 
 ``OutgoingMigrations`` belongs to one ``llumnix_py.llumlet.Llumlet``; it asks the
 llumlet's ``LlumletCore`` whether a migration may start and tells it how each one
-ended, and runs the migration itself on a ``MigrationDriver`` over a cached
-transport. Locking::
+ended, and runs the migration itself on a ``MigrationDriver`` over a transport of its
+own: each migration checks one out of a per-destination pool of idle connections
+(opening one when none is idle) and returns it when it ends, or closes it when the
+migration failed on it. Transports are used from one thread at a time (a zmq DEALER's
+pending block replies and sequence numbers belong to one conversation), so two
+migrations to the same destination (``max_outgoing`` > 1) never share one. Locking::
 
     migration workers ─ lock ─ incremental_blocks / freeze / free_src / unfreeze
                       (no lock) read_blocks of full or frozen blocks, sending
@@ -14,6 +18,7 @@ A crashed core sends nothing more, as if its process were gone.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ContextManager, Optional
 
@@ -105,7 +110,8 @@ class OutgoingMigrations:
         self._locked = locked
         self._on_done = on_done
         self._config = core.config
-        self._transports: dict[str, MigrationTransport] = {}
+        self._idle: dict[str, list[MigrationTransport]] = {}  # destination -> connections no migration uses
+        self._idle_lock = threading.Lock()
         self._pool: Optional[ThreadPoolExecutor] = None
 
     def start(self) -> None:
@@ -114,9 +120,11 @@ class OutgoingMigrations:
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        for t in self._transports.values():
-            t.close()
-        self._transports.clear()
+        with self._idle_lock:
+            idle, self._idle = self._idle, {}
+        for ts in idle.values():
+            for t in ts:
+                t.close()
 
     def submit(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
                config: Optional[MigrationConfig]) -> bool:
@@ -137,33 +145,47 @@ class OutgoingMigrations:
             self._core.begin_migration(request_id, migration_id, bounded=False)
         return self._run(request_id, dst_address, migration_id, waiting, config or self._config.migration)
 
-    def _transport(self, address: str) -> MigrationTransport:
-        t = self._transports.get(address)
-        if t is None:
-            _, transport_cls = get_transport(self._config.transport)
-            t = transport_cls(address, timeout_s=self._config.migration_timeout_s, secret=self._config.secret,
-                              chunk_blocks=self._config.chunk_blocks)
-            t.connect()
-            self._transports[address] = t
+    def _checkout(self, address: str) -> MigrationTransport:
+        """An idle connection to ``address``, or a new one: this migration's alone until
+        ``_checkin``."""
+        with self._idle_lock:
+            idle = self._idle.get(address)
+            if idle:
+                return idle.pop()
+        _, transport_cls = get_transport(self._config.transport)
+        t = transport_cls(address, timeout_s=self._config.migration_timeout_s, secret=self._config.secret,
+                          chunk_blocks=self._config.chunk_blocks)
+        t.connect()
         return t
+
+    def _checkin(self, address: str, t: MigrationTransport, healthy: bool) -> None:
+        """Back to the idle pool, or closed when the migration failed on it (the next one
+        to ``address`` reconnects)."""
+        if healthy:
+            with self._idle_lock:
+                self._idle.setdefault(address, []).append(t)
+        else:
+            t.close()
 
     def _run(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
              config: MigrationConfig) -> MigrationResult:
         machine = SourceMigration(migration_id, request_id, waiting=waiting, config=config)
         source = LockedSource(self._core, self._locked)
+        conn: Optional[MigrationTransport] = None
+        healthy = True
         try:
-            transport = UnlessCrashed(self._core, self._transport(dst_address))
-            port = TransportPort(transport, source)  # type: ignore[arg-type]
+            conn = self._checkout(dst_address)
+            port = TransportPort(UnlessCrashed(self._core, conn), source)  # type: ignore[arg-type]
             driver = MigrationDriver(source, port, ownership=self._ownership,
                                      claim_timeout_s=self._config.migration_timeout_s,
                                      claim_retry_s=self._config.claim_retry_s)
             result = driver.run(machine)
         except Exception as exc:  # a bug or a broken connection: never leave the request frozen
             log.exception("migration %s of %s failed", migration_id, request_id)
-            self._drop_transport(dst_address)
+            healthy = False
             result = self._recover(machine, exc)
-        if result.status == MigrationStatus.ABORTED_DST:
-            self._drop_transport(dst_address)
+        if conn is not None:
+            self._checkin(dst_address, conn, healthy and result.status != MigrationStatus.ABORTED_DST)
         with self._locked():
             self._core.end_migration(result, dst_address)
         self._on_done(result)
@@ -192,8 +214,3 @@ class OutgoingMigrations:
         return MigrationResult(machine.migration_id, machine.request_id, MigrationStatus.ABORTED_DST,
                                f"{type(exc).__name__}: {exc}", machine.config.mode.value, machine.stages,
                                machine.blocks_sent, 0.0, 0.0, unresolved=unresolved)
-
-    def _drop_transport(self, address: str) -> None:
-        t = self._transports.pop(address, None)
-        if t is not None:
-            t.close()

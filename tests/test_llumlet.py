@@ -10,6 +10,8 @@ from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink
 from migration.protocol import MigrationStatus
+from migration.transports import register_transport
+from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
 from tests.cluster_helpers import HoldOutputs, wait_for
 from tests.factories import make_engine
 
@@ -215,3 +217,61 @@ def test_migration_between_llumlets_needs_the_shared_secret():
         rec.release()
         for x in (a, b, c):
             x.stop()
+
+
+class _MeetingTransport(InprocMigrationTransport):
+    """An inproc connection on which the first messages of the migrations named in ``meet``
+    wait for each other (so those migrations are in flight at once), noting which
+    connection each arrived on."""
+
+    meet = ("m-1", "m-2")
+    meeting = threading.Barrier(2, timeout=60)
+    arrived: dict[str, int] = {}  # migration id -> id() of the connection its first message used
+
+    def call(self, message):
+        mid = getattr(message, "migration_id", None)
+        if mid in self.meet and mid not in self.arrived:
+            self.arrived[mid] = id(self)
+            self.meeting.wait()
+        return super().call(message)
+
+
+def test_concurrent_migrations_to_one_destination_use_their_own_connections():
+    """After a migration from a to b left a connection idle, two migrations from a to b at once
+    (``max_outgoing`` 2) each use a connection of their own (a shared one interleaves their
+    sequence numbers and block replies), both finish with exact tokens, and both
+    connections go back to the idle pool."""
+    register_transport("test-meeting-inproc", InprocMigrationServer, _MeetingTransport)
+    rec = Recorder()
+    cfg = dict(transport="test-meeting-inproc", max_outgoing=2, max_incoming=2)
+    a = Llumlet(LlumletConfig(instance_id="a", **cfg), make_engine(dtype="float64", num_blocks=64, max_batch_size=8),
+                CallbackSink(rec))
+    b = Llumlet(LlumletConfig(instance_id="b", **cfg), make_engine(dtype="float64", num_blocks=64, max_batch_size=8),
+                CallbackSink(rec))
+    a.start()
+    b.start()
+    (held,) = rec.hold("a")  # the requests run on a, none done, when they migrate
+    try:
+        a.add_request(request("r0", n=16, max_tokens=60))
+        a.add_request(request("r1", max_tokens=60))
+        a.add_request(request("r2", n=24, max_tokens=60))
+        held.wait_held()
+        wait_for(lambda: len(a.load().running) == 3, 30, "the requests to run on a")
+        assert a.migrate_now("r0", b.address, "m-0").status == MigrationStatus.FINISHED  # leaves a connection idle
+        assert a.migrate_out("r1", b.address, "m-1") and a.migrate_out("r2", b.address, "m-2")
+        wait_for(lambda: len(b.load().running) + len(b.load().waiting) == 3, 60, "the requests to land on b")
+        rec.release()
+        rec.wait(["r0", "r1", "r2"])
+        results = {r.request_id: r.status for r in a.pop_results()}
+        assert results == {rid: MigrationStatus.FINISHED for rid in ("r0", "r1", "r2")}
+        assert _MeetingTransport.arrived["m-1"] != _MeetingTransport.arrived["m-2"]
+        assert sorted(map(id, a._outgoing._idle[b.address])) == sorted(_MeetingTransport.arrived.values())
+        expected = {"r0": reference_tokens(["r0"], n=16, max_tokens=60)["r0"],
+                    "r1": reference_tokens(["r1"], max_tokens=60)["r1"],
+                    "r2": reference_tokens(["r2"], n=24, max_tokens=60)["r2"]}
+        assert {rid: rec.tokens[rid] for rid in expected} == expected
+        assert rec.misrouted == 0
+    finally:
+        rec.release()
+        a.stop()
+        b.stop()
