@@ -108,8 +108,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)  # this script owns its process
     blocks = args.blocks or (256 if args.quick else 1024)
     r = run(blocks, repeats=10 if args.quick else 30, steps=30 if args.quick else 100, batch=8, context=128)
-    print(f"| blocks | block | copy | per-block copies (ms) | grouped (ms) | speedup |")
-    print(f"|---|---|---|---|---|---|")
+    print("| blocks | block | copy | per-block copies (ms) | grouped (ms) | speedup |")
+    print("|---|---|---|---|---|---|")
     for d in ("out", "in"):
         print(f"| {blocks} | {r['block_bytes'] // 1024} KiB | swap {d} | {r[f'swap_{d}_ms_per_block_copy']:.2f} | "
               f"{r[f'swap_{d}_ms_grouped']:.2f} | {r[f'grouped_speedup_{d}']:.1f}x |")
