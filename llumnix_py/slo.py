@@ -64,6 +64,15 @@ def meets(ttft_s: float, tpot_s: Optional[float], ttft_slo_s: float, tpot_slo_s:
     return ttft_s <= ttft_slo_s and (tpot_s is None or tpot_s <= tpot_slo_s)
 
 
+def _objectives(ttfts_s: Sequence[float], tpots_s: Sequence[Optional[float]], ttft_slo_s: Objective,
+                tpot_slo_s: Objective) -> tuple[list[float], list[float]]:
+    """Each request's TTFT and TPOT objective (checked: as many TPOTs as TTFTs)."""
+    n = len(ttfts_s)
+    if len(tpots_s) != n:
+        raise ValueError(f"{n} TTFTs but {len(tpots_s)} TPOTs")
+    return _per_request(ttft_slo_s, n, "TTFT"), _per_request(tpot_slo_s, n, "TPOT")
+
+
 def _per_request(objective: Objective, n: int, name: str) -> list[float]:
     if isinstance(objective, (int, float)):
         return [float(objective)] * n
@@ -82,13 +91,10 @@ def attainment(ttfts_s: Sequence[float], tpots_s: Sequence[Optional[float]], ttf
         tpots_s: each request's time per output token (None: one output token).
         ttft_slo_s / tpot_slo_s: the objectives, one for all or one per request.
     """
-    n = len(ttfts_s)
-    if len(tpots_s) != n:
-        raise ValueError(f"{n} TTFTs but {len(tpots_s)} TPOTs")
-    if n == 0:
+    if not ttfts_s and not tpots_s:
         return math.nan
-    ttft_obj = _per_request(ttft_slo_s, n, "TTFT")
-    tpot_obj = _per_request(tpot_slo_s, n, "TPOT")
+    ttft_obj, tpot_obj = _objectives(ttfts_s, tpots_s, ttft_slo_s, tpot_slo_s)
+    n = len(ttfts_s)
     met = sum(1 for t, p, a, b in zip(ttfts_s, tpots_s, ttft_obj, tpot_obj) if meets(t, p, a, b))
     return met / n
 
@@ -99,13 +105,10 @@ def slo_scale(ttfts_s: Sequence[float], tpots_s: Sequence[Optional[float]], ttft
     no request): the ``ceil(target * n)``-th smallest of the requests' needs
     ``max(ttft / TTFT, tpot / TPOT)``."""
     _check_target(target)
-    n = len(ttfts_s)
-    if len(tpots_s) != n:
-        raise ValueError(f"{n} TTFTs but {len(tpots_s)} TPOTs")
-    if n == 0:
+    if not ttfts_s and not tpots_s:
         return math.nan
-    ttft_obj = _per_request(ttft_slo_s, n, "TTFT")
-    tpot_obj = _per_request(tpot_slo_s, n, "TPOT")
+    ttft_obj, tpot_obj = _objectives(ttfts_s, tpots_s, ttft_slo_s, tpot_slo_s)
+    n = len(ttfts_s)
     needs = sorted(max(t / a, (p / b) if p is not None else 0.0)
                    for t, p, a, b in zip(ttfts_s, tpots_s, ttft_obj, tpot_obj))
     k = max(1, math.ceil(target * n - 1e-9))

@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -131,17 +131,7 @@ LLAMA_30B_4xA10 = CostProfile(
 OPT_13B = ModelSpec(
     name="opt-13b", num_params=12.9e9, num_layers=40, hidden_size=5120, num_kv_heads=40, head_dim=128
 )
-OPT_13B_A100 = CostProfile(
-    model=OPT_13B,
-    hw=A100,
-    prefill_efficiency=0.51,
-    decode_overhead_s=0.004,
-    mem_reserved_frac=0.134,
-    bandwidth_efficiency=0.8,
-    attention_bandwidth_efficiency=0.64,
-    per_seq_overhead_s=1e-4,
-    fused_mixed_steps=False,
-)
+OPT_13B_A100 = replace(LLAMA_7B_A10, model=OPT_13B, hw=A100)  # the same engine assumptions as the A10 profile
 
 PROFILES: dict[str, CostProfile] = {"llama-7b-a10": LLAMA_7B_A10, "llama-30b-4xa10": LLAMA_30B_4xA10,
                                     "opt-13b-a100": OPT_13B_A100}
