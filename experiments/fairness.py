@@ -14,7 +14,13 @@ waiting one), the same multi-turn workload runs with each way of switching conte
   (overlapping steps on the virtual clock), and multi-turn KV reuse (a finished turn's
   KV kept in the host pool, the next turn prefills only its new tokens);
 * ablations of ``llumnix-py``: without groups, without async, without reuse, and with
-  the cost policy choosing swap or recompute per preemption (``+cost``).
+  the cost policy choosing swap or recompute per preemption (``+cost``);
+* ``cluster`` and ``cluster+migration``: ``llumnix-py``'s engines (fairness, host swap
+  pool, groups, async, reuse) on a simulated cluster (``SimCluster``: the real global
+  scheduler, llumlets and migration protocol) of ``--instances`` instances that together
+  hold the single instance's KV blocks, conversation-aware dispatch; live migration off,
+  or on with the ``most_served`` migrate-out policy (the most-served client's request
+  moves to an instance with room: migration as a third context switch).
 
 Workload: ShareGPT-like conversations (``experiments.workloads.sharegpt_like`` lengths per
 turn) from a few heavy clients (many conversations each) and more light ones; a turn's
@@ -22,12 +28,14 @@ prompt is the conversation's history plus the new message; the next turn arrives
 think time (exponential) after the previous one ended. The engine is the real
 ``EngineCore`` over the LLaMA-7B/A10 cost model on a virtual clock; copies cost a fixed
 overhead per copy plus bytes over PCIe (``HardwareSpec.host_link_gbps``,
-``host_copy_overhead_s``). Not done here: the cluster with migration as a third option
-(the cluster simulator has no closed-loop multi-turn arrivals yet).
+``host_copy_overhead_s``). ``SimCluster`` replays open-loop arrivals only; the subclass
+``ConversationCluster`` here adds the closed loop (a turn arrives after the previous one
+finished) and real prompts with client and conversation ids.
 
 Metrics: P95/P99 TTFT and TBT (seconds), and the fairness metric: the largest
 difference of service (VTC counters, weighted tokens) between clients with requests in
-the system, sampled every step; the group-size distribution under load (blocks per
+the system, sampled every step (on a cluster: each engine's own counters, the largest
+over engines, as fairness is per instance); the group-size distribution under load (blocks per
 contiguous run of the running requests' block tables, sampled every step; ``group`` is
 its mean).
 """
@@ -49,7 +57,12 @@ from experiments.workloads import sharegpt_like  # noqa: E402
 from llumnix_py.engines.core import EngineConfig, EngineCore  # noqa: E402
 from llumnix_py.engines.sim.executor import SimExecutor  # noqa: E402
 from llumnix_py.engines.sim.profiles import LLAMA_7B_A10  # noqa: E402
-from llumnix_py.engines.types import Request, SamplingParams  # noqa: E402
+from llumnix_py.engines.types import Request, SamplingParams, StepOutput  # noqa: E402
+from llumnix_py.load import RequestLoad  # noqa: E402
+from llumnix_py.sim.cluster import SimCluster, SimInstance  # noqa: E402
+from llumnix_py.sim.config import SimConfig  # noqa: E402
+from migration.protocol import MigrationStatus  # noqa: E402
+from policies.config import PolicyConfig  # noqa: E402
 from policies.fairness import max_service_gap  # noqa: E402
 
 PROFILE = LLAMA_7B_A10
@@ -63,6 +76,8 @@ class System:
     asynchronous: bool = True
     reuse: bool = True
     segments: int = 1
+    cluster: bool = False  # on a SimCluster of --instances instances
+    migration: bool = False  # live migration between them (cluster only)
 
 
 SYSTEMS: dict[str, System] = {
@@ -74,6 +89,8 @@ SYSTEMS: dict[str, System] = {
     "-async": System("swap", asynchronous=False),
     "-reuse": System("swap", reuse=False),
     "+cost": System("cost"),
+    "cluster": System("swap", cluster=True),
+    "cluster+migration": System("swap", cluster=True, migration=True),
 }
 
 
@@ -98,6 +115,7 @@ class Run:
     switches: int = 0
     makespan: float = 0.0
     group_sizes: dict = field(default_factory=dict)  # blocks per contiguous run of the running block tables
+    migrations: int = 0  # finished live migrations (cluster only)
 
 
 def make_conversations(args, rng: np.random.Generator) -> list[Conversation]:
@@ -115,13 +133,19 @@ def make_conversations(args, rng: np.random.Generator) -> list[Conversation]:
     return convs
 
 
-def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
-    num_blocks = args.blocks or (160 if args.smoke else PROFILE.num_blocks)
-    cfg = EngineConfig(num_blocks=num_blocks, block_size=PROFILE.block_size, max_batch_size=args.max_batch,
+def engine_config(system: System, num_blocks: int, args) -> EngineConfig:
+    return EngineConfig(num_blocks=num_blocks, block_size=PROFILE.block_size, max_batch_size=args.max_batch,
                        max_batched_tokens=4096, num_host_blocks=2 * num_blocks, preemption_mode=system.mode,
                        block_groups=system.groups, group_copies=system.groups, async_swap=system.asynchronous,
                        conversation_host_blocks=num_blocks if system.reuse else 0, fairness=True,
                        fairness_margin=args.margin)
+
+
+def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
+    num_blocks = args.blocks or (160 if args.smoke else PROFILE.num_blocks)
+    if system.cluster:
+        return simulate_cluster(system, convs, args, seed, num_blocks // args.instances)
+    cfg = engine_config(system, num_blocks, args)
     ex = SimExecutor(PROFILE, vocab_size=32000, num_host_blocks=cfg.num_host_blocks, copy_segments=system.segments)
     engine = EngineCore(cfg, ex)
     rng = np.random.default_rng(seed)
@@ -173,6 +197,134 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
     return run
 
 
+@dataclass(frozen=True)
+class _FairSimConfig(SimConfig):
+    """A ``SimConfig`` whose instances run the given engine config (fairness, host pool, reuse)."""
+
+    engine: Optional[EngineConfig] = None
+
+    def engine_config(self) -> EngineConfig:
+        return self.engine
+
+
+@dataclass(frozen=True)
+class _Turn:  # a WorkloadRequest for SimCluster.run; later turns arrive when released (inf until then)
+    arrival_time: float
+    prompt_len: int
+    output_len: int
+
+
+class ConversationCluster(SimCluster):
+    """``SimCluster`` with closed-loop conversations: a turn's prompt is its conversation's
+    history plus the new message, with the client and conversation ids; the next turn is
+    released a think time after this one finished. Measures TTFT, TBT and the per-engine
+    fairness gap as ``simulate`` does."""
+
+    def __init__(self, config: SimConfig, convs: list[Conversation], turns: list[tuple[int, int]],
+                 messages: dict, thinks: dict) -> None:
+        super().__init__(config)
+        self.convs, self.turns, self.messages, self.thinks = convs, turns, messages, thinks
+        self.run_stats = Run()
+        self._rids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._tokens: dict[str, list[int]] = {}
+        self._last: dict[str, float] = {}
+
+    def _order(self) -> None:
+        if not self._rids:  # run() creates the records in workload order before any event
+            self._rids = list(self.records)
+            self._index = {rid: k for k, rid in enumerate(self._rids)}
+
+    def _dispatch(self, rec) -> None:
+        self._order()
+        ci, turn = self.turns[self._index[rec.request_id]]
+        c = self.convs[ci]
+        prompt = tuple(c.history) + self.messages[(ci, turn)]
+        if len(prompt) != rec.prompt_len:
+            raise RuntimeError(f"turn {turn} of c{ci}: prompt of {len(prompt)} tokens, expected {rec.prompt_len}")
+        view = RequestLoad.queued(rec.request_id, prompt_len=rec.prompt_len, block_size=self.engine_config.block_size,
+                                  arrival_time=rec.arrival_time, conversation_id=f"c{ci}")
+        iid = self.scheduler.dispatch(view)
+        if iid is None:
+            self._undispatched.append(rec)
+            return
+        inst = self.instances[iid]
+        rec.dispatched_to = iid
+        self._tokens[rec.request_id] = list(prompt)
+        inst.core.submit(Request(rec.request_id, prompt, SamplingParams(max_tokens=rec.output_len, ignore_eos=True,
+                                                                        seed=ci * 100 + turn),
+                                 arrival_time=rec.arrival_time, client_id=c.client, conversation_id=f"c{ci}"))
+        inst.core.admit(self.now)
+        inst.dirty = True
+        self._wake(inst)
+
+    def _on_step_end(self, arg: tuple[SimInstance, StepOutput]) -> None:
+        inst, out = arg
+        now, run = self.now, self.run_stats
+        finished = []
+        for o in out.outputs:
+            if o.index == 0 and o.new_token_ids:
+                run.ttft.append(now - self.records[o.request_id].arrival_time)
+            elif o.new_token_ids:
+                run.tbt.append(now - self._last[o.request_id])
+            self._last[o.request_id] = now
+            self._tokens[o.request_id].extend(o.new_token_ids)
+            if o.finish_reason is not None:
+                finished.append(o.request_id)
+        run.preemptions += len(out.preempted)
+        super()._on_step_end(arg)
+        for rid in finished:  # release the conversation's next turn, if it has one
+            k = self._index[rid]
+            ci, turn = self.turns[k]
+            self.convs[ci].history = tuple(self._tokens.pop(rid))
+            del self._last[rid]
+            if k + 1 < len(self.turns) and self.turns[k + 1][0] == ci:
+                nxt = self.records[self._rids[k + 1]]
+                nxt.arrival_time = now + self.thinks[(ci, turn + 1)]
+                self._push(nxt.arrival_time, self._on_arrival, nxt.request_id)
+        for n, k in inst.engine.group_sizes().items():
+            run.group_sizes[n] = run.group_sizes.get(n, 0) + k
+        active = {s.client_id for s in inst.engine.seqs.values()}
+        if len(active) > 1:
+            run.gap = max(run.gap, max_service_gap(inst.engine.fair.counters, active))
+
+    def _loads_read_before_next_tick(self, round_now: bool) -> bool:
+        return True  # turns arrive in a closed loop, unknown to the parent's look-ahead: poll every tick
+
+
+def simulate_cluster(system: System, convs: list[Conversation], args, seed: int, num_blocks: int) -> Run:
+    """``system``'s engines on a ``ConversationCluster`` of ``args.instances`` instances of ``num_blocks``."""
+    rng = np.random.default_rng(seed)
+    convs = [replace(c) for c in convs]
+    workload, turns, messages, thinks = [], [], {}, {}
+    for ci, c in enumerate(convs):  # the turns that fit max_context, as simulate's loop releases them
+        history = 0
+        for t, (msg, out_len) in enumerate(c.turns):
+            if t and history + msg + out_len > args.max_context:
+                break
+            messages[(ci, t)] = tuple(int(x) for x in rng.integers(0, 32000, msg))
+            thinks[(ci, t)] = float(rng.exponential(args.think))
+            workload.append(_Turn(c.start if t == 0 else float("inf"), history + msg, max(out_len, 1)))
+            turns.append((ci, t))
+            history += msg + max(out_len, 1)
+    cfg = _FairSimConfig(num_instances=args.instances, profile=PROFILE, seed=seed,
+                         policy=PolicyConfig(dispatch="conversation", migrate_out="most_served"),
+                         enable_migration=system.migration, num_blocks=num_blocks,
+                         engine=engine_config(system, num_blocks, args))
+    cluster = ConversationCluster(cfg, convs, turns, messages, thinks)
+    result = cluster.run(workload, progress=False)
+    run = cluster.run_stats
+    for e in cluster.engines().values():
+        run.copies += e.swapper.meter.copies
+        run.blocks_copied += e.swapper.meter.blocks_copied
+        run.reused_tokens += e.conversations.restored_tokens
+        run.switches += e.fair.switches
+        e.close()
+    run.migrations = sum(m.status == MigrationStatus.FINISHED for m in result.migrations)
+    run.makespan = result.virtual_s
+    return run
+
+
 def summarize(run: Run) -> dict:
     def pct(xs, q):
         return float(np.percentile(xs, q)) if xs else 0.0
@@ -180,6 +332,7 @@ def summarize(run: Run) -> dict:
             "tbt_p99": pct(run.tbt, 99), "fairness_gap": run.gap, "preemptions": run.preemptions,
             "yields": run.switches, "copies": run.copies, "blocks_copied": run.blocks_copied,
             "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan,
+            "migrations": run.migrations,
             "group_size_mean": (sum(n * k for n, k in run.group_sizes.items()) / sum(run.group_sizes.values())
                                 if run.group_sizes else 0.0),
             "group_sizes": {str(n): run.group_sizes[n] for n in sorted(run.group_sizes)}}
@@ -194,6 +347,8 @@ def _extra(ap) -> None:
     ap.add_argument("--max-message", type=int, default=1024)
     ap.add_argument("--max-output", type=int, default=512)
     ap.add_argument("--max-context", type=int, default=6000)
+    ap.add_argument("--instances", type=int, default=2,
+                    help="instances of the cluster rows (together the single instance's KV blocks)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
 
 
@@ -226,15 +381,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("fairness", __doc__.splitlines()[0], argv, _extra)
     results = run(args)
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
-               "fairness gap", "preempt", "yields", "copies", "reused tok", "group"]
+               "fairness gap", "preempt", "yields", "copies", "reused tok", "group", "migr"]
     rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
              r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["preemptions"], r["yields"], r["copies"],
-             r["reused_tokens"], r["group_size_mean"]] for n, r in results["systems"].items()]
+             r["reused_tokens"], r["group_size_mean"], r["migrations"]] for n, r in results["systems"].items()]
     common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
     common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
                           [("Latencies (seconds) and switches", headers, rows)],
                           notes=f"{results['conversations']} conversations, {results['turns']} turns, "
-                                f"LLaMA-7B/A10 cost model, seed {args.seed}, margin {args.margin}.")
+                                f"LLaMA-7B/A10 cost model, seed {args.seed}, margin {args.margin}; "
+                                f"cluster rows: {args.instances} instances sharing the single instance's KV blocks.")
     names = list(results["systems"])
     fig, axes = common.subplots(1, 3)
     for ax, (key, label) in zip(axes[0], [("ttft_p99", "P99 TTFT (s)"), ("tbt_p99", "P99 TBT (s)"),
