@@ -201,3 +201,10 @@ def test_fairness(tmp_path):
         sizes = systems[name]["group_sizes"]
         assert sizes and systems[name]["group_size_mean"] >= 1
     assert systems["llumnix-py"]["group_size_mean"] > systems["-groups"]["group_size_mean"]
+    # The cluster rows replay every turn in the closed loop (a turn only after its predecessor
+    # finished), swap to the host pool, reuse turns across dispatch, and only one row migrates.
+    for name in ("cluster", "cluster+migration"):
+        assert systems[name]["requests"] == systems["llumnix-py"]["requests"]
+        assert systems[name]["copies"] > 0 and systems[name]["reused_tokens"] > 0
+    assert systems["cluster"]["migrations"] == 0 and systems["cluster+migration"]["migrations"] > 0
+    assert all(s["migrations"] == 0 for n, s in systems.items() if not n.startswith("cluster"))
