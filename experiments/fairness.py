@@ -271,7 +271,6 @@ class ConversationCluster(SimCluster):
             self._tokens[o.request_id].extend(o.new_token_ids)
             if o.finish_reason is not None:
                 finished.append(o.request_id)
-        run.preemptions += len(out.preempted)
         super()._on_step_end(arg)
         for rid in finished:  # release the conversation's next turn, if it has one
             k = self._index[rid]
@@ -320,6 +319,7 @@ def simulate_cluster(system: System, convs: list[Conversation], args, seed: int,
         run.reused_tokens += e.conversations.restored_tokens
         run.switches += e.fair.switches
         e.close()
+    run.preemptions = sum(r.preemptions for r in result.requests)  # also steps that only preempted
     run.migrations = sum(m.status == MigrationStatus.FINISHED for m in result.migrations)
     run.makespan = result.virtual_s
     return run
