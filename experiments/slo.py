@@ -195,7 +195,7 @@ def run(args) -> dict:
         workloads, rates, n, inst = ("mixture",), (2.0,), 60, 2
         search = (2.0, 40, 3)
     elif args.quick:
-        workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 120, 4  # 4 instances: loaded
+        workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 160, 4  # 4 instances: loaded
         search = QUICK_SEARCH
     else:
         workloads, rates, n, inst = WORKLOADS, (8.0, 14.0, 20.0, 26.0, 32.0), 1000, args.instances
