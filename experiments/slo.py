@@ -23,13 +23,20 @@ Goodput: output tokens of requests that met their objective per second of the ar
 (so every system divides by the same time); attainment: share of requests that met theirs.
 JSON: ``{workload: {system: {rate: {"goodput": ..., "attainment": ..., "by_kind": {...}}}}}``
 plus ``rate_at_90`` per workload and system.
+
+Resources: for one workload at one fixed rate (``--search-rate``), the smallest number of
+simulated instances at which each system keeps attainment >= 90%, found by bisection over
+``1..--search-max`` (attainment is assumed not to fall when instances are added; every count the
+search ran is kept in the JSON). JSON key ``instances_for_90``: ``{workload: {"rate": ...,
+"requests": ..., "max": ..., "systems": {system: {"instances": n or None, "tried": {count:
+{"attainment", "goodput"}}}}, "jit_saving": {baseline: 1 - n_jit / n_baseline or None}}}``.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -59,6 +66,7 @@ SYSTEMS = {
     "jit-no-rescue": dict(policy=dict(dispatch="slo"), migrate=True, batch="jit"),
 }
 BASELINES = ("fcfs+rr", "llumnix", "edf")
+QUICK_SEARCH = (2.0, 80, 4)  # (rate, requests, most instances) of --quick's instance search
 
 
 def _lengths(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -128,29 +136,79 @@ def rate_at_90(by_rate: dict[str, dict]) -> Optional[float]:
     return max(ok) if ok else None
 
 
+def smallest_instances(meets: Callable[[int], bool], lo: int, hi: int) -> Optional[int]:
+    """The smallest count in ``lo..hi`` for which ``meets(count)``, by bisection (None: not even ``hi``).
+
+    Assumes ``meets`` is monotone (more instances never hurt). When the answer ``n > lo``, the
+    search has run ``n - 1`` and seen it fail.
+    """
+    if lo < 1 or hi < lo:
+        raise ValueError(f"bad instance range {lo}..{hi}")
+    if not meets(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def instances_for_90(workload: Sequence[WorkloadRequest], system: str, max_instances: int, seed: int) -> dict:
+    """The fewest simulated instances (``1..max_instances``) at which ``system`` keeps 90% attainment."""
+    tried: dict[int, dict] = {}
+
+    def meets(count: int) -> bool:
+        v = simulate(workload, system, count, seed, False)
+        tried[count] = {"attainment": v["attainment"], "goodput": v["goodput"]}
+        return v["attainment"] >= 0.9
+
+    n = smallest_instances(meets, 1, max_instances)
+    return {"instances": n, "tried": {str(c): tried[c] for c in sorted(tried)}}
+
+
+def jit_saving(by_sys: dict[str, dict]) -> dict[str, Optional[float]]:
+    """Per baseline, the share of its instances JIT does without (None: a count is unknown)."""
+    jit = by_sys.get("jit", {}).get("instances")
+    out: dict[str, Optional[float]] = {}
+    for b in BASELINES:
+        nb = by_sys.get(b, {}).get("instances")
+        out[b] = 1 - jit / nb if jit is not None and nb is not None else None
+    return out
+
+
 def _extra(ap) -> None:
     ap.add_argument("--instances", type=int, default=16)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rates", default=None, help="comma-separated request rates (req/s)")
     ap.add_argument("--workloads", default=None, help=f"comma-separated, of {','.join(WORKLOADS)}")
     ap.add_argument("--systems", default=None, help=f"comma-separated, of {','.join(SYSTEMS)}")
+    ap.add_argument("--search-rate", type=float, default=None, help="rate of the instance search (req/s)")
+    ap.add_argument("--search-max", type=int, default=None, help="most instances the search tries")
+    ap.add_argument("--search-requests", type=int, default=None, help="requests of the instance search")
 
 
 def run(args) -> dict:
+    # (search rate, search requests, most instances) of the resource search
     if args.smoke:
         workloads, rates, n, inst = ("mixture",), (2.0,), 60, 2
+        search = (2.0, 40, 3)
     elif args.quick:
-        workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 250, 4  # 4 instances: a sweep that loads them
+        workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 160, 4  # 4 instances: loaded
+        search = QUICK_SEARCH
     else:
         workloads, rates, n, inst = WORKLOADS, (8.0, 14.0, 20.0, 26.0, 32.0), 1000, args.instances
+        search = (20.0, 600, 32)
+    search = (args.search_rate or search[0], args.search_requests or search[1], args.search_max or search[2])
     if args.workloads:
         workloads = tuple(args.workloads.split(","))
     if args.rates:
         rates = tuple(float(r) for r in args.rates.split(","))
     systems = tuple(args.systems.split(",")) if args.systems else tuple(SYSTEMS)
     n = args.requests or n
-    out: dict = {"results": {}, "rate_at_90": {}, "config": {"instances": inst, "requests": n,
-                                                              "rates": list(rates)}}
+    out: dict = {"results": {}, "rate_at_90": {}, "instances_for_90": {},
+                 "config": {"instances": inst, "requests": n, "rates": list(rates)}}
     from tqdm import tqdm
 
     jobs = [(w, s, r) for w in workloads for r in rates for s in systems]
@@ -159,7 +217,28 @@ def run(args) -> dict:
         out["results"].setdefault(w, {}).setdefault(s, {})[str(r)] = simulate(wl, s, inst, args.seed, False)
     for w, by_sys in out["results"].items():
         out["rate_at_90"][w] = {s: rate_at_90(v) for s, v in by_sys.items()}
+    rate, sn, hi = search
+    for w in tqdm(workloads, disable=not args.progress, unit="workload", desc="instance search"):
+        wl = make_slo_workload(w, sn, rate, args.seed)
+        by_sys = {s: instances_for_90(wl, s, hi, args.seed) for s in systems}
+        out["instances_for_90"][w] = {"rate": rate, "requests": sn, "max": hi, "systems": by_sys,
+                                      "jit_saving": jit_saving(by_sys)}
     return out
+
+
+def _resource_rows(found: dict) -> tuple[list[str], list[list]]:
+    headers = ["workload", "rate", "requests", "system", "instances", "attainment there", "goodput there",
+               "JIT saves"]
+    rows = []
+    for w, f in found.items():
+        for s, v in f["systems"].items():
+            n = v["instances"]
+            there = v["tried"][str(n)] if n is not None else {}
+            saves = f["jit_saving"].get(s) if s in BASELINES else None
+            rows.append([w, f["rate"], f["requests"], s, n if n is not None else f"> {f['max']}",
+                         there.get("attainment", ""), there.get("goodput", ""),
+                         f"{100 * saves:.0f}%" if saves is not None else ""])
+    return headers, rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -182,9 +261,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     r90 = [[w, s, v if v is not None else "below sweep"] for w, by in data["rate_at_90"].items()
            for s, v in by.items()]
     common.print_table("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90)
+    rh, rrows = _resource_rows(data["instances_for_90"])
+    common.print_table("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows)
     common.write_markdown(args.out / "slo.md", "SLO-aware scheduling (issue 16)",
                           [("Goodput and attainment", headers, rows),
-                           ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90)],
+                           ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90),
+                           ("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows)],
                           notes=f"{data['config']}, seed {args.seed}. Command: python experiments/slo.py "
                                 f"{'--quick' if args.quick else ''}")
     fig, axes = common.subplots(2, len(res))

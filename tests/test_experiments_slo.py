@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import slo
 from llumnix_py.sim.cluster import SimCluster
 from llumnix_py.sim.config import SimConfig
@@ -26,6 +28,43 @@ def test_slo_smoke(tmp_path):
             assert 0 <= v["attainment"] <= 1 and v["goodput"] >= 0
             assert sum(k["n"] for k in v["by_kind"].values()) == data["config"]["requests"]
     assert set(data["rate_at_90"]["mixture"]) == set(slo.SYSTEMS)
+    found = data["instances_for_90"]["mixture"]
+    assert set(found["systems"]) == set(slo.SYSTEMS) and set(found["jit_saving"]) == set(slo.BASELINES)
+    for v in found["systems"].values():  # the count found meets 90%, and one fewer (run by bisection) does not
+        n, tried = v["instances"], v["tried"]
+        assert tried and str(found["max"]) in tried
+        if n is None:
+            assert tried[str(found["max"])]["attainment"] < 0.9
+            continue
+        assert tried[str(n)]["attainment"] >= 0.9
+        assert n == 1 or tried[str(n - 1)]["attainment"] < 0.9
+    jit = found["systems"]["jit"]["instances"]
+    for b, saving in found["jit_saving"].items():
+        nb = found["systems"][b]["instances"]
+        assert saving == (1 - jit / nb if jit is not None and nb is not None else None)
+
+
+def test_instance_search_returns_the_smallest_count_meeting_the_target():
+    for needed in range(1, 9):  # a monotone target met from ``needed`` instances on (8: none of 1..7)
+        calls: list[int] = []
+
+        def meets(count: int) -> bool:
+            calls.append(count)
+            return count >= needed
+
+        assert slo.smallest_instances(meets, 1, 7) == (needed if needed <= 7 else None)
+        assert len(calls) <= 4  # the top of the range, then log2(7) halvings
+    with pytest.raises(ValueError):
+        slo.smallest_instances(lambda c: True, 3, 2)
+
+
+def test_instance_search_on_a_tiny_simulated_case():
+    wl = slo.make_slo_workload("deadline", 40, 8.0, seed=0)
+    found = slo.instances_for_90(wl, "fcfs+rr", 4, seed=0)
+    n = found["instances"]
+    assert n is not None and n > 1  # the case needs more than one instance, so the search had to look
+    assert slo.simulate(wl, "fcfs+rr", n, 0, False)["attainment"] >= 0.9
+    assert slo.simulate(wl, "fcfs+rr", n - 1, 0, False)["attainment"] < 0.9
 
 
 def test_workloads_carry_the_objectives_of_their_kind():
