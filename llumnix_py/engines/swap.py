@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from llumnix_py.engines.block_manager import CopyRun, copy_runs
 from llumnix_py.engines.copier import Copier, CopyTicket
@@ -95,25 +95,21 @@ class Swapper:
 
     def run(self, plan: "StepPlan") -> float:
         """Copy everything ``plan`` swaps, now; the copies' time in seconds."""
-        total = 0.0
-        for dev, host in plan.swap_out:
-            runs = copy_runs(dev, host, self.grouped)
-            seconds = self.executor.swap_out(runs)
-            self.meter.observe_copy(runs, seconds)
-            total += seconds
-        for _, host, dev in plan.swap_in:
-            runs = copy_runs(host, dev, self.grouped)
-            seconds = self.executor.swap_in(runs)
-            self.meter.observe_copy(runs, seconds)
-            total += seconds
-        return total + self.restore(plan)
+        return (self._copy(plan.swap_out, self.executor.swap_out)
+                + self._copy([(host, dev) for _, host, dev in plan.swap_in], self.executor.swap_in)
+                + self.restore(plan))
 
     def restore(self, plan: "StepPlan") -> float:
         """Copy the conversation prefixes ``plan`` restores, now (both modes)."""
+        return self._copy(plan.restore, self.executor.swap_in)
+
+    def _copy(self, pairs: Sequence[tuple[list[int], list[int]]], copy: Callable[[list[CopyRun]], float]) -> float:
+        """Copy each (source blocks, destination blocks) pair in runs with ``copy``; the total
+        seconds, each copy's also fed to the meter."""
         total = 0.0
-        for host, dev in plan.restore:
-            runs = copy_runs(host, dev, self.grouped)
-            seconds = self.executor.swap_in(runs)
+        for src, dst in pairs:
+            runs = copy_runs(src, dst, self.grouped)
+            seconds = copy(runs)
             self.meter.observe_copy(runs, seconds)
             total += seconds
         return total
