@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Iterator, Sequence
 
 import httpx
 
 from llumnix_py.engines.types import Request
+from tests.cluster_helpers import wait_for
 
 
 def solo_tokens(engine, request: Request) -> list[int]:
@@ -39,17 +39,15 @@ def served(args: Sequence[str], start_timeout_s: float = 180.0) -> Iterator[str]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    def healthy() -> bool:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # it died: fail now, with its output
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_for(healthy, start_timeout_s, "the server's /health")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGINT)
