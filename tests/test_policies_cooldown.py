@@ -42,6 +42,14 @@ def test_a_draining_instance_moves_cooling_requests():
     assert [p.request.request_id for p in plan_migrations(held, PolicyConfig())] == ["r"]
 
 
+@st.composite
+def cooling_cases(draw):
+    """A cluster and a subset of its requests (any of them, running or waiting) cooling down."""
+    instances = draw(clusters())
+    ids = all_ids(instances)
+    return instances, frozenset(draw(st.lists(st.sampled_from(ids), unique=True)) if ids else [])
+
+
 def test_the_config_rejects_a_bad_cooldown():
     for bad in (-1.0, float("inf"), True):
         with pytest.raises(ValueError, match="migration_cooldown_s"):
@@ -49,10 +57,9 @@ def test_the_config_rejects_a_bad_cooldown():
 
 
 @settings(max_examples=150, deadline=None)
-@given(clusters(), CONFIG, st.data())
-def test_no_cooling_request_leaves_a_live_instance(instances, cfg, data):
-    ids = all_ids(instances)
-    chosen = frozenset(data.draw(st.lists(st.sampled_from(ids), unique=True)) if ids else [])
+@given(cooling_cases(), CONFIG)
+def test_no_cooling_request_leaves_a_live_instance(case, cfg):
+    instances, chosen = case
     held = hold_cooling(instances, chosen)
     by_id = {inst.instance_id: inst for inst in instances}
     for plan in plan_migrations(held, cfg):
@@ -61,10 +68,9 @@ def test_no_cooling_request_leaves_a_live_instance(instances, cfg, data):
 
 
 @settings(max_examples=150, deadline=None)
-@given(clusters(), CONFIG, st.data())
-def test_holding_changes_no_freeness_and_no_draining_instance(instances, cfg, data):
-    ids = all_ids(instances)
-    chosen = frozenset(data.draw(st.lists(st.sampled_from(ids), unique=True)) if ids else [])
+@given(cooling_cases(), CONFIG)
+def test_holding_changes_no_freeness_and_no_draining_instance(case, cfg):
+    instances, chosen = case
     held = hold_cooling(instances, chosen)
     assert [i.instance_id for i in held] == [i.instance_id for i in instances]
     for before, after in zip(instances, held):
