@@ -59,7 +59,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                         "ratio (e.g. 1:3 with --instances 4); new requests go to prefill instances and move to a "
                         "decode instance by live migration once their first token is out (default: colocated)")
     g = p.add_argument_group("policies")
-    g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
+    g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random, slo, conversation, "
+                   "jobs (a job call goes to its job's KV while that keeps the job's deadline)")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
     g.add_argument("--migrate-out", default="shortest", help="shortest, last, longest, lowest_priority, waiting_head")
     g.add_argument("--migrate-out-threshold", type=float, default=3.0)

@@ -36,6 +36,8 @@ class RequestLoad:
         slo_remaining: the length estimator's bound on its tokens still to come (0: unknown).
         ttft_s / tbt_s / deadline_s: a request being dispatched: its objective, relative to
             its arrival (``inf`` / 0 where it has none); a job call's share counts as a deadline.
+        job_deadline_s: a job call being dispatched: the time left to its job's deadline, relative
+            to its arrival (``inf`` for a request that is no job call).
         conversation_id: the conversation it belongs to ("" for none).
         client_id: the client that sent it ("" for none).
     """
@@ -55,6 +57,7 @@ class RequestLoad:
     ttft_s: float = math.inf
     tbt_s: float = 0.0
     deadline_s: float = math.inf
+    job_deadline_s: float = math.inf
 
     @property
     def slo_margin_s(self) -> float:
@@ -115,6 +118,9 @@ class InstanceLoad:
         prefill_s_per_token: predicted prefill seconds per prompt token.
         conversations: ``((conversation_id, tokens), ...)``: conversations whose last turn's KV
             the instance keeps in its host pool, and how many tokens it covers.
+        job_len_bounds: per prompt-length bucket (``policies.length.PROMPT_BUCKETS``), the
+            conservative output length of a new job call from the instance's length prior (an
+            SLO-aware batch policy publishes it; empty: unknown).
         client_service: ``((client_id, service), ...)``: the engine's virtual token counters
             (weighted tokens served per client) when it shares fairly, else empty.
         role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
@@ -142,6 +148,7 @@ class InstanceLoad:
     queue_s: float = 0.0
     prefill_s_per_token: float = 0.0
     conversations: tuple[tuple[str, int], ...] = ()
+    job_len_bounds: tuple[int, ...] = ()
     client_service: tuple[tuple[str, float], ...] = ()
     role: str = "both"
     links: tuple[tuple[str, float], ...] = ()

@@ -27,6 +27,7 @@ DISPATCH = _policies("dispatch", {
     "random": "policies.dispatch:by_random",
     "slo": "policies.rescue:by_slo",
     "conversation": "policies.conversation:by_conversation",
+    "jobs": "policies.jobs:by_job",
 })
 PAIRING = _policies("pairing", {
     "freeness": "policies.pairing:pair_by_freeness",

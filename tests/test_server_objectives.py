@@ -113,6 +113,8 @@ BAD = [
     ({"job_id": "j", "job_deadline_ms": 5, "job_calls_left": 0}, "job_calls_left"),
     ({"job_id": "j", "job_deadline_ms": 5, "job_calls_left": 2.5}, "job_calls_left"),
     ({"job_id": "j", "job_deadline_ms": 5, "deadline_ms": 9}, None),
+    ({"conversation_id": "job:j"}, "conversation_id"),  # the job key prefix is reserved
+    ({"conversation_id": "job:k", "job_id": "j", "job_deadline_ms": 5}, "conversation_id"),
 ]
 
 

@@ -21,7 +21,7 @@ from llumnix_py.engines.types import Objective
 from llumnix_py.load import RequestLoad
 from policies.jit import (JitParams, JitPlan, SloView, StepTime, classify, edf_victim, hard, margin_parts,
                           pick_victim, plan_edf, plan_jit)
-from policies.length import LengthPrior, remaining_bound
+from policies.length import PROMPT_BUCKETS, LengthPrior, quantile_bound, remaining_bound
 
 DEFAULT_QUANTILE = 0.9
 
@@ -103,7 +103,14 @@ class JitBatchPolicy:
         return dataclasses.replace(
             load, running=tuple(annotated(r) for r in load.running), waiting=tuple(annotated(r) for r in load.waiting),
             step_s=step_s, step_s_next=self.step_time(0, n + 1, ctx + mean_ctx),
-            queue_s=self.step_time(queued, n, ctx) if queued else 0.0, prefill_s_per_token=per_token)
+            queue_s=self.step_time(queued, n, ctx) if queued else 0.0, prefill_s_per_token=per_token,
+            job_len_bounds=self.job_len_bounds())
+
+    def job_len_bounds(self) -> tuple[int, ...]:
+        """Per prompt bucket, the conservative length of a new job call (nothing generated yet),
+        from the prior at this policy's quantile (the oracle too: a new request's truth is unknown
+        to the instance that publishes it)."""
+        return tuple(quantile_bound(self.prior.lengths("job", edge), 0, self.quantile) for edge in PROMPT_BUCKETS)
 
     def victim(self, running: Seq[Sequence]) -> Sequence:
         """The running request to preempt when blocks run out (``VictimPolicy``)."""
@@ -132,12 +139,14 @@ class EdfBatchPolicy(JitBatchPolicy):
 
 def with_objective(view: RequestLoad, objective: Optional[Objective]) -> RequestLoad:
     """A request's dispatch view with its objective (relative seconds) for the ``slo`` dispatcher;
-    a job call counts by its share of the job's time (``Objective.target_ms``)."""
+    a job call counts by its share of the job's time (``Objective.target_ms``) and carries the
+    job's whole time left (``job_deadline_s``) for the ``jobs`` dispatcher."""
     if objective is None:
         return view
     if objective.kind == "stream":
         return dataclasses.replace(view, ttft_s=objective.ttft_ms / 1e3, tbt_s=objective.tbt_ms / 1e3)  # type: ignore[operator]
-    return dataclasses.replace(view, deadline_s=objective.target_ms / 1e3)
+    job_s = objective.job_deadline_ms / 1e3 if objective.job_deadline_ms is not None else math.inf
+    return dataclasses.replace(view, deadline_s=objective.target_ms / 1e3, job_deadline_s=job_s)
 
 
 class MeasuredStepTime:

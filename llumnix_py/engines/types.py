@@ -296,6 +296,10 @@ class Request:
         client_id: who sent it (the OpenAI ``user`` field); fairness counts service per client.
         conversation_id: the conversation this turn belongs to; when a turn ends its KV stays
             in the host pool and the next turn reuses the prefix its prompt shares with it.
+            A call of a compound job that names no conversation is a turn of its job's
+            (``job_kv_key``): the job's next call reuses the KV of this call's prompt and output
+            as far as its prompt repeats them. A request naming both keeps its conversation
+            (the client said where its history lives). Ids starting with ``job:`` are reserved.
     """
 
     request_id: str
@@ -323,6 +327,22 @@ class Request:
         for name in ("client_id", "conversation_id"):
             if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > MAX_ADDRESS_LEN:
                 raise InvalidRequestError(f"{name} must be a string of at most 256 characters")
+        job_key = job_kv_key(self.objective)
+        if self.conversation_id.startswith(JOB_KEY_PREFIX) and self.conversation_id != job_key:
+            raise InvalidRequestError(f"conversation_id must not start with {JOB_KEY_PREFIX!r} (reserved for jobs)")
+        if not self.conversation_id and job_key:
+            object.__setattr__(self, "conversation_id", job_key)
+
+
+JOB_KEY_PREFIX = "job:"
+
+
+def job_kv_key(objective: Optional[Objective]) -> str:
+    """The conversation key under which a compound job's calls share KV ("" for a request that
+    is no job call): ``job:<job_id>``, a prefix no client-named conversation may use."""
+    if objective is None or objective.job_id is None:
+        return ""
+    return JOB_KEY_PREFIX + objective.job_id
 
 
 class FinishReason(str, enum.Enum):

@@ -244,7 +244,8 @@ class Cluster:
                           client_id=client_id, conversation_id=conversation_id)
         block = self.config.engine.engine.block_size
         view = with_objective(RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
-                                                 arrival_time=request.arrival_time, conversation_id=conversation_id),
+                                                 arrival_time=request.arrival_time,
+                                                 conversation_id=request.conversation_id),
                               objective)
         iid = self.control.dispatch(view)
         if iid is None:

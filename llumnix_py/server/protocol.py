@@ -36,6 +36,8 @@ And this server's own:
     numbers in (0, one week] of milliseconds; a request without one gets the server's default.
     conversation_id: string (1..256 characters) naming a multi-turn conversation: its turn's KV
         is kept in the host pool and the next turn with the same id reuses the prefix it shares.
+        A job call without one is a turn of the conversation ``job:<job_id>`` (its job's calls
+        share KV); ids starting with ``job:`` are otherwise reserved (400).
     return_token_ids: add ``token_ids`` (the generated ids) to each choice.
 """
 

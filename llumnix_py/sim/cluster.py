@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 from llumnix_py.engines.core import EngineCore
 from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, with_objective
 from llumnix_py.engines.sim.executor import SimExecutor
-from llumnix_py.engines.types import Request, SamplingParams, StepOutput
+from llumnix_py.engines.types import Request, SamplingParams, StepOutput, job_kv_key
 from llumnix_py.llumlet_core import LlumletCore
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.load import RequestLoad
@@ -229,7 +229,7 @@ class SimCluster:
         rid = rec.request_id
         block = self.engine_config.block_size
         view = RequestLoad.queued(rid, prompt_len=rec.prompt_len, block_size=block, priority=rec.priority,
-                                  arrival_time=rec.arrival_time)
+                                  arrival_time=rec.arrival_time, conversation_id=job_kv_key(rec.objective))
         if rec.objective is not None:
             view = with_objective(view, rec.objective)
         t0 = time.perf_counter()

@@ -55,6 +55,9 @@ class SimConfig:
         pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
             roles in this ratio as they start; ``policies.roles``); None: colocated.
         role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
+        conversation_blocks: host blocks per instance that keep finished turns of conversations
+            and calls of compound jobs for their next turn or call (``engines/conversations.py``;
+            0: none). The host pool has exactly these blocks, and preemption recomputes.
     """
 
     num_instances: int = 4
@@ -82,6 +85,7 @@ class SimConfig:
     length_quantile: float = 0.9
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
+    conversation_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -97,6 +101,9 @@ class SimConfig:
             raise ValueError(f"unknown length estimator {self.length_estimator!r}; known: ['oracle', 'quantile']")
         if not 0 < self.length_quantile <= 1:
             raise ValueError("length_quantile must be in (0, 1]")
+        if isinstance(self.conversation_blocks, bool) or not isinstance(self.conversation_blocks, int) \
+                or self.conversation_blocks < 0:
+            raise ValueError(f"conversation_blocks must be an integer >= 0, got {self.conversation_blocks!r}")
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
         if self.pd_ratio is not None:
@@ -130,4 +137,5 @@ class SimConfig:
         prof = self.cost_profile
         return EngineConfig(num_blocks=self.num_blocks or prof.num_blocks, block_size=prof.block_size,
                             watermark=self.watermark, max_batch_size=self.max_batch_size,
-                            max_batched_tokens=self.max_batched_tokens)
+                            max_batched_tokens=self.max_batched_tokens, num_host_blocks=self.conversation_blocks,
+                            conversation_host_blocks=self.conversation_blocks, preemption_mode="recompute")
