@@ -41,7 +41,8 @@ class PolicyConfig:
         rescue: each migration round, first migrate requests whose objective's margin is
             negative on their instance to one where it is predicted non-negative
             (``policies.rescue``; needs engines that publish margins: a JIT batch policy).
-        rescue_copy_s_per_block: the rescue's predicted migration cost per KV block.
+        rescue_copy_s_per_block: the rescue's predicted migration cost per KV block where the
+            source has not measured its link to the destination yet (``policies.bandwidth``).
         slo_expected_len: output tokens the ``slo`` dispatcher assumes for a new request.
         conversation_slack: the ``conversation`` dispatcher sends a conversation's turn to the
             instance holding its KV while that instance's freeness (decode steps) is at most

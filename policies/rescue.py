@@ -16,7 +16,9 @@ rate. From those alone:
 
       margin there = min(next - cost, end + (remaining - 1) * (step_src - step_dst_next) - cost)
 
-  (``cost``: a conservative migration time, ``copy_s_per_block`` per block held.)
+  (``cost``: a conservative migration time: the request's blocks over the bandwidth the
+  source measured on its link to that destination (``policies.bandwidth``, ``links``), or
+  ``copy_s_per_block`` per block held where that link is not measured yet.)
   A stream whose *next* token is already late stays late wherever it goes, so it is not
   moved; a request whose last token is late gains from a faster batch.
 * **dispatch** (``by_slo``, registered as dispatch policy ``slo``): a request with an
@@ -28,9 +30,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
 from llumnix_py.load import InstanceLoad, RequestLoad
+from policies.bandwidth import copy_time_s
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, by_freeness
 
@@ -49,9 +53,19 @@ class Rescue:
     margin_there_s: float
 
 
-def margin_there(r: RequestLoad, src: InstanceLoad, dst: InstanceLoad, copy_s_per_block: float) -> float:
-    """``r``'s predicted margin once migrated from ``src`` to ``dst`` (see the module docstring)."""
-    cost = copy_s_per_block * max(1, r.num_blocks)
+def rescue_cost(r: RequestLoad, src: InstanceLoad, copy_s_per_block: float, gbps: Optional[float] = None) -> float:
+    """Predicted seconds to migrate ``r`` out of ``src``: over the measured link (``gbps``) when
+    it and the block size are known, else ``copy_s_per_block`` per block."""
+    blocks = max(1, r.num_blocks)
+    measured = copy_time_s(blocks, src.kv_block_bytes, gbps)
+    return measured if measured is not None else copy_s_per_block * blocks
+
+
+def margin_there(r: RequestLoad, src: InstanceLoad, dst: InstanceLoad, copy_s_per_block: float,
+                 gbps: Optional[float] = None) -> float:
+    """``r``'s predicted margin once migrated from ``src`` to ``dst`` over a link of ``gbps`` GB/s
+    (None: not measured) (see the module docstring)."""
+    cost = rescue_cost(r, src, copy_s_per_block, gbps)
     gain = max(0, r.slo_remaining - 1) * (src.step_s - dst.step_s_next)
     return min(r.slo_margin_next_s - cost, r.slo_margin_end_s + gain - cost)
 
@@ -71,15 +85,19 @@ def _harms(dst: InstanceLoad) -> bool:
 
 
 def plan_rescues(instances: Sequence[InstanceLoad], copy_s_per_block: float,
-                 busy: frozenset[str] = frozenset()) -> list[Rescue]:
+                 busy: frozenset[str] = frozenset(),
+                 links: Mapping[tuple[str, str], float] = MappingProxyType({})) -> list[Rescue]:
     """Rescue migrations for this round: at most one per source and one per destination,
     best predicted margin first; instances in ``busy`` (at their migration limit) take no part.
 
     Args:
         instances: the load snapshots (those without step-time predictions, ``step_s_next`` 0,
             are ignored: a measured ``step_s`` alone predicts nothing about one more request).
-        copy_s_per_block: predicted migration time per KV block the request holds.
+        copy_s_per_block: predicted migration time per KV block the request holds, where the
+            link is not measured.
         busy: instance ids that may neither send nor receive this round.
+        links: measured GB/s by ``(src id, dst id)`` (``policies.bandwidth``; the scheduler's
+            ``links``).
     """
     live = [i for i in instances if i.step_s_next > 0 and i.instance_id not in busy]
     targets = [i for i in live if not i.terminating and not _harms(i)]
@@ -92,7 +110,7 @@ def plan_rescues(instances: Sequence[InstanceLoad], copy_s_per_block: float,
             for dst in targets:
                 if dst.instance_id == src.instance_id or not _room(dst, r):
                     continue
-                m = margin_there(r, src, dst, copy_s_per_block)
+                m = margin_there(r, src, dst, copy_s_per_block, links.get((src.instance_id, dst.instance_id)))
                 if m >= 0 and (best is None or (m, dst.instance_id) > best):
                     best = (m, dst.instance_id)
             if best is not None:

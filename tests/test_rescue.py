@@ -4,9 +4,12 @@ over the real stack (built-in engine, local runtime) that keeps the request's to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, PolicyConfig, SchedulerConfig
 from llumnix_py.engines.types import Objective, SamplingParams
@@ -14,7 +17,7 @@ from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler
 from policies.dispatch import DispatchState
-from policies.rescue import by_slo, dispatch_margin, margin_there, plan_rescues
+from policies.rescue import by_slo, dispatch_margin, margin_there, plan_rescues, rescue_cost
 from tests.cluster_helpers import SMALL_MODEL, HoldOutputs, assert_no_leak, prompts, reference, wait_all, wait_for
 
 
@@ -189,3 +192,40 @@ def test_engine_and_sim_configs_refuse_unknown_batch_settings(kw):
         EngineConfig(**kw)
     with pytest.raises(ValueError):
         SimConfig(**kw)
+
+
+# ----- the migration cost from measured link bandwidth ----------------------------------------
+
+
+def test_the_rescue_cost_comes_from_the_measured_link_else_the_constant():
+    r = req("r", blocks=10)
+    src = dataclasses.replace(inst("a"), kv_block_bytes=1_000_000)
+    assert rescue_cost(r, src, 0.5, gbps=2.0) == pytest.approx(10 * 1e6 / 2e9)
+    assert rescue_cost(r, src, 0.5, gbps=None) == pytest.approx(5.0)  # not measured: the constant
+    assert rescue_cost(r, inst("a"), 0.5, gbps=2.0) == pytest.approx(5.0)  # block size unknown: the constant
+
+
+def test_a_slow_measured_link_stops_a_rescue_the_constant_would_allow():
+    a = dataclasses.replace(inst("a", [req("miss", end_m=-1.0, remaining=101, blocks=10)], step=0.05),
+                            kv_block_bytes=1_000_000)
+    b = inst("b", step=0.01, step_next=0.02)
+    assert [x.dst for x in plan_rescues([a, b], 0.01)] == ["b"]  # 0.1 s of copy: margin -1 + 3 - 0.1
+    assert [x.dst for x in plan_rescues([a, b], 0.01, links={("a", "b"): 1.0})] == ["b"]  # 10 ms
+    assert plan_rescues([a, b], 0.01, links={("a", "b"): 0.002}) == []  # 5 s over 2 MB/s: margin < 0
+    assert [x.dst for x in plan_rescues([a, b], 0.01, links={("b", "a"): 0.002})] == ["b"]  # the other way
+
+
+@settings(max_examples=200, deadline=None)
+@given(end=st.floats(-5, 5), remaining=st.integers(1, 500), blocks=st.integers(0, 64),
+       steps=st.tuples(st.floats(0.005, 0.2), st.floats(0.005, 0.2)), block_bytes=st.integers(1, 1 << 22),
+       gbps=st.floats(1e-4, 100), faster=st.floats(1.0, 10.0), constant=st.floats(0, 0.1))
+def test_a_measured_link_prices_the_copy_and_a_faster_one_never_lowers_the_margin(
+        end, remaining, blocks, steps, block_bytes, gbps, faster, constant):
+    r = req("r", end_m=end, remaining=remaining, blocks=blocks)
+    src = dataclasses.replace(inst("a", step=steps[0]), kv_block_bytes=block_bytes)
+    dst = inst("b", step=steps[1], step_next=steps[1] * 1.1)
+    per_block = block_bytes / (gbps * 1e9)
+    assert margin_there(r, src, dst, constant, gbps) == pytest.approx(margin_there(r, src, dst, per_block))
+    assert margin_there(r, src, dst, constant, gbps * faster) >= margin_there(r, src, dst, constant, gbps) - 1e-12
+    for x in plan_rescues([dataclasses.replace(src, running=(r,)), dst], constant, links={("a", "b"): gbps}):
+        assert x.margin_there_s >= 0 and x.margin_there_s == pytest.approx(margin_there(r, src, dst, constant, gbps))

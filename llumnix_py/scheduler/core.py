@@ -299,7 +299,8 @@ class GlobalScheduler:
             loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
         orders = []
         if cfg.policy.rescue:  # objectives first: rescue requests about to miss, then balance the rest
-            for r in plan_rescues(loads, cfg.policy.rescue_copy_s_per_block, frozenset(busy_src | busy_dst)):
+            for r in plan_rescues(loads, cfg.policy.rescue_copy_s_per_block, frozenset(busy_src | busy_dst),
+                                  self.links(loads)):
                 orders.append(self._order(r.src, r.dst, r.request_id, False, now))
                 busy_src.add(r.src)
                 busy_dst.add(r.dst)
