@@ -8,7 +8,10 @@ Workloads like JITServe's, on 16 simulated LLaMA-7B/A10 instances:
   simulator replays calls open loop: call i of a job arrives ``AGENT_GAP_S`` after call i-1
   whatever happened to it (dependencies between calls are *not* simulated), carrying the job's
   time left and its calls left;
-* ``mixture``: each request drawn from the three (50% chat, 30% deadline, 20% agentic calls).
+* ``mixture``: each request drawn from the three (50% chat, 30% deadline, 20% agentic calls);
+* ``agentic-loop``: compound jobs in a closed loop (``experiments/jobs_loop.py``): a job's next
+  call is submitted when its previous call has finished (plus a tool time), its prompt the
+  previous prompt and output plus the tool's result; jobs start at the rate.
 
 The objectives are ours, fixed before any run (the JITServe text we could read gives no numbers):
 chat TTFT 2 s and TBT 100 ms; deadlines uniform in 20-60 s; a job's deadline 20 s per call.
@@ -17,7 +20,16 @@ Systems: ``fcfs+rr`` (vLLM-like: round-robin dispatch, FCFS, no migration), ``ll
 (today: freeness dispatch, load-balancing migration, FCFS), ``edf`` (earliest due time first in
 each engine, Llumnix dispatch and migration), ``jit`` (``policies.jit`` batching with the
 quantile length estimator, ``slo`` dispatch, rescue migration, then Llumnix balancing),
-``jit+oracle`` (the same with the true lengths), ``jit-no-rescue`` (the ablation).
+``jit+oracle`` (the same with the true lengths), ``jit-no-rescue`` (the ablation); and for compound
+jobs ``jit+kv`` (``jit`` with each instance keeping finished calls' KV in a host pool of
+``KV_BLOCKS`` blocks, so a later call reuses it when it happens to land there) and ``jit+jobs``
+(the same with ``jobs`` dispatch, ``policies/jobs.py``: a job's later call goes to the instance
+keeping its KV while that keeps the job's deadline).
+
+Job placement (JSON key ``job_placement``: ``{rate: {system: {...}}}``): ``agentic-loop`` with
+``jit``, ``jit+kv`` and ``jit+jobs`` side by side on the same jobs and seed: per-call goodput and
+attainment, job attainment, prefill tokens saved by reused KV, later calls placed on their
+job's KV.
 
 Goodput: output tokens of requests that met their objective per second of the arrival span
 (so every system divides by the same time); attainment: share of requests that met theirs.
@@ -36,13 +48,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common  # noqa: E402
+from experiments.jobs_loop import JobCluster, JobWorkload, job_results, make_job_workload  # noqa: E402
 from experiments.workloads import WorkloadRequest, burstgpt_like, poisson_arrivals, sharegpt_like  # noqa: E402
 from llumnix_py.engines.types import Objective  # noqa: E402
 from llumnix_py.sim.cluster import SimCluster  # noqa: E402
@@ -55,7 +68,8 @@ AGENT_CALLS = (2, 4)
 AGENT_GAP_S = 3.0
 AGENT_DEADLINE_PER_CALL_S = 20.0
 MIX = {"chat": 0.5, "deadline": 0.3, "agentic": 0.2}
-WORKLOADS = ("chat", "deadline", "agentic", "mixture")
+WORKLOADS = ("chat", "deadline", "agentic", "mixture", "agentic-loop")
+KV_BLOCKS = 2048  # host blocks per instance keeping finished calls' KV (jit+kv, jit+jobs): 16 GiB of LLaMA-7B KV
 
 SYSTEMS = {
     "fcfs+rr": dict(policy=dict(dispatch="round_robin"), migrate=False, batch="fcfs"),
@@ -64,17 +78,25 @@ SYSTEMS = {
     "jit": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit"),
     "jit+oracle": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", estimator="oracle"),
     "jit-no-rescue": dict(policy=dict(dispatch="slo"), migrate=True, batch="jit"),
+    "jit+kv": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", kv=True),
+    "jit+jobs": dict(policy=dict(dispatch="jobs", rescue=True), migrate=True, batch="jit", kv=True),
 }
 BASELINES = ("fcfs+rr", "llumnix", "edf")
-QUICK_SEARCH = (2.0, 80, 4)  # (rate, requests, most instances) of --quick's instance search
+MAIN_SYSTEMS = ("fcfs+rr", "llumnix", "edf", "jit", "jit+oracle", "jit-no-rescue")  # the default sweep
+JOB_SYSTEMS = ("jit", "jit+kv", "jit+jobs")
+QUICK_SEARCH = (2.0, 80, 4)
+JOB_RATES = (2.0, 3.0, 4.0)  # job starts per second of the full job-placement comparison  # (rate, requests, most instances) of --quick's instance search
 
 
 def _lengths(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return sharegpt_like(n, rng) if kind == "chat" else burstgpt_like(n, rng)
 
 
-def make_slo_workload(kind: str, n: int, rate: float, seed: int) -> list[WorkloadRequest]:
-    """``n`` requests (calls) of workload ``kind`` arriving at ``rate`` per second (Poisson)."""
+def make_slo_workload(kind: str, n: int, rate: float, seed: int) -> Union[list[WorkloadRequest], JobWorkload]:
+    """``n`` requests (calls) of workload ``kind`` arriving at ``rate`` per second (Poisson);
+    ``agentic-loop``: jobs starting at ``rate`` per second, at least ``n`` calls in all."""
+    if kind == "agentic-loop":
+        return make_job_workload(n, rate, seed)
     rng = np.random.default_rng(seed)
     starts = poisson_arrivals(n, rate, rng)
     kinds = [kind] * n if kind != "mixture" else list(rng.choice(list(MIX), size=n, p=list(MIX.values())))
@@ -103,13 +125,21 @@ def make_slo_workload(kind: str, n: int, rate: float, seed: int) -> list[Workloa
     return out
 
 
-def simulate(workload: Sequence[WorkloadRequest], system: str, instances: int, seed: int, progress: bool) -> dict:
+def simulate(workload: Union[Sequence[WorkloadRequest], JobWorkload], system: str, instances: int, seed: int,
+             progress: bool) -> dict:
     spec = SYSTEMS[system]
     cfg = SimConfig(num_instances=instances, policy=PolicyConfig(**spec["policy"]), enable_migration=spec["migrate"],
-                    seed=seed, batch_policy=spec["batch"], length_estimator=spec.get("estimator", "quantile"))
-    cluster = SimCluster(cfg)
-    res = cluster.run(workload, progress=progress)
-    span = max(w.arrival_time for w in workload) - min(w.arrival_time for w in workload)
+                    seed=seed, batch_policy=spec["batch"], length_estimator=spec.get("estimator", "quantile"),
+                    conversation_blocks=KV_BLOCKS if spec.get("kv") else 0)
+    jobs: Optional[JobCluster] = None
+    if isinstance(workload, JobWorkload):  # closed loop: later calls arrive when released
+        cluster = jobs = JobCluster(cfg, workload)
+        res = cluster.run(jobs.requests(), progress=progress)
+        span = workload.span_s  # the jobs' starts: the same for every system
+    else:
+        cluster = SimCluster(cfg)
+        res = cluster.run(workload, progress=progress)
+        span = max(w.arrival_time for w in workload) - min(w.arrival_time for w in workload)
     recs = list(cluster.records.values())
     by_kind: dict[str, dict] = {}
     met_tokens = 0
@@ -125,9 +155,14 @@ def simulate(workload: Sequence[WorkloadRequest], system: str, instances: int, s
             met_tokens += r.output_len
     for k in by_kind.values():
         k["attainment"] = k["met"] / k["n"]
-    return {"goodput": met_tokens / max(span, 1e-9), "attainment": met / len(recs), "by_kind": by_kind,
-            "migrations": len(res.migrations) if hasattr(res, "migrations") else None,
-            "rescues": cluster.scheduler.num_rescues}
+    out = {"goodput": met_tokens / max(span, 1e-9), "attainment": met / len(recs), "by_kind": by_kind,
+           "migrations": len(res.migrations) if hasattr(res, "migrations") else None,
+           "rescues": cluster.scheduler.num_rescues}
+    if jobs is not None:
+        out.update(job_results(jobs))
+    for e in cluster.engines().values():
+        e.close()
+    return out
 
 
 def rate_at_90(by_rate: dict[str, dict]) -> Optional[float]:
@@ -187,25 +222,33 @@ def _extra(ap) -> None:
     ap.add_argument("--search-rate", type=float, default=None, help="rate of the instance search (req/s)")
     ap.add_argument("--search-max", type=int, default=None, help="most instances the search tries")
     ap.add_argument("--search-requests", type=int, default=None, help="requests of the instance search")
+    ap.add_argument("--job-rates", default=None, help="comma-separated job start rates (jobs/s) of the "
+                                                      "job-placement comparison")
 
 
 def run(args) -> dict:
     # (search rate, search requests, most instances) of the resource search
+    # (rates, calls, instances) of the job-placement comparison
     if args.smoke:
         workloads, rates, n, inst = ("mixture",), (2.0,), 60, 2
         search = (2.0, 40, 3)
+        placement = (1.0,), 30, 2
     elif args.quick:
         workloads, rates, n, inst = ("mixture",), (4.0, 7.0), 160, 4  # 4 instances: loaded
         search = QUICK_SEARCH
+        placement = (1.0,), 60, 2
     else:
         workloads, rates, n, inst = WORKLOADS, (8.0, 14.0, 20.0, 26.0, 32.0), 1000, args.instances
         search = (20.0, 600, 32)
+        placement = JOB_RATES, 600, args.instances
     search = (args.search_rate or search[0], args.search_requests or search[1], args.search_max or search[2])
     if args.workloads:
         workloads = tuple(args.workloads.split(","))
     if args.rates:
         rates = tuple(float(r) for r in args.rates.split(","))
-    systems = tuple(args.systems.split(",")) if args.systems else tuple(SYSTEMS)
+    systems = tuple(args.systems.split(",")) if args.systems else MAIN_SYSTEMS
+    if args.job_rates:
+        placement = (tuple(float(r) for r in args.job_rates.split(",")), placement[1], placement[2])
     n = args.requests or n
     out: dict = {"results": {}, "rate_at_90": {}, "instances_for_90": {},
                  "config": {"instances": inst, "requests": n, "rates": list(rates)}}
@@ -223,6 +266,12 @@ def run(args) -> dict:
         by_sys = {s: instances_for_90(wl, s, hi, args.seed) for s in systems}
         out["instances_for_90"][w] = {"rate": rate, "requests": sn, "max": hi, "systems": by_sys,
                                       "jit_saving": jit_saving(by_sys)}
+    job_rates, job_calls, job_inst = placement
+    out["job_placement"] = {"instances": job_inst, "calls": job_calls, "rates": {}}
+    runs = [(r, s) for r in job_rates for s in JOB_SYSTEMS]
+    for r, s in tqdm(runs, disable=not args.progress, unit="run", desc="job placement"):
+        wl = make_slo_workload("agentic-loop", job_calls, r, args.seed)
+        out["job_placement"]["rates"].setdefault(str(r), {})[s] = simulate(wl, s, job_inst, args.seed, False)
     return out
 
 
@@ -238,6 +287,20 @@ def _resource_rows(found: dict) -> tuple[list[str], list[list]]:
             rows.append([w, f["rate"], f["requests"], s, n if n is not None else f"> {f['max']}",
                          there.get("attainment", ""), there.get("goodput", ""),
                          f"{100 * saves:.0f}%" if saves is not None else ""])
+    return headers, rows
+
+
+def _job_rows(placement: dict) -> tuple[list[str], list[list]]:
+    headers = ["jobs/s", "system", "jobs", "job attainment", "call attainment", "goodput (tok/s)",
+               "prefill saved", "later calls on their KV", "x jit goodput"]
+    rows = []
+    for r, by_sys in placement["rates"].items():
+        base = by_sys.get("jit", {}).get("goodput", 0.0)
+        for s, v in by_sys.items():
+            rows.append([float(r), s, v["jobs"], v["job_attainment"], v["attainment"], v["goodput"],
+                         f"{100 * v['prefill_saved_share']:.1f}% ({v['prefill_saved_tokens']})",
+                         f"{v['later_calls_home']}/{v['later_calls']}",
+                         v["goodput"] / base if base else float("nan")])
     return headers, rows
 
 
@@ -263,10 +326,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.print_table("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90)
     rh, rrows = _resource_rows(data["instances_for_90"])
     common.print_table("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows)
+    jh, jrows = _job_rows(data["job_placement"])
+    common.print_table(f"Job placement: agentic-loop on {data['job_placement']['instances']} instances", jh, jrows)
     common.write_markdown(args.out / "slo.md", "SLO-aware scheduling (issue 16)",
                           [("Goodput and attainment", headers, rows),
                            ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90),
-                           ("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows)],
+                           ("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows),
+                           ("Job placement (agentic-loop)", jh, jrows)],
                           notes=f"{data['config']}, seed {args.seed}. Command: python experiments/slo.py "
                                 f"{'--quick' if args.quick else ''}")
     fig, axes = common.subplots(2, len(res))

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from experiments import slo
+from experiments.jobs_loop import MAX_CONTEXT, JobCluster, JobWorkload, job_results
 from llumnix_py.sim.cluster import SimCluster
 from llumnix_py.sim.config import SimConfig
 from policies.config import PolicyConfig
@@ -21,15 +22,15 @@ def test_slo_smoke(tmp_path):
     data = json.loads(js.read_text())
     assert data == json.loads(json.dumps(returned))
     by_sys = data["results"]["mixture"]
-    assert set(by_sys) == set(slo.SYSTEMS)
+    assert set(by_sys) == set(slo.MAIN_SYSTEMS)
     for by_rate in by_sys.values():
         assert by_rate
         for v in by_rate.values():
             assert 0 <= v["attainment"] <= 1 and v["goodput"] >= 0
             assert sum(k["n"] for k in v["by_kind"].values()) == data["config"]["requests"]
-    assert set(data["rate_at_90"]["mixture"]) == set(slo.SYSTEMS)
+    assert set(data["rate_at_90"]["mixture"]) == set(slo.MAIN_SYSTEMS)
     found = data["instances_for_90"]["mixture"]
-    assert set(found["systems"]) == set(slo.SYSTEMS) and set(found["jit_saving"]) == set(slo.BASELINES)
+    assert set(found["systems"]) == set(slo.MAIN_SYSTEMS) and set(found["jit_saving"]) == set(slo.BASELINES)
     for v in found["systems"].values():  # the count found meets 90%, and one fewer (run by bisection) does not
         n, tried = v["instances"], v["tried"]
         assert tried and str(found["max"]) in tried
@@ -42,6 +43,15 @@ def test_slo_smoke(tmp_path):
     for b, saving in found["jit_saving"].items():
         nb = found["systems"][b]["instances"]
         assert saving == (1 - jit / nb if jit is not None and nb is not None else None)
+    placement = data["job_placement"]["rates"]
+    assert placement and "Job placement" in md
+    for by_sys in placement.values():
+        assert set(by_sys) == set(slo.JOB_SYSTEMS)
+        for v in by_sys.values():
+            assert 0 <= v["job_attainment"] <= 1 and 0 <= v["later_calls_home"] <= v["later_calls"]
+            assert v["prefill_saved_tokens"] <= v["prompt_tokens"]
+        assert by_sys["jit"]["prefill_saved_tokens"] == 0  # no host pool keeps anything
+        assert by_sys["jit+jobs"]["prefill_saved_tokens"] > 0
 
 
 def test_instance_search_returns_the_smallest_count_meeting_the_target():
@@ -97,3 +107,49 @@ def test_jit_with_rescue_runs_a_mixed_workload_to_completion_without_leaks():
         assert engine.blocks.num_used == 0
     priors = [inst.core.length_prior for inst in cluster.instances.values()]
     assert sum(len(p) for p in priors) == len(recs)  # every finish fed the prior of its last instance
+
+
+def test_a_closed_loop_jobs_calls_extend_each_other():
+    wl = slo.make_slo_workload("agentic-loop", 120, 2.0, seed=4)
+    assert isinstance(wl, JobWorkload) and wl.num_calls >= 120
+    assert wl == slo.make_slo_workload("agentic-loop", 120, 2.0, seed=4)  # seeded
+    for job in wl.jobs:
+        assert 1 <= job.num_calls <= 4 and job.tools_s[0] == 0
+        assert job.prompt_len(job.num_calls - 1) + job.outputs[-1] <= MAX_CONTEXT or job.num_calls == 1
+        for c in range(1, job.num_calls):
+            assert job.prompt_len(c) == job.prompt_len(c - 1) + job.outputs[c - 1] + len(job.appended[c])
+
+
+@pytest.mark.parametrize("system", ["jit", "jit+kv", "jit+jobs"])
+def test_closed_loop_calls_follow_their_predecessor_and_jobs_dispatch_reuses_kv(system):
+    """Jobs far apart (one at a time) on 2 instances: every later call arrives after its predecessor
+    ended, with its prompt; with ``jobs`` dispatch each later call goes to its job's KV and reuses
+    the previous call's full blocks; ``jit`` keeps nothing."""
+    wl = slo.make_slo_workload("agentic-loop", 12, 0.02, seed=5)
+    spec = slo.SYSTEMS[system]
+    cfg = SimConfig(num_instances=2, policy=PolicyConfig(**spec["policy"]), batch_policy="jit",
+                    conversation_blocks=slo.KV_BLOCKS if spec.get("kv") else 0)
+    cluster = JobCluster(cfg, wl)
+    cluster.run(cluster.requests(), progress=False)
+    recs = [cluster.records[rid] for rid in cluster.request_ids]
+    assert recs and all(r.done and r.num_tokens == r.output_len for r in recs)
+    for k, ((j, c), r) in enumerate(zip(cluster.calls, recs)):
+        assert r.prompt_len == wl.jobs[j].prompt_len(c) and r.objective.job_id == f"job-{j}"
+        if c:
+            prev = recs[k - 1]
+            assert r.arrival_time == prev.finish_time + wl.jobs[j].tools_s[c]
+            assert r.objective.job_calls_left == wl.jobs[j].num_calls - c
+    stats = job_results(cluster)
+    later = [(j, c) for j, c in cluster.calls if c]
+    assert stats["later_calls"] == len(later) > 0
+    block = cluster.engine_config.block_size
+    if system == "jit+jobs":
+        assert stats["later_calls_home"] == len(later)
+        # each later call restores its predecessor's computed full blocks (prompt + output - 1 tokens)
+        want = sum((wl.jobs[j].prompt_len(c - 1) + wl.jobs[j].outputs[c - 1] - 1) // block * block for j, c in later)
+        assert stats["prefill_saved_tokens"] == want
+    if system == "jit":
+        assert stats["prefill_saved_tokens"] == 0 and stats["later_calls_home"] == 0
+    for engine in cluster.engines().values():
+        engine.check_invariants()
+        assert engine.blocks.num_used == 0
