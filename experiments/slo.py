@@ -85,7 +85,7 @@ BASELINES = ("fcfs+rr", "llumnix", "edf")
 MAIN_SYSTEMS = ("fcfs+rr", "llumnix", "edf", "jit", "jit+oracle", "jit-no-rescue")  # the default sweep
 JOB_SYSTEMS = ("jit", "jit+kv", "jit+jobs")
 QUICK_SEARCH = (2.0, 80, 4)
-JOB_RATES = (2.0, 3.0, 4.0)  # job starts per second of the full job-placement comparison  # (rate, requests, most instances) of --quick's instance search
+JOB_RATES = (2.0, 4.0, 6.0)  # job starts per second of the full job-placement comparison (16 instances)  # (rate, requests, most instances) of --quick's instance search
 
 
 def _lengths(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +224,9 @@ def _extra(ap) -> None:
     ap.add_argument("--search-requests", type=int, default=None, help="requests of the instance search")
     ap.add_argument("--job-rates", default=None, help="comma-separated job start rates (jobs/s) of the "
                                                       "job-placement comparison")
+    ap.add_argument("--job-calls", type=int, default=None, help="calls (at least) of the job-placement comparison")
+    ap.add_argument("--job-instances", type=int, default=None, help="instances of the job-placement comparison")
+    ap.add_argument("--jobs-only", action="store_true", help="run only the job-placement comparison")
 
 
 def run(args) -> dict:
@@ -247,8 +250,10 @@ def run(args) -> dict:
     if args.rates:
         rates = tuple(float(r) for r in args.rates.split(","))
     systems = tuple(args.systems.split(",")) if args.systems else MAIN_SYSTEMS
-    if args.job_rates:
-        placement = (tuple(float(r) for r in args.job_rates.split(",")), placement[1], placement[2])
+    placement = (tuple(float(r) for r in args.job_rates.split(",")) if args.job_rates else placement[0],
+                 args.job_calls or placement[1], args.job_instances or placement[2])
+    if args.jobs_only:
+        workloads = ()
     n = args.requests or n
     out: dict = {"results": {}, "rate_at_90": {}, "instances_for_90": {},
                  "config": {"instances": inst, "requests": n, "rates": list(rates)}}
@@ -304,6 +309,22 @@ def _job_rows(placement: dict) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def _plot_jobs(placement: dict, path: Path) -> None:
+    """Job attainment, goodput and prefill saved against the job start rate, per system."""
+    fig, axes = common.subplots(1, 3)
+    rates = sorted(placement["rates"], key=float)
+    for s in JOB_SYSTEMS:
+        xs = [float(r) for r in rates if s in placement["rates"][r]]
+        vs = [placement["rates"][r][s] for r in rates if s in placement["rates"][r]]
+        for ax, key in zip(axes[0], ("job_attainment", "goodput", "prefill_saved_share")):
+            ax.plot(xs, [v[key] for v in vs], "-o", label=s)
+            ax.set_ylabel(key.replace("_", " "))
+            ax.set_xlabel("jobs/s")
+    axes[0][0].set_title(f"agentic-loop, {placement['instances']} instances")
+    axes[0][0].legend(fontsize=6)
+    common.save_figure(fig, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("slo", __doc__.splitlines()[0], argv, _extra)
     data = run(args)
@@ -335,6 +356,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                            ("Job placement (agentic-loop)", jh, jrows)],
                           notes=f"{data['config']}, seed {args.seed}. Command: python experiments/slo.py "
                                 f"{'--quick' if args.quick else ''}")
+    _plot_jobs(data["job_placement"], args.out / "slo_jobs.png")
+    if not res:  # --jobs-only
+        common.write_json(args.json, data)
+        return data
     fig, axes = common.subplots(2, len(res))
     for j, (w, by_sys) in enumerate(res.items()):
         for s, by_rate in by_sys.items():

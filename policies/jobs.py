@@ -19,8 +19,10 @@ finite) whose job's KV some instance holds (``home``):
                                                            nothing says it misses there)
 
 else the call goes where ``slo`` dispatch (``policies.rescue.by_slo``) predicts the most margin
-for its share of the job's time. Every other request is dispatched by ``slo``. Registered as
-dispatch policy ``jobs``; ``slo`` itself stays job-blind, so the two compare side by side.
+for its share of the job's time, unless the job is predicted to miss its deadline there too
+(no saved prefill): a call lost everywhere goes home, where it costs the others least. Every
+other request is dispatched by ``slo``. Registered as dispatch policy ``jobs``; ``slo`` itself
+stays job-blind, so the two compare side by side.
 """
 
 from __future__ import annotations
@@ -74,8 +76,13 @@ def by_job(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyCo
     """Dispatch policy ``jobs``: a job call to its job's KV while that keeps the job's deadline
     (see the module docstring), anything else as ``slo``."""
     home = job_home(eligible, request)
-    if home is not None:
-        inst, kept = home
-        if state.dispatch_freeness(inst, cfg, request=request) >= 0 and home_margin(inst, kept, request, cfg) >= 0:
-            return inst.instance_id
-    return by_slo(eligible, request, cfg, state)
+    best = by_slo(eligible, request, cfg, state)
+    if home is None or home[0].instance_id == best:
+        return best
+    inst, kept = home
+    if state.dispatch_freeness(inst, cfg, request=request) < 0:
+        return best  # the call does not fit there
+    if home_margin(inst, kept, request, cfg) >= 0:
+        return inst.instance_id
+    there = next(i for i in eligible if i.instance_id == best)
+    return inst.instance_id if home_margin(there, 0, request, cfg) < 0 else best

@@ -70,6 +70,13 @@ def test_leaves_home_when_the_home_would_miss_the_deadline():
     assert dispatch([home, other], call(), CFG, DispatchState()).instance_id == "b"
 
 
+def test_a_call_lost_everywhere_stays_home():
+    home = inst("a", step_next=0.2, keeps=960)
+    other = inst("b", step_next=0.15)  # 15 s: misses too
+    assert home_margin(other, 0, call(), CFG) < 0
+    assert dispatch([home, other], call(), CFG, DispatchState()).instance_id == "a"
+
+
 def test_the_homes_length_prior_sets_the_expected_length():
     home = inst("a", step_next=0.05, keeps=960, bounds=(50, 50, 300, 50))  # 1000 tokens: bucket 2 -> 300
     other = inst("b", step_next=0.02)
@@ -113,7 +120,7 @@ def clusters(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(c=clusters(), prompt=st.integers(1, 2000), deadline=st.floats(0.5, 60), left=st.integers(1, 5))
-def test_the_pick_is_a_home_that_keeps_the_deadline_or_the_slo_pick(c, prompt, deadline, left):
+def test_the_pick_is_home_if_it_keeps_the_deadline_or_the_call_is_lost_anyway_else_the_slo_pick(c, prompt, deadline, left):
     insts, home, kept = c
     r = call(prompt_len=prompt, job_deadline_s=deadline, calls_left=left)
     state = DispatchState()
@@ -122,7 +129,8 @@ def test_the_pick_is_a_home_that_keeps_the_deadline_or_the_slo_pick(c, prompt, d
     h = insts[home]
     fits = state.dispatch_freeness(h, CFG, request=r) >= 0
     keeps = fits and home_margin(h, kept, r, CFG) >= 0
-    assert got == (h.instance_id if keeps else slo)
+    lost_there = home_margin(next(i for i in insts if i.instance_id == slo), 0, r, CFG) < 0
+    assert got == (h.instance_id if keeps or (fits and lost_there) or slo == h.instance_id else slo)
     # more kept tokens never make the home worse, and a later deadline never does either
     if keeps:
         more = [dataclasses.replace(i, conversations=(("job:j", kept + 16),)) if i is h else i
