@@ -341,19 +341,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 att = {k: v["by_kind"].get(k, {}).get("attainment", "") for k in ("stream", "deadline", "job")}
                 rows.append([w, float(r), s, v["goodput"], v["attainment"], att["stream"], att["deadline"],
                              att["job"], v["rescues"], v["goodput"] / base if base else float("nan")])
-    common.print_table("SLO goodput (16 simulated LLaMA-7B/A10 instances unless --instances)", headers, rows)
     r90 = [[w, s, v if v is not None else "below sweep"] for w, by in data["rate_at_90"].items()
            for s, v in by.items()]
-    common.print_table("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90)
     rh, rrows = _resource_rows(data["instances_for_90"])
-    common.print_table("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows)
     jh, jrows = _job_rows(data["job_placement"])
-    common.print_table(f"Job placement: agentic-loop on {data['job_placement']['instances']} instances", jh, jrows)
-    common.write_markdown(args.out / "slo.md", "SLO-aware scheduling (issue 16)",
-                          [("Goodput and attainment", headers, rows),
-                           ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90),
-                           ("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows),
-                           ("Job placement (agentic-loop)", jh, jrows)],
+    tables = [("SLO goodput (16 simulated LLaMA-7B/A10 instances unless --instances)", headers, rows),
+              ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90),
+              ("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows),
+              (f"Job placement: agentic-loop on {data['job_placement']['instances']} instances", jh, jrows)]
+    tables = [t for t in tables if t[2]]  # --jobs-only runs the last one alone
+    for title, h, r in tables:
+        common.print_table(title, h, r)
+    common.write_markdown(args.out / "slo.md", "SLO-aware scheduling (issue 16)", tables,
                           notes=f"{data['config']}, seed {args.seed}. Command: python experiments/slo.py "
                                 f"{'--quick' if args.quick else ''}")
     _plot_jobs(data["job_placement"], args.out / "slo_jobs.png")
