@@ -67,6 +67,7 @@ def test_the_next_call_goes_to_its_jobs_kv_and_prefills_only_its_new_tokens(clus
     (t2,) = wait_all([h2])
     assert h2.instances_seen == [home]
     assert store.hits == hits + 1 and store.restored_tokens - restored == kept  # only p2[kept:] was prefilled
+    assert "job:agent-1" not in store  # the job's last call (calls left: 1) keeps nothing for later
     spec = EngineSpec(engine=EngineConfig(num_blocks=128, block_size=BLOCK), model=SMALL_MODEL)
     assert [t1, t2] == reference(spec, [p1, p2], MAX_TOKENS)
     assert_no_leak(cluster)

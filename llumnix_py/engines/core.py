@@ -30,6 +30,7 @@ from llumnix_py.engines.types import (
     SeqStatus,
     StepOutput,
     TokenLogprob,
+    job_kv_key,
 )
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
 from llumnix_py.load import InstanceLoad
@@ -237,7 +238,8 @@ class EngineCore(EngineAdapter):
             self.swapper.landed()
         if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             self.scheduler.remove(seq)
-        if reason != FinishReason.ABORT and seq.status == SeqStatus.RUNNING and seq.conversation_id:
+        if reason != FinishReason.ABORT and seq.status == SeqStatus.RUNNING and seq.conversation_id \
+                and not _last_call_of_its_job(seq):
             self._keep_turn(seq)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
@@ -543,3 +545,10 @@ class EngineCore(EngineAdapter):
             assert self.conversations.num_blocks <= self.conversations.max_blocks
         else:
             assert not any(s.host_table for s in self.seqs.values())
+
+
+def _last_call_of_its_job(seq: Sequence) -> bool:
+    """A job's call known to be its last (``job_calls_left == 1``) keeping its job's KV: nothing
+    will reuse it, so the host pool keeps room for other turns."""
+    obj = seq.objective
+    return obj is not None and obj.job_calls_left == 1 and seq.conversation_id == job_kv_key(obj)
