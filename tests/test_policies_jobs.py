@@ -138,3 +138,30 @@ def test_the_pick_is_home_if_it_keeps_the_deadline_or_the_call_is_lost_anyway_el
         assert by_job(more, r, CFG, DispatchState()) == h.instance_id
         later = call(prompt_len=prompt, job_deadline_s=deadline * 2, calls_left=left)
         assert by_job(insts, later, CFG, DispatchState()) == h.instance_id
+
+
+def test_a_jit_engine_publishes_the_length_of_a_new_job_call_from_its_prior():
+    from llumnix_py.engines.jit_batch import JitBatchPolicy
+    from policies.length import LengthPrior
+    from tests.test_jit_policy import Clock, sim_engine, step_time
+
+    prior = LengthPrior()
+    for k in range(20):  # short job calls with short prompts, long ones with prompts of 600 tokens
+        prior.observe("job", 50, 40 + k)
+        prior.observe("job", 600, 400 + k)
+    e = sim_engine(policy=JitBatchPolicy(Clock(), step_time, prior, quantile=0.9))
+    bounds = e.load().job_len_bounds
+    # buckets 0 and 2: the 18th (ceil(0.9 * 20)) of their own 20; buckets 1 and 3 (too few samples):
+    # the 36th of the kind's 40
+    assert bounds == (57, 415, 417, 415)
+    assert expected_len(dataclasses.replace(inst("a"), job_len_bounds=bounds), 600, CFG) == 417
+    assert sim_engine().load().job_len_bounds == ()  # FCFS publishes none: the config's length is used
+
+
+def test_sim_config_refuses_a_bad_conversation_pool():
+    from llumnix_py.sim.config import SimConfig
+
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError):
+            SimConfig(conversation_blocks=bad)
+    assert SimConfig(conversation_blocks=64).engine_config().conversation_host_blocks == 64
