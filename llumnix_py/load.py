@@ -116,7 +116,10 @@ class InstanceLoad:
         conversations: ``((conversation_id, tokens), ...)``: conversations whose last turn's KV
             the instance keeps in its host pool, and how many tokens it covers.
         client_service: ``((client_id, service), ...)``: the engine's virtual token counters
-            (weighted tokens served per client) when it shares fairly, else empty.
+            (weighted tokens served per client, with VTC's lifts) when it shares fairly, else empty.
+        client_served: ``((client_id, service), ...)``: the weighted tokens this instance served
+            each client, charges only (no lifts), so sums over instances count every token once;
+            empty when it does not share fairly.
         role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
             set on its copy (an engine's own snapshot says ``both``).
         links: ``(peer migration address, GB/s)``: the smoothed bandwidth this instance's
@@ -143,6 +146,7 @@ class InstanceLoad:
     prefill_s_per_token: float = 0.0
     conversations: tuple[tuple[str, int], ...] = ()
     client_service: tuple[tuple[str, float], ...] = ()
+    client_served: tuple[tuple[str, float], ...] = ()
     role: str = "both"
     links: tuple[tuple[str, float], ...] = ()
     kv_block_bytes: int = 0

@@ -77,6 +77,31 @@ def lift(counters: Mapping[str, float], client: str, active: Iterable[str]) -> d
     return out
 
 
+def lead(counters: Mapping[str, float], client: str, active: Iterable[str]) -> float:
+    """How far ``client``'s counter stands above the least-served active client's (the floor
+    ``lift`` would raise a returning client to); 0 for the least served. What a migrating
+    request carries to its destination, so its client's standing travels with it."""
+    floor = min((counters.get(a, 0.0) for a in set(active) | {client}), default=0.0)
+    return max(0.0, counters.get(client, 0.0) - floor)
+
+
+def lift_migrated(counters: Mapping[str, float], client: str, active: Iterable[str],
+                  lead_: float = 0.0) -> dict[str, float]:
+    """A migrated request of ``client`` commits here. VTC's lift for an arrival, keeping the
+    client's lead from the source: an idle client's counter rises to the smallest counter of
+    the active clients plus ``lead_`` (never falls); an active client's stands (its counter
+    already measures its service here). With ``lead_`` 0 this is ``lift``."""
+    if not lead_ >= 0:
+        raise ValueError(f"lead must be >= 0, got {lead_!r}")
+    out = dict(counters)
+    active = set(active)
+    if client in active and client in out:
+        return out
+    floor = min((out.get(a, 0.0) for a in active if a != client), default=0.0)
+    out[client] = max(out.get(client, 0.0), floor + lead_)
+    return out
+
+
 def fair_key(item: FairItem, counters: Mapping[str, float]) -> tuple:
     """Serve order: higher priority first, then the least-served client, then arrival, then id."""
     return (-item.priority, counters.get(item.client_id, 0.0), item.arrival_time, item.request_id)

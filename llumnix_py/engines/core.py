@@ -7,6 +7,7 @@ The core also implements the migration primitives over its block manager.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
@@ -164,6 +165,7 @@ class EngineCore(EngineAdapter):
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
+        self._lifts: dict[str, float] = {}  # migrated in, not run yet: request id -> its client's counter rise
 
     @property
     def length_prior(self) -> Optional[LengthPrior]:
@@ -244,6 +246,7 @@ class EngineCore(EngineAdapter):
         seq.finish_reason = reason
         self.seqs.pop(seq.request_id, None)
         self._mig_epoch.pop(seq.request_id, None)
+        self._lifts.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
@@ -291,6 +294,9 @@ class EngineCore(EngineAdapter):
             swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
         if self.fair is not None:
             self._charge(plan, work, done.tokens)
+        if self._lifts:  # a migrated-in request that ran is here for good: its lift stays
+            for s in plan.decodes + plan.prefills:
+                self._lifts.pop(s.request_id, None)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
@@ -394,6 +400,7 @@ class EngineCore(EngineAdapter):
             max_batch_size=self.config.max_batch_size,
             conversations=tuple((cid, len(t.tokens)) for cid, t in self.conversations.entries().items()),
             client_service=tuple(sorted(self.fair.counters.items())) if self.fair is not None else (),
+            client_served=tuple(sorted(self.fair.served.items())) if self.fair is not None else (),
         )
         annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
         return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)
@@ -437,7 +444,11 @@ class EngineCore(EngineAdapter):
         self.scheduler.remove(seq)
         seq.frozen_from = prev
         seq.status = SeqStatus.FROZEN
-        return seq.to_migration_state(prev)
+        state = seq.to_migration_state(prev)
+        if self.fair is not None:  # the client's standing here travels with the request
+            lead = self.fair.lead_of(seq.client_id, {s.client_id for s in self.seqs.values()})
+            state = dataclasses.replace(state, fair_lead=lead)
+        return state
 
     def unfreeze(self, request_id: str) -> None:
         """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
@@ -448,6 +459,7 @@ class EngineCore(EngineAdapter):
             return
         seq = self._frozen(request_id)
         self._mig_epoch.pop(request_id, None)
+        self._lifts.pop(request_id, None)  # activated (a parked copy) or kept (a rollback): the lift stays
         if seq.frozen_from == SeqStatus.RUNNING:
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
@@ -457,6 +469,9 @@ class EngineCore(EngineAdapter):
 
     def free_src(self, request_id: str) -> None:
         seq = self._frozen(request_id)
+        rise = self._lifts.pop(request_id, None)
+        if rise is not None and self.fair is not None:  # a parked copy dropped unrun: as if it never came
+            self.fair.undo_lift(seq.client_id, rise)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
@@ -503,6 +518,7 @@ class EngineCore(EngineAdapter):
         self._validate_sampling(state.sampling, rid)
         reserved = self._prealloc.get(rid, [])
         seq = Sequence.from_migration(state)
+        active = {s.client_id for s in self.seqs.values()}
         if state.status == SeqStatus.RUNNING:
             need = cdiv(state.num_computed_tokens, self.block_size)
             if len(reserved) != need or state.num_computed_tokens != seq.num_tokens - 1:
@@ -518,6 +534,8 @@ class EngineCore(EngineAdapter):
             self.free_pre_alloc(rid)
             self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
+        if self.fair is not None:  # VTC's lift for an arrival, with the client's lead from the source
+            self._lifts[rid] = self.fair.on_migrated_in(seq.client_id, active, state.fair_lead or 0.0)
 
     # ----- checks --------------------------------------------------------------------------
     def check_invariants(self) -> None:

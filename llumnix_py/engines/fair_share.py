@@ -1,7 +1,8 @@
 """One engine's per-client service counters, and the fairness policy's decisions over its queues.
 
 Mechanism only: the counters are books (charged after every step, lifted when an idle
-client returns); which request is admitted first, which one is preempted and when a
+client returns or a migrated request of an idle client commits here; ``served`` holds the
+charges alone, so the service of a client summed over instances counts every token once); which request is admitted first, which one is preempted and when a
 running request yields to a waiting one are ``policies.fairness``' pure functions.
 """
 
@@ -31,13 +32,31 @@ class FairShare:
         self.weights = weights
         self.margin = margin
         self.counters: dict[str, float] = {}
+        self.served: dict[str, float] = {}  # weighted tokens served here per client: charges only, no lifts
         self.switches = 0  # running requests that yielded to a waiting one
 
     def on_arrival(self, client: str, active: Iterable[str]) -> None:
         self.counters = fairness.lift(self.counters, client, active)
 
+    def lead_of(self, client: str, active: Iterable[str]) -> float:
+        """The client's lead over the least-served active client (what a migration carries)."""
+        return fairness.lead(self.counters, client, active)
+
+    def on_migrated_in(self, client: str, active: Iterable[str], lead: float) -> float:
+        """A migrated request of ``client`` committed here: lift its counter (``lift_migrated``);
+        returns how much it rose, for ``undo_lift`` should the copy be dropped unrun."""
+        before = self.counters.get(client, 0.0)
+        self.counters = fairness.lift_migrated(self.counters, client, active, lead)
+        return self.counters[client] - before
+
+    def undo_lift(self, client: str, rise: float) -> None:
+        """Take back a migrated-in request's lift (its copy was dropped before it ran); charges
+        since then stay, so the counter is what it would be had the migration not come."""
+        self.counters[client] = self.counters.get(client, 0.0) - rise
+
     def on_step(self, prompt_tokens: dict[str, int], output_tokens: dict[str, int]) -> None:
         self.counters = fairness.charge(self.counters, prompt_tokens, output_tokens, self.weights)
+        self.served = fairness.charge(self.served, prompt_tokens, output_tokens, self.weights)
 
     def order(self, waiting: Seq[Sequence]) -> list[Sequence]:
         by_id = {s.request_id: s for s in waiting}
