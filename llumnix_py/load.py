@@ -89,7 +89,7 @@ class InstanceLoad:
 
     The engine fills the memory and request fields; the global scheduler sets
     ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in``,
-    ``pending_dispatch`` and ``role`` on its copy.
+    ``pending_dispatch``, ``role`` and ``cluster_service`` on its copy.
 
     Attributes:
         instance_id: the instance's id ("" in an engine's own snapshot, which does not
@@ -120,6 +120,9 @@ class InstanceLoad:
         client_served: ``((client_id, service), ...)``: the weighted tokens this instance served
             each client, charges only (no lifts), so sums over instances count every token once;
             empty when it does not share fairly.
+        cluster_service: ``((client_id, service), ...)``: the cluster-wide counters (the global
+            scheduler's VTC over every instance's service, ``policies.fairness``) of the clients
+            with requests here; scheduler state, set on its copy (empty in an engine's snapshot).
         role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
             set on its copy (an engine's own snapshot says ``both``).
         links: ``(peer migration address, GB/s)``: the smoothed bandwidth this instance's
@@ -147,6 +150,7 @@ class InstanceLoad:
     conversations: tuple[tuple[str, int], ...] = ()
     client_service: tuple[tuple[str, float], ...] = ()
     client_served: tuple[tuple[str, float], ...] = ()
+    cluster_service: tuple[tuple[str, float], ...] = ()
     role: str = "both"
     links: tuple[tuple[str, float], ...] = ()
     kv_block_bytes: int = 0

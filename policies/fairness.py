@@ -18,6 +18,14 @@ instance with room. ``select_most_served`` is the ``migrate_out`` policy for it:
 migration source moves out a request of its most-served client (by the counters in
 ``InstanceLoad.client_service``), so the client over its share is the one that moves.
 
+Across instances, each engine's counters see only the clients it serves: a client with
+requests on every instance gets a share of each. The global scheduler keeps one VTC
+over the cluster (``llumnix_py.scheduler.fair_book``): it adds up the service each
+instance reports (``served_delta`` of its ``client_served`` book between polls) and lifts
+a client that becomes active anywhere in the cluster (``cluster_lift``).
+``select_most_served_cluster`` moves out a request of the instance's client that is most
+served cluster-wide (``InstanceLoad.cluster_service``).
+
 All functions are pure over plain mappings and frozen views.
 """
 
@@ -146,6 +154,47 @@ def select_most_served(inst: InstanceLoad) -> Optional[MigrateOut]:
     counter in ``inst.client_service``), the fewest blocks among that client's (it moves
     fastest), then arrival and id; ``None`` when every running request is migrating."""
     service = dict(inst.client_service)
+    candidates = [r for r in inst.running if not r.migrating]
+    if not candidates:
+        return None
+    pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
+                                          r.request_id))
+    return MigrateOut(pick.request_id, waiting=False)
+
+
+def served_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Service an instance gave each client between two polls of its ``client_served`` book.
+    A book never falls; a value below the last one means the book restarted (a new engine
+    behind the same id), so all of it is new. Only positive amounts are returned."""
+    out: dict[str, float] = {}
+    for client, now in after.items():
+        prev = before.get(client, 0.0)
+        d = now - prev if now >= prev else now
+        if d > 0:
+            out[client] = d
+    return out
+
+
+def cluster_lift(counters: Mapping[str, float], arriving: Iterable[str], active: Iterable[str]) -> dict[str, float]:
+    """VTC's lift over a cluster: each client in ``arriving`` (it had no request anywhere and
+    now has one) rises to the smallest counter of the clients ``active`` before it (never
+    falls); with no client active before, nothing moves."""
+    out = dict(counters)
+    arriving = set(arriving)
+    before = [out.get(a, 0.0) for a in set(active) - arriving]
+    if not before:
+        return out
+    floor = min(before)
+    for c in arriving:
+        out[c] = max(out.get(c, 0.0), floor)
+    return out
+
+
+def select_most_served_cluster(inst: InstanceLoad) -> Optional[MigrateOut]:
+    """``migrate_out`` policy: as ``select_most_served``, by the cluster-wide counters the
+    global scheduler puts on its copy of the snapshot (``inst.cluster_service``), so the
+    request that leaves belongs to the client most over its share of the whole cluster."""
+    service = dict(inst.cluster_service)
     candidates = [r for r in inst.running if not r.migrating]
     if not candidates:
         return None
