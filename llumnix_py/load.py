@@ -65,7 +65,8 @@ class RequestLoad:
 
     @classmethod
     def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
-               priority: int = 0, arrival_time: float = 0.0, conversation_id: str = "") -> "RequestLoad":
+               priority: int = 0, arrival_time: float = 0.0, conversation_id: str = "",
+               client_id: str = "") -> "RequestLoad":
         """A request no engine has admitted yet: it holds no blocks and needs enough for
         its prompt plus the ``output_len`` tokens already generated (a resumed request).
 
@@ -77,10 +78,11 @@ class RequestLoad:
             priority: its priority.
             arrival_time: when it arrived.
             conversation_id: its conversation ("" for none).
+            client_id: the client that sent it ("" for none).
         """
         return cls(request_id=request_id, num_blocks=0, blocks_needed=-(-(prompt_len + output_len) // block_size),
                    prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time,
-                   conversation_id=conversation_id)
+                   conversation_id=conversation_id, client_id=client_id)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -201,3 +201,21 @@ def select_most_served_cluster(inst: InstanceLoad) -> Optional[MigrateOut]:
     pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
                                           r.request_id))
     return MigrateOut(pick.request_id, waiting=False)
+
+
+def cluster_offsets(cluster: Mapping[str, float], local: Mapping[str, float]) -> dict[str, float]:
+    """Global fairness: per client of an instance, its cluster-wide counter minus the instance's
+    own counter, both as of the same poll. The engine adds it to its counters
+    (``in_cluster_frame``), so it orders its clients by their service over the whole cluster."""
+    return {c: cluster.get(c, 0.0) - v for c, v in local.items()}
+
+
+def in_cluster_frame(local: Mapping[str, float], offsets: Mapping[str, float]) -> dict[str, float]:
+    """An engine's counters seen cluster-wide: its counter plus the client's offset, i.e. the
+    cluster counter at the last poll plus the service given here since. A client without an
+    offset (it arrived after the poll) takes the smallest offset, so it counts as no more
+    served than the least-served client here did at that poll; no offsets: ``local``."""
+    if not offsets:
+        return dict(local)
+    default = min(offsets.values())
+    return {c: v + offsets.get(c, default) for c, v in local.items()}

@@ -18,7 +18,7 @@ from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 from llumnix_py.scheduler.fair_book import ClusterFairBook
 from policies.config import PolicyConfig
-from policies.fairness import cluster_lift, served_delta
+from policies.fairness import cluster_lift, cluster_offsets, in_cluster_frame, served_delta
 from policies.selection import select_migrate_out
 
 CLIENTS = ["a", "b", "c", "d"]
@@ -170,3 +170,80 @@ def test_an_unfair_cluster_has_no_book():
     s.on_load("i0", InstanceLoad(total_blocks=10, used_blocks=1, running=(req("x", "a", 1),)), 0.0)
     assert s.loads()[0].cluster_service == () and not s.fair_book
     assert select_migrate_out(s.loads()[0], "most_served_cluster").request_id == "x"  # all at 0: the fewest blocks
+
+
+# ----- global fairness: engines order clients by cluster-wide service -----------------------------
+@settings(max_examples=200, deadline=None)
+@given(cluster=book_st, local=book_st, since=book_st)
+def test_an_engine_sees_the_cluster_counters_plus_its_own_service_since(cluster, local, since):
+    offsets = cluster_offsets(cluster, local)
+    assert set(offsets) == set(local)
+    at_poll = in_cluster_frame(local, offsets)
+    for c in local:
+        assert at_poll[c] == pytest.approx(cluster.get(c, 0.0), abs=1e-6)  # at the poll: the cluster's counters
+    later = {c: v + since.get(c, 0.0) for c, v in local.items()}  # service given here since the poll
+    frame = in_cluster_frame(later, offsets)
+    for c in local:
+        assert frame[c] == pytest.approx(cluster.get(c, 0.0) + since.get(c, 0.0), abs=1e-6)
+    if offsets:  # a client that arrived after the poll counts as the least-offset one does
+        assert in_cluster_frame({**later, "new": 5.0}, offsets)["new"] == 5.0 + min(offsets.values())
+    assert in_cluster_frame(later, {}) == later
+
+
+def first_token_order(offsets) -> list[str]:
+    """Two waiting requests, one per client, equal on the engine's own counters; one slot."""
+    from llumnix_py.engines.types import Request, SamplingParams
+    from tests.factories import make_engine
+
+    e = make_engine("sim", num_blocks=32, block_size=4, max_batch_size=1, fairness=True)
+    e.set_fair_offsets(offsets)
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    e.add_request(Request("a1", tuple(range(1, 9)), sp, arrival_time=0.0, client_id="a"))
+    e.add_request(Request("b1", tuple(range(1, 9)), sp, arrival_time=1.0, client_id="b"))
+    order: list[str] = []
+    while e.has_unfinished():
+        for o in e.step().outputs:
+            if o.index == 0:
+                order.append(o.request_id)
+        e.check_invariants()
+    return order
+
+
+def test_an_engine_serves_first_the_client_least_served_cluster_wide():
+    assert first_token_order({}) == ["a1", "b1"]  # equal here: arrival order
+    assert first_token_order({"a": 500.0, "b": 0.0}) == ["b1", "a1"]  # a was served more elsewhere
+    assert first_token_order({"a": 0.0, "b": 500.0}) == ["a1", "b1"]
+
+
+@pytest.mark.parametrize("bad", [{"a": float("nan")}, {"a": "1"}, {3: 1.0}, {"a": True}, [("a", 1.0)]])
+def test_bad_offsets_are_refused(bad):
+    from tests.factories import make_engine
+
+    e = make_engine("sim", fairness=True)
+    with pytest.raises(ValueError):
+        e.set_fair_offsets(bad)
+    assert e.fair.offsets == {}
+
+
+def test_the_scheduler_hands_each_fair_instance_its_offsets_every_tick():
+    from llumnix_py.scheduler.daemon import SchedulerDaemon
+    from tests.cluster_helpers import ManualClock
+    from tests.test_payoff import ScriptedLauncher
+
+    for on in (False, True):
+        daemon = SchedulerDaemon(SchedulerConfig(policy=PolicyConfig(global_fairness=on)), ScriptedLauncher(),
+                                 clock=ManualClock(0.0))
+        a, b = (daemon.handles[i] for i in daemon.launch(2))
+        a.snapshot = fair_load([req("x", "u", 2), req("y", "v", 2)], {"u": 0.0, "v": 0.0})
+        b.snapshot = fair_load([req("z", "u", 2)], {"u": 0.0})
+        daemon.tick()
+        a.snapshot = fair_load([req("x", "u", 2), req("y", "v", 2)], {"u": 10.0, "v": 30.0})
+        b.snapshot = fair_load([req("z", "u", 2)], {"u": 50.0})
+        daemon.tick()
+        if not on:
+            assert a.fair_offsets == [] and b.fair_offsets == [] and daemon.core.fair_offsets() == {}
+            continue
+        # cluster: u 60, v 30; a's engine counts u 10, v 30; b's counts u 50
+        assert a.fair_offsets[-1] == {"u": 50.0, "v": 0.0}
+        assert b.fair_offsets[-1] == {"u": 10.0}
+        assert len(a.fair_offsets) == 2  # every tick

@@ -8,9 +8,10 @@ The core also implements the migration primitives over its block manager.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence as Seq
+from typing import Mapping, Optional, Sequence as Seq
 
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, get_preemption_policy
@@ -404,6 +405,16 @@ class EngineCore(EngineAdapter):
         )
         annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
         return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)
+
+    def set_fair_offsets(self, offsets: Mapping[str, float]) -> None:
+        """Order clients by cluster-wide service (``FairShare.set_offsets``); ``ValueError`` on
+        anything but client ids mapped to finite numbers."""
+        if not isinstance(offsets, Mapping) or not all(
+                isinstance(c, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for c, v in offsets.items()):
+            raise ValueError("fair offsets must map client ids to finite numbers")
+        if self.fair is not None:
+            self.fair.set_offsets({c: float(v) for c, v in offsets.items()})
 
     def group_sizes(self) -> dict[int, int]:
         """Group size (blocks in a contiguous run of a block table) -> how many such groups

@@ -34,6 +34,17 @@ class FairShare:
         self.counters: dict[str, float] = {}
         self.served: dict[str, float] = {}  # weighted tokens served here per client: charges only, no lifts
         self.switches = 0  # running requests that yielded to a waiting one
+        # Global fairness: per client, cluster counter minus this engine's counter at the
+        # scheduler's last poll (``policies.fairness.cluster_offsets``); empty: local only.
+        self.offsets: dict[str, float] = {}
+
+    def set_offsets(self, offsets: dict[str, float]) -> None:
+        """The global scheduler's view: decisions order clients by cluster-wide service."""
+        self.offsets = dict(offsets)
+
+    def view(self) -> dict[str, float]:
+        """The counters decisions read: this engine's, in the cluster's frame when it has one."""
+        return fairness.in_cluster_frame(self.counters, self.offsets) if self.offsets else self.counters
 
     def on_arrival(self, client: str, active: Iterable[str]) -> None:
         self.counters = fairness.lift(self.counters, client, active)
@@ -60,14 +71,14 @@ class FairShare:
 
     def order(self, waiting: Seq[Sequence]) -> list[Sequence]:
         by_id = {s.request_id: s for s in waiting}
-        return [by_id[r] for r in fairness.fair_order([_item(s) for s in waiting], self.counters)]
+        return [by_id[r] for r in fairness.fair_order([_item(s) for s in waiting], self.view())]
 
     def victim(self, running: Seq[Sequence]) -> Sequence:
-        rid = fairness.fair_victim([_item(s) for s in running], self.counters)
+        rid = fairness.fair_victim([_item(s) for s in running], self.view())
         return next(s for s in running if s.request_id == rid)
 
     def switch_victim(self, head: Sequence, running: Seq[Sequence]) -> Optional[Sequence]:
-        rid = fairness.switch_victim(_item(head), [_item(s) for s in running], self.counters, self.margin)
+        rid = fairness.switch_victim(_item(head), [_item(s) for s in running], self.view(), self.margin)
         if rid is None:
             return None
         self.switches += 1

@@ -24,6 +24,7 @@ from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
+from policies.fairness import cluster_offsets
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
@@ -224,6 +225,15 @@ class GlobalScheduler:
                                pending_dispatch=self.dispatch_state.pending(rid), role=rec.role.value,
                                cluster_service=self.fair_book.view(rec.clients) if rec.clients else ()))
         return out
+
+    def fair_offsets(self) -> dict[str, dict[str, float]]:
+        """Global fairness (``PolicyConfig.global_fairness``): per fair instance, its clients'
+        cluster counters less its engine's own as of its last poll; empty when off."""
+        if not self.config.policy.global_fairness or not self.fair_book:
+            return {}
+        g = self.fair_book.counters
+        return {iid: cluster_offsets(g, dict(rec.load.client_service)) for iid, rec in sorted(self.instances.items())
+                if rec.load is not None and rec.load.client_service}
 
     # ----- dispatch ----------------------------------------------------------------------
     def dispatch(self, request: RequestLoad) -> Optional[str]:
