@@ -113,10 +113,15 @@ class TorchExecutor(Executor):
         run of ``block_ids`` (a block group moves in one copy, not one per block)::
 
             block_ids 7 8 9 3 4   ->  frame[0:3] = kv[7:10], frame[3:5] = kv[3:5]   (2 copies)
-        """
+
+        A fragmented list (runs of fewer than ``MIN_MEAN_RUN`` blocks on average) is gathered
+        row by row instead (one copy per block), which is cheaper than many small slices."""
         ids = list(block_ids)
+        runs = _grouped(copy_runs(ids, range(len(ids))), len(ids))
+        if runs is None:
+            self.migration_copies += len(ids)
+            return self.kv.index_select(0, torch.as_tensor(ids, dtype=torch.long))
         out = torch.empty((len(ids),) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
-        runs = copy_runs(ids, range(len(ids)))
         for s, d, n in runs:
             out[d:d + n].copy_(self.kv[s:s + n])
         self.migration_copies += len(runs)
@@ -129,7 +134,19 @@ class TorchExecutor(Executor):
         if tuple(data.shape) != expected or data.dtype != self.kv.dtype:
             raise ValueError(f"KV data of shape {tuple(data.shape)} {data.dtype} does not match "
                              f"{expected} {self.kv.dtype}")
-        runs = copy_runs(range(len(block_ids)), block_ids)  # frame offset -> contiguous run of the pool
+        runs = _grouped(copy_runs(range(len(block_ids)), block_ids), len(block_ids))  # frame offset -> pool run
+        if runs is None:  # fragmented: scatter row by row
+            self.kv.index_copy_(0, torch.as_tensor(list(block_ids), dtype=torch.long), data)
+            self.migration_copies += len(block_ids)
+            return
         for s, d, n in runs:
             self.kv[d:d + n].copy_(data[s:s + n])
         self.migration_copies += len(runs)
+
+
+MIN_MEAN_RUN = 4  # blocks per run, on average, below which a migration copy gathers row by row
+
+
+def _grouped(runs: list[CopyRun], num_blocks: int) -> Optional[list[CopyRun]]:
+    """``runs`` when grouping pays (long enough runs on average), else ``None``."""
+    return runs if len(runs) * MIN_MEAN_RUN <= num_blocks else None
