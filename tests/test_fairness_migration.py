@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from llumnix_py.engines.sequence import cdiv
 from llumnix_py.engines.types import MigrationRequestState, Request, SamplingParams, SeqStatus
-from llumnix_py.errors import InvalidRequestError
+from llumnix_py.errors import InvalidRequestError, MigrationError
 from policies.fairness import lead, lift, lift_migrated
 from tests.factories import make_engine
 
@@ -194,6 +194,16 @@ def test_a_bad_lead_on_the_wire_is_rejected(bad):
     assert MigrationRequestState.from_wire({**wire, "fair_lead": 7}).fair_lead == 7.0
     with pytest.raises(InvalidRequestError, match="fair_lead"):
         MigrationRequestState.from_wire({**wire, "fair_lead": bad})
+    if not isinstance(bad, (str, list)) and bad is not None:  # the engine refuses it too, changing nothing
+        dst = fair_engine()
+        state = dataclasses.replace(MigrationRequestState.from_wire(wire), fair_lead=float(bad))
+        dst.pre_alloc("h0", cdiv(state.num_computed_tokens, BS))
+        if not 0 <= float(bad) <= 1e15:
+            with pytest.raises(MigrationError, match="fair_lead"):
+                dst.commit_dst(state)
+            assert "h0" not in dst.seqs and dst.fair.counters == {}
+            dst.free_pre_alloc("h0")
+            dst.check_invariants()
     without = dict(wire)
     del without["fair_lead"]
     assert MigrationRequestState.from_wire(without) == dataclasses.replace(

@@ -24,6 +24,7 @@ from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, Measure
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.swap import Swapper
 from llumnix_py.engines.types import (
+    MAX_FAIR_LEAD,
     FinishReason,
     MigrationRequestState,
     Request,
@@ -527,6 +528,9 @@ class EngineCore(EngineAdapter):
         self._validate_tokens(state.prompt_token_ids + state.output_token_ids, len(state.prompt_token_ids), rid,
                               ints_checked=True)
         self._validate_sampling(state.sampling, rid)
+        lead = state.fair_lead
+        if lead is not None and not 0 <= lead <= MAX_FAIR_LEAD:
+            raise MigrationError(f"request {rid}: fair_lead {lead!r} is not in [0, {MAX_FAIR_LEAD:g}]")
         reserved = self._prealloc.get(rid, [])
         seq = Sequence.from_migration(state)
         active = {s.client_id for s in self.seqs.values()}
