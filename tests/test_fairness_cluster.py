@@ -247,3 +247,36 @@ def test_the_scheduler_hands_each_fair_instance_its_offsets_every_tick():
         assert a.fair_offsets[-1] == {"u": 50.0, "v": 0.0}
         assert b.fair_offsets[-1] == {"u": 10.0}
         assert len(a.fair_offsets) == 2  # every tick
+
+
+def test_global_fairness_reaches_the_engines_of_a_running_cluster():
+    """Over the real daemon and the local runtime: once clients have been served, every fair
+    engine holds offsets that put its counters in the cluster's frame."""
+    from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletConfig
+    from llumnix_py.engines.types import SamplingParams
+    from llumnix_py.frontend.cluster import Cluster
+    from tests.cluster_helpers import SMALL_MODEL, wait_all, wait_for
+
+    cfg = ClusterConfig(
+        num_instances=2, runtime="local",
+        engine=EngineSpec(engine=EngineConfig(num_blocks=64, max_batch_size=8, fairness=True), model=SMALL_MODEL),
+        scheduler=SchedulerConfig(policy=PolicyConfig(global_fairness=True), poll_interval_s=0.01,
+                                  enable_migration=False),
+        llumlet=LlumletConfig(instance_id="template", transport="inproc"))
+    cluster = Cluster.start(cfg)
+    try:
+        sp = SamplingParams(max_tokens=4, ignore_eos=True)
+        handles = [cluster.submit(tuple(range(1 + i, 20 + i)), sp, client_id=c) for i, c in enumerate("uvuv")]
+        wait_all(handles)
+        engines = {i: cluster.control.instance(i).llumlet.engine for i in cluster.instance_ids()}
+        served = [e for e in engines.values() if e.fair.served]
+        assert served
+
+        def in_frame() -> bool:
+            book = cluster.control.daemon.core.fair_book.counters
+            return all(e.fair.offsets and all(v == pytest.approx(book[c]) for c, v in e.fair.view().items())
+                       for e in served)
+
+        wait_for(in_frame, what="each fair engine to see the cluster's counters")
+    finally:
+        cluster.stop()
