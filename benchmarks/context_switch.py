@@ -129,8 +129,9 @@ def main(argv=None) -> dict:
               f"{r[f'swap_{d}_ms_grouped']:.2f} | {r[f'grouped_speedup_{d}']:.1f}x |")
     for d in ("read", "write"):
         a, b = r[f"migrate_{d}_ms_indexed"], r[f"migrate_{d}_ms_grouped"]
-        print(f"| {blocks} | {r['block_bytes'] // 1024} KiB | migration {d} (index_{'select' if d == 'read' else 'copy_'} "
-              f"vs {r['migrate_copies_grouped']} copy) | {a:.2f} | {b:.2f} | {a / b:.1f}x |")
+        before = "index_select" if d == "read" else "index_copy_"
+        print(f"| {blocks} | {r['block_bytes'] // 1024} KiB | migration {d} ({before} vs "
+              f"{r['migrate_copies_grouped']} copy) | {a:.2f} | {b:.2f} | {a / b:.1f}x |")
     print(f"\ndecode step (batch {r['batch']}, {r['context_tokens']}-token contexts, {r['torch_threads']} torch "
           f"thread(s)): idle {r['step_ms_idle']:.2f} ms, with {blocks}-block swaps in flight "
           f"{r['step_ms_swapping']:.2f} ms ({100 * r['step_slowdown']:+.1f}%)")

@@ -408,8 +408,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
                "fairness gap", "cluster gap", "preempt", "yields", "copies", "reused tok", "group", "migr"]
     rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
-             r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["cluster_gap"], r["preemptions"], r["yields"], r["copies"],
-             r["reused_tokens"], r["group_size_mean"], r["migrations"]] for n, r in results["systems"].items()]
+             r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["cluster_gap"], r["preemptions"], r["yields"],
+             r["copies"], r["reused_tokens"], r["group_size_mean"], r["migrations"]] for n, r in results["systems"].items()]
     common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
     common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
                           [("Latencies (seconds) and switches", headers, rows)],

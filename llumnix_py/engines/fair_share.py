@@ -2,8 +2,9 @@
 
 Mechanism only: the counters are books (charged after every step, lifted when an idle
 client returns or a migrated request of an idle client commits here; ``served`` holds the
-charges alone, so the service of a client summed over instances counts every token once); which request is admitted first, which one is preempted and when a
-running request yields to a waiting one are ``policies.fairness``' pure functions.
+charges alone, so a client's service summed over instances counts every token once);
+which request is admitted first, which one is preempted and when a running request
+yields to a waiting one are ``policies.fairness``' pure functions.
 """
 
 from __future__ import annotations
