@@ -278,5 +278,8 @@ def test_global_fairness_reaches_the_engines_of_a_running_cluster():
                        for e in served)
 
         wait_for(in_frame, what="each fair engine to see the cluster's counters")
+        fairness = cluster.state()["fairness"]  # /v1/cluster/state shows the cluster-wide book
+        assert set(fairness["clients"]) == {"u", "v"} and fairness["clients"]["u"] > 0
+        assert fairness["gap"] >= 0 and fairness["active"] == []  # everything finished
     finally:
         cluster.stop()
