@@ -11,7 +11,12 @@ measures both on the built-in engine's KV tensors:
   blocks are one group); ``swap_in_*`` the other way;
 * ``step_ms_idle`` / ``step_ms_swapping``: one decode step of a batch, alone vs while
   the copy thread swaps ``blocks`` other blocks out and in (alternated step by step,
-  medians, so both see the same machine).
+  medians, so both see the same machine);
+* ``migrate_read_ms_indexed`` / ``migrate_read_ms_grouped`` (and ``migrate_write_*``):
+  packing ``blocks`` blocks (one group) into a migration frame and writing a frame back,
+  as the engine did before (a row-wise ``index_select`` / ``index_copy_``) vs now (one
+  copy per contiguous run: ``migrate_copies_grouped`` copies each way, against
+  ``blocks`` row copies).
 
     python benchmarks/context_switch.py                 # 1,024 blocks, more repeats
     python benchmarks/context_switch.py --quick         # 256 blocks, under a minute
@@ -67,6 +72,15 @@ def run(blocks: int, repeats: int, steps: int, batch: int, context: int) -> dict
         "swap_in_ms_per_block_copy": _median_ms(lambda: ex.swap_in(per_block), repeats),
         "swap_in_ms_grouped": _median_ms(lambda: ex.swap_in(grouped), repeats),
     }
+    index = torch.as_tensor(dev, dtype=torch.long)
+    frame = ex.read_blocks(dev)
+    before = ex.migration_copies
+    ex.read_blocks(dev)
+    out["migrate_copies_grouped"] = ex.migration_copies - before
+    out["migrate_read_ms_indexed"] = _median_ms(lambda: ex.kv.index_select(0, index), repeats)
+    out["migrate_read_ms_grouped"] = _median_ms(lambda: ex.read_blocks(dev), repeats)
+    out["migrate_write_ms_indexed"] = _median_ms(lambda: ex.kv.index_copy_(0, index, frame), repeats)
+    out["migrate_write_ms_grouped"] = _median_ms(lambda: ex.write_blocks(dev, frame), repeats)
     # A decode batch whose blocks the copies never touch: take the copied blocks first.
     held = engine.blocks.allocate(("bench", "copies"), blocks)
     assert held == dev, "the copied blocks must be the first ones"
@@ -113,6 +127,11 @@ def main(argv=None) -> dict:
     for d in ("out", "in"):
         print(f"| {blocks} | {r['block_bytes'] // 1024} KiB | swap {d} | {r[f'swap_{d}_ms_per_block_copy']:.2f} | "
               f"{r[f'swap_{d}_ms_grouped']:.2f} | {r[f'grouped_speedup_{d}']:.1f}x |")
+    for d in ("read", "write"):
+        a, b = r[f"migrate_{d}_ms_indexed"], r[f"migrate_{d}_ms_grouped"]
+        before = "index_select" if d == "read" else "index_copy_"
+        print(f"| {blocks} | {r['block_bytes'] // 1024} KiB | migration {d} ({before} vs "
+              f"{r['migrate_copies_grouped']} copy) | {a:.2f} | {b:.2f} | {a / b:.1f}x |")
     print(f"\ndecode step (batch {r['batch']}, {r['context_tokens']}-token contexts, {r['torch_threads']} torch "
           f"thread(s)): idle {r['step_ms_idle']:.2f} ms, with {blocks}-block swaps in flight "
           f"{r['step_ms_swapping']:.2f} ms ({100 * r['step_slowdown']:+.1f}%)")

@@ -20,7 +20,13 @@ waiting one), the same multi-turn workload runs with each way of switching conte
   scheduler, llumlets and migration protocol) of ``--instances`` instances that together
   hold the single instance's KV blocks, conversation-aware dispatch; live migration off,
   or on with the ``most_served`` migrate-out policy (the most-served client's request
-  moves to an instance with room: migration as a third context switch).
+  moves to an instance with room: migration as a third context switch), and
+  ``cluster+global``: global fairness (``PolicyConfig.global_fairness``): the global
+  scheduler keeps one VTC over the cluster (``llumnix_py.scheduler.fair_book``) and every
+  tick hands each engine its clients' cluster counters, so engines admit, preempt and
+  yield by cluster-wide service; migration off. ``cluster+migration+global``: the same
+  with migration on and ``most_served_cluster`` (the request that leaves belongs to the
+  client most served over the whole cluster).
 
 Workload: ShareGPT-like conversations (``experiments.workloads.sharegpt_like`` lengths per
 turn) from a few heavy clients (many conversations each) and more light ones; a turn's
@@ -35,7 +41,10 @@ finished) and real prompts with client and conversation ids.
 Metrics: P95/P99 TTFT and TBT (seconds), and the fairness metric: the largest
 difference of service (VTC counters, weighted tokens) between clients with requests in
 the system, sampled every step (on a cluster: each engine's own counters, the largest
-over engines, as fairness is per instance); the group-size distribution under load (blocks per
+over engines, as fairness is per instance), and the cluster-wide gap: the same metric
+over one VTC of the whole cluster (a ``ClusterFairBook`` fed, every step, with each
+engine's exact served book and clients: the global scheduler's view without polling
+lag), for every row; the group-size distribution under load (blocks per
 contiguous run of the running requests' block tables, sampled every step; ``group`` is
 its mean).
 """
@@ -59,6 +68,7 @@ from llumnix_py.engines.sim.executor import SimExecutor  # noqa: E402
 from llumnix_py.engines.sim.profiles import LLAMA_7B_A10  # noqa: E402
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput  # noqa: E402
 from llumnix_py.load import RequestLoad  # noqa: E402
+from llumnix_py.scheduler.fair_book import ClusterFairBook  # noqa: E402
 from llumnix_py.sim.cluster import SimCluster, SimInstance  # noqa: E402
 from llumnix_py.sim.config import SimConfig  # noqa: E402
 from migration.protocol import MigrationStatus  # noqa: E402
@@ -78,6 +88,8 @@ class System:
     segments: int = 1
     cluster: bool = False  # on a SimCluster of --instances instances
     migration: bool = False  # live migration between them (cluster only)
+    migrate_out: str = "most_served"  # which request leaves a migration source (cluster only)
+    global_fair: bool = False  # engines order clients by cluster-wide service (cluster only)
 
 
 SYSTEMS: dict[str, System] = {
@@ -91,6 +103,9 @@ SYSTEMS: dict[str, System] = {
     "+cost": System("cost"),
     "cluster": System("swap", cluster=True),
     "cluster+migration": System("swap", cluster=True, migration=True),
+    "cluster+global": System("swap", cluster=True, global_fair=True),
+    "cluster+migration+global": System("swap", cluster=True, migration=True, migrate_out="most_served_cluster",
+                                       global_fair=True),
 }
 
 
@@ -108,6 +123,7 @@ class Run:
     ttft: list[float] = field(default_factory=list)
     tbt: list[float] = field(default_factory=list)
     gap: float = 0.0
+    cluster_gap: float = 0.0  # the gap over one VTC of the whole cluster
     preemptions: int = 0
     copies: int = 0
     blocks_copied: int = 0
@@ -152,7 +168,7 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
     convs = [replace(c) for c in convs]
     arrivals: list = [(c.start, i) for i, c in enumerate(convs)]
     heapq.heapify(arrivals)
-    now, run = 0.0, Run()
+    now, run, book = 0.0, Run(), ClusterFairBook()
     live: dict[str, tuple[int, float, list[int]]] = {}  # request id -> (conversation, arrival, tokens)
     last_token: dict[str, float] = {}
     while arrivals or engine.has_unfinished():
@@ -190,6 +206,9 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
         active = {s.client_id for s in engine.seqs.values()}
         if len(active) > 1:
             run.gap = max(run.gap, max_service_gap(engine.fair.counters, active))
+        book.observe("i0", engine.fair.served, active)
+        if len(book.active) > 1:
+            run.cluster_gap = max(run.cluster_gap, book.gap())
     m = engine.swapper.meter
     run.copies, run.blocks_copied = m.copies, m.blocks_copied
     run.reused_tokens, run.switches, run.makespan = engine.conversations.restored_tokens, engine.fair.switches, now
@@ -225,6 +244,7 @@ class ConversationCluster(SimCluster):
         super().__init__(config)
         self.convs, self.turns, self.messages, self.thinks = convs, turns, messages, thinks
         self.run_stats = Run()
+        self.book = ClusterFairBook()
         self._rids: list[str] = []
         self._index: dict[str, int] = {}
         self._tokens: dict[str, list[int]] = {}
@@ -286,6 +306,9 @@ class ConversationCluster(SimCluster):
         active = {s.client_id for s in inst.engine.seqs.values()}
         if len(active) > 1:
             run.gap = max(run.gap, max_service_gap(inst.engine.fair.counters, active))
+        self.book.observe(inst.instance_id, inst.engine.fair.served, active)
+        if len(self.book.active) > 1:
+            run.cluster_gap = max(run.cluster_gap, self.book.gap())
 
     def _loads_read_before_next_tick(self, round_now: bool) -> bool:
         return True  # turns arrive in a closed loop, unknown to the parent's look-ahead: poll every tick
@@ -307,7 +330,8 @@ def simulate_cluster(system: System, convs: list[Conversation], args, seed: int,
             turns.append((ci, t))
             history += msg + max(out_len, 1)
     cfg = _FairSimConfig(num_instances=args.instances, profile=PROFILE, seed=seed,
-                         policy=PolicyConfig(dispatch="conversation", migrate_out="most_served"),
+                         policy=PolicyConfig(dispatch="conversation", migrate_out=system.migrate_out,
+                                             global_fairness=system.global_fair),
                          enable_migration=system.migration, num_blocks=num_blocks,
                          engine=engine_config(system, num_blocks, args))
     cluster = ConversationCluster(cfg, convs, turns, messages, thinks)
@@ -329,7 +353,8 @@ def summarize(run: Run) -> dict:
     def pct(xs, q):
         return float(np.percentile(xs, q)) if xs else 0.0
     return {"ttft_p95": pct(run.ttft, 95), "ttft_p99": pct(run.ttft, 99), "tbt_p95": pct(run.tbt, 95),
-            "tbt_p99": pct(run.tbt, 99), "fairness_gap": run.gap, "preemptions": run.preemptions,
+            "tbt_p99": pct(run.tbt, 99), "fairness_gap": run.gap,
+            "cluster_gap": run.cluster_gap, "preemptions": run.preemptions,
             "yields": run.switches, "copies": run.copies, "blocks_copied": run.blocks_copied,
             "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan,
             "migrations": run.migrations,
@@ -381,10 +406,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("fairness", __doc__.splitlines()[0], argv, _extra)
     results = run(args)
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
-               "fairness gap", "preempt", "yields", "copies", "reused tok", "group", "migr"]
+               "fairness gap", "cluster gap", "preempt", "yields", "copies", "reused tok", "group", "migr"]
     rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
-             r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["preemptions"], r["yields"], r["copies"],
-             r["reused_tokens"], r["group_size_mean"], r["migrations"]] for n, r in results["systems"].items()]
+             r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["cluster_gap"], r["preemptions"], r["yields"],
+             r["copies"], r["reused_tokens"], r["group_size_mean"], r["migrations"]] for n, r in results["systems"].items()]
     common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
     common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
                           [("Latencies (seconds) and switches", headers, rows)],
@@ -392,9 +417,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 f"LLaMA-7B/A10 cost model, seed {args.seed}, margin {args.margin}; "
                                 f"cluster rows: {args.instances} instances sharing the single instance's KV blocks.")
     names = list(results["systems"])
-    fig, axes = common.subplots(1, 3)
+    fig, axes = common.subplots(1, 4)
     for ax, (key, label) in zip(axes[0], [("ttft_p99", "P99 TTFT (s)"), ("tbt_p99", "P99 TBT (s)"),
-                                          ("fairness_gap", "max service gap (tokens)")]):
+                                          ("fairness_gap", "max service gap (tokens)"),
+                                          ("cluster_gap", "cluster-wide service gap (tokens)")]):
         ax.bar(range(len(names)), [results["systems"][n][key] for n in names])
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, fontsize=6)

@@ -44,6 +44,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="host blocks per instance that finished turns of conversations keep for the next turn")
     g.add_argument("--preemption-mode", default="cost", help="cost, swap or recompute (with --host-blocks)")
     g.add_argument("--fairness", action="store_true", help="per-client fair sharing (VTC) in each engine")
+    g.add_argument("--global-fairness", action="store_true",
+                   help="with --fairness: engines order clients by their service over the whole cluster "
+                        "(the scheduler's cluster-wide counters)")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: the engine's, 16; 32 for vLLM, "
                         "whose CPU kernels need a multiple of 32)")
@@ -62,7 +65,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random, slo, conversation, "
                    "jobs (a job call goes to its job's KV while that keeps the job's deadline)")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
-    g.add_argument("--migrate-out", default="shortest", help="shortest, last, longest, lowest_priority, waiting_head")
+    g.add_argument("--migrate-out", default="shortest",
+                   help="shortest, last, longest, lowest_priority, waiting_head, most_served, most_served_cluster")
     g.add_argument("--migrate-out-threshold", type=float, default=3.0)
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
     g.add_argument("--rescue", action="store_true",
@@ -97,7 +101,8 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
                           migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
-                          min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue)
+                          min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
+                          global_fairness=args.global_fairness)
     return ClusterConfig(
         num_instances=args.instances,
         engine=EngineSpec(kind=args.engine,

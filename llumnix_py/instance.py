@@ -74,6 +74,13 @@ class InstanceHandle(abc.ABC):
     def pop_results(self) -> list[MigrationResult]: ...
 
     @abc.abstractmethod
+    @oneway
+    def set_fair_offsets(self, offsets: dict[str, float]) -> None:
+        """The scheduler's cluster-wide fairness view for this instance's engine (global
+        fairness: per client, cluster counter minus the engine's). Sent without waiting: the
+        next poll sends a fresh one."""
+
+    @abc.abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod

@@ -264,6 +264,11 @@ class Llumlet:
         if self.on_migration_done is not None:
             self.on_migration_done(result)
 
+    def set_fair_offsets(self, offsets: dict[str, float]) -> None:
+        """The global scheduler's cluster-wide fairness view, for the engine's decisions."""
+        with self._locked():
+            self.engine.set_fair_offsets(offsets)
+
     def pop_results(self) -> list[MigrationResult]:
         """Take the results of the migrations that ended since the last call, oldest first."""
         out = []

@@ -309,7 +309,8 @@ class LlumletCore:
             return engine_load
         bs = engine_load.block_size
         extra = tuple(RequestLoad.queued(r.request_id, prompt_len=len(r.prompt_token_ids), block_size=bs,
-                                         priority=r.priority, arrival_time=r.arrival_time) for r in queued)
+                                         priority=r.priority, arrival_time=r.arrival_time,
+                                         conversation_id=r.conversation_id, client_id=r.client_id) for r in queued)
         return dataclasses.replace(engine_load, waiting=engine_load.waiting + extra)
 
     def is_idle(self) -> bool:

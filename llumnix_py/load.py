@@ -68,7 +68,8 @@ class RequestLoad:
 
     @classmethod
     def queued(cls, request_id: str, *, prompt_len: int, block_size: int, output_len: int = 0,
-               priority: int = 0, arrival_time: float = 0.0, conversation_id: str = "") -> "RequestLoad":
+               priority: int = 0, arrival_time: float = 0.0, conversation_id: str = "",
+               client_id: str = "") -> "RequestLoad":
         """A request no engine has admitted yet: it holds no blocks and needs enough for
         its prompt plus the ``output_len`` tokens already generated (a resumed request).
 
@@ -80,10 +81,11 @@ class RequestLoad:
             priority: its priority.
             arrival_time: when it arrived.
             conversation_id: its conversation ("" for none).
+            client_id: the client that sent it ("" for none).
         """
         return cls(request_id=request_id, num_blocks=0, blocks_needed=-(-(prompt_len + output_len) // block_size),
                    prompt_len=prompt_len, output_len=output_len, priority=priority, arrival_time=arrival_time,
-                   conversation_id=conversation_id)
+                   conversation_id=conversation_id, client_id=client_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +94,7 @@ class InstanceLoad:
 
     The engine fills the memory and request fields; the global scheduler sets
     ``instance_id``, ``terminating``, ``migrating_out``/``migrating_in``,
-    ``pending_dispatch`` and ``role`` on its copy.
+    ``pending_dispatch``, ``role`` and ``cluster_service`` on its copy.
 
     Attributes:
         instance_id: the instance's id ("" in an engine's own snapshot, which does not
@@ -122,7 +124,13 @@ class InstanceLoad:
             conservative output length of a new job call from the instance's length prior (an
             SLO-aware batch policy publishes it; empty: unknown).
         client_service: ``((client_id, service), ...)``: the engine's virtual token counters
-            (weighted tokens served per client) when it shares fairly, else empty.
+            (weighted tokens served per client, with VTC's lifts) when it shares fairly, else empty.
+        client_served: ``((client_id, service), ...)``: the weighted tokens this instance served
+            each client, charges only (no lifts), so sums over instances count every token once;
+            empty when it does not share fairly.
+        cluster_service: ``((client_id, service), ...)``: the cluster-wide counters (the global
+            scheduler's VTC over every instance's service, ``policies.fairness``) of the clients
+            with requests here; scheduler state, set on its copy (empty in an engine's snapshot).
         role: ``prefill``, ``decode`` or ``both`` (``policies.roles``); scheduler state,
             set on its copy (an engine's own snapshot says ``both``).
         links: ``(peer migration address, GB/s)``: the smoothed bandwidth this instance's
@@ -150,6 +158,8 @@ class InstanceLoad:
     conversations: tuple[tuple[str, int], ...] = ()
     job_len_bounds: tuple[int, ...] = ()
     client_service: tuple[tuple[str, float], ...] = ()
+    client_served: tuple[tuple[str, float], ...] = ()
+    cluster_service: tuple[tuple[str, float], ...] = ()
     role: str = "both"
     links: tuple[tuple[str, float], ...] = ()
     kv_block_bytes: int = 0

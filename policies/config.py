@@ -52,6 +52,9 @@ class PolicyConfig:
         decline_slow_migrations: decline a load-balancing migration whose predicted copy
             time exceeds its benefit (``policies.bandwidth.migration_pays``); off by
             default, so the paper's Llumnix (which never declines) is what runs.
+        global_fairness: fair engines order their clients by cluster-wide service: the
+            scheduler sends each instance, every tick, its clients' cluster counters less the
+            engine's own (``policies.fairness.cluster_offsets``); off: each engine by its own.
     """
 
     dispatch: str = "freeness"
@@ -73,6 +76,7 @@ class PolicyConfig:
     conversation_slack: float = 8.0
     link_tolerance: float = 0.1
     decline_slow_migrations: bool = False
+    global_fairness: bool = False
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -92,8 +96,9 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not isinstance(self.rescue, bool):
-            raise ValueError(f"rescue must be a bool, got {self.rescue!r}")
+        for name in ("rescue", "global_fairness"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         c = self.rescue_copy_s_per_block
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
             raise ValueError(f"rescue_copy_s_per_block must be a finite number >= 0, got {c!r}")

@@ -18,6 +18,14 @@ instance with room. ``select_most_served`` is the ``migrate_out`` policy for it:
 migration source moves out a request of its most-served client (by the counters in
 ``InstanceLoad.client_service``), so the client over its share is the one that moves.
 
+Across instances, each engine's counters see only the clients it serves: a client with
+requests on every instance gets a share of each. The global scheduler keeps one VTC
+over the cluster (``llumnix_py.scheduler.fair_book``): it adds up the service each
+instance reports (``served_delta`` of its ``client_served`` book between polls) and lifts
+a client that becomes active anywhere in the cluster (``cluster_lift``).
+``select_most_served_cluster`` moves out a request of the instance's client that is most
+served cluster-wide (``InstanceLoad.cluster_service``).
+
 All functions are pure over plain mappings and frozen views.
 """
 
@@ -77,6 +85,31 @@ def lift(counters: Mapping[str, float], client: str, active: Iterable[str]) -> d
     return out
 
 
+def lead(counters: Mapping[str, float], client: str, active: Iterable[str]) -> float:
+    """How far ``client``'s counter stands above the least-served active client's (the floor
+    ``lift`` would raise a returning client to); 0 for the least served. What a migrating
+    request carries to its destination, so its client's standing travels with it."""
+    floor = min((counters.get(a, 0.0) for a in set(active) | {client}), default=0.0)
+    return max(0.0, counters.get(client, 0.0) - floor)
+
+
+def lift_migrated(counters: Mapping[str, float], client: str, active: Iterable[str],
+                  lead_: float = 0.0) -> dict[str, float]:
+    """A migrated request of ``client`` commits here. VTC's lift for an arrival, keeping the
+    client's lead from the source: an idle client's counter rises to the smallest counter of
+    the active clients plus ``lead_`` (never falls); an active client's stands (its counter
+    already measures its service here). With ``lead_`` 0 this is ``lift``."""
+    if not lead_ >= 0:
+        raise ValueError(f"lead must be >= 0, got {lead_!r}")
+    out = dict(counters)
+    active = set(active)
+    if client in active and client in out:
+        return out
+    floor = min((out.get(a, 0.0) for a in active if a != client), default=0.0)
+    out[client] = max(out.get(client, 0.0), floor + lead_)
+    return out
+
+
 def fair_key(item: FairItem, counters: Mapping[str, float]) -> tuple:
     """Serve order: higher priority first, then the least-served client, then arrival, then id."""
     return (-item.priority, counters.get(item.client_id, 0.0), item.arrival_time, item.request_id)
@@ -127,3 +160,62 @@ def select_most_served(inst: InstanceLoad) -> Optional[MigrateOut]:
     pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
                                           r.request_id))
     return MigrateOut(pick.request_id, waiting=False)
+
+
+def served_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Service an instance gave each client between two polls of its ``client_served`` book.
+    A book never falls; a value below the last one means the book restarted (a new engine
+    behind the same id), so all of it is new. Only positive amounts are returned."""
+    out: dict[str, float] = {}
+    for client, now in after.items():
+        prev = before.get(client, 0.0)
+        d = now - prev if now >= prev else now
+        if d > 0:
+            out[client] = d
+    return out
+
+
+def cluster_lift(counters: Mapping[str, float], arriving: Iterable[str], active: Iterable[str]) -> dict[str, float]:
+    """VTC's lift over a cluster: each client in ``arriving`` (it had no request anywhere and
+    now has one) rises to the smallest counter of the clients ``active`` before it (never
+    falls); with no client active before, nothing moves."""
+    out = dict(counters)
+    arriving = set(arriving)
+    before = [out.get(a, 0.0) for a in set(active) - arriving]
+    if not before:
+        return out
+    floor = min(before)
+    for c in arriving:
+        out[c] = max(out.get(c, 0.0), floor)
+    return out
+
+
+def select_most_served_cluster(inst: InstanceLoad) -> Optional[MigrateOut]:
+    """``migrate_out`` policy: as ``select_most_served``, by the cluster-wide counters the
+    global scheduler puts on its copy of the snapshot (``inst.cluster_service``), so the
+    request that leaves belongs to the client most over its share of the whole cluster."""
+    service = dict(inst.cluster_service)
+    candidates = [r for r in inst.running if not r.migrating]
+    if not candidates:
+        return None
+    pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
+                                          r.request_id))
+    return MigrateOut(pick.request_id, waiting=False)
+
+
+def cluster_offsets(cluster: Mapping[str, float], local: Mapping[str, float]) -> dict[str, float]:
+    """Global fairness: per client of an instance, its cluster-wide counter minus the instance's
+    own counter, both as of the same poll. The engine adds it to its counters
+    (``in_cluster_frame``), so it orders its clients by their service over the whole cluster."""
+    return {c: cluster.get(c, 0.0) - v for c, v in local.items()}
+
+
+def in_cluster_frame(local: Mapping[str, float], offsets: Mapping[str, float]) -> dict[str, float]:
+    """An engine's counters seen cluster-wide: its counter plus the client's offset, i.e. the
+    cluster counter at the last poll plus the service given here since. A client without an
+    offset (it arrived after the poll) takes the smallest offset, so it counts as no more
+    served than the least-served client here did at that poll; no offsets: ``local``."""
+    if not offsets:
+        return dict(local)
+    default = min(offsets.values())
+    return {c: v + offsets.get(c, default) for c, v in local.items()}

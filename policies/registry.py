@@ -41,6 +41,7 @@ MIGRATE_OUT = _policies("migrate_out", {
     "lowest_priority": "policies.selection:select_lowest_priority",
     "waiting_head": "policies.selection:select_waiting_head",
     "most_served": "policies.fairness:select_most_served",
+    "most_served_cluster": "policies.fairness:select_most_served_cluster",
 })
 PREEMPTION_MODE = _policies("preemption_mode", {
     "cost": "policies.switching:by_cost",

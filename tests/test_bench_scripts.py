@@ -70,9 +70,11 @@ def test_context_switch_benchmark_reports_its_keys(tmp_path: Path) -> None:
 
     r = context_switch.run(blocks=16, repeats=2, steps=2, batch=2, context=16)
     for key in ("blocks", "swap_out_ms_per_block_copy", "swap_out_ms_grouped", "swap_in_ms_per_block_copy",
-                "swap_in_ms_grouped", "step_ms_idle", "step_ms_swapping"):
+                "swap_in_ms_grouped", "step_ms_idle", "step_ms_swapping", "migrate_read_ms_indexed",
+                "migrate_read_ms_grouped", "migrate_write_ms_indexed", "migrate_write_ms_grouped"):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
     assert r["blocks"] == 16
+    assert r["migrate_copies_grouped"] == 1  # 16 blocks of one group: one copy, not 16
 def test_pd_handoff_reports_its_keys_with_every_position_once(tmp_path: Path) -> None:
     """One short prompt, no background batch: the hand-off runs between two processes; the
     script itself fails if a position is missing or emitted by both instances."""

@@ -208,3 +208,8 @@ def test_fairness(tmp_path):
         assert systems[name]["copies"] > 0 and systems[name]["reused_tokens"] > 0
     assert systems["cluster"]["migrations"] == 0 and systems["cluster+migration"]["migrations"] > 0
     assert all(s["migrations"] == 0 for n, s in systems.items() if not n.startswith("cluster"))
+    # global fairness rows replay every turn too; the cluster-wide gap is measured on every row
+    for name in ("cluster+global", "cluster+migration+global"):
+        assert systems[name]["requests"] == systems["llumnix-py"]["requests"]
+    assert systems["cluster+global"]["migrations"] == 0
+    assert all(s["cluster_gap"] > 0 for s in systems.values())

@@ -202,6 +202,7 @@ class ScriptedInstance(InstanceHandle):
         self.snapshot = inst(0)
         self.results: list[MigrationResult] = []
         self.orders: list[tuple[str, str]] = []
+        self.fair_offsets: list[dict[str, float]] = []  # what the scheduler sent (global fairness)
 
     def load(self) -> InstanceLoad:
         return self.snapshot
@@ -218,6 +219,7 @@ class ScriptedInstance(InstanceHandle):
     def resume_request(self, state: Any) -> bool: return False
     def held(self, request_ids: Any) -> list[str]: return []
     def renew_lease(self, reply_to: str) -> None: ...
+    def set_fair_offsets(self, offsets: dict[str, float]) -> None: self.fair_offsets.append(offsets)
     def abort(self, request_id: str) -> bool: return False
     def stats(self) -> dict[str, Any]: return {}
     def stop(self) -> None: ...

@@ -22,7 +22,7 @@ Migration primitives (Llumnix's names), in the order a live migration uses them:
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from llumnix_py.engines.types import MigrationRequestState, Request, StepOutput
 
@@ -63,6 +63,11 @@ class EngineAdapter(abc.ABC):
     @abc.abstractmethod
     def block_size(self) -> int:
         """Tokens per KV block."""
+
+    def set_fair_offsets(self, offsets: Mapping[str, float]) -> None:
+        """The global scheduler's cluster-wide fairness view (per client: cluster counter minus
+        this engine's, ``policies.fairness.cluster_offsets``). An engine that does not share
+        fairly between clients has nothing to order by it and ignores it."""
 
     # ----- migration primitives ----------------------------------------------------------
     @property

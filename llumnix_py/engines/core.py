@@ -7,9 +7,11 @@ The core also implements the migration primitives over its block manager.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence as Seq
+from typing import Mapping, Optional, Sequence as Seq
 
 from llumnix_py.engines.base import EngineAdapter
 from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, get_preemption_policy
@@ -22,6 +24,7 @@ from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, Measure
 from llumnix_py.engines.sequence import Sequence, cdiv
 from llumnix_py.engines.swap import Swapper
 from llumnix_py.engines.types import (
+    MAX_FAIR_LEAD,
     FinishReason,
     MigrationRequestState,
     Request,
@@ -165,6 +168,7 @@ class EngineCore(EngineAdapter):
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
+        self._lifts: dict[str, float] = {}  # migrated in, not run yet: request id -> its client's counter rise
 
     @property
     def length_prior(self) -> Optional[LengthPrior]:
@@ -246,6 +250,7 @@ class EngineCore(EngineAdapter):
         seq.finish_reason = reason
         self.seqs.pop(seq.request_id, None)
         self._mig_epoch.pop(seq.request_id, None)
+        self._lifts.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
@@ -293,6 +298,9 @@ class EngineCore(EngineAdapter):
             swapper.meter.observe_prefill(sum(len(w.token_ids) for w in work), done.duration_s)
         if self.fair is not None:
             self._charge(plan, work, done.tokens)
+        if self._lifts:  # a migrated-in request that ran is here for good: its lift stays
+            for s in plan.decodes + plan.prefills:
+                self._lifts.pop(s.request_id, None)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
         return StepOutput(
@@ -396,9 +404,20 @@ class EngineCore(EngineAdapter):
             max_batch_size=self.config.max_batch_size,
             conversations=tuple((cid, len(t.tokens)) for cid, t in self.conversations.entries().items()),
             client_service=tuple(sorted(self.fair.counters.items())) if self.fair is not None else (),
+            client_served=tuple(sorted(self.fair.served.items())) if self.fair is not None else (),
         )
         annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
         return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)
+
+    def set_fair_offsets(self, offsets: Mapping[str, float]) -> None:
+        """Order clients by cluster-wide service (``FairShare.set_offsets``); ``ValueError`` on
+        anything but client ids mapped to finite numbers."""
+        if not isinstance(offsets, Mapping) or not all(
+                isinstance(c, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for c, v in offsets.items()):
+            raise ValueError("fair offsets must map client ids to finite numbers")
+        if self.fair is not None:
+            self.fair.set_offsets({c: float(v) for c, v in offsets.items()})
 
     def group_sizes(self) -> dict[int, int]:
         """Group size (blocks in a contiguous run of a block table) -> how many such groups
@@ -439,7 +458,11 @@ class EngineCore(EngineAdapter):
         self.scheduler.remove(seq)
         seq.frozen_from = prev
         seq.status = SeqStatus.FROZEN
-        return seq.to_migration_state(prev)
+        state = seq.to_migration_state(prev)
+        if self.fair is not None:  # the client's standing here travels with the request
+            lead = self.fair.lead_of(seq.client_id, {s.client_id for s in self.seqs.values()})
+            state = dataclasses.replace(state, fair_lead=lead)
+        return state
 
     def unfreeze(self, request_id: str) -> None:
         """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
@@ -450,6 +473,7 @@ class EngineCore(EngineAdapter):
             return
         seq = self._frozen(request_id)
         self._mig_epoch.pop(request_id, None)
+        self._lifts.pop(request_id, None)  # activated (a parked copy) or kept (a rollback): the lift stays
         if seq.frozen_from == SeqStatus.RUNNING:
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
@@ -459,6 +483,9 @@ class EngineCore(EngineAdapter):
 
     def free_src(self, request_id: str) -> None:
         seq = self._frozen(request_id)
+        rise = self._lifts.pop(request_id, None)
+        if rise is not None and self.fair is not None:  # a parked copy dropped unrun: as if it never came
+            self.fair.undo_lift(seq.client_id, rise)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
@@ -503,8 +530,12 @@ class EngineCore(EngineAdapter):
         self._validate_tokens(state.prompt_token_ids + state.output_token_ids, len(state.prompt_token_ids), rid,
                               ints_checked=True)
         self._validate_sampling(state.sampling, rid)
+        lead = state.fair_lead
+        if lead is not None and not 0 <= lead <= MAX_FAIR_LEAD:
+            raise MigrationError(f"request {rid}: fair_lead {lead!r} is not in [0, {MAX_FAIR_LEAD:g}]")
         reserved = self._prealloc.get(rid, [])
         seq = Sequence.from_migration(state)
+        active = {s.client_id for s in self.seqs.values()}
         if state.status == SeqStatus.RUNNING:
             need = cdiv(state.num_computed_tokens, self.block_size)
             if len(reserved) != need or state.num_computed_tokens != seq.num_tokens - 1:
@@ -520,6 +551,8 @@ class EngineCore(EngineAdapter):
             self.free_pre_alloc(rid)
             self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
+        if self.fair is not None:  # VTC's lift for an arrival, with the client's lead from the source
+            self._lifts[rid] = self.fair.on_migrated_in(seq.client_id, active, state.fair_lead or 0.0)
 
     # ----- checks --------------------------------------------------------------------------
     def check_invariants(self) -> None:

@@ -435,11 +435,17 @@ class MigrationRequestState:
     objective: Optional[Objective] = None  # on the wire only when set (an optional key)
     client_id: str = ""  # see ``Request``
     conversation_id: str = ""
+    # The client's lead over the least-served active client on the source's fairness
+    # counters (``policies.fairness.lead``); None when the source shares unfairly. On the
+    # wire only when set (an optional key); the destination lifts its counter with it.
+    fair_lead: Optional[float] = None
 
     def to_wire(self) -> dict[str, Any]:
         d = self._wire_fields()
         if self.objective is not None:
             d["objective"] = self.objective.to_wire()
+        if self.fair_lead is not None:
+            d["fair_lead"] = self.fair_lead
         return d
 
     def _wire_fields(self) -> dict[str, Any]:
@@ -466,9 +472,14 @@ class MigrationRequestState:
         need = {"request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority",
                 "arrival_time", "num_preemptions", "status", "num_computed_tokens", "reply_to", "client_id",
                 "conversation_id"}
-        if set(d) - {"objective"} != need:
+        optional = {"objective", "fair_lead"}
+        if set(d) - optional != need:
             raise InvalidRequestError(f"migration state fields differ: missing {sorted(need - set(d))}, "
-                                      f"unexpected {sorted(set(d) - need - {'objective'})}")
+                                      f"unexpected {sorted(set(d) - need - optional)}")
+        lead = d.get("fair_lead")
+        if "fair_lead" in d and (isinstance(lead, bool) or not isinstance(lead, (int, float))
+                                 or not 0 <= lead <= MAX_FAIR_LEAD):
+            raise InvalidRequestError(f"migration state fair_lead must be a number in [0, {MAX_FAIR_LEAD:g}]")
         ids = {key: _unpack_ids(d[key], key) for key in ("prompt_token_ids", "output_token_ids")}
         for key in ("priority", "num_preemptions", "num_computed_tokens"):
             if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
@@ -507,12 +518,14 @@ class MigrationRequestState:
             objective=Objective.from_wire(d["objective"]) if "objective" in d else None,
             client_id=d["client_id"],
             conversation_id=d["conversation_id"],
+            fair_lead=None if lead is None else float(lead),
         )
 
 
 # Token ids travel as little-endian uint32 bytes: packing and checking 8k ids costs
 # microseconds, which keeps the stop-and-copy stage (the migration's downtime) flat in length.
 MAX_TOKEN_ID = 2**31 - 1
+MAX_FAIR_LEAD = 1e15  # weighted tokens: far beyond any real service, finite (NaN and inf fail the range check)
 MAX_WIRE_TOKENS = 1 << 22
 
 

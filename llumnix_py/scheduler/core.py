@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Optional
 from llumnix_py.errors import UnknownInstanceError
 from llumnix_py.healing import RestartPolicy
 from migration.ownership import Owner, OwnershipArbiter
+from llumnix_py.scheduler.fair_book import ClusterFairBook
 from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
+from policies.fairness import cluster_offsets
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
@@ -111,6 +113,7 @@ class InstanceRecord:
     orders_in: dict[str, MigrationOrder] = field(default_factory=dict)
     role: Role = Role.BOTH
     handoffs_tried: set[str] = field(default_factory=set)  # requests here whose hand-off was ordered
+    clients: frozenset[str] = frozenset()  # clients of its requests, when its engine shares fairly
 
 
 def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = False) -> InstanceLoad:
@@ -139,6 +142,7 @@ class GlobalScheduler:
         self.flip_state = FlipState()
         self.role_flips: list[tuple[float, str, str]] = []  # (when, instance, new role)
         self.ownership = OwnershipArbiter()
+        self.fair_book = ClusterFairBook()  # cluster-wide VTC, fed by fair engines' loads
 
     # ----- membership --------------------------------------------------------------------
     def register(self, instance_id: str, address: str, now: float, role: Optional[str] = None) -> None:
@@ -178,6 +182,7 @@ class GlobalScheduler:
         if dead_at is not None:
             self.ownership.settle_dead(instance_id, dead_at)
         rec = self.instances.pop(instance_id, None)
+        self.fair_book.forget(instance_id)
         self.dispatch_state.forget(instance_id)
         self.payoff.on_remove(instance_id)
         if rec is None:
@@ -197,6 +202,9 @@ class GlobalScheduler:
             return
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
+        if load.client_service or load.client_served:  # a fair engine: its service joins the cluster's book
+            rec.clients = frozenset(r.client_id for r in load.running + load.waiting)
+            self.fair_book.observe(instance_id, dict(load.client_served), rec.clients)
         if rec.handoffs_tried:  # forget requests that left or ended
             here = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
             rec.handoffs_tried &= here
@@ -214,8 +222,18 @@ class GlobalScheduler:
                 continue
             out.append(replace(rec.load, terminating=rec.terminating, migrating_out=len(rec.orders_out),
                                migrating_in=len(rec.orders_in),
-                               pending_dispatch=self.dispatch_state.pending(rid), role=rec.role.value))
+                               pending_dispatch=self.dispatch_state.pending(rid), role=rec.role.value,
+                               cluster_service=self.fair_book.view(rec.clients) if rec.clients else ()))
         return out
+
+    def fair_offsets(self) -> dict[str, dict[str, float]]:
+        """Global fairness (``PolicyConfig.global_fairness``): per fair instance, its clients'
+        cluster counters less its engine's own as of its last poll; empty when off."""
+        if not self.config.policy.global_fairness or not self.fair_book:
+            return {}
+        g = self.fair_book.counters
+        return {iid: cluster_offsets(g, dict(rec.load.client_service)) for iid, rec in sorted(self.instances.items())
+                if rec.load is not None and rec.load.client_service}
 
     # ----- dispatch ----------------------------------------------------------------------
     def dispatch(self, request: RequestLoad) -> Optional[str]:

@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from llumnix_py.instance import InstanceDiedError, InstanceHandle, InstanceLauncher
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder, SchedulerConfig
@@ -162,6 +162,7 @@ class SchedulerDaemon:
                 self._retire(iid, why)
             self._start_migrations(actions.orders)
             self._scale(actions.scale)
+            self._send_fair_offsets(actions.fair_offsets)
             if not self._stop.is_set():
                 self.replenisher.tick(self.clock(), len(self.handles))  # a launch runs in its own thread
 
@@ -206,6 +207,17 @@ class SchedulerDaemon:
     @staticmethod
     def _poll_one(h: InstanceHandle):
         return h.load(), h.pop_results()
+
+    def _send_fair_offsets(self, offsets: Mapping[str, Mapping[str, float]]) -> None:
+        """Hand each fair engine its cluster-wide view (oneway: the next tick sends a fresh one)."""
+        for iid, o in offsets.items():
+            handle = self.handles.get(iid)
+            if handle is None:
+                continue
+            try:
+                handle.set_fair_offsets(dict(o))
+            except Exception as exc:
+                log.warning("set_fair_offsets on %s failed: %s", iid, exc)
 
     def _start_migrations(self, orders: Sequence[MigrationOrder]) -> None:
         for order in orders:
@@ -340,4 +352,8 @@ class SchedulerDaemon:
                 "frontends": self.frontends.listed(self.clock()),
                 "instance_healing": self.replenisher.report(self.clock()),
                 "payoff": self.core.payoff.stats(self.core.num_dispatched),
+                # fair engines only: the cluster-wide VTC counters and the largest gap between active clients
+                "fairness": {"clients": dict(sorted(self.core.fair_book.counters.items())),
+                             "active": sorted(self.core.fair_book.active),
+                             "gap": self.core.fair_book.gap()} if self.core.fair_book else None,
             }

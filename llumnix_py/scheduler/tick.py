@@ -8,6 +8,7 @@ migrations, instances found dead) and returns what to do::
     prefill instances?       ──► handoff_round (every tick)        ──► hand-off orders to start
     migration round due?     ──► migration_round                   ──► orders to start
     scaling allowed?         ──► scaling_round                     ──► scale decision
+    global fairness?         ──► fair_offsets                      ──► each fair engine's cluster view
     drained / silent         ──► removed                           ──► retire (drained / dead)
 
 The driver starts the orders (and reports an order that could not start with
@@ -37,11 +38,14 @@ class TickActions:
         scale: the scaling decision (``ScaleAction.NONE`` when none was taken).
         retired: instances removed from the scheduler, with why (``dead`` or ``drained``),
             in the order they were removed: stop drained ones, fence dead ones.
+        fair_offsets: per instance, the cluster-wide fairness view to hand its engine
+            (``GlobalScheduler.fair_offsets``; empty unless ``global_fairness``).
     """
 
     orders: tuple["MigrationOrder", ...] = ()
     scale: ScaleDecision = field(default_factory=lambda: ScaleDecision(ScaleAction.NONE))
     retired: tuple[tuple[str, str], ...] = ()
+    fair_offsets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 class SchedulerTick:
@@ -100,7 +104,7 @@ class SchedulerTick:
         if heartbeat:
             for iid in core.dead(now):
                 self._retire(iid, "dead", retired, now)
-        return TickActions(orders, decision, tuple(retired))
+        return TickActions(orders, decision, tuple(retired), core.fair_offsets())
 
     def _retire(self, iid: str, why: str, retired: list[tuple[str, str]], now: Optional[float] = None) -> None:
         if iid in self.core.instances:

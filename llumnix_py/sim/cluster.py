@@ -310,6 +310,9 @@ class SimCluster:
             self.timings["migration_round" if round_now else "scaling"].append(time.perf_counter() - t0)
         for order in actions.orders:
             self._start_migration(order)
+        for iid, offsets in actions.fair_offsets.items():  # global fairness: each engine's cluster view
+            if iid in self.instances:
+                self.instances[iid].engine.set_fair_offsets(offsets)
         self._scale(actions.scale)
         for iid, _why in actions.retired:
             self._remove_instance(iid)

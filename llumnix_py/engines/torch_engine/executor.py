@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from llumnix_py.engines.block_manager import CopyRun
+from llumnix_py.engines.block_manager import CopyRun, copy_runs
 from llumnix_py.engines.executor import Executed, Executor, SeqWork
 from llumnix_py.engines.torch_engine.model import LlamaModel, ModelConfig, SeqBatchEntry, allocate_kv_cache
 from llumnix_py.engines.torch_engine.sampler import prompt_logprobs, sample, token_logprobs
@@ -33,6 +33,8 @@ class TorchExecutor(Executor):
         self.model_config = model_config
         self.block_size = block_size
         self.kv = allocate_kv_cache(model_config, num_blocks, block_size)
+        # Migration copies: one per contiguous run of blocks read into, or written from, a frame.
+        self.migration_copies = 0
         self.host_kv = torch.empty((num_host_blocks,) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype,
                                    pin_memory=self.kv.is_cuda)
         self._max_model_len = min(max_model_len or model_config.max_position_embeddings,
@@ -107,7 +109,23 @@ class TorchExecutor(Executor):
         return time.perf_counter() - t0
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return self.kv.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))
+        """The blocks' KV packed into one tensor (a migration frame), one copy per contiguous
+        run of ``block_ids`` (a block group moves in one copy, not one per block)::
+
+            block_ids 7 8 9 3 4   ->  frame[0:3] = kv[7:10], frame[3:5] = kv[3:5]   (2 copies)
+
+        A fragmented list (runs of fewer than ``MIN_MEAN_RUN`` blocks on average) is gathered
+        row by row instead (one copy per block), which is cheaper than many small slices."""
+        ids = list(block_ids)
+        runs = _grouped(copy_runs(ids, range(len(ids))), len(ids))
+        if runs is None:
+            self.migration_copies += len(ids)
+            return self.kv.index_select(0, torch.as_tensor(ids, dtype=torch.long))
+        out = torch.empty((len(ids),) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
+        for s, d, n in runs:
+            out[d:d + n].copy_(self.kv[s:s + n])
+        self.migration_copies += len(runs)
+        return out
 
     def write_blocks(self, block_ids: Sequence[int], data: object) -> None:
         if not isinstance(data, torch.Tensor):
@@ -116,4 +134,19 @@ class TorchExecutor(Executor):
         if tuple(data.shape) != expected or data.dtype != self.kv.dtype:
             raise ValueError(f"KV data of shape {tuple(data.shape)} {data.dtype} does not match "
                              f"{expected} {self.kv.dtype}")
-        self.kv.index_copy_(0, torch.as_tensor(list(block_ids), dtype=torch.long), data)
+        runs = _grouped(copy_runs(range(len(block_ids)), block_ids), len(block_ids))  # frame offset -> pool run
+        if runs is None:  # fragmented: scatter row by row
+            self.kv.index_copy_(0, torch.as_tensor(list(block_ids), dtype=torch.long), data)
+            self.migration_copies += len(block_ids)
+            return
+        for s, d, n in runs:
+            self.kv[d:d + n].copy_(data[s:s + n])
+        self.migration_copies += len(runs)
+
+
+MIN_MEAN_RUN = 4  # blocks per run, on average, below which a migration copy gathers row by row
+
+
+def _grouped(runs: list[CopyRun], num_blocks: int) -> Optional[list[CopyRun]]:
+    """``runs`` when grouping pays (long enough runs on average), else ``None``."""
+    return runs if len(runs) * MIN_MEAN_RUN <= num_blocks else None
