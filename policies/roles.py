@@ -9,6 +9,10 @@ into the load snapshots (``InstanceLoad.role``), and the policies read it:
 * load-balancing pairs leave ``prefill`` instances out (their requests leave by hand-off);
 * ``plan_role_flip``: at run time, a pure policy flips one instance's role when the
   prefill backlog and the decode instances' room drift apart (no restart);
+* ``plan_redirects``: a ``decode`` instance prefills nothing: a request queued there
+  that was never prefilled (an instance flipped from ``prefill`` still holds it, or a
+  dispatch raced the flip) moves, as a waiting request (no KV), to a prefill-capable
+  instance;
 * ``plan_handoffs``: once a request on a ``prefill`` instance has its first token out
   (``output_len >= 1``), it is handed to the ``decode`` instance where it leaves the
   most freeness (the paper's freeness with the request added, and the hand-offs
@@ -31,8 +35,8 @@ from typing import Collection, Mapping, Optional, Sequence
 from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.bandwidth import pick_by_link
 from policies.config import PolicyConfig
-from policies.types import Handoff
-from policies.virtual_usage import freeness_after_addition, summarize
+from policies.types import Handoff, Redirect
+from policies.virtual_usage import freeness_after_addition, freeness_with_request, summarize
 
 
 class Role(str, enum.Enum):
@@ -168,6 +172,54 @@ def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip:
     return planned
 
 
+def never_prefilled(req: RequestLoad) -> bool:
+    """A queued request with no token generated yet and not migrating: prefill-phase work."""
+    return req.output_len == 0 and not req.migrating
+
+
+def plan_redirects(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, slots_out: Mapping[str, int],
+                   slots_in: Mapping[str, int]) -> list[Redirect]:
+    """Queued prefill-phase requests on ``decode`` instances, back to prefill-capable ones.
+
+    Args:
+        instances: load snapshots (``role`` set by the scheduler).
+        cfg: policy thresholds (headroom) for the dispatch freeness.
+        slots_out / slots_in: how many more migrations each instance may start as
+            source / destination now (absent: none).
+
+    Each waiting request that was never prefilled (``never_prefilled``; per source in
+    queue order) on a non-terminating ``decode`` instance goes to the ``prefill`` or
+    ``both`` instance (not terminating, with a free slot) where the dispatcher would put
+    it: the highest dispatch freeness with the request added
+    (``virtual_usage.freeness_with_request``), this round's earlier redirects counted in
+    as queued there; ties by lowest id. Where no such instance has a slot, the request
+    waits for a later round (it is not lost: if its instance admits it first, it is
+    prefilled and decodes there).
+    """
+    dsts = {inst.instance_id: inst for inst in instances
+            if inst.role != Role.DECODE.value and not inst.terminating}
+    if not dsts:
+        return []
+    out_left = dict(slots_out)
+    in_left = {iid: slots_in.get(iid, 0) for iid in dsts}
+    planned: list[Redirect] = []
+    for src in sorted((i for i in instances if i.role == Role.DECODE.value and not i.terminating),
+                      key=lambda i: i.instance_id):
+        for req in (r for r in src.waiting if never_prefilled(r)):
+            if out_left.get(src.instance_id, 0) <= 0:
+                break
+            options = [(-freeness_with_request(dst, cfg, req), iid) for iid, dst in dsts.items() if in_left[iid] > 0]
+            if not options:
+                return planned
+            _, dst_id = min(options)
+            dst = dsts[dst_id]
+            dsts[dst_id] = dataclasses.replace(dst, waiting=dst.waiting + (req,))
+            in_left[dst_id] -= 1
+            out_left[src.instance_id] = out_left.get(src.instance_id, 0) - 1
+            planned.append(Redirect(req.request_id, src.instance_id, dst_id))
+    return planned
+
+
 # ----- run-time role flipping -------------------------------------------------------------
 
 
@@ -229,7 +281,8 @@ def plan_role_flip(instances: Sequence[InstanceLoad], cfg: PolicyConfig, flip: R
     its decoding requests then leave by hand-off like any prefill instance's. When
     there is no backlog but decode is tight (``decode_tight_steps``) for ``rounds``
     rounds, the prefill instance with the least work becomes ``decode``: it takes no new
-    request, its queued ones are prefilled and decode where they are. Each phase keeps
+    request, its queued ones that were never prefilled leave for a prefill-capable
+    instance (``plan_redirects``), and the ones already decoding stay. Each phase keeps
     at least one instance; terminating instances are neither counted nor flipped.
     """
     live = [i for i in instances if not i.terminating]

@@ -80,7 +80,7 @@ class SimMigrations:
         machine = p.SourceMigration(order.migration_id, order.request_id, order.waiting, self.config.migration)
         driver = MigrationDriver(src.engine, LocalPort(dst.core, src.engine, now=self._now), clock=self._now)
         run = MigrationRun(order, machine, driver, src, dst, now)
-        if not src.core.begin_migration(order.request_id, order.migration_id):
+        if not src.core.begin_migration(order.request_id, order.migration_id, now=now):
             result = MigrationResult(order.migration_id, order.request_id, p.MigrationStatus.ABORTED_SRC, _REFUSED,
                                      machine.config.mode.value, 0, 0, 0.0, 0.0)
             self._on_done(result, run)
