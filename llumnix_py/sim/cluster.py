@@ -27,7 +27,8 @@ Timing model:
 * A step is planned and applied (``engine.step()``) when it starts; its tokens are
   delivered ``duration_s`` later, when the next step may start. So a request that
   finishes frees its blocks at the start of its last step (one step early).
-* ``CopyBlocks`` takes ``profile.migration_time(blocks)``; a destination call
+* ``CopyBlocks`` takes ``profile.migration_time(blocks, cross_node)`` (the pair's link:
+  same node or not, ``SimConfig.instances_per_node``); a destination call
   (pre-allocate, commit, abort) ``rpc_latency_s``; engine-local calls (incremental
   blocks, free) no time. ``Freeze`` waits for the source's iteration boundary (the
   end of its running step). The source keeps stepping during pre-copy stages; from
@@ -71,8 +72,9 @@ _EPS = 1e-9
 class SimInstance:
     """One simulated instance: a llumlet core over its engine, and its stepping state."""
 
-    def __init__(self, core: LlumletCore, engine: EngineCore) -> None:
+    def __init__(self, core: LlumletCore, engine: EngineCore, node: int = 0) -> None:
         self.instance_id = core.instance_id
+        self.node = node  # its node (``SimConfig.instances_per_node``): copies across nodes are slower
         self.core = core
         self.engine = engine
         self.busy = False  # a step is in flight
@@ -97,6 +99,7 @@ class SimCluster:
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = 0
         self._next_id = 0
+        self._started = 0  # instances started so far (they fill nodes in this order)
         self._manual = 0
         self.records: dict[str, RequestRecord] = {}
         self._undispatched: list[RequestRecord] = []
@@ -195,7 +198,9 @@ class SimCluster:
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
                                          max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine,
                            length_prior=prior)
-        inst = SimInstance(core, engine)
+        per_node = cfg.instances_per_node
+        inst = SimInstance(core, engine, node=self._started // per_node if per_node else 0)
+        self._started += 1
         self.instances[iid] = inst
         self.scheduler.register(iid, iid, self.now)
         self.scheduler.on_load(iid, core.load(engine.load()), self.now)

@@ -55,6 +55,10 @@ class SimConfig:
         pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
             roles in this ratio as they start; ``policies.roles``); None: colocated.
         role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
+        instances_per_node: place instances on nodes, this many a node in the order they
+            start (the k-th on node ``k // instances_per_node``): a migration between two
+            nodes copies at the profile's ``cross_node_link_gbps``, within one node at its
+            ``link_gbps``; None (default): one node, every copy at ``link_gbps``.
     """
 
     num_instances: int = 4
@@ -82,6 +86,7 @@ class SimConfig:
     length_quantile: float = 0.9
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
+    instances_per_node: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -104,6 +109,9 @@ class SimConfig:
             if self.num_instances < sum(self.pd_ratio):
                 raise ValueError(f"a {self.pd_ratio[0]}:{self.pd_ratio[1]} split needs at least "
                                  f"{sum(self.pd_ratio)} instances, got {self.num_instances}")
+        per_node = self.instances_per_node
+        if per_node is not None and (isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1):
+            raise ValueError(f"instances_per_node must be an integer >= 1, got {per_node!r}")
         bounds = {}
         if self.min_instances is not None:
             bounds["min_instances"] = self.min_instances

@@ -10,7 +10,8 @@ real ``MigrationDriver`` carries out over a ``LocalPort`` to the destination's c
 
 * an action that takes no virtual time is followed at once by the next one;
 * one that takes time schedules its reply as an event that much later:
-  ``CopyBlocks`` takes ``profile.migration_time(blocks)``, a call to the
+  ``CopyBlocks`` takes ``profile.migration_time(blocks, cross_node)`` (the pair's link:
+  same node or across nodes), a call to the
   destination (pre-allocate, commit, activate, abort) ``rpc_latency_s``;
 * the destination parks a committed request and runs it from ``Activate`` on, which
   the source sends once the commit's reply came back and it freed its copy (no
@@ -122,7 +123,7 @@ class SimMigrations:
             dst.dirty = True
             return self.config.rpc_latency_s
         if isinstance(action, p.CopyBlocks):
-            return self.profile.migration_time(len(action.src_block_ids))
+            return self.profile.migration_time(len(action.src_block_ids), cross_node=src.node != dst.node)
         if isinstance(action, p.Freeze):
             src.dirty = True
             run.frozen_at = self._now()

@@ -76,7 +76,9 @@ class HardwareSpec:
         mem_bandwidth_gbps: memory bandwidth per GPU, GB/s.
         mem_gb: memory per GPU, GB.
         link_gbps: effective bandwidth of the migration path of the whole
-            instance (all its GPUs together), GB/s.
+            instance (all its GPUs together) to an instance on the same node, GB/s.
+        cross_node_link_gbps: the same to an instance on another node, GB/s (the
+            network); ``None``: as ``link_gbps`` (no node boundary is modelled).
         link_latency_s: fixed cost of one migration transfer (a round trip of
             control messages), seconds.
         host_link_gbps: bandwidth between one GPU and host memory, per direction,
@@ -94,6 +96,7 @@ class HardwareSpec:
     link_latency_s: float = 1e-3
     host_link_gbps: float = 32.0
     host_copy_overhead_s: float = 1e-5
+    cross_node_link_gbps: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1:
@@ -104,6 +107,14 @@ class HardwareSpec:
             raise ValueError(f"link_latency_s must be >= 0, got {self.link_latency_s!r}")
         if not math.isfinite(self.host_copy_overhead_s) or self.host_copy_overhead_s < 0:
             raise ValueError(f"host_copy_overhead_s must be >= 0, got {self.host_copy_overhead_s!r}")
+        if self.cross_node_link_gbps is not None:
+            _check_positive("cross_node_link_gbps", self.cross_node_link_gbps)
+
+    def pair_link_gbps(self, cross_node: bool) -> float:
+        """The migration bandwidth between two instances on the same node or not, GB/s."""
+        if cross_node and self.cross_node_link_gbps is not None:
+            return self.cross_node_link_gbps
+        return self.link_gbps
 
 
 @dataclass(frozen=True)
@@ -284,10 +295,11 @@ class CostProfile:
             + self._pass_time(num_decode_seqs, decode_context_tokens, decode_context_tokens)
         )
 
-    def migration_time(self, num_blocks: int) -> float:
-        """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer)."""
+    def migration_time(self, num_blocks: int, cross_node: bool = False) -> float:
+        """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer),
+        on the same node or (``cross_node``) on another one (``HardwareSpec.pair_link_gbps``)."""
         _check_count("num_blocks", num_blocks)
-        return self.hw.link_latency_s + num_blocks * self.kv_block_bytes / (self.hw.link_gbps * _GB)
+        return self.hw.link_latency_s + num_blocks * self.kv_block_bytes / (self.hw.pair_link_gbps(cross_node) * _GB)
 
     def host_copy_time(self, num_blocks: int, num_copies: int) -> float:
         """Time to copy ``num_blocks`` KV blocks between GPU and host in ``num_copies`` copies

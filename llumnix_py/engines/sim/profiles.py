@@ -73,6 +73,11 @@ steps, as DistServe's vLLM baseline); nothing was fitted to a DistServe figure.
 * Migration link: ``link_gbps = 25``, PCIe 4.0 x16 (32 GB/s peak) at about 80%: a
   copy through the host between two GPUs of one node, not NVLink (DistServe places the
   phases on NVLink where it can; this profile takes the slower path).
+* Cross-node link: ``cross_node_link_gbps = 3.125``, DistServe's testbed (Section 6.1:
+  four nodes of eight A100-80GB SXM with NVLink, "cross-node bandwidth 25 Gbps"): 25 Gbit/s
+  is 3.125 GB/s, taken at its line rate (an upper bound; nothing fitted). It applies
+  only where a simulation places instances on nodes (``SimConfig.instances_per_node``);
+  a same-node copy stays at ``link_gbps``.
 
 ``profile_from_csv`` fits the step time of a user's own hardware instead.
 """
@@ -96,7 +101,8 @@ A10_X4 = HardwareSpec(
     name="4xA10-24GB", num_gpus=4, peak_tflops=125.0, mem_bandwidth_gbps=600.0, mem_gb=24.0, link_gbps=10.0
 )
 A100 = HardwareSpec(
-    name="A100-80GB", num_gpus=1, peak_tflops=312.0, mem_bandwidth_gbps=2039.0, mem_gb=80.0, link_gbps=25.0
+    name="A100-80GB", num_gpus=1, peak_tflops=312.0, mem_bandwidth_gbps=2039.0, mem_gb=80.0, link_gbps=25.0,
+    cross_node_link_gbps=25.0 / 8,
 )
 LLAMA_7B = ModelSpec(
     name="llama-7b", num_params=6.7e9, num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128
