@@ -29,7 +29,8 @@ from llumnix_py.errors import InvalidRequestError, UnknownNameError
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--instances", type=int, default=2, help="instances at start")
+    g.add_argument("--instances", type=int, default=None,
+                   help="instances at start (default: one per --roles entry, else 2)")
     g.add_argument("--runtime", choices=["ray", "local"], default="ray")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     g.add_argument("--namespace", default="llumnix", help="Ray namespace of the named actors")
@@ -58,6 +59,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="prefill/decode disaggregation: instances get the roles prefill and decode in this "
                         "ratio (e.g. 1:3 with --instances 4); new requests go to prefill instances and move to a "
                         "decode instance by live migration once their first token is out (default: colocated)")
+    g.add_argument("--roles", type=_roles, default=None, metavar="ROLE,...",
+                   help="per-instance roles instead of --pd, in instance order: prefill, decode or both, "
+                        "e.g. prefill,decode,decode (one per instance)")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
@@ -91,6 +95,15 @@ def _pd_ratio(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _roles(text: str):
+    from policies.roles import parse_roles
+
+    try:
+        return parse_roles(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
     headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
@@ -98,7 +111,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue)
     return ClusterConfig(
-        num_instances=args.instances,
+        num_instances=args.instances if args.instances is not None else len(args.roles or ()) or 2,
         engine=EngineSpec(kind=args.engine,
                           engine=EngineConfig(num_blocks=args.num_blocks,
                                               block_size=args.block_size or default_block_size(args.engine),
@@ -109,7 +122,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               preemption_mode=args.preemption_mode, fairness=args.fairness),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
-                                  pd_ratio=args.pd),
+                                  pd_ratio=args.pd, roles=args.roles),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,

@@ -2,7 +2,8 @@
 
 An instance is ``prefill``, ``decode`` or ``both`` (the default: colocated, the
 behaviour without roles). The role is scheduler state: the scheduler assigns one to
-each instance it registers (``assign_role``, from a prefill:decode ratio), folds it
+each instance it registers (``assign_role``, from a prefill:decode ratio or a list of
+per-instance roles, ``parse_roles``), folds it
 into the load snapshots (``InstanceLoad.role``), and the policies read it:
 
 * dispatch sends new requests only to prefill-capable instances (``prefill``, ``both``);
@@ -84,23 +85,66 @@ def parse_pd_ratio(text: object) -> tuple[int, int]:
     return p, d
 
 
-def roles_for(n: int, ratio: tuple[int, int]) -> list[Role]:
-    """The roles of ``n`` instances registered one after another under ``ratio``
-    (``assign_role`` applied in turn)."""
-    roles: list[Role] = []
-    for _ in range(n):
-        roles.append(assign_role(roles, ratio))
+def parse_roles(text: object) -> tuple[Role, ...]:
+    """Per-instance roles, ``"prefill,decode,decode"`` (or a sequence of names), validated.
+
+    Raises:
+        ValueError: an unknown role (named), an empty list, no instance that takes new
+            requests (``prefill`` or ``both``), or a ``prefill`` instance without a
+            ``decode`` instance to hand its requests to, or the reverse (hand-offs go only
+            from ``prefill`` to ``decode`` instances).
+    """
+    if isinstance(text, str):
+        items: list[object] = [x for x in text.split(",")]
+    elif isinstance(text, (tuple, list)):
+        items = list(text)
+    else:
+        raise ValueError(f"roles are a comma-separated list such as 'prefill,decode,decode', got {text!r}")
+    if not items or items == [""]:
+        raise ValueError("roles: the list is empty; give one role per instance, e.g. 'prefill,decode,decode'")
+    roles = tuple(parse_role(x) for x in items)
+    if all(r == Role.DECODE for r in roles):
+        raise ValueError("roles: no instance takes new requests; list at least one 'prefill' or 'both'")
+    if Role.PREFILL in roles and Role.DECODE not in roles:
+        raise ValueError("roles: a prefill instance hands its requests to decode instances; list at least one 'decode'")
+    if Role.DECODE in roles and Role.PREFILL not in roles:
+        raise ValueError("roles: decode instances take requests from prefill instances only; "
+                         "list at least one 'prefill'")
     return roles
 
 
-def assign_role(current: Sequence[Role], ratio: Optional[tuple[int, int]]) -> Role:
+def roles_for(n: int, ratio: Optional[tuple[int, int]], roles: Optional[Sequence[Role]] = None) -> list[Role]:
+    """The roles of ``n`` instances registered one after another under ``ratio`` or the
+    per-instance ``roles`` (``assign_role`` applied in turn)."""
+    out: list[Role] = []
+    for _ in range(n):
+        out.append(assign_role(out, ratio, roles))
+    return out
+
+
+def assign_role(current: Sequence[Role], ratio: Optional[tuple[int, int]],
+                roles: Optional[Sequence[Role]] = None) -> Role:
     """The role of one more instance, given the roles of those registered.
 
+    With per-instance ``roles``: the first listed role that the registered instances do
+    not cover yet (walking the list, each registered instance covers one listed entry of
+    its role), so instances registered in turn get the list in order and a replacement of
+    a dead instance takes the role it had; beyond the list (a scale-out), the listed role
+    furthest below its share of the list (``count / listed``; list order on a tie).
     Without a ratio every instance is ``both``. With ``(P, D)``, the role whose count
     is furthest below its share of the ratio (count / share smallest; prefill on a tie),
     so instances registered in turn follow the ratio and a replacement of a dead
     instance takes the role the cluster is short of.
     """
+    if roles:
+        left = {r: sum(1 for c in current if c == r) for r in Role}
+        for r in roles:
+            if left[r] == 0:
+                return r
+            left[r] -= 1
+        listed = {r: sum(1 for x in roles if x == r) for r in roles}
+        order = list(dict.fromkeys(roles))
+        return min(order, key=lambda r: (sum(1 for c in current if c == r) / listed[r], order.index(r)))
     if ratio is None:
         return Role.BOTH
     p, d = ratio

@@ -275,3 +275,42 @@ def test_the_role_flip_policy_flips_through_the_scheduler_and_the_queue_follows(
     late = InstanceLoad(instance_id="", total_blocks=100, used_blocks=0, waiting=(waiting("late", 3),))
     core.on_load("c", late, 1.1)  # a dispatch that raced the flip
     assert [(o.request_id, o.src, o.dst) for o in core.redirect_round(1.2)] == [("late", "c", "a")]
+
+
+# ----- per-instance roles ---------------------------------------------------------------------
+
+from policies.roles import parse_roles  # noqa: E402
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("prefill,decoder", "unknown instance role 'decoder'; expected one of prefill, decode, both"),
+    ("", "the list is empty"), ((), "the list is empty"), (3, "comma-separated"),
+    ("decode,decode", "no instance takes new requests"),
+    ("prefill,prefill", "list at least one 'decode'"), ("prefill,both", "list at least one 'decode'"),
+    ("decode,both", "list at least one 'prefill'")])
+def test_bad_per_instance_roles_are_errors_saying_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_roles(bad)
+
+
+def test_per_instance_roles_are_given_in_order_and_a_replacement_takes_the_role_it_had():
+    roles = parse_roles("decode, Prefill,decode")
+    assert roles == (Role.DECODE, Role.PREFILL, Role.DECODE)
+    assert parse_roles(["both", "both"]) == (Role.BOTH, Role.BOTH)
+    assert roles_for(3, None, roles) == list(roles)
+    assert assign_role([Role.DECODE, Role.DECODE], None, roles) == Role.PREFILL  # the prefill instance died
+    assert assign_role([Role.PREFILL, Role.DECODE], None, roles) == Role.DECODE
+    # beyond the list (a scale-out): the role furthest below its share, list order on a tie
+    assert roles_for(6, None, roles) == [Role.DECODE, Role.PREFILL, Role.DECODE, Role.DECODE, Role.PREFILL,
+                                         Role.DECODE]
+    core = GlobalScheduler(SchedulerConfig(roles="prefill,decode,decode"))
+    for i in "abc":
+        core.register(i, f"addr-{i}", 0.0)
+    assert [core.role(i) for i in "abc"] == [Role.PREFILL, Role.DECODE, Role.DECODE]
+    core.remove("a")
+    core.register("d", "addr-d", 1.0)
+    assert core.role("d") == Role.PREFILL
+    with pytest.raises(ValueError, match="not both"):
+        SchedulerConfig(roles="prefill,decode", pd_ratio="1:1")
+    with pytest.raises(ValueError, match="2 roles listed .prefill,decode. for 3 instances"):
+        ClusterConfig(num_instances=3, runtime="local", scheduler=SchedulerConfig(roles="prefill,decode"))

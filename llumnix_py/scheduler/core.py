@@ -26,8 +26,8 @@ from policies.dispatch import DispatchState, dispatch
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
-from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, plan_handoffs,
-                            plan_redirects, plan_role_flip)
+from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, parse_roles,
+                            plan_handoffs, plan_redirects, plan_role_flip)
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -57,6 +57,9 @@ class SchedulerConfig:
         pd_ratio: ``(P, D)``: prefill/decode disaggregation, instances get the roles
             ``prefill`` and ``decode`` in this ratio as they register (``policies.roles``);
             None (default): every instance is ``both`` (colocated). Also ``"P:D"``.
+        roles: per-instance roles instead of a ratio, in registration order (``"prefill,
+            decode,decode"`` or a sequence; ``policies.roles.parse_roles``); a replacement
+            of a dead instance takes the role it had. Not together with ``pd_ratio``.
         role_flip: flip roles at run time when the phase loads drift apart
             (``policies.roles.plan_role_flip``, once per migration round); None: fixed roles.
     """
@@ -74,10 +77,15 @@ class SchedulerConfig:
     instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
+    roles: Optional[tuple[Role, ...]] = None
 
     def __post_init__(self) -> None:
         if self.pd_ratio is not None:
             object.__setattr__(self, "pd_ratio", parse_pd_ratio(self.pd_ratio))
+        if self.roles is not None:
+            if self.pd_ratio is not None:
+                raise ValueError("give per-instance roles or a prefill:decode ratio, not both")
+            object.__setattr__(self, "roles", parse_roles(self.roles))
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",
                      "frontend_timeout_s"):
             if getattr(self, name) <= 0:
@@ -150,7 +158,7 @@ class GlobalScheduler:
         rec = self.instances.get(instance_id)
         if rec is None:
             chosen = parse_role(role) if role is not None else \
-                assign_role([r.role for r in self.instances.values()], self.config.pd_ratio)
+                assign_role([r.role for r in self.instances.values()], self.config.pd_ratio, self.config.roles)
             self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now, role=chosen)
         else:  # re-registration (the instance or the scheduler restarted)
             rec.address, rec.last_seen = address, now
