@@ -1,13 +1,15 @@
 """Placement planner for prefill/decode disaggregation (DistServe's placement, by simulation).
 
 Given an application (prompt and output length distributions, TTFT and TPOT objectives),
-a cost profile and a GPU budget (one instance = one GPU of the profile), it searches the
-prefill:decode splits ``P:D`` with ``P + D <= budget`` and, for each, the goodput: the
-highest request rate at which at least 90% of requests meet both objectives
-(``llumnix_py.slo.max_rate``, a bisection over simulated runs of the real scheduler,
-llumlet core and migration code). It ranks the splits by goodput per GPU and prints the
-table and the chosen layout. Tensor parallelism per phase is not searched (the profiles
-here have one fixed degree each).
+a cost profile and a GPU budget, it searches the prefill:decode splits ``P:D`` and, with
+``--tp`` (profiles with an all-reduce link only: ``opt-13b-a100``), the tensor-parallel
+degree of each phase's instances, with ``P * tp_prefill + D * tp_decode <= budget`` GPUs,
+and for each layout the goodput: the highest request rate at which at least 90% of
+requests meet both objectives (``llumnix_py.slo.max_rate``, a bisection over simulated
+runs of the real scheduler, llumlet core and migration code). It ranks the layouts by
+goodput per GPU and prints the table and the chosen layout. A tensor-parallel instance
+is the profile re-sized by ``profiles.with_tensor_parallel`` (FLOP/s, memory bandwidth
+and memory times the degree, plus two ring all-reduces a layer over NVLink; see there).
 
 The applications are DistServe's (OSDI 2024) three: chatbot (ShareGPT), code completion
 (HumanEval) and summarization (LongBench), with the SLOs its artifact uses for them
@@ -19,6 +21,7 @@ paper publishes (Table 1: mean/P99 input 306/3388, output 500/1234); code comple
 and summarization use log-normal lengths assumed here (stated in ``APPLICATIONS``).
 
     python experiments/pd_planner.py --app chatbot --gpus 4
+    python experiments/pd_planner.py --app chatbot --gpus 4 --tp 1,2
     python experiments/pd_planner.py --quick --json plan.json
 """
 
@@ -100,16 +103,25 @@ class Layout:
     pd: Optional[tuple[int, int]] = None
     dispatch: str = "freeness"
     migration: bool = True
+    tp: tuple[int, int] = (1, 1)  # tensor-parallel degree of the prefill (and colocated) / decode instances
 
     @property
     def name(self) -> str:
         if self.pd is not None:
-            return f"disaggregated {self.pd[0]}:{self.pd[1]}"
+            tp = f" TP {self.tp[0]}/{self.tp[1]}" if self.tp != (1, 1) else ""
+            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}"
         return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
+
+    @property
+    def gpus(self) -> int:
+        if self.pd is None:
+            return self.instances * self.tp[0]
+        return self.pd[0] * self.tp[0] + self.pd[1] * self.tp[1]
 
     def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
         return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
-                         enable_migration=self.migration, pd_ratio=self.pd, seed=seed)
+                         enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
+                         tp_decode=self.tp[1])
 
 
 def run(app: Application, layout: Layout, rate: float, n: int, profile: Union[str, CostProfile],
@@ -129,31 +141,42 @@ def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostPr
     return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
 
 
-def splits(gpus: int, *, exact: bool = False) -> list[tuple[int, int]]:
-    """Every ``(P, D)`` with ``P, D >= 1`` and ``P + D <= gpus`` (``== gpus`` when ``exact``)."""
-    return [(p, t - p) for t in range(2, gpus + 1) if not exact or t == gpus for p in range(1, t)]
+def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False) -> list[Layout]:
+    """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
+    ``P * tp_prefill + D * tp_decode <= gpus`` GPUs (``== gpus`` when ``exact``)."""
+    out = []
+    for tp_p in degrees:
+        for tp_d in degrees:
+            for p in range(1, gpus // tp_p + 1):
+                for d in range(1, (gpus - p * tp_p) // tp_d + 1):
+                    used = p * tp_p + d * tp_d
+                    if not exact or used == gpus:
+                        out.append(Layout(p + d, (p, d), tp=(tp_p, tp_d)))
+    return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd))
 
 
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
-         exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False
-         ) -> list[dict[str, Any]]:
-    """Every split's goodput and goodput per GPU, best first (ties: fewer GPUs, then more prefill)."""
+         exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False,
+         degrees: Sequence[int] = (1,)) -> list[dict[str, Any]]:
+    """Every layout's goodput and goodput per GPU, best first (ties: fewer GPUs, then more
+    prefill, then lower degrees). ``degrees``: the tensor-parallel degrees to try per phase."""
     rows = []
-    candidates = splits(gpus, exact=exact)
+    candidates = layouts(gpus, degrees, exact=exact)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(candidates), desc=f"plan {app.name}", unit="split", leave=False)
-    for p, d in candidates:
-        layout = Layout(p + d, (p, d))
+    for layout in candidates:
+        (p, d), (tp_p, tp_d) = layout.pd, layout.tp
         g = goodput(app, layout, n, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
-        rows.append({"prefill": p, "decode": d, "gpus": p + d, "goodput_rps": g, "goodput_per_gpu": g / (p + d)})
+        rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "gpus": layout.gpus,
+                     "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"]))
+    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"], r["tp_prefill"], r["tp_decode"]))
     return rows
 
 
@@ -161,17 +184,25 @@ def print_plan(app: Application, rows: Sequence[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"P:D splits for {app.name} (TTFT {app.slo.ttft_s * 1e3:g} ms, "
+    table = Table(title=f"P:D layouts for {app.name} (TTFT {app.slo.ttft_s * 1e3:g} ms, "
                         f"TPOT {app.slo.tpot_s * 1e3:g} ms), best goodput per GPU first")
-    for col in ("rank", "P:D", "GPUs", "goodput (req/s)", "per GPU"):
+    for col in ("rank", "P:D", "TP prefill/decode", "GPUs", "goodput (req/s)", "per GPU"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows, 1):
-        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", str(r["gpus"]), f"{r['goodput_rps']:.2f}",
-                      f"{r['goodput_per_gpu']:.3f}")
+        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill']}/{r['tp_decode']}", str(r["gpus"]),
+                      f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}")
     Console().print(table)
-    best = rows[0]
-    Console().print(f"chosen layout: {best['prefill']} prefill + {best['decode']} decode instance(s): "
-                    f"llumnix-py serve --instances {best['gpus']} --pd {best['prefill']}:{best['decode']}")
+    Console().print(chosen_layout(rows[0]))
+
+
+def chosen_layout(best: dict[str, Any]) -> str:
+    """One line naming the best layout (and, without tensor parallelism, how to serve it)."""
+    p, d, tp_p, tp_d = best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"]
+    line = (f"chosen layout: {p} prefill instance(s) of {tp_p} GPU(s) + {d} decode instance(s) of {tp_d} GPU(s), "
+            f"{best['gpus']} GPUs, {best['goodput_per_gpu']:.3f} req/s per GPU")
+    if (tp_p, tp_d) == (1, 1):
+        line += f": llumnix-py serve --instances {p + d} --pd {p}:{d}"
+    return line
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -182,17 +213,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per simulated run (default 600, --quick 150)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", default="1", help="tensor-parallel degrees to search per phase, e.g. 1,2 (default 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    try:
+        degrees = sorted({int(x) for x in args.tp.split(",")})
+    except ValueError:
+        ap.error(f"--tp takes comma-separated integers, got {args.tp!r}")
     gpus = args.gpus or (4 if args.quick else 8)
     n = args.requests or (150 if args.quick else 600)
     out = {}
     for name in args.app or sorted(APPLICATIONS):
         app = APPLICATIONS[name]
-        rows = plan(app, gpus, n, args.profile, seed=args.seed, iterations=6 if args.quick else 8, progress=True)
+        try:
+            rows = plan(app, gpus, n, args.profile, seed=args.seed, iterations=6 if args.quick else 8, progress=True,
+                        degrees=degrees)
+        except ValueError as exc:  # a degree the profile cannot express
+            ap.error(str(exc))
         print_plan(app, rows)
         out[name] = {"application": {**asdict(app), "slo": asdict(app.slo)}, "gpus": gpus, "requests": n,
-                     "profile": args.profile, "ranked": rows}
+                     "profile": args.profile, "tp_degrees": degrees, "ranked": rows,
+                     "chosen": chosen_layout(rows[0])}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))

@@ -123,7 +123,8 @@ class SimMigrations:
             dst.dirty = True
             return self.config.rpc_latency_s
         if isinstance(action, p.CopyBlocks):
-            return self.profile.migration_time(len(action.src_block_ids), cross_node=src.node != dst.node)
+            profile = src.profile or self.profile  # the source's GPUs send their shards
+            return profile.migration_time(len(action.src_block_ids), cross_node=src.node != dst.node)
         if isinstance(action, p.Freeze):
             src.dirty = True
             run.frozen_at = self._now()
