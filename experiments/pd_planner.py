@@ -45,6 +45,7 @@ from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
 from llumnix_py.sim import SimCluster, SimConfig, SimResult  # noqa: E402
 from llumnix_py.slo import SLO, max_rate  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
+from policies.roles import RoleFlipConfig  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,14 @@ class Layout:
     dispatch: str = "freeness"
     migration: bool = True
     tp: tuple[int, int] = (1, 1)  # tensor-parallel degree of the prefill (and colocated) / decode instances
+    flip: bool = False  # roles flip at run time (``policies.roles.plan_role_flip``, default thresholds)
 
     @property
     def name(self) -> str:
         if self.pd is not None:
             tp = f" TP {self.tp[0]}/{self.tp[1]}" if self.tp != (1, 1) else ""
-            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}"
+            flip = " with role flips" if self.flip else ""
+            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}"
         return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
 
     @property
@@ -121,7 +124,7 @@ class Layout:
     def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
         return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
                          enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
-                         tp_decode=self.tp[1])
+                         tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None)
 
 
 def run(app: Application, layout: Layout, rate: float, n: int, profile: Union[str, CostProfile],

@@ -82,4 +82,12 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
     assert all(0 <= a <= 1 for c in r["curves"].values() for a in c["attainment"] + c["attainment_by_scale"])
     assert (out / "disaggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "disaggregation.md").read_text()
-    assert md.startswith("# ") and "|---|" in md and "DistServe" in md
+    assert md.startswith("# ") and "|---|" in md and "DistServe" in md and "Shifting mix" in md
+    # the shifting mix: fixed roles and role flips over the same requests, nothing dropped
+    shift = data["shift"]
+    assert set(shift["systems"]) == {"disaggregated 1:3", "disaggregated 1:3 with role flips"}
+    rows = [r for rs in shift["systems"].values() for r in rs]
+    assert rows and all(r["completed"] == r["requests"] == 40 and 0 <= r["attainment"] <= 1 for r in rows)
+    assert not any(r["flips"] for r in shift["systems"]["disaggregated 1:3"])
+    assert all(r["flips"] for r in shift["systems"]["disaggregated 1:3 with role flips"])
+    assert (out / "disaggregation_shift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
