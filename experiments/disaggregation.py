@@ -36,8 +36,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
-from experiments.pd_planner import APPLICATIONS, Application, Layout, goodput, make_requests, plan, run  # noqa: E402
+from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
 from experiments.workloads import WorkloadRequest  # noqa: E402
+from llumnix_py.planner import Layout  # noqa: E402
 from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 

@@ -5,11 +5,11 @@ a cost profile and a GPU budget, it searches the prefill:decode splits ``P:D`` a
 ``--tp`` (profiles with an all-reduce link only: ``opt-13b-a100``), the tensor-parallel
 degree of each phase's instances, with ``P * tp_prefill + D * tp_decode <= budget`` GPUs,
 and for each layout the goodput: the highest request rate at which at least 90% of
-requests meet both objectives (``llumnix_py.slo.max_rate``, a bisection over simulated
-runs of the real scheduler, llumlet core and migration code). It ranks the layouts by
-goodput per GPU and prints the table and the chosen layout. A tensor-parallel instance
-is the profile re-sized by ``profiles.with_tensor_parallel`` (FLOP/s, memory bandwidth
-and memory times the degree, plus two ring all-reduces a layer over NVLink; see there).
+requests meet both objectives (the search is ``llumnix_py.planner``, which ``llumnix-py
+plan`` runs on length specs of its own). It ranks the layouts by goodput per GPU and
+prints the table and the chosen layout. A tensor-parallel instance is the profile
+re-sized by ``profiles.with_tensor_parallel`` (FLOP/s, memory bandwidth and memory times
+the degree, plus two ring all-reduces a layer over NVLink; see there).
 
 The applications are DistServe's (OSDI 2024) three: chatbot (ShareGPT), code completion
 (HumanEval) and summarization (LongBench), with the SLOs its artifact uses for them
@@ -41,11 +41,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from experiments.workloads import SHAREGPT_STATS, WorkloadRequest, fit_lognormal, poisson_arrivals  # noqa: E402
+from llumnix_py import planner  # noqa: E402
 from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
-from llumnix_py.sim import SimCluster, SimConfig, SimResult  # noqa: E402
-from llumnix_py.slo import SLO, max_rate  # noqa: E402
-from policies.config import PolicyConfig  # noqa: E402
-from policies.roles import RoleFlipConfig  # noqa: E402
+from llumnix_py.planner import Layout, chosen_layout  # noqa: E402
+from llumnix_py.sim import SimResult  # noqa: E402
+from llumnix_py.slo import SLO  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -95,117 +95,35 @@ def make_requests(app: Application, n: int, rate: float, seed: int = 0) -> list[
     return [WorkloadRequest(float(a), int(p), int(o)) for a, p, o in zip(arrivals, prompts, outputs)]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the GPUs serve: ``pd`` = (P, D) disaggregated, or None colocated with
-    ``dispatch`` (``round_robin``: vLLM-like, no migration; ``freeness``: llumnix-py)."""
-
-    instances: int
-    pd: Optional[tuple[int, int]] = None
-    dispatch: str = "freeness"
-    migration: bool = True
-    tp: tuple[int, int] = (1, 1)  # tensor-parallel degree of the prefill (and colocated) / decode instances
-    flip: bool = False  # roles flip at run time (``policies.roles.plan_role_flip``, default thresholds)
-
-    @property
-    def name(self) -> str:
-        if self.pd is not None:
-            tp = f" TP {self.tp[0]}/{self.tp[1]}" if self.tp != (1, 1) else ""
-            flip = " with role flips" if self.flip else ""
-            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}"
-        return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
-
-    @property
-    def gpus(self) -> int:
-        if self.pd is None:
-            return self.instances * self.tp[0]
-        return self.pd[0] * self.tp[0] + self.pd[1] * self.tp[1]
-
-    def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
-        return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
-                         enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
-                         tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None)
+def workload(app: Application, n: int, seed: int = 0):
+    """``app``'s requests as a function of the rate (the planner's ``Workload``)."""
+    return lambda rate: make_requests(app, n, rate, seed)
 
 
 def run(app: Application, layout: Layout, rate: float, n: int, profile: Union[str, CostProfile],
         seed: int = 0) -> SimResult:
-    return SimCluster(layout.sim_config(profile, seed)).run(make_requests(app, n, rate, seed), progress=False)
+    return planner.run(workload(app, n, seed), layout, rate, profile, seed)
 
 
 def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
             max_per_gpu: float = 16.0, iterations: int = 7, slo: Optional[SLO] = None) -> float:
     """The layout's goodput (req/s, whole layout) for ``app``'s objectives (or ``slo``)."""
-    objective = slo or app.slo
-
-    def attained(rate: float) -> float:
-        return run(app, layout, rate, n, profile, seed).slo_attainment(objective)
-
-    hi = max_per_gpu * layout.instances
-    return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
-
-
-def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False) -> list[Layout]:
-    """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
-    ``P * tp_prefill + D * tp_decode <= gpus`` GPUs (``== gpus`` when ``exact``)."""
-    out = []
-    for tp_p in degrees:
-        for tp_d in degrees:
-            for p in range(1, gpus // tp_p + 1):
-                for d in range(1, (gpus - p * tp_p) // tp_d + 1):
-                    used = p * tp_p + d * tp_d
-                    if not exact or used == gpus:
-                        out.append(Layout(p + d, (p, d), tp=(tp_p, tp_d)))
-    return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd))
+    return planner.goodput(workload(app, n, seed), layout, slo or app.slo, profile, seed=seed,
+                           max_per_gpu=max_per_gpu, iterations=iterations)
 
 
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False,
          degrees: Sequence[int] = (1,)) -> list[dict[str, Any]]:
-    """Every layout's goodput and goodput per GPU, best first (ties: fewer GPUs, then more
-    prefill, then lower degrees). ``degrees``: the tensor-parallel degrees to try per phase."""
-    rows = []
-    candidates = layouts(gpus, degrees, exact=exact)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(candidates), desc=f"plan {app.name}", unit="split", leave=False)
-    for layout in candidates:
-        (p, d), (tp_p, tp_d) = layout.pd, layout.tp
-        g = goodput(app, layout, n, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
-        rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "gpus": layout.gpus,
-                     "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"], r["tp_prefill"], r["tp_decode"]))
-    return rows
+    """``llumnix_py.planner.plan`` for ``app`` (``n`` requests a run)."""
+    return planner.plan(workload(app, n, seed), app.slo, gpus, profile, seed=seed, exact=exact,
+                        iterations=iterations, max_per_gpu=max_per_gpu, degrees=degrees,
+                        progress=app.name if progress else None)
 
 
 def print_plan(app: Application, rows: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"P:D layouts for {app.name} (TTFT {app.slo.ttft_s * 1e3:g} ms, "
-                        f"TPOT {app.slo.tpot_s * 1e3:g} ms), best goodput per GPU first")
-    for col in ("rank", "P:D", "TP prefill/decode", "GPUs", "goodput (req/s)", "per GPU"):
-        table.add_column(col, justify="right")
-    for i, r in enumerate(rows, 1):
-        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill']}/{r['tp_decode']}", str(r["gpus"]),
-                      f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}")
-    Console().print(table)
-    Console().print(chosen_layout(rows[0]))
-
-
-def chosen_layout(best: dict[str, Any]) -> str:
-    """One line naming the best layout (and, without tensor parallelism, how to serve it)."""
-    p, d, tp_p, tp_d = best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"]
-    line = (f"chosen layout: {p} prefill instance(s) of {tp_p} GPU(s) + {d} decode instance(s) of {tp_d} GPU(s), "
-            f"{best['gpus']} GPUs, {best['goodput_per_gpu']:.3f} req/s per GPU")
-    if (tp_p, tp_d) == (1, 1):
-        line += f": llumnix-py serve --instances {p + d} --pd {p}:{d}"
-    return line
+    planner.print_plan(f"P:D layouts for {app.name} (TTFT {app.slo.ttft_s * 1e3:g} ms, "
+                       f"TPOT {app.slo.tpot_s * 1e3:g} ms), best goodput per GPU first", rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -317,6 +317,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The prefill:decode layout (and tensor-parallel degrees) with the best goodput per GPU,
+    by simulation (``llumnix_py.planner``): prints the ranked table and the chosen layout."""
+    import numpy as np
+
+    from llumnix_py import planner
+    from llumnix_py.bench import sample_lengths
+    from llumnix_py.slo import SLO
+
+    if args.slo_ttft_ms <= 0 or args.slo_tpot_ms <= 0:
+        raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive")
+    if args.gpus < 2 or args.requests < 1 or args.iterations < 1:
+        raise ValueError("--gpus must be >= 2 (one prefill and one decode instance), --requests and --iterations >= 1")
+    try:
+        degrees = sorted({int(x) for x in args.tp.split(",")})
+    except ValueError:
+        raise ValueError(f"--tp takes comma-separated integers, got {args.tp!r}") from None
+    rng = np.random.default_rng(args.seed)
+    prompts = sample_lengths(args.prompt_len, args.requests, rng)
+    outputs = sample_lengths(args.output_len, args.requests, rng)
+    gaps = rng.exponential(1.0, args.requests)  # a Poisson process at rate 1, scaled per rate
+
+    def workload(rate: float) -> list[planner.PlannedRequest]:
+        times = np.cumsum(gaps) / rate
+        return [planner.PlannedRequest(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs)]
+
+    slo = SLO.from_ms(args.slo_ttft_ms, args.slo_tpot_ms)
+    rows = planner.plan(workload, slo, args.gpus, args.profile, seed=args.seed, exact=args.exact,
+                        iterations=args.iterations, max_per_gpu=args.max_rate_per_gpu, degrees=degrees,
+                        progress="layouts" if args.progress else None)
+    planner.print_plan(f"P:D layouts, prompts {args.prompt_len}, outputs {args.output_len}, TTFT {args.slo_ttft_ms:g} ms, "
+                       f"TPOT {args.slo_tpot_ms:g} ms, {args.gpus} GPUs of {args.profile}, best goodput per GPU first",
+                       rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "fn"}, "ranked": rows,
+                       "chosen": planner.chosen_layout(rows[0])}, f, indent=2)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llumnix_py.demo import run_demo
 
@@ -364,6 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tbt-ms", type=float, default=None, help="objective: time between tokens (with --ttft-ms)")
     p.add_argument("--deadline-ms", type=float, default=None, help="objective: the whole response's deadline")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("plan", help="the prefill:decode layout with the best goodput per GPU, by simulation")
+    p.add_argument("--prompt-len", default="zipf:306", help="prompt lengths: zipf:MEAN or N (default zipf:306)")
+    p.add_argument("--output-len", default="zipf:500", help="output lengths: zipf:MEAN or N (default zipf:500)")
+    p.add_argument("--slo-ttft-ms", type=float, default=200.0, help="time-to-first-token objective (default 200)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token objective (default 100)")
+    p.add_argument("--gpus", type=int, default=4, help="GPU budget")
+    p.add_argument("--exact", action="store_true", help="only layouts that use every GPU")
+    p.add_argument("--profile", default="opt-13b-a100", help="cost profile of one GPU")
+    p.add_argument("--tp", default="1", help="tensor-parallel degrees to search per phase, e.g. 1,2 (default 1)")
+    p.add_argument("--requests", type=int, default=300, help="requests per simulated run")
+    p.add_argument("--iterations", type=int, default=7, help="bisection steps of each goodput")
+    p.add_argument("--max-rate-per-gpu", type=float, default=16.0, help="top of the goodput bisection, req/s per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("demo", help="a local cluster of built-in engines serving a burst, with live migrations")
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--requests", type=int, default=32)
@@ -387,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
         parser.error(str(exc))
     except ValueError as exc:  # flags that build an invalid config (e.g. --pd 1:3 with --instances 2)
-        if args.command not in ("serve", "scheduler", "frontend", "bench"):
+        if args.command not in ("serve", "scheduler", "frontend", "bench", "plan"):
             raise
         parser.error(str(exc))
 

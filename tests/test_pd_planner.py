@@ -7,7 +7,8 @@ import json
 import pytest
 
 from experiments import disaggregation
-from experiments.pd_planner import APPLICATIONS, Application, layouts, make_requests, plan
+from experiments.pd_planner import APPLICATIONS, Application, make_requests, plan
+from llumnix_py.planner import layouts
 from llumnix_py.slo import SLO
 
 # Known by hand on opt-13b-a100 (3 GPUs, every GPU used):
@@ -91,3 +92,24 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
     assert not any(r["flips"] for r in shift["systems"]["disaggregated 1:3"])
     assert all(r["flips"] for r in shift["systems"]["disaggregated 1:3 with role flips"])
     assert (out / "disaggregation_shift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_llumnix_py_plan_prints_the_ranked_table_and_the_layout_known_by_hand(tmp_path, capsys):
+    """The CLI over the library planner: the prefill-heavy case above, with fixed lengths."""
+    from llumnix_py.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--prompt-len", "2000", "--output-len", "2", "--slo-ttft-ms", "1000", "--slo-tpot-ms",
+                 "1000", "--gpus", "3", "--exact", "--requests", "80", "--iterations", "6", "--no-progress",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "P:D layouts" in printed and "chosen layout: 2 prefill instance(s) of 1 GPU(s) + 1 decode" in printed
+    ranked = json.loads(out.read_text())["ranked"]
+    assert [(r["prefill"], r["decode"]) for r in ranked] == [(2, 1), (1, 2)]
+    assert ranked[0]["goodput_per_gpu"] >= 1.5 * ranked[1]["goodput_per_gpu"] > 0
+    for flags, message in ((["--tp", "1,2", "--profile", "llama-7b-a10"], "no all-reduce link"),
+                           (["--slo-ttft-ms", "-1"], "must be positive"), (["--prompt-len", "zipf:0"], "zipf mean"),
+                           (["--tp", "x"], "comma-separated integers")):
+        with pytest.raises(SystemExit) as info:
+            main(["plan", "--gpus", "2", "--requests", "4", "--iterations", "1", "--no-progress", *flags])
+        assert info.value.code == 2 and message in capsys.readouterr().err
