@@ -9,6 +9,12 @@ of one profile (default ``opt-13b-a100``, one GPU an instance), three systems:
 - disaggregated: the planner's best prefill:decode split of the budget, fixed; every
   request is handed from its prefill instance to a decode instance by live migration.
 
+A fourth comparison (``shift``) runs a workload whose mix shifts mid-run, half
+decode-heavy requests (short prompts, long outputs) then half prefill-heavy ones (long
+prompts, short outputs), on 4 GPUs split 1:3 for the first half, with fixed roles
+and with run-time role flips (``policies.roles.plan_role_flip``, default thresholds):
+the same requests (same seed) at each of a few rates, SLO attainment and the flips.
+
 It reports each system's goodput (the highest rate with >= 90% of requests meeting both
 TTFT and TPOT, by bisection over simulated runs) and goodput per GPU, the attainment
 against the rate (a sweep) and against the SLO scale (at one rate, the colocated
@@ -30,8 +36,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
-from experiments.pd_planner import APPLICATIONS, Application, Layout, goodput, plan, run  # noqa: E402
-from llumnix_py.slo import attainment  # noqa: E402
+from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
+from experiments.workloads import WorkloadRequest  # noqa: E402
+from llumnix_py.planner import Layout  # noqa: E402
+from llumnix_py.sim import SimCluster  # noqa: E402
+from llumnix_py.slo import SLO, attainment  # noqa: E402
 
 SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
@@ -44,10 +53,13 @@ def _extra(ap) -> None:
 
 def settings(args) -> dict[str, Any]:
     if args.smoke:
-        return {"gpus": args.gpus or 2, "n": 30, "iterations": 2, "rates": 2}
+        return {"gpus": args.gpus or 2, "n": 30, "iterations": 2, "rates": 2, "shift_n": 40, "shift_rates": (1.0,),
+                "shift_gpus": 4}
     if args.quick:
-        return {"gpus": args.gpus or 2, "n": 60, "iterations": 4, "rates": 3}
-    return {"gpus": args.gpus or 4, "n": 400, "iterations": 7, "rates": 6}
+        return {"gpus": args.gpus or 2, "n": 60, "iterations": 4, "rates": 3, "shift_n": 100,
+                "shift_rates": (0.5, 1.0), "shift_gpus": 4}
+    return {"gpus": args.gpus or 4, "n": 400, "iterations": 7, "rates": 6, "shift_n": 300,
+            "shift_rates": (0.5, 1.0, 1.5, 2.0, 3.0), "shift_gpus": 4}
 
 
 def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, progress: bool) -> dict[str, Any]:
@@ -86,6 +98,43 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     }
 
 
+# The shifting workload (lengths assumed here, not from DistServe), judged by the summarization SLO
+# (the loosest TTFT of the three: the prefill-heavy half's 2,500-token prompts need ~0.4 s of prefill).
+SHIFT_SLO = SLO.from_ms(1500, 150)
+SHIFT_PHASES = (Application("decode-heavy", SHIFT_SLO, (200.0, 600.0), (600.0, 1500.0)),
+                Application("prefill-heavy", SHIFT_SLO, (2500.0, 4000.0), (30.0, 80.0)))
+
+
+def shifting_requests(n: int, rate: float, seed: int) -> list[WorkloadRequest]:
+    """``n // 2`` decode-heavy requests, then the rest prefill-heavy, Poisson at ``rate`` throughout."""
+    first = make_requests(SHIFT_PHASES[0], n // 2, rate, seed)
+    second = make_requests(SHIFT_PHASES[1], n - n // 2, rate, seed + 1)
+    t0 = first[-1].arrival_time if first else 0.0
+    return first + [WorkloadRequest(r.arrival_time + t0, r.prompt_len, r.output_len) for r in second]
+
+
+def shift(cfg: dict[str, Any], profile: str, seed: int) -> dict[str, Any]:
+    """Fixed roles against run-time role flips on the shifting workload, same requests per rate."""
+    gpus = cfg["shift_gpus"]  # 4: a flip keeps one instance of each phase, so 2 could never flip
+    rates = [gpus * f for f in cfg["shift_rates"]]
+    out: dict[str, Any] = {"split": [1, gpus - 1], "rates": rates, "slo_ms": [1500, 150], "systems": {}}
+    for flip in (False, True):
+        layout = Layout(gpus, (1, gpus - 1), flip=flip)
+        rows = []
+        for rate in rates:
+            cluster = SimCluster(layout.sim_config(profile, seed))
+            result = cluster.run(shifting_requests(cfg["shift_n"], rate, seed), progress=False)
+            ttfts, tpots = result.latencies()
+            tpots = [x for x in tpots if x is not None]  # one-token requests have none
+            rows.append({"rate": rate, "attainment": result.slo_attainment(SHIFT_SLO),
+                         "completed": sum(r.done and r.num_tokens == r.output_len for r in result.requests),
+                         "requests": len(result.requests),
+                         "flips": [[t, iid, role] for t, iid, role in cluster.scheduler.role_flips],
+                         "mean_ttft_s": sum(ttfts) / len(ttfts), "mean_tpot_s": sum(tpots) / len(tpots)})
+        out["systems"][layout.name] = rows
+    return out
+
+
 def plot(results: dict[str, Any], out: Path) -> None:
     apps = list(results)
     fig, axes = subplots(2, len(apps))
@@ -106,6 +155,19 @@ def plot(results: dict[str, Any], out: Path) -> None:
     save_figure(fig, out / "disaggregation.png")
 
 
+def plot_shift(data: dict[str, Any], out: Path) -> None:
+    fig, axes = subplots(1, 1)
+    ax = axes[0][0]
+    for name, rows in data["systems"].items():
+        ax.plot([r["rate"] for r in rows], [r["attainment"] for r in rows], marker="o", label=name)
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.set_title("shifting mix (decode-heavy, then prefill-heavy): attainment vs rate")
+    ax.set_xlabel("requests/s")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "disaggregation_shift.png")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args("disaggregation", __doc__.split("\n")[0], argv, _extra)
     cfg = settings(args)
@@ -122,11 +184,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                          r["goodput_per_gpu"][system], ratio if ratio is not None else "n/a (baseline 0)"])
     title = f"Goodput per GPU, {cfg['gpus']} GPUs of {args.profile}, {cfg['n']} requests a run"
     print_table(title, headers, rows)
+    shifted = shift(cfg, args.profile, args.seed)
+    shift_headers = ["system", "rate (req/s)", "attainment", "mean TTFT (s)", "mean TPOT (ms)", "role flips",
+                     "completed"]
+    shift_rows = [[name, r["rate"], r["attainment"], r["mean_ttft_s"], r["mean_tpot_s"] * 1e3, len(r["flips"]),
+                   f"{r['completed']}/{r['requests']}"]
+                  for name, rs in shifted["systems"].items() for r in rs]
+    shift_title = (f"Shifting mix, {cfg['shift_n']} requests (half decode-heavy, then half prefill-heavy), "
+                   f"SLO 1500/150 ms, {cfg['shift_gpus']} GPUs starting 1:{cfg['shift_gpus'] - 1}")
+    print_table(shift_title, shift_headers, shift_rows)
     notes = "\n".join(f"- {name}: {r['source']}" for name, r in results.items())
     write_markdown(args.out / "disaggregation.md", "Prefill/decode disaggregation vs colocation",
-                   [(title, headers, rows)], notes=f"Sources:\n{notes}\n")
+                   [(title, headers, rows), (shift_title, shift_headers, shift_rows)],
+                   notes=f"Sources:\n{notes}\n- shifting mix: lengths assumed here (mean/P99 prompt 200/600 then "
+                         f"2500/4000, output 600/1500 then 30/80), not DistServe's\n")
     plot(results, args.out)
-    data = {"settings": {**cfg, "profile": args.profile, "seed": args.seed}, "results": results}
+    plot_shift(shifted, args.out)
+    data = {"settings": {**cfg, "profile": args.profile, "seed": args.seed}, "results": results, "shift": shifted}
     write_json(args.json, data)
     return data
 

@@ -1,13 +1,15 @@
 """Placement planner for prefill/decode disaggregation (DistServe's placement, by simulation).
 
 Given an application (prompt and output length distributions, TTFT and TPOT objectives),
-a cost profile and a GPU budget (one instance = one GPU of the profile), it searches the
-prefill:decode splits ``P:D`` with ``P + D <= budget`` and, for each, the goodput: the
-highest request rate at which at least 90% of requests meet both objectives
-(``llumnix_py.slo.max_rate``, a bisection over simulated runs of the real scheduler,
-llumlet core and migration code). It ranks the splits by goodput per GPU and prints the
-table and the chosen layout. Tensor parallelism per phase is not searched (the profiles
-here have one fixed degree each).
+a cost profile and a GPU budget, it searches the prefill:decode splits ``P:D`` and, with
+``--tp`` (profiles with an all-reduce link only: ``opt-13b-a100``), the tensor-parallel
+degree of each phase's instances, with ``P * tp_prefill + D * tp_decode <= budget`` GPUs,
+and for each layout the goodput: the highest request rate at which at least 90% of
+requests meet both objectives (the search is ``llumnix_py.planner``, which ``llumnix-py
+plan`` runs on length specs of its own). It ranks the layouts by goodput per GPU and
+prints the table and the chosen layout. A tensor-parallel instance is the profile
+re-sized by ``profiles.with_tensor_parallel`` (FLOP/s, memory bandwidth and memory times
+the degree, plus two ring all-reduces a layer over NVLink; see there).
 
 The applications are DistServe's (OSDI 2024) three: chatbot (ShareGPT), code completion
 (HumanEval) and summarization (LongBench), with the SLOs its artifact uses for them
@@ -19,6 +21,7 @@ paper publishes (Table 1: mean/P99 input 306/3388, output 500/1234); code comple
 and summarization use log-normal lengths assumed here (stated in ``APPLICATIONS``).
 
     python experiments/pd_planner.py --app chatbot --gpus 4
+    python experiments/pd_planner.py --app chatbot --gpus 4 --tp 1,2
     python experiments/pd_planner.py --quick --json plan.json
 """
 
@@ -38,10 +41,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from experiments.workloads import SHAREGPT_STATS, WorkloadRequest, fit_lognormal, poisson_arrivals  # noqa: E402
+from llumnix_py import planner  # noqa: E402
 from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
-from llumnix_py.sim import SimCluster, SimConfig, SimResult  # noqa: E402
-from llumnix_py.slo import SLO, max_rate  # noqa: E402
-from policies.config import PolicyConfig  # noqa: E402
+from llumnix_py.planner import Layout, chosen_layout  # noqa: E402
+from llumnix_py.sim import SimResult  # noqa: E402
+from llumnix_py.slo import SLO  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -91,87 +95,35 @@ def make_requests(app: Application, n: int, rate: float, seed: int = 0) -> list[
     return [WorkloadRequest(float(a), int(p), int(o)) for a, p, o in zip(arrivals, prompts, outputs)]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the GPUs serve: ``pd`` = (P, D) disaggregated, or None colocated with
-    ``dispatch`` (``round_robin``: vLLM-like, no migration; ``freeness``: llumnix-py)."""
-
-    instances: int
-    pd: Optional[tuple[int, int]] = None
-    dispatch: str = "freeness"
-    migration: bool = True
-
-    @property
-    def name(self) -> str:
-        if self.pd is not None:
-            return f"disaggregated {self.pd[0]}:{self.pd[1]}"
-        return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
-
-    def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
-        return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
-                         enable_migration=self.migration, pd_ratio=self.pd, seed=seed)
+def workload(app: Application, n: int, seed: int = 0):
+    """``app``'s requests as a function of the rate (the planner's ``Workload``)."""
+    return lambda rate: make_requests(app, n, rate, seed)
 
 
 def run(app: Application, layout: Layout, rate: float, n: int, profile: Union[str, CostProfile],
         seed: int = 0) -> SimResult:
-    return SimCluster(layout.sim_config(profile, seed)).run(make_requests(app, n, rate, seed), progress=False)
+    return planner.run(workload(app, n, seed), layout, rate, profile, seed)
 
 
 def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
             max_per_gpu: float = 16.0, iterations: int = 7, slo: Optional[SLO] = None) -> float:
     """The layout's goodput (req/s, whole layout) for ``app``'s objectives (or ``slo``)."""
-    objective = slo or app.slo
-
-    def attained(rate: float) -> float:
-        return run(app, layout, rate, n, profile, seed).slo_attainment(objective)
-
-    hi = max_per_gpu * layout.instances
-    return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
-
-
-def splits(gpus: int, *, exact: bool = False) -> list[tuple[int, int]]:
-    """Every ``(P, D)`` with ``P, D >= 1`` and ``P + D <= gpus`` (``== gpus`` when ``exact``)."""
-    return [(p, t - p) for t in range(2, gpus + 1) if not exact or t == gpus for p in range(1, t)]
+    return planner.goodput(workload(app, n, seed), layout, slo or app.slo, profile, seed=seed,
+                           max_per_gpu=max_per_gpu, iterations=iterations)
 
 
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
-         exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False
-         ) -> list[dict[str, Any]]:
-    """Every split's goodput and goodput per GPU, best first (ties: fewer GPUs, then more prefill)."""
-    rows = []
-    candidates = splits(gpus, exact=exact)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(candidates), desc=f"plan {app.name}", unit="split", leave=False)
-    for p, d in candidates:
-        layout = Layout(p + d, (p, d))
-        g = goodput(app, layout, n, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
-        rows.append({"prefill": p, "decode": d, "gpus": p + d, "goodput_rps": g, "goodput_per_gpu": g / (p + d)})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"]))
-    return rows
+         exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False,
+         degrees: Sequence[int] = (1,)) -> list[dict[str, Any]]:
+    """``llumnix_py.planner.plan`` for ``app`` (``n`` requests a run)."""
+    return planner.plan(workload(app, n, seed), app.slo, gpus, profile, seed=seed, exact=exact,
+                        iterations=iterations, max_per_gpu=max_per_gpu, degrees=degrees,
+                        progress=app.name if progress else None)
 
 
 def print_plan(app: Application, rows: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"P:D splits for {app.name} (TTFT {app.slo.ttft_s * 1e3:g} ms, "
-                        f"TPOT {app.slo.tpot_s * 1e3:g} ms), best goodput per GPU first")
-    for col in ("rank", "P:D", "GPUs", "goodput (req/s)", "per GPU"):
-        table.add_column(col, justify="right")
-    for i, r in enumerate(rows, 1):
-        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", str(r["gpus"]), f"{r['goodput_rps']:.2f}",
-                      f"{r['goodput_per_gpu']:.3f}")
-    Console().print(table)
-    best = rows[0]
-    Console().print(f"chosen layout: {best['prefill']} prefill + {best['decode']} decode instance(s): "
-                    f"llumnix-py serve --instances {best['gpus']} --pd {best['prefill']}:{best['decode']}")
+    planner.print_plan(f"P:D layouts for {app.name} (TTFT {app.slo.ttft_s * 1e3:g} ms, "
+                       f"TPOT {app.slo.tpot_s * 1e3:g} ms), best goodput per GPU first", rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -182,17 +134,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per simulated run (default 600, --quick 150)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", default="1", help="tensor-parallel degrees to search per phase, e.g. 1,2 (default 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    try:
+        degrees = sorted({int(x) for x in args.tp.split(",")})
+    except ValueError:
+        ap.error(f"--tp takes comma-separated integers, got {args.tp!r}")
     gpus = args.gpus or (4 if args.quick else 8)
     n = args.requests or (150 if args.quick else 600)
     out = {}
     for name in args.app or sorted(APPLICATIONS):
         app = APPLICATIONS[name]
-        rows = plan(app, gpus, n, args.profile, seed=args.seed, iterations=6 if args.quick else 8, progress=True)
+        try:
+            rows = plan(app, gpus, n, args.profile, seed=args.seed, iterations=6 if args.quick else 8, progress=True,
+                        degrees=degrees)
+        except ValueError as exc:  # a degree the profile cannot express
+            ap.error(str(exc))
         print_plan(app, rows)
         out[name] = {"application": {**asdict(app), "slo": asdict(app.slo)}, "gpus": gpus, "requests": n,
-                     "profile": args.profile, "ranked": rows}
+                     "profile": args.profile, "tp_degrees": degrees, "ranked": rows,
+                     "chosen": chosen_layout(rows[0])}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))

@@ -66,8 +66,8 @@ class BenchConfig:
             raise ValueError("num_requests, rate and cv must be positive")
         if self.arrival not in ("poisson", "gamma"):
             raise ValueError("arrival must be poisson or gamma")
-        _lengths(self.prompt_len, 1, np.random.default_rng(0))
-        _lengths(self.output_len, 1, np.random.default_rng(0))
+        sample_lengths(self.prompt_len, 1, np.random.default_rng(0))
+        sample_lengths(self.output_len, 1, np.random.default_rng(0))
 
 
 @dataclass
@@ -121,7 +121,9 @@ class BenchResult:
         return out
 
 
-def _lengths(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
+def sample_lengths(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` lengths by ``spec``: ``zipf:MEAN`` (Zipf-like, exponent 1.5, scaled to the mean) or a
+    fixed ``N``; ``ValueError`` for a bad spec."""
     if spec.startswith("zipf:"):
         mean = float(spec[5:])
         if mean < 1:
@@ -196,8 +198,8 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, prompt: list[int], m
 async def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
     rng = np.random.default_rng(cfg.seed)
     starts = arrival_times(cfg, rng)
-    prompt_lens = _lengths(cfg.prompt_len, cfg.num_requests, rng)
-    output_lens = _lengths(cfg.output_len, cfg.num_requests, rng)
+    prompt_lens = sample_lengths(cfg.prompt_len, cfg.num_requests, rng)
+    output_lens = sample_lengths(cfg.output_len, cfg.num_requests, rng)
     prompts = [rng.integers(0, cfg.vocab, int(n)).tolist() for n in prompt_lens]
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     bar = None

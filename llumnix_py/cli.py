@@ -29,7 +29,8 @@ from llumnix_py.errors import InvalidRequestError, UnknownNameError
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--instances", type=int, default=2, help="instances at start")
+    g.add_argument("--instances", type=int, default=None,
+                   help="instances at start (default: one per --roles entry, else 2)")
     g.add_argument("--runtime", choices=["ray", "local"], default="ray")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     g.add_argument("--namespace", default="llumnix", help="Ray namespace of the named actors")
@@ -61,6 +62,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="prefill/decode disaggregation: instances get the roles prefill and decode in this "
                         "ratio (e.g. 1:3 with --instances 4); new requests go to prefill instances and move to a "
                         "decode instance by live migration once their first token is out (default: colocated)")
+    g.add_argument("--roles", type=_roles, default=None, metavar="ROLE,...",
+                   help="per-instance roles instead of --pd, in instance order: prefill, decode or both, "
+                        "e.g. prefill,decode,decode (one per instance)")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random, slo, conversation, "
                    "jobs (a job call goes to its job's KV while that keeps the job's deadline)")
@@ -96,6 +100,15 @@ def _pd_ratio(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _roles(text: str):
+    from policies.roles import parse_roles
+
+    try:
+        return parse_roles(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
     headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
@@ -104,7 +117,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
                           global_fairness=args.global_fairness)
     return ClusterConfig(
-        num_instances=args.instances,
+        num_instances=args.instances if args.instances is not None else len(args.roles or ()) or 2,
         engine=EngineSpec(kind=args.engine,
                           engine=EngineConfig(num_blocks=args.num_blocks,
                                               block_size=args.block_size or default_block_size(args.engine),
@@ -115,7 +128,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               preemption_mode=args.preemption_mode, fairness=args.fairness),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
-                                  pd_ratio=args.pd),
+                                  pd_ratio=args.pd, roles=args.roles),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
@@ -310,6 +323,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The prefill:decode layout (and tensor-parallel degrees) with the best goodput per GPU,
+    by simulation (``llumnix_py.planner``): prints the ranked table and the chosen layout."""
+    import numpy as np
+
+    from llumnix_py import planner
+    from llumnix_py.bench import sample_lengths
+    from llumnix_py.slo import SLO
+
+    if args.slo_ttft_ms <= 0 or args.slo_tpot_ms <= 0:
+        raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive")
+    if args.gpus < 2 or args.requests < 1 or args.iterations < 1:
+        raise ValueError("--gpus must be >= 2 (one prefill and one decode instance), --requests and --iterations >= 1")
+    try:
+        degrees = sorted({int(x) for x in args.tp.split(",")})
+    except ValueError:
+        raise ValueError(f"--tp takes comma-separated integers, got {args.tp!r}") from None
+    rng = np.random.default_rng(args.seed)
+    prompts = sample_lengths(args.prompt_len, args.requests, rng)
+    outputs = sample_lengths(args.output_len, args.requests, rng)
+    gaps = rng.exponential(1.0, args.requests)  # a Poisson process at rate 1, scaled per rate
+
+    def workload(rate: float) -> list[planner.PlannedRequest]:
+        times = np.cumsum(gaps) / rate
+        return [planner.PlannedRequest(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs)]
+
+    slo = SLO.from_ms(args.slo_ttft_ms, args.slo_tpot_ms)
+    rows = planner.plan(workload, slo, args.gpus, args.profile, seed=args.seed, exact=args.exact,
+                        iterations=args.iterations, max_per_gpu=args.max_rate_per_gpu, degrees=degrees,
+                        progress="layouts" if args.progress else None)
+    planner.print_plan(f"P:D layouts, prompts {args.prompt_len}, outputs {args.output_len}, TTFT {args.slo_ttft_ms:g} ms, "
+                       f"TPOT {args.slo_tpot_ms:g} ms, {args.gpus} GPUs of {args.profile}, best goodput per GPU first",
+                       rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "fn"}, "ranked": rows,
+                       "chosen": planner.chosen_layout(rows[0])}, f, indent=2)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llumnix_py.demo import run_demo
 
@@ -357,6 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tbt-ms", type=float, default=None, help="objective: time between tokens (with --ttft-ms)")
     p.add_argument("--deadline-ms", type=float, default=None, help="objective: the whole response's deadline")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("plan", help="the prefill:decode layout with the best goodput per GPU, by simulation")
+    p.add_argument("--prompt-len", default="zipf:306", help="prompt lengths: zipf:MEAN or N (default zipf:306)")
+    p.add_argument("--output-len", default="zipf:500", help="output lengths: zipf:MEAN or N (default zipf:500)")
+    p.add_argument("--slo-ttft-ms", type=float, default=200.0, help="time-to-first-token objective (default 200)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token objective (default 100)")
+    p.add_argument("--gpus", type=int, default=4, help="GPU budget")
+    p.add_argument("--exact", action="store_true", help="only layouts that use every GPU")
+    p.add_argument("--profile", default="opt-13b-a100", help="cost profile of one GPU")
+    p.add_argument("--tp", default="1", help="tensor-parallel degrees to search per phase, e.g. 1,2 (default 1)")
+    p.add_argument("--requests", type=int, default=300, help="requests per simulated run")
+    p.add_argument("--iterations", type=int, default=7, help="bisection steps of each goodput")
+    p.add_argument("--max-rate-per-gpu", type=float, default=16.0, help="top of the goodput bisection, req/s per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("demo", help="a local cluster of built-in engines serving a burst, with live migrations")
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--requests", type=int, default=32)
@@ -380,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UnknownNameError as exc:  # a policy, engine or transport flag names nothing registered
         parser.error(str(exc))
     except ValueError as exc:  # flags that build an invalid config (e.g. --pd 1:3 with --instances 2)
-        if args.command not in ("serve", "scheduler", "frontend", "bench"):
+        if args.command not in ("serve", "scheduler", "frontend", "bench", "plan"):
             raise
         parser.error(str(exc))
 

@@ -68,5 +68,9 @@ class ClusterConfig:
         if ratio is not None and 0 < self.num_instances < sum(ratio):
             raise ValueError(f"a prefill:decode split of {ratio[0]}:{ratio[1]} needs at least {sum(ratio)} "
                              f"instances, got {self.num_instances}")
+        roles = self.scheduler.roles
+        if roles is not None and self.num_instances > 0 and self.num_instances != len(roles):
+            raise ValueError(f"{len(roles)} roles listed ({','.join(r.value for r in roles)}) for "
+                             f"{self.num_instances} instances: give one role per instance")
         if self.secret is not None and self.llumlet.secret is None:
             object.__setattr__(self, "llumlet", dataclasses.replace(self.llumlet, secret=self.secret))

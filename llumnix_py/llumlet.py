@@ -78,7 +78,8 @@ class Llumlet:
         self.ownership = ownership
         self._claim_lock = threading.Lock()
         self._claims: Optional[ThreadPoolExecutor] = None
-        self._outgoing = OutgoingMigrations(self.core, self._locked, self._migration_done, self._claim_port)
+        self._outgoing = OutgoingMigrations(self.core, self._locked, self._migration_done, self._claim_port,
+                                            clock=lambda: self.clock())
         self._thread: Optional[threading.Thread] = None
         self._server = None
         self.address = ""

@@ -129,6 +129,22 @@ class LlumletCore:
             self._note_length_key(request.request_id, request.objective, len(request.prompt_token_ids))
         return refused
 
+    def _admit_one(self, request_id: str, now: float) -> bool:
+        """Move one request from the inbox into the engine (as ``admit`` does); False if
+        it is not in the inbox or the engine refuses it (then ``admit`` refuses it later)."""
+        with self._inbox_lock:
+            request = next((r for r in self._inbox if r.request_id == request_id), None)
+            if request is None:
+                return False
+            try:
+                self.engine.add_request(request)
+            except LlumnixError:
+                return False
+            self._inbox.remove(request)
+        self._track(request.request_id, request.reply_to, now)
+        self._note_length_key(request.request_id, request.objective, len(request.prompt_token_ids))
+        return True
+
     def _in_inbox(self, request_id: str) -> bool:
         with self._inbox_lock:
             return any(r.request_id == request_id for r in self._inbox)
@@ -318,10 +334,15 @@ class LlumletCore:
                 and not self.dest.parked and not self._unresolved)
 
     # ----- migration: source side ----------------------------------------------------------
-    def begin_migration(self, request_id: str, migration_id: str, bounded: bool = True) -> bool:
+    def begin_migration(self, request_id: str, migration_id: str, bounded: bool = True,
+                        now: Optional[float] = None) -> bool:
         """May ``request_id`` start migrating out? False if it is not here or already
-        migrating, or (``bounded``) ``max_outgoing`` migrations are in flight."""
-        if request_id in self._outgoing or request_id not in self._reply_to:
+        migrating, or (``bounded``) ``max_outgoing`` migrations are in flight. Given ``now``,
+        a request still in the inbox (accepted, not yet admitted: its engine is mid-step or
+        held) is admitted into the engine's queue first, so it leaves as a waiting request."""
+        if request_id not in self._reply_to and (now is None or not self._admit_one(request_id, now)):
+            return False
+        if request_id in self._outgoing:
             return False
         if bounded and len(self._outgoing) >= self.config.max_outgoing:
             return False

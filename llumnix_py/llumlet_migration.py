@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ContextManager, Optional
 
@@ -101,11 +102,14 @@ class OutgoingMigrations:
         on_done: called with each result, without the lock.
         ownership: the arbiter, for a commit whose outcome stays unknown (claimed for
             ``migration_timeout_s``, then by the engine loop while the request stays frozen).
+        clock: the llumlet's clock (a request admitted from the inbox to leave starts its
+            frontend's lease then).
     """
 
     def __init__(self, core: LlumletCore, locked: Locked, on_done: Callable[[MigrationResult], None],
-                 ownership: Optional[OwnershipPort] = None) -> None:
+                 ownership: Optional[OwnershipPort] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._core = core
+        self._clock = clock
         self._ownership = ownership
         self._locked = locked
         self._on_done = on_done
@@ -130,7 +134,7 @@ class OutgoingMigrations:
                config: Optional[MigrationConfig]) -> bool:
         """Start a migration in the background; False (nothing done) if the core refuses it."""
         with self._locked():
-            if not self._core.begin_migration(request_id, migration_id):
+            if not self._core.begin_migration(request_id, migration_id, now=self._clock()):
                 return False
         assert self._pool is not None, "start() the llumlet first"
         self._pool.submit(self._run, request_id, dst_address, migration_id, waiting, config or self._config.migration)
@@ -142,7 +146,7 @@ class OutgoingMigrations:
         with self._locked():
             if self._core.migrating_out(request_id):
                 raise LlumnixError(f"request {request_id} is already migrating")
-            self._core.begin_migration(request_id, migration_id, bounded=False)
+            self._core.begin_migration(request_id, migration_id, bounded=False, now=self._clock())
         return self._run(request_id, dst_address, migration_id, waiting, config or self._config.migration)
 
     def _checkout(self, address: str) -> MigrationTransport:

@@ -2,13 +2,18 @@
 
 An instance is ``prefill``, ``decode`` or ``both`` (the default: colocated, the
 behaviour without roles). The role is scheduler state: the scheduler assigns one to
-each instance it registers (``assign_role``, from a prefill:decode ratio), folds it
+each instance it registers (``assign_role``, from a prefill:decode ratio or a list of
+per-instance roles, ``parse_roles``), folds it
 into the load snapshots (``InstanceLoad.role``), and the policies read it:
 
 * dispatch sends new requests only to prefill-capable instances (``prefill``, ``both``);
 * load-balancing pairs leave ``prefill`` instances out (their requests leave by hand-off);
 * ``plan_role_flip``: at run time, a pure policy flips one instance's role when the
   prefill backlog and the decode instances' room drift apart (no restart);
+* ``plan_redirects``: a ``decode`` instance prefills nothing: a request queued there
+  that was never prefilled (an instance flipped from ``prefill`` still holds it, or a
+  dispatch raced the flip) moves, as a waiting request (no KV), to a prefill-capable
+  instance;
 * ``plan_handoffs``: once a request on a ``prefill`` instance has its first token out
   (``output_len >= 1``), it is handed to the ``decode`` instance where it leaves the
   most freeness (the paper's freeness with the request added, and the hand-offs
@@ -31,8 +36,8 @@ from typing import Collection, Mapping, Optional, Sequence
 from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.bandwidth import pick_by_link
 from policies.config import PolicyConfig
-from policies.types import Handoff
-from policies.virtual_usage import freeness_after_addition, summarize
+from policies.types import Handoff, Redirect
+from policies.virtual_usage import freeness_after_addition, freeness_with_request, summarize
 
 
 class Role(str, enum.Enum):
@@ -80,23 +85,66 @@ def parse_pd_ratio(text: object) -> tuple[int, int]:
     return p, d
 
 
-def roles_for(n: int, ratio: tuple[int, int]) -> list[Role]:
-    """The roles of ``n`` instances registered one after another under ``ratio``
-    (``assign_role`` applied in turn)."""
-    roles: list[Role] = []
-    for _ in range(n):
-        roles.append(assign_role(roles, ratio))
+def parse_roles(text: object) -> tuple[Role, ...]:
+    """Per-instance roles, ``"prefill,decode,decode"`` (or a sequence of names), validated.
+
+    Raises:
+        ValueError: an unknown role (named), an empty list, no instance that takes new
+            requests (``prefill`` or ``both``), or a ``prefill`` instance without a
+            ``decode`` instance to hand its requests to, or the reverse (hand-offs go only
+            from ``prefill`` to ``decode`` instances).
+    """
+    if isinstance(text, str):
+        items: list[object] = [x for x in text.split(",")]
+    elif isinstance(text, (tuple, list)):
+        items = list(text)
+    else:
+        raise ValueError(f"roles are a comma-separated list such as 'prefill,decode,decode', got {text!r}")
+    if not items or items == [""]:
+        raise ValueError("roles: the list is empty; give one role per instance, e.g. 'prefill,decode,decode'")
+    roles = tuple(parse_role(x) for x in items)
+    if all(r == Role.DECODE for r in roles):
+        raise ValueError("roles: no instance takes new requests; list at least one 'prefill' or 'both'")
+    if Role.PREFILL in roles and Role.DECODE not in roles:
+        raise ValueError("roles: a prefill instance hands its requests to decode instances; list at least one 'decode'")
+    if Role.DECODE in roles and Role.PREFILL not in roles:
+        raise ValueError("roles: decode instances take requests from prefill instances only; "
+                         "list at least one 'prefill'")
     return roles
 
 
-def assign_role(current: Sequence[Role], ratio: Optional[tuple[int, int]]) -> Role:
+def roles_for(n: int, ratio: Optional[tuple[int, int]], roles: Optional[Sequence[Role]] = None) -> list[Role]:
+    """The roles of ``n`` instances registered one after another under ``ratio`` or the
+    per-instance ``roles`` (``assign_role`` applied in turn)."""
+    out: list[Role] = []
+    for _ in range(n):
+        out.append(assign_role(out, ratio, roles))
+    return out
+
+
+def assign_role(current: Sequence[Role], ratio: Optional[tuple[int, int]],
+                roles: Optional[Sequence[Role]] = None) -> Role:
     """The role of one more instance, given the roles of those registered.
 
+    With per-instance ``roles``: the first listed role that the registered instances do
+    not cover yet (walking the list, each registered instance covers one listed entry of
+    its role), so instances registered in turn get the list in order and a replacement of
+    a dead instance takes the role it had; beyond the list (a scale-out), the listed role
+    furthest below its share of the list (``count / listed``; list order on a tie).
     Without a ratio every instance is ``both``. With ``(P, D)``, the role whose count
     is furthest below its share of the ratio (count / share smallest; prefill on a tie),
     so instances registered in turn follow the ratio and a replacement of a dead
     instance takes the role the cluster is short of.
     """
+    if roles:
+        left = {r: sum(1 for c in current if c == r) for r in Role}
+        for r in roles:
+            if left[r] == 0:
+                return r
+            left[r] -= 1
+        listed = {r: sum(1 for x in roles if x == r) for r in roles}
+        order = list(dict.fromkeys(roles))
+        return min(order, key=lambda r: (sum(1 for c in current if c == r) / listed[r], order.index(r)))
     if ratio is None:
         return Role.BOTH
     p, d = ratio
@@ -168,6 +216,54 @@ def plan_handoffs(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, skip:
     return planned
 
 
+def never_prefilled(req: RequestLoad) -> bool:
+    """A queued request with no token generated yet and not migrating: prefill-phase work."""
+    return req.output_len == 0 and not req.migrating
+
+
+def plan_redirects(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, slots_out: Mapping[str, int],
+                   slots_in: Mapping[str, int]) -> list[Redirect]:
+    """Queued prefill-phase requests on ``decode`` instances, back to prefill-capable ones.
+
+    Args:
+        instances: load snapshots (``role`` set by the scheduler).
+        cfg: policy thresholds (headroom) for the dispatch freeness.
+        slots_out / slots_in: how many more migrations each instance may start as
+            source / destination now (absent: none).
+
+    Each waiting request that was never prefilled (``never_prefilled``; per source in
+    queue order) on a non-terminating ``decode`` instance goes to the ``prefill`` or
+    ``both`` instance (not terminating, with a free slot) where the dispatcher would put
+    it: the highest dispatch freeness with the request added
+    (``virtual_usage.freeness_with_request``), this round's earlier redirects counted in
+    as queued there; ties by lowest id. Where no such instance has a slot, the request
+    waits for a later round (it is not lost: if its instance admits it first, it is
+    prefilled and decodes there).
+    """
+    dsts = {inst.instance_id: inst for inst in instances
+            if inst.role != Role.DECODE.value and not inst.terminating}
+    if not dsts:
+        return []
+    out_left = dict(slots_out)
+    in_left = {iid: slots_in.get(iid, 0) for iid in dsts}
+    planned: list[Redirect] = []
+    for src in sorted((i for i in instances if i.role == Role.DECODE.value and not i.terminating),
+                      key=lambda i: i.instance_id):
+        for req in (r for r in src.waiting if never_prefilled(r)):
+            if out_left.get(src.instance_id, 0) <= 0:
+                break
+            options = [(-freeness_with_request(dst, cfg, req), iid) for iid, dst in dsts.items() if in_left[iid] > 0]
+            if not options:
+                return planned
+            _, dst_id = min(options)
+            dst = dsts[dst_id]
+            dsts[dst_id] = dataclasses.replace(dst, waiting=dst.waiting + (req,))
+            in_left[dst_id] -= 1
+            out_left[src.instance_id] = out_left.get(src.instance_id, 0) - 1
+            planned.append(Redirect(req.request_id, src.instance_id, dst_id))
+    return planned
+
+
 # ----- run-time role flipping -------------------------------------------------------------
 
 
@@ -229,7 +325,8 @@ def plan_role_flip(instances: Sequence[InstanceLoad], cfg: PolicyConfig, flip: R
     its decoding requests then leave by hand-off like any prefill instance's. When
     there is no backlog but decode is tight (``decode_tight_steps``) for ``rounds``
     rounds, the prefill instance with the least work becomes ``decode``: it takes no new
-    request, its queued ones are prefilled and decode where they are. Each phase keeps
+    request, its queued ones that were never prefilled leave for a prefill-capable
+    instance (``plan_redirects``), and the ones already decoding stay. Each phase keeps
     at least one instance; terminating instances are neither counted nor flipped.
     """
     live = [i for i in instances if not i.terminating]

@@ -50,3 +50,13 @@ class Handoff:
     request_id: str
     src: str
     dst: str
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Move ``request_id``, queued and never prefilled, from ``src`` (an instance that no
+    longer prefills) to the prefill-capable instance ``dst``."""
+
+    request_id: str
+    src: str
+    dst: str

@@ -239,3 +239,26 @@ def test_opt_13b_a100_follows_from_public_specs():
     assert 3200 <= OPT_13B_A100.num_blocks <= 3400
     assert OPT_13B_A100.step_time(0, 1, 128) == pytest.approx(25.8e9 / (2039e9 * 0.8) + 0.004, rel=0.05)
     assert OPT_13B_A100.step_time(512, 0, 0) == pytest.approx(2 * 12.9e9 * 512 / (312e12 * 0.51), rel=0.1)
+
+
+def test_tensor_parallel_adds_gpus_and_pays_two_ring_all_reduces_a_layer():
+    from llumnix_py.engines.sim.profiles import OPT_13B_A100, with_tensor_parallel
+
+    assert with_tensor_parallel(OPT_13B_A100, 1) is OPT_13B_A100 and OPT_13B_A100.allreduce_time(512) == 0.0
+    tp2 = with_tensor_parallel(OPT_13B_A100, 2)
+    assert tp2.hw.num_gpus == 2 and tp2.hw.link_gbps == 2 * OPT_13B_A100.hw.link_gbps
+    assert tp2.num_blocks > 2 * OPT_13B_A100.num_blocks  # the weights are held once, split over both
+    m = OPT_13B_A100.model
+    tokens = 512
+    ring = 2 * (2 - 1) / 2 * tokens * m.hidden_size * 2 / 300e9
+    assert tp2.allreduce_time(tokens) == pytest.approx(2 * m.num_layers * (10e-6 + ring))
+    one = OPT_13B_A100.step_time(0, 1, 100)
+    two = tp2.step_time(0, 1, 100)
+    # the weights stream over twice the bandwidth; the fixed cost and the all-reduces do not shrink
+    assert two == pytest.approx(one - 25.8e9 / 2 / (2039e9 * 0.8) + tp2.allreduce_time(1), rel=0.02)
+    with pytest.raises(ValueError, match="no all-reduce link"):
+        with_tensor_parallel(LLAMA_7B_A10, 2)
+    with pytest.raises(ValueError, match="do not split over 3 GPUs"):
+        with_tensor_parallel(OPT_13B_A100, 3)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        with_tensor_parallel(OPT_13B_A100, 0)

@@ -142,6 +142,28 @@ def test_migrations_out_are_bounded_and_one_per_request():
     assert core.begin_migration("b", "m3", bounded=False)  # a caller that runs it itself
 
 
+def test_a_request_still_in_the_inbox_leaves_as_a_waiting_request():
+    """A migration ordered for a request the engine has not admitted yet (its loop is
+    mid-step or held) admits it first and moves it queued: prefilled on the destination
+    only, once, with every token; nothing stays on the source."""
+    src, dst = make_core("src"), make_core("dst")
+    src.submit(request("r", max_tokens=6))
+    assert not src.begin_migration("r", "m0")  # without ``now``: not admitted, not migrated
+    assert src.begin_migration("r", "m1", now=1.0)
+    assert not src.has_inbox() and [r.request_id for r in src.engine.load().waiting] == ["r"]
+    driver = MigrationDriver(src.engine, LocalPort(dst, src.engine, now=lambda: 1.0), clock=lambda: 1.0)
+    result = driver.run(SourceMigration("m1", "r", waiting=True, config=MigrationConfig()))
+    src.end_migration(result)
+    assert result.status == MigrationStatus.FINISHED, result.reason
+    assert src.held(["r"]) == [] and src.engine.load().used_blocks == 0 and not src.step_due()
+    assert dst.held(["r"]) == ["r"]
+    tokens = []
+    while dst.step_due():
+        out, _ = dst.step()
+        tokens += [t for o in out.outputs for t in o.new_token_ids]
+    assert len(tokens) == 6 and dst.engine.load().used_blocks == 0
+
+
 def test_a_request_aborted_while_migrating_out_is_aborted_when_its_migration_fails():
     core = make_core()
     core.submit(request("r", max_tokens=50))

@@ -23,11 +23,14 @@ from tests.test_faults_local import Emissions, running
 PREFILL, DECODE = "instance-000", "instance-001"
 
 
-def pd_config(num_instances: int = 2, ratio: str = "1:1", **sched) -> ClusterConfig:
+def pd_config(num_instances: int = 2, ratio: str = "1:1", migrations: int = 1, **sched) -> ClusterConfig:
+    """``migrations``: concurrent migrations per instance, each way (scheduler and llumlets)."""
     return ClusterConfig(
         num_instances=num_instances, runtime="local", engine=small_spec(num_blocks=256),
-        scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02, pd_ratio=ratio, **sched),
-        llumlet=LlumletConfig(instance_id="template", transport="inproc", migration_timeout_s=2.0))
+        scheduler=SchedulerConfig(poll_interval_s=0.01, migration_interval_s=0.02, pd_ratio=ratio,
+                                  max_migrations_out=migrations, max_migrations_in=migrations, **sched),
+        llumlet=LlumletConfig(instance_id="template", transport="inproc", migration_timeout_s=2.0,
+                              max_outgoing=migrations, max_incoming=migrations))
 
 
 def positions_by_instance(emitted: Emissions, request_id: str) -> dict[int, list[str]]:
@@ -108,3 +111,59 @@ def test_a_hand_off_failing_at_any_stage_leaves_the_request_decoding_on_its_pref
     by_pos = positions_by_instance(emitted, handle.request_id)
     assert sorted(by_pos) == list(range(max_tokens))
     assert all(v == [PREFILL] for v in by_pos.values())
+
+
+def test_role_flips_under_load_lose_nothing():
+    """Flips both ways while every instance holds requests mid-stream. Requests enter on the
+    one prefill instance (002); once they decode on 000 and 001, more arrive and queue on 002
+    (held, so none of them is prefilled yet). Then 001 flips to prefill and 002 to decode:
+    002's queued requests leave it by waiting-request migration and are prefilled on 001,
+    never on 002; the requests decoding on 001 leave it by hand-off. Every request ends with
+    exactly the tokens of a run on one engine, each position produced once, no block leaks."""
+    n_a, n_b, max_tokens = 4, 3, 24
+    ps, sps = prompts(n_a + n_b), samplings(n_a + n_b, max_tokens)
+    expected = reference(small_spec(num_blocks=256), ps, sps)
+    i0, i1, i2 = "instance-000", "instance-001", "instance-002"
+    with running(pd_config(3, "2:1", migrations=4)) as (cluster, emitted, _):
+        daemon = cluster.control.daemon
+        instance = cluster.control.instance
+
+        def ids(iid: str, queue: str) -> set[str]:
+            return {r.request_id for r in getattr(instance(iid).load(), queue)}
+
+        daemon.set_role(i0, "decode")  # 000 and 001 decode, 002 prefills every request
+        with HoldOutputs(cluster, i0) as g0, HoldOutputs(cluster, i1) as g1, HoldOutputs(cluster, i2) as g2:
+            for g in (g0, g1, g2):
+                g.hold()
+            first = [cluster.submit(p, sp) for p, sp in zip(ps[:n_a], sps[:n_a])]
+            assert {h.instance_id for h in first} == {i2}
+            g2.run_until(lambda: all(h.token_ids for h in first), "every first token")
+            wait_for(lambda: cluster.state()["migrations"].get("finished", 0) == n_a, what="the hand-offs")
+            assert not ids(i2, "running")
+            second = [cluster.submit(p, sp) for p, sp in zip(ps[n_a:], sps[n_a:])]
+            queued = {h.request_id for h in second}
+            assert {h.instance_id for h in second} == {i2} and ids(i2, "waiting") == queued
+            decoding_on_1 = ids(i1, "running")
+            daemon.set_role(i1, "prefill")
+            daemon.set_role(i2, "decode")
+            wait_for(lambda: not (ids(i2, "waiting") & queued) and not (ids(i1, "running") & decoding_on_1),
+                     what="the flipped instances to drain")
+            assert ids(i1, "waiting") == queued  # queued again on the new prefill instance, still held
+            moved = n_a + n_b + len(decoding_on_1)  # the results reach the scheduler at its next poll
+            wait_for(lambda: cluster.state()["migrations"].get("finished", 0) >= moved, what="their results")
+            assert cluster.state()["redirects"] >= n_b
+        got = wait_all(first + second)
+        roles = {i["instance_id"]: i["role"] for i in cluster.state()["instances"]}
+        assert_no_leak(cluster)
+    assert got == expected
+    assert roles == {i0: "decode", i1: "prefill", i2: "decode"}
+    emitted.assert_served_once(set())
+    for h in second:  # prefilled on the prefill instance it was redirected to, never on 002
+        by_pos = positions_by_instance(emitted, h.request_id)
+        assert by_pos[0] == [i1] and sorted(by_pos) == list(range(max_tokens))
+    assert decoding_on_1, "001 decoded nothing when it flipped: the test would show no hand-off"
+    for h in first:
+        by_pos = positions_by_instance(emitted, h.request_id)
+        assert sorted(by_pos) == list(range(max_tokens))
+        if h.request_id in decoding_on_1:
+            assert by_pos[max_tokens - 1] != [i1]  # it left 001 by hand-off

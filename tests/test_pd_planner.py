@@ -7,7 +7,8 @@ import json
 import pytest
 
 from experiments import disaggregation
-from experiments.pd_planner import APPLICATIONS, Application, make_requests, plan, splits
+from experiments.pd_planner import APPLICATIONS, Application, make_requests, plan
+from llumnix_py.planner import layouts
 from llumnix_py.slo import SLO
 
 # Known by hand on opt-13b-a100 (3 GPUs, every GPU used):
@@ -30,9 +31,41 @@ def test_the_planner_picks_the_split_known_by_hand(app, best):
     assert first["goodput_per_gpu"] >= 1.5 * second["goodput_per_gpu"] > 0
 
 
+# Known by hand for tensor parallelism (opt-13b-a100, 3 GPUs, every GPU used): 16-token
+# prompts, 100 output tokens, TPOT 15 ms. One GPU's decode step streams 25.8 GB of weights at
+# 0.8 * 2039 GB/s (16 ms) plus 4 ms fixed: ~20 ms, above the objective at any load, so every
+# layout whose decode instances have one GPU has goodput 0. On two GPUs (TP 2) the weights take
+# 8 ms, plus 4 ms and 80 all-reduces of ~10 us: ~13 ms, within it. The only layout of 3 GPUs
+# with TP-2 decode is 1 prefill instance of 1 GPU + 1 decode instance of 2 GPUs.
+TIGHT_TPOT = Application("tight-tpot", SLO(1.0, 0.015), (16.0, 16.01), (100.0, 100.5))
+
+
+def test_the_planner_searches_the_tensor_parallel_degree_per_phase():
+    ranked = plan(TIGHT_TPOT, 3, 60, "opt-13b-a100", exact=True, iterations=5, degrees=(1, 2))
+    assert len(ranked) == 4
+    best = ranked[0]
+    assert (best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"]) == (1, 1, 1, 2)
+    assert best["gpus"] == 3 and best["goodput_per_gpu"] > 0
+    assert all(r["goodput_rps"] == 0 for r in ranked[1:]), ranked
+    with pytest.raises(ValueError, match="no all-reduce link"):
+        plan(TIGHT_TPOT, 3, 10, "llama-7b-a10", exact=True, degrees=(1, 2))
+    # the simulated decode instance runs on the re-sized profile (its KV pool, its steps)
+    from llumnix_py.engines.sim.profiles import OPT_13B_A100, with_tensor_parallel
+    from llumnix_py.sim import SimCluster, SimConfig
+
+    cluster = SimCluster(SimConfig(num_instances=2, pd_ratio=(1, 1), profile="opt-13b-a100", tp_decode=2))
+    cluster.run(make_requests(TIGHT_TPOT, 4, 1.0), progress=False)
+    blocks = {i: inst.engine.load().total_blocks for i, inst in cluster.instances.items()}
+    assert blocks == {"instance-000": OPT_13B_A100.num_blocks,
+                      "instance-001": with_tensor_parallel(OPT_13B_A100, 2).num_blocks}
+
+
 def test_splits_and_workloads():
-    assert splits(3) == [(1, 1), (1, 2), (2, 1)]
-    assert splits(4, exact=True) == [(1, 3), (2, 2), (3, 1)]
+    assert [lay.pd for lay in layouts(3)] == [(1, 1), (1, 2), (2, 1)]
+    assert [lay.pd for lay in layouts(4, exact=True)] == [(1, 3), (2, 2), (3, 1)]
+    assert [(lay.pd, lay.tp) for lay in layouts(3, (1, 2), exact=True)] == [
+        ((1, 2), (1, 1)), ((2, 1), (1, 1)), ((1, 1), (1, 2)), ((1, 1), (2, 1))]
+    assert all(lay.gpus <= 4 for lay in layouts(4, (1, 2, 4)))
     a = make_requests(APPLICATIONS["summarization"], 50, 2.0, seed=3)
     b = make_requests(APPLICATIONS["summarization"], 50, 4.0, seed=3)
     assert [r.prompt_len for r in a] == [r.prompt_len for r in b]  # a rate sweep keeps the lengths
@@ -50,4 +83,33 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
     assert all(0 <= a <= 1 for c in r["curves"].values() for a in c["attainment"] + c["attainment_by_scale"])
     assert (out / "disaggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "disaggregation.md").read_text()
-    assert md.startswith("# ") and "|---|" in md and "DistServe" in md
+    assert md.startswith("# ") and "|---|" in md and "DistServe" in md and "Shifting mix" in md
+    # the shifting mix: fixed roles and role flips over the same requests, nothing dropped
+    shift = data["shift"]
+    assert set(shift["systems"]) == {"disaggregated 1:3", "disaggregated 1:3 with role flips"}
+    rows = [r for rs in shift["systems"].values() for r in rs]
+    assert rows and all(r["completed"] == r["requests"] == 40 and 0 <= r["attainment"] <= 1 for r in rows)
+    assert not any(r["flips"] for r in shift["systems"]["disaggregated 1:3"])
+    assert all(r["flips"] for r in shift["systems"]["disaggregated 1:3 with role flips"])
+    assert (out / "disaggregation_shift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_llumnix_py_plan_prints_the_ranked_table_and_the_layout_known_by_hand(tmp_path, capsys):
+    """The CLI over the library planner: the prefill-heavy case above, with fixed lengths."""
+    from llumnix_py.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--prompt-len", "2000", "--output-len", "2", "--slo-ttft-ms", "1000", "--slo-tpot-ms",
+                 "1000", "--gpus", "3", "--exact", "--requests", "80", "--iterations", "6", "--no-progress",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "P:D layouts" in printed and "chosen layout: 2 prefill instance(s) of 1 GPU(s) + 1 decode" in printed
+    ranked = json.loads(out.read_text())["ranked"]
+    assert [(r["prefill"], r["decode"]) for r in ranked] == [(2, 1), (1, 2)]
+    assert ranked[0]["goodput_per_gpu"] >= 1.5 * ranked[1]["goodput_per_gpu"] > 0
+    for flags, message in ((["--tp", "1,2", "--profile", "llama-7b-a10"], "no all-reduce link"),
+                           (["--slo-ttft-ms", "-1"], "must be positive"), (["--prompt-len", "zipf:0"], "zipf mean"),
+                           (["--tp", "x"], "comma-separated integers")):
+        with pytest.raises(SystemExit) as info:
+            main(["plan", "--gpus", "2", "--requests", "4", "--iterations", "1", "--no-progress", *flags])
+        assert info.value.code == 2 and message in capsys.readouterr().err

@@ -120,3 +120,57 @@ def test_a_draining_source_is_never_declined():
     core.on_load("t", snapshot(), 0.0)
     core.mark_terminating("s")
     assert [o.src for o in core.migration_round(0.1)] == ["s"] and core.num_declined == 0
+
+
+# ----- the simulator's per-pair links: same node, cross node ------------------------------------
+
+
+def test_a_cross_node_copy_takes_the_profiles_network_bandwidth():
+    from llumnix_py.engines.sim.profiles import OPT_13B_A100
+
+    hw, blocks = OPT_13B_A100.hw, 100
+    assert hw.pair_link_gbps(False) == hw.link_gbps == 25.0 and hw.pair_link_gbps(True) == 25.0 / 8
+    data = blocks * OPT_13B_A100.kv_block_bytes
+    assert OPT_13B_A100.migration_time(blocks) == pytest.approx(hw.link_latency_s + data / 25e9)
+    assert OPT_13B_A100.migration_time(blocks, cross_node=True) == pytest.approx(hw.link_latency_s + data / 3.125e9)
+    a10 = SimConfig().cost_profile  # no network figure: every pair at the same link
+    assert a10.migration_time(blocks, cross_node=True) == a10.migration_time(blocks)
+    with pytest.raises(ValueError, match="instances_per_node"):
+        SimConfig(instances_per_node=0)
+
+
+def handoff_pairs(per_node, seed: int = 0):
+    """4 simulated A100s, roles prefill, decode, prefill, decode; 200 requests; the measured
+    links of the prefill instances and the (src, dst) of every finished hand-off."""
+    import random
+
+    from experiments.workloads import WorkloadRequest
+
+    rng = random.Random(seed)
+    work = [WorkloadRequest(0.05 * i, rng.randint(200, 1500), rng.randint(50, 300)) for i in range(200)]
+    cluster = SimCluster(SimConfig(num_instances=4, pd_ratio="1:1", profile="opt-13b-a100",
+                                   instances_per_node=per_node))
+    result = cluster.run(work, progress=False)
+    assert all(r.done and r.num_tokens == r.output_len for r in result.requests)
+    pairs = [(r.src, r.dst) for r in cluster.scheduler.payoff.records if r.finished]
+    assert pairs
+    return cluster, pairs
+
+
+def test_the_link_aware_pick_prefers_a_decode_instance_on_the_same_node_in_the_simulator():
+    """Two nodes of two A100s: instance-000 (prefill) and 001 (decode) on node 0, 002 (prefill)
+    and 003 (decode) on node 1. The prefill instances measure their links on their hand-offs
+    (same node 25 GB/s, across nodes 3.125 GB/s, less the control round trips) and then hand
+    most requests to the decode instance on their own node, among similar freeness; on one
+    node (no network) the same run spreads them over both."""
+    cluster, pairs = handoff_pairs(2)
+    assert {i: inst.node for i, inst in cluster.instances.items()} == {
+        "instance-000": 0, "instance-001": 0, "instance-002": 1, "instance-003": 1}
+    links = cluster.instances["instance-000"].core.links
+    assert links["instance-001"] > 3 * links["instance-003"]
+    assert links["instance-003"] <= 25.0 / 8
+    node = {"instance-000": 0, "instance-001": 0, "instance-002": 1, "instance-003": 1}
+    same = sum(node[s] == node[d] for s, d in pairs) / len(pairs)
+    _, flat_pairs = handoff_pairs(None)
+    flat_same = sum(node[s] == node[d] for s, d in flat_pairs) / len(flat_pairs)
+    assert same >= 0.6 and same > flat_same + 0.2, (same, flat_same)

@@ -197,3 +197,120 @@ def test_a_role_flip_under_a_shifting_load_loses_nothing_in_the_simulator():
     assert all(e.blocks.num_used == 0 for e in cluster.engines().values())
     flipped = {iid for _, iid, _ in flips}
     assert any(r.dispatched_to in flipped for r in result.requests)  # new requests went to a flipped instance
+
+
+# ----- draining the phase a flipped instance no longer runs -----------------------------------
+
+from policies.roles import plan_redirects  # noqa: E402
+from policies.types import Redirect  # noqa: E402
+
+
+def test_queued_never_prefilled_requests_on_decode_instances_go_where_the_dispatcher_would_put_them():
+    d = InstanceLoad(instance_id="d", total_blocks=100, used_blocks=10, running=(req("dec", 10),),
+                     waiting=(waiting("w1", 8), waiting("w2", 8),
+                              RequestLoad(request_id="pre", num_blocks=0, blocks_needed=9, output_len=3)),
+                     role="decode")
+    p1 = inst("p1", "prefill", [req("x", 40)])
+    p2 = inst("p2", "prefill", [req("y", 20)])
+    both = inst("b", "both", [req("z", 70)])
+    plans = plan_redirects([d, p1, p2, both], CFG, slots_out={"d": 5}, slots_in={"p1": 5, "p2": 5, "b": 5})
+    # w1 to p2 (freest: (100-20-8)/2 = 36); then p2 (100-36)/3 = 21 vs p1 (100-48)/2 = 26: w2 to p1.
+    # "pre" was preempted after decoding (output_len 3): decode-phase work, it stays; "dec" runs.
+    assert plans == [Redirect("w1", "d", "p2"), Redirect("w2", "d", "p1")]
+    assert plan_redirects([d, p1], CFG, slots_out={"d": 1}, slots_in={"p1": 5}) == [Redirect("w1", "d", "p1")]
+    assert plan_redirects([d, p1], CFG, slots_out={"d": 5}, slots_in={"p1": 1}) == [Redirect("w1", "d", "p1")]
+    assert plan_redirects([d, p1], CFG, slots_out={"d": 5}, slots_in={}) == []
+    assert plan_redirects([d], CFG, slots_out={"d": 5}, slots_in={}) == []  # nowhere to go: they wait
+    # a prefill instance's queue is its own work; a terminating target takes nothing
+    p_queued = InstanceLoad(instance_id="p", total_blocks=100, used_blocks=0, waiting=(waiting("q", 4),),
+                            role="prefill")
+    assert plan_redirects([p_queued, inst("d", "decode")], CFG, slots_out={"p": 5}, slots_in={"d": 5}) == []
+    gone = InstanceLoad(instance_id="p1", total_blocks=100, used_blocks=0, role="prefill", terminating=True)
+    assert plan_redirects([d, gone], CFG, slots_out={"d": 5}, slots_in={"p1": 5}) == []
+
+
+def test_a_flip_to_decode_redirects_its_queue_and_a_flip_to_prefill_hands_off_its_decoding_requests():
+    """The scheduler core: after a flip (by hand or by the policy), the next tick orders the
+    moves that empty the instance of the phase it no longer runs, each once while in flight."""
+    core = GlobalScheduler(SchedulerConfig(pd_ratio=(2, 1), max_migrations_out=4, max_migrations_in=4))
+    for i in "abc":
+        core.register(i, f"addr-{i}", 0.0)
+    assert [core.role(i) for i in "abc"] == [Role.PREFILL, Role.DECODE, Role.PREFILL]
+    queued = InstanceLoad(instance_id="", total_blocks=100, used_blocks=8, running=(req("r-c", 8),),
+                          waiting=(waiting("q1", 4), waiting("q2", 4)))
+    core.on_load("a", inst("", "both"), 0.0)
+    core.on_load("b", inst("", "both", [req("d1", 6), req("d2", 6)]), 0.0)
+    core.on_load("c", queued, 0.0)
+    assert core.redirect_round(0.1) == []  # nothing queued on a decode instance yet
+    core.handoff_round(0.1)  # r-c's hand-off is ordered (and stays in flight)
+    core.flip_role("c", "decode", 0.2)
+    core.flip_role("b", "prefill", 0.2)
+    core.flip_role("b", "prefill", 0.25)  # unchanged: not a flip
+    assert core.role_flips == [(0.2, "c", "decode"), (0.2, "b", "prefill")]
+    redirects = core.redirect_round(0.3)
+    # the empty prefill instance a is the freest for both ((100-4)/1, then (100-8)/2 = 46 against
+    # b's (100-12-4)/3 = 28)
+    assert [(o.request_id, o.src, o.dst, o.waiting, o.redirect) for o in redirects] == [
+        ("q1", "c", "a", True, True), ("q2", "c", "a", True, True)]
+    assert core.redirect_round(0.35) == []  # in flight: not ordered twice
+    handoffs = core.handoff_round(0.4)
+    assert sorted((o.request_id, o.src, o.dst) for o in handoffs) == [("d1", "b", "c"), ("d2", "b", "c")]
+    core.on_migration_result(redirects[0].migration_id, "q1", False, 0, 0.5)  # failed: q1 is still queued on c
+    assert [o.request_id for o in core.redirect_round(0.6)] == ["q1"]
+    assert core.num_redirects == 3
+    with pytest.raises(ValueError, match="unknown instance role"):
+        core.flip_role("a", "decoder", 0.7)
+
+
+def test_the_role_flip_policy_flips_through_the_scheduler_and_the_queue_follows():
+    flip = RoleFlipConfig(backlog_blocks=10, decode_free_steps=50, decode_tight_steps=5, rounds=1)
+    core = GlobalScheduler(SchedulerConfig(pd_ratio=(2, 1), role_flip=flip))
+    for i in "abc":
+        core.register(i, f"addr-{i}", 0.0)
+    core.on_load("a", inst("", "both", [req("x", 1)]), 0.0)
+    core.on_load("b", inst("", "both", [req(f"r{k}", 24) for k in range(4)]), 0.0)  # decode is tight
+    core.on_load("c", inst("", "both"), 0.0)  # no backlog anywhere
+    core.migration_round(1.0)
+    assert core.role_flips == [(1.0, "c", "decode")]
+    late = InstanceLoad(instance_id="", total_blocks=100, used_blocks=0, waiting=(waiting("late", 3),))
+    core.on_load("c", late, 1.1)  # a dispatch that raced the flip
+    assert [(o.request_id, o.src, o.dst) for o in core.redirect_round(1.2)] == [("late", "c", "a")]
+
+
+# ----- per-instance roles ---------------------------------------------------------------------
+
+from policies.roles import parse_roles  # noqa: E402
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("prefill,decoder", "unknown instance role 'decoder'; expected one of prefill, decode, both"),
+    ("", "the list is empty"), ((), "the list is empty"), (3, "comma-separated"),
+    ("decode,decode", "no instance takes new requests"),
+    ("prefill,prefill", "list at least one 'decode'"), ("prefill,both", "list at least one 'decode'"),
+    ("decode,both", "list at least one 'prefill'")])
+def test_bad_per_instance_roles_are_errors_saying_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_roles(bad)
+
+
+def test_per_instance_roles_are_given_in_order_and_a_replacement_takes_the_role_it_had():
+    roles = parse_roles("decode, Prefill,decode")
+    assert roles == (Role.DECODE, Role.PREFILL, Role.DECODE)
+    assert parse_roles(["both", "both"]) == (Role.BOTH, Role.BOTH)
+    assert roles_for(3, None, roles) == list(roles)
+    assert assign_role([Role.DECODE, Role.DECODE], None, roles) == Role.PREFILL  # the prefill instance died
+    assert assign_role([Role.PREFILL, Role.DECODE], None, roles) == Role.DECODE
+    # beyond the list (a scale-out): the role furthest below its share, list order on a tie
+    assert roles_for(6, None, roles) == [Role.DECODE, Role.PREFILL, Role.DECODE, Role.DECODE, Role.PREFILL,
+                                         Role.DECODE]
+    core = GlobalScheduler(SchedulerConfig(roles="prefill,decode,decode"))
+    for i in "abc":
+        core.register(i, f"addr-{i}", 0.0)
+    assert [core.role(i) for i in "abc"] == [Role.PREFILL, Role.DECODE, Role.DECODE]
+    core.remove("a")
+    core.register("d", "addr-d", 1.0)
+    assert core.role("d") == Role.PREFILL
+    with pytest.raises(ValueError, match="not both"):
+        SchedulerConfig(roles="prefill,decode", pd_ratio="1:1")
+    with pytest.raises(ValueError, match="2 roles listed .prefill,decode. for 3 instances"):
+        ClusterConfig(num_instances=3, runtime="local", scheduler=SchedulerConfig(roles="prefill,decode"))

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from llumnix_py.cli import build_parser, cluster_config, main
+from llumnix_py.engines.types import SamplingParams
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.server import ServerThread, create_app
 from tests.cluster_helpers import HoldOutputs, reference, small_spec, wait_for
@@ -99,3 +100,46 @@ def test_the_pd_flag_builds_roles_and_bad_ratios_are_usage_errors(capsys):
             main(["serve", "--runtime", "local", *flags])
         assert info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_roles_flag_builds_per_instance_roles_and_bad_lists_are_usage_errors(capsys):
+    cfg = cluster_config(build_parser().parse_args(["serve", "--runtime", "local", "--roles", "prefill,decode,decode"]))
+    assert cfg.num_instances == 3  # one per listed role
+    assert [r.value for r in cfg.scheduler.roles] == ["prefill", "decode", "decode"]
+    assert cfg.scheduler.pd_ratio is None
+    for flags, message in ((["--roles", "prefill,decoder"], "unknown instance role 'decoder'"),
+                           (["--roles", "decode,decode"], "no instance takes new requests"),
+                           (["--roles", "prefill,prefill"], "list at least one 'decode'"),
+                           (["--roles", "prefill,decode", "--instances", "3"], "2 roles listed"),
+                           (["--roles", "prefill,decode", "--pd", "1:1"], "not both")):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--runtime", "local", *flags])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_per_instance_roles_serve_and_show_in_the_cluster_state():
+    """``roles=decode,prefill`` in the Python API: the second instance takes every request and
+    hands it to the first; ``/v1/cluster/state`` shows the roles."""
+    import dataclasses
+
+    import httpx
+
+    base = pd_config()
+    cfg = dataclasses.replace(base, scheduler=dataclasses.replace(base.scheduler, pd_ratio=None,
+                                                                  roles="decode,prefill"))
+    c = Cluster.start(cfg)
+    try:
+        srv = ServerThread(create_app(c)).start()
+        try:
+            roles = {i["instance_id"]: i["role"] for i in httpx.get(srv.url + "/v1/cluster/state").json()["instances"]}
+            assert roles == {"instance-000": "decode", "instance-001": "prefill"}
+            ids = tuple(c.tokenizer.encode("Per-instance roles"))
+            (expected,) = reference(small_spec(num_blocks=256), [ids], 48)
+            handle = c.submit(ids, SamplingParams(max_tokens=48, ignore_eos=True))
+            assert handle.instance_id == "instance-001"
+            assert handle.result(timeout=120) == expected
+        finally:
+            srv.stop()
+    finally:
+        c.stop()

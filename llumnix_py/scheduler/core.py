@@ -28,8 +28,8 @@ from policies.fairness import cluster_offsets
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
-from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, plan_handoffs,
-                            plan_role_flip)
+from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, parse_roles,
+                            plan_handoffs, plan_redirects, plan_role_flip)
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -59,6 +59,9 @@ class SchedulerConfig:
         pd_ratio: ``(P, D)``: prefill/decode disaggregation, instances get the roles
             ``prefill`` and ``decode`` in this ratio as they register (``policies.roles``);
             None (default): every instance is ``both`` (colocated). Also ``"P:D"``.
+        roles: per-instance roles instead of a ratio, in registration order (``"prefill,
+            decode,decode"`` or a sequence; ``policies.roles.parse_roles``); a replacement
+            of a dead instance takes the role it had. Not together with ``pd_ratio``.
         role_flip: flip roles at run time when the phase loads drift apart
             (``policies.roles.plan_role_flip``, once per migration round); None: fixed roles.
     """
@@ -76,10 +79,15 @@ class SchedulerConfig:
     instance_restart: RestartPolicy = field(default_factory=RestartPolicy)
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
+    roles: Optional[tuple[Role, ...]] = None
 
     def __post_init__(self) -> None:
         if self.pd_ratio is not None:
             object.__setattr__(self, "pd_ratio", parse_pd_ratio(self.pd_ratio))
+        if self.roles is not None:
+            if self.pd_ratio is not None:
+                raise ValueError("give per-instance roles or a prefill:decode ratio, not both")
+            object.__setattr__(self, "roles", parse_roles(self.roles))
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",
                      "frontend_timeout_s"):
             if getattr(self, name) <= 0:
@@ -100,6 +108,7 @@ class MigrationOrder:
     waiting: bool
     issued_at: float
     handoff: bool = False  # a prefill instance hands a request to a decode instance
+    redirect: bool = False  # a queued, never prefilled request leaves a decode instance
 
 
 @dataclass
@@ -138,6 +147,7 @@ class GlobalScheduler:
         self.num_orders = 0
         self.num_rescues = 0  # rescue migrations ordered (``PolicyConfig.rescue``)
         self.num_handoffs = 0
+        self.num_redirects = 0  # queued requests moved off decode instances (``redirect_round``)
         self.num_declined = 0  # load-balancing migrations declined as slower than their benefit
         self.flip_state = FlipState()
         self.role_flips: list[tuple[float, str, str]] = []  # (when, instance, new role)
@@ -152,7 +162,7 @@ class GlobalScheduler:
         rec = self.instances.get(instance_id)
         if rec is None:
             chosen = parse_role(role) if role is not None else \
-                assign_role([r.role for r in self.instances.values()], self.config.pd_ratio)
+                assign_role([r.role for r in self.instances.values()], self.config.pd_ratio, self.config.roles)
             self.instances[instance_id] = InstanceRecord(instance_id, address, last_seen=now, role=chosen)
         else:  # re-registration (the instance or the scheduler restarted)
             rec.address, rec.last_seen = address, now
@@ -171,6 +181,18 @@ class GlobalScheduler:
         if rec is None:
             raise UnknownInstanceError(f"instance {instance_id!r} is not registered")
         rec.role = parse_role(role)
+
+    def flip_role(self, instance_id: str, role: str, now: float) -> None:
+        """Flip an instance's role at run time (the role-flip policy, or an operator) and
+        record it in ``role_flips``. Nothing moves here: from the next tick on, a flipped
+        ``decode`` instance's queued, never prefilled requests leave by ``redirect_round``
+        and a flipped ``prefill`` instance's decoding requests by ``handoff_round``; the
+        requests decoding on a new ``decode`` instance stay. Unchanged role: no flip."""
+        new = parse_role(role)
+        if self.role(instance_id) == new:
+            return
+        self.set_role(instance_id, new.value)
+        self.role_flips.append((now, instance_id, new.value))
 
     def disaggregated(self) -> bool:
         """Whether any instance has the ``prefill`` role (hand-offs may be due)."""
@@ -273,16 +295,40 @@ class GlobalScheduler:
         self.num_handoffs += len(orders)
         return orders
 
+    def redirect_round(self, now: float) -> list[MigrationOrder]:
+        """Queued requests that were never prefilled, off ``decode`` instances
+        (``policies.roles.plan_redirects``): one waiting-request migration each, within the
+        migration limits. One that fails is planned again in a later round while it is
+        still queued there (it has no KV, so a retry cannot make it bounce)."""
+        if not any(r.role == Role.DECODE for r in self.instances.values()):
+            return []
+        cfg = self.config
+        slots_out = {i: cfg.max_migrations_out - len(r.orders_out) for i, r in self.instances.items()
+                     if r.role == Role.DECODE}
+        slots_in = {i: cfg.max_migrations_in - len(r.orders_in) for i, r in self.instances.items()
+                    if r.role != Role.DECODE}
+        ordered = {o.request_id for r in self.instances.values() for o in r.orders_out.values()}
+        loads = [replace(x, waiting=tuple(w for w in x.waiting if w.request_id not in ordered))
+                 for x in self.loads()]
+        orders = []
+        for plan in plan_redirects(loads, cfg.policy, slots_out=slots_out, slots_in=slots_in):
+            self._seq += 1
+            order = MigrationOrder(f"rd-{uuid.uuid4().hex[:12]}-{self._seq}", plan.src, plan.dst,
+                                   self.instances[plan.dst].address, plan.request_id, True, now, redirect=True)
+            self._open_order(order, now)
+            orders.append(order)
+        self.num_orders += len(orders)
+        self.num_redirects += len(orders)
+        return orders
+
     def _flip_roles(self, now: float) -> None:
-        """One round of the role-flip policy, if configured: a flipped prefill instance takes
-        no new request; a flipped decode instance's decoding requests leave by hand-off."""
+        """One round of the role-flip policy, if configured (``flip_role``)."""
         flip_cfg = self.config.role_flip
         if flip_cfg is None or not self.disaggregated():
             return
         decision = plan_role_flip(self.loads(), self.config.policy, flip_cfg, self.flip_state)
         if decision is not None and decision.instance_id in self.instances:
-            self.set_role(decision.instance_id, decision.role.value)
-            self.role_flips.append((now, decision.instance_id, decision.role.value))
+            self.flip_role(decision.instance_id, decision.role.value, now)
 
     def links(self, loads: list[InstanceLoad]) -> dict[tuple[str, str], float]:
         """Measured migration bandwidth (GB/s) by ``(src id, dst id)``, from the snapshots."""

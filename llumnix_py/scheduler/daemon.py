@@ -310,6 +310,12 @@ class SchedulerDaemon:
             if not self.config.enable_scaling:
                 self.replenisher.scaled_by_hand(-1)
 
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Flip an instance's role by hand (``GlobalScheduler.flip_role``): from the next
+        tick on, the requests of the phase it no longer runs leave it by migration."""
+        with self._lock:
+            self.core.flip_role(instance_id, role, self.clock())
+
     def frontend_heartbeat(self, frontend: FrontendRecord) -> None:
         if not isinstance(frontend, FrontendRecord):
             raise TypeError(f"a frontend heartbeat carries a FrontendRecord, not {type(frontend).__name__}")
@@ -346,6 +352,7 @@ class SchedulerDaemon:
                 "migrations_total": len(self.results),
                 "dispatched": self.core.num_dispatched,
                 "handoffs": self.core.num_handoffs,
+                "redirects": self.core.num_redirects,
                 "role_flips": [list(f) for f in self.core.role_flips],
                 "scale_events": list(self.scale_events),
                 "dead_instances": list(self.dead),

@@ -5,6 +5,7 @@ migrations, instances found dead) and returns what to do::
 
     loads, ended migrations ──► on_load / on_migration_done
     instances found dead     ──► removed                           ──► retire (dead)
+    decode instances?        ──► redirect_round (every tick)       ──► queued requests back to prefill
     prefill instances?       ──► handoff_round (every tick)        ──► hand-off orders to start
     migration round due?     ──► migration_round                   ──► orders to start
     scaling allowed?         ──► scaling_round                     ──► scale decision
@@ -92,7 +93,7 @@ class SchedulerTick:
         retired: list[tuple[str, str]] = []
         for iid in died:
             self._retire(iid, "dead", retired, now)
-        orders: tuple["MigrationOrder", ...] = tuple(core.handoff_round(now))
+        orders: tuple["MigrationOrder", ...] = tuple(core.redirect_round(now)) + tuple(core.handoff_round(now))
         if force_round or self.round_due(now):
             self._last_round = now
             if migrate:

@@ -27,7 +27,8 @@ Timing model:
 * A step is planned and applied (``engine.step()``) when it starts; its tokens are
   delivered ``duration_s`` later, when the next step may start. So a request that
   finishes frees its blocks at the start of its last step (one step early).
-* ``CopyBlocks`` takes ``profile.migration_time(blocks)``; a destination call
+* ``CopyBlocks`` takes ``profile.migration_time(blocks, cross_node)`` (the pair's link:
+  same node or not, ``SimConfig.instances_per_node``); a destination call
   (pre-allocate, commit, abort) ``rpc_latency_s``; engine-local calls (incremental
   blocks, free) no time. ``Freeze`` waits for the source's iteration boundary (the
   end of its running step). The source keeps stepping during pre-copy stages; from
@@ -44,11 +45,13 @@ Layout: ``SimConfig`` lives in ``llumnix_py.sim.config``; the migration events i
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from llumnix_py.engines.core import EngineCore
+from llumnix_py.engines.sim.cost_model import CostProfile
 from llumnix_py.engines.jit_batch import EdfBatchPolicy, JitBatchPolicy, with_objective
 from llumnix_py.engines.sim.executor import SimExecutor
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput, job_kv_key
@@ -71,8 +74,11 @@ _EPS = 1e-9
 class SimInstance:
     """One simulated instance: a llumlet core over its engine, and its stepping state."""
 
-    def __init__(self, core: LlumletCore, engine: EngineCore) -> None:
+    def __init__(self, core: LlumletCore, engine: EngineCore, node: int = 0,
+                 profile: Optional[CostProfile] = None) -> None:
         self.instance_id = core.instance_id
+        self.node = node  # its node (``SimConfig.instances_per_node``): copies across nodes are slower
+        self.profile = profile  # its hardware (``SimConfig.role_profile``); None: the config's
         self.core = core
         self.engine = engine
         self.busy = False  # a step is in flight
@@ -97,6 +103,7 @@ class SimCluster:
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = 0
         self._next_id = 0
+        self._started = 0  # instances started so far (they fill nodes in this order)
         self._manual = 0
         self.records: dict[str, RequestRecord] = {}
         self._undispatched: list[RequestRecord] = []
@@ -183,21 +190,27 @@ class SimCluster:
 
     def _start_instance(self, iid: str) -> None:
         cfg = self.config
+        self.scheduler.register(iid, iid, self.now)  # its role picks its hardware (``SimConfig.role_profile``)
+        profile = cfg.role_profile(self.scheduler.role(iid).value)
+        engine_config = self.engine_config
+        if profile is not cfg.cost_profile and cfg.num_blocks is None:  # re-sized: its own KV pool
+            engine_config = dataclasses.replace(engine_config, num_blocks=profile.num_blocks)
         prior = LengthPrior()
         policy = None
         if cfg.batch_policy == "jit":
-            policy = JitBatchPolicy(self._clock, self.profile.step_time, prior, cfg.length_estimator,
+            policy = JitBatchPolicy(self._clock, profile.step_time, prior, cfg.length_estimator,
                                     cfg.length_quantile)
         elif cfg.batch_policy == "edf":
-            policy = EdfBatchPolicy(self._clock, self.profile.step_time, prior)
-        executor = SimExecutor(self.profile, num_host_blocks=self.engine_config.num_host_blocks)
-        engine = EngineCore(self.engine_config, executor, batch_policy=policy)
+            policy = EdfBatchPolicy(self._clock, profile.step_time, prior)
+        executor = SimExecutor(profile, num_host_blocks=engine_config.num_host_blocks)
+        engine = EngineCore(engine_config, executor, batch_policy=policy)
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
                                          max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine,
                            length_prior=prior)
-        inst = SimInstance(core, engine)
+        per_node = cfg.instances_per_node
+        inst = SimInstance(core, engine, node=self._started // per_node if per_node else 0, profile=profile)
+        self._started += 1
         self.instances[iid] = inst
-        self.scheduler.register(iid, iid, self.now)
         self.scheduler.on_load(iid, core.load(engine.load()), self.now)
         inst.dirty = False
 

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from llumnix_py.engines.core import EngineConfig
 from llumnix_py.engines.sim.cost_model import CostProfile
-from llumnix_py.engines.sim.profiles import PROFILES
+from llumnix_py.engines.sim.profiles import PROFILES, with_tensor_parallel
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration import protocol as p
 from policies.config import PolicyConfig
@@ -58,6 +58,14 @@ class SimConfig:
         conversation_blocks: host blocks per instance that keep finished turns of conversations
             and calls of compound jobs for their next turn or call (``engines/conversations.py``;
             0: none). The host pool has exactly these blocks, and preemption recomputes.
+        instances_per_node: place instances on nodes, this many a node in the order they
+            start (the k-th on node ``k // instances_per_node``): a migration between two
+            nodes copies at the profile's ``cross_node_link_gbps``, within one node at its
+            ``link_gbps``; None (default): one node, every copy at ``link_gbps``.
+        tp_prefill / tp_decode: tensor-parallel degree of each instance that prefills
+            (``prefill`` and ``both``) / of each ``decode`` instance: it runs on that many
+            GPUs of the profile (``profiles.with_tensor_parallel``; only for profiles with
+            an all-reduce link). Default 1: the profile as it is.
     """
 
     num_instances: int = 4
@@ -86,6 +94,9 @@ class SimConfig:
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
     conversation_blocks: int = 0
+    instances_per_node: Optional[int] = None
+    tp_prefill: int = 1
+    tp_decode: int = 1
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -111,6 +122,11 @@ class SimConfig:
             if self.num_instances < sum(self.pd_ratio):
                 raise ValueError(f"a {self.pd_ratio[0]}:{self.pd_ratio[1]} split needs at least "
                                  f"{sum(self.pd_ratio)} instances, got {self.num_instances}")
+        per_node = self.instances_per_node
+        if per_node is not None and (isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1):
+            raise ValueError(f"instances_per_node must be an integer >= 1, got {per_node!r}")
+        for degree in {self.tp_prefill, self.tp_decode}:
+            with_tensor_parallel(self.cost_profile, degree)  # ValueError where the profile cannot
         bounds = {}
         if self.min_instances is not None:
             bounds["min_instances"] = self.min_instances
@@ -132,8 +148,14 @@ class SimConfig:
             max_migrations_out=self.max_migrations_out, max_migrations_in=self.max_migrations_in,
             migration_order_timeout_s=1e9, pd_ratio=self.pd_ratio, role_flip=self.role_flip)
 
+    def role_profile(self, role: str) -> CostProfile:
+        """The hardware of an instance of ``role``: the profile at ``tp_decode`` GPUs for
+        ``decode``, at ``tp_prefill`` for the others."""
+        return with_tensor_parallel(self.cost_profile, self.tp_decode if role == "decode" else self.tp_prefill)
+
     def engine_config(self) -> EngineConfig:
-        """Each instance's engine config: the profile's KV pool (or ``num_blocks``) and the engine limits."""
+        """Each instance's engine config: the profile's KV pool (or ``num_blocks``) and the engine
+        limits (an instance re-sized by ``role_profile`` gets its own pool: ``SimCluster``)."""
         prof = self.cost_profile
         return EngineConfig(num_blocks=self.num_blocks or prof.num_blocks, block_size=prof.block_size,
                             watermark=self.watermark, max_batch_size=self.max_batch_size,

@@ -10,7 +10,8 @@ real ``MigrationDriver`` carries out over a ``LocalPort`` to the destination's c
 
 * an action that takes no virtual time is followed at once by the next one;
 * one that takes time schedules its reply as an event that much later:
-  ``CopyBlocks`` takes ``profile.migration_time(blocks)``, a call to the
+  ``CopyBlocks`` takes ``profile.migration_time(blocks, cross_node)`` (the pair's link:
+  same node or across nodes), a call to the
   destination (pre-allocate, commit, activate, abort) ``rpc_latency_s``;
 * the destination parks a committed request and runs it from ``Activate`` on, which
   the source sends once the commit's reply came back and it freed its copy (no
@@ -80,7 +81,7 @@ class SimMigrations:
         machine = p.SourceMigration(order.migration_id, order.request_id, order.waiting, self.config.migration)
         driver = MigrationDriver(src.engine, LocalPort(dst.core, src.engine, now=self._now), clock=self._now)
         run = MigrationRun(order, machine, driver, src, dst, now)
-        if not src.core.begin_migration(order.request_id, order.migration_id):
+        if not src.core.begin_migration(order.request_id, order.migration_id, now=now):
             result = MigrationResult(order.migration_id, order.request_id, p.MigrationStatus.ABORTED_SRC, _REFUSED,
                                      machine.config.mode.value, 0, 0, 0.0, 0.0)
             self._on_done(result, run)
@@ -122,7 +123,8 @@ class SimMigrations:
             dst.dirty = True
             return self.config.rpc_latency_s
         if isinstance(action, p.CopyBlocks):
-            return self.profile.migration_time(len(action.src_block_ids))
+            profile = src.profile or self.profile  # the source's GPUs send their shards
+            return profile.migration_time(len(action.src_block_ids), cross_node=src.node != dst.node)
         if isinstance(action, p.Freeze):
             src.dirty = True
             run.frozen_at = self._now()

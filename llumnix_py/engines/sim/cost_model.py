@@ -76,7 +76,15 @@ class HardwareSpec:
         mem_bandwidth_gbps: memory bandwidth per GPU, GB/s.
         mem_gb: memory per GPU, GB.
         link_gbps: effective bandwidth of the migration path of the whole
-            instance (all its GPUs together), GB/s.
+            instance (all its GPUs together) to an instance on the same node, GB/s.
+        cross_node_link_gbps: the same to an instance on another node, GB/s (the
+            network); ``None``: as ``link_gbps`` (no node boundary is modelled).
+        tp_link_gbps: per-GPU, per-direction bandwidth of the link tensor-parallel
+            all-reduces run over (NVLink), GB/s; with it, a step of an instance of more
+            than one GPU pays its all-reduces explicitly (``CostProfile.allreduce_time``).
+            ``None``: they are folded into the calibration constants (the A10 profiles),
+            and the profile cannot be re-sized (``profiles.with_tensor_parallel``).
+        allreduce_latency_s: fixed cost of one all-reduce (launch and synchronisation), seconds.
         link_latency_s: fixed cost of one migration transfer (a round trip of
             control messages), seconds.
         host_link_gbps: bandwidth between one GPU and host memory, per direction,
@@ -94,6 +102,9 @@ class HardwareSpec:
     link_latency_s: float = 1e-3
     host_link_gbps: float = 32.0
     host_copy_overhead_s: float = 1e-5
+    cross_node_link_gbps: Optional[float] = None
+    tp_link_gbps: Optional[float] = None
+    allreduce_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1:
@@ -104,6 +115,17 @@ class HardwareSpec:
             raise ValueError(f"link_latency_s must be >= 0, got {self.link_latency_s!r}")
         if not math.isfinite(self.host_copy_overhead_s) or self.host_copy_overhead_s < 0:
             raise ValueError(f"host_copy_overhead_s must be >= 0, got {self.host_copy_overhead_s!r}")
+        for name in ("cross_node_link_gbps", "tp_link_gbps"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        if not math.isfinite(self.allreduce_latency_s) or self.allreduce_latency_s < 0:
+            raise ValueError(f"allreduce_latency_s must be >= 0, got {self.allreduce_latency_s!r}")
+
+    def pair_link_gbps(self, cross_node: bool) -> float:
+        """The migration bandwidth between two instances on the same node or not, GB/s."""
+        if cross_node and self.cross_node_link_gbps is not None:
+            return self.cross_node_link_gbps
+        return self.link_gbps
 
 
 @dataclass(frozen=True)
@@ -234,13 +256,26 @@ class CostProfile:
     def _kv_bytes_per_s(self) -> float:
         return self.hw.mem_bandwidth_gbps * _GB * self.attention_bandwidth_efficiency * self.hw.num_gpus
 
+    def allreduce_time(self, tokens: int) -> float:
+        """The tensor-parallel all-reduces of one pass over ``tokens`` (0 on one GPU, or
+        where ``hw.tp_link_gbps`` is None): two a layer (after attention and after the MLP,
+        Megatron-style), each of ``tokens * hidden * dtype_bytes`` bytes, as a ring
+        (``2 (g - 1) / g`` of the bytes over each GPU's link) plus a fixed latency; on the
+        critical path, not overlapped with the GEMMs."""
+        g, link = self.hw.num_gpus, self.hw.tp_link_gbps
+        if g == 1 or link is None:
+            return 0.0
+        m = self.model
+        ring = 2.0 * (g - 1) / g * tokens * m.hidden_size * m.dtype_bytes / (link * _GB)
+        return 2 * m.num_layers * (self.hw.allreduce_latency_s + ring)
+
     def _pass_time(self, tokens: int, pairs: int, kv_tokens: int) -> float:
         """One pass over the model: ``tokens`` through the GEMMs, ``pairs`` attention
-        (query, key) pairs, ``kv_tokens`` of KV cache read or written."""
+        (query, key) pairs, ``kv_tokens`` of KV cache read or written, plus its all-reduces."""
         m = self.model
         flops = 2.0 * m.num_params * tokens + 4.0 * m.num_layers * m.hidden_size * pairs
         mem_s = self.weight_bytes / self._bytes_per_s + self.kv_bytes_per_token * kv_tokens / self._kv_bytes_per_s
-        return max(flops / self._flops_per_s, mem_s)
+        return max(flops / self._flops_per_s, mem_s) + self.allreduce_time(tokens)
 
     def step_time(
         self,
@@ -284,10 +319,11 @@ class CostProfile:
             + self._pass_time(num_decode_seqs, decode_context_tokens, decode_context_tokens)
         )
 
-    def migration_time(self, num_blocks: int) -> float:
-        """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer)."""
+    def migration_time(self, num_blocks: int, cross_node: bool = False) -> float:
+        """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer),
+        on the same node or (``cross_node``) on another one (``HardwareSpec.pair_link_gbps``)."""
         _check_count("num_blocks", num_blocks)
-        return self.hw.link_latency_s + num_blocks * self.kv_block_bytes / (self.hw.link_gbps * _GB)
+        return self.hw.link_latency_s + num_blocks * self.kv_block_bytes / (self.hw.pair_link_gbps(cross_node) * _GB)
 
     def host_copy_time(self, num_blocks: int, num_copies: int) -> float:
         """Time to copy ``num_blocks`` KV blocks between GPU and host in ``num_copies`` copies

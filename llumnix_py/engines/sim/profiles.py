@@ -73,6 +73,26 @@ steps, as DistServe's vLLM baseline); nothing was fitted to a DistServe figure.
 * Migration link: ``link_gbps = 25``, PCIe 4.0 x16 (32 GB/s peak) at about 80%: a
   copy through the host between two GPUs of one node, not NVLink (DistServe places the
   phases on NVLink where it can; this profile takes the slower path).
+* Cross-node link: ``cross_node_link_gbps = 3.125``, DistServe's testbed (Section 6.1:
+  four nodes of eight A100-80GB SXM with NVLink, "cross-node bandwidth 25 Gbps"): 25 Gbit/s
+  is 3.125 GB/s, taken at its line rate (an upper bound; nothing fitted). It applies
+  only where a simulation places instances on nodes (``SimConfig.instances_per_node``);
+  a same-node copy stays at ``link_gbps``.
+
+Tensor parallelism (``with_tensor_parallel``, for the planner's search; only where the
+profile has an explicit all-reduce link, ``HardwareSpec.tp_link_gbps``, i.e. the A100
+profile here): ``degree`` GPUs of the profile's kind form one instance. The roofline
+already adds their FLOP/s, memory bandwidth and memory (the weights are read once per
+pass, split over the GPUs); each pass then pays its all-reduces (``CostProfile.
+allreduce_time``): two a layer of ``tokens * hidden * 2`` bytes, as a ring over NVLink 3
+at 300 GB/s per GPU and direction (A100 SXM datasheet: 600 GB/s total, both directions,
+12 links), plus 10 us each. The 10 us is an assumption (the order of a small-message NCCL
+all-reduce within one NVLink node), not a published figure and not fitted; for OPT-13B a
+decode step pays 80 all-reduces, 0.8 ms of it. A migration copies each GPU's KV shard in
+parallel (same-node link times the degree); a cross-node copy stays at the node's network
+figure. Nothing else changes (the same engine constants), so a degree-``g`` instance is
+not ``g`` independent instances: its fixed per-step costs are paid once, its all-reduces
+on every pass.
 
 ``profile_from_csv`` fits the step time of a user's own hardware instead.
 """
@@ -96,7 +116,8 @@ A10_X4 = HardwareSpec(
     name="4xA10-24GB", num_gpus=4, peak_tflops=125.0, mem_bandwidth_gbps=600.0, mem_gb=24.0, link_gbps=10.0
 )
 A100 = HardwareSpec(
-    name="A100-80GB", num_gpus=1, peak_tflops=312.0, mem_bandwidth_gbps=2039.0, mem_gb=80.0, link_gbps=25.0
+    name="A100-80GB", num_gpus=1, peak_tflops=312.0, mem_bandwidth_gbps=2039.0, mem_gb=80.0, link_gbps=25.0,
+    cross_node_link_gbps=25.0 / 8, tp_link_gbps=300.0, allreduce_latency_s=10e-6,
 )
 LLAMA_7B = ModelSpec(
     name="llama-7b", num_params=6.7e9, num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128
@@ -135,6 +156,29 @@ OPT_13B_A100 = replace(LLAMA_7B_A10, model=OPT_13B, hw=A100)  # the same engine 
 
 PROFILES: dict[str, CostProfile] = {"llama-7b-a10": LLAMA_7B_A10, "llama-30b-4xa10": LLAMA_30B_4xA10,
                                     "opt-13b-a100": OPT_13B_A100}
+
+def with_tensor_parallel(profile: CostProfile, degree: int) -> CostProfile:
+    """``profile`` on ``degree`` times its GPUs, tensor parallel (module docstring).
+
+    Raises:
+        ValueError: ``degree`` not an integer >= 1; a profile that cannot express it (no
+            ``hw.tp_link_gbps``, or a fitted profile, whose step time is a fit at one size);
+            a degree that does not divide the model's KV heads.
+    """
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"a tensor-parallel degree is an integer >= 1, got {degree!r}")
+    if degree == 1:
+        return profile
+    if isinstance(profile, FittedCostProfile) or profile.hw.tp_link_gbps is None:
+        raise ValueError(f"profile {profile.model.name} on {profile.hw.name} has no all-reduce link "
+                         "(HardwareSpec.tp_link_gbps): it cannot be re-sized for tensor parallelism")
+    gpus = profile.hw.num_gpus * degree
+    if profile.model.num_kv_heads % gpus:
+        raise ValueError(f"{profile.model.num_kv_heads} KV heads of {profile.model.name} do not split over {gpus} GPUs")
+    hw = replace(profile.hw, name=f"{degree}x{profile.hw.name}", num_gpus=gpus,
+                 link_gbps=profile.hw.link_gbps * degree)
+    return replace(profile, hw=hw)
+
 
 CSV_COLUMNS = ("batch_size", "context_tokens", "prefill_tokens", "step_ms")
 

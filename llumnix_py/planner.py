@@ -1,0 +1,154 @@
+"""Placement planner for prefill/decode disaggregation (DistServe's placement, by simulation).
+
+Given a workload (a function from a request rate to the requests of one simulated run),
+TTFT and TPOT objectives, a cost profile and a GPU budget, ``plan`` searches the
+prefill:decode splits ``P:D`` and, where the profile allows it, the tensor-parallel degree
+of each phase's instances (``degrees``; ``engines.sim.profiles.with_tensor_parallel``),
+with ``P * tp_prefill + D * tp_decode <= budget`` GPUs. For each layout it finds the
+goodput, the highest request rate at which at least 90% of requests meet both objectives
+(``llumnix_py.slo.max_rate``: a bisection over simulated runs of the real scheduler,
+llumlet core and migration code), and ranks the layouts by goodput per GPU.
+``llumnix-py plan`` and ``experiments/pd_planner.py`` print the ranked table and the
+chosen layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+from llumnix_py.engines.sim.cost_model import CostProfile
+from llumnix_py.sim import SimCluster, SimConfig, SimResult
+from llumnix_py.slo import SLO, max_rate
+from policies.config import PolicyConfig
+from policies.roles import RoleFlipConfig
+
+Workload = Callable[[float], Sequence[Any]]  # rate -> requests (arrival_time, prompt_len, output_len)
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of a planning workload: when it arrives and how long it is."""
+
+    arrival_time: float
+    prompt_len: int
+    output_len: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the GPUs serve: ``pd`` = (P, D) disaggregated, or None colocated with
+    ``dispatch`` (``round_robin``: vLLM-like, no migration; ``freeness``: llumnix-py)."""
+
+    instances: int
+    pd: Optional[tuple[int, int]] = None
+    dispatch: str = "freeness"
+    migration: bool = True
+    tp: tuple[int, int] = (1, 1)  # tensor-parallel degree of the prefill (and colocated) / decode instances
+    flip: bool = False  # roles flip at run time (``policies.roles.plan_role_flip``, default thresholds)
+
+    @property
+    def name(self) -> str:
+        if self.pd is not None:
+            tp = f" TP {self.tp[0]}/{self.tp[1]}" if self.tp != (1, 1) else ""
+            flip = " with role flips" if self.flip else ""
+            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}"
+        return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
+
+    @property
+    def gpus(self) -> int:
+        if self.pd is None:
+            return self.instances * self.tp[0]
+        return self.pd[0] * self.tp[0] + self.pd[1] * self.tp[1]
+
+    def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
+        return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
+                         enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
+                         tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None)
+
+
+def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, CostProfile],
+        seed: int = 0) -> SimResult:
+    """One simulated run of ``workload`` at ``rate`` on ``layout``."""
+    return SimCluster(layout.sim_config(profile, seed)).run(workload(rate), progress=False)
+
+
+def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, CostProfile], *, seed: int = 0,
+            max_per_gpu: float = 16.0, iterations: int = 7) -> float:
+    """The layout's goodput (req/s, whole layout): bisection over ``iterations`` runs between
+    ``max_per_gpu * instances / 2 ** iterations`` and ``max_per_gpu * instances``."""
+    def attained(rate: float) -> float:
+        return run(workload, layout, rate, profile, seed).slo_attainment(slo)
+
+    hi = max_per_gpu * layout.instances
+    return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
+
+
+def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False) -> list[Layout]:
+    """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
+    ``P * tp_prefill + D * tp_decode <= gpus`` GPUs (``== gpus`` when ``exact``)."""
+    out = []
+    for tp_p in degrees:
+        for tp_d in degrees:
+            for p in range(1, gpus // tp_p + 1):
+                for d in range(1, (gpus - p * tp_p) // tp_d + 1):
+                    used = p * tp_p + d * tp_d
+                    if not exact or used == gpus:
+                        out.append(Layout(p + d, (p, d), tp=(tp_p, tp_d)))
+    return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd))
+
+
+def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfile], *, seed: int = 0,
+         exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, degrees: Sequence[int] = (1,),
+         progress: Optional[str] = None) -> list[dict[str, Any]]:
+    """Every layout's goodput and goodput per GPU, best first (ties: fewer GPUs, then more
+    prefill, then lower degrees). ``progress``: a label to show a progress bar under.
+
+    Raises:
+        ValueError: a degree the profile cannot express (``with_tensor_parallel``).
+    """
+    rows = []
+    candidates = layouts(gpus, degrees, exact=exact)
+    for degree in degrees:  # a degree the profile cannot express fails before anything is simulated
+        Layout(2, (1, 1), tp=(degree, degree)).sim_config(profile, seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(candidates), desc=f"plan {progress}", unit="layout", leave=False)
+    for layout in candidates:
+        (p, d), (tp_p, tp_d) = layout.pd, layout.tp
+        g = goodput(workload, layout, slo, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
+        rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "gpus": layout.gpus,
+                     "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"], r["tp_prefill"], r["tp_decode"]))
+    return rows
+
+
+def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
+    """The ranked table, then the chosen layout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("rank", "P:D", "TP prefill/decode", "GPUs", "goodput (req/s)", "per GPU"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(rows, 1):
+        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill']}/{r['tp_decode']}", str(r["gpus"]),
+                      f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}")
+    Console().print(table)
+    Console().print(chosen_layout(rows[0]))
+
+
+def chosen_layout(best: dict[str, Any]) -> str:
+    """One line naming the best layout (and, without tensor parallelism, how to serve it)."""
+    p, d, tp_p, tp_d = best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"]
+    line = (f"chosen layout: {p} prefill instance(s) of {tp_p} GPU(s) + {d} decode instance(s) of {tp_d} GPU(s), "
+            f"{best['gpus']} GPUs, {best['goodput_per_gpu']:.3f} req/s per GPU")
+    if (tp_p, tp_d) == (1, 1):
+        line += f": llumnix-py serve --instances {p + d} --pd {p}:{d}"
+    return line
