@@ -36,11 +36,13 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # Issue 19: Llumnix with a per-request migration cooldown (policies/cooldown.py).
     "llumnix+cooldown-2": ("freeness", True),
     "llumnix+cooldown-10": ("freeness", True),
+    "llumnix+cooldown-30": ("freeness", True),
 }
 # Policy settings a system adds to the defaults (a caller's own keywords win).
 SYSTEM_POLICY: dict[str, dict[str, Any]] = {
     "llumnix+cooldown-2": {"migration_cooldown_s": 2.0},
     "llumnix+cooldown-10": {"migration_cooldown_s": 10.0},
+    "llumnix+cooldown-30": {"migration_cooldown_s": 30.0},
 }
 
 
