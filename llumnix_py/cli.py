@@ -72,6 +72,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--migrate-out", default="shortest",
                    help="shortest, last, longest, lowest_priority, waiting_head, most_served, most_served_cluster")
     g.add_argument("--migrate-out-threshold", type=float, default=3.0)
+    g.add_argument("--migration-cooldown", type=float, default=0.0, metavar="SECONDS",
+                   help="a request that finished a migration is not moved again for this long, unless its "
+                        "instance drains (policies/cooldown.py; cuts ping-pong; 0: off)")
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
     g.add_argument("--rescue", action="store_true",
                    help="migrate requests about to miss their objective where they are predicted to meet it "
@@ -115,7 +118,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
-                          global_fairness=args.global_fairness)
+                          global_fairness=args.global_fairness, migration_cooldown_s=args.migration_cooldown)
     return ClusterConfig(
         num_instances=args.instances if args.instances is not None else len(args.roles or ()) or 2,
         engine=EngineSpec(kind=args.engine,

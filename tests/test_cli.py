@@ -34,6 +34,15 @@ def test_flags_build_a_validated_config():
     assert cfg.engine.engine.num_blocks == 128
 
 
+def test_migration_cooldown_flag_reaches_the_policy_and_a_negative_one_is_a_usage_error(capsys):
+    cfg = cluster_config(build_parser().parse_args(["serve", "--runtime", "local", "--migration-cooldown", "10"]))
+    assert cfg.scheduler.policy.migration_cooldown_s == 10.0
+    assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.migration_cooldown_s == 0.0
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--runtime", "local", "--migration-cooldown", "-1"])
+    assert info.value.code == 2 and "migration_cooldown_s must be a finite number >= 0" in capsys.readouterr().err
+
+
 def test_unknown_policy_name_is_an_error():
     args = build_parser().parse_args(["serve", "--dispatch", "nope"])
     with pytest.raises(KeyError):
