@@ -120,6 +120,52 @@ def test_the_scheduler_assigns_roles_orders_each_hand_off_once_and_keeps_prefill
         core.set_role("a", "nope")
 
 
+def test_a_refused_hand_off_is_ordered_again_and_a_failed_one_is_not():
+    """A source llumlet at its own limit on concurrent migrations refuses an order before any
+    copy starts: the request must not be left decoding on its prefill instance for that."""
+    core = GlobalScheduler(SchedulerConfig(pd_ratio=(1, 1)))
+    for i in "ab":
+        core.register(i, f"addr-{i}", 0.0)
+    core.on_load("a", inst("", "both", [req("r", 4)], total=100), 0.0)
+    core.on_load("b", inst("", "both", total=100), 0.0)
+    first = core.handoff_round(1.0)
+    assert [(o.request_id, o.src, o.dst) for o in first] == [("r", "a", "b")]
+    core.on_migration_refused(first[0].migration_id, "r", 1.1, "a", "b")
+    assert core.loads()[0].migrating_out == 0  # the refused order is forgotten
+    again = core.handoff_round(1.2)
+    assert [(o.request_id, o.src, o.dst) for o in again] == [("r", "a", "b")]
+    assert again[0].migration_id != first[0].migration_id
+    core.on_migration_result(again[0].migration_id, "r", False, 3, 1.3)  # started, then failed: r stays on a
+    assert core.handoff_round(1.4) == []
+
+
+def test_the_daemon_orders_a_hand_off_again_after_the_source_llumlet_refused_it():
+    from llumnix_py.scheduler.daemon import SchedulerDaemon
+    from tests.cluster_helpers import ManualClock
+    from tests.test_payoff import ScriptedLauncher
+
+    clock = ManualClock(0.0)
+    daemon = SchedulerDaemon(SchedulerConfig(pd_ratio=(1, 1)), ScriptedLauncher(), clock=clock)
+    a, b = (daemon.handles[i] for i in daemon.launch(2))
+    assert (daemon.core.role(a.instance_id), daemon.core.role(b.instance_id)) == (Role.PREFILL, Role.DECODE)
+    refusals = []
+
+    def at_its_limit_once(request_id, dst_address, migration_id, waiting):
+        a.orders.append((migration_id, request_id))
+        refusals.append(migration_id)
+        a.migrate_out = lambda *args: (a.orders.append((args[2], args[0])), True)[1]
+        return False
+
+    a.migrate_out = at_its_limit_once
+    a.snapshot = inst("", "both", [req("r", 4)])
+    b.snapshot = inst("", "both")
+    daemon.tick()
+    clock.advance(0.1)
+    daemon.tick()
+    assert [rid for _, rid in a.orders] == ["r", "r"]  # refused, then ordered again
+    assert a.orders[1][0] != refusals[0]
+
+
 def test_the_simulator_disaggregates_every_request_through_its_prefill_instance():
     from experiments.workloads import WorkloadRequest
 

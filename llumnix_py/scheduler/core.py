@@ -432,6 +432,19 @@ class GlobalScheduler:
         self.payoff.on_end(migration_id, request_id, finished, blocks, now, src, dst)
         self.on_migration_done(migration_id)
 
+    def on_migration_refused(self, migration_id: str, request_id: str, now: float, src: str = "",
+                             dst: str = "") -> None:
+        """The source refused an order before anything was copied (its llumlet's own limit on
+        concurrent migrations, or the request not movable at that moment): recorded as a
+        migration that did not finish, and a refused hand-off is ordered again in a later
+        round. Only a hand-off that started and then failed leaves its request decoding on
+        its prefill instance for good."""
+        rec = self.instances.get(src)
+        order = rec.orders_out.get(migration_id) if rec is not None else None
+        self.on_migration_result(migration_id, request_id, False, 0, now, src, dst)
+        if order is not None and order.handoff:
+            rec.handoffs_tried.discard(request_id)
+
     def _forget_order(self, order: MigrationOrder) -> None:
         self.payoff.drop_order(order.migration_id)
         for iid, table in ((order.src, "orders_out"), (order.dst, "orders_in")):

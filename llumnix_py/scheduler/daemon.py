@@ -229,9 +229,9 @@ class SchedulerDaemon:
                     ok = handle.migrate_out(order.request_id, order.dst_address, order.migration_id, order.waiting)
                 except Exception as exc:
                     log.warning("migrate_out on %s failed: %s", order.src, exc)
-            if not ok:
-                self.core.on_migration_result(order.migration_id, order.request_id, False, 0, self.clock(),
-                                              order.src, order.dst)
+            if not ok:  # refused before anything was copied: a hand-off is ordered again later
+                self.core.on_migration_refused(order.migration_id, order.request_id, self.clock(),
+                                               order.src, order.dst)
                 self._routes.pop(order.migration_id, None)
 
     def _record(self, r: MigrationResult, now: float) -> None:
