@@ -49,9 +49,18 @@ def _extra(ap) -> None:
     ap.add_argument("--profile", default="opt-13b-a100")
     ap.add_argument("--gpus", type=int, default=None, help="GPU budget (default 4; --quick 2, --smoke 2)")
     ap.add_argument("--app", choices=sorted(APPLICATIONS), action="append", help="application(s) (default: all)")
+    ap.add_argument("--handoffs", type=int, default=1,
+                    help="hand-offs (migrations) in flight at once per disaggregated instance, out and in (default 1)")
+    ap.add_argument("--no-shift", action="store_true", help="skip the shifting-mix comparison")
 
 
 def settings(args) -> dict[str, Any]:
+    if args.handoffs < 1:
+        raise SystemExit(f"--handoffs must be >= 1, got {args.handoffs}")
+    return {**_settings(args), "handoffs": args.handoffs}
+
+
+def _settings(args) -> dict[str, Any]:
     if args.smoke:
         return {"gpus": args.gpus or 2, "n": 30, "iterations": 2, "rates": 2, "shift_n": 40, "shift_rates": (1.0,),
                 "shift_gpus": 4}
@@ -64,12 +73,13 @@ def settings(args) -> dict[str, Any]:
 
 def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, progress: bool) -> dict[str, Any]:
     gpus, n, iters = cfg["gpus"], cfg["n"], cfg["iterations"]
-    ranked = plan(app, gpus, n, profile, seed=seed, exact=True, iterations=iters, progress=progress)
+    ranked = plan(app, gpus, n, profile, seed=seed, exact=True, iterations=iters, progress=progress,
+                  handoffs=cfg["handoffs"])
     best = ranked[0]
     systems = {
         "colocated round-robin": Layout(gpus, None, "round_robin", False),
         "colocated llumnix": Layout(gpus),
-        "disaggregated": Layout(gpus, (best["prefill"], best["decode"])),
+        "disaggregated": Layout(gpus, (best["prefill"], best["decode"]), handoffs=cfg["handoffs"]),
     }
     good = {name: goodput(app, lay, n, profile, seed=seed, iterations=iters) for name, lay in systems.items()
             if name != "disaggregated"}
@@ -119,7 +129,7 @@ def shift(cfg: dict[str, Any], profile: str, seed: int) -> dict[str, Any]:
     rates = [gpus * f for f in cfg["shift_rates"]]
     out: dict[str, Any] = {"split": [1, gpus - 1], "rates": rates, "slo_ms": [1500, 150], "systems": {}}
     for flip in (False, True):
-        layout = Layout(gpus, (1, gpus - 1), flip=flip)
+        layout = Layout(gpus, (1, gpus - 1), flip=flip, handoffs=cfg["handoffs"])
         rows = []
         for rate in rates:
             cluster = SimCluster(layout.sim_config(profile, seed))
@@ -184,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                          r["goodput_per_gpu"][system], ratio if ratio is not None else "n/a (baseline 0)"])
     title = f"Goodput per GPU, {cfg['gpus']} GPUs of {args.profile}, {cfg['n']} requests a run"
     print_table(title, headers, rows)
-    shifted = shift(cfg, args.profile, args.seed)
+    shifted = shift(cfg, args.profile, args.seed) if not args.no_shift else {"systems": {}}
     shift_headers = ["system", "rate (req/s)", "attainment", "mean TTFT (s)", "mean TPOT (ms)", "role flips",
                      "completed"]
     shift_rows = [[name, r["rate"], r["attainment"], r["mean_ttft_s"], r["mean_tpot_s"] * 1e3, len(r["flips"]),
@@ -192,14 +202,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                   for name, rs in shifted["systems"].items() for r in rs]
     shift_title = (f"Shifting mix, {cfg['shift_n']} requests (half decode-heavy, then half prefill-heavy), "
                    f"SLO 1500/150 ms, {cfg['shift_gpus']} GPUs starting 1:{cfg['shift_gpus'] - 1}")
-    print_table(shift_title, shift_headers, shift_rows)
+    if shift_rows:
+        print_table(shift_title, shift_headers, shift_rows)
     notes = "\n".join(f"- {name}: {r['source']}" for name, r in results.items())
     write_markdown(args.out / "disaggregation.md", "Prefill/decode disaggregation vs colocation",
-                   [(title, headers, rows), (shift_title, shift_headers, shift_rows)],
+                   [(title, headers, rows)] + ([(shift_title, shift_headers, shift_rows)] if shift_rows else []),
                    notes=f"Sources:\n{notes}\n- shifting mix: lengths assumed here (mean/P99 prompt 200/600 then "
                          f"2500/4000, output 600/1500 then 30/80), not DistServe's\n")
     plot(results, args.out)
-    plot_shift(shifted, args.out)
+    if shifted["systems"]:
+        plot_shift(shifted, args.out)
     data = {"settings": {**cfg, "profile": args.profile, "seed": args.seed}, "results": results, "shift": shifted}
     write_json(args.json, data)
     return data

@@ -46,13 +46,19 @@ class Layout:
     migration: bool = True
     tp: tuple[int, int] = (1, 1)  # tensor-parallel degree of the prefill (and colocated) / decode instances
     flip: bool = False  # roles flip at run time (``policies.roles.plan_role_flip``, default thresholds)
+    handoffs: int = 1  # migrations (hand-offs) in flight at once per instance, out and in
+
+    def __post_init__(self) -> None:
+        if self.handoffs < 1:
+            raise ValueError(f"handoffs must be >= 1, got {self.handoffs}")
 
     @property
     def name(self) -> str:
         if self.pd is not None:
             tp = f" TP {self.tp[0]}/{self.tp[1]}" if self.tp != (1, 1) else ""
             flip = " with role flips" if self.flip else ""
-            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}"
+            concurrent = f", {self.handoffs} hand-offs at once" if self.handoffs != 1 else ""
+            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}{concurrent}"
         return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
 
     @property
@@ -64,7 +70,8 @@ class Layout:
     def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
         return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
                          enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
-                         tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None)
+                         tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None,
+                         max_migrations_out=self.handoffs, max_migrations_in=self.handoffs)
 
 
 def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, CostProfile],
@@ -84,9 +91,10 @@ def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, Co
     return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
 
 
-def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False) -> list[Layout]:
+def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False, handoffs: int = 1) -> list[Layout]:
     """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
-    ``P * tp_prefill + D * tp_decode <= gpus`` GPUs (``== gpus`` when ``exact``)."""
+    ``P * tp_prefill + D * tp_decode <= gpus`` GPUs (``== gpus`` when ``exact``), each with
+    ``handoffs`` migrations in flight at once per instance."""
     out = []
     for tp_p in degrees:
         for tp_d in degrees:
@@ -94,13 +102,13 @@ def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False) ->
                 for d in range(1, (gpus - p * tp_p) // tp_d + 1):
                     used = p * tp_p + d * tp_d
                     if not exact or used == gpus:
-                        out.append(Layout(p + d, (p, d), tp=(tp_p, tp_d)))
+                        out.append(Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=handoffs))
     return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd))
 
 
 def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, degrees: Sequence[int] = (1,),
-         progress: Optional[str] = None) -> list[dict[str, Any]]:
+         progress: Optional[str] = None, handoffs: int = 1) -> list[dict[str, Any]]:
     """Every layout's goodput and goodput per GPU, best first (ties: fewer GPUs, then more
     prefill, then lower degrees). ``progress``: a label to show a progress bar under.
 
@@ -108,7 +116,7 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
         ValueError: a degree the profile cannot express (``with_tensor_parallel``).
     """
     rows = []
-    candidates = layouts(gpus, degrees, exact=exact)
+    candidates = layouts(gpus, degrees, exact=exact, handoffs=handoffs)
     for degree in degrees:  # a degree the profile cannot express fails before anything is simulated
         Layout(2, (1, 1), tp=(degree, degree)).sim_config(profile, seed)
     bar = None
@@ -120,7 +128,7 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
         (p, d), (tp_p, tp_d) = layout.pd, layout.tp
         g = goodput(workload, layout, slo, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
         rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "gpus": layout.gpus,
-                     "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
+                     "handoffs": layout.handoffs, "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -8,7 +8,8 @@ import pytest
 
 from experiments import disaggregation
 from experiments.pd_planner import APPLICATIONS, Application, make_requests, plan
-from llumnix_py.planner import layouts
+from llumnix_py.planner import Layout, layouts
+from llumnix_py.sim import SimCluster
 from llumnix_py.slo import SLO
 
 # Known by hand on opt-13b-a100 (3 GPUs, every GPU used):
@@ -94,6 +95,18 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
     assert (out / "disaggregation_shift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_disaggregation_experiment_takes_concurrent_hand_offs_and_can_skip_the_shift(tmp_path):
+    out, js = tmp_path / "out", tmp_path / "d.json"
+    data = disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--handoffs", "2", "--no-shift",
+                                "--out", str(out), "--json", str(js)])
+    assert data["settings"]["handoffs"] == 2 and data["shift"]["systems"] == {}
+    assert all(row["handoffs"] == 2 for row in data["results"]["code"]["plan"])
+    assert "Shifting mix" not in (out / "disaggregation.md").read_text()
+    assert not (out / "disaggregation_shift.png").exists()
+    with pytest.raises(SystemExit):
+        disaggregation.main(["--smoke", "--no-progress", "--handoffs", "0", "--out", str(out)])
+
+
 def test_llumnix_py_plan_prints_the_ranked_table_and_the_layout_known_by_hand(tmp_path, capsys):
     """The CLI over the library planner: the prefill-heavy case above, with fixed lengths."""
     from llumnix_py.cli import main
@@ -113,3 +126,27 @@ def test_llumnix_py_plan_prints_the_ranked_table_and_the_layout_known_by_hand(tm
         with pytest.raises(SystemExit) as info:
             main(["plan", "--gpus", "2", "--requests", "4", "--iterations", "1", "--no-progress", *flags])
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _most_hand_offs_at_once(handoffs: int) -> tuple[int, int]:
+    """(hand-offs finished, the most in flight at once) for a burst of code-completion
+    requests on one prefill and two decode instances."""
+    layout = Layout(3, (1, 2), handoffs=handoffs)
+    result = SimCluster(layout.sim_config("opt-13b-a100", 0)).run(
+        make_requests(APPLICATIONS["code"], 40, 50.0, seed=0), progress=False)
+    spans = [(m.committed_at - m.total_s, m.committed_at) for m in result.migrations if m.status.value == "finished"]
+    now = most = 0
+    for _, step in sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans]):
+        now += step
+        most = max(most, now)
+    return len(spans), most
+
+
+def test_a_layout_runs_as_many_hand_offs_at_once_as_it_allows():
+    assert Layout(3, (1, 2), handoffs=3).sim_config("opt-13b-a100", 0).max_migrations_out == 3
+    assert "3 hand-offs at once" in Layout(3, (1, 2), handoffs=3).name
+    with pytest.raises(ValueError, match="handoffs"):
+        Layout(3, (1, 2), handoffs=0)
+    one, three = _most_hand_offs_at_once(1), _most_hand_offs_at_once(3)
+    assert one[0] > 0 and three[0] > 0
+    assert one[1] == 1 and three[1] == 3
