@@ -37,7 +37,9 @@ def test_flags_build_a_validated_config():
 def test_migration_cooldown_flag_reaches_the_policy_and_a_negative_one_is_a_usage_error(capsys):
     cfg = cluster_config(build_parser().parse_args(["serve", "--runtime", "local", "--migration-cooldown", "10"]))
     assert cfg.scheduler.policy.migration_cooldown_s == 10.0
-    assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.migration_cooldown_s == 0.0
+    assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.migration_cooldown_s == 30.0
+    assert cluster_config(build_parser().parse_args(["serve", "--migration-cooldown", "0"])
+                          ).scheduler.policy.migration_cooldown_s == 0.0
     with pytest.raises(SystemExit) as info:
         main(["serve", "--runtime", "local", "--migration-cooldown", "-1"])
     assert info.value.code == 2 and "migration_cooldown_s must be a finite number >= 0" in capsys.readouterr().err
