@@ -153,7 +153,12 @@ def select_most_served(inst: InstanceLoad) -> Optional[MigrateOut]:
     """``migrate_out`` policy: the running request of the instance's most-served client (highest
     counter in ``inst.client_service``), the fewest blocks among that client's (it moves
     fastest), then arrival and id; ``None`` when every running request is migrating."""
-    service = dict(inst.client_service)
+    return _most_served(inst, dict(inst.client_service))
+
+
+def _most_served(inst: InstanceLoad, service: Mapping[str, float]) -> Optional[MigrateOut]:
+    """The running request (not migrating) of the client with the highest ``service``, the
+    fewest blocks among that client's, then arrival and id; ``None`` when there is none."""
     candidates = [r for r in inst.running if not r.migrating]
     if not candidates:
         return None
@@ -194,13 +199,7 @@ def select_most_served_cluster(inst: InstanceLoad) -> Optional[MigrateOut]:
     """``migrate_out`` policy: as ``select_most_served``, by the cluster-wide counters the
     global scheduler puts on its copy of the snapshot (``inst.cluster_service``), so the
     request that leaves belongs to the client most over its share of the whole cluster."""
-    service = dict(inst.cluster_service)
-    candidates = [r for r in inst.running if not r.migrating]
-    if not candidates:
-        return None
-    pick = min(candidates, key=lambda r: (-service.get(r.client_id, 0.0), r.num_blocks, r.arrival_time,
-                                          r.request_id))
-    return MigrateOut(pick.request_id, waiting=False)
+    return _most_served(inst, dict(inst.cluster_service))
 
 
 def cluster_offsets(cluster: Mapping[str, float], local: Mapping[str, float]) -> dict[str, float]:
