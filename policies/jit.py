@@ -23,6 +23,11 @@ us; this is our reading of the paper's abstract and design, not a port):
   actually admits it: lost work is deferred when, and only when, that saves another.
   Under memory pressure the preemption victim is likewise taken from the lost group,
   then best effort, then the most slack.
+* **priorities** stay strict, as in the default FCFS-with-priorities scheduler: a request
+  of a higher priority class is admitted before any of a lower one, the groups and margins
+  order requests within a class, a lost request is preempted only for a request of its
+  own class or a higher one, and the victim comes from the lowest class first. With one
+  class (every ``priority`` 0, the default) nothing changes. EDF does the same.
 
 Nothing here reads a clock or an engine: ``now`` and the step-time predictions come in.
 """
@@ -65,6 +70,7 @@ class SloView:
             (later than its share); ``inf`` for a stream (its tokens' due times are ``next_due``).
         has_objective: False for a best-effort request.
         arrival: its arrival time (orders best-effort and lost requests, FCFS).
+        priority: its priority class (higher first, as ``Request.priority``).
     """
 
     request_id: str
@@ -78,6 +84,7 @@ class SloView:
     hard_due: float = math.inf
     has_objective: bool = True
     arrival: float = 0.0
+    priority: int = 0
 
 
 def margin_parts(v: SloView, now: float, step_s: float, first_s: float) -> tuple[float, float]:
@@ -190,7 +197,7 @@ def plan_jit(views: Sequence[SloView], now: float, step_time: StepTime, *, free_
     def key(v: SloView) -> tuple:
         g = groups[v.request_id]
         inner = (v.arrival,) if g in (Group.BEST_EFFORT, Group.LOST) else (margins[v.request_id], v.arrival)
-        return (int(g),) + inner + (v.request_id,)
+        return (-v.priority, int(g)) + inner + (v.request_id,)
 
     waiting = sorted((v for v in views if not v.running), key=key)
     lost_running = sorted((v for v in views if v.running and groups[v.request_id] == Group.LOST),
@@ -203,7 +210,7 @@ def plan_jit(views: Sequence[SloView], now: float, step_time: StepTime, *, free_
         if not fits and groups[v.request_id] in (Group.URGENT, Group.SLACK):
             # free room from lost running requests, only if enough of them admit this one
             freed, slots_freed, chosen = 0, 0, []
-            for lv in lost_running:
+            for lv in (lv for lv in lost_running if lv.priority <= v.priority):
                 if need <= blocks + freed and (slots is None or slots + slots_freed > 0):
                     break
                 chosen.append(lv)
@@ -222,34 +229,35 @@ def plan_jit(views: Sequence[SloView], now: float, step_time: StepTime, *, free_
 
 
 def pick_victim(views: Sequence[SloView], groups: dict[str, Group], margins: dict[str, float]) -> str:
-    """Which running request to preempt when blocks run out: lost first (largest), then best
-    effort (newest), then the most slack; urgent last. ``views`` must not be empty."""
+    """Which running request to preempt when blocks run out: from the lowest priority class,
+    lost first (largest), then best effort (newest), then the most slack; urgent last. ``views`` must not be empty."""
     if not views:
         raise ValueError("no running request to preempt")
 
     def key(v: SloView) -> tuple:
         g = groups.get(v.request_id, Group.BEST_EFFORT)
         rank = {Group.LOST: 0, Group.BEST_EFFORT: 1, Group.SLACK: 2, Group.URGENT: 3}[g]
-        return (rank, -v.blocks if g == Group.LOST else 0, -v.arrival if g == Group.BEST_EFFORT else 0,
+        return (v.priority, rank, -v.blocks if g == Group.LOST else 0, -v.arrival if g == Group.BEST_EFFORT else 0,
                 -margins.get(v.request_id, 0.0) if g in (Group.SLACK, Group.URGENT) else 0, v.request_id)
 
     return min(views, key=key).request_id
 
 
 def plan_edf(views: Sequence[SloView]) -> JitPlan:
-    """Earliest due time first (the EDF baseline): waiting requests by their next token's due
-    time (a stream) or their response's (a deadline), those without an objective last (FCFS);
-    no deliberate preemption."""
+    """Earliest due time first (the EDF baseline), within each priority class (higher first):
+    waiting requests by their next token's due time (a stream) or their response's (a
+    deadline), those without an objective last (FCFS); no deliberate preemption."""
     def due(v: SloView) -> float:
         return min(v.next_due, v.end_due) if v.has_objective else math.inf
 
-    waiting = sorted((v for v in views if not v.running), key=lambda v: (due(v), v.arrival, v.request_id))
+    waiting = sorted((v for v in views if not v.running), key=lambda v: (-v.priority, due(v), v.arrival, v.request_id))
     return JitPlan(tuple(v.request_id for v in waiting), (), {}, {})
 
 
 def edf_victim(views: Sequence[SloView]) -> str:
-    """EDF's preemption victim: the latest due time (no objective counts as latest), newest first."""
+    """EDF's preemption victim: from the lowest priority class, the latest due time (no
+    objective counts as latest), newest first."""
     if not views:
         raise ValueError("no running request to preempt")
-    return max(views, key=lambda v: (min(v.next_due, v.end_due) if v.has_objective else math.inf,
+    return max(views, key=lambda v: (-v.priority, min(v.next_due, v.end_due) if v.has_objective else math.inf,
                                      v.arrival, v.request_id)).request_id

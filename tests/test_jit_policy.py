@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llumnix_py.engines.core import EngineConfig, EngineCore
 from llumnix_py.engines.jit_batch import JitBatchPolicy, MeasuredStepTime
@@ -14,7 +16,7 @@ from llumnix_py.engines.sim.profiles import PROFILES
 from llumnix_py.engines.types import Objective, Request, SamplingParams
 from llumnix_py.llumlet_core import LlumletCore
 from llumnix_py.llumlet_types import LlumletConfig
-from policies.jit import Group, JitParams, SloView, classify, margin, pick_victim, plan_jit
+from policies.jit import Group, JitParams, SloView, classify, edf_victim, margin, pick_victim, plan_edf, plan_jit
 from policies.length import LengthPrior
 
 STEP = 0.01  # a decode step, whatever the batch
@@ -26,9 +28,10 @@ def step_time(prefill: int, decodes: int, ctx: int) -> float:
 
 
 def view(rid, *, running=True, tokens=10, blocks=1, remaining=10, next_due=math.inf, tbt=0.0, end=math.inf,
-         objective=True, arrival=0.0):
+         objective=True, arrival=0.0, priority=0):
     return SloView(request_id=rid, running=running, num_tokens=tokens, blocks=blocks, remaining=remaining,
-                   next_due=next_due, tbt_s=tbt, end_due=end, has_objective=objective, arrival=arrival)
+                   next_due=next_due, tbt_s=tbt, end_due=end, has_objective=objective, arrival=arrival,
+                   priority=priority)
 
 
 # ----- margins and groups ----------------------------------------------------------------
@@ -96,6 +99,52 @@ def test_a_lost_request_gives_up_its_batch_slot_to_an_urgent_one():
     assert plan.preempt == ("lost",)
 
 
+def test_priority_classes_are_strict_and_margins_order_within_each():
+    views = [view("low-urgent", running=False, end=0.2, arrival=0.0),
+             view("high-best", running=False, objective=False, arrival=1.0, priority=1),
+             view("high-slack", running=False, end=50.0, arrival=2.0, priority=1),
+             view("low-slack", running=False, end=40.0, arrival=3.0)]
+    plan = plan_jit(views, 0.0, step_time, free_blocks=100, block_size=16, free_slots=None)
+    assert plan.admit_order == ("high-slack", "high-best", "low-urgent", "low-slack")
+    assert plan_edf(views).admit_order == ("high-slack", "high-best", "low-urgent", "low-slack")
+
+
+def test_a_lost_request_is_preempted_only_for_its_own_class_or_a_higher_one():
+    running = [view("lost-high", blocks=4, end=0.01, priority=1), view("ok", blocks=1, end=100.0)]
+    low = view("urgent-low", running=False, tokens=48, end=0.3)
+    assert plan_jit(running + [low], 0.0, step_time, free_blocks=1, block_size=16, free_slots=None).preempt == ()
+    high = view("urgent-high", running=False, tokens=48, end=0.3, priority=1)
+    assert plan_jit(running + [high], 0.0, step_time, free_blocks=1, block_size=16,
+                    free_slots=None).preempt == ("lost-high",)
+
+
+def test_victims_come_from_the_lowest_class_first():
+    views = [view("lost-high", blocks=9, end=0.01, priority=1), view("urgent-low", end=0.15),
+             view("slack-high", end=50.0, priority=1)]
+    _, groups = classify(views, 0.0, step_time, JitParams())
+    margins = {v.request_id: margin(v, 0.0, STEP, PER_TOKEN) for v in views}
+    assert pick_victim(views, groups, margins) == "urgent-low"
+    assert edf_victim(views) == "urgent-low"
+
+
+@given(prios=st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.floats(0.0, 5.0)), min_size=1, max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_no_request_is_admitted_or_spared_ahead_of_a_higher_class(prios):
+    views = [view(f"r{i}", running=running, end=end, arrival=float(i), priority=p)
+             for i, (p, running, end) in enumerate(prios)]
+    by_id = {v.request_id: v for v in views}
+    for plan in (plan_jit(views, 0.0, step_time, free_blocks=100, block_size=16, free_slots=None), plan_edf(views)):
+        order = [by_id[r].priority for r in plan.admit_order]
+        assert order == sorted(order, reverse=True)
+    running = [v for v in views if v.running]
+    if running:
+        lowest = min(v.priority for v in running)
+        _, groups = classify(running, 0.0, step_time, JitParams())
+        margins = {v.request_id: margin(v, 0.0, STEP, PER_TOKEN) for v in running}
+        assert by_id[pick_victim(running, groups, margins)].priority == lowest
+        assert by_id[edf_victim(running)].priority == lowest
+
+
 def test_victims_lost_then_best_effort_then_most_slack():
     views = [view("urgent", end=0.15), view("slack", end=5.0), view("slacker", end=50.0),
              view("best", objective=False), view("lost", end=0.01, blocks=2), view("lost-big", end=0.01, blocks=9)]
@@ -144,6 +193,20 @@ def test_engine_preempts_a_lost_request_to_admit_an_urgent_one():
     assert out.preempted == ("lost",)
     assert [s.request_id for s in e.scheduler.running] == ["urgent"]
     assert [s.request_id for s in e.scheduler.waiting] == ["lost"]
+    e.check_invariants()
+
+
+def test_engine_runs_a_higher_priority_request_first_under_jit():
+    clock = Clock()
+    policy = JitBatchPolicy(clock, step_time, LengthPrior(), estimator="oracle")
+    e = sim_engine(num_blocks=4, policy=policy)
+    e.add_request(req("urgent", 40, 5, Objective(deadline_ms=200)))  # 3 blocks; the tighter margin
+    high = req("high", 40, 5, Objective(deadline_ms=100_000))  # 3 blocks; lots of slack, higher class
+    e.add_request(Request(high.request_id, high.prompt_token_ids, high.sampling, priority=1,
+                          arrival_time=high.arrival_time, objective=high.objective))
+    e.step()
+    assert [s.request_id for s in e.scheduler.running] == ["high"]
+    assert [s.request_id for s in e.scheduler.waiting] == ["urgent"]
     e.check_invariants()
 
 
@@ -198,8 +261,6 @@ def test_measured_step_time_learns_from_steps():
     assert m(500, 0, 0) == pytest.approx(0.05, rel=1e-2)
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 objective_st = st.one_of(
     st.none(),

@@ -34,7 +34,7 @@ def slo_view(seq: Sequence, prior: LengthPrior, estimator: str, quantile: float)
     remaining = remaining_bound(estimator, prior=prior.lengths(kind, len(seq.prompt_token_ids)),
                                 generated=generated, quantile=quantile, true_len=seq.sampling.max_tokens)
     common = dict(request_id=seq.request_id, running=seq.status.value == "running", num_tokens=seq.num_tokens,
-                  blocks=len(seq.block_table), remaining=remaining, arrival=seq.arrival_time)
+                  blocks=len(seq.block_table), remaining=remaining, arrival=seq.arrival_time, priority=seq.priority)
     if obj is None:
         return SloView(has_objective=False, **common)
     if obj.kind == "stream":
