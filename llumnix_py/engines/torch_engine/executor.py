@@ -102,8 +102,7 @@ class TorchExecutor(Executor):
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: Sequence[CopyRun]) -> float:
         t0 = time.perf_counter()
-        for s, d, n in runs:
-            dst[d:d + n].copy_(src[s:s + n])
+        _copy_runs(src, dst, runs)
         if self.kv.is_cuda:
             torch.cuda.synchronize(self.kv.device)
         return time.perf_counter() - t0
@@ -122,8 +121,7 @@ class TorchExecutor(Executor):
             self.migration_copies += len(ids)
             return self.kv.index_select(0, torch.as_tensor(ids, dtype=torch.long))
         out = torch.empty((len(ids),) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
-        for s, d, n in runs:
-            out[d:d + n].copy_(self.kv[s:s + n])
+        _copy_runs(self.kv, out, runs)
         self.migration_copies += len(runs)
         return out
 
@@ -139,12 +137,18 @@ class TorchExecutor(Executor):
             self.kv.index_copy_(0, torch.as_tensor(list(block_ids), dtype=torch.long), data)
             self.migration_copies += len(block_ids)
             return
-        for s, d, n in runs:
-            self.kv[d:d + n].copy_(data[s:s + n])
+        _copy_runs(data, self.kv, runs)
         self.migration_copies += len(runs)
 
 
 MIN_MEAN_RUN = 4  # blocks per run, on average, below which a migration copy gathers row by row
+
+
+def _copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: Sequence[CopyRun]) -> None:
+    """One copy per run ``(src_start, dst_start, n)`` along the block dimension: swaps and
+    migration frames alike."""
+    for s, d, n in runs:
+        dst[d:d + n].copy_(src[s:s + n])
 
 
 def _grouped(runs: list[CopyRun], num_blocks: int) -> Optional[list[CopyRun]]:
