@@ -122,7 +122,6 @@ class InstanceRecord:
     orders_in: dict[str, MigrationOrder] = field(default_factory=dict)
     role: Role = Role.BOTH
     handoffs_tried: set[str] = field(default_factory=set)  # requests here whose hand-off was ordered
-    clients: frozenset[str] = frozenset()  # clients of its requests, when its engine shares fairly
 
 
 def to_instance_load(instance_id: str, load: InstanceLoad, terminating: bool = False) -> InstanceLoad:
@@ -225,8 +224,8 @@ class GlobalScheduler:
         rec.load = to_instance_load(instance_id, load, rec.terminating)
         rec.last_seen = now
         if load.client_service or load.client_served:  # a fair engine: its service joins the cluster's book
-            rec.clients = frozenset(r.client_id for r in load.running + load.waiting)
-            self.fair_book.observe(instance_id, dict(load.client_served), rec.clients)
+            self.fair_book.observe(instance_id, dict(load.client_served),
+                                   (r.client_id for r in load.running + load.waiting))
         if rec.handoffs_tried:  # forget requests that left or ended
             here = {r.request_id for r in load.running} | {r.request_id for r in load.waiting}
             rec.handoffs_tried &= here
@@ -245,7 +244,7 @@ class GlobalScheduler:
             out.append(replace(rec.load, terminating=rec.terminating, migrating_out=len(rec.orders_out),
                                migrating_in=len(rec.orders_in),
                                pending_dispatch=self.dispatch_state.pending(rid), role=rec.role.value,
-                               cluster_service=self.fair_book.view(rec.clients) if rec.clients else ()))
+                               cluster_service=self.fair_book.view(self.fair_book.clients_of(rid))))
         return out
 
     def fair_offsets(self) -> dict[str, dict[str, float]]:

@@ -65,6 +65,10 @@ class ClusterFairBook:
                 del self._refs[c]
         self._clients[instance_id] = clients
 
+    def clients_of(self, instance_id: str) -> frozenset[str]:
+        """The clients with requests on ``instance_id`` as last polled (empty: none, or not fair)."""
+        return self._clients.get(instance_id, frozenset())
+
     def view(self, clients: Iterable[str]) -> tuple[tuple[str, float], ...]:
         """The counters of ``clients`` (sorted), as a snapshot field."""
         return tuple((c, self.counters.get(c, 0.0)) for c in sorted(set(clients)))
