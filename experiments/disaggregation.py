@@ -1,13 +1,20 @@
 """Prefill/decode disaggregation against colocation, DistServe's evaluation in the simulator.
 
 For each of DistServe's applications (``experiments/pd_planner.py``: chatbot, code
-completion, summarization, with the SLOs of DistServe's artifact) on the same GPU budget
-of one profile (default ``opt-13b-a100``, one GPU an instance), three systems:
+completion, summarization, with the SLOs of DistServe's artifact) on the model DistServe
+judged those SLOs on (``Application.model``: OPT-13B on one A100 for chatbot, OPT-66B on
+two A100s, tensor parallel, for the other two; ``--profile`` runs every application on one
+profile instead), on the same GPU budget (default four instances of the profile's size:
+4 GPUs for OPT-13B, 8 for OPT-66B), three systems:
 
 - colocated, round-robin dispatch, no migration (the vLLM baseline);
 - colocated, llumnix-py's freeness dispatch and migration;
 - disaggregated: the planner's best prefill:decode split of the budget, fixed; every
   request is handed from its prefill instance to a decode instance by live migration.
+
+With ``--tp 1,2`` every system gets the same search over tensor-parallel degrees (as
+multiples of the profile's own GPUs): each colocated system runs at its best degree, and
+the planner picks a degree per phase, so no system is held to a size the others escape.
 
 A fourth comparison (``shift``) runs a workload whose mix shifts mid-run, half
 decode-heavy requests (short prompts, long outputs) then half prefill-heavy ones (long
@@ -38,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
 from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
 from experiments.workloads import WorkloadRequest  # noqa: E402
-from llumnix_py.planner import Layout  # noqa: E402
+from llumnix_py.planner import Layout, colocated_layouts, profile_gpus  # noqa: E402
 from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 
@@ -46,8 +53,12 @@ SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def _extra(ap) -> None:
-    ap.add_argument("--profile", default="opt-13b-a100")
-    ap.add_argument("--gpus", type=int, default=None, help="GPU budget (default 4; --quick 2, --smoke 2)")
+    ap.add_argument("--profile", default=None,
+                    help="one cost profile for every application (default: each application's own model)")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="GPU budget (default 4 instances of the profile's size; --quick and --smoke 2)")
+    ap.add_argument("--tp", default="1",
+                    help="tensor-parallel degrees to search, as multiples of the profile's GPUs (default 1)")
     ap.add_argument("--app", choices=sorted(APPLICATIONS), action="append", help="application(s) (default: all)")
     ap.add_argument("--handoffs", type=int, default=1,
                     help="hand-offs (migrations) in flight at once per disaggregated instance, out and in (default 1)")
@@ -57,32 +68,52 @@ def _extra(ap) -> None:
 def settings(args) -> dict[str, Any]:
     if args.handoffs < 1:
         raise SystemExit(f"--handoffs must be >= 1, got {args.handoffs}")
-    return {**_settings(args), "handoffs": args.handoffs}
+    try:
+        degrees = tuple(sorted({int(d) for d in args.tp.split(",")}))
+    except ValueError:
+        raise SystemExit(f"--tp takes comma-separated integers, got {args.tp!r}") from None
+    if not degrees or min(degrees) < 1:
+        raise SystemExit(f"--tp degrees must be >= 1, got {args.tp!r}")
+    return {**_settings(args), "handoffs": args.handoffs, "degrees": degrees}
 
 
 def _settings(args) -> dict[str, Any]:
     if args.smoke:
-        return {"gpus": args.gpus or 2, "n": 30, "iterations": 2, "rates": 2, "shift_n": 40, "shift_rates": (1.0,),
+        return {"gpus": args.gpus, "units": 2, "n": 30, "iterations": 2, "rates": 2, "shift_n": 40, "shift_rates": (1.0,),
                 "shift_gpus": 4}
     if args.quick:
-        return {"gpus": args.gpus or 2, "n": 60, "iterations": 4, "rates": 3, "shift_n": 100,
+        return {"gpus": args.gpus, "units": 2, "n": 60, "iterations": 4, "rates": 3, "shift_n": 100,
                 "shift_rates": (0.5, 1.0), "shift_gpus": 4}
-    return {"gpus": args.gpus or 4, "n": 400, "iterations": 7, "rates": 6, "shift_n": 300,
+    return {"gpus": args.gpus, "units": 4, "n": 400, "iterations": 7, "rates": 6, "shift_n": 300,
             "shift_rates": (0.5, 1.0, 1.5, 2.0, 3.0), "shift_gpus": 4}
 
 
+def budget(cfg: dict[str, Any], profile: str) -> int:
+    """The GPU budget for ``profile``: ``--gpus``, or ``units`` instances of its size."""
+    return cfg["gpus"] or cfg["units"] * profile_gpus(profile)
+
+
 def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, progress: bool) -> dict[str, Any]:
-    gpus, n, iters = cfg["gpus"], cfg["n"], cfg["iterations"]
+    gpus, n, iters, degrees = budget(cfg, profile), cfg["n"], cfg["iterations"], cfg["degrees"]
+    unit = profile_gpus(profile)
+    if gpus % unit:
+        raise SystemExit(f"a budget of {gpus} GPUs does not split into instances of {profile} ({unit} GPUs each)")
     ranked = plan(app, gpus, n, profile, seed=seed, exact=True, iterations=iters, progress=progress,
-                  handoffs=cfg["handoffs"])
+                  handoffs=cfg["handoffs"], degrees=degrees)
     best = ranked[0]
-    systems = {
-        "colocated round-robin": Layout(gpus, None, "round_robin", False),
-        "colocated llumnix": Layout(gpus),
-        "disaggregated": Layout(gpus, (best["prefill"], best["decode"]), handoffs=cfg["handoffs"]),
-    }
-    good = {name: goodput(app, lay, n, profile, seed=seed, iterations=iters) for name, lay in systems.items()
-            if name != "disaggregated"}
+    good: dict[str, float] = {}
+    systems: dict[str, Layout] = {}
+    by_degree: dict[str, dict[int, float]] = {}  # each colocated system's goodput at each degree tried
+    for name, dispatch, migration in (("colocated round-robin", "round_robin", False),
+                                      ("colocated llumnix", "freeness", True)):
+        tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iters), lay)
+                 for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit)]
+        if not tried:
+            raise SystemExit(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile}")
+        by_degree[name] = {lay.tp[0]: g for g, lay in tried}
+        good[name], systems[name] = max(tried, key=lambda t: (t[0], -t[1].tp[0]))  # ties: the smaller degree
+    systems["disaggregated"] = Layout(best["prefill"] + best["decode"], (best["prefill"], best["decode"]),
+                                      tp=(best["tp_prefill"], best["tp_decode"]), handoffs=cfg["handoffs"], unit=unit)
     good["disaggregated"] = best["goodput_rps"]
     # attainment vs rate, and (at the baseline's goodput, or the lowest swept rate) vs SLO scale
     top = max(max(good.values()), 0.5 * gpus) * 1.5
@@ -99,6 +130,11 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     return {
         "slo_ms": {"ttft": app.slo.ttft_s * 1e3, "tpot": app.slo.tpot_s * 1e3},
         "source": app.source,
+        "profile": profile,
+        "gpus": gpus,
+        "gpus_per_instance": {name: lay.tp[0] * unit if lay.pd is None else [lay.tp[0] * unit, lay.tp[1] * unit]
+                              for name, lay in systems.items()},
+        "colocated_by_degree": by_degree,
         "plan": ranked,
         "split": [best["prefill"], best["decode"]],
         "goodput_rps": good,
@@ -183,25 +219,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     cfg = settings(args)
     results = {}
     for name in args.app or sorted(APPLICATIONS):
-        results[name] = evaluate(APPLICATIONS[name], cfg, args.profile, args.seed, args.progress)
-    headers = ["application", "TTFT/TPOT SLO (ms)", "system", "goodput (req/s)", "per GPU", "x round-robin"]
+        app = APPLICATIONS[name]
+        results[name] = evaluate(app, cfg, args.profile or app.model, args.seed, args.progress)
+    headers = ["application", "model", "TTFT/TPOT SLO (ms)", "system", "GPUs an instance", "goodput (req/s)",
+               "per GPU", "x round-robin"]
     rows = []
     for name, r in results.items():
         for system, g in r["goodput_rps"].items():
             label = f"{system} {r['split'][0]}:{r['split'][1]}" if system == "disaggregated" else system
+            size = r["gpus_per_instance"][system]
             ratio = r["vs_round_robin"][system]
-            rows.append([name, f"{r['slo_ms']['ttft']:g}/{r['slo_ms']['tpot']:g}", label, g,
+            rows.append([name, f"{r['profile']}, {r['gpus']} GPUs", f"{r['slo_ms']['ttft']:g}/{r['slo_ms']['tpot']:g}",
+                         label, size if isinstance(size, int) else f"{size[0]}/{size[1]}", g,
                          r["goodput_per_gpu"][system], ratio if ratio is not None else "n/a (baseline 0)"])
-    title = f"Goodput per GPU, {cfg['gpus']} GPUs of {args.profile}, {cfg['n']} requests a run"
+    title = (f"Goodput per GPU, {cfg['n']} requests a run, tensor-parallel degrees searched: "
+             f"{', '.join(map(str, cfg['degrees']))}")
     print_table(title, headers, rows)
-    shifted = shift(cfg, args.profile, args.seed) if not args.no_shift else {"systems": {}}
+    shift_profile = args.profile or APPLICATIONS["chatbot"].model
+    shifted = shift(cfg, shift_profile, args.seed) if not args.no_shift else {"systems": {}}
     shift_headers = ["system", "rate (req/s)", "attainment", "mean TTFT (s)", "mean TPOT (ms)", "role flips",
                      "completed"]
     shift_rows = [[name, r["rate"], r["attainment"], r["mean_ttft_s"], r["mean_tpot_s"] * 1e3, len(r["flips"]),
                    f"{r['completed']}/{r['requests']}"]
                   for name, rs in shifted["systems"].items() for r in rs]
     shift_title = (f"Shifting mix, {cfg['shift_n']} requests (half decode-heavy, then half prefill-heavy), "
-                   f"SLO 1500/150 ms, {cfg['shift_gpus']} GPUs starting 1:{cfg['shift_gpus'] - 1}")
+                   f"SLO 1500/150 ms, {cfg['shift_gpus']} GPUs of {shift_profile} starting 1:{cfg['shift_gpus'] - 1}")
     if shift_rows:
         print_table(shift_title, shift_headers, shift_rows)
     notes = "\n".join(f"- {name}: {r['source']}" for name, r in results.items())
@@ -212,7 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     plot(results, args.out)
     if shifted["systems"]:
         plot_shift(shifted, args.out)
-    data = {"settings": {**cfg, "profile": args.profile, "seed": args.seed}, "results": results, "shift": shifted}
+    data = {"settings": {**cfg, "profile": args.profile, "shift_profile": shift_profile, "seed": args.seed},
+            "results": results, "shift": shifted}
     write_json(args.json, data)
     return data
 

@@ -59,6 +59,7 @@ class Application:
         output: (mean, P99) output tokens.
         cap: longest prompt or output.
         source: where the SLOs and lengths come from.
+        model: the cost profile of the model DistServe judged these SLOs on (Table 1).
     """
 
     name: str
@@ -67,6 +68,7 @@ class Application:
     output: tuple[float, float]
     cap: int = 4096
     source: str = ""
+    model: str = "opt-13b-a100"
 
 
 _DISTSERVE_SLO = "SLOs: DistServe artifact (01-run_abalation.sh, paper Table 1)"
@@ -74,9 +76,11 @@ APPLICATIONS: dict[str, Application] = {
     "chatbot": Application("chatbot", SLO.from_ms(200, 100), SHAREGPT_STATS["input"], SHAREGPT_STATS["output"],
                            source=f"{_DISTSERVE_SLO}, OPT-13B; lengths: ShareGPT as in Llumnix Table 1"),
     "code": Application("code", SLO.from_ms(125, 200), (150.0, 450.0), (120.0, 400.0),
-                        source=f"{_DISTSERVE_SLO}, OPT-66B; lengths: assumed here (short prompts, short outputs)"),
+                        source=f"{_DISTSERVE_SLO}, OPT-66B; lengths: assumed here (short prompts, short outputs)",
+                        model="opt-66b-2xa100"),
     "summarization": Application("summarization", SLO.from_ms(1500, 150), (1500.0, 3500.0), (100.0, 400.0),
-                                 source=f"{_DISTSERVE_SLO}, OPT-66B; lengths: assumed here (long prompts)"),
+                                 source=f"{_DISTSERVE_SLO}, OPT-66B; lengths: assumed here (long prompts)",
+                                 model="opt-66b-2xa100"),
 }
 
 

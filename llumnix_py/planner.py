@@ -4,7 +4,9 @@ Given a workload (a function from a request rate to the requests of one simulate
 TTFT and TPOT objectives, a cost profile and a GPU budget, ``plan`` searches the
 prefill:decode splits ``P:D`` and, where the profile allows it, the tensor-parallel degree
 of each phase's instances (``degrees``; ``engines.sim.profiles.with_tensor_parallel``),
-with ``P * tp_prefill + D * tp_decode <= budget`` GPUs. For each layout it finds the
+with ``(P * tp_prefill + D * tp_decode) * unit <= budget`` GPUs, where ``unit`` is the
+profile's own GPUs an instance (``hw.num_gpus``: 1 for OPT-13B on an A100, 2 for OPT-66B,
+whose weights need two). For each layout it finds the
 goodput, the highest request rate at which at least 90% of requests meet both objectives
 (``llumnix_py.slo.max_rate``: a bisection over simulated runs of the real scheduler,
 llumlet core and migration code), and ranks the layouts by goodput per GPU.
@@ -24,6 +26,17 @@ from policies.config import PolicyConfig
 from policies.roles import RoleFlipConfig
 
 Workload = Callable[[float], Sequence[Any]]  # rate -> requests (arrival_time, prompt_len, output_len)
+
+
+def profile_gpus(profile: Union[str, CostProfile]) -> int:
+    """GPUs of one instance of ``profile`` at degree 1 (the planner's unit of GPUs)."""
+    from llumnix_py.engines.sim.profiles import PROFILES
+
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
+        profile = PROFILES[profile]
+    return profile.hw.num_gpus
 
 
 @dataclass(frozen=True)
@@ -47,10 +60,13 @@ class Layout:
     tp: tuple[int, int] = (1, 1)  # tensor-parallel degree of the prefill (and colocated) / decode instances
     flip: bool = False  # roles flip at run time (``policies.roles.plan_role_flip``, default thresholds)
     handoffs: int = 1  # migrations (hand-offs) in flight at once per instance, out and in
+    unit: int = 1  # GPUs of the profile's instance at degree 1 (``CostProfile.hw.num_gpus``)
 
     def __post_init__(self) -> None:
         if self.handoffs < 1:
             raise ValueError(f"handoffs must be >= 1, got {self.handoffs}")
+        if self.unit < 1:
+            raise ValueError(f"unit must be >= 1, got {self.unit}")
 
     @property
     def name(self) -> str:
@@ -64,8 +80,8 @@ class Layout:
     @property
     def gpus(self) -> int:
         if self.pd is None:
-            return self.instances * self.tp[0]
-        return self.pd[0] * self.tp[0] + self.pd[1] * self.tp[1]
+            return self.instances * self.tp[0] * self.unit
+        return (self.pd[0] * self.tp[0] + self.pd[1] * self.tp[1]) * self.unit
 
     def sim_config(self, profile: Union[str, CostProfile], seed: int) -> SimConfig:
         return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
@@ -91,19 +107,29 @@ def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, Co
     return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
 
 
-def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False, handoffs: int = 1) -> list[Layout]:
+def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False, handoffs: int = 1,
+            unit: int = 1) -> list[Layout]:
     """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
-    ``P * tp_prefill + D * tp_decode <= gpus`` GPUs (``== gpus`` when ``exact``), each with
-    ``handoffs`` migrations in flight at once per instance."""
+    ``(P * tp_prefill + D * tp_decode) * unit <= gpus`` GPUs (``== gpus`` when ``exact``),
+    each with ``handoffs`` migrations in flight at once per instance."""
     out = []
+    units = gpus // unit
     for tp_p in degrees:
         for tp_d in degrees:
-            for p in range(1, gpus // tp_p + 1):
-                for d in range(1, (gpus - p * tp_p) // tp_d + 1):
-                    used = p * tp_p + d * tp_d
-                    if not exact or used == gpus:
-                        out.append(Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=handoffs))
+            for p in range(1, units // tp_p + 1):
+                for d in range(1, (units - p * tp_p) // tp_d + 1):
+                    lay = Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=handoffs, unit=unit)
+                    if not exact or lay.gpus == gpus:
+                        out.append(lay)
     return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd))
+
+
+def colocated_layouts(gpus: int, degrees: Sequence[int] = (1,), *, dispatch: str = "freeness",
+                      migration: bool = True, unit: int = 1) -> list[Layout]:
+    """Every colocated layout using exactly ``gpus`` GPUs: ``gpus / (degree * unit)``
+    instances of each degree in ``degrees`` that divides the budget."""
+    return [Layout(gpus // (d * unit), None, dispatch, migration, tp=(d, d), unit=unit)
+            for d in degrees if gpus % (d * unit) == 0]
 
 
 def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfile], *, seed: int = 0,
@@ -116,7 +142,8 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
         ValueError: a degree the profile cannot express (``with_tensor_parallel``).
     """
     rows = []
-    candidates = layouts(gpus, degrees, exact=exact, handoffs=handoffs)
+    unit = profile_gpus(profile)
+    candidates = layouts(gpus, degrees, exact=exact, handoffs=handoffs, unit=unit)
     for degree in degrees:  # a degree the profile cannot express fails before anything is simulated
         Layout(2, (1, 1), tp=(degree, degree)).sim_config(profile, seed)
     bar = None
@@ -127,7 +154,8 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
     for layout in candidates:
         (p, d), (tp_p, tp_d) = layout.pd, layout.tp
         g = goodput(workload, layout, slo, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
-        rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "gpus": layout.gpus,
+        rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "unit": unit,
+                     "gpus": layout.gpus,
                      "handoffs": layout.handoffs, "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
         if bar is not None:
             bar.update(1)
@@ -146,7 +174,9 @@ def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
     for col in ("rank", "P:D", "TP prefill/decode", "GPUs", "goodput (req/s)", "per GPU"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows, 1):
-        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill']}/{r['tp_decode']}", str(r["gpus"]),
+        u = r.get("unit", 1)
+        table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill'] * u}/{r['tp_decode'] * u}",
+                      str(r["gpus"]),
                       f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}")
     Console().print(table)
     Console().print(chosen_layout(rows[0]))
@@ -154,9 +184,9 @@ def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
 
 def chosen_layout(best: dict[str, Any]) -> str:
     """One line naming the best layout (and, without tensor parallelism, how to serve it)."""
-    p, d, tp_p, tp_d = best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"]
-    line = (f"chosen layout: {p} prefill instance(s) of {tp_p} GPU(s) + {d} decode instance(s) of {tp_d} GPU(s), "
-            f"{best['gpus']} GPUs, {best['goodput_per_gpu']:.3f} req/s per GPU")
-    if (tp_p, tp_d) == (1, 1):
+    p, d, tp_p, tp_d, u = best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"], best.get("unit", 1)
+    line = (f"chosen layout: {p} prefill instance(s) of {tp_p * u} GPU(s) + {d} decode instance(s) of "
+            f"{tp_d * u} GPU(s), {best['gpus']} GPUs, {best['goodput_per_gpu']:.3f} req/s per GPU")
+    if (tp_p, tp_d, u) == (1, 1, 1):
         line += f": llumnix-py serve --instances {p + d} --pd {p}:{d}"
     return line

@@ -16,12 +16,15 @@ from llumnix_py.engines.sim.profiles import (
     LLAMA_7B_A10,
     LLAMA_30B_4xA10,
     OPT_13B_A100,
+    OPT_66B,
+    OPT_66B_2xA100,
+    OPT_175B_8xA100,
     PROFILES,
     FittedCostProfile,
     profile_from_csv,
 )
 
-ALL_PROFILES = [LLAMA_7B_A10, LLAMA_30B_4xA10, OPT_13B_A100]
+ALL_PROFILES = [LLAMA_7B_A10, LLAMA_30B_4xA10, OPT_13B_A100, OPT_66B_2xA100, OPT_175B_8xA100]
 
 
 def within(value: float, target: float, tol: float) -> bool:
@@ -61,6 +64,23 @@ def test_decode_step_is_memory_bound_and_plausible():
     t = LLAMA_7B_A10.step_time(0, 1, 128)
     assert 0.02 < t < 0.05
     assert t >= LLAMA_7B_A10.weight_bytes / (A10.mem_bandwidth_gbps * 1e9)
+
+
+def test_opt_66b_and_175b_from_public_specs():
+    """KV per token and capacity as the module docstring derives them; OPT-66B does not fit
+    on one A100, and re-sizing its two-GPU instance doubles everything but the weights."""
+    from llumnix_py.engines.sim.profiles import A100, with_tensor_parallel
+
+    assert OPT_66B_2xA100.kv_bytes_per_token == 2 * 64 * 9216 * 2
+    assert OPT_175B_8xA100.kv_bytes_per_token == 2 * 96 * 12288 * 2
+    assert within(OPT_66B_2xA100.num_blocks, 175, 0.05)
+    assert within(OPT_175B_8xA100.num_blocks, 2700, 0.05)
+    assert within(with_tensor_parallel(OPT_66B_2xA100, 2).num_blocks, 3840, 0.05)
+    with pytest.raises(ValueError, match="does not fit"):
+        dataclasses.replace(OPT_66B_2xA100, hw=A100)
+    assert OPT_66B_2xA100.model is OPT_66B and OPT_66B_2xA100.hw.num_gpus == 2
+    # a decode step streams the weights over both GPUs: 132 GB / (2 * 2039 GB/s * 0.8) + 4 ms + all-reduces
+    assert within(OPT_66B_2xA100.step_time(0, 1, 128), 0.0405 + 0.004 + 0.0013, 0.1)
 
 
 def test_profiles_registry_holds_both():

@@ -150,3 +150,38 @@ def test_a_layout_runs_as_many_hand_offs_at_once_as_it_allows():
     one, three = _most_hand_offs_at_once(1), _most_hand_offs_at_once(3)
     assert one[0] > 0 and three[0] > 0
     assert one[1] == 1 and three[1] == 3
+
+
+def test_a_profile_of_several_gpus_counts_them_in_every_layout():
+    """OPT-66B needs two A100s an instance: the planner's GPUs are the profile's GPUs times
+    the degree, and a budget the instances cannot fill exactly is not planned."""
+    from llumnix_py.planner import colocated_layouts, profile_gpus
+
+    assert profile_gpus("opt-66b-2xa100") == 2 and profile_gpus("opt-13b-a100") == 1
+    with pytest.raises(ValueError, match="unknown profile"):
+        profile_gpus("opt-1t")
+    assert [(lay.pd, lay.gpus) for lay in layouts(8, exact=True, unit=2)] == [((1, 3), 8), ((2, 2), 8), ((3, 1), 8)]
+    assert [(lay.pd, lay.tp) for lay in layouts(8, (1, 2), exact=True, unit=2)] == [
+        ((1, 3), (1, 1)), ((2, 2), (1, 1)), ((3, 1), (1, 1)), ((2, 1), (1, 2)), ((1, 2), (2, 1)), ((1, 1), (2, 2))]
+    assert [(lay.instances, lay.tp, lay.gpus) for lay in colocated_layouts(8, (1, 2, 3), unit=2)] == [
+        (4, (1, 1), 8), (2, (2, 2), 8)]
+    ranked = plan(DECODE_HEAVY, 4, 20, "opt-66b-2xa100", exact=True, iterations=2)
+    assert [(r["prefill"], r["decode"], r["gpus"], r["unit"]) for r in ranked] == [(1, 1, 4, 2)]
+
+
+def test_the_disaggregation_experiment_runs_each_application_on_its_model_and_searches_degrees(tmp_path):
+    out, js = tmp_path / "out", tmp_path / "d.json"
+    data = disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--tp", "1,2", "--no-shift",
+                                "--out", str(out), "--json", str(js)])
+    r = data["results"]["code"]
+    assert r["profile"] == APPLICATIONS["code"].model == "opt-66b-2xa100" and r["gpus"] == 4
+    for name in ("colocated round-robin", "colocated llumnix"):
+        tried = r["colocated_by_degree"][name]
+        assert set(map(int, tried)) == {1, 2}
+        assert r["goodput_rps"][name] == max(tried.values())  # each colocated system at its best degree
+        assert r["gpus_per_instance"][name] in (2, 4)
+    assert r["gpus_per_instance"]["disaggregated"] == [2, 2]  # 4 GPUs hold one split only: 1:1 of two each
+    assert "opt-66b-2xa100, 4 GPUs" in (out / "disaggregation.md").read_text()
+    for bad in ("0", "x", "1,-2"):
+        with pytest.raises(SystemExit):
+            disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--tp", bad, "--out", str(out)])

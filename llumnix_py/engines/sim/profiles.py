@@ -79,6 +79,23 @@ steps, as DistServe's vLLM baseline); nothing was fitted to a DistServe figure.
   only where a simulation places instances on nodes (``SimConfig.instances_per_node``);
   a same-node copy stays at ``link_gbps``.
 
+``OPT_66B_2xA100`` and ``OPT_175B_8xA100``: the larger models of DistServe's evaluation
+(code completion and summarization run OPT-66B; OPT-175B is its largest chatbot model),
+from public specs only (the OPT paper, Zhang et al. 2022, Table 1: OPT-66B has 64 layers,
+72 heads, hidden 9216; OPT-175B 96 layers, 96 heads, hidden 12288; heads of 128, fp16),
+on A100-80GB SXM GPUs with the engine assumptions of the OPT-13B profile unchanged.
+Neither fits on one GPU, so each profile's instance is the smallest power-of-two group of
+A100s, tensor parallel, that holds its weights with room for KV; ``with_tensor_parallel``
+scales it further (degree 2 of the 66B profile is four GPUs).
+* OPT-66B: KV per token = 2 * 64 * 9216 * 2 B = 2.25 MiB, a block 36 MiB; on two GPUs
+  160 GB * 0.866 - 132 GB of weights = 6.6 GB = about 175 blocks (2,800 tokens: a prefill
+  instance's working set, not a decode pool); on four GPUs about 3,840 blocks.
+* OPT-175B: KV per token = 2 * 96 * 12288 * 2 B = 4.5 MiB, a block 72 MiB; on eight GPUs
+  640 GB * 0.866 - 350 GB = 204 GB = about 2,700 blocks.
+* Both pay the all-reduces of their base group on every pass (``tp_link_gbps``, the same
+  NVLink figure and 10 us assumption as below), and copy each GPU's shard of a migration in
+  parallel (same-node link times the GPUs).
+
 Tensor parallelism (``with_tensor_parallel``, for the planner's search; only where the
 profile has an explicit all-reduce link, ``HardwareSpec.tp_link_gbps``, i.e. the A100
 profile here): ``degree`` GPUs of the profile's kind form one instance. The roofline
@@ -153,9 +170,20 @@ OPT_13B = ModelSpec(
     name="opt-13b", num_params=12.9e9, num_layers=40, hidden_size=5120, num_kv_heads=40, head_dim=128
 )
 OPT_13B_A100 = replace(LLAMA_7B_A10, model=OPT_13B, hw=A100)  # the same engine assumptions as the A10 profile
+OPT_66B = ModelSpec(
+    name="opt-66b", num_params=66e9, num_layers=64, hidden_size=9216, num_kv_heads=72, head_dim=128
+)
+OPT_175B = ModelSpec(
+    name="opt-175b", num_params=175e9, num_layers=96, hidden_size=12288, num_kv_heads=96, head_dim=128
+)
+A100_X2 = replace(A100, name="2xA100-80GB", num_gpus=2, link_gbps=2 * A100.link_gbps)
+A100_X8 = replace(A100, name="8xA100-80GB", num_gpus=8, link_gbps=8 * A100.link_gbps)
+OPT_66B_2xA100 = replace(OPT_13B_A100, model=OPT_66B, hw=A100_X2)
+OPT_175B_8xA100 = replace(OPT_13B_A100, model=OPT_175B, hw=A100_X8)
 
 PROFILES: dict[str, CostProfile] = {"llama-7b-a10": LLAMA_7B_A10, "llama-30b-4xa10": LLAMA_30B_4xA10,
-                                    "opt-13b-a100": OPT_13B_A100}
+                                    "opt-13b-a100": OPT_13B_A100, "opt-66b-2xa100": OPT_66B_2xA100,
+                                    "opt-175b-8xa100": OPT_175B_8xA100}
 
 def with_tensor_parallel(profile: CostProfile, degree: int) -> CostProfile:
     """``profile`` on ``degree`` times its GPUs, tensor parallel (module docstring).
