@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
 from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
 from experiments.workloads import WorkloadRequest  # noqa: E402
-from llumnix_py.planner import Layout, colocated_layouts, profile_gpus  # noqa: E402
+from llumnix_py.planner import Layout, colocated_layouts, infeasible, profile_gpus  # noqa: E402
 from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 
@@ -101,15 +101,20 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     ranked = plan(app, gpus, n, profile, seed=seed, exact=True, iterations=iters, progress=progress,
                   handoffs=cfg["handoffs"], degrees=degrees)
     best = ranked[0]
+    if best["infeasible"]:
+        raise SystemExit(f"no layout of {gpus} GPUs of {profile} can serve {app.name}: {best['infeasible']}")
     good: dict[str, float] = {}
     systems: dict[str, Layout] = {}
     by_degree: dict[str, dict[int, float]] = {}  # each colocated system's goodput at each degree tried
     for name, dispatch, migration in (("colocated round-robin", "round_robin", False),
                                       ("colocated llumnix", "freeness", True)):
+        sample = make_requests(app, n, 1.0, seed)
         tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iters), lay)
-                 for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit)]
+                 for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit)
+                 if infeasible(lay, profile, sample) is None]
         if not tried:
-            raise SystemExit(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile}")
+            raise SystemExit(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile} "
+                             f"that hold {app.name}'s longest requests")
         by_degree[name] = {lay.tp[0]: g for g, lay in tried}
         good[name], systems[name] = max(tried, key=lambda t: (t[0], -t[1].tp[0]))  # ties: the smaller degree
     systems["disaggregated"] = Layout(best["prefill"] + best["decode"], (best["prefill"], best["decode"]),

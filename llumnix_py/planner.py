@@ -96,6 +96,26 @@ def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, Cos
     return SimCluster(layout.sim_config(profile, seed)).run(workload(rate), progress=False)
 
 
+def infeasible(layout: Layout, profile: Union[str, CostProfile], requests: Sequence[Any]) -> Optional[str]:
+    """Why ``layout`` cannot serve ``requests`` at all (None when it can): an instance whose
+    KV pool cannot hold the longest sequence it may have to keep whole (the longest prompt on
+    a prefill instance; prompt plus output on a decode or colocated one, which decodes it to
+    the end). A real deployment would refuse those requests (a 400), so such a layout is not
+    a candidate, whatever its goodput on the others."""
+    if not requests:
+        return None
+    cfg = layout.sim_config(profile, 0)
+    longest_prompt = max(r.prompt_len for r in requests)
+    longest = max(r.prompt_len + r.output_len for r in requests)
+    roles = [("prefill", longest_prompt), ("decode", longest)] if layout.pd is not None else [("both", longest)]
+    for role, tokens in roles:
+        prof = cfg.role_profile(role)
+        if prof.num_blocks * prof.block_size < tokens:
+            return (f"a {'colocated' if role == 'both' else role} instance of {prof.hw.num_gpus} GPU(s) holds {prof.num_blocks * prof.block_size} "
+                    f"tokens of KV, the longest {'prompt' if role == 'prefill' else 'request'} needs {tokens}")
+    return None
+
+
 def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, CostProfile], *, seed: int = 0,
             max_per_gpu: float = 16.0, iterations: int = 7) -> float:
     """The layout's goodput (req/s, whole layout): bisection over ``iterations`` runs between
@@ -151,11 +171,14 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
         from tqdm import tqdm
 
         bar = tqdm(total=len(candidates), desc=f"plan {progress}", unit="layout", leave=False)
+    sample = workload(1.0)  # the lengths (the same at every rate)
     for layout in candidates:
         (p, d), (tp_p, tp_d) = layout.pd, layout.tp
-        g = goodput(workload, layout, slo, profile, seed=seed, iterations=iterations, max_per_gpu=max_per_gpu)
+        why = infeasible(layout, profile, sample)
+        g = 0.0 if why else goodput(workload, layout, slo, profile, seed=seed, iterations=iterations,
+                                    max_per_gpu=max_per_gpu)
         rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "unit": unit,
-                     "gpus": layout.gpus,
+                     "infeasible": why, "gpus": layout.gpus,
                      "handoffs": layout.handoffs, "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
         if bar is not None:
             bar.update(1)
@@ -175,9 +198,10 @@ def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
         table.add_column(col, justify="right")
     for i, r in enumerate(rows, 1):
         u = r.get("unit", 1)
+        scores = (["infeasible", r["infeasible"]] if r.get("infeasible")
+                  else [f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}"])
         table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill'] * u}/{r['tp_decode'] * u}",
-                      str(r["gpus"]),
-                      f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}")
+                      str(r["gpus"]), *scores)
     Console().print(table)
     Console().print(chosen_layout(rows[0]))
 

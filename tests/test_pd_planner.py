@@ -185,3 +185,21 @@ def test_the_disaggregation_experiment_runs_each_application_on_its_model_and_se
     for bad in ("0", "x", "1,-2"):
         with pytest.raises(SystemExit):
             disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--tp", bad, "--out", str(out)])
+
+
+def test_a_layout_whose_instances_cannot_hold_the_longest_request_is_not_a_candidate():
+    """OPT-66B on two A100s keeps 173 blocks (2,768 tokens) of KV: 3,000-token prompts do not
+    fit a two-GPU instance of either phase, so every layout with one is infeasible (goodput 0,
+    and the reason), while four-GPU instances serve them."""
+    from llumnix_py.planner import colocated_layouts, infeasible
+
+    long_prompts = Application("long", SLO(10.0, 1.0), (3000.0, 3001.0), (4.0, 4.01))
+    sample = make_requests(long_prompts, 10, 1.0)
+    small, large = colocated_layouts(8, (1, 2), unit=2)
+    assert "holds 2768 tokens" in infeasible(small, "opt-66b-2xa100", sample)
+    assert infeasible(large, "opt-66b-2xa100", sample) is None
+    ranked = plan(long_prompts, 8, 10, "opt-66b-2xa100", exact=True, iterations=2, degrees=(1, 2))
+    for r in ranked:
+        assert (r["infeasible"] is not None) == (1 in (r["tp_prefill"], r["tp_decode"])), r
+        assert r["infeasible"] is None or r["goodput_rps"] == 0
+    assert ranked[0]["infeasible"] is None and (ranked[0]["tp_prefill"], ranked[0]["tp_decode"]) == (2, 2)
