@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token objective (default 100)")
     p.add_argument("--gpus", type=int, default=4, help="GPU budget")
     p.add_argument("--exact", action="store_true", help="only layouts that use every GPU")
-    p.add_argument("--profile", default="opt-13b-a100", help="cost profile of one GPU")
+    p.add_argument("--profile", default="opt-13b-a100",
+                   help="cost profile of one instance at degree 1 (opt-13b-a100: one A100; opt-66b-2xa100: two)")
     p.add_argument("--tp", default="1", help="tensor-parallel degrees to search per phase, e.g. 1,2 (default 1)")
     p.add_argument("--requests", type=int, default=300, help="requests per simulated run")
     p.add_argument("--iterations", type=int, default=7, help="bisection steps of each goodput")
