@@ -221,6 +221,22 @@ def never_prefilled(req: RequestLoad) -> bool:
     return req.output_len == 0 and not req.migrating
 
 
+def hold_prefill_work(instances: Sequence[InstanceLoad]) -> list[InstanceLoad]:
+    """The snapshots with every never-prefilled queued request of a ``decode`` instance
+    marked ``migrating`` (not a candidate), for the load-balancing round: such a request
+    leaves by redirect to a prefill-capable instance (``plan_redirects``), never to another
+    decode instance. It still counts in its instance's usage. A terminating instance is
+    left as is (draining moves everything); other snapshots are returned unchanged."""
+    out = []
+    for inst in instances:
+        if inst.role != Role.DECODE.value or inst.terminating or not any(map(never_prefilled, inst.waiting)):
+            out.append(inst)
+            continue
+        waiting = tuple(dataclasses.replace(r, migrating=True) if never_prefilled(r) else r for r in inst.waiting)
+        out.append(dataclasses.replace(inst, waiting=waiting))
+    return out
+
+
 def plan_redirects(instances: Sequence[InstanceLoad], cfg: PolicyConfig, *, slots_out: Mapping[str, int],
                    slots_in: Mapping[str, int]) -> list[Redirect]:
     """Queued prefill-phase requests on ``decode`` instances, back to prefill-capable ones.

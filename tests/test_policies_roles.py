@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from llumnix_py.config import ClusterConfig
@@ -360,3 +362,62 @@ def test_per_instance_roles_are_given_in_order_and_a_replacement_takes_the_role_
         SchedulerConfig(roles="prefill,decode", pd_ratio="1:1")
     with pytest.raises(ValueError, match="2 roles listed .prefill,decode. for 3 instances"):
         ClusterConfig(num_instances=3, runtime="local", scheduler=SchedulerConfig(roles="prefill,decode"))
+
+
+# ----- load balancing leaves prefill-phase work to the redirects --------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from policies.roles import hold_prefill_work, never_prefilled  # noqa: E402
+
+
+def test_balancing_never_moves_a_queued_never_prefilled_request_between_decode_instances():
+    """b (decode) is overloaded and its queue's head, never prefilled, is blocked; c (decode) is
+    empty. A policy that moves queued requests (here ``waiting_head``; the pairing's blocked-head
+    rule skips a head marked migrating the same way) would move it b -> c, to be prefilled on
+    another decode instance; held, it goes to the prefill instance a by redirect instead."""
+    policy = PolicyConfig(migrate_out="waiting_head")
+    core = GlobalScheduler(SchedulerConfig(policy=policy, pd_ratio=(1, 2), max_migrations_out=2, max_migrations_in=2))
+    for i in "abc":
+        core.register(i, f"addr-{i}", 0.0)
+    core.on_load("a", inst("", "both"), 0.0)
+    crowded = InstanceLoad(instance_id="", total_blocks=100, used_blocks=96,
+                           running=tuple(req(f"d{k}", 24) for k in range(4)), waiting=(waiting("q", 8),))
+    core.on_load("b", crowded, 0.0)
+    core.on_load("c", inst("", "both"), 0.0)
+    assert all(o.request_id != "q" for o in core.migration_round(0.1))
+    assert [(o.request_id, o.src, o.dst) for o in core.redirect_round(0.2)] == [("q", "b", "a")]
+    # the same snapshot without roles: the policy does move the queued head (the test can fail)
+    plain = GlobalScheduler(SchedulerConfig(policy=policy))
+    for i in "bc":
+        plain.register(i, f"addr-{i}", 0.0)
+    plain.on_load("b", crowded, 0.0)
+    plain.on_load("c", inst("", "both"), 0.0)
+    assert [(o.request_id, o.src, o.dst, o.waiting) for o in plain.migration_round(0.1)] == [("q", "b", "c", True)]
+
+
+loads = st.builds(
+    lambda iid, role, term, running, queued: InstanceLoad(
+        instance_id=iid, total_blocks=100, used_blocks=sum(r.num_blocks for r in running), running=tuple(running),
+        waiting=tuple(queued), role=role, terminating=term),
+    st.sampled_from(["a", "b", "c"]), st.sampled_from(["prefill", "decode", "both"]), st.booleans(),
+    st.lists(st.builds(req, st.sampled_from(["r1", "r2"]), st.integers(1, 8), st.integers(1, 5), st.booleans()),
+             max_size=3),
+    st.lists(st.builds(lambda rid, out, mig: RequestLoad(request_id=rid, num_blocks=0, blocks_needed=4,
+                                                         prompt_len=64, output_len=out, migrating=mig),
+                       st.sampled_from(["w1", "w2", "w3"]), st.integers(0, 3), st.booleans()), max_size=4))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(loads, max_size=4))
+def test_the_hold_marks_exactly_the_prefill_work_of_decode_instances_and_changes_nothing_else(snapshots):
+    held = hold_prefill_work(snapshots)
+    assert len(held) == len(snapshots)
+    for before, after in zip(snapshots, held):
+        assert dataclasses.replace(after, waiting=()) == dataclasses.replace(before, waiting=())
+        assert [r.request_id for r in after.waiting] == [r.request_id for r in before.waiting]
+        for b, a in zip(before.waiting, after.waiting):
+            held_here = before.role == "decode" and not before.terminating and never_prefilled(b)
+            assert a == (dataclasses.replace(b, migrating=True) if held_here else b)
+            assert not (held_here and never_prefilled(a))  # nothing held is a candidate any more

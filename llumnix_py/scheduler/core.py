@@ -29,7 +29,7 @@ from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
 from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, parse_roles,
-                            plan_handoffs, plan_redirects, plan_role_flip)
+                            hold_prefill_work, plan_handoffs, plan_redirects, plan_role_flip)
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -356,7 +356,8 @@ class GlobalScheduler:
         # and a planned destination above it, so a left-out instance could not have
         # taken the other role this round. Each pass leaves out at least one more.
         # Prefill instances are left out of load balancing: their requests leave by hand-off.
-        loads = [x for x in self.loads() if x.role != Role.PREFILL.value]
+        # Queued prefill-phase work on decode instances leaves by redirect, not by balancing.
+        loads = hold_prefill_work([x for x in self.loads() if x.role != Role.PREFILL.value])
         cooldown = cfg.policy.migration_cooldown_s
         if cooldown > 0:
             loads = hold_cooling(loads, cooling(self.payoff.moved_since(now - cooldown), now, cooldown))
