@@ -29,11 +29,13 @@ us; this is our reading of the paper's abstract and design, not a port):
   at the current batch's step time (margin < 0), running requests with much slack may sit out
   this step (``JitPlan.skip``: they keep their KV, they are only not computed), just as many as
   turn the most such misses into meets at the smaller batch's step time, fewest first. A
-  request sits out only if, with its next token after this step (its prefills included) and one
-  full decode step more, its margin stays at least ``skip_keep_steps`` predicted steps (so with ``skip_keep_steps`` >= ``urgent_steps`` it is
-  still slack after the skip), only for a request of its own priority class or a higher one,
-  and never an urgent, lost or best-effort one. It is judged again every step, so a request
-  sits out only while its slack lasts. ``slack_skips`` is the rule.
+  request sits out only if, with its next token after this step (its prefills included) and
+  one full decode step more, its margin stays at least ``skip_keep_steps`` predicted steps
+  (with ``skip_keep_steps`` >= ``urgent_steps`` it is still slack after the skip), only for a
+  request of its own priority class or a higher one, and never an urgent, lost or best-effort
+  one. It is judged again every step, so a request sits out only while its slack lasts.
+  ``slack_skips`` is the rule. In our simulations it cost 2-5% of goodput (RESULTS.md), so it
+  stays off: the step-time predictions it trusts do not foresee later prefills.
 * **priorities** stay strict, as in the default FCFS-with-priorities scheduler: a request
   of a higher priority class is admitted before any of a lower one, the groups and margins
   order requests within a class, a lost request is preempted only for a request of its
@@ -133,8 +135,8 @@ class JitParams:
         urgent_steps: a request with less margin than this many decode steps is urgent.
         skip_slack: running requests with much slack may sit out a step for an urgent request
             that would miss otherwise (``slack_skips``); off by default (see RESULTS.md).
-        skip_keep_steps: a request sits out only if its margin, with its next token one full
-            step later, stays at least this many predicted steps.
+        skip_keep_steps: a request sits out only if its margin, with its next token after this
+            step and one full decode step more, stays at least this many predicted steps.
     """
 
     urgent_steps: float = 8.0

@@ -358,7 +358,8 @@ def test_as_few_sit_out_as_meet_the_urgent_one():
 def test_nobody_sits_out_when_it_saves_nobody():
     assert skip_plan(four(urgent_end=1.0)).skip == ()  # the urgent one meets anyway
     assert skip_plan(four(urgent_end=0.045)[:2]).skip == ()  # one out is not enough: 6 ms steps still miss
-    assert skip_plan(four(urgent_end=0.06), JitParams(skip_slack=True, skip_keep_steps=1e6)).skip == ()  # too little slack
+    too_little = JitParams(skip_slack=True, skip_keep_steps=1e6)
+    assert skip_plan(four(urgent_end=0.06), too_little).skip == ()  # no request has that much slack to keep
     assert skip_plan(four(urgent_end=0.06, slack_priority=1)).skip == ()  # a higher class never sits out for a lower
     best = [view("u", remaining=10, end=0.06)] + [view(f"b{i}", objective=False) for i in range(3)]
     assert skip_plan(best).skip == ()  # best effort has no slack to spend

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence as Seq
+from typing import AbstractSet, Callable, Optional, Protocol, Sequence as Seq
 
 from llumnix_py.engines.block_manager import BlockManager, copy_runs
 from llumnix_py.engines.conversations import ConversationStore
@@ -292,7 +292,7 @@ class BatchScheduler:
         self.switch_out(victim, plan)
         plan.preempted.append(victim)
 
-    def _plan_decodes(self, plan: StepPlan, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    def _plan_decodes(self, plan: StepPlan, skip: AbstractSet[str] = frozenset()) -> None:
         """Every running request decodes (a block appended where its next token needs one), but
         those in ``skip``, which sit out; a shortage preempts the victim policy's choice."""
         # Iterate over a snapshot: preemption removes victims from ``running``.
