@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.engines.core import EngineConfig, EngineCore
@@ -372,29 +372,47 @@ def test_a_waiting_urgent_request_admitted_this_step_is_helped_too():
     assert plan.admit_order == ("u",) and plan.skip == ("s1",)
 
 
-step_st = st.tuples(st.floats(0.0, 0.01), st.floats(0.0005, 0.005), st.floats(0.0, 1e-6))
+step_st = st.tuples(st.floats(0.0, 0.005), st.floats(0.001, 0.01), st.floats(0.0, 1e-6))
+req_st = st.tuples(st.booleans(), st.integers(1, 400), st.integers(1, 50),
+                   st.sampled_from(["none", "deadline", "stream"]),
+                   st.one_of(st.floats(0.001, 0.5), st.floats(5.0, 100.0)), st.integers(0, 1))
 
 
-@settings(max_examples=150, deadline=None)
-@given(reqs=st.lists(st.tuples(st.booleans(), st.integers(1, 400), st.integers(1, 50),
-                               st.sampled_from(["none", "deadline", "stream"]), st.floats(0.001, 2.0),
-                               st.integers(0, 1)), min_size=1, max_size=16),
-       costs=step_st, keep=st.floats(0.0, 20.0))
-def test_a_request_sits_out_only_with_slack_to_spare_and_only_to_save_an_urgent_one(reqs, costs, keep):
+@settings(max_examples=200, deadline=None)
+@given(slack=st.lists(st.tuples(st.integers(1, 400), st.integers(1, 50), st.floats(5.0, 100.0), st.integers(0, 1)),
+                      max_size=10),
+       tight=st.lists(st.tuples(st.booleans(), st.integers(1, 400), st.integers(1, 50),
+                                st.sampled_from(["deadline", "stream"]), st.floats(0.0, 1.2), st.integers(0, 1)),
+                      min_size=1, max_size=3),
+       others=st.lists(req_st, max_size=6), costs=step_st, keep=st.floats(0.0, 20.0))
+def test_a_request_sits_out_only_with_slack_to_spare_and_only_to_save_an_urgent_one(slack, tight, others, costs, keep):
     """Given the predicted step times, a request that sits out still meets its objective with its next
     token one full step later; no urgent, lost or best-effort request sits out, nor one of a class
-    above a request it helps; and when any sits out, some urgent request that would miss meets."""
+    above a request it helps; and when any sits out, some urgent request that would miss meets.
+
+    The states mix far deadlines (slack), any requests, and tight ones whose time per token lies
+    between the step alone and about the whole batch's step (``frac`` 0 to 1.2 of the way)."""
     fixed, per_decode, per_ctx = costs
 
     def st_fn(prefill: int, decodes: int, ctx: int) -> float:
         return (fixed + per_decode * decodes + per_ctx * ctx if decodes else 0.0) + PER_TOKEN * prefill
 
-    views = []
-    for i, (running, tokens, remaining, kind, due, prio) in enumerate(reqs):
+    views = [view(f"s{i}", tokens=t, blocks=-(-t // 16), remaining=rem, end=due, arrival=float(i), priority=prio)
+             for i, (t, rem, due, prio) in enumerate(slack)]
+    for i, (running, tokens, remaining, kind, due, prio) in enumerate(others):
         extra = {"none": dict(objective=False), "deadline": dict(end=due),
                  "stream": dict(next_due=due / 10, tbt=due / 50)}[kind]
-        views.append(view(f"r{i}", running=running, tokens=tokens, blocks=-(-tokens // 16), remaining=remaining,
-                          arrival=float(i), priority=prio, **extra))
+        views.append(view(f"o{i}", running=running, tokens=tokens, blocks=-(-tokens // 16), remaining=remaining,
+                          arrival=100.0 + i, priority=prio, **extra))
+    n = len([v for v in views if v.running]) + sum(1 for t in tight if t[0])
+    ctx = sum(v.num_tokens for v in views if v.running) + sum(t[1] for t in tight if t[0])
+    whole = st_fn(0, max(1, n), max(1, ctx))
+    for i, (running, tokens, remaining, kind, frac, prio) in enumerate(tight):
+        alone = st_fn(0, 1, tokens)
+        per = alone + frac * (whole - alone)  # seconds a token it can afford
+        extra = dict(end=remaining * per) if kind == "deadline" else dict(next_due=per, tbt=per)
+        views.append(view(f"t{i}", running=running, tokens=tokens, blocks=-(-tokens // 16), remaining=remaining,
+                          arrival=200.0 + i, priority=prio, **extra))
     params = JitParams(skip_slack=True, skip_keep_steps=keep)
     plan = plan_jit(views, 0.0, st_fn, free_blocks=10_000, block_size=16, free_slots=None, params=params)
     by_id = {v.request_id: v for v in views}
@@ -402,6 +420,7 @@ def test_a_request_sits_out_only_with_slack_to_spare_and_only_to_save_an_urgent_
     n, ctx = len(batch), sum(v.num_tokens for v in batch)
     full = st_fn(0, max(1, n), max(1, ctx))
     out = [by_id[r] for r in plan.skip]
+    event(f"requests sitting out: {min(len(out), 2)}{'+' if len(out) > 2 else ''}")
     dec, dec_ctx = n - len(out), ctx - sum(v.num_tokens for v in out)
     prefill = sum(v.num_tokens for v in views if not v.running)  # every waiting request fits: all admitted
     this = st_fn(prefill, dec, dec_ctx)  # this step as planned, with those sitting out
