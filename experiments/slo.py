@@ -20,7 +20,9 @@ Systems: ``fcfs+rr`` (vLLM-like: round-robin dispatch, FCFS, no migration), ``ll
 (today: freeness dispatch, load-balancing migration, FCFS), ``edf`` (earliest due time first in
 each engine, Llumnix dispatch and migration), ``jit`` (``policies.jit`` batching with the
 quantile length estimator, ``slo`` dispatch, rescue migration, then Llumnix balancing),
-``jit+oracle`` (the same with the true lengths), ``jit-no-rescue`` (the ablation); and for compound
+``jit+oracle`` (the same with the true lengths), ``jit-no-rescue`` (the ablation), ``jit+skip``
+(``jit`` with slack requests sitting out steps for urgent ones, ``JitParams.skip_slack``; not in
+the default sweep: ``--systems jit,jit+skip``); and for compound
 jobs ``jit+kv`` (``jit`` with each instance keeping finished calls' KV in a host pool of
 ``KV_BLOCKS`` blocks, so a later call reuses it when it happens to land there) and ``jit+jobs``
 (the same with ``jobs`` dispatch, ``policies/jobs.py``: a job's later call goes to the instance
@@ -78,6 +80,7 @@ SYSTEMS = {
     "jit": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit"),
     "jit+oracle": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", estimator="oracle"),
     "jit-no-rescue": dict(policy=dict(dispatch="slo"), migrate=True, batch="jit"),
+    "jit+skip": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", skip=True),
     "jit+kv": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", kv=True),
     "jit+jobs": dict(policy=dict(dispatch="jobs", rescue=True), migrate=True, batch="jit", kv=True),
 }
@@ -130,7 +133,7 @@ def simulate(workload: Union[Sequence[WorkloadRequest], JobWorkload], system: st
     spec = SYSTEMS[system]
     cfg = SimConfig(num_instances=instances, policy=PolicyConfig(**spec["policy"]), enable_migration=spec["migrate"],
                     seed=seed, batch_policy=spec["batch"], length_estimator=spec.get("estimator", "quantile"),
-                    conversation_blocks=KV_BLOCKS if spec.get("kv") else 0)
+                    conversation_blocks=KV_BLOCKS if spec.get("kv") else 0, jit_skip_slack=spec.get("skip", False))
     jobs: Optional[JobCluster] = None
     if isinstance(workload, JobWorkload):  # closed loop: later calls arrive when released
         cluster = jobs = JobCluster(cfg, workload)

@@ -65,6 +65,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="each engine's batching: fcfs (priorities), edf (earliest due), jit (by objective margin)")
     g.add_argument("--length-estimator", default="quantile", choices=["quantile", "oracle"],
                    help="the jit policy's output-length bound")
+    g.add_argument("--jit-skip-slack", action="store_true",
+                   help="the jit policy lets running requests with much slack sit out a step for an urgent "
+                        "request that would miss otherwise (policies/jit.py)")
     g.add_argument("--pd", type=_pd_ratio, default=None, metavar="P:D",
                    help="prefill/decode disaggregation: instances get the roles prefill and decode in this "
                         "ratio (e.g. 1:3 with --instances 4); new requests go to prefill instances and move to a "
@@ -134,6 +137,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               block_size=args.block_size or default_block_size(args.engine),
                                               max_batch_size=args.max_batch_size, batch_policy=args.batch_policy,
                                               length_estimator=args.length_estimator,
+                                              jit_skip_slack=args.jit_skip_slack,
                                               num_host_blocks=args.host_blocks,
                                               conversation_host_blocks=args.conversation_blocks,
                                               preemption_mode=args.preemption_mode, fairness=args.fairness),

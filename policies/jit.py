@@ -23,6 +23,19 @@ us; this is our reading of the paper's abstract and design, not a port):
   actually admits it: lost work is deferred when, and only when, that saves another.
   Under memory pressure the preemption victim is likewise taken from the lost group,
   then best effort, then the most slack.
+* **slack sits out** (``JitParams.skip_slack``, off by default): JITServe gives each request
+  just enough bandwidth, and a decode step is faster with fewer requests in it (each one reads
+  its KV and costs its own per-sequence work). So when an urgent request is predicted to miss
+  at the current batch's step time (margin < 0), running requests with much slack may sit out
+  this step (``JitPlan.skip``: they keep their KV, they are only not computed), just as many as
+  turn the most such misses into meets at the smaller batch's step time, fewest first. A
+  request sits out only if, with its next token after this step (its prefills included) and
+  one full decode step more, its margin stays at least ``skip_keep_steps`` predicted steps
+  (with ``skip_keep_steps`` >= ``urgent_steps`` it is still slack after the skip), only for a
+  request of its own priority class or a higher one, and never an urgent, lost or best-effort
+  one. It is judged again every step, so a request sits out only while its slack lasts.
+  ``slack_skips`` is the rule. In our simulations it cost 2-5% of goodput (RESULTS.md), so it
+  stays off: the step-time predictions it trusts do not foresee later prefills.
 * **priorities** stay strict, as in the default FCFS-with-priorities scheduler: a request
   of a higher priority class is admitted before any of a lower one, the groups and margins
   order requests within a class, a lost request is preempted only for a request of its
@@ -120,13 +133,21 @@ class JitParams:
 
     Attributes:
         urgent_steps: a request with less margin than this many decode steps is urgent.
+        skip_slack: running requests with much slack may sit out a step for an urgent request
+            that would miss otherwise (``slack_skips``); off by default (see RESULTS.md).
+        skip_keep_steps: a request sits out only if its margin, with its next token after this
+            step and one full decode step more, stays at least this many predicted steps.
     """
 
     urgent_steps: float = 8.0
+    skip_slack: bool = False
+    skip_keep_steps: float = 8.0
 
     def __post_init__(self) -> None:
         if not self.urgent_steps >= 0:
             raise ValueError("urgent_steps must be >= 0")
+        if not self.skip_keep_steps >= 0:
+            raise ValueError("skip_keep_steps must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -138,12 +159,14 @@ class JitPlan:
         preempt: running request ids to preempt first (lost ones whose room admits others).
         margins: each request's margin (seconds), for reporting and tests.
         groups: each request's group.
+        skip: running request ids that sit out this step (keep their KV, compute nothing).
     """
 
     admit_order: tuple[str, ...]
     preempt: tuple[str, ...]
     margins: dict[str, float]
     groups: dict[str, Group]
+    skip: tuple[str, ...] = ()
 
 
 def classify(views: Sequence[SloView], now: float, step_time: StepTime,
@@ -203,6 +226,7 @@ def plan_jit(views: Sequence[SloView], now: float, step_time: StepTime, *, free_
     lost_running = sorted((v for v in views if v.running and groups[v.request_id] == Group.LOST),
                           key=lambda v: (-v.blocks, v.request_id))
     preempt: list[str] = []
+    admitted: list[SloView] = []
     blocks, slots = free_blocks, free_slots
     for v in waiting:
         need = -(-v.num_tokens // block_size)
@@ -225,7 +249,74 @@ def plan_jit(views: Sequence[SloView], now: float, step_time: StepTime, *, free_
         if fits:
             blocks -= need
             slots = None if slots is None else slots - 1
-    return JitPlan(tuple(v.request_id for v in waiting), tuple(preempt), margins, groups)
+            admitted.append(v)
+    skip: tuple[str, ...] = ()
+    if params.skip_slack:
+        gone = set(preempt)
+        skip = slack_skips([v for v in views if v.running and v.request_id not in gone] + admitted, now, step_time,
+                           margins, groups, params)
+    return JitPlan(tuple(v.request_id for v in waiting), tuple(preempt), margins, groups, skip)
+
+
+def skip_margin(v: SloView, now: float, step_s: float, this_s: float) -> float:
+    """``v``'s margin if it sits out this step (``this_s``): its next token comes one full step
+    (``step_s``) after it, and every later one ``step_s`` apart."""
+    return margin(v, now, step_s, this_s + step_s)
+
+
+def slack_skips(batch: Sequence[SloView], now: float, step_time: StepTime, margins: dict[str, float],
+                groups: dict[str, Group], params: JitParams = JitParams()) -> tuple[str, ...]:
+    """Running requests of ``batch`` that sit out this step (see the module docstring).
+
+    Args:
+        batch: the step as planned: the running requests that stay, and the waiting ones the plan
+            admits (their prompts are prefilled in this step; a waiting urgent one may be helped too).
+        now: the runtime's clock.
+        step_time: predicted step durations.
+        margins / groups: ``classify``'s, at the whole batch's step time.
+        params: ``skip_keep_steps`` bounds how much slack a request must keep.
+
+    With ``full`` the decode step of the whole batch and ``this`` this step (its prefills and the
+    whole batch's decodes): needy are urgent requests of ``batch`` whose margin is negative;
+    candidates are slack running requests of a class no higher than the lowest needy one whose
+    ``skip_margin`` is at least ``skip_keep_steps * full``, most slack first (then most context:
+    it costs the step the most). The fewest first candidates that meet the most needy requests
+    (this step and every later decode step at the smaller batch's times) sit out; none when that
+    meets no more of them than nobody sitting out.
+    """
+    running = [v for v in batch if v.running]
+    n, ctx = len(running), sum(v.num_tokens for v in running)
+    prefill = sum(v.num_tokens for v in batch if not v.running)
+    full = step_time(0, max(1, n), max(1, ctx))
+    this = step_time(prefill, n, ctx)
+    needy = [v for v in batch if groups.get(v.request_id) == Group.URGENT and margins.get(v.request_id, 0.0) < 0]
+    if not needy:
+        return ()
+    floor = min(v.priority for v in needy)
+    keep = params.skip_keep_steps * full
+    cands = sorted(((skip_margin(v, now, full, this), v) for v in running
+                    if groups.get(v.request_id) == Group.SLACK and v.priority <= floor),
+                   key=lambda x: (-x[0], -x[1].num_tokens, x[1].request_id))
+    cands = [v for m, v in cands if m >= keep]
+
+    def met(k: int, k_ctx: int) -> int:
+        dec, dec_ctx = n - k, ctx - k_ctx
+        this_s = step_time(prefill, dec, dec_ctx)
+        step_run = step_time(0, max(1, dec), max(1, dec_ctx))
+        count = 0
+        for v in needy:
+            step_s = step_run if v.running else step_time(0, dec + 1, dec_ctx + v.num_tokens)
+            count += margin(v, now, step_s, this_s) >= 0
+        return count
+
+    best_k, best_met, k_ctx = 0, met(0, 0), 0
+    base = best_met
+    for k, v in enumerate(cands, 1):
+        k_ctx += v.num_tokens
+        got = met(k, k_ctx)
+        if got > best_met:
+            best_k, best_met = k, got
+    return tuple(v.request_id for v in cands[:best_k]) if best_met > base else ()
 
 
 def pick_victim(views: Sequence[SloView], groups: dict[str, Group], margins: dict[str, float]) -> str:

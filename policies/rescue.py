@@ -132,10 +132,11 @@ def dispatch_margin(inst: InstanceLoad, r: RequestLoad, expected_len: int = DEFA
                     saved_tokens: int = 0) -> float:
     """Predicted margin of a new request ``r`` on ``inst``: first token after ``inst``'s queue and
     its own prefill (less ``saved_tokens`` of its prompt whose KV the instance keeps), later
-    tokens at the step time of the batch with it."""
+    tokens at the step time of the batch with it. A request resumed by recomputation (``r.output_len``
+    tokens already delivered) prefills those too."""
     pending = inst.pending_dispatch  # dispatched since its last poll: ahead of ``r`` in its queue
     step = inst.step_s_next + len(pending) * max(0.0, inst.step_s_next - inst.step_s)
-    own = max(0, r.prompt_len - saved_tokens)
+    own = max(0, r.prompt_len + r.output_len - saved_tokens)
     first = inst.queue_s + inst.prefill_s_per_token * (own + sum(p.prompt_len for p in pending)) + step
     rest = max(0, expected_len - 1) * step
     m = math.inf

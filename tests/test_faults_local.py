@@ -16,6 +16,8 @@ promises of issue 7:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import threading
 from collections import defaultdict
 from typing import Iterator
@@ -27,9 +29,10 @@ from llumnix_py.config import (
     EngineConfig,
     EngineSpec,
     LlumletConfig,
+    PolicyConfig,
     SchedulerConfig,
 )
-from llumnix_py.engines.types import FinishReason, Request, SamplingParams
+from llumnix_py.engines.types import FinishReason, Objective, Request, SamplingParams
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.frontend.handles import RequestFailedError
 from llumnix_py.healing import RestartPolicy
@@ -38,6 +41,7 @@ from llumnix_py.instance import InstanceDiedError
 from llumnix_py.runtime.local import LocalInstance
 from llumnix_py.tokens import CallbackSink
 from migration import wire
+from policies.jit import Group
 from tests.cluster_helpers import (
     HoldOutputs,
     InLockstep,
@@ -191,6 +195,46 @@ def test_a_hung_instance_is_declared_dead_fenced_and_its_requests_resumed():
         assert all(h.resumes >= 1 for h in on_victim if h.finish_reason is not None and victim in h.instances_seen
                    and h.instances_seen[-1] != victim)
         emitted.assert_served_once({victim})
+        assert_no_leak(cluster)
+
+
+def test_a_resumed_job_call_keeps_its_objective_priority_and_jobs_kv_on_its_new_instance():
+    """A job call resumed after its instance died is, on its new instance, the call it was: the
+    JIT policy there judges it by its objective (a margin, not best effort), it keeps its priority,
+    and when it ends its KV is kept under its job's key, where the job's next call will look."""
+    block = 8
+    engine = EngineSpec(engine=EngineConfig(num_blocks=128, block_size=block, max_batch_size=16, batch_policy="jit",
+                                            num_host_blocks=64, conversation_host_blocks=48), model=MODEL)
+    cfg = config(2, engine, migration=False)
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, policy=PolicyConfig(dispatch="jobs")))
+    obj = Objective(job_id="agent", job_deadline_ms=3_600_000.0, job_calls_left=2)  # an hour: never missed here
+    p, sp = prompts(1, base_len=37)[0], SamplingParams(max_tokens=30, ignore_eos=True)
+    with running(cfg) as (cluster, _, crashed), contextlib.ExitStack() as stack:
+        gates = {iid: stack.enter_context(HoldOutputs(cluster, iid)) for iid in cluster.instance_ids()}
+        for g in gates.values():
+            g.hold()
+        h = cluster.submit(p, sp, priority=1, objective=obj)
+        victim = h.instance_id
+        (dest,) = [i for i in gates if i != victim]
+        gates[victim].run_until(lambda: len(h.token_ids) >= 5, "tokens from the victim")
+        inst = local(cluster, victim)
+        inst.crash()
+        crashed.append(inst)
+        gates[victim].release()
+        gates[dest].wait_held()  # the destination delivered the resumed call's first batch
+        engine_there = local(cluster, dest).llumlet.engine
+        seq = engine_there.seqs[h.request_id]
+        assert (seq.objective, seq.priority, seq.conversation_id) == (obj, 1, "job:agent")
+        plan = engine_there.scheduler.batch_policy.last
+        assert plan is not None and plan.groups[h.request_id] is not Group.BEST_EFFORT
+        assert math.isfinite(plan.margins[h.request_id])
+        (seen,) = [r for r in local(cluster, dest).load().running if r.request_id == h.request_id]
+        assert seen.priority == 1 and math.isfinite(seen.slo_margin_s)
+        gates[dest].release()
+        (tokens,) = wait_all([h])
+        assert h.resumes == 1 and h.instances_seen[-1] == dest
+        assert [tokens] == reference(engine, [p], 30)
+        wait_for(lambda: "job:agent" in engine_there.conversations, what="the job's KV kept on its new instance")
         assert_no_leak(cluster)
 
 

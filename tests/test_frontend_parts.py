@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Optional
 
 import pytest
 
-from llumnix_py.engines.types import FinishReason, Request, RequestOutput, SamplingParams
+from llumnix_py.engines.types import FinishReason, Objective, Request, RequestOutput, SamplingParams
 from llumnix_py.errors import InvalidRequestError
 from llumnix_py.frontend.handles import RequestFailedError, RequestHandle
 from llumnix_py.frontend.requests import RequestTable
@@ -38,6 +40,7 @@ class FakeControl:
         self.instances = {i: FakeInstance(i) for i in live}
         self.dead = dead
         self.forgotten: list[str] = []
+        self.views: list[Any] = []  # what each dispatch was asked to place
 
     def membership(self) -> dict[str, Any]:
         return {"instances": list(self.instances), "dead": list(self.dead)}
@@ -49,6 +52,7 @@ class FakeControl:
         self.forgotten.append(iid)
 
     def dispatch(self, view) -> Optional[str]:
+        self.views.append(view)
         return next(iter(self.instances), None)
 
     def instance_ids(self) -> list[str]:
@@ -62,8 +66,9 @@ def placed(table: RequestTable, rid: str, iid: str) -> RequestHandle:
     return handle
 
 
-def supervisor(control: FakeControl, table: RequestTable) -> Supervisor:
-    return Supervisor(control, table, reply_to="fe", lease_timeout_s=30.0, block_size=16)  # type: ignore[arg-type]
+def supervisor(control: FakeControl, table: RequestTable, clock=time.time) -> Supervisor:
+    return Supervisor(control, table, reply_to="fe", lease_timeout_s=30.0, block_size=16,  # type: ignore[arg-type]
+                      clock=clock)
 
 
 def test_table_reorders_drops_duplicates_and_rejects_reused_ids():
@@ -99,3 +104,33 @@ def test_supervisor_fails_an_orphan_no_instance_can_take():
     assert table.failed == 1 and len(table) == 0 and h.finish_reason is FinishReason.ABORT
     with pytest.raises(RequestFailedError, match="its instance died"):
         h.result(timeout=1)
+
+
+@pytest.mark.parametrize("objective, expect", [
+    # a stream: its next token (index 3) was due 0.5 + 3 * 0.1 s after arrival, 1.2 s have passed
+    (Objective(ttft_ms=500, tbt_ms=100), dict(ttft_s=-0.4, tbt_s=0.1, deadline_s=math.inf, job_deadline_s=math.inf)),
+    (Objective(deadline_ms=5000), dict(ttft_s=math.inf, deadline_s=3.8, job_deadline_s=math.inf)),
+    # a job call: its share (half of the job's 9 s, two calls left) and the job's whole time, both from now
+    (Objective(job_id="agent", job_deadline_ms=9000, job_calls_left=2),
+     dict(ttft_s=math.inf, deadline_s=3.3, job_deadline_s=7.8, conversation_id="job:agent")),
+])
+def test_a_resumed_request_is_placed_by_its_objective_priority_and_job_kv_key(objective, expect):
+    """The dispatcher places a resumed request as the one submitted (its objective for ``slo``
+    and ``jobs`` dispatch, its job's KV key, its priority and client), judged by the time left."""
+    control, table = FakeControl(live=["b"], dead=["a"]), RequestTable()
+    req = Request("r", (1, 2, 3), SamplingParams(max_tokens=8), 2, 100.0, reply_to="fe", objective=objective,
+                  client_id="alice")
+    h = RequestHandle("r", "a", req)
+    table.add(h)
+    table.placed(h)
+    table.on_outputs("a", [RequestOutput("r", (10, 11, 12), 0)])
+    supervisor(control, table, clock=lambda: 101.2).supervise_once()
+    [state] = control.instances["b"].resumed
+    assert (state.objective, state.priority, state.client_id) == (objective, 2, "alice")
+    assert state.conversation_id == expect.get("conversation_id", "")
+    [view] = control.views
+    assert (view.priority, view.client_id, view.output_len, view.prompt_len) == (2, "alice", 3, 3)
+    assert view.conversation_id == expect.pop("conversation_id", "")
+    assert view.blocks_needed == 1  # prompt and delivered tokens, recomputed
+    for name, want in expect.items():
+        assert getattr(view, name) == pytest.approx(want), name

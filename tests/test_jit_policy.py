@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from llumnix_py.engines.core import EngineConfig, EngineCore
@@ -317,3 +317,207 @@ def test_engine_publishes_a_job_calls_margin_against_the_job_deadline():
     e.step()
     (c,) = e.load().running
     assert c.slo_margin_end_s == pytest.approx(4.0 - (0.01 + 9 * 0.01))  # not the 1 s share
+
+
+# ----- slack requests sitting out a step ---------------------------------------------------------
+
+PER_DECODE = 0.002  # a decode step grows with the batch: 2 ms per request in it
+
+
+def batch_step(prefill: int, decodes: int, ctx: int) -> float:
+    return PER_DECODE * decodes + PER_TOKEN * prefill
+
+
+SKIP = JitParams(skip_slack=True)
+
+
+def skip_plan(views, params=SKIP, now=0.0):
+    return plan_jit(views, now, batch_step, free_blocks=100, block_size=16, free_slots=None, params=params)
+
+
+def four(urgent_end: float, slack_priority: int = 0):
+    """An urgent deadline (10 tokens) beside three slack requests: 8 ms a step at four, 6 ms at three."""
+    return [view("u", remaining=10, end=urgent_end), view("s1", remaining=10, end=100.0, priority=slack_priority),
+            view("s2", remaining=10, end=50.0, priority=slack_priority),
+            view("s3", remaining=10, end=0.5, priority=slack_priority)]
+
+
+def test_the_most_slack_request_sits_out_when_that_lets_an_urgent_one_meet():
+    views = four(urgent_end=0.06)  # 10 steps of 8 ms miss it; of 6 ms (one fewer in the batch) meet it exactly
+    margins, groups = classify(views, 0.0, batch_step, SKIP)
+    assert groups["u"] == Group.URGENT and margins["u"] < 0
+    assert skip_plan(views).skip == ("s1",)
+    assert skip_plan(views, JitParams()).skip == ()  # off by default
+
+
+def test_as_few_sit_out_as_meet_the_urgent_one():
+    assert skip_plan(four(urgent_end=0.045)).skip == ("s1", "s2")  # needs 4 ms steps: two out
+    assert skip_plan(four(urgent_end=0.045)[:2] + [view("s3", remaining=10, end=0.5)]).skip == ("s1",)
+
+
+def test_nobody_sits_out_when_it_saves_nobody():
+    assert skip_plan(four(urgent_end=1.0)).skip == ()  # the urgent one meets anyway
+    assert skip_plan(four(urgent_end=0.045)[:2]).skip == ()  # one out is not enough: 6 ms steps still miss
+    too_little = JitParams(skip_slack=True, skip_keep_steps=1e6)
+    assert skip_plan(four(urgent_end=0.06), too_little).skip == ()  # no request has that much slack to keep
+    assert skip_plan(four(urgent_end=0.06, slack_priority=1)).skip == ()  # a higher class never sits out for a lower
+    best = [view("u", remaining=10, end=0.06)] + [view(f"b{i}", objective=False) for i in range(3)]
+    assert skip_plan(best).skip == ()  # best effort has no slack to spend
+
+
+def test_a_waiting_urgent_request_admitted_this_step_is_helped_too():
+    running = [view("s1", remaining=10, end=100.0), view("s2", remaining=10, end=50.0)]
+    late = view("u", running=False, tokens=16, remaining=10, end=0.045)  # 3 in the batch: 6 ms steps, misses
+    plan = skip_plan(running + [late])
+    assert plan.admit_order == ("u",) and plan.skip == ("s1",)
+
+
+step_st = st.tuples(st.floats(0.0, 0.005), st.floats(0.001, 0.01), st.floats(0.0, 1e-6))
+req_st = st.tuples(st.booleans(), st.integers(1, 400), st.integers(1, 50),
+                   st.sampled_from(["none", "deadline", "stream"]),
+                   st.one_of(st.floats(0.001, 0.5), st.floats(5.0, 100.0)), st.integers(0, 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(slack=st.lists(st.tuples(st.integers(1, 400), st.integers(1, 50), st.floats(5.0, 100.0), st.integers(0, 1)),
+                      max_size=10),
+       tight=st.lists(st.tuples(st.booleans(), st.integers(1, 400), st.integers(1, 50),
+                                st.sampled_from(["deadline", "stream"]), st.floats(0.0, 1.2), st.integers(0, 1)),
+                      min_size=1, max_size=3),
+       others=st.lists(req_st, max_size=6), costs=step_st, keep=st.floats(0.0, 20.0))
+def test_a_request_sits_out_only_with_slack_to_spare_and_only_to_save_an_urgent_one(slack, tight, others, costs, keep):
+    """Given the predicted step times, a request that sits out still meets its objective with its next
+    token one full step later; no urgent, lost or best-effort request sits out, nor one of a class
+    above a request it helps; and when any sits out, some urgent request that would miss meets.
+
+    The states mix far deadlines (slack), any requests, and tight ones whose time per token lies
+    between the step alone and about the whole batch's step (``frac`` 0 to 1.2 of the way)."""
+    fixed, per_decode, per_ctx = costs
+
+    def st_fn(prefill: int, decodes: int, ctx: int) -> float:
+        return (fixed + per_decode * decodes + per_ctx * ctx if decodes else 0.0) + PER_TOKEN * prefill
+
+    views = [view(f"s{i}", tokens=t, blocks=-(-t // 16), remaining=rem, end=due, arrival=float(i), priority=prio)
+             for i, (t, rem, due, prio) in enumerate(slack)]
+    for i, (running, tokens, remaining, kind, due, prio) in enumerate(others):
+        extra = {"none": dict(objective=False), "deadline": dict(end=due),
+                 "stream": dict(next_due=due / 10, tbt=due / 50)}[kind]
+        views.append(view(f"o{i}", running=running, tokens=tokens, blocks=-(-tokens // 16), remaining=remaining,
+                          arrival=100.0 + i, priority=prio, **extra))
+    n = len([v for v in views if v.running]) + sum(1 for t in tight if t[0])
+    ctx = sum(v.num_tokens for v in views if v.running) + sum(t[1] for t in tight if t[0])
+    whole = st_fn(0, max(1, n), max(1, ctx))
+    for i, (running, tokens, remaining, kind, frac, prio) in enumerate(tight):
+        alone = st_fn(0, 1, tokens)
+        per = alone + frac * (whole - alone)  # seconds a token it can afford
+        extra = dict(end=remaining * per) if kind == "deadline" else dict(next_due=per, tbt=per)
+        views.append(view(f"t{i}", running=running, tokens=tokens, blocks=-(-tokens // 16), remaining=remaining,
+                          arrival=200.0 + i, priority=prio, **extra))
+    params = JitParams(skip_slack=True, skip_keep_steps=keep)
+    plan = plan_jit(views, 0.0, st_fn, free_blocks=10_000, block_size=16, free_slots=None, params=params)
+    by_id = {v.request_id: v for v in views}
+    batch = [v for v in views if v.running and v.request_id not in plan.preempt]
+    n, ctx = len(batch), sum(v.num_tokens for v in batch)
+    full = st_fn(0, max(1, n), max(1, ctx))
+    out = [by_id[r] for r in plan.skip]
+    event(f"requests sitting out: {min(len(out), 2)}{'+' if len(out) > 2 else ''}")
+    dec, dec_ctx = n - len(out), ctx - sum(v.num_tokens for v in out)
+    prefill = sum(v.num_tokens for v in views if not v.running)  # every waiting request fits: all admitted
+    this = st_fn(prefill, dec, dec_ctx)  # this step as planned, with those sitting out
+    for v in out:
+        assert v.running and plan.groups[v.request_id] == Group.SLACK
+        assert margin(v, 0.0, full, this + full) >= keep * full >= 0  # still met, its next token a step later
+    if out:
+        needy = [v for v in views if plan.groups[v.request_id] == Group.URGENT and plan.margins[v.request_id] < 0]
+        assert needy and max(v.priority for v in out) <= min(v.priority for v in needy)
+        step_run = st_fn(0, max(1, dec), max(1, dec_ctx))
+        assert any(margin(v, 0.0, step_run if v.running else st_fn(0, dec + 1, dec_ctx + v.num_tokens), this) >= 0
+                   for v in needy)  # sitting out meets an urgent request that would miss
+
+
+def test_tokens_stay_exact_when_requests_sit_out_steps():
+    """The built-in engine (float64): slack requests sit out steps for an urgent one, keep their KV,
+    and every request's tokens equal a run where nobody sits out."""
+    from tests.factories import make_engine, make_requests, run_to_completion
+
+    reqs = make_requests(4, seed=7, prompt_len=(8, 30), max_tokens=12)
+    # After the prefill step (8 ms for four), the urgent one's 11 tokens take 88 ms at four in the batch
+    # (it misses its 90 ms) and 66 ms at three: one slack request sits out while that still helps.
+    objectives = [Objective(deadline_ms=90), Objective(deadline_ms=1e6), Objective(deadline_ms=5e5), None]
+    reqs = [Request(r.request_id, r.prompt_token_ids, r.sampling, arrival_time=0.0, objective=o)
+            for r, o in zip(reqs, objectives)]
+    expected = run_to_completion(make_engine("torch", dtype="float64", num_blocks=64), requests=reqs)
+    e = make_engine("torch", dtype="float64", num_blocks=64)
+    clock = Clock()
+    policy = JitBatchPolicy(clock, batch_step, LengthPrior(), estimator="oracle", params=SKIP)
+    e.scheduler.batch_policy, e.scheduler.victim_policy = policy, policy.victim
+    for r in reqs:
+        e.add_request(r)
+    got: dict[str, list[int]] = {}
+    sat_out: list[tuple[str, ...]] = []
+    while e.has_unfinished():
+        out = e.step()
+        e.check_invariants()
+        ran = {o.request_id for o in out.outputs}
+        if policy.last is not None and policy.last.skip:
+            sat_out.append(policy.last.skip)
+            assert not ran & set(policy.last.skip)  # no token for a request sitting out
+        for o in out.outputs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        clock.now += batch_step(0, len(ran), 0)  # the predicted step of what ran, on the policy's clock
+    assert sat_out, "no request sat out a step"
+    assert got == expected
+
+
+def test_the_simulator_runs_a_smaller_step_and_keeps_the_kv_of_a_request_sitting_out():
+    clock = Clock()
+    policy = JitBatchPolicy(clock, batch_step, LengthPrior(), estimator="oracle", params=SKIP)
+    e = sim_engine(num_blocks=64, policy=policy)
+    for r in (req("u", 16, 12, Objective(deadline_ms=90)), req("s1", 16, 12, Objective(deadline_ms=1e6)),
+              req("s2", 16, 12, Objective(deadline_ms=5e5)), req("b", 16, 12)):
+        e.add_request(r)
+    assert e.step().num_prefill_tokens == 64  # all four admitted
+    clock.now = batch_step(0, 4, 0)
+    s1 = e.seqs["s1"]
+    before = (s1.num_computed, list(s1.block_table), len(s1.output_token_ids))
+    out = e.step()
+    assert policy.last is not None and policy.last.skip == ("s1",)
+    assert out.num_decode_tokens == 3 and {o.request_id for o in out.outputs} == {"u", "s2", "b"}
+    assert (s1.num_computed, list(s1.block_table), len(s1.output_token_ids)) == before  # kept, not preempted
+    assert {s.request_id for s in e.scheduler.running} == {"u", "s1", "s2", "b"} and out.preempted == ()
+    e.check_invariants()
+
+
+def test_the_skip_is_off_by_default_and_switched_on_by_the_engine_and_simulator_configs():
+    from llumnix_py.sim.cluster import SimCluster
+    from llumnix_py.sim.config import SimConfig
+    from tests.factories import make_engine
+
+    assert not JitParams().skip_slack
+    for skip in (False, True):
+        e = make_engine("sim", batch_policy="jit", jit_skip_slack=skip)
+        assert e.scheduler.batch_policy.params.skip_slack is skip
+        sim = SimCluster(SimConfig(num_instances=1, batch_policy="jit", jit_skip_slack=skip))
+        (engine,) = sim.engines().values()
+        assert engine.scheduler.batch_policy.params.skip_slack is skip
+
+
+def test_a_step_that_would_compute_nothing_runs_the_requests_told_to_sit_out():
+    """Sitting out is for a request in the step; when none is there after all (say the urgent one was not
+    admitted), the engine runs the batch rather than a step of nothing."""
+    from policies.jit import JitPlan
+
+    class SitOutAll:
+        def plan(self, running, waiting, **kw):
+            return JitPlan(tuple(s.request_id for s in waiting), (), {}, {},
+                           tuple(s.request_id for s in running))
+
+        def victim(self, running):
+            return running[-1]
+
+    e = sim_engine(num_blocks=64, policy=SitOutAll())  # type: ignore[arg-type]
+    e.add_request(req("a", 16, 4))
+    e.add_request(req("b", 16, 4))
+    e.step()
+    out = e.step()
+    assert out.num_decode_tokens == 2 and {o.request_id for o in out.outputs} == {"a", "b"}

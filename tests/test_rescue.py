@@ -93,6 +93,15 @@ def test_slo_dispatch_picks_the_most_margin_and_falls_back_to_freeness():
     assert by_slo([full, empty], r, cfg, DispatchState()) == "empty"
 
 
+def test_a_resumed_request_is_predicted_to_prefill_its_delivered_tokens_too():
+    i = InstanceLoad(instance_id="i", total_blocks=200, used_blocks=0, step_s=0.01, step_s_next=0.01,
+                     prefill_s_per_token=0.001)
+    new = RequestLoad(**{**RequestLoad.queued("r", prompt_len=100, block_size=16).__dict__, "deadline_s": 10.0})
+    resumed = dataclasses.replace(new, output_len=50)  # 50 tokens delivered before its instance died
+    assert dispatch_margin(i, new, expected_len=1) - dispatch_margin(i, resumed, expected_len=1) == \
+        pytest.approx(50 * 0.001)
+
+
 def test_scheduler_orders_rescues_before_balancing():
     sched = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(rescue=True, migrate_out_threshold=-1e9)))
     for iid, load in (("a", inst("a", [req("miss", end_m=-1.0)], step=0.05)),

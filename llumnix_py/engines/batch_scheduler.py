@@ -12,15 +12,16 @@ executes and applies.
 
 An injected ``BatchPolicy`` (e.g. ``engines.jit_batch.JitBatchPolicy``) replaces FCFS
 admission: it orders the waiting requests (the planner skips what does not fit rather than
-blocking behind it) and names running requests to preempt first. Without one, FCFS with
-priorities, the default.
+blocking behind it), names running requests to preempt first, and running requests that
+sit out the step (``skip``: not computed, their KV and their place in the batch kept; a plan
+that would compute nothing at all runs them). Without one, FCFS with priorities, the default.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence as Seq
+from typing import AbstractSet, Callable, Optional, Protocol, Sequence as Seq
 
 from llumnix_py.engines.block_manager import BlockManager, copy_runs
 from llumnix_py.engines.conversations import ConversationStore
@@ -46,6 +47,7 @@ def largest_victim(running: Seq[Sequence]) -> Sequence:
 class BatchPlanDecision(Protocol):
     admit_order: tuple[str, ...]
     preempt: tuple[str, ...]
+    skip: tuple[str, ...]  # running requests that sit out this step (their KV stays)
 
 
 class BatchPolicy(Protocol):
@@ -259,15 +261,18 @@ class BatchScheduler:
             self.switch_out(seq, plan)
             plan.preempted.append(seq)
         chosen = len(plan.preempted)
+        skip = {r for r in decision.skip if r in by_id} - {s.request_id for s in plan.preempted}
         waiting = {s.request_id: s for s in self.waiting}
         order = [waiting[r] for r in decision.admit_order if r in waiting]
-        if order and self.admit_tokens(order[0]) > self.max_batched_tokens - len(self.running):
+        if order and self.admit_tokens(order[0]) > self.max_batched_tokens - (len(self.running) - len(skip)):
             self._plan_prefills(plan, budget=self.admit_tokens(order[0]), order=order[:1])  # alone, as in ``schedule``
             if plan.prefills or plan.decodes:
                 return plan
-        self._plan_decodes(plan)
+        self._plan_decodes(plan, skip)
         if len(plan.preempted) == chosen:  # no shortage while decoding: admit
             self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes), order=order)
+        if skip and plan.empty:  # sitting out was for a request that is not in the step after all
+            self._plan_decodes(plan)
         return plan
 
     def _yield_to_waiting(self, plan: StepPlan) -> None:
@@ -287,11 +292,13 @@ class BatchScheduler:
         self.switch_out(victim, plan)
         plan.preempted.append(victim)
 
-    def _plan_decodes(self, plan: StepPlan) -> None:
+    def _plan_decodes(self, plan: StepPlan, skip: AbstractSet[str] = frozenset()) -> None:
+        """Every running request decodes (a block appended where its next token needs one), but
+        those in ``skip``, which sit out; a shortage preempts the victim policy's choice."""
         # Iterate over a snapshot: preemption removes victims from ``running``.
         for seq in list(self.running):
-            if seq.status != SeqStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status != SeqStatus.RUNNING or seq.request_id in skip:
+                continue  # preempted earlier in this loop, or sitting out
             need = cdiv(seq.num_computed + 1, self.block_size) - len(seq.block_table)
             while need > 0:
                 got = self.blocks.allocate(("seq", seq.request_id), need, respect_watermark=False,

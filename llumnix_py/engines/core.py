@@ -37,6 +37,7 @@ from llumnix_py.engines.types import (
 )
 from llumnix_py.errors import InvalidRequestError, MigrationError, UnknownRequestError
 from llumnix_py.load import InstanceLoad
+from policies.jit import JitParams
 from policies.length import LengthPrior
 from policies.registry import PREEMPTION_MODE
 
@@ -59,6 +60,8 @@ class EngineConfig:
             stamps requests' arrival, with step times measured from this engine's own steps.
         length_estimator / length_quantile: the ``jit`` policy's length bound (``quantile`` or
             ``oracle``, which takes ``max_tokens`` as the true length) and its quantile.
+        jit_skip_slack: the ``jit`` policy lets running requests with much slack sit out a step
+            for an urgent request that would miss otherwise (``policies.jit.JitParams.skip_slack``).
         num_host_blocks: blocks of the host swap pool (0: preemption always recomputes).
         preemption_mode: name of the policy that picks, per preemption, recompute or swap
             (``policies.switching``: ``cost``, ``recompute``, ``swap``).
@@ -87,6 +90,7 @@ class EngineConfig:
     batch_policy: str = "fcfs"
     length_estimator: str = "quantile"
     length_quantile: float = 0.9
+    jit_skip_slack: bool = False
     num_host_blocks: int = 0
     preemption_mode: str = "cost"
     group_copies: bool = True
@@ -149,7 +153,7 @@ class EngineCore(EngineAdapter):
             self.measured_step_time = MeasuredStepTime()
             cls = JitBatchPolicy if config.batch_policy == "jit" else EdfBatchPolicy
             batch_policy = cls(time.time, self.measured_step_time, LengthPrior(), config.length_estimator,
-                               config.length_quantile)
+                               config.length_quantile, JitParams(skip_slack=config.jit_skip_slack))
         self.scheduler = BatchScheduler(
             self.blocks,
             config.block_size,

@@ -137,16 +137,24 @@ class EdfBatchPolicy(JitBatchPolicy):
         return load  # EDF publishes no margins: the global scheduler balances as today
 
 
-def with_objective(view: RequestLoad, objective: Optional[Objective]) -> RequestLoad:
+def with_objective(view: RequestLoad, objective: Optional[Objective], elapsed_s: float = 0.0) -> RequestLoad:
     """A request's dispatch view with its objective (relative seconds) for the ``slo`` dispatcher;
     a job call counts by its share of the job's time (``Objective.target_ms``) and carries the
-    job's whole time left (``job_deadline_s``) for the ``jobs`` dispatcher."""
+    job's whole time left (``job_deadline_s``) for the ``jobs`` dispatcher.
+
+    A request placed again after ``elapsed_s`` seconds since its arrival, with ``view.output_len``
+    tokens already delivered (one resumed after its instance died), is judged from now: its
+    next token (index ``output_len``) is its "first", and every due time is ``elapsed_s`` closer
+    (negative where it is already late). A new request (``elapsed_s`` 0, nothing delivered) is
+    judged from its arrival, as the dispatch policies assume.
+    """
     if objective is None:
         return view
     if objective.kind == "stream":
-        return dataclasses.replace(view, ttft_s=objective.ttft_ms / 1e3, tbt_s=objective.tbt_ms / 1e3)  # type: ignore[operator]
-    job_s = objective.job_deadline_ms / 1e3 if objective.job_deadline_ms is not None else math.inf
-    return dataclasses.replace(view, deadline_s=objective.target_ms / 1e3, job_deadline_s=job_s)
+        first_s = objective.due_s(view.output_len, view.output_len + 1) - elapsed_s
+        return dataclasses.replace(view, ttft_s=first_s, tbt_s=objective.tbt_ms / 1e3)  # type: ignore[operator]
+    job_s = objective.job_deadline_ms / 1e3 - elapsed_s if objective.job_deadline_ms is not None else math.inf
+    return dataclasses.replace(view, deadline_s=objective.target_ms / 1e3 - elapsed_s, job_deadline_s=job_s)
 
 
 class MeasuredStepTime:

@@ -29,7 +29,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
-from llumnix_py.engines.types import FinishReason, MigrationRequestState, SeqStatus
+from llumnix_py.engines.jit_batch import with_objective
+from llumnix_py.engines.types import FinishReason, MigrationRequestState, Request, SeqStatus
 from llumnix_py.frontend.handles import RequestHandle
 from llumnix_py.instance import InstanceDiedError
 from llumnix_py.load import RequestLoad
@@ -53,6 +54,8 @@ class Supervisor:
         block_size: tokens per KV block, to size a resumed request for dispatch.
         presence: this frontend's record, reported to the scheduler every
             ``presence_interval_s`` (None: not reported).
+        clock: the clock ``Request.arrival_time`` is on (the frontend stamps it with wall time);
+            a resumed request's objective is placed by the time left to it.
 
     Attributes:
         resumed: requests resumed on another instance after theirs died.
@@ -65,13 +68,15 @@ class Supervisor:
 
     def __init__(self, control: "ControlPlane", requests: "RequestTable", *, reply_to: str,
                  lease_timeout_s: Optional[float], block_size: int,
-                 presence: Optional[Callable[[], FrontendRecord]] = None) -> None:
+                 presence: Optional[Callable[[], FrontendRecord]] = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.control = control
         self.requests = requests
         self.reply_to = reply_to
         self.lease_timeout_s = lease_timeout_s
         self.block_size = block_size
         self.presence = presence
+        self.clock = clock
         self._last_presence = float("-inf")
         self.resumed = 0
         self._lock = threading.Lock()
@@ -252,8 +257,7 @@ class Supervisor:
         state = MigrationRequestState(req.request_id, req.prompt_token_ids, delivered, req.sampling, req.priority,
                                       req.arrival_time, 0, SeqStatus.WAITING, 0, req.reply_to, req.objective,
                                       client_id=req.client_id, conversation_id=req.conversation_id)
-        view = RequestLoad.queued(req.request_id, prompt_len=len(req.prompt_token_ids), block_size=self.block_size,
-                                  output_len=len(delivered), priority=req.priority, arrival_time=req.arrival_time)
+        view = resume_view(req, len(delivered), self.block_size, self.clock())
         tried: set[str] = set()
         while True:
             iid = self.pick_other(view, exclude=tried)
@@ -300,3 +304,13 @@ class Supervisor:
     def _fail(self, handle: RequestHandle, message: str) -> None:
         if self.requests.end(handle, FinishReason.ABORT, error=message):
             log.warning("request %s failed: %s", handle.request_id, message)
+
+
+def resume_view(req: Request, delivered: int, block_size: int, now: float) -> RequestLoad:
+    """The dispatch view of ``req`` resumed at ``now`` after ``delivered`` tokens: as at its submission
+    (priority, client, conversation or job KV key, objective), with the delivered tokens to recompute
+    and its objective judged by the time left to it (``with_objective``)."""
+    view = RequestLoad.queued(req.request_id, prompt_len=len(req.prompt_token_ids), block_size=block_size,
+                              output_len=delivered, priority=req.priority, arrival_time=req.arrival_time,
+                              conversation_id=req.conversation_id, client_id=req.client_id)
+    return with_objective(view, req.objective, max(0.0, now - req.arrival_time))

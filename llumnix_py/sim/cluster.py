@@ -65,6 +65,7 @@ from llumnix_py.sim.metrics import RequestRecord, SimResult, Timeline
 from llumnix_py.sim.migrations import MigrationRun, SimMigrations
 from migration import protocol as p
 from migration.driver import MigrationResult
+from policies.jit import JitParams
 from policies.length import LengthPrior
 from policies.types import ScaleAction, ScaleDecision
 
@@ -199,7 +200,7 @@ class SimCluster:
         policy = None
         if cfg.batch_policy == "jit":
             policy = JitBatchPolicy(self._clock, profile.step_time, prior, cfg.length_estimator,
-                                    cfg.length_quantile)
+                                    cfg.length_quantile, JitParams(skip_slack=cfg.jit_skip_slack))
         elif cfg.batch_policy == "edf":
             policy = EdfBatchPolicy(self._clock, profile.step_time, prior)
         executor = SimExecutor(profile, num_host_blocks=engine_config.num_host_blocks)

@@ -52,6 +52,8 @@ class SimConfig:
         length_estimator: the JIT policy's length bound: ``quantile`` (from the instance's prior
             of recent lengths, refined as tokens come) or ``oracle`` (the true length).
         length_quantile: the quantile of the ``quantile`` estimator.
+        jit_skip_slack: the JIT policy lets running requests with much slack sit out a step for an
+            urgent request that would miss otherwise (``policies.jit.JitParams.skip_slack``).
         pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
             roles in this ratio as they start; ``policies.roles``); None: colocated.
         role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
@@ -91,6 +93,7 @@ class SimConfig:
     batch_policy: str = "fcfs"
     length_estimator: str = "quantile"
     length_quantile: float = 0.9
+    jit_skip_slack: bool = False
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
     conversation_blocks: int = 0
