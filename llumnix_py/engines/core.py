@@ -72,6 +72,8 @@ class EngineConfig:
             (``policies.fairness``; clients are ``Request.client_id``).
         fairness_margin: weighted tokens of extra service after which a running client's
             request yields to a waiting client's.
+        fairness_max_idle_clients: idle clients the fairness books keep at most (besides
+            those forgotten exactly at the floor; ``engines.fair_share``).
         async_swap: swap copies run on the executor's copier (a copy thread, or the
             simulator's virtual clock) beside the steps; a swapped-in request runs once its
             copy has landed (False: every copy completes before the step).
@@ -95,6 +97,7 @@ class EngineConfig:
     conversation_host_blocks: int = 0
     fairness: bool = False
     fairness_margin: float = 64.0
+    fairness_max_idle_clients: int = 4096
 
     def __post_init__(self) -> None:
         if self.batch_policy not in ("fcfs", "edf", "jit"):
@@ -121,6 +124,8 @@ class EngineConfig:
             raise ValueError(f"conversation_host_blocks must be an integer >= 0, got {self.conversation_host_blocks!r}")
         if not self.fairness_margin >= 0:
             raise ValueError(f"fairness_margin must be >= 0, got {self.fairness_margin!r}")
+        if self.fairness_max_idle_clients < 0:
+            raise ValueError(f"fairness_max_idle_clients must be >= 0, got {self.fairness_max_idle_clients!r}")
 
     @property
     def watermark_blocks(self) -> int:
@@ -143,7 +148,8 @@ class EngineCore(EngineAdapter):
         self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
         self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
         self._store_s = 0.0  # time of this step's copies of finished turns
-        self.fair = FairShare(margin=config.fairness_margin) if config.fairness else None
+        self.fair = FairShare(margin=config.fairness_margin,
+                                                max_idle_clients=config.fairness_max_idle_clients) if config.fairness else None
         self.measured_step_time: Optional[MeasuredStepTime] = None
         if batch_policy is None and config.batch_policy != "fcfs":
             self.measured_step_time = MeasuredStepTime()
@@ -265,6 +271,8 @@ class EngineCore(EngineAdapter):
         the step touches, and for all swap-outs before returning."""
         swapper, asynchronous = self.swapper, self.swapper.copier is not None
         waited = 0.0
+        if self.fair is not None:  # clients that left since the last step go idle; the book forgets what it may
+            self.fair.settle({s.client_id for s in self.seqs.values()})
         if asynchronous:
             self._land()
         self.scheduler.switch_costs = swapper.meter.costs()

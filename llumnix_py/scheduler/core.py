@@ -249,12 +249,17 @@ class GlobalScheduler:
 
     def fair_offsets(self) -> dict[str, dict[str, float]]:
         """Global fairness (``PolicyConfig.global_fairness``): per fair instance, its clients'
-        cluster counters less its engine's own as of its last poll; empty when off."""
+        cluster counters (``ClusterFairBook.standing``: an idle client's is where it would
+        return) less its engine's own as of its last poll; empty when off."""
         if not self.config.policy.global_fairness or not self.fair_book:
             return {}
-        g = self.fair_book.counters
-        return {iid: cluster_offsets(g, dict(rec.load.client_service)) for iid, rec in sorted(self.instances.items())
-                if rec.load is not None and rec.load.client_service}
+        book = self.fair_book
+        out = {}
+        for iid, rec in sorted(self.instances.items()):
+            if rec.load is not None and rec.load.client_service:
+                local = dict(rec.load.client_service)
+                out[iid] = cluster_offsets({c: book.standing(c) for c in local}, local)
+        return out
 
     # ----- dispatch ----------------------------------------------------------------------
     def dispatch(self, request: RequestLoad) -> Optional[str]:
