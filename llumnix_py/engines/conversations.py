@@ -14,6 +14,13 @@ blocks before the first changed token and never stale KV::
 
 Entries live under an LRU budget (``max_blocks``) and give way, oldest first, when a
 swap-out needs the host pool.
+
+A turn migrated while still waiting takes the prefix along: the source's ``freeze`` stages
+the blocks it would reuse in device blocks, they travel as a migration's stop-and-copy
+stage, and the destination keeps them in its own store when the turn is activated there
+(its admission restores them, checked as above). The source then drops its stored turn,
+which the conversation has left; an aborted migration frees the staged blocks and leaves
+the stored turn where it was.
 """
 
 from __future__ import annotations

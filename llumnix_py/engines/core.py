@@ -175,6 +175,7 @@ class EngineCore(EngineAdapter):
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
         self._lifts: dict[str, float] = {}  # migrated in, not run yet: request id -> its client's counter rise
+        self._migrated_in: set[str] = set()  # committed here (parked), not activated yet
 
     @property
     def length_prior(self) -> Optional[LengthPrior]:
@@ -257,6 +258,7 @@ class EngineCore(EngineAdapter):
         self.seqs.pop(seq.request_id, None)
         self._mig_epoch.pop(seq.request_id, None)
         self._lifts.pop(seq.request_id, None)
+        self._migrated_in.discard(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
@@ -467,6 +469,10 @@ class EngineCore(EngineAdapter):
         seq.frozen_from = prev
         seq.status = SeqStatus.FROZEN
         state = seq.to_migration_state(prev)
+        if prev == SeqStatus.WAITING and request_id not in self._migrated_in:
+            staged = self._stage_prefix(seq)
+            if staged:  # its conversation's stored prefix travels with it (``num_computed_tokens``)
+                state = dataclasses.replace(state, num_computed_tokens=staged)
         if self.fair is not None:  # the client's standing here travels with the request
             lead = self.fair.lead_of(seq.client_id, {s.client_id for s in self.seqs.values()})
             state = dataclasses.replace(state, fair_lead=lead)
@@ -474,7 +480,10 @@ class EngineCore(EngineAdapter):
 
     def unfreeze(self, request_id: str) -> None:
         """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
-        pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies."""
+        pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies.
+        A waiting request's conversation prefix in device blocks: staged here for a migration
+        that rolled back, freed (the stored turn is still here); carried in by a migration
+        now activated, kept for the turn in this instance's conversation store."""
         seq = self.seqs.get(request_id)
         if seq is not None and seq.status != SeqStatus.FROZEN and request_id in self._mig_epoch:
             del self._mig_epoch[request_id]  # an aborted pre-copy
@@ -486,18 +495,50 @@ class EngineCore(EngineAdapter):
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
         else:
+            if seq.block_table:
+                if request_id in self._migrated_in:
+                    self._keep_carried(seq)
+                self.scheduler.free_blocks_of(seq)
             self.scheduler.enqueue(seq)
         seq.frozen_from = None
+        self._migrated_in.discard(request_id)
 
     def free_src(self, request_id: str) -> None:
         seq = self._frozen(request_id)
         rise = self._lifts.pop(request_id, None)
         if rise is not None and self.fair is not None:  # a parked copy dropped unrun: as if it never came
             self.fair.undo_lift(seq.client_id, rise)
+        if request_id not in self._migrated_in and seq.frozen_from == SeqStatus.WAITING and seq.conversation_id:
+            # the turn moved on: its conversation continues there, so the turn kept here is stale
+            self.conversations.drop(seq.conversation_id)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
         self._mig_epoch.pop(request_id, None)
+        self._migrated_in.discard(request_id)
+
+    def _stage_prefix(self, seq: Sequence) -> int:
+        """Copy the stored prefix a frozen waiting turn would reuse into device blocks it holds,
+        so it can travel as migrated blocks; the tokens staged (0: nothing stored, reusable,
+        or no device blocks to spare above the watermark)."""
+        k = self.scheduler.reusable_blocks(seq)
+        turn = self.conversations.entries().get(seq.conversation_id) if k else None
+        if turn is None or self.blocks.num_free - k < self.config.watermark_blocks:
+            return 0
+        got = self.blocks.allocate(("seq", seq.request_id), k)
+        if got is None:
+            return 0
+        self.swapper.copy_in(list(turn.host_blocks[:k]), got)
+        seq.block_table = got
+        return k * self.block_size
+
+    def _keep_carried(self, seq: Sequence) -> None:
+        """A migrated-in waiting turn's conversation prefix (its device blocks): into the
+        conversation store, which its admission restores from (checked token by token)."""
+        k = len(seq.block_table)
+        host = self.conversations.put(seq.conversation_id, seq.all_token_ids(), k)
+        if host is not None:
+            self._store_s += self.swapper.store(seq.block_table, host)
 
     def _frozen(self, request_id: str) -> Sequence:
         seq = self.seqs.get(request_id)
@@ -555,10 +596,23 @@ class EngineCore(EngineAdapter):
             seq.block_table = list(reserved)
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
+        elif state.num_computed_tokens:  # a waiting turn with its conversation's stored prefix
+            k = state.num_computed_tokens // self.block_size
+            if state.num_computed_tokens % self.block_size or len(reserved) != k or not seq.conversation_id \
+                    or state.num_computed_tokens >= seq.num_tokens:
+                raise MigrationError(
+                    f"request {rid}: a waiting turn carries whole blocks of its conversation's prefix, with "
+                    f"a token left to prefill; got {state.num_computed_tokens} tokens in {len(reserved)} blocks")
+            self.blocks.transfer(reserved, ("pre", rid), ("seq", rid))
+            del self._prealloc[rid]
+            seq.block_table = list(reserved)
+            seq.num_computed = 0
+            self.scheduler.enqueue(seq)
         else:
             self.free_pre_alloc(rid)
             self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
+        self._migrated_in.add(rid)
         if self.fair is not None:  # VTC's lift for an arrival, with the client's lead from the source
             self._lifts[rid] = self.fair.on_migrated_in(seq.client_id, active, state.fair_lead or 0.0)
 
