@@ -3,9 +3,10 @@ built-in engine (float64, host pool, conversation reuse).
 
 Turn 1 ends on the source, which keeps its KV in the host pool. Turn 2 of the same
 conversation waits in the source's queue and migrates as a waiting request; its stored
-prefix is staged in device blocks and travels as a stop-and-copy stage of the migration
+prefix travels as a stop-and-copy stage of the migration
 frame (``SourceMigration``, ``MigrationDriver``, ``DestinationMigrations``; the state goes
-through the wire format). Checks:
+through the wire format; the stored blocks are read from the host pool, so the carry needs
+no free device block on the source). Checks:
 
 - the turn's tokens equal a run without reuse or migration;
 - the destination prefills only the tokens past the carried prefix, restored from its
@@ -82,7 +83,8 @@ def snapshot(engine) -> tuple:
     """What must be as before after an aborted migration."""
     return ({r: s.status for r, s in engine.seqs.items()}, [s.request_id for s in engine.scheduler.waiting],
             engine.blocks.num_used, engine.host.num_used, engine.reserved_blocks("t2"),
-            {c: (t.tokens, t.host_blocks) for c, t in engine.conversations.entries().items()})
+            [(c, t.tokens, t.host_blocks) for c, t in engine.conversations.entries().items()],  # LRU order too
+            engine.conversations.num_blocks)
 
 
 def migrate(src, dst, port_fault: str = "none", nth: int = 1):
@@ -108,6 +110,33 @@ def test_a_waiting_turn_carries_its_stored_prefix_and_prefills_only_its_new_toke
     assert dst.conversations.hits == 1 and dst.conversations.restored_tokens == k * BS
     assert dst.blocks.num_used == 0 and dst.host.num_used == dst.conversations.num_blocks  # turn 2's KV kept
     assert dst.conversations.entries()["c"].tokens[:len(p2)] == p2
+
+
+def test_the_prefix_travels_from_the_host_pool_even_when_the_source_has_no_free_device_block():
+    """The source is why the turn leaves: full. The stored turn is read straight from its
+    host pool into the migration frame, so the carry needs no device block there."""
+    src, dst, p2, ref = setup()
+    filler = src.blocks.allocate(("seq", "filler"), src.blocks.num_free)  # every device block taken
+    assert filler and src.blocks.num_free == 0
+    k = src.conversations.reusable_blocks("c", p2)
+    res, _ = migrate(src, dst)
+    assert res.status == MigrationStatus.FINISHED and res.blocks == k
+    src.blocks.free(("seq", "filler"), filler)
+    tokens: dict = {}
+    assert run(dst, tokens) == len(p2) - k * BS and tokens["t2"] == ref
+
+
+def test_a_second_conversation_stored_behind_keeps_its_place_after_an_abort():
+    """The lent turn goes back where it was in the LRU order, not to the young end."""
+    src, dst = new_engine(), new_engine()
+    t1 = run_to_completion(src, requests=[Request("t1", P1, SP, client_id="alice", conversation_id="c")])["t1"]
+    run_to_completion(src, requests=[Request("u1", tuple(range(30, 52)), SP, client_id="x", conversation_id="d")])
+    assert list(src.conversations.entries()) == ["c", "d"]  # c is the older: evicted first
+    src.add_request(Request("t2", P1 + tuple(t1) + (150,), SP, client_id="alice", conversation_id="c"))
+    before = snapshot(src), snapshot(dst)
+    res, _ = migrate(src, dst, "copy")
+    assert res.status == MigrationStatus.ABORTED_DST and res.reason
+    assert (snapshot(src), snapshot(dst)) == before and list(src.conversations.entries()) == ["c", "d"]
 
 
 def test_without_migration_the_turn_reuses_the_same_prefix():

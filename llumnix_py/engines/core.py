@@ -176,6 +176,9 @@ class EngineCore(EngineAdapter):
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
         self._lifts: dict[str, float] = {}  # migrated in, not run yet: request id -> its client's counter rise
         self._migrated_in: set[str] = set()  # committed here (parked), not activated yet
+        # Outgoing waiting turns carrying their conversation's stored prefix: request id ->
+        # (conversation id, blocks); the stored turn is lent to the migration meanwhile.
+        self._carrying: dict[str, tuple[str, int]] = {}
 
     @property
     def length_prior(self) -> Optional[LengthPrior]:
@@ -259,6 +262,7 @@ class EngineCore(EngineAdapter):
         self._mig_epoch.pop(seq.request_id, None)
         self._lifts.pop(seq.request_id, None)
         self._migrated_in.discard(seq.request_id)
+        self._give_back(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
@@ -446,6 +450,10 @@ class EngineCore(EngineAdapter):
         seq = self.seqs.get(request_id)
         if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.FROZEN):
             return None
+        carried = self._carrying.get(request_id)
+        if carried is not None and seq.status == SeqStatus.FROZEN:  # its conversation's prefix, in the host pool
+            turn = self.conversations.lent(carried[0])
+            return [self.config.num_blocks + h for h in turn.host_blocks[num_sent:carried[1]]]
         if seq.status == SeqStatus.RUNNING:  # a frozen request's blocks cannot change
             if num_sent == 0:
                 self._mig_epoch[request_id] = seq.num_preemptions
@@ -470,9 +478,11 @@ class EngineCore(EngineAdapter):
         seq.status = SeqStatus.FROZEN
         state = seq.to_migration_state(prev)
         if prev == SeqStatus.WAITING and request_id not in self._migrated_in:
-            staged = self._stage_prefix(seq)
-            if staged:  # its conversation's stored prefix travels with it (``num_computed_tokens``)
-                state = dataclasses.replace(state, num_computed_tokens=staged)
+            k = self.scheduler.reusable_blocks(seq)
+            if k:  # its conversation's stored prefix travels with it (``num_computed_tokens``)
+                self.conversations.lend(seq.conversation_id)
+                self._carrying[request_id] = (seq.conversation_id, k)
+                state = dataclasses.replace(state, num_computed_tokens=k * self.block_size)
         if self.fair is not None:  # the client's standing here travels with the request
             lead = self.fair.lead_of(seq.client_id, {s.client_id for s in self.seqs.values()})
             state = dataclasses.replace(state, fair_lead=lead)
@@ -481,9 +491,9 @@ class EngineCore(EngineAdapter):
     def unfreeze(self, request_id: str) -> None:
         """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
         pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies.
-        A waiting request's conversation prefix in device blocks: staged here for a migration
-        that rolled back, freed (the stored turn is still here); carried in by a migration
-        now activated, kept for the turn in this instance's conversation store."""
+        A waiting turn's conversation prefix: lent to a migration that rolled back, back in
+        the store where it was; carried in by a migration now activated (device blocks), kept
+        for the turn in this instance's conversation store."""
         seq = self.seqs.get(request_id)
         if seq is not None and seq.status != SeqStatus.FROZEN and request_id in self._mig_epoch:
             del self._mig_epoch[request_id]  # an aborted pre-copy
@@ -496,9 +506,9 @@ class EngineCore(EngineAdapter):
             self.scheduler.running.append(seq)
         else:
             if seq.block_table:
-                if request_id in self._migrated_in:
-                    self._keep_carried(seq)
+                self._keep_carried(seq)
                 self.scheduler.free_blocks_of(seq)
+            self._give_back(request_id)
             self.scheduler.enqueue(seq)
         seq.frozen_from = None
         self._migrated_in.discard(request_id)
@@ -508,29 +518,21 @@ class EngineCore(EngineAdapter):
         rise = self._lifts.pop(request_id, None)
         if rise is not None and self.fair is not None:  # a parked copy dropped unrun: as if it never came
             self.fair.undo_lift(seq.client_id, rise)
-        if request_id not in self._migrated_in and seq.frozen_from == SeqStatus.WAITING and seq.conversation_id:
-            # the turn moved on: its conversation continues there, so the turn kept here is stale
-            self.conversations.drop(seq.conversation_id)
+        carried = self._carrying.pop(request_id, None)
+        if carried is not None:  # the destination has the prefix now: no second copy here
+            self.conversations.hand_over(carried[0])
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
         self._mig_epoch.pop(request_id, None)
         self._migrated_in.discard(request_id)
 
-    def _stage_prefix(self, seq: Sequence) -> int:
-        """Copy the stored prefix a frozen waiting turn would reuse into device blocks it holds,
-        so it can travel as migrated blocks; the tokens staged (0: nothing stored, reusable,
-        or no device blocks to spare above the watermark)."""
-        k = self.scheduler.reusable_blocks(seq)
-        turn = self.conversations.entries().get(seq.conversation_id) if k else None
-        if turn is None or self.blocks.num_free - k < self.config.watermark_blocks:
-            return 0
-        got = self.blocks.allocate(("seq", seq.request_id), k)
-        if got is None:
-            return 0
-        self.swapper.copy_in(list(turn.host_blocks[:k]), got)
-        seq.block_table = got
-        return k * self.block_size
+    def _give_back(self, request_id: str) -> None:
+        """A waiting turn's migration ended here (rolled back, or the turn aborted): the stored
+        turn it carried goes back to the store."""
+        carried = self._carrying.pop(request_id, None)
+        if carried is not None:
+            self.conversations.give_back(carried[0])
 
     def _keep_carried(self, seq: Sequence) -> None:
         """A migrated-in waiting turn's conversation prefix (its device blocks): into the
@@ -547,7 +549,18 @@ class EngineCore(EngineAdapter):
         return seq
 
     def read_blocks(self, block_ids: Seq[int]) -> object:
-        return self.executor.read_blocks(block_ids)
+        """KV of the blocks ``incremental_blocks`` named, as a migration frame. Addresses::
+
+            0 .. num_blocks-1              device blocks (a running request's)
+            num_blocks + h                 host block h (a waiting turn's conversation prefix)
+        """
+        n = self.config.num_blocks
+        ids = list(block_ids)
+        if ids and min(ids) >= n:
+            return self.executor.read_blocks([i - n for i in ids], host=True)
+        if ids and max(ids) >= n:
+            raise MigrationError("a migration frame mixes device and host blocks")
+        return self.executor.read_blocks(ids)
 
     # ----- migration primitives: destination side ----------------------------------------
     def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:

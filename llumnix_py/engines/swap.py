@@ -114,12 +114,6 @@ class Swapper:
             total += seconds
         return total
 
-    def copy_in(self, host: list[int], dev: list[int]) -> float:
-        """Copy host blocks into device blocks, now (a conversation prefix staged to migrate)."""
-        if self.copier is not None:
-            self.wait_all_outs()  # FIFO with the copies in flight
-        return self._copy([(host, dev)], self.executor.swap_in)
-
     def store(self, dev: list[int], host: list[int]) -> float:
         """Copy a finished turn's blocks to the host pool, now."""
         if self.copier is not None:
