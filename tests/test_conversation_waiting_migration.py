@@ -14,7 +14,7 @@ no free device block on the source). Checks:
 - no device or host block leaks on either side;
 - a fault at each stage (copy, commit, a lost commit reply) leaves both instances exactly
   as before, and a refused or failed pre-allocation moves the turn without its prefix
-  (recomputed, exact, the source's stale copy released);
+  (recomputed, exact; the source keeps its stored turn, which never left);
 - the wire refuses a waiting state whose computed tokens cannot be a stored prefix, and the
   destination refuses carried blocks that do not match it, freeing the reservation.
 """
@@ -165,10 +165,13 @@ def test_an_abort_at_any_stage_leaves_both_instances_as_before(fault):
 
 @pytest.mark.parametrize("fault", ["refuse", "pre_alloc"])
 def test_a_refused_reservation_moves_the_turn_without_its_prefix(fault):
+    """The prefix never left: the source keeps its stored turn, where it was."""
     src, dst, p2, ref = setup()
+    kept = snapshot(src)[5:]
     res, _ = migrate(src, dst, fault)
     assert res.status == MigrationStatus.FINISHED and res.blocks == 0
-    assert "c" not in src.conversations and src.blocks.num_used == 0 and src.host.num_used == 0
+    assert "t2" not in src.seqs and src.blocks.num_used == 0 and snapshot(src)[5:] == kept
+    src.check_invariants()
     assert "c" not in dst.conversations
     tokens: dict = {}
     assert run(dst, tokens) == len(p2)  # recomputed whole

@@ -179,6 +179,7 @@ class EngineCore(EngineAdapter):
         # Outgoing waiting turns carrying their conversation's stored prefix: request id ->
         # (conversation id, blocks); the stored turn is lent to the migration meanwhile.
         self._carrying: dict[str, tuple[str, int]] = {}
+        self._carried: set[str] = set()  # of those, the ones whose prefix was read into a frame (it went)
 
     @property
     def length_prior(self) -> Optional[LengthPrior]:
@@ -518,9 +519,10 @@ class EngineCore(EngineAdapter):
         rise = self._lifts.pop(request_id, None)
         if rise is not None and self.fair is not None:  # a parked copy dropped unrun: as if it never came
             self.fair.undo_lift(seq.client_id, rise)
-        carried = self._carrying.pop(request_id, None)
-        if carried is not None:  # the destination has the prefix now: no second copy here
-            self.conversations.hand_over(carried[0])
+        if request_id in self._carried:  # the destination has the prefix now: no second copy here
+            self._carried.discard(request_id)
+            self.conversations.hand_over(self._carrying.pop(request_id)[0])
+        self._give_back(request_id)  # it moved without its prefix (refused): the stored turn stays here
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
@@ -531,6 +533,7 @@ class EngineCore(EngineAdapter):
         """A waiting turn's migration ended here (rolled back, or the turn aborted): the stored
         turn it carried goes back to the store."""
         carried = self._carrying.pop(request_id, None)
+        self._carried.discard(request_id)
         if carried is not None:
             self.conversations.give_back(carried[0])
 
@@ -557,7 +560,11 @@ class EngineCore(EngineAdapter):
         n = self.config.num_blocks
         ids = list(block_ids)
         if ids and min(ids) >= n:
-            return self.executor.read_blocks([i - n for i in ids], host=True)
+            host = [i - n for i in ids]
+            for rid, (cid, _) in self._carrying.items():  # its prefix goes out: the destination will have it
+                if set(host) <= set(self.conversations.lent(cid).host_blocks):
+                    self._carried.add(rid)
+            return self.executor.read_blocks(host, host=True)
         if ids and max(ids) >= n:
             raise MigrationError("a migration frame mixes device and host blocks")
         return self.executor.read_blocks(ids)
