@@ -216,6 +216,16 @@ def cluster_lift(counters: Mapping[str, float], arriving: Iterable[str], active:
     return out
 
 
+def under_served(standing: float, active: Mapping[str, float], margin: float) -> bool:
+    """Fair dispatch: whether a client whose cluster-wide counter is ``standing`` is under its
+    share, i.e. more than ``margin`` weighted tokens below the mean counter of the other
+    ``active`` clients (none: not under-served). Such a client's request goes to the freest
+    instance, where it starts soonest; everyone else's follows the usual dispatch."""
+    if not active:
+        return False
+    return standing + margin < sum(active.values()) / len(active)
+
+
 def select_most_served_cluster(inst: InstanceLoad) -> Optional[MigrateOut]:
     """``migrate_out`` policy: as ``select_most_served``, by the cluster-wide counters the
     global scheduler puts on its copy of the snapshot (``inst.cluster_service``), so the

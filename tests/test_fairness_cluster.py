@@ -9,6 +9,8 @@ most over its share of the cluster where ``most_served`` sees only the instance.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +20,7 @@ from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 from llumnix_py.scheduler.fair_book import ClusterFairBook
 from policies.config import PolicyConfig
-from policies.fairness import cluster_lift, cluster_offsets, in_cluster_frame, served_delta
+from policies.fairness import cluster_lift, cluster_offsets, in_cluster_frame, served_delta, under_served
 from policies.selection import select_migrate_out
 
 CLIENTS = ["a", "b", "c", "d"]
@@ -312,3 +314,60 @@ def test_global_fairness_reaches_the_engines_of_a_running_cluster():
         assert fairness["gap"] >= 0 and fairness["active"] == []
     finally:
         cluster.stop()
+
+
+# ----- fair dispatch ----------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(standing=st.floats(0, 1e4, allow_nan=False), active=book_st, margin=st.floats(0, 100, allow_nan=False))
+def test_under_served_is_below_the_active_mean_by_more_than_the_margin(standing, active, margin):
+    got = under_served(standing, active, margin)
+    if not active:
+        assert not got
+    else:
+        assert got == (standing + margin < sum(active.values()) / len(active))
+        if got:  # some active client stands above it by more than the margin
+            assert max(active.values()) > standing + margin
+
+
+def dispatch_cluster(fair_dispatch: bool) -> GlobalScheduler:
+    """i0 keeps conversation c's KV and is within the slack of i1, the freest; client a (on i0)
+    is served 100, b (on i1) 2,000: the floor is 100 and the mean 1,050."""
+    s = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(dispatch="conversation", conversation_slack=8.0,
+                                                            global_fairness=True, fair_dispatch=fair_dispatch)))
+    for iid in ("i0", "i1"):
+        s.register(iid, f"tcp://{iid}", 0.0)
+    i0 = dataclasses.replace(fair_load([req("a1", "a", 48)], {"a": 100.0}), conversations=(("c", 320),))
+    s.on_load("i0", i0, 0.0)
+    s.on_load("i1", fair_load([req("b1", "b", 40)], {"b": 2000.0}), 0.0)
+    return s
+
+
+def turn_of(client: str, rid: str = "t") -> RequestLoad:
+    return RequestLoad.queued(rid, prompt_len=320, block_size=16, conversation_id="c", client_id=client)
+
+
+def test_fair_dispatch_sends_an_under_served_clients_turn_to_the_freest_instance():
+    assert dispatch_cluster(False).dispatch(turn_of("u")) == "i0"  # conversation dispatch: the KV's home
+    s = dispatch_cluster(True)
+    assert s.dispatch(turn_of("u")) == "i1" and s.num_fair_steered == 1  # u returns at 100, far below 1,050
+    s = dispatch_cluster(True)
+    assert s.dispatch(turn_of("b")) == "i0" and s.num_fair_steered == 0  # over its share: the usual policy
+    s = dispatch_cluster(True)
+    assert s.dispatch(turn_of("")) == "i0" and s.num_fair_steered == 0  # no client: the usual policy
+
+
+def test_fair_dispatch_margin_is_validated():
+    with pytest.raises(ValueError):
+        PolicyConfig(fair_dispatch_margin=-1.0)
+    with pytest.raises(ValueError):
+        PolicyConfig(fair_dispatch=1)
+
+
+def test_the_cli_turns_fair_dispatch_on():
+    from llumnix_py.cli import build_parser, cluster_config
+
+    args = build_parser().parse_args(["serve", "--runtime", "local", "--fairness", "--global-fairness",
+                                      "--fair-dispatch"])
+    policy = cluster_config(args).scheduler.policy
+    assert policy.fair_dispatch and policy.global_fairness
+    assert not cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.fair_dispatch

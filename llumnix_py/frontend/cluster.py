@@ -245,7 +245,8 @@ class Cluster:
         block = self.config.engine.engine.block_size
         view = with_objective(RequestLoad.queued(rid, prompt_len=len(prompt), block_size=block, priority=priority,
                                                  arrival_time=request.arrival_time,
-                                                 conversation_id=request.conversation_id),
+                                                 conversation_id=request.conversation_id,
+                                                 client_id=request.client_id),
                               objective)
         iid = self.control.dispatch(view)
         if iid is None:
