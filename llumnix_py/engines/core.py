@@ -148,8 +148,8 @@ class EngineCore(EngineAdapter):
         self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
         self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
         self._store_s = 0.0  # time of this step's copies of finished turns
-        self.fair = FairShare(margin=config.fairness_margin,
-                                                max_idle_clients=config.fairness_max_idle_clients) if config.fairness else None
+        self.fair = FairShare(margin=config.fairness_margin, max_idle_clients=config.fairness_max_idle_clients) \
+            if config.fairness else None
         self.measured_step_time: Optional[MeasuredStepTime] = None
         if batch_policy is None and config.batch_policy != "fcfs":
             self.measured_step_time = MeasuredStepTime()
@@ -262,7 +262,9 @@ class EngineCore(EngineAdapter):
         self.seqs.pop(seq.request_id, None)
         self._mig_epoch.pop(seq.request_id, None)
         self._lifts.pop(seq.request_id, None)
-        self._migrated_in.discard(seq.request_id)
+        if seq.request_id in self._migrated_in:  # a parked copy: its carried blocks, if any
+            self.free_pre_alloc(seq.request_id)
+            self._migrated_in.discard(seq.request_id)
         self._give_back(seq.request_id)
 
     def has_unfinished(self) -> bool:
@@ -493,8 +495,8 @@ class EngineCore(EngineAdapter):
         """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
         pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies.
         A waiting turn's conversation prefix: lent to a migration that rolled back, back in
-        the store where it was; carried in by a migration now activated (device blocks), kept
-        for the turn in this instance's conversation store."""
+        the store where it was; carried in by a migration now activated (blocks reserved
+        for it), kept for the turn in this instance's conversation store."""
         seq = self.seqs.get(request_id)
         if seq is not None and seq.status != SeqStatus.FROZEN and request_id in self._mig_epoch:
             del self._mig_epoch[request_id]  # an aborted pre-copy
@@ -506,9 +508,9 @@ class EngineCore(EngineAdapter):
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
         else:
-            if seq.block_table:
-                self._keep_carried(seq)
-                self.scheduler.free_blocks_of(seq)
+            if request_id in self._migrated_in and self._prealloc.get(request_id):
+                self._keep_carried(seq, self._prealloc[request_id])
+                self.free_pre_alloc(request_id)
             self._give_back(request_id)
             self.scheduler.enqueue(seq)
         seq.frozen_from = None
@@ -523,6 +525,8 @@ class EngineCore(EngineAdapter):
             self._carried.discard(request_id)
             self.conversations.hand_over(self._carrying.pop(request_id)[0])
         self._give_back(request_id)  # it moved without its prefix (refused): the stored turn stays here
+        if request_id in self._migrated_in:  # a parked copy dropped: the blocks it carried, if any
+            self.free_pre_alloc(request_id)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
@@ -537,13 +541,13 @@ class EngineCore(EngineAdapter):
         if carried is not None:
             self.conversations.give_back(carried[0])
 
-    def _keep_carried(self, seq: Sequence) -> None:
-        """A migrated-in waiting turn's conversation prefix (its device blocks): into the
-        conversation store, which its admission restores from (checked token by token)."""
-        k = len(seq.block_table)
-        host = self.conversations.put(seq.conversation_id, seq.all_token_ids(), k)
+    def _keep_carried(self, seq: Sequence, blocks: list[int]) -> None:
+        """A migrated-in waiting turn's conversation prefix (the device blocks it came in):
+        into the conversation store, which its admission restores from (checked token by
+        token); dropped (recomputed) when the store has no room."""
+        host = self.conversations.put(seq.conversation_id, seq.all_token_ids(), len(blocks))
         if host is not None:
-            self._store_s += self.swapper.store(seq.block_table, host)
+            self._store_s += self.swapper.store(list(blocks), host)
 
     def _frozen(self, request_id: str) -> Sequence:
         seq = self.seqs.get(request_id)
@@ -623,10 +627,7 @@ class EngineCore(EngineAdapter):
                 raise MigrationError(
                     f"request {rid}: a waiting turn carries whole blocks of its conversation's prefix, with "
                     f"a token left to prefill; got {state.num_computed_tokens} tokens in {len(reserved)} blocks")
-            self.blocks.transfer(reserved, ("pre", rid), ("seq", rid))
-            del self._prealloc[rid]
-            seq.block_table = list(reserved)
-            seq.num_computed = 0
+            seq.num_computed = 0  # its blocks stay reserved while it is parked; activation keeps them
             self.scheduler.enqueue(seq)
         else:
             self.free_pre_alloc(rid)
