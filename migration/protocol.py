@@ -17,8 +17,9 @@ Stages of a running request (``n`` = blocks of the request on the source)::
 
 A waiting request has no KV: Freeze -> Commit(state) -> Activate -> FreeSrc. A waiting
 turn of a conversation whose earlier turn's KV the source keeps (``ConversationStore``)
-carries that prefix: the source's ``freeze`` stages it in device blocks and says so with
-``num_computed_tokens`` (whole blocks), and the blocks go as a stop-and-copy stage:
+carries that prefix: the source's ``freeze`` lends it to the migration and says so with
+``num_computed_tokens`` (whole blocks), and its blocks go, read from the source's host
+pool, as a stop-and-copy stage:
 Freeze -> QueryBlocks(0, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> Activate ->
 FreeSrc. The prefix only saves a prefill: a destination that refuses the pre-allocation
 gets the turn without it (Commit with ``num_computed_tokens`` 0), as in ``RECOMPUTE`` mode.
