@@ -26,7 +26,10 @@ waiting one), the same multi-turn workload runs with each way of switching conte
   tick hands each engine its clients' cluster counters, so engines admit, preempt and
   yield by cluster-wide service; migration off. ``cluster+migration+global``: the same
   with migration on and ``most_served_cluster`` (the request that leaves belongs to the
-  client most served over the whole cluster).
+  client most served over the whole cluster). ``+steer`` (fair dispatch,
+  ``PolicyConfig.fair_dispatch``): a turn of a client more than the margin below the
+  mean cluster-wide counter of the active clients goes to the freest instance instead of
+  where conversation-aware dispatch would send it.
 
 Workload: ShareGPT-like conversations (``experiments.workloads.sharegpt_like`` lengths per
 turn) from a few heavy clients (many conversations each) and more light ones; a turn's
@@ -90,6 +93,7 @@ class System:
     migration: bool = False  # live migration between them (cluster only)
     migrate_out: str = "most_served"  # which request leaves a migration source (cluster only)
     global_fair: bool = False  # engines order clients by cluster-wide service (cluster only)
+    steer: bool = False  # fair dispatch: an under-served client's request goes to the freest instance (cluster only)
 
 
 SYSTEMS: dict[str, System] = {
@@ -106,6 +110,9 @@ SYSTEMS: dict[str, System] = {
     "cluster+global": System("swap", cluster=True, global_fair=True),
     "cluster+migration+global": System("swap", cluster=True, migration=True, migrate_out="most_served_cluster",
                                        global_fair=True),
+    "cluster+global+steer": System("swap", cluster=True, global_fair=True, steer=True),
+    "cluster+migration+global+steer": System("swap", cluster=True, migration=True,
+                                             migrate_out="most_served_cluster", global_fair=True, steer=True),
 }
 
 
@@ -132,6 +139,7 @@ class Run:
     makespan: float = 0.0
     group_sizes: dict = field(default_factory=dict)  # blocks per contiguous run of the running block tables
     migrations: int = 0  # finished live migrations (cluster only)
+    steered: int = 0  # turns fair dispatch sent to the freest instance (cluster only)
 
 
 def make_conversations(args, rng: np.random.Generator) -> list[Conversation]:
@@ -263,7 +271,7 @@ class ConversationCluster(SimCluster):
         if len(prompt) != rec.prompt_len:
             raise RuntimeError(f"turn {turn} of c{ci}: prompt of {len(prompt)} tokens, expected {rec.prompt_len}")
         view = RequestLoad.queued(rec.request_id, prompt_len=rec.prompt_len, block_size=self.engine_config.block_size,
-                                  arrival_time=rec.arrival_time, conversation_id=f"c{ci}")
+                                  arrival_time=rec.arrival_time, conversation_id=f"c{ci}", client_id=c.client)
         iid = self.scheduler.dispatch(view)
         if iid is None:
             self._undispatched.append(rec)
@@ -331,7 +339,7 @@ def simulate_cluster(system: System, convs: list[Conversation], args, seed: int,
             history += msg + max(out_len, 1)
     cfg = _FairSimConfig(num_instances=args.instances, profile=PROFILE, seed=seed,
                          policy=PolicyConfig(dispatch="conversation", migrate_out=system.migrate_out,
-                                             global_fairness=system.global_fair),
+                                             global_fairness=system.global_fair, fair_dispatch=system.steer),
                          enable_migration=system.migration, num_blocks=num_blocks,
                          engine=engine_config(system, num_blocks, args))
     cluster = ConversationCluster(cfg, convs, turns, messages, thinks)
@@ -345,6 +353,7 @@ def simulate_cluster(system: System, convs: list[Conversation], args, seed: int,
         e.close()
     run.preemptions = sum(r.preemptions for r in result.requests)  # also steps that only preempted
     run.migrations = sum(m.status == MigrationStatus.FINISHED for m in result.migrations)
+    run.steered = cluster.scheduler.num_fair_steered
     run.makespan = result.virtual_s
     return run
 
@@ -357,7 +366,7 @@ def summarize(run: Run) -> dict:
             "cluster_gap": run.cluster_gap, "preemptions": run.preemptions,
             "yields": run.switches, "copies": run.copies, "blocks_copied": run.blocks_copied,
             "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan,
-            "migrations": run.migrations,
+            "migrations": run.migrations, "steered": run.steered,
             "group_size_mean": (sum(n * k for n, k in run.group_sizes.items()) / sum(run.group_sizes.values())
                                 if run.group_sizes else 0.0),
             "group_sizes": {str(n): run.group_sizes[n] for n in sorted(run.group_sizes)}}
@@ -406,10 +415,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("fairness", __doc__.splitlines()[0], argv, _extra)
     results = run(args)
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
-               "fairness gap", "cluster gap", "preempt", "yields", "copies", "reused tok", "group", "migr"]
+               "fairness gap", "cluster gap", "preempt", "yields", "copies", "reused tok", "group", "migr",
+               "steered"]
     rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
              r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["cluster_gap"], r["preemptions"], r["yields"],
-             r["copies"], r["reused_tokens"], r["group_size_mean"], r["migrations"]] for n, r in results["systems"].items()]
+             r["copies"], r["reused_tokens"], r["group_size_mean"], r["migrations"], r["steered"]] for n, r in results["systems"].items()]
     common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
     common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
                           [("Latencies (seconds) and switches", headers, rows)],

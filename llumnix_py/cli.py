@@ -55,6 +55,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--global-fairness", action="store_true",
                    help="with --fairness: engines order clients by their service over the whole cluster "
                         "(the scheduler's cluster-wide counters)")
+    g.add_argument("--fair-dispatch", action="store_true",
+                   help="with --fairness: a request of a client under its share cluster-wide goes to the freest "
+                        "instance; others follow --dispatch")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: the engine's, 16; 32 for vLLM, "
                         "whose CPU kernels need a multiple of 32)")
@@ -129,7 +132,8 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
-                          global_fairness=args.global_fairness, migration_cooldown_s=args.migration_cooldown)
+                          global_fairness=args.global_fairness, fair_dispatch=args.fair_dispatch,
+                          migration_cooldown_s=args.migration_cooldown)
     return ClusterConfig(
         num_instances=args.instances if args.instances is not None else len(args.roles or ()) or 2,
         engine=EngineSpec(kind=args.engine,

@@ -128,9 +128,9 @@ class DestinationMigrations:
         rec = self.incoming.get(msg.migration_id)
         if rec is not None and rec.request_id != state.request_id:
             raise ProtocolError("commit names another request than its migration")
-        if state.status == SeqStatus.RUNNING:
+        if state.status == SeqStatus.RUNNING or state.num_computed_tokens:  # its KV came in reserved blocks
             if rec is None:
-                raise ProtocolError("commit of a running request without reserved blocks")
+                raise ProtocolError("commit of a request with computed tokens without reserved blocks")
             if rec.written != set(rec.reserved):
                 raise ProtocolError(
                     f"commit before all reserved blocks were written ({len(rec.written)}/{len(rec.reserved)})")

@@ -15,7 +15,14 @@ Stages of a running request (``n`` = blocks of the request on the source)::
     QueryBlocks(sent, last=False) -> PreAlloc(k) -> CopyBlocks -> ... (at most ``max_stages``)
     Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> Activate -> FreeSrc
 
-A waiting request has no KV: Freeze -> Commit(state) -> Activate -> FreeSrc.
+A waiting request has no KV: Freeze -> Commit(state) -> Activate -> FreeSrc. A waiting
+turn of a conversation whose earlier turn's KV the source keeps (``ConversationStore``)
+carries that prefix: the source's ``freeze`` lends it to the migration and says so with
+``num_computed_tokens`` (whole blocks), and its blocks go, read from the source's host
+pool, as a stop-and-copy stage:
+Freeze -> QueryBlocks(0, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> Activate ->
+FreeSrc. The prefix only saves a prefill: a destination that refuses the pre-allocation
+gets the turn without it (Commit with ``num_computed_tokens`` 0), as in ``RECOMPUTE`` mode.
 
 The destination's commit parks the request; ``Activate`` lets it run there. The
 source sends it once it knows the commit went through (its copy stays frozen for
@@ -33,6 +40,7 @@ refused, failed or timed out).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -304,6 +312,10 @@ class SourceMigration:
 
     def _on_prealloc(self, event: PreAllocated) -> Action:
         if event.block_ids is None or len(event.block_ids) != len(self._src_ids):
+            if self.waiting and self.frozen and self.state is not None:  # the prefix stays behind
+                self._src_ids = ()
+                self.state = _without_prefix(self.state)
+                return self._expect(Commit(self.state))
             why = event.error or "destination refused the pre-allocation"
             return self._rollback(MigrationStatus.ABORTED_DST, why)
         self.reserved += len(event.block_ids)
@@ -332,8 +344,11 @@ class SourceMigration:
         if state.status != expect:
             return self._rollback(MigrationStatus.ABORTED_SRC, f"request became {state.status.value} on the source")
         if self.waiting:
-            self.state = state
-            return self._expect(Commit(state))
+            if state.num_computed_tokens and self.config.mode != MigrationMode.RECOMPUTE:
+                self.state = state  # a conversation's stored prefix travels with the turn
+                return self._expect(QueryBlocks(self.blocks_sent, include_last=True))
+            self.state = _without_prefix(state)
+            return self._expect(Commit(self.state))
         if self.config.mode == MigrationMode.RECOMPUTE:
             self.state = _as_waiting(state)
             return self._expect(Commit(self.state))
@@ -366,6 +381,11 @@ class SourceMigration:
             self.handed_over = True
         self._pending = action
         return action
+
+
+def _without_prefix(state: MigrationRequestState) -> MigrationRequestState:
+    """A waiting turn that moves without its conversation's stored prefix: recomputed there."""
+    return dataclasses.replace(state, num_computed_tokens=0) if state.num_computed_tokens else state
 
 
 def _as_waiting(state: MigrationRequestState) -> MigrationRequestState:

@@ -55,6 +55,11 @@ class PolicyConfig:
         global_fairness: fair engines order their clients by cluster-wide service: the
             scheduler sends each instance, every tick, its clients' cluster counters less the
             engine's own (``policies.fairness.cluster_offsets``); off: each engine by its own.
+        fair_dispatch: a new request of a client under its share cluster-wide (more than
+            ``fair_dispatch_margin`` weighted tokens below the mean of the active clients'
+            cluster counters, ``policies.fairness.under_served``) goes to the freest instance
+            (``freeness`` dispatch); other requests follow ``dispatch``. Needs fair engines.
+        fair_dispatch_margin: see ``fair_dispatch``.
     """
 
     dispatch: str = "freeness"
@@ -77,6 +82,8 @@ class PolicyConfig:
     link_tolerance: float = 0.1
     decline_slow_migrations: bool = False
     global_fairness: bool = False
+    fair_dispatch: bool = False
+    fair_dispatch_margin: float = 64.0
     # Read-only ``priority -> headroom blocks`` (priorities with headroom only),
     # derived from ``headroom_blocks``; a plain attribute for the hot paths.
     headroom_map: Mapping[int, int] = field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
@@ -96,7 +103,10 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("rescue", "global_fairness"):
+        fm = self.fair_dispatch_margin
+        if isinstance(fm, bool) or not isinstance(fm, (int, float)) or not math.isfinite(fm) or fm < 0:
+            raise ValueError(f"fair_dispatch_margin must be a finite number >= 0, got {fm!r}")
+        for name in ("rescue", "global_fairness", "fair_dispatch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         c = self.rescue_copy_s_per_block

@@ -5,7 +5,10 @@ OSDI 2024) keeps one counter per client: the service it received, in weighted
 tokens (``prompt_weight`` per prompt token computed, ``output_weight`` per token
 generated; the paper's weights are 1 and 2). The scheduler serves the client with
 the smallest counter first; a client that (re)appears after an idle spell is lifted
-to the smallest counter of the clients still active, so idling earns no credit.
+to the smallest counter of the clients still active, so idling earns no credit. The books
+also keep a floor that never falls (that smallest counter, remembered while nobody is
+active): a client returning to an empty engine is lifted to it, and an idle client at or
+below it carries no information and may be forgotten (``lift_point``, ``forgettable``).
 
 FastSwitch (Shen, Li and Gao, arXiv:2411.18424, Section 2.2) evaluates a scheduler
 that adjusts priorities at run time and preempts: when a waiting client is under its
@@ -72,17 +75,34 @@ def charge(counters: Mapping[str, float], prompt_tokens: Mapping[str, int], outp
     return out
 
 
-def lift(counters: Mapping[str, float], client: str, active: Iterable[str]) -> dict[str, float]:
+def lift_point(counters: Mapping[str, float], client: str, active: Iterable[str], floor: float = 0.0) -> float:
+    """Where VTC lifts a returning ``client``: the smallest counter of the other active clients,
+    or ``floor`` when that is smaller or nobody else is active. ``floor`` is the book's lift
+    point that never falls (``FairShare.floor``): with it, a client idle at or below it carries
+    no information (it would return at the lift point anyway), so the book may drop it."""
+    others = [counters.get(a, 0.0) for a in set(active) if a != client]
+    return max(floor, min(others)) if others else floor
+
+
+def lift(counters: Mapping[str, float], client: str, active: Iterable[str], floor: float = 0.0) -> dict[str, float]:
     """A request of ``client`` arrived. If the client was idle (not in ``active``), its counter
-    rises to the smallest counter among the active clients (VTC's counter lift), never falls."""
+    rises to the lift point (``lift_point``: the smallest counter among the active clients, VTC's
+    counter lift), never falls."""
     out = dict(counters)
     active = set(active)
     if client in active and client in out:
         return out  # still active: no lift
-    others = [a for a in active if a != client]
-    floor = min((out.get(a, 0.0) for a in others), default=0.0)
-    out[client] = max(out.get(client, 0.0), floor)
+    out[client] = max(out.get(client, 0.0), lift_point(out, client, active, floor))
     return out
+
+
+def forgettable(counters: Mapping[str, float], idle: Iterable[str], floor: float) -> list[str]:
+    """The idle clients a book may drop without changing any decision: those whose counter is at
+    or below ``floor``, the lift point that never falls. Proof: such a client returns, if ever,
+    lifted to a lift point at least ``floor``, so ``max(counter, point) == max(0, point)``;
+    while idle, no decision reads its counter (orders, victims and leads range over active
+    clients), and counters are never negative."""
+    return sorted(c for c in idle if counters.get(c, 0.0) <= floor)
 
 
 def lead(counters: Mapping[str, float], client: str, active: Iterable[str]) -> float:
@@ -94,19 +114,18 @@ def lead(counters: Mapping[str, float], client: str, active: Iterable[str]) -> f
 
 
 def lift_migrated(counters: Mapping[str, float], client: str, active: Iterable[str],
-                  lead_: float = 0.0) -> dict[str, float]:
+                  lead_: float = 0.0, floor: float = 0.0) -> dict[str, float]:
     """A migrated request of ``client`` commits here. VTC's lift for an arrival, keeping the
     client's lead from the source: an idle client's counter rises to the smallest counter of
     the active clients plus ``lead_`` (never falls); an active client's stands (its counter
-    already measures its service here). With ``lead_`` 0 this is ``lift``."""
+    already measures its service here). With ``lead_`` 0 this is ``lift``; ``floor`` as there."""
     if not lead_ >= 0:
         raise ValueError(f"lead must be >= 0, got {lead_!r}")
     out = dict(counters)
     active = set(active)
     if client in active and client in out:
         return out
-    floor = min((out.get(a, 0.0) for a in active if a != client), default=0.0)
-    out[client] = max(out.get(client, 0.0), floor + lead_)
+    out[client] = max(out.get(client, 0.0), lift_point(out, client, active, floor) + lead_)
     return out
 
 
@@ -180,19 +199,31 @@ def served_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dic
     return out
 
 
-def cluster_lift(counters: Mapping[str, float], arriving: Iterable[str], active: Iterable[str]) -> dict[str, float]:
+def cluster_lift(counters: Mapping[str, float], arriving: Iterable[str], active: Iterable[str],
+                 floor: float = 0.0) -> dict[str, float]:
     """VTC's lift over a cluster: each client in ``arriving`` (it had no request anywhere and
-    now has one) rises to the smallest counter of the clients ``active`` before it (never
-    falls); with no client active before, nothing moves."""
+    now has one) rises to the smallest counter of the clients ``active`` before it, or to
+    ``floor`` (the book's lift point that never falls, as in ``lift_point``) when that is
+    larger or no client was active before (never falls)."""
     out = dict(counters)
     arriving = set(arriving)
     before = [out.get(a, 0.0) for a in set(active) - arriving]
-    if not before:
-        return out
-    floor = min(before)
+    if not before and floor <= 0:
+        return out  # nobody active before and no floor yet: nothing moves
+    point = max(floor, min(before)) if before else floor
     for c in arriving:
-        out[c] = max(out.get(c, 0.0), floor)
+        out[c] = max(out.get(c, 0.0), point)
     return out
+
+
+def under_served(standing: float, active: Mapping[str, float], margin: float) -> bool:
+    """Fair dispatch: whether a client whose cluster-wide counter is ``standing`` is under its
+    share, i.e. more than ``margin`` weighted tokens below the mean counter of the other
+    ``active`` clients (none: not under-served). Such a client's request goes to the freest
+    instance, where it starts soonest; everyone else's follows the usual dispatch."""
+    if not active:
+        return False
+    return standing + margin < sum(active.values()) / len(active)
 
 
 def select_most_served_cluster(inst: InstanceLoad) -> Optional[MigrateOut]:

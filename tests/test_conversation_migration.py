@@ -7,7 +7,9 @@ restores that prefix (the stored copy is consumed: nothing stale stays behind); 
 decodes (its instance held), it is live-migrated to the other instance, where it ends and
 its KV is kept. The scheduler then reports the conversation on its new home, turn 3 is
 dispatched there and restores the prefix, and every turn's tokens equal a run without
-reuse or migration. No device or host block leaks on either side.
+reuse or migration. No device or host block leaks on either side. A turn migrated while
+still queued takes its conversation's stored prefix along (over the instances' transport)
+and restores it on the destination; its home keeps no stale copy.
 """
 
 from __future__ import annotations
@@ -97,3 +99,37 @@ def test_a_migrated_turn_takes_its_conversations_kv_to_its_new_home(cluster):
     assert_no_leak(cluster)  # no device block used, invariants of both pools checked
     assert src.host.num_used == 0  # nothing of the conversation left on its old home
     wait_for(lambda: dst.host.num_used == dst.conversations.num_blocks > 0, what="only turn 3's KV kept")
+
+
+def test_a_turn_migrated_while_waiting_takes_its_conversations_kv_along(cluster):
+    """Turn 2 is still queued on its home (held) when it is migrated as a waiting request:
+    the stored prefix of turn 1 travels in the migration (over the instances' transport),
+    the destination prefills only the new tokens, and the home keeps no stale copy."""
+    spec = config().engine
+    p1 = tuple((11 * j) % 300 + 1 for j in range(40))
+    (t1_ref,) = reference(spec, [p1], [SP])
+    h1 = cluster.submit(p1, SP, client_id="bob", conversation_id="w")
+    assert h1.result(timeout=120) == t1_ref
+    home = h1.instance_id
+    other = next(i for i in cluster.instance_ids() if i != home)
+    src, dst = engine(cluster, home), engine(cluster, other)
+    wait_for(lambda: kept_by_scheduler(cluster)[home] == ["w"], what="the scheduler to see the conversation")
+
+    p2 = p1 + tuple(t1_ref) + tuple(range(100, 110))
+    (t2_ref,) = reference(spec, [p2], [SP])
+    k = src.conversations.reusable_blocks("w", p2)
+    assert k > 0
+    restored = dst.conversations.restored_tokens
+    with HoldOutputs(cluster, home) as gate:
+        gate.hold()
+        h2 = cluster.submit(p2, SP, client_id="bob", conversation_id="w")
+        assert h2.instance_id == home and not h2.token_ids
+        res = cluster.control.instance(home).llumlet.migrate_now(
+            h2.request_id, cluster.control.instance(other).llumlet.address, "mig-wait", waiting=True)
+        assert res.status == MigrationStatus.FINISHED and res.blocks == k
+        assert "w" not in src.conversations and src.host.num_used == 0
+    assert h2.result(timeout=120) == t2_ref
+    assert h2.instances_seen[-1] == other
+    assert dst.conversations.restored_tokens - restored == k * BS  # restored there, not recomputed
+    assert_no_leak(cluster)
+    assert src.host.num_used == 0

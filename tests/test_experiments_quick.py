@@ -212,4 +212,7 @@ def test_fairness(tmp_path):
     for name in ("cluster+global", "cluster+migration+global"):
         assert systems[name]["requests"] == systems["llumnix-py"]["requests"]
     assert systems["cluster+global"]["migrations"] == 0
+    # fair dispatch sends some under-served clients' turns to the freest instance, and only its rows do
+    assert systems["cluster+global+steer"]["steered"] > 0
+    assert all(s["steered"] == 0 for n, s in systems.items() if not n.endswith("+steer"))
     assert all(s["cluster_gap"] > 0 for s in systems.values())

@@ -9,6 +9,8 @@ most over its share of the cluster where ``most_served`` sees only the instance.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +20,7 @@ from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, SchedulerConfig
 from llumnix_py.scheduler.fair_book import ClusterFairBook
 from policies.config import PolicyConfig
-from policies.fairness import cluster_lift, cluster_offsets, in_cluster_frame, served_delta
+from policies.fairness import cluster_lift, cluster_offsets, in_cluster_frame, served_delta, under_served
 from policies.selection import select_migrate_out
 
 CLIENTS = ["a", "b", "c", "d"]
@@ -64,13 +66,18 @@ def test_cluster_lift_raises_arrivals_to_the_floor_of_those_active_before(counte
 # ----- the book, as a state machine -------------------------------------------------------------
 class BookMachine(RuleBasedStateMachine):
     """Instances serve clients (their books only grow), requests come, move and go, instances
-    are removed; checks: counters never fall, each client's counter is at least all the
-    service given to it (every poll counted, nothing lost when an instance goes), and with
-    one client ever there is no lift, so the counter is that service exactly."""
+    are removed. Two books see the same polls: ``full`` keeps every client, ``book`` forgets
+    idle clients at or below the floor (its default). Checks on ``full``: counters never fall,
+    each client's counter is at least all the service given to it (every poll counted, nothing
+    lost when an instance goes), and with one client ever there is no lift, so the counter is
+    that service exactly. Checks on ``book``: it is ``full`` for every active client, and for
+    an idle one where it would return to (``max(counter, floor)``); it keeps no idle client at
+    or below the floor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.book = ClusterFairBook()
+        self.full = ClusterFairBook(max_idle_clients=None, forget_at_floor=False)
         self.books: dict[str, dict[str, float]] = {}  # what each instance reported last
         self.clients: dict[str, set[str]] = {}
         self.given: dict[str, float] = {}  # service observed by polls, per client
@@ -79,7 +86,7 @@ class BookMachine(RuleBasedStateMachine):
 
     @rule(iid=st.sampled_from(INSTANCES), grow=book_st, clients=st.sets(st.sampled_from(CLIENTS), max_size=3))
     def poll(self, iid, grow, clients):
-        self.before = dict(self.book.counters)
+        self.before = dict(self.full.counters)
         served = self.books.setdefault(iid, {})
         for c, g in grow.items():
             served[c] = served.get(c, 0.0) + g
@@ -87,27 +94,41 @@ class BookMachine(RuleBasedStateMachine):
         self.clients[iid] = set(clients)
         self.seen |= set(clients) | set(grow)
         self.book.observe(iid, dict(served), clients)
-        assert self.book.active == set().union(*self.clients.values())
+        self.full.observe(iid, dict(served), clients)
+        assert self.book.active == self.full.active == set().union(*self.clients.values())
 
     @precondition(lambda self: self.books)
     @rule(data=st.data())
     def remove(self, data):
         iid = data.draw(st.sampled_from(sorted(self.books)))
-        self.before = dict(self.book.counters)
+        self.before = dict(self.full.counters)
         self.book.forget(iid)
+        self.full.forget(iid)
         del self.books[iid]
         self.clients.pop(iid, None)
-        assert self.book.active == set().union(set(), *self.clients.values())
+        assert self.book.active == self.full.active == set().union(set(), *self.clients.values())
 
     @invariant()
     def counters_never_fall_and_hold_all_service(self):
         for c, v in self.before.items():
-            assert self.book.counters.get(c, 0.0) >= v - 1e-6
+            assert self.full.counters.get(c, 0.0) >= v - 1e-6
         for c, g in self.given.items():
-            assert self.book.counters.get(c, 0.0) >= g - 1e-6 * max(1.0, g)
+            assert self.full.counters.get(c, 0.0) >= g - 1e-6 * max(1.0, g)
         if len(self.seen) == 1:
             (c,) = self.seen
-            assert self.book.counters.get(c, 0.0) == pytest.approx(self.given.get(c, 0.0))
+            assert self.full.counters.get(c, 0.0) == pytest.approx(self.given.get(c, 0.0))
+
+    @invariant()
+    def forgetting_changes_nothing_a_decision_reads(self):
+        assert self.book.floor == self.full.floor
+        for c in self.seen:
+            if c in self.full.active:
+                assert self.book.counters.get(c, 0.0) == self.full.counters.get(c, 0.0)
+            else:
+                assert max(self.book.counters.get(c, 0.0), self.book.floor) == \
+                    max(self.full.counters.get(c, 0.0), self.full.floor)
+                assert c not in self.book.counters or self.book.counters[c] > self.book.floor
+        assert self.book.gap() == self.full.gap()
 
 
 TestBookMachine = BookMachine.TestCase
@@ -124,8 +145,16 @@ def test_a_client_active_elsewhere_is_not_lifted_and_a_returning_one_is():
     book.observe("i0", {"a": 100.0}, set())
     book.observe("i2", {"c": 1.0}, {"c"})  # c arrives: the floor is a's 105
     assert book.counters["c"] == 106.0 and book.gap() == 1.0
+    full = ClusterFairBook(max_idle_clients=None, forget_at_floor=False)
+    for iid, served, clients in (("i0", {"a": 100.0}, {"a"}), ("i1", {"b": 10.0}, {"b"}),
+                                 ("i1", {"b": 10.0, "a": 5.0}, {"a"}), ("i0", {"a": 100.0}, set()),
+                                 ("i2", {"c": 1.0}, {"c"})):
+        full.observe(iid, served, clients)
     book.forget("i1")  # a's last instance goes: its service stays, it is no longer active
-    assert book.counters["a"] == 105.0 and book.active == {"c"}
+    full.forget("i1")
+    assert full.counters["a"] == 105.0 and book.active == full.active == {"c"}
+    assert "a" not in book.counters and book.floor == 105.0  # a left at the floor: would return lifted to it
+    assert book.counters["b"] == full.counters["b"] == 110.0  # above it: kept
 
 
 # ----- in the scheduler core ------------------------------------------------------------------
@@ -273,13 +302,72 @@ def test_global_fairness_reaches_the_engines_of_a_running_cluster():
         assert served
 
         def in_frame() -> bool:
-            book = cluster.control.daemon.core.fair_book.counters
-            return all(e.fair.offsets and all(v == pytest.approx(book[c]) for c, v in e.fair.view().items())
+            book = cluster.control.daemon.core.fair_book
+            return all(e.fair.offsets and all(v == pytest.approx(book.standing(c)) for c, v in e.fair.view().items())
                        for e in served)
 
         wait_for(in_frame, what="each fair engine to see the cluster's counters")
         fairness = cluster.state()["fairness"]  # /v1/cluster/state shows the cluster-wide book
-        assert set(fairness["clients"]) == {"u", "v"} and fairness["clients"]["u"] > 0
-        assert fairness["gap"] >= 0 and fairness["active"] == []  # everything finished
+        # everything finished: a client at or below the floor is forgotten, one above it kept
+        assert set(fairness["clients"]) <= {"u", "v"} and fairness["floor"] > 0
+        assert all(v > fairness["floor"] for v in fairness["clients"].values())
+        assert fairness["gap"] >= 0 and fairness["active"] == []
     finally:
         cluster.stop()
+
+
+# ----- fair dispatch ----------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(standing=st.floats(0, 1e4, allow_nan=False), active=book_st, margin=st.floats(0, 100, allow_nan=False))
+def test_under_served_is_below_the_active_mean_by_more_than_the_margin(standing, active, margin):
+    got = under_served(standing, active, margin)
+    if not active:
+        assert not got
+    else:
+        assert got == (standing + margin < sum(active.values()) / len(active))
+        if got:  # some active client stands above it by more than the margin
+            assert max(active.values()) > standing + margin
+
+
+def dispatch_cluster(fair_dispatch: bool) -> GlobalScheduler:
+    """i0 keeps conversation c's KV and is within the slack of i1, the freest; client a (on i0)
+    is served 100, b (on i1) 2,000: the floor is 100 and the mean 1,050."""
+    s = GlobalScheduler(SchedulerConfig(policy=PolicyConfig(dispatch="conversation", conversation_slack=8.0,
+                                                            global_fairness=True, fair_dispatch=fair_dispatch)))
+    for iid in ("i0", "i1"):
+        s.register(iid, f"tcp://{iid}", 0.0)
+    i0 = dataclasses.replace(fair_load([req("a1", "a", 48)], {"a": 100.0}), conversations=(("c", 320),))
+    s.on_load("i0", i0, 0.0)
+    s.on_load("i1", fair_load([req("b1", "b", 40)], {"b": 2000.0}), 0.0)
+    return s
+
+
+def turn_of(client: str, rid: str = "t") -> RequestLoad:
+    return RequestLoad.queued(rid, prompt_len=320, block_size=16, conversation_id="c", client_id=client)
+
+
+def test_fair_dispatch_sends_an_under_served_clients_turn_to_the_freest_instance():
+    assert dispatch_cluster(False).dispatch(turn_of("u")) == "i0"  # conversation dispatch: the KV's home
+    s = dispatch_cluster(True)
+    assert s.dispatch(turn_of("u")) == "i1" and s.num_fair_steered == 1  # u returns at 100, far below 1,050
+    s = dispatch_cluster(True)
+    assert s.dispatch(turn_of("b")) == "i0" and s.num_fair_steered == 0  # over its share: the usual policy
+    s = dispatch_cluster(True)
+    assert s.dispatch(turn_of("")) == "i0" and s.num_fair_steered == 0  # no client: the usual policy
+
+
+def test_fair_dispatch_margin_is_validated():
+    with pytest.raises(ValueError):
+        PolicyConfig(fair_dispatch_margin=-1.0)
+    with pytest.raises(ValueError):
+        PolicyConfig(fair_dispatch=1)
+
+
+def test_the_cli_turns_fair_dispatch_on():
+    from llumnix_py.cli import build_parser, cluster_config
+
+    args = build_parser().parse_args(["serve", "--runtime", "local", "--fairness", "--global-fairness",
+                                      "--fair-dispatch"])
+    policy = cluster_config(args).scheduler.policy
+    assert policy.fair_dispatch and policy.global_fairness
+    assert not cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.fair_dispatch

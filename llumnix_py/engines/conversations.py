@@ -14,6 +14,14 @@ blocks before the first changed token and never stale KV::
 
 Entries live under an LRU budget (``max_blocks``) and give way, oldest first, when a
 swap-out needs the host pool.
+
+A turn migrated while still waiting takes the prefix along: the source's ``freeze`` lends
+the stored turn to the migration (``lend``: out of the LRU, so nothing evicts, restores or
+replaces it meanwhile; its blocks stay counted), its blocks travel from the host pool as
+the migration's stop-and-copy stage, and the destination keeps them in its own store when
+the turn is activated there (its admission restores them, checked as above). The source
+then frees the lent turn (``hand_over``); an aborted migration puts it back where it was
+in the LRU order (``give_back``).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class ConversationStore:
         self.block_size = block_size
         self.max_blocks = max_blocks if host is not None else 0
         self._turns: "OrderedDict[str, StoredTurn]" = OrderedDict()
+        self._lent: dict[str, tuple[StoredTurn, int]] = {}  # out on a migration: (turn, its LRU position)
         self.num_blocks = 0
         self.hits = 0  # turns that restored at least one block
         self.restored_tokens = 0
@@ -113,6 +122,41 @@ class ConversationStore:
         while self._turns and self.host is not None and self.host.num_free < n:
             self.drop(next(iter(self._turns)))
 
+    def lend(self, conversation_id: str) -> StoredTurn:
+        """Take a turn out for a migration that carries it to another instance; its blocks
+        stay allocated and counted until ``hand_over`` or ``give_back``."""
+        position = list(self._turns).index(conversation_id)
+        turn = self._turns.pop(conversation_id)
+        self._lent[conversation_id] = (turn, position)
+        return turn
+
+    def lent(self, conversation_id: str) -> StoredTurn:
+        return self._lent[conversation_id][0]
+
+    def hand_over(self, conversation_id: str) -> None:
+        """The migration went through: the turn lives on at the destination; free it here."""
+        turn, _ = self._lent.pop(conversation_id)
+        self.num_blocks -= len(turn.host_blocks)
+        assert self.host is not None
+        self.host.free(("conv", conversation_id), turn.host_blocks)
+
+    def give_back(self, conversation_id: str) -> None:
+        """The migration failed: the turn is back where it was in the LRU order (freed
+        instead if a newer turn of the conversation was kept meanwhile)."""
+        turn, position = self._lent.pop(conversation_id)
+        if conversation_id in self._turns:
+            self.num_blocks -= len(turn.host_blocks)
+            assert self.host is not None
+            self.host.free(("conv", conversation_id), turn.host_blocks)
+            return
+        items = list(self._turns.items())
+        items.insert(position, (conversation_id, turn))
+        self._turns = OrderedDict(items)
+
     def owners(self) -> dict:
-        """The host-pool owners the store accounts for (for invariant checks)."""
-        return {("conv", c): len(t.host_blocks) for c, t in self._turns.items() if t.host_blocks}
+        """The host-pool owners the store accounts for (for invariant checks), lent turns included."""
+        out: dict = {}
+        for c, t in list(self._turns.items()) + [(c, t) for c, (t, _) in self._lent.items()]:
+            if t.host_blocks:
+                out[("conv", c)] = out.get(("conv", c), 0) + len(t.host_blocks)
+        return out

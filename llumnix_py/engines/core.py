@@ -75,6 +75,8 @@ class EngineConfig:
             (``policies.fairness``; clients are ``Request.client_id``).
         fairness_margin: weighted tokens of extra service after which a running client's
             request yields to a waiting client's.
+        fairness_max_idle_clients: idle clients the fairness books keep at most (besides
+            those forgotten exactly at the floor; ``engines.fair_share``).
         async_swap: swap copies run on the executor's copier (a copy thread, or the
             simulator's virtual clock) beside the steps; a swapped-in request runs once its
             copy has landed (False: every copy completes before the step).
@@ -99,6 +101,7 @@ class EngineConfig:
     conversation_host_blocks: int = 0
     fairness: bool = False
     fairness_margin: float = 64.0
+    fairness_max_idle_clients: int = 4096
 
     def __post_init__(self) -> None:
         if self.batch_policy not in ("fcfs", "edf", "jit"):
@@ -125,6 +128,8 @@ class EngineConfig:
             raise ValueError(f"conversation_host_blocks must be an integer >= 0, got {self.conversation_host_blocks!r}")
         if not self.fairness_margin >= 0:
             raise ValueError(f"fairness_margin must be >= 0, got {self.fairness_margin!r}")
+        if self.fairness_max_idle_clients < 0:
+            raise ValueError(f"fairness_max_idle_clients must be >= 0, got {self.fairness_max_idle_clients!r}")
 
     @property
     def watermark_blocks(self) -> int:
@@ -147,7 +152,8 @@ class EngineCore(EngineAdapter):
         self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
         self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
         self._store_s = 0.0  # time of this step's copies of finished turns
-        self.fair = FairShare(margin=config.fairness_margin) if config.fairness else None
+        self.fair = FairShare(margin=config.fairness_margin, max_idle_clients=config.fairness_max_idle_clients) \
+            if config.fairness else None
         self.measured_step_time: Optional[MeasuredStepTime] = None
         if batch_policy is None and config.batch_policy != "fcfs":
             self.measured_step_time = MeasuredStepTime()
@@ -173,6 +179,11 @@ class EngineCore(EngineAdapter):
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
         self._lifts: dict[str, float] = {}  # migrated in, not run yet: request id -> its client's counter rise
+        self._migrated_in: set[str] = set()  # committed here (parked), not activated yet
+        # Outgoing waiting turns carrying their conversation's stored prefix: request id ->
+        # (conversation id, blocks); the stored turn is lent to the migration meanwhile.
+        self._carrying: dict[str, tuple[str, int]] = {}
+        self._carried: set[str] = set()  # of those, the ones whose prefix was read into a frame (it went)
 
     @property
     def length_prior(self) -> Optional[LengthPrior]:
@@ -255,6 +266,10 @@ class EngineCore(EngineAdapter):
         self.seqs.pop(seq.request_id, None)
         self._mig_epoch.pop(seq.request_id, None)
         self._lifts.pop(seq.request_id, None)
+        if seq.request_id in self._migrated_in:  # a parked copy: its carried blocks, if any
+            self.free_pre_alloc(seq.request_id)
+            self._migrated_in.discard(seq.request_id)
+        self._give_back(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
@@ -269,6 +284,8 @@ class EngineCore(EngineAdapter):
         the step touches, and for all swap-outs before returning."""
         swapper, asynchronous = self.swapper, self.swapper.copier is not None
         waited = 0.0
+        if self.fair is not None:  # clients that left since the last step go idle; the book forgets what it may
+            self.fair.settle({s.client_id for s in self.seqs.values()})
         if asynchronous:
             self._land()
         self.scheduler.switch_costs = swapper.meter.costs()
@@ -440,6 +457,10 @@ class EngineCore(EngineAdapter):
         seq = self.seqs.get(request_id)
         if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.FROZEN):
             return None
+        carried = self._carrying.get(request_id)
+        if carried is not None and seq.status == SeqStatus.FROZEN:  # its conversation's prefix, in the host pool
+            turn = self.conversations.lent(carried[0])
+            return [self.config.num_blocks + h for h in turn.host_blocks[num_sent:carried[1]]]
         if seq.status == SeqStatus.RUNNING:  # a frozen request's blocks cannot change
             if num_sent == 0:
                 self._mig_epoch[request_id] = seq.num_preemptions
@@ -463,6 +484,12 @@ class EngineCore(EngineAdapter):
         seq.frozen_from = prev
         seq.status = SeqStatus.FROZEN
         state = seq.to_migration_state(prev)
+        if prev == SeqStatus.WAITING and request_id not in self._migrated_in:
+            k = self.scheduler.reusable_blocks(seq)
+            if k:  # its conversation's stored prefix travels with it (``num_computed_tokens``)
+                self.conversations.lend(seq.conversation_id)
+                self._carrying[request_id] = (seq.conversation_id, k)
+                state = dataclasses.replace(state, num_computed_tokens=k * self.block_size)
         if self.fair is not None:  # the client's standing here travels with the request
             lead = self.fair.lead_of(seq.client_id, {s.client_id for s in self.seqs.values()})
             state = dataclasses.replace(state, fair_lead=lead)
@@ -470,7 +497,10 @@ class EngineCore(EngineAdapter):
 
     def unfreeze(self, request_id: str) -> None:
         """Undo ``freeze``; on a request that is not frozen, end its outgoing migration's
-        pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies."""
+        pre-copy (it is no longer reported as migrating). ``MigrationError`` if neither applies.
+        A waiting turn's conversation prefix: lent to a migration that rolled back, back in
+        the store where it was; carried in by a migration now activated (blocks reserved
+        for it), kept for the turn in this instance's conversation store."""
         seq = self.seqs.get(request_id)
         if seq is not None and seq.status != SeqStatus.FROZEN and request_id in self._mig_epoch:
             del self._mig_epoch[request_id]  # an aborted pre-copy
@@ -482,18 +512,46 @@ class EngineCore(EngineAdapter):
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
         else:
+            if request_id in self._migrated_in and self._prealloc.get(request_id):
+                self._keep_carried(seq, self._prealloc[request_id])
+                self.free_pre_alloc(request_id)
+            self._give_back(request_id)
             self.scheduler.enqueue(seq)
         seq.frozen_from = None
+        self._migrated_in.discard(request_id)
 
     def free_src(self, request_id: str) -> None:
         seq = self._frozen(request_id)
         rise = self._lifts.pop(request_id, None)
         if rise is not None and self.fair is not None:  # a parked copy dropped unrun: as if it never came
             self.fair.undo_lift(seq.client_id, rise)
+        if request_id in self._carried:  # the destination has the prefix now: no second copy here
+            self._carried.discard(request_id)
+            self.conversations.hand_over(self._carrying.pop(request_id)[0])
+        self._give_back(request_id)  # it moved without its prefix (refused): the stored turn stays here
+        if request_id in self._migrated_in:  # a parked copy dropped: the blocks it carried, if any
+            self.free_pre_alloc(request_id)
         self.scheduler.free_blocks_of(seq)
         seq.status = SeqStatus.FINISHED
         del self.seqs[request_id]
         self._mig_epoch.pop(request_id, None)
+        self._migrated_in.discard(request_id)
+
+    def _give_back(self, request_id: str) -> None:
+        """A waiting turn's migration ended here (rolled back, or the turn aborted): the stored
+        turn it carried goes back to the store."""
+        carried = self._carrying.pop(request_id, None)
+        self._carried.discard(request_id)
+        if carried is not None:
+            self.conversations.give_back(carried[0])
+
+    def _keep_carried(self, seq: Sequence, blocks: list[int]) -> None:
+        """A migrated-in waiting turn's conversation prefix (the device blocks it came in):
+        into the conversation store, which its admission restores from (checked token by
+        token); dropped (recomputed) when the store has no room."""
+        host = self.conversations.put(seq.conversation_id, seq.all_token_ids(), len(blocks))
+        if host is not None:
+            self._store_s += self.swapper.store(list(blocks), host)
 
     def _frozen(self, request_id: str) -> Sequence:
         seq = self.seqs.get(request_id)
@@ -502,7 +560,22 @@ class EngineCore(EngineAdapter):
         return seq
 
     def read_blocks(self, block_ids: Seq[int]) -> object:
-        return self.executor.read_blocks(block_ids)
+        """KV of the blocks ``incremental_blocks`` named, as a migration frame. Addresses::
+
+            0 .. num_blocks-1              device blocks (a running request's)
+            num_blocks + h                 host block h (a waiting turn's conversation prefix)
+        """
+        n = self.config.num_blocks
+        ids = list(block_ids)
+        if ids and min(ids) >= n:
+            host = [i - n for i in ids]
+            for rid, (cid, _) in self._carrying.items():  # its prefix goes out: the destination will have it
+                if set(host) <= set(self.conversations.lent(cid).host_blocks):
+                    self._carried.add(rid)
+            return self.executor.read_blocks(host, host=True)
+        if ids and max(ids) >= n:
+            raise MigrationError("a migration frame mixes device and host blocks")
+        return self.executor.read_blocks(ids)
 
     # ----- migration primitives: destination side ----------------------------------------
     def pre_alloc(self, request_id: str, num_blocks: int) -> Optional[list[int]]:
@@ -551,10 +624,20 @@ class EngineCore(EngineAdapter):
             seq.block_table = list(reserved)
             seq.status = SeqStatus.RUNNING
             self.scheduler.running.append(seq)
+        elif state.num_computed_tokens:  # a waiting turn with its conversation's stored prefix
+            k = state.num_computed_tokens // self.block_size
+            if state.num_computed_tokens % self.block_size or len(reserved) != k or not seq.conversation_id \
+                    or state.num_computed_tokens >= seq.num_tokens:
+                raise MigrationError(
+                    f"request {rid}: a waiting turn carries whole blocks of its conversation's prefix, with "
+                    f"a token left to prefill; got {state.num_computed_tokens} tokens in {len(reserved)} blocks")
+            seq.num_computed = 0  # its blocks stay reserved while it is parked; activation keeps them
+            self.scheduler.enqueue(seq)
         else:
             self.free_pre_alloc(rid)
             self.scheduler.enqueue(seq)
         self.seqs[rid] = seq
+        self._migrated_in.add(rid)
         if self.fair is not None:  # VTC's lift for an arrival, with the client's lead from the source
             self._lifts[rid] = self.fair.on_migrated_in(seq.client_id, active, state.fair_lead or 0.0)
 

@@ -91,8 +91,9 @@ class Executor(abc.ABC):
         return Executed(tokens, duration, [None] * len(work), [None] * len(work))
 
     @abc.abstractmethod
-    def read_blocks(self, block_ids: Sequence[int]) -> object:
-        """A copy of these blocks' KV data (``None`` for executors without data)."""
+    def read_blocks(self, block_ids: Sequence[int], host: bool = False) -> object:
+        """A copy of these blocks' KV data (``None`` for executors without data); ``host``:
+        blocks of the host pool (a conversation's stored turn that migrates)."""
 
     @abc.abstractmethod
     def write_blocks(self, block_ids: Sequence[int], data: object) -> None:

@@ -429,8 +429,10 @@ class MigrationRequestState:
     priority: int
     arrival_time: float
     num_preemptions: int
-    status: SeqStatus  # RUNNING (KV blocks travel) or WAITING (re-queued, no KV)
-    num_computed_tokens: int  # tokens whose KV is in the migrated blocks
+    status: SeqStatus  # RUNNING (KV blocks travel) or WAITING (re-queued)
+    # Tokens whose KV is in the migrated blocks: all but the last for a RUNNING request; for a
+    # WAITING one, 0, or the whole blocks of its conversation's stored prefix that travel with it.
+    num_computed_tokens: int
     reply_to: str = ""
     objective: Optional[Objective] = None  # on the wire only when set (an optional key)
     client_id: str = ""  # see ``Request``
@@ -497,6 +499,10 @@ class MigrationRequestState:
         total = len(ids["prompt_token_ids"]) + len(ids["output_token_ids"])
         if d["num_computed_tokens"] > total:
             raise InvalidRequestError("num_computed_tokens exceeds the sequence length")
+        if status == SeqStatus.WAITING and d["num_computed_tokens"] and (
+                d["num_computed_tokens"] >= total or not d["conversation_id"]):
+            raise InvalidRequestError("a waiting request carries computed tokens only as a conversation's "
+                                      "stored prefix: a conversation id and at least one token left to prefill")
         if not isinstance(d["request_id"], str) or not d["request_id"]:
             raise InvalidRequestError("migration state request_id must be a non-empty string")
         if not isinstance(d["reply_to"], str) or len(d["reply_to"]) > MAX_ADDRESS_LEN:

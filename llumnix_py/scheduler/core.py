@@ -24,7 +24,7 @@ from llumnix_py.scheduler.payoff import MigrationLedger
 from policies.config import PolicyConfig
 from policies.cooldown import cooling, hold_cooling
 from policies.dispatch import DispatchState, dispatch
-from policies.fairness import cluster_offsets
+from policies.fairness import cluster_offsets, under_served
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
@@ -143,6 +143,8 @@ class GlobalScheduler:
         self.scaling_state = ScalingState()
         self._seq = 0
         self.num_dispatched = 0
+        self.num_fair_steered = 0  # dispatches sent to the freest instance for an under-served client
+        self._steer_policy: Optional[tuple[PolicyConfig, PolicyConfig]] = None  # (policy, its freeness variant)
         self.num_orders = 0
         self.num_rescues = 0  # rescue migrations ordered (``PolicyConfig.rescue``)
         self.num_handoffs = 0
@@ -249,22 +251,42 @@ class GlobalScheduler:
 
     def fair_offsets(self) -> dict[str, dict[str, float]]:
         """Global fairness (``PolicyConfig.global_fairness``): per fair instance, its clients'
-        cluster counters less its engine's own as of its last poll; empty when off."""
+        cluster counters (``ClusterFairBook.standing``: an idle client's is where it would
+        return) less its engine's own as of its last poll; empty when off."""
         if not self.config.policy.global_fairness or not self.fair_book:
             return {}
-        g = self.fair_book.counters
-        return {iid: cluster_offsets(g, dict(rec.load.client_service)) for iid, rec in sorted(self.instances.items())
-                if rec.load is not None and rec.load.client_service}
+        book = self.fair_book
+        out = {}
+        for iid, rec in sorted(self.instances.items()):
+            if rec.load is not None and rec.load.client_service:
+                local = dict(rec.load.client_service)
+                out[iid] = cluster_offsets({c: book.standing(c) for c in local}, local)
+        return out
 
     # ----- dispatch ----------------------------------------------------------------------
     def dispatch(self, request: RequestLoad) -> Optional[str]:
-        """The instance a new request goes to, or ``None`` if there is none."""
-        choice = dispatch(self.loads(), request, self.config.policy, self.dispatch_state)
+        """The instance a new request goes to, or ``None`` if there is none. With
+        ``fair_dispatch``, a request of a client under its share cluster-wide goes to the
+        freest instance (``freeness`` dispatch) instead."""
+        policy = self.config.policy
+        steer = bool(policy.fair_dispatch and self.fair_book and request.client_id
+                     and self._under_served(request.client_id))
+        if steer:
+            if self._steer_policy is None or self._steer_policy[0] is not policy:
+                self._steer_policy = (policy, replace(policy, dispatch="freeness"))
+            policy = self._steer_policy[1]
+        choice = dispatch(self.loads(), request, policy, self.dispatch_state)
         if choice is None:
             return None
         self.dispatch_state.on_dispatch(choice.instance_id, request)
         self.num_dispatched += 1
+        self.num_fair_steered += steer
         return choice.instance_id
+
+    def _under_served(self, client: str) -> bool:
+        book = self.fair_book
+        active = {c: book.counters.get(c, 0.0) for c in book.active if c != client}
+        return under_served(book.standing(client), active, self.config.policy.fair_dispatch_margin)
 
     # ----- migration ---------------------------------------------------------------------
     def handoff_round(self, now: float) -> list[MigrationOrder]:

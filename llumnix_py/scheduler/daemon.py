@@ -359,8 +359,10 @@ class SchedulerDaemon:
                 "frontends": self.frontends.listed(self.clock()),
                 "instance_healing": self.replenisher.report(self.clock()),
                 "payoff": self.core.payoff.stats(self.core.num_dispatched),
-                # fair engines only: the cluster-wide VTC counters and the largest gap between active clients
+                # fair engines only: the cluster-wide VTC counters (idle clients at or below the floor
+                # are forgotten: they would return at the floor), the floor, the largest gap between active clients
                 "fairness": {"clients": dict(sorted(self.core.fair_book.counters.items())),
+                             "floor": self.core.fair_book.floor,
                              "active": sorted(self.core.fair_book.active),
                              "gap": self.core.fair_book.gap()} if self.core.fair_book else None,
             }

@@ -125,7 +125,7 @@ class SimExecutor(Executor):
                            recompute_s_per_token=self._profile.recompute_time(1024) / 1024,
                            block_bytes=self._profile.kv_block_bytes)
 
-    def read_blocks(self, block_ids: Sequence[int]) -> None:
+    def read_blocks(self, block_ids: Sequence[int], host: bool = False) -> None:
         """Simulated blocks hold no data; the cost model times the transfer."""
         return None
 

@@ -107,21 +107,23 @@ class TorchExecutor(Executor):
             torch.cuda.synchronize(self.kv.device)
         return time.perf_counter() - t0
 
-    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+    def read_blocks(self, block_ids: Sequence[int], host: bool = False) -> torch.Tensor:
         """The blocks' KV packed into one tensor (a migration frame), one copy per contiguous
         run of ``block_ids`` (a block group moves in one copy, not one per block)::
 
             block_ids 7 8 9 3 4   ->  frame[0:3] = kv[7:10], frame[3:5] = kv[3:5]   (2 copies)
 
         A fragmented list (runs of fewer than ``MIN_MEAN_RUN`` blocks on average) is gathered
-        row by row instead (one copy per block), which is cheaper than many small slices."""
+        row by row instead (one copy per block), which is cheaper than many small slices.
+        ``host``: the blocks are in the host pool (``host_kv``); the frame is on the device."""
+        pool = self.host_kv if host else self.kv
         ids = list(block_ids)
         runs = _grouped(copy_runs(ids, range(len(ids))), len(ids))
         if runs is None:
             self.migration_copies += len(ids)
-            return self.kv.index_select(0, torch.as_tensor(ids, dtype=torch.long))
+            return pool.index_select(0, torch.as_tensor(ids, dtype=torch.long)).to(self.kv.device)
         out = torch.empty((len(ids),) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
-        _copy_runs(self.kv, out, runs)
+        _copy_runs(pool, out, runs)
         self.migration_copies += len(runs)
         return out
 
