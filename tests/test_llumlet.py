@@ -9,10 +9,11 @@ from llumnix_py.frontend.handles import OrderedStream
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink
+from migration import wire
 from migration.protocol import MigrationStatus
 from migration.transports import register_transport
 from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
-from tests.cluster_helpers import HoldOutputs, wait_for
+from tests.cluster_helpers import HoldOutputs, ManualClock, wait_for
 from tests.factories import make_engine
 
 FRONTEND = "tcp://frontend-under-test"
@@ -274,4 +275,71 @@ def test_concurrent_migrations_to_one_destination_use_their_own_connections():
     finally:
         rec.release()
         a.stop()
+        b.stop()
+
+
+def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
+    """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
+    progress ended; the engine loop then starts no step until the migration aborts (or
+    activates) or the hold's deadline passes on the llumlet's clock."""
+    clock = ManualClock(100.0)
+    engine = make_engine(dtype="float64", num_blocks=64, max_batch_size=8)
+    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", max_step_hold_s=0.5), engine,
+                CallbackSink(Recorder()), clock=clock)
+    steps, gate, inside, go = [0], [False], threading.Event(), threading.Event()
+    engine_step = engine.step
+
+    def gated_step():  # while ``gate``: the next step waits inside, the engine lock held
+        steps[0] += 1
+        if gate[0]:
+            gate[0] = False
+            inside.set()
+            assert go.wait(60)
+        return engine_step()
+
+    engine.step = gated_step
+    told = [0]  # loop iterations told to hold
+    holding = b.core.holding
+
+    def counted_holding(now):
+        until = holding(now)
+        told[0] += until is not None
+        return until
+
+    b.core.holding = counted_holding
+    b.start()
+    client = InprocMigrationTransport(b.address, timeout_s=60)
+    client.connect()
+    try:
+        b.add_request(request("bg", max_tokens=2000))
+        wait_for(lambda: steps[0] >= 2, 60, "the background request to run")
+        assert client.call(wire.PreAlloc("m1", "incoming", 2)).ok
+        gate[0] = True
+        assert inside.wait(60)  # a step is in progress
+        replies: list[wire.Reply] = []
+        sender = threading.Thread(target=lambda: replies.append(client.call(wire.Hold("m1", 0.2))))
+        sender.start()
+        wait_for(lambda: holding(clock()) is not None, 60, "the hold to be set, before any lock")
+        assert sender.is_alive() and not replies  # its answer waits for the step in progress
+        in_progress = steps[0]
+        go.set()
+        sender.join(60)
+        assert replies and replies[0].ok
+        told_before = told[0]
+        wait_for(lambda: told[0] >= told_before + 3, 60, "the engine loop to be told to hold")
+        assert steps[0] == in_progress  # no step started while held
+        clock.advance(0.3)  # past the hold's deadline (0.2 s from the step boundary)
+        wait_for(lambda: steps[0] > in_progress, 60, "steps to resume after the deadline")
+
+        assert client.call(wire.Hold("m1", 0.2)).ok  # held again: now the migration ends it
+        at_hold = steps[0]
+        told_before = told[0]
+        wait_for(lambda: told[0] >= told_before + 3, 60, "the engine loop to be told to hold")
+        assert steps[0] == at_hold
+        assert client.call(wire.Abort("m1", "source gave up")).ok
+        wait_for(lambda: steps[0] > at_hold, 60, "steps to resume after the abort")
+        assert engine.load().reserved_blocks == 0
+    finally:
+        go.set()
+        client.close()
         b.stop()
