@@ -8,8 +8,9 @@ core on its virtual clock.
 
 Threads (all started in ``start``, joined in ``stop``)::
 
-    engine loop ──── lock ──── admit; step() unless a hold is in force; expire stale
-                               incoming migrations and leases
+    engine loop ──── lock ──── admit; step() unless a hold is in force (a stop-and-copy
+                               coming in, or one of its own requests frozen for one);
+                               expire stale incoming migrations and leases
     migration server ─ lock ── LlumletCore.handle (pre_alloc / write_blocks / commit_dst)
                     (no lock)  LlumletCore.hold: a source's stop-and-copy is next, so the
                                loop starts no step until it activates or aborts (bounded);

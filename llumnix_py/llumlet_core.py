@@ -16,9 +16,11 @@
   destination, every message from a source (``handle``; ``max_incoming`` at most,
   silent sources expire in ``on_timer``);
 * step holds: a source about to stop-and-copy into this instance asks it to start no
-  step until that migration activates or aborts (``hold``; ``max_step_hold_s`` at most);
-  the driver asks ``holding`` before each step. The simulator's messages never wait
-  for a step, so its driver does not hold;
+  step until that migration activates or aborts (``hold``); as a source, the instance
+  starts none while one of its requests is frozen for its stop-and-copy (``hold_out``),
+  so the migration's messages never queue behind a step here either. Both last
+  ``max_step_hold_s`` at most; the driver asks ``holding`` before each step. The
+  simulator's messages never wait for a step, so its driver does not hold;
 * ownership: a committed request is parked until the source activates it; a copy
   parked too long, or a request the source kept frozen because the arbiter did not
   answer, is due for a claim (``claims_due``); the driver asks the arbiter and hands
@@ -95,6 +97,7 @@ class LlumletCore:
         self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
         self.links: dict[str, float] = {}  # peer migration address -> smoothed GB/s of finished migrations
         self._hold: Optional[tuple[str, float]] = None  # (migration id, until): see ``hold``
+        self._holds_out: dict[str, float] = {}  # request id -> until: see ``hold_out``
         self._dead = False
         if length_prior is None:  # the engine's batch policy's, when it estimates lengths
             length_prior = getattr(engine, "length_prior", None)
@@ -403,17 +406,36 @@ class LlumletCore:
         self._hold = (msg.migration_id, now + min(msg.hold_s, cap))
         return wire.Reply(ok=True)
 
+    def hold_out(self, request_id: str, hold_s: float, now: float) -> None:
+        """``request_id`` was frozen here for its stop-and-copy: start no step until it is
+        freed or unfrozen (``release_out``), ``min(hold_s, max_step_hold_s)`` at most. The
+        migration's worker then does not share the interpreter with a step for the few
+        messages of the downtime; the other requests here wait that long, once."""
+        hold_s = min(hold_s, self.config.max_step_hold_s)
+        if hold_s > 0 and request_id in self._outgoing:
+            self._holds_out[request_id] = now + hold_s
+
+    def release_out(self, request_id: str) -> None:
+        self._holds_out.pop(request_id, None)
+
     def holding(self, now: float) -> Optional[float]:
-        """Until when the driver should start no step (a hold in force), else None. A hold
-        ends at its deadline or as soon as its migration is neither incoming nor parked here
-        (activated, aborted, expired or refused)."""
+        """Until when the driver should start no step (a hold in force), else None. An
+        incoming migration's hold ends at its deadline or as soon as its migration is neither
+        incoming nor parked here (activated, aborted, expired or refused); an outgoing one at
+        its deadline, on ``release_out``, or when its migration ended."""
+        until: Optional[float] = None
         hold = self._hold
-        if hold is None:
-            return None
-        mid, until = hold
-        if now >= until or (mid not in self.dest.incoming and mid not in self.dest.parked):
-            self._hold = None
-            return None
+        if hold is not None:
+            mid, end = hold
+            if now >= end or (mid not in self.dest.incoming and mid not in self.dest.parked):
+                self._hold = None
+            else:
+                until = end
+        for rid, end in list(self._holds_out.items()):
+            if now >= end or rid not in self._outgoing:
+                del self._holds_out[rid]
+            elif until is None or end > until:
+                until = end
         return until
 
     def handle(self, msg: wire.Message, payload: object, now: float) -> wire.Reply:

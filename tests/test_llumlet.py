@@ -10,7 +10,7 @@ from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink
 from migration import wire
-from migration.protocol import MigrationStatus
+from migration.protocol import MigrationConfig, MigrationStatus
 from migration.transports import register_transport
 from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
 from tests.cluster_helpers import HoldOutputs, ManualClock, wait_for
@@ -342,4 +342,55 @@ def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_
     finally:
         go.set()
         client.close()
+        b.stop()
+
+
+def test_the_source_starts_no_step_from_the_freeze_to_the_end_of_a_live_stop_and_copy(monkeypatch):
+    """The commit is held on the destination until the source's engine loop was told three
+    times to hold; the source's step count is the same at the freeze and at the free."""
+    rec = Recorder()
+    a, b = make_pair(rec)
+    try:
+        told = [0]
+        holding = a.core.holding
+
+        def counted_holding(now):
+            until = holding(now)
+            told[0] += until is not None
+            return until
+
+        monkeypatch.setattr(a.core, "holding", counted_holding)
+        steps, steps_at = [0], {}
+        engine_step = a.engine.step
+
+        def counted_step():  # under the engine lock, as freeze and free_src are
+            steps[0] += 1
+            return engine_step()
+
+        monkeypatch.setattr(a.engine, "step", counted_step)
+        for name in ("freeze", "free_src"):
+            def wrapped(rid, _orig=getattr(a.engine, name), _name=name):
+                steps_at[_name] = steps[0]
+                return _orig(rid)
+            monkeypatch.setattr(a.engine, name, wrapped)
+        handle = b.core.handle
+
+        def commit_after_the_source_held(msg, payload, now):
+            if isinstance(msg, wire.Commit):
+                wait_for(lambda: told[0] >= 3, 60, "the source's engine loop to be told to hold")
+            return handle(msg, payload, now)
+
+        monkeypatch.setattr(b.core, "handle", commit_after_the_source_held)
+        a.add_request(request("bg", max_tokens=300))
+        a.add_request(request("r3", n=40, max_tokens=60))
+        wait_for(lambda: len(rec.tokens.get("r3", [])) >= 3, 60, "r3 to decode")
+        result = a.migrate_now("r3", b.address, "m-held", config=MigrationConfig(commit_hold_s=0.5))
+        assert result.status == MigrationStatus.FINISHED, result.reason
+        assert told[0] >= 3 and steps_at["freeze"] == steps_at["free_src"]
+        rec.wait(["r3"])
+        assert rec.tokens["r3"] == reference_tokens(["r3"], n=40, max_tokens=60)["r3"]
+    finally:
+        rec.release()
+        a.abort("bg")
+        a.stop()
         b.stop()

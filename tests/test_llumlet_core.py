@@ -357,3 +357,22 @@ def test_holds_are_refused_when_off_or_crashed_and_the_cap_is_validated():
     for bad in (-0.1, p.MAX_HOLD_S + 1):
         with pytest.raises(ValueError, match="max_step_hold_s"):
             LlumletConfig("x", transport="inproc", max_step_hold_s=bad)
+
+
+def test_a_request_frozen_for_its_stop_and_copy_holds_the_source_until_released_or_its_migration_ends():
+    src = make_core("src", max_step_hold_s=0.1)
+    src.submit(request("r", n=40, max_tokens=30))
+    src.admit(0.0)
+    src.step()
+    src.hold_out("r", 0.05, now=0.0)
+    assert src.holding(0.0) is None  # not migrating: nothing to hold for
+    assert src.begin_migration("r", "m1")
+    src.hold_out("r", 0.5, now=1.0)
+    assert src.holding(1.0) == pytest.approx(1.1)  # capped by max_step_hold_s
+    assert src.holding(1.1) is None  # the deadline
+    src.hold_out("r", 0.05, now=2.0)
+    src.release_out("r")  # freed or unfrozen
+    assert src.holding(2.0) is None
+    src.hold_out("r", 0.05, now=3.0)
+    src.end_migration(MigrationResult("m1", "r", MigrationStatus.ABORTED_DST, "refused", "live", 0, 0, 0.0, 0.0))
+    assert src.holding(3.0) is None  # the migration ended: so did its hold
