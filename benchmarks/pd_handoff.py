@@ -25,6 +25,14 @@ emission times (CLOCK_MONOTONIC in both processes):
 
 Target (issue 15): ``decode_gap_ms <= 1.5 * step_ms`` at every prompt length.
 
+Measured (``--quick``, back to back with main, twice each, load 5-6 on 2 shared cores;
+experiments/RESULTS.md, "The live hand-off on the built-in engines"): with the step
+holds of the stop-and-copy (``wire.Hold``; ``LlumletCore.hold_out``) the downtime is
+2-10 ms at 256 / 1k / 4k tokens (main: 3-106 ms, four destination steps in a row) and
+the gap 0.95x-1.82x a step (main: 1.9x-9.6x): met at 4k, missed by a little at 256 and
+1k, where the largest gap is step-to-step variance or a prefill-side step during the
+pre-copy rather than the switch itself (``switch_gap_ms`` 0.8x-1.2x a step).
+
     python benchmarks/pd_handoff.py                       # 256 .. 8192 tokens
     python benchmarks/pd_handoff.py --quick --json out.json
 """
