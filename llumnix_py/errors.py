@@ -63,5 +63,9 @@ class UnknownInstanceError(LlumnixError, KeyError):
         return str(self.args[0]) if self.args else "unknown instance"
 
 
+class UnknownRoleError(LlumnixError, ValueError):
+    """An instance role that is not one of ``policies.roles.ROLES``."""
+
+
 class SchedulerUnavailableError(LlumnixError):
     """The global scheduler does not answer (killed, restarting)."""

@@ -8,8 +8,13 @@ core on its virtual clock.
 
 Threads (all started in ``start``, joined in ``stop``)::
 
-    engine loop ──── lock ──── admit; step(); expire stale incoming migrations and leases
+    engine loop ──── lock ──── admit; step() unless a hold is in force (a stop-and-copy
+                               coming in, or one of its own requests frozen for one);
+                               expire stale incoming migrations and leases
     migration server ─ lock ── LlumletCore.handle (pre_alloc / write_blocks / commit_dst)
+                    (no lock)  LlumletCore.hold: a source's stop-and-copy is next, so the
+                               loop starts no step until it activates or aborts (bounded);
+                               answered once the step in progress ended (lock taken, let go)
     migration workers ─ lock ─ incremental_blocks / freeze / free_src / unfreeze
                       (no lock) read_blocks of full or frozen blocks, sending
                                (``llumnix_py.llumlet_migration.OutgoingMigrations``)
@@ -189,9 +194,11 @@ class Llumlet:
         while not self._stop.is_set():
             out: Optional[StepOutput] = None
             groups: dict[str, list[RequestOutput]] = {}
+            self._wake.clear()  # before looking at the state: a wake-up from now on is not lost
             with self._lock.lock:
                 refused = core.admit(self.clock()) if core.has_inbox() else {}
-                if core.step_due():
+                held_until = core.holding(self.clock())  # a migration's stop-and-copy is coming in
+                if held_until is None and core.step_due():
                     out, groups = core.step()
                 lapsed = core.on_timer(self.clock())
                 claims = core.claims_due(self.clock()) if self.ownership is not None and (
@@ -205,8 +212,10 @@ class Llumlet:
                 if self._claims is not None:
                     self._claims.submit(self._claim, mid, side)
             if out is None:
-                self._wake.wait(self.config.idle_wait_s)
-                self._wake.clear()
+                wait = self.config.idle_wait_s
+                if held_until is not None:  # its Activate or Abort wakes the loop; else the deadline
+                    wait = min(wait, max(0.0, held_until - self.clock()))
+                self._wake.wait(wait)
                 continue
             self._publish(out, groups)
             if self._lock.has_waiters:
@@ -224,10 +233,18 @@ class Llumlet:
         """Serve one message from a source (the migration server's handler); the reply header."""
         if self.core.dead:
             return self.core.handle(msg, payload, self.clock()).to_header()
+        if isinstance(msg, wire.Hold):
+            # Set without the lock (the loop starts no step from now on), answered once the
+            # step in progress ended: the source freezes knowing this engine is between steps.
+            reply = self.core.hold(msg, self.clock())
+            if reply.ok:
+                with self._locked():  # between steps now: the hold's time counts from here
+                    reply = self.core.hold(msg, self.clock())
+            return reply.to_header()
         with self._locked():
             reply = self.core.handle(msg, payload, self.clock())
-        if reply.ok and isinstance(msg, wire.Activate):
-            self._wake.set()  # the request runs from the next step on (a commit only parked it)
+        if isinstance(msg, (wire.Activate, wire.Abort)) or not reply.ok:
+            self._wake.set()  # the request runs from the next step on (a commit only parked it); a hold ends
         return reply.to_header()
 
     def migrate_out(self, request_id: str, dst_address: str, migration_id: str, waiting: bool = False,

@@ -15,6 +15,12 @@
   ``max_outgoing`` at most) and what their end changes (``end_migration``); as
   destination, every message from a source (``handle``; ``max_incoming`` at most,
   silent sources expire in ``on_timer``);
+* step holds: a source about to stop-and-copy into this instance asks it to start no
+  step until that migration activates or aborts (``hold``); as a source, the instance
+  starts none while one of its requests is frozen for its stop-and-copy (``hold_out``),
+  so the migration's messages never queue behind a step here either. Both last
+  ``max_step_hold_s`` at most; the driver asks ``holding`` before each step. The
+  simulator's messages never wait for a step, so its driver does not hold;
 * ownership: a committed request is parked until the source activates it; a copy
   parked too long, or a request the source kept frozen because the arbiter did not
   answer, is due for a claim (``claims_due``); the driver asks the arbiter and hands
@@ -90,6 +96,8 @@ class LlumletCore:
         self._outgoing: dict[str, str] = {}  # request id -> migration id
         self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
         self.links: dict[str, float] = {}  # peer migration address -> smoothed GB/s of finished migrations
+        self._hold: Optional[tuple[str, float]] = None  # (migration id, until): see ``hold``
+        self._holds_out: dict[str, float] = {}  # request id -> until: see ``hold_out``
         self._dead = False
         if length_prior is None:  # the engine's batch policy's, when it estimates lengths
             length_prior = getattr(engine, "length_prior", None)
@@ -376,6 +384,60 @@ class LlumletCore:
         self.stats.migrations[key] = self.stats.migrations.get(key, 0) + 1
 
     # ----- migration: destination side -----------------------------------------------------
+    def hold(self, msg: wire.Hold, now: float) -> wire.Reply:
+        """A source is about to stop-and-copy ``msg.migration_id`` into this instance: start no
+        step until that migration activates or aborts, ``min(msg.hold_s, max_step_hold_s)``
+        at most (``holding``). Refused for a migration this instance holds no reservation
+        for, or when holds are off here (``max_step_hold_s`` 0); a later hold replaces one
+        (the threaded driver sets it again once its step in progress ended, so the hold's
+        time counts from the step boundary).
+
+        A threaded driver calls this without its engine lock (the hold must not wait for
+        the step it is meant to be the last before the commit): it only reads the record
+        table and replaces one attribute.
+        """
+        if self._dead:
+            return wire.Reply(ok=False, error=f"instance {self.instance_id} crashed")
+        cap = self.config.max_step_hold_s
+        if cap <= 0:
+            return wire.Reply(ok=False, error="this instance does not hold its steps")
+        if msg.migration_id not in self.dest.incoming:
+            return wire.Reply(ok=False, error=f"no incoming migration {msg.migration_id!r} to hold for")
+        self._hold = (msg.migration_id, now + min(msg.hold_s, cap))
+        return wire.Reply(ok=True)
+
+    def hold_out(self, request_id: str, hold_s: float, now: float) -> None:
+        """``request_id`` was frozen here for its stop-and-copy: start no step until it is
+        freed or unfrozen (``release_out``), ``min(hold_s, max_step_hold_s)`` at most. The
+        migration's worker then does not share the interpreter with a step for the few
+        messages of the downtime; the other requests here wait that long, once."""
+        hold_s = min(hold_s, self.config.max_step_hold_s)
+        if hold_s > 0 and request_id in self._outgoing:
+            self._holds_out[request_id] = now + hold_s
+
+    def release_out(self, request_id: str) -> None:
+        self._holds_out.pop(request_id, None)
+
+    def holding(self, now: float) -> Optional[float]:
+        """Until when the driver should start no step (a hold in force), else None. An
+        incoming migration's hold ends at its deadline or as soon as its migration is neither
+        incoming nor parked here (activated, aborted, expired or refused); an outgoing one at
+        its deadline, on ``release_out``, or when its migration ended."""
+        until: Optional[float] = None
+        hold = self._hold
+        if hold is not None:
+            mid, end = hold
+            if now >= end or (mid not in self.dest.incoming and mid not in self.dest.parked):
+                self._hold = None
+            else:
+                until = end
+        for rid, end in list(self._holds_out.items()):
+            if now >= end or rid not in self._outgoing:
+                del self._holds_out[rid]
+            elif until is None or end > until:
+                until = end
+        return until
+
     def handle(self, msg: wire.Message, payload: object, now: float) -> wire.Reply:
         """Serve one message from a migration source; the reply.
 
@@ -388,6 +450,8 @@ class LlumletCore:
         if rid is not None and rid in self._tombstones and not isinstance(msg, wire.Abort):
             self.dest.handle(wire.Abort(getattr(msg, "migration_id", ""), "aborted"), None, now)
             return wire.Reply(ok=False, error=f"request {rid} was aborted")
+        if isinstance(msg, wire.Hold):
+            return self.hold(msg, now)
         parked = self.dest.parked.get(msg.migration_id) if isinstance(msg, wire.Activate) else None
         reply = self.dest.handle(msg, payload, now)
         state = getattr(msg, "state", None)

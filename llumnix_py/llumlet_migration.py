@@ -12,7 +12,9 @@ migrations to the same destination (``max_outgoing`` > 1) never share one. Locki
     migration workers ─ lock ─ incremental_blocks / freeze / free_src / unfreeze
                       (no lock) read_blocks of full or frozen blocks, sending
 
-A crashed core sends nothing more, as if its process were gone.
+From the freeze of a live migration to its end, the engine loop starts no step
+(``LlumletCore.hold_out``, ``commit_hold_s`` at most): the downtime's messages do
+not share the interpreter with a step. A crashed core sends nothing more, as if its process were gone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from llumnix_py.errors import LlumnixError
 from llumnix_py.llumlet_core import LlumletCore
 from migration.driver import MigrationDriver, MigrationResult, TransportPort
 from migration.ownership import OwnershipPort
-from migration.protocol import MigrationConfig, MigrationStatus, SourceMigration
+from migration.protocol import MigrationConfig, MigrationMode, MigrationStatus, SourceMigration
 from migration.transports import MigrationTransport, TransportError, get_transport
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,18 @@ Locked = Callable[[], ContextManager[Any]]
 
 class LockedSource:
     """The engine as a migration source: primitives under the engine lock, except
-    ``read_blocks`` of full or frozen blocks, which never change under a step."""
+    ``read_blocks`` of full or frozen blocks, which never change under a step.
 
-    def __init__(self, core: LlumletCore, locked: Locked) -> None:
+    ``hold_s`` > 0: a request frozen for its stop-and-copy holds this engine's steps until
+    it is freed or unfrozen (``LlumletCore.hold_out``), ``hold_s`` at most.
+    """
+
+    def __init__(self, core: LlumletCore, locked: Locked, hold_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._core = core
         self._locked = locked
+        self._hold_s = hold_s
+        self._clock = clock
 
     def _alive(self) -> None:
         if self._core.dead:  # a crashed instance sends nothing more (as if its process were gone)
@@ -59,14 +68,19 @@ class LockedSource:
     def freeze(self, request_id):
         self._alive()
         with self._locked():
-            return self._core.engine.freeze(request_id)
+            state = self._core.engine.freeze(request_id)
+            if state is not None and self._hold_s > 0:
+                self._core.hold_out(request_id, self._hold_s, self._clock())
+            return state
 
     def unfreeze(self, request_id):
         with self._locked():
+            self._core.release_out(request_id)
             self._core.engine.unfreeze(request_id)
 
     def free_src(self, request_id):
         with self._locked():
+            self._core.release_out(request_id)
             self._core.engine.free_src(request_id)
 
 
@@ -174,7 +188,10 @@ class OutgoingMigrations:
     def _run(self, request_id: str, dst_address: str, migration_id: str, waiting: bool,
              config: MigrationConfig) -> MigrationResult:
         machine = SourceMigration(migration_id, request_id, waiting=waiting, config=config)
-        source = LockedSource(self._core, self._locked)
+        # A live stop-and-copy (a few messages) holds this engine's steps; a blocking copy
+        # or a waiting request's move does not (the rest of the batch runs on meanwhile).
+        hold_s = config.commit_hold_s if config.mode == MigrationMode.LIVE and not waiting else 0.0
+        source = LockedSource(self._core, self._locked, hold_s, self._clock)
         conn: Optional[MigrationTransport] = None
         healthy = True
         try:
@@ -191,8 +208,9 @@ class OutgoingMigrations:
         if conn is not None:
             self._checkin(dst_address, conn, healthy and result.status != MigrationStatus.ABORTED_DST)
         with self._locked():
+            self._core.release_out(request_id)
             self._core.end_migration(result, dst_address)
-        self._on_done(result)
+        self._on_done(result)  # wakes the engine loop: a hold of this migration is over
         return result
 
     def _recover(self, machine: SourceMigration, exc: Exception) -> MigrationResult:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
 from llumnix_py.engines.types import RequestOutput
-from migration.protocol import MigrationConfig
+from migration.protocol import MAX_HOLD_S, MigrationConfig
 from migration.transports.registry import check_transport_name
 
 
@@ -38,6 +38,10 @@ class LlumletConfig:
         claim_retry_s: how often an unanswered ownership claim is repeated.
         chunk_blocks: blocks per KV message (pipelining granularity).
         idle_wait_s: engine loop sleep when there is nothing to run.
+        max_step_hold_s: the longest this instance, as a migration's destination, holds its
+            engine steps when the source announces its stop-and-copy (``wire.Hold``); the
+            source asks for ``MigrationConfig.commit_hold_s``, the shorter one applies. 0
+            refuses holds (each stop-and-copy message then may wait for a step here).
         gil_switch_interval_s: the Python thread switch interval a process running a
             llumlet should use (``sys.setswitchinterval``; Python's default is 5 ms). The
             runtime that owns the process applies it: a migration message waiting up to
@@ -60,6 +64,7 @@ class LlumletConfig:
     claim_retry_s: float = 0.2
     chunk_blocks: int = 256
     idle_wait_s: float = 0.01
+    max_step_hold_s: float = 0.1
     lease_timeout_s: Optional[float] = 30.0
     gil_switch_interval_s: Optional[float] = 0.0005
     secret: Optional[str] = field(default=None, repr=False)
@@ -72,6 +77,8 @@ class LlumletConfig:
         check_transport_name(self.transport)
         if self.claim_retry_s <= 0:
             raise ValueError("claim_retry_s must be positive")
+        if not 0 <= self.max_step_hold_s <= MAX_HOLD_S:
+            raise ValueError(f"max_step_hold_s must be in [0, {MAX_HOLD_S}] seconds, got {self.max_step_hold_s}")
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
 

@@ -37,6 +37,7 @@ class DestinationPort(Protocol):
     def copy(self, migration_id: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> None: ...
     def commit(self, migration_id: str, state: MigrationRequestState) -> tuple[bool, str]: ...
     def activate(self, migration_id: str) -> tuple[bool, str]: ...
+    def hold(self, migration_id: str, hold_s: float) -> tuple[bool, str]: ...
     # True: the destination runs the request (ALREADY_COMMITTED); False: it does not
     # (any parked copy dropped); None: no answer.
     def abort(self, migration_id: str, reason: str, attempts: int = 3) -> Optional[bool]: ...
@@ -67,6 +68,10 @@ class TransportPort:
 
     def activate(self, migration_id):
         reply = self.transport.call(wire.Activate(migration_id))
+        return reply.ok, reply.error or ""
+
+    def hold(self, migration_id, hold_s):
+        reply = self.transport.call(wire.Hold(migration_id, hold_s))
         return reply.ok, reply.error or ""
 
     ABORT_ATTEMPTS = 3
@@ -126,6 +131,10 @@ class LocalPort:
 
     def activate(self, migration_id):
         reply = self._handle(wire.Activate(migration_id))
+        return reply.ok, reply.error or ""
+
+    def hold(self, migration_id, hold_s):
+        reply = self._handle(wire.Hold(migration_id, hold_s))
         return reply.ok, reply.error or ""
 
     def abort(self, migration_id, reason, attempts=1):
@@ -204,6 +213,12 @@ class MigrationDriver:
             except (TransportError, LlumnixError, ValueError) as exc:
                 return p.Copied(False, str(exc))
             return p.Copied(True)
+        if isinstance(action, p.HoldDestination):
+            try:
+                ok, err = self.dst.hold(mid, action.hold_s)
+            except (TransportError, LlumnixError) as exc:
+                ok, err = False, str(exc)
+            return p.HoldReplied(ok, err)
         if isinstance(action, p.Freeze):
             state = self.src.freeze(rid)  # waits for the current step: the request still progresses
             self._frozen_at = self.clock()

@@ -13,7 +13,21 @@ Stages of a running request (``n`` = blocks of the request on the source)::
     ^ request keeps decoding on S ^   ^ downtime: only this part ^
 
     QueryBlocks(sent, last=False) -> PreAlloc(k) -> CopyBlocks -> ... (at most ``max_stages``)
-    Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks -> Commit -> Activate -> FreeSrc
+    [HoldDestination] -> Freeze -> QueryBlocks(sent, last=True) -> PreAlloc(k) -> CopyBlocks
+        -> Commit -> Activate -> FreeSrc
+
+``HoldDestination`` (live mode, once a pre-copy reserved blocks there, ``commit_hold_s`` >
+0) asks the destination to start no engine step until the migration activates or
+aborts, ``commit_hold_s`` at most; the destination answers once its step in progress
+ended. It goes out before the freeze, while the request still decodes here, so the
+destination's step ends outside the downtime; the stop-and-copy's messages then find
+the destination between steps instead of each waiting for one of its steps, and the
+request joins the destination's very next step. Its answer does not matter: a
+destination that refuses it only costs latency::
+
+    source     step k ──────────┤ freeze, last blocks, commit, activate ├ FreeSrc
+    dest.      step j ───┤ held (no step) ···························┤ step j+1 (with the request)
+                  ^ Hold arrives: answered here   ^ downtime: round trips only
 
 A waiting request has no KV: Freeze -> Commit(state) -> Activate -> FreeSrc. A waiting
 turn of a conversation whose earlier turn's KV the source keeps (``ConversationStore``)
@@ -48,6 +62,9 @@ from typing import Optional, Union
 from llumnix_py.engines.types import MigrationRequestState, SeqStatus
 
 
+MAX_HOLD_S = 1.0  # the longest step hold a source may ask of a destination (which may cap it lower)
+
+
 class MigrationStatus(str, enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"  # committed on the destination, freed on the source
@@ -73,17 +90,24 @@ class MigrationConfig:
         max_stages: pre-copy stages at most before stop-and-copy (>= 1).
         last_stage_max_blocks: stop-and-copy once the increment is this small.
         mode: live, blocking or recompute.
+        commit_hold_s: how long the destination may hold its engine steps for the
+            stop-and-copy (``HoldDestination``; live mode); 0 sends no hold. It bounds
+            what the destination's other requests can lose: the rest of the source's
+            current step plus the downtime, this long at most, once per migration.
     """
 
     max_stages: int = 3
     last_stage_max_blocks: int = 16
     mode: MigrationMode = MigrationMode.LIVE
+    commit_hold_s: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_stages < 1:
             raise ValueError("max_stages must be >= 1")
         if self.last_stage_max_blocks < 0:
             raise ValueError("last_stage_max_blocks must be >= 0")
+        if not 0 <= self.commit_hold_s <= MAX_HOLD_S:
+            raise ValueError(f"commit_hold_s must be in [0, {MAX_HOLD_S}], got {self.commit_hold_s}")
         object.__setattr__(self, "mode", MigrationMode(self.mode))
 
 
@@ -109,6 +133,14 @@ class CopyBlocks:
 
     src_block_ids: tuple[int, ...]
     dst_block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HoldDestination:
+    """Destination: start no step until this migration activates or aborts, ``hold_s`` at
+    most (the stop-and-copy comes next); reply ``HoldReplied``."""
+
+    hold_s: float
 
 
 @dataclass(frozen=True)
@@ -164,8 +196,8 @@ class Done:
     reason: str = ""
 
 
-Action = Union[QueryBlocks, PreAllocate, CopyBlocks, Freeze, Commit, FreeSrc, Activate, ClaimOwnership, Rollback,
-               Done]
+Action = Union[QueryBlocks, PreAllocate, CopyBlocks, HoldDestination, Freeze, Commit, FreeSrc, Activate,
+               ClaimOwnership, Rollback, Done]
 
 
 # ----- events (driver -> machine) --------------------------------------------------------------
@@ -183,6 +215,12 @@ class PreAllocated:
 @dataclass(frozen=True)
 class Copied:
     ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class HoldReplied:
+    ok: bool  # False: refused or unanswered (the stop-and-copy goes ahead all the same)
     error: str = ""
 
 
@@ -220,8 +258,8 @@ class RolledBack:
     unanswered: bool = False  # an uncertain rollback's aborts got no answer: still frozen
 
 
-Event = Union[BlocksQueried, PreAllocated, Copied, Frozen, Committed, SrcFreed, Activated, OwnershipDecided,
-              RolledBack]
+Event = Union[BlocksQueried, PreAllocated, Copied, HoldReplied, Frozen, Committed, SrcFreed, Activated,
+              OwnershipDecided, RolledBack]
 
 
 @dataclass
@@ -267,6 +305,8 @@ class SourceMigration:
             return self._on_prealloc(event)
         if isinstance(pending, CopyBlocks) and isinstance(event, Copied):
             return self._on_copied(event)
+        if isinstance(pending, HoldDestination) and isinstance(event, HoldReplied):
+            return self._expect(Freeze())
         if isinstance(pending, Freeze) and isinstance(event, Frozen):
             return self._on_frozen(event)
         if isinstance(pending, Commit) and isinstance(event, Committed):
@@ -304,11 +344,18 @@ class SourceMigration:
             out_of_stages = self.stages >= self.config.max_stages - 1
             small = self.stages > 0 and len(ids) <= self.config.last_stage_max_blocks
             if not ids or out_of_stages or small:
-                return self._expect(Freeze())
+                return self._stop_and_copy()
         elif not ids:
             return self._after_copy()
         self._src_ids = ids
         return self._expect(PreAllocate(len(ids)))
+
+    def _stop_and_copy(self) -> Action:
+        """Freeze next; first ask the destination to hold its steps, if it holds a reservation
+        of ours (the hold is tied to the migration there) and the config allows it."""
+        if self.reserved > 0 and self.config.commit_hold_s > 0:
+            return self._expect(HoldDestination(self.config.commit_hold_s))
+        return self._expect(Freeze())
 
     def _on_prealloc(self, event: PreAllocated) -> Action:
         if event.block_ids is None or len(event.block_ids) != len(self._src_ids):

@@ -9,6 +9,10 @@ tensor payload. The source sends requests, the destination answers each with a
       Blocks(migration_id, ids, dtype, shape)
         + payload (shape[0] == len(ids))    ->  write KV blocks   -> Reply(ok)
       Commit(migration_id, state)           ->  adopt, parked     -> Reply(ok)
+      Hold(migration_id, hold_s)            ->  start no step until  -> Reply(ok)
+                                                this migration activates or aborts,
+                                                for hold_s at most (answered at once,
+                                                never after a step)
       Activate(migration_id)                ->  join running batch -> Reply(ok)
       Abort(migration_id, reason)           ->  free reservation  -> Reply(ok)
                                                 (or a parked copy)
@@ -38,6 +42,7 @@ import torch
 
 from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import InvalidRequestError, ProtocolError
+from migration.protocol import MAX_HOLD_S
 
 MAX_BLOCKS_PER_MESSAGE = 65536
 MAX_PAYLOAD_BYTES = 1 << 30  # one Blocks payload, at most
@@ -125,6 +130,20 @@ class Activate:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """The source is about to stop-and-copy this migration: the destination should start
+    no engine step until it activates or aborts (or ``hold_s`` passed), so that the last
+    messages find its engine between steps and the request joins its very next step."""
+
+    migration_id: str
+    hold_s: float
+    TYPE = "hold"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "migration_id": self.migration_id, "hold_s": float(self.hold_s)}
+
+
+@dataclass(frozen=True)
 class Ping:
     """Liveness check."""
 
@@ -134,7 +153,7 @@ class Ping:
         return {"type": self.TYPE}
 
 
-Message = Union[PreAlloc, Blocks, Commit, Activate, Abort, Ping]
+Message = Union[PreAlloc, Blocks, Commit, Activate, Abort, Hold, Ping]
 
 
 class ReplyCode(enum.Enum):
@@ -202,6 +221,14 @@ def _int(v: Any, what: str, lo: int = 0, hi: int = _MAX_INT) -> int:
     if not lo <= v <= hi:
         raise ProtocolError(f"{what} must be in [{lo}, {hi}], got {v}")
     return v
+
+
+def _seconds(v: Any, what: str, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ProtocolError(f"{what} must be a number, got {type(v).__name__}")
+    if not (math.isfinite(v) and 0 < v <= hi):
+        raise ProtocolError(f"{what} must be in (0, {hi}] seconds, got {v}")
+    return float(v)
 
 
 def _str(v: Any, what: str, max_len: int = MAX_ID_LEN, allow_empty: bool = False) -> str:
@@ -296,6 +323,9 @@ def decode_request(header: Any, payload_nbytes: Optional[int]) -> Message:
     if kind == Activate.TYPE:
         h = _fields(header, "activate", {"type", "migration_id"})
         return Activate(_str(h["migration_id"], "migration_id"))
+    if kind == Hold.TYPE:
+        h = _fields(header, "hold", {"type", "migration_id", "hold_s"})
+        return Hold(_str(h["migration_id"], "migration_id"), _seconds(h["hold_s"], "hold_s", MAX_HOLD_S))
     if kind == Ping.TYPE:
         _fields(header, "ping", {"type"})
         return Ping()

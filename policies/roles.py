@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Collection, Mapping, Optional, Sequence
 
+from llumnix_py.errors import UnknownRoleError
 from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.bandwidth import pick_by_link
 from policies.config import PolicyConfig
@@ -56,12 +57,13 @@ ROLES: tuple[str, ...] = tuple(r.value for r in Role)
 
 
 def parse_role(text: object) -> Role:
-    """``Role`` named by ``text``; ``ValueError`` naming the valid roles otherwise."""
+    """``Role`` named by ``text``; ``UnknownRoleError`` (a ``ValueError``) naming the valid
+    roles otherwise."""
     if isinstance(text, Role):
         return text
     if isinstance(text, str) and text.strip().lower() in ROLES:
         return Role(text.strip().lower())
-    raise ValueError(f"unknown instance role {text!r}; expected one of {', '.join(ROLES)}")
+    raise UnknownRoleError(f"unknown instance role {repr(text)[:80]}; expected one of {', '.join(ROLES)}")
 
 
 def parse_pd_ratio(text: object) -> tuple[int, int]:

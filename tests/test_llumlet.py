@@ -9,10 +9,11 @@ from llumnix_py.frontend.handles import OrderedStream
 from llumnix_py.llumlet import Llumlet
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink
-from migration.protocol import MigrationStatus
+from migration import wire
+from migration.protocol import MigrationConfig, MigrationStatus
 from migration.transports import register_transport
 from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
-from tests.cluster_helpers import HoldOutputs, wait_for
+from tests.cluster_helpers import HoldOutputs, ManualClock, wait_for
 from tests.factories import make_engine
 
 FRONTEND = "tcp://frontend-under-test"
@@ -273,5 +274,123 @@ def test_concurrent_migrations_to_one_destination_use_their_own_connections():
         assert rec.misrouted == 0
     finally:
         rec.release()
+        a.stop()
+        b.stop()
+
+
+def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
+    """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
+    progress ended; the engine loop then starts no step until the migration aborts (or
+    activates) or the hold's deadline passes on the llumlet's clock."""
+    clock = ManualClock(100.0)
+    engine = make_engine(dtype="float64", num_blocks=64, max_batch_size=8)
+    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", max_step_hold_s=0.5), engine,
+                CallbackSink(Recorder()), clock=clock)
+    steps, gate, inside, go = [0], [False], threading.Event(), threading.Event()
+    engine_step = engine.step
+
+    def gated_step():  # while ``gate``: the next step waits inside, the engine lock held
+        steps[0] += 1
+        if gate[0]:
+            gate[0] = False
+            inside.set()
+            assert go.wait(60)
+        return engine_step()
+
+    engine.step = gated_step
+    told = [0]  # loop iterations told to hold
+    holding = b.core.holding
+
+    def counted_holding(now):
+        until = holding(now)
+        told[0] += until is not None
+        return until
+
+    b.core.holding = counted_holding
+    b.start()
+    client = InprocMigrationTransport(b.address, timeout_s=60)
+    client.connect()
+    try:
+        b.add_request(request("bg", max_tokens=2000))
+        wait_for(lambda: steps[0] >= 2, 60, "the background request to run")
+        assert client.call(wire.PreAlloc("m1", "incoming", 2)).ok
+        gate[0] = True
+        assert inside.wait(60)  # a step is in progress
+        replies: list[wire.Reply] = []
+        sender = threading.Thread(target=lambda: replies.append(client.call(wire.Hold("m1", 0.2))))
+        sender.start()
+        wait_for(lambda: holding(clock()) is not None, 60, "the hold to be set, before any lock")
+        assert sender.is_alive() and not replies  # its answer waits for the step in progress
+        in_progress = steps[0]
+        go.set()
+        sender.join(60)
+        assert replies and replies[0].ok
+        told_before = told[0]
+        wait_for(lambda: told[0] >= told_before + 3, 60, "the engine loop to be told to hold")
+        assert steps[0] == in_progress  # no step started while held
+        clock.advance(0.3)  # past the hold's deadline (0.2 s from the step boundary)
+        wait_for(lambda: steps[0] > in_progress, 60, "steps to resume after the deadline")
+
+        assert client.call(wire.Hold("m1", 0.2)).ok  # held again: now the migration ends it
+        at_hold = steps[0]
+        told_before = told[0]
+        wait_for(lambda: told[0] >= told_before + 3, 60, "the engine loop to be told to hold")
+        assert steps[0] == at_hold
+        assert client.call(wire.Abort("m1", "source gave up")).ok
+        wait_for(lambda: steps[0] > at_hold, 60, "steps to resume after the abort")
+        assert engine.load().reserved_blocks == 0
+    finally:
+        go.set()
+        client.close()
+        b.stop()
+
+
+def test_the_source_starts_no_step_from_the_freeze_to_the_end_of_a_live_stop_and_copy(monkeypatch):
+    """The commit is held on the destination until the source's engine loop was told three
+    times to hold; the source's step count is the same at the freeze and at the free."""
+    rec = Recorder()
+    a, b = make_pair(rec)
+    try:
+        told = [0]
+        holding = a.core.holding
+
+        def counted_holding(now):
+            until = holding(now)
+            told[0] += until is not None
+            return until
+
+        monkeypatch.setattr(a.core, "holding", counted_holding)
+        steps, steps_at = [0], {}
+        engine_step = a.engine.step
+
+        def counted_step():  # under the engine lock, as freeze and free_src are
+            steps[0] += 1
+            return engine_step()
+
+        monkeypatch.setattr(a.engine, "step", counted_step)
+        for name in ("freeze", "free_src"):
+            def wrapped(rid, _orig=getattr(a.engine, name), _name=name):
+                steps_at[_name] = steps[0]
+                return _orig(rid)
+            monkeypatch.setattr(a.engine, name, wrapped)
+        handle = b.core.handle
+
+        def commit_after_the_source_held(msg, payload, now):
+            if isinstance(msg, wire.Commit):
+                wait_for(lambda: told[0] >= 3, 60, "the source's engine loop to be told to hold")
+            return handle(msg, payload, now)
+
+        monkeypatch.setattr(b.core, "handle", commit_after_the_source_held)
+        a.add_request(request("bg", max_tokens=300))
+        a.add_request(request("r3", n=40, max_tokens=60))
+        wait_for(lambda: len(rec.tokens.get("r3", [])) >= 3, 60, "r3 to decode")
+        result = a.migrate_now("r3", b.address, "m-held", config=MigrationConfig(commit_hold_s=0.5))
+        assert result.status == MigrationStatus.FINISHED, result.reason
+        assert told[0] >= 3 and steps_at["freeze"] == steps_at["free_src"]
+        rec.wait(["r3"])
+        assert rec.tokens["r3"] == reference_tokens(["r3"], n=40, max_tokens=60)["r3"]
+    finally:
+        rec.release()
+        a.abort("bg")
         a.stop()
         b.stop()

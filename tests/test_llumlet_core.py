@@ -306,3 +306,73 @@ class TwoCores(RuleBasedStateMachine):
 TestTwoCores = TwoCores.TestCase
 TestTwoCores.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                  suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_hold_keeps_steps_off_until_its_migration_aborts_or_its_deadline_capped_by_the_destination():
+    dst = make_core("dst", max_step_hold_s=0.1)
+    refused = dst.handle(wire.Hold("m1", 0.05), None, now=0.0)
+    assert not refused.ok and "no incoming migration" in refused.error  # nothing to tie it to
+    assert dst.holding(0.0) is None
+    assert dst.handle(wire.PreAlloc("m1", "r", 2), None, now=0.0).ok
+    assert dst.handle(wire.Hold("m1", 0.5), None, now=1.0).ok
+    assert dst.holding(1.0) == pytest.approx(1.1)  # the destination's cap, not the 0.5 asked
+    assert dst.holding(1.0999) == pytest.approx(1.1)
+    assert dst.holding(1.1) is None  # the deadline: steps resume even if the source went silent
+    assert dst.handle(wire.Hold("m1", 0.05), None, now=2.0).ok  # a later hold replaces it
+    assert dst.holding(2.0) == pytest.approx(2.05)
+    assert dst.handle(wire.Abort("m1", "source gave up"), None, now=2.01).ok
+    assert dst.holding(2.01) is None  # the migration is gone: so is its hold
+    assert dst.engine.load().reserved_blocks == 0
+
+
+def test_a_hold_lasts_through_the_commit_and_ends_with_the_activation():
+    src, dst = make_core("src"), make_core("dst")
+    src.submit(request("r", n=40, max_tokens=30))
+    src.admit(0.0)
+    for _ in range(3):
+        src.step()
+    assert src.begin_migration("r", "m1")
+    machine = SourceMigration("m1", "r", config=MigrationConfig(commit_hold_s=0.05))
+    driver = MigrationDriver(src.engine, LocalPort(dst, src.engine, now=lambda: 0.0), clock=lambda: 0.0)
+    held_at: dict[str, Optional[float]] = {}
+    action = machine.start()
+    while not isinstance(action, p.Done):
+        held_at[type(action).__name__] = dst.holding(0.0)
+        action = machine.on(driver.execute(machine, action))
+    assert machine.status == MigrationStatus.FINISHED, machine.reason
+    assert held_at["HoldDestination"] is None  # asked for just before the freeze
+    assert held_at["Freeze"] == held_at["Commit"] == held_at["Activate"] == pytest.approx(0.05)
+    assert held_at["FreeSrc"] is None and dst.holding(0.0) is None  # activated: it runs there
+
+
+def test_holds_are_refused_when_off_or_crashed_and_the_cap_is_validated():
+    off = make_core("off", max_step_hold_s=0.0)
+    assert off.handle(wire.PreAlloc("m1", "r", 1), None, now=0.0).ok
+    reply = off.handle(wire.Hold("m1", 0.05), None, now=0.0)
+    assert not reply.ok and "does not hold" in reply.error and off.holding(0.0) is None
+    dead = make_core("dead")
+    assert dead.handle(wire.PreAlloc("m1", "r", 1), None, now=0.0).ok
+    dead.crash()
+    assert not dead.hold(wire.Hold("m1", 0.05), 0.0).ok and dead.holding(0.0) is None
+    for bad in (-0.1, p.MAX_HOLD_S + 1):
+        with pytest.raises(ValueError, match="max_step_hold_s"):
+            LlumletConfig("x", transport="inproc", max_step_hold_s=bad)
+
+
+def test_a_request_frozen_for_its_stop_and_copy_holds_the_source_until_released_or_its_migration_ends():
+    src = make_core("src", max_step_hold_s=0.1)
+    src.submit(request("r", n=40, max_tokens=30))
+    src.admit(0.0)
+    src.step()
+    src.hold_out("r", 0.05, now=0.0)
+    assert src.holding(0.0) is None  # not migrating: nothing to hold for
+    assert src.begin_migration("r", "m1")
+    src.hold_out("r", 0.5, now=1.0)
+    assert src.holding(1.0) == pytest.approx(1.1)  # capped by max_step_hold_s
+    assert src.holding(1.1) is None  # the deadline
+    src.hold_out("r", 0.05, now=2.0)
+    src.release_out("r")  # freed or unfrozen
+    assert src.holding(2.0) is None
+    src.hold_out("r", 0.05, now=3.0)
+    src.end_migration(MigrationResult("m1", "r", MigrationStatus.ABORTED_DST, "refused", "live", 0, 0, 0.0, 0.0))
+    assert src.holding(3.0) is None  # the migration ended: so did its hold

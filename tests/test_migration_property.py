@@ -36,7 +36,7 @@ from tests.factories import make_engine
 BS = 4
 NUM_BLOCKS = 40
 TIMEOUT_S = 10.0
-FAULTS = ["none", "none", "none", "refuse", "pre_alloc", "copy", "commit", "commit_lost", "abort_lost"]
+FAULTS = ["none", "none", "none", "refuse", "pre_alloc", "copy", "hold", "commit", "commit_lost", "abort_lost"]
 
 
 def new_engine(num_blocks: int = NUM_BLOCKS):
@@ -46,7 +46,7 @@ def new_engine(num_blocks: int = NUM_BLOCKS):
 
 class FaultyPort:
     """A ``DestinationPort`` that fails once, as chosen: ``refuse`` (pre-alloc answered no),
-    ``pre_alloc``/``copy``/``commit`` (``TransportError`` on the ``nth`` such call),
+    ``pre_alloc``/``copy``/``hold``/``commit`` (``TransportError`` on the ``nth`` such call),
     ``commit_lost`` (the commit goes through, its reply is lost), ``abort_lost`` (the abort
     never arrives: the destination must expire the reservation itself)."""
 
@@ -72,6 +72,11 @@ class FaultyPort:
         if self._hit("copy"):
             raise TransportError("injected: copy")
         return self.inner.copy(mid, src_ids, dst_ids)
+
+    def hold(self, mid, hold_s):
+        if self._hit("hold"):
+            raise TransportError("injected: hold")
+        return self.inner.hold(mid, hold_s)  # a bare DestinationMigrations refuses it: no loop to hold
 
     def commit(self, mid, state):
         self.calls["commit"] = self.calls.get("commit", 0) + 1

@@ -51,6 +51,14 @@ def reference(requests: list[Request], num_blocks: int = 256) -> dict[str, list[
     return run_engines([e], requests=list(requests)).tokens
 
 
+def to_freeze(m: SourceMigration, event: p.Event) -> p.Action:
+    """``m.on(event)``, through the destination hold that precedes a live stop-and-copy."""
+    a = m.on(event)
+    if isinstance(a, p.HoldDestination):
+        a = m.on(p.HoldReplied(True))
+    return a
+
+
 def owners(e) -> dict:
     return dict(e.blocks.owners())
 
@@ -126,8 +134,11 @@ class TestScripted:
         assert m.on(p.BlocksQueried(ids(100, 110))) == p.PreAllocate(10)
         assert isinstance(m.on(p.PreAllocated(ids(300, 310))), p.CopyBlocks)
         assert m.on(p.Copied(True)) == p.QueryBlocks(110, include_last=False)
-        # out of stages (3 - 1 left for stop-and-copy): freeze however large the increment
-        assert m.on(p.BlocksQueried(ids(110, 118))) == p.Freeze()
+        # out of stages (3 - 1 left for stop-and-copy): freeze however large the increment,
+        # once the destination was asked to hold its steps for it
+        assert m.on(p.BlocksQueried(ids(110, 118))) == p.HoldDestination(m.config.commit_hold_s)
+        assert not m.frozen
+        assert m.on(p.HoldReplied(True)) == p.Freeze()
         st = state(computed=119 * BS)
         assert m.on(p.Frozen(st)) == p.QueryBlocks(110, include_last=True)
         assert m.frozen and m.last_stage
@@ -146,7 +157,7 @@ class TestScripted:
         m.on(p.BlocksQueried(ids(0, 50)))
         m.on(p.PreAllocated(ids(0, 50)))
         m.on(p.Copied(True))
-        assert m.on(p.BlocksQueried(ids(50, 54))) == p.Freeze()  # 4 <= last_stage_max_blocks
+        assert to_freeze(m, p.BlocksQueried(ids(50, 54))) == p.Freeze()  # 4 <= last_stage_max_blocks
 
     def test_first_stage_is_never_skipped_for_being_small(self):
         m = SourceMigration("m", "r", config=MigrationConfig(max_stages=3, last_stage_max_blocks=16))
@@ -167,10 +178,48 @@ class TestScripted:
         m.on(p.BlocksQueried(ids(0, 4)))
         m.on(p.PreAllocated(ids(0, 4)))
         m.on(p.Copied(True))
-        assert m.on(p.BlocksQueried(())) == p.Freeze()
+        assert to_freeze(m, p.BlocksQueried(())) == p.Freeze()
         st = state(computed=16)
         m.on(p.Frozen(st))
         assert m.on(p.BlocksQueried(())) == p.Commit(st)
+
+    def test_stop_and_copy_asks_the_destination_to_hold_only_once_it_holds_a_reservation(self):
+        # after a pre-copy: hold, and a refused or unanswered hold changes nothing but latency
+        for answer in (p.HoldReplied(True), p.HoldReplied(False, "refused")):
+            m = SourceMigration("m", "r", config=MigrationConfig(commit_hold_s=0.02))
+            m.start()
+            m.on(p.BlocksQueried(ids(0, 8)))
+            m.on(p.PreAllocated(ids(0, 8)))
+            m.on(p.Copied(True))
+            assert m.on(p.BlocksQueried(())) == p.HoldDestination(0.02)
+            assert m.on(answer) == p.Freeze()
+            st = state(computed=33)
+            assert m.on(p.Frozen(st)) == p.QueryBlocks(8, include_last=True)
+        # nothing reserved there (no full block to pre-copy): nothing to tie a hold to
+        m = SourceMigration("m", "r", config=MigrationConfig(commit_hold_s=0.02))
+        m.start()
+        assert m.on(p.BlocksQueried(())) == p.Freeze()
+        # holds off
+        m = SourceMigration("m", "r", config=MigrationConfig(commit_hold_s=0))
+        m.start()
+        m.on(p.BlocksQueried(ids(0, 8)))
+        m.on(p.PreAllocated(ids(0, 8)))
+        m.on(p.Copied(True))
+        assert m.on(p.BlocksQueried(())) == p.Freeze()
+        # blocking mode freezes first: the whole copy is downtime, no hold
+        assert SourceMigration("m", "r", config=MigrationConfig(mode="blocking", commit_hold_s=0.02)).start() \
+            == p.Freeze()
+
+    def test_a_request_that_leaves_after_the_hold_rolls_back_and_aborts_on_the_destination(self):
+        m = SourceMigration("m", "r")
+        m.start()
+        m.on(p.BlocksQueried(ids(0, 8)))
+        m.on(p.PreAllocated(ids(0, 8)))
+        m.on(p.Copied(True))
+        assert isinstance(m.on(p.BlocksQueried(())), p.HoldDestination)
+        m.on(p.HoldReplied(True))
+        a = m.on(p.Frozen(None))
+        assert isinstance(a, p.Rollback) and a.abort_dst and not a.unfreeze  # the abort ends the hold there
 
     def test_single_stage_config(self):
         m = SourceMigration("m", "r", config=MigrationConfig(max_stages=1))
@@ -230,7 +279,7 @@ class TestScripted:
             if where == "later_query":
                 a = m.on(p.BlocksQueried(None))
             else:
-                assert m.on(p.BlocksQueried(())) == p.Freeze()
+                assert to_freeze(m, p.BlocksQueried(())) == p.Freeze()
                 a = m.on(p.Frozen(None))
             assert a.unfreeze is False
         assert isinstance(a, p.Rollback) and a.abort_dst and a.status == MigrationStatus.ABORTED_SRC
@@ -256,7 +305,7 @@ class TestScripted:
                 else:
                     if not frozen:
                         m.on(p.Copied(True))
-                        assert m.on(p.BlocksQueried(())) == p.Freeze()
+                        assert to_freeze(m, p.BlocksQueried(())) == p.Freeze()
                         m.on(p.Frozen(state(computed=32)))
                         a = m.on(p.BlocksQueried((8,)))
                         a = m.on(p.PreAllocated((8,)))
@@ -296,6 +345,9 @@ class TestScripted:
             MigrationConfig(last_stage_max_blocks=-1)
         with pytest.raises(ValueError):
             MigrationConfig(mode="teleport")
+        for bad in (-0.01, p.MAX_HOLD_S + 0.5):
+            with pytest.raises(ValueError, match="commit_hold_s"):
+                MigrationConfig(commit_hold_s=bad)
         assert MigrationConfig(mode="blocking").mode is MigrationMode.BLOCKING
 
 
@@ -488,6 +540,9 @@ class FaultyPort:
         if self.copies == self.fail_copy:
             raise TransportError("link down")
         return self.inner.copy(*a)
+
+    def hold(self, *a):
+        return self.inner.hold(*a)
 
     def commit(self, mid, st):
         if self.commit_mode == "refuse":

@@ -137,6 +137,9 @@ class LossyPort:
     def copy(self, *a):
         return self.inner.copy(*a)
 
+    def hold(self, *a):
+        return self.inner.hold(*a)
+
     def commit(self, mid, st):
         ok, _ = self.inner.commit(mid, st)
         assert ok

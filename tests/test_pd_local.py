@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from llumnix_py.config import ClusterConfig, LlumletConfig, SchedulerConfig
+from llumnix_py.errors import UnknownInstanceError, UnknownRoleError
 from llumnix_py.llumlet import Llumlet
 from migration import wire
 from tests.cluster_helpers import HoldOutputs, assert_no_leak, prompts, reference, samplings, small_spec, wait_all, \
@@ -113,6 +114,20 @@ def test_a_hand_off_failing_at_any_stage_leaves_the_request_decoding_on_its_pref
     assert all(v == [PREFILL] for v in by_pos.values())
 
 
+def test_a_role_flip_through_the_library_checks_the_role_and_the_instance():
+    with running(pd_config(2, "1:1")) as (cluster, _, _):
+        with pytest.raises(UnknownRoleError, match="prefill, decode, both"):
+            cluster.set_role(DECODE, "prefil")
+        with pytest.raises(UnknownInstanceError, match="instance-007"):
+            cluster.set_role("instance-007", "decode")
+        cluster.set_role(DECODE, " DECODE ")  # the same role: nothing flips
+        assert cluster.state()["role_flips"] == []
+        cluster.set_role(DECODE, "both")
+        roles = {i["instance_id"]: i["role"] for i in cluster.state()["instances"]}
+        assert roles == {PREFILL: "prefill", DECODE: "both"}
+        assert [f[1:] for f in cluster.state()["role_flips"]] == [[DECODE, "both"]]
+
+
 def test_role_flips_under_load_lose_nothing():
     """Flips both ways while every instance holds requests mid-stream. Requests enter on the
     one prefill instance (002); once they decode on 000 and 001, more arrive and queue on 002
@@ -125,13 +140,12 @@ def test_role_flips_under_load_lose_nothing():
     expected = reference(small_spec(num_blocks=256), ps, sps)
     i0, i1, i2 = "instance-000", "instance-001", "instance-002"
     with running(pd_config(3, "2:1", migrations=4)) as (cluster, emitted, _):
-        daemon = cluster.control.daemon
         instance = cluster.control.instance
 
         def ids(iid: str, queue: str) -> set[str]:
             return {r.request_id for r in getattr(instance(iid).load(), queue)}
 
-        daemon.set_role(i0, "decode")  # 000 and 001 decode, 002 prefills every request
+        cluster.set_role(i0, "decode")  # 000 and 001 decode, 002 prefills every request
         with HoldOutputs(cluster, i0) as g0, HoldOutputs(cluster, i1) as g1, HoldOutputs(cluster, i2) as g2:
             for g in (g0, g1, g2):
                 g.hold()
@@ -144,8 +158,8 @@ def test_role_flips_under_load_lose_nothing():
             queued = {h.request_id for h in second}
             assert {h.instance_id for h in second} == {i2} and ids(i2, "waiting") == queued
             decoding_on_1 = ids(i1, "running")
-            daemon.set_role(i1, "prefill")
-            daemon.set_role(i2, "decode")
+            cluster.set_role(i1, "prefill")
+            cluster.set_role(i2, "decode")
             wait_for(lambda: not (ids(i2, "waiting") & queued) and not (ids(i1, "running") & decoding_on_1),
                      what="the flipped instances to drain")
             assert ids(i1, "waiting") == queued  # queued again on the new prefill instance, still held

@@ -13,6 +13,7 @@ from llumnix_py.sim.cluster import SimCluster
 from llumnix_py.sim.config import SimConfig
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
+from llumnix_py.errors import UnknownRoleError
 from policies.roles import Role, assign_role, parse_pd_ratio, parse_role, plan_handoffs, roles_for
 from policies.types import Handoff
 
@@ -31,8 +32,9 @@ def inst(iid: str, role: str, running=(), used: int = 0, total: int = 100) -> In
 
 @pytest.mark.parametrize("bad", ["", "prefil", "1:3", None, 3])
 def test_an_unknown_role_is_an_error_naming_the_roles(bad):
-    with pytest.raises(ValueError, match="prefill, decode, both"):
+    with pytest.raises(UnknownRoleError, match="prefill, decode, both") as err:
         parse_role(bad)
+    assert isinstance(err.value, ValueError)  # and a typed error that crosses the Ray boundary as itself
 
 
 def test_roles_parse_case_insensitively():

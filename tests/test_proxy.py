@@ -19,7 +19,7 @@ import pytest
 
 from llumnix_py.config import ClusterConfig, SchedulerConfig
 from llumnix_py.engines.types import MigrationRequestState, Request, SamplingParams, SeqStatus
-from llumnix_py.errors import LlumnixError
+from llumnix_py.errors import LlumnixError, UnknownInstanceError, UnknownRoleError
 from llumnix_py.frontend.cluster import Cluster
 from llumnix_py.instance import INSTANCE_METHODS, InstanceHandle
 from llumnix_py.proxy import Endpoint, UnknownMethodError, forwards, is_oneway, method_table, oneway
@@ -246,8 +246,18 @@ def test_every_interface_method_is_reachable_through_the_runtime(runtime, reques
         assert listed["px-frontend"] == "http://127.0.0.1:1"
         control.frontend_left("px-frontend")
         assert "px-frontend" not in {f["frontend_id"] for f in control.state()["frontends"]}
+        # Roles flip at run time; a bad role or instance is a typed error through the runtime.
+        control.set_role(new, "decode")
+        assert {i["instance_id"]: i["role"] for i in control.state()["instances"]}[new] == "decode"
+        with pytest.raises(UnknownRoleError, match="expected one of"):
+            control.set_role(new, "chef")
+        with pytest.raises(UnknownInstanceError, match="instance-999"):
+            control.set_role("instance-999", "decode")
+        cluster.set_role(new, "Both")  # the library's entry point: validated there, then this call
+        assert {i["instance_id"]: i["role"] for i in control.state()["instances"]}[new] == "both"
+        assert [f[1:] for f in control.state()["role_flips"]] == [[new, "decode"], [new, "both"]]
         scheduler_calls = {"instance_ids", "launch", "dispatch", "membership", "state", "drain", "frontend_heartbeat",
-                           "frontend_left", "stop", "claim_ownership"}
+                           "frontend_left", "stop", "claim_ownership", "set_role"}
         assert scheduler_calls == method_table(SchedulerAPI)
 
         # The instance's table, on the new instance; ``stop`` ends it.

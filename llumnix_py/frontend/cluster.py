@@ -66,6 +66,7 @@ from llumnix_py.load import RequestLoad
 from llumnix_py.runtime.control import ControlPlane, LocalControlPlane, RayControlPlane
 from llumnix_py.scheduler.frontends import FrontendRecord
 from llumnix_py.tokens import CallbackSink
+from policies.roles import parse_role
 
 log = logging.getLogger(__name__)
 
@@ -360,4 +361,14 @@ class Cluster:
     def launch(self, n: int = 1) -> list[str]:
         """Scale out by hand: start ``n`` more instances; returns their ids."""
         return self.control.launch(n)
+
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Flip an instance's role at run time (``prefill``, ``decode`` or ``both``): the
+        requests of the phase it no longer runs leave it by migration, nothing is dropped.
+
+        Raises:
+            UnknownRoleError: ``role`` is not a role (checked here, before any call).
+            UnknownInstanceError: the scheduler does not know ``instance_id``.
+        """
+        self.control.set_role(instance_id, parse_role(role).value)
 

@@ -46,6 +46,13 @@ class SchedulerAPI(abc.ABC):
         """Scale in by hand: the instance migrates everything away, then stops."""
 
     @abc.abstractmethod
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Flip an instance's role at run time (``prefill``, ``decode`` or ``both``): from the
+        scheduler's next tick on, its requests of the phase it no longer runs leave it by
+        migration. ``UnknownRoleError`` for an unknown role, ``UnknownInstanceError`` for an
+        instance the scheduler does not know; the same role again changes nothing."""
+
+    @abc.abstractmethod
     def launch(self, n: int) -> list[str]: ...
 
     @abc.abstractmethod

@@ -312,7 +312,8 @@ class SchedulerDaemon:
 
     def set_role(self, instance_id: str, role: str) -> None:
         """Flip an instance's role by hand (``GlobalScheduler.flip_role``): from the next
-        tick on, the requests of the phase it no longer runs leave it by migration."""
+        tick on, the requests of the phase it no longer runs leave it by migration.
+        ``UnknownRoleError`` / ``UnknownInstanceError`` (see ``SchedulerAPI.set_role``)."""
         with self._lock:
             self.core.flip_role(instance_id, role, self.clock())
 
