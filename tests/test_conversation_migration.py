@@ -55,15 +55,21 @@ def kept_by_scheduler(cluster: Cluster) -> dict[str, list[str]]:
     return {x.instance_id: [c for c, _ in x.conversations] for x in cluster.control.daemon.core.loads()}
 
 
-def test_a_migrated_turn_takes_its_conversations_kv_to_its_new_home(cluster):
-    spec = config().engine
-    p1 = tuple((7 * j) % 300 + 1 for j in range(40))
-    (t1_ref,) = reference(spec, [p1], [SP])
-    h1 = cluster.submit(p1, SP, client_id="alice", conversation_id="c")
+def first_turn(cluster: Cluster, client: str, conversation: str, mul: int):
+    """Turn 1 of ``conversation`` run to its end with exact tokens and its KV kept: (its prompt,
+    its reference tokens, its home, the other instance, the home's engine, the other's engine)."""
+    p1 = tuple((mul * j) % 300 + 1 for j in range(40))
+    (t1_ref,) = reference(config().engine, [p1], [SP])
+    h1 = cluster.submit(p1, SP, client_id=client, conversation_id=conversation)
     assert h1.result(timeout=120) == t1_ref
     home = h1.instance_id
     other = next(i for i in cluster.instance_ids() if i != home)
-    src, dst = engine(cluster, home), engine(cluster, other)
+    return p1, t1_ref, home, other, engine(cluster, home), engine(cluster, other)
+
+
+def test_a_migrated_turn_takes_its_conversations_kv_to_its_new_home(cluster):
+    spec = config().engine
+    p1, t1_ref, home, other, src, dst = first_turn(cluster, "alice", "c", 7)
     wait_for(lambda: "c" in src.conversations, what="turn 1's KV kept on its instance")
     wait_for(lambda: kept_by_scheduler(cluster)[home] == ["c"], what="the scheduler to see the conversation")
 
@@ -106,13 +112,7 @@ def test_a_turn_migrated_while_waiting_takes_its_conversations_kv_along(cluster)
     the stored prefix of turn 1 travels in the migration (over the instances' transport),
     the destination prefills only the new tokens, and the home keeps no stale copy."""
     spec = config().engine
-    p1 = tuple((11 * j) % 300 + 1 for j in range(40))
-    (t1_ref,) = reference(spec, [p1], [SP])
-    h1 = cluster.submit(p1, SP, client_id="bob", conversation_id="w")
-    assert h1.result(timeout=120) == t1_ref
-    home = h1.instance_id
-    other = next(i for i in cluster.instance_ids() if i != home)
-    src, dst = engine(cluster, home), engine(cluster, other)
+    p1, t1_ref, home, other, src, dst = first_turn(cluster, "bob", "w", 11)
     wait_for(lambda: kept_by_scheduler(cluster)[home] == ["w"], what="the scheduler to see the conversation")
 
     p2 = p1 + tuple(t1_ref) + tuple(range(100, 110))
