@@ -125,8 +125,9 @@ def load_points(paths: Sequence[Path]) -> tuple[dict, dict]:
     and their setup. A sweep can run in chunks (one file per system, or per seed with
     ``--seed S --seeds 1``): points of one system from several files are merged by seed,
     and the setup's seeds are the union. Every system of a trace must end up with the same
-    rates and seeds, and the files must share run lengths and instances; a point found
-    in two files is an error (the same replay run twice)."""
+    rates and seeds, and the files must share run lengths and instances. A point found in
+    two files (sweeps that share an edge rate) is kept once if both runs measured the same
+    (the simulator is deterministic: only ``wall_s`` may differ), else it is an error."""
     import json
 
     sweep: dict = {}
@@ -146,10 +147,12 @@ def load_points(paths: Sequence[Path]) -> tuple[dict, dict]:
                 mine = sweep.setdefault(trace, {}).setdefault(system, {})
                 for r, by_seed in by_rate.items():
                     for seed, by_len in by_seed.items():
-                        if int(seed) in mine.setdefault(float(r), {}):
+                        point = {int(n): pt for n, pt in by_len.items()}
+                        known = mine.setdefault(float(r), {}).get(int(seed))
+                        if known is not None and _measured(known) != _measured(point):
                             raise SystemExit(f"--from-json: {trace} {system} at {r} req/s, seed {seed} "
-                                             f"is in two files")
-                        mine[float(r)][int(seed)] = {int(n): pt for n, pt in by_len.items()}
+                                             f"is in two files with different results")
+                        mine[float(r)][int(seed)] = known or point
     if not sweep or setup is None:
         raise SystemExit("--from-json: no knee points")
     for trace, by_sys in sweep.items():
@@ -158,6 +161,11 @@ def load_points(paths: Sequence[Path]) -> tuple[dict, dict]:
         if len(shapes) != 1:
             raise SystemExit(f"--from-json: the runs of {trace} do not share rates and seeds")
     return sweep, setup
+
+
+def _measured(point: dict) -> dict:
+    """A point's figures without its wall-clock time (the one field two replays may differ in)."""
+    return {n: {k: v for k, v in pt.items() if k != "wall_s"} for n, pt in point.items()}
 
 
 def _cap_cell(entry: dict) -> str:

@@ -124,8 +124,23 @@ def test_load_points_refuses_a_point_in_two_files_and_mismatched_setups(tmp_path
     from experiments import knee
 
     a = _chunk(tmp_path, "a.json", "base", [0])
-    with pytest.raises(SystemExit, match="in two files"):
-        knee.load_points([a, _chunk(tmp_path, "b.json", "base", [0, 1])])
+    # the same deterministic replay in two files (sweeps sharing an edge rate): kept once
+    again = json.loads(a.read_text())
+    for by_seed in again["knee"]["points"]["L-L"]["base"].values():
+        for by_len in by_seed.values():
+            for pt in by_len.values():
+                pt["wall_s"] = 99.0
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(again))
+    merged, _ = knee.load_points([a, b])
+    assert merged == knee.load_points([a])[0]
+    # a point that differs between two files is an error
+    differs = json.loads(a.read_text())
+    first = next(iter(differs["knee"]["points"]["L-L"]["base"].values()))
+    next(iter(next(iter(first.values())).values()))["prefill_p99"] += 1.0
+    b.write_text(json.dumps(differs))
+    with pytest.raises(SystemExit, match="in two files with different results"):
+        knee.load_points([a, b])
     other = json.loads(a.read_text())
     other["setup"]["lengths"] = [100, 400]
     c = tmp_path / "c.json"
