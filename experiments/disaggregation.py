@@ -106,9 +106,9 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     good: dict[str, float] = {}
     systems: dict[str, Layout] = {}
     by_degree: dict[str, dict[int, float]] = {}  # each colocated system's goodput at each degree tried
+    sample = make_requests(app, n, 1.0, seed)  # the lengths (the same at every rate)
     for name, dispatch, migration in (("colocated round-robin", "round_robin", False),
                                       ("colocated llumnix", "freeness", True)):
-        sample = make_requests(app, n, 1.0, seed)
         tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iters), lay)
                  for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit)
                  if infeasible(lay, profile, sample) is None]

@@ -59,6 +59,16 @@ def to_freeze(m: SourceMigration, event: p.Event) -> p.Action:
     return a
 
 
+def precopied(config: Optional[MigrationConfig] = None) -> SourceMigration:
+    """A live source machine after one pre-copy stage of 8 blocks, about to stop-and-copy."""
+    m = SourceMigration("m", "r", config=config or MigrationConfig())
+    m.start()
+    m.on(p.BlocksQueried(ids(0, 8)))
+    m.on(p.PreAllocated(ids(0, 8)))
+    m.on(p.Copied(True))
+    return m
+
+
 def owners(e) -> dict:
     return dict(e.blocks.owners())
 
@@ -186,11 +196,7 @@ class TestScripted:
     def test_stop_and_copy_asks_the_destination_to_hold_only_once_it_holds_a_reservation(self):
         # after a pre-copy: hold, and a refused or unanswered hold changes nothing but latency
         for answer in (p.HoldReplied(True), p.HoldReplied(False, "refused")):
-            m = SourceMigration("m", "r", config=MigrationConfig(commit_hold_s=0.02))
-            m.start()
-            m.on(p.BlocksQueried(ids(0, 8)))
-            m.on(p.PreAllocated(ids(0, 8)))
-            m.on(p.Copied(True))
+            m = precopied(MigrationConfig(commit_hold_s=0.02))
             assert m.on(p.BlocksQueried(())) == p.HoldDestination(0.02)
             assert m.on(answer) == p.Freeze()
             st = state(computed=33)
@@ -200,22 +206,14 @@ class TestScripted:
         m.start()
         assert m.on(p.BlocksQueried(())) == p.Freeze()
         # holds off
-        m = SourceMigration("m", "r", config=MigrationConfig(commit_hold_s=0))
-        m.start()
-        m.on(p.BlocksQueried(ids(0, 8)))
-        m.on(p.PreAllocated(ids(0, 8)))
-        m.on(p.Copied(True))
+        m = precopied(MigrationConfig(commit_hold_s=0))
         assert m.on(p.BlocksQueried(())) == p.Freeze()
         # blocking mode freezes first: the whole copy is downtime, no hold
         assert SourceMigration("m", "r", config=MigrationConfig(mode="blocking", commit_hold_s=0.02)).start() \
             == p.Freeze()
 
     def test_a_request_that_leaves_after_the_hold_rolls_back_and_aborts_on_the_destination(self):
-        m = SourceMigration("m", "r")
-        m.start()
-        m.on(p.BlocksQueried(ids(0, 8)))
-        m.on(p.PreAllocated(ids(0, 8)))
-        m.on(p.Copied(True))
+        m = precopied()
         assert isinstance(m.on(p.BlocksQueried(())), p.HoldDestination)
         m.on(p.HoldReplied(True))
         a = m.on(p.Frozen(None))
