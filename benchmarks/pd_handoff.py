@@ -60,7 +60,7 @@ LENGTHS = [256, 1024, 2048, 4096, 8192]
 QUICK_LENGTHS = [256, 1024, 4096]
 MAX_POS = 8448
 AFTER_TOKENS = 32  # tokens decoded after the hand-off (step_ms is measured over them)
-SPEC = {"model": "default", "dtype": "float32", "num_blocks": 900, "block_size": 16, "max_model_len": MAX_POS,
+SPEC = {"model": "default", "dtype": "float32", "num_blocks": 2048, "block_size": 16, "max_model_len": MAX_POS,
         "max_position_embeddings": MAX_POS, "max_batch_size": 64, "max_batched_tokens": MAX_POS, "watermark": 0.01}
 
 
