@@ -50,10 +50,28 @@ engine's exact served book and clients: the global scheduler's view without poll
 lag), for every row; the group-size distribution under load (blocks per
 contiguous run of the running requests' block tables, sampled every step; ``group`` is
 its mean).
+
+Load sweep (``--spreads 20,40,80,160``): the chosen systems (``--systems``, default
+``vllm-swap,swap-per-block,llumnix-py,-reuse``) run side by side at each spread (the
+conversations start uniformly within that many seconds: a smaller spread is a higher
+load), on the same conversations (same seed: the same turns and lengths, the starts
+scaled with the spread). Per load: P95/P99 TTFT and TBT of each system, their ratios
+against ``vllm-swap`` (its figure / the system's), the P99 queue wait (a turn's arrival
+to the first step that computes it), the fairness gap and the makespan, and whether the
+load is overloaded: ``vllm-swap``'s P99 queue wait is at least half its P99 TTFT (the
+queue sets the TTFT tail; ``experiments/fairness_load.py``). The sweep replaces the
+single-load table; its JSON is ``{"conversations", "turns", "load_sweep": {"baseline",
+"target", "overload_rule", "spreads_s", "points": [{"spread_s", "conversation_rate",
+"queue_share_p99", "overloaded", "systems": {name: {...the single-load keys...,
+"queue_wait_p50", "queue_wait_p99", "queue_wait_mean", "ttft_p99_vs_vllm_swap",
+"tbt_p99_vs_vllm_swap", "ttft_p95_vs_vllm_swap", "tbt_p95_vs_vllm_swap", "target_met",
+"queue_share_p99"}}}]}}``; the plot is ``fairness_load.png`` (P99 TTFT and TBT ratios
+against the offered load). Without ``--spreads`` the output is as before.
 """
 
 from __future__ import annotations
 
+import copy
 import heapq
 import sys
 from dataclasses import dataclass, field, replace
@@ -64,7 +82,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import common  # noqa: E402
+from experiments import common, fairness_load  # noqa: E402
 from experiments.workloads import sharegpt_like  # noqa: E402
 from llumnix_py.engines.core import EngineConfig, EngineCore  # noqa: E402
 from llumnix_py.engines.sim.executor import SimExecutor  # noqa: E402
@@ -140,6 +158,17 @@ class Run:
     group_sizes: dict = field(default_factory=dict)  # blocks per contiguous run of the running block tables
     migrations: int = 0  # finished live migrations (cluster only)
     steered: int = 0  # turns fair dispatch sent to the freest instance (cluster only)
+    queue_wait: list[float] = field(default_factory=list)  # per turn: arrival to the first step computing it
+
+
+def note_starts(run: Run, pending: dict[str, float], seqs: dict, out: StepOutput, t0: float) -> None:
+    """Turns of ``pending`` (request id -> arrival) that the step begun at ``t0`` computed tokens
+    of (or that produced output in it) have waited ``t0 - arrival`` in the queue."""
+    if not pending:
+        return
+    emitted = {o.request_id for o in out.outputs}
+    for rid in [r for r in pending if r in emitted or (r in seqs and seqs[r].num_computed > 0)]:
+        run.queue_wait.append(t0 - pending.pop(rid))
 
 
 def make_conversations(args, rng: np.random.Generator) -> list[Conversation]:
@@ -178,6 +207,7 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
     heapq.heapify(arrivals)
     now, run, book = 0.0, Run(), ClusterFairBook()
     live: dict[str, tuple[int, float, list[int]]] = {}  # request id -> (conversation, arrival, tokens)
+    pending: dict[str, float] = {}  # not started yet: request id -> arrival
     last_token: dict[str, float] = {}
     while arrivals or engine.has_unfinished():
         if not engine.has_unfinished() and arrivals[0][0] > now:
@@ -192,8 +222,11 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
                                                                    seed=i * 100 + c.turn),
                                        arrival_time=now, client_id=c.client, conversation_id=f"c{i}"))
             live[rid] = (i, now, list(prompt))
+            pending[rid] = now
+        t0 = now
         out = engine.step()
         now += out.duration_s
+        note_starts(run, pending, engine.seqs, out, t0)
         run.preemptions += len(out.preempted)
         for o in out.outputs:
             i, arrived, tokens = live[o.request_id]
@@ -257,6 +290,7 @@ class ConversationCluster(SimCluster):
         self._index: dict[str, int] = {}
         self._tokens: dict[str, list[int]] = {}
         self._last: dict[str, float] = {}
+        self._pending: dict[str, float] = {}  # dispatched, not started: request id -> arrival
 
     def _order(self) -> None:
         if not self._rids:  # run() creates the records in workload order before any event
@@ -279,6 +313,7 @@ class ConversationCluster(SimCluster):
         inst = self.instances[iid]
         rec.dispatched_to = iid
         self._tokens[rec.request_id] = list(prompt)
+        self._pending[rec.request_id] = rec.arrival_time
         inst.core.submit(Request(rec.request_id, prompt, SamplingParams(max_tokens=rec.output_len, ignore_eos=True,
                                                                         seed=ci * 100 + turn),
                                  arrival_time=rec.arrival_time, client_id=c.client, conversation_id=f"c{ci}"))
@@ -289,6 +324,7 @@ class ConversationCluster(SimCluster):
     def _on_step_end(self, arg: tuple[SimInstance, StepOutput]) -> None:
         inst, out = arg
         now, run = self.now, self.run_stats
+        note_starts(run, self._pending, inst.engine.seqs, out, now - out.duration_s)
         finished = []
         for o in out.outputs:
             if o.index == 0 and o.new_token_ids:
@@ -383,17 +419,32 @@ def _extra(ap) -> None:
     ap.add_argument("--max-context", type=int, default=6000)
     ap.add_argument("--instances", type=int, default=2,
                     help="instances of the cluster rows (together the single instance's KV blocks)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=None,
+                    help=f"comma list of {', '.join(SYSTEMS)} (default: all; with --spreads: "
+                         f"{','.join(fairness_load.DEFAULT_SYSTEMS)})")
+    ap.add_argument("--spreads", default=None,
+                    help="load sweep: comma list of spreads (seconds, each > 0; e.g. 20,40,80,160); the systems "
+                         "run side by side at each, on the same conversations; replaces --spread and the "
+                         "single-load table")
+
+
+def parse_systems(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = set(names) - set(SYSTEMS)
+    if unknown or not names:
+        raise SystemExit(f"unknown systems {sorted(unknown) or text!r}; known: {list(SYSTEMS)}")
+    return names
+
+
+def _smoke(args) -> None:
+    if args.smoke:  # a small instance under pressure, with short turns that fit it
+        args.max_message, args.max_output, args.max_context = 256, 128, 1500
 
 
 def run(args) -> dict:
-    if args.smoke:  # a small instance under pressure, with short turns that fit it
-        args.max_message, args.max_output, args.max_context = 256, 128, 1500
+    _smoke(args)
     convs = make_conversations(args, np.random.default_rng(args.seed))
-    names = [n for n in args.systems.split(",") if n]
-    unknown = set(names) - set(SYSTEMS)
-    if unknown:
-        raise SystemExit(f"unknown systems {sorted(unknown)}; known: {list(SYSTEMS)}")
+    names = parse_systems(args.systems or ",".join(SYSTEMS))
     out = {}
     iterator = names
     if args.progress:
@@ -409,10 +460,52 @@ def run(args) -> dict:
     return {"conversations": len(convs), "turns": sum(len(c.turns) for c in convs), "systems": out}
 
 
+def run_sweep(args) -> dict:
+    """The chosen systems at each of ``--spreads``, on the same conversations (``fairness_load``)."""
+    _smoke(args)
+    spreads = fairness_load.parse_spreads(args.spreads)
+    names = parse_systems(args.systems or ",".join(fairness_load.DEFAULT_SYSTEMS))
+    if fairness_load.BASELINE not in names:
+        raise SystemExit(f"--spreads: the ratios are against {fairness_load.BASELINE}; add it to --systems")
+    jobs = [(spread, name) for spread in spreads for name in names]
+    if args.progress:
+        from tqdm import tqdm
+        jobs = tqdm(jobs, desc="loads x systems")
+    summaries: dict[float, dict] = {}
+    for spread, name in jobs:
+        at = copy.copy(args)
+        at.spread = spread
+        convs = make_conversations(at, np.random.default_rng(args.seed))
+        r = simulate(SYSTEMS[name], convs, at, args.seed)
+        summaries.setdefault(spread, {})[name] = {**summarize(r), **fairness_load.queue_figures(r.queue_wait)}
+    points = [fairness_load.load_point(spread, len(convs), summaries[spread]) for spread in spreads]
+    return {"conversations": len(convs), "turns": sum(len(c.turns) for c in convs),
+            "load_sweep": fairness_load.sweep_json(points)}
+
+
+def sweep_main(args) -> dict:
+    results = run_sweep(args)
+    points = results["load_sweep"]["points"]
+    rows = fairness_load.table_rows(points)
+    common.print_table(f"Fair preemption against load (seconds; x = {fairness_load.BASELINE}'s figure / this one's)",
+                       fairness_load.HEADERS, rows)
+    common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches: load sweep",
+                          [("Latencies (seconds) against load", fairness_load.HEADERS, rows)],
+                          notes=f"{results['conversations']} conversations, {results['turns']} turns, "
+                                f"LLaMA-7B/A10 cost model, seed {args.seed}, margin {args.margin}, spreads "
+                                f"{', '.join(common.fmt(p['spread_s']) for p in points)} s; "
+                                f"{fairness_load.OVERLOAD_RULE}.")
+    fairness_load.plot(points, args.out / "fairness_load.png")
+    common.write_json(args.json, results)
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     if argv is None:
         argv = sys.argv[1:]
     args = common.parse_args("fairness", __doc__.splitlines()[0], argv, _extra)
+    if args.spreads is not None:
+        return sweep_main(args)
     results = run(args)
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
                "fairness gap", "cluster gap", "preempt", "yields", "copies", "reused tok", "group", "migr",
