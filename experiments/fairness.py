@@ -63,7 +63,7 @@ queue sets the TTFT tail; ``experiments/fairness_load.py``). The sweep replaces 
 single-load table; its JSON is ``{"conversations", "turns", "load_sweep": {"baseline",
 "target", "overload_rule", "spreads_s", "points": [{"spread_s", "conversation_rate",
 "queue_share_p99", "overloaded", "systems": {name: {...the single-load keys...,
-"queue_wait_p50", "queue_wait_p99", "queue_wait_mean", "ttft_p99_vs_vllm_swap",
+"queue_wait_p50", "queue_wait_p99", "queue_wait_mean", "tbt_p999", "tbt_max", "ttft_p99_vs_vllm_swap",
 "tbt_p99_vs_vllm_swap", "ttft_p95_vs_vllm_swap", "tbt_p95_vs_vllm_swap", "target_met",
 "queue_share_p99"}}}]}}``; the plot is ``fairness_load.png`` (P99 TTFT and TBT ratios
 against the offered load). Without ``--spreads`` the output is as before.
@@ -477,7 +477,8 @@ def run_sweep(args) -> dict:
         at.spread = spread
         convs = make_conversations(at, np.random.default_rng(args.seed))
         r = simulate(SYSTEMS[name], convs, at, args.seed)
-        summaries.setdefault(spread, {})[name] = {**summarize(r), **fairness_load.queue_figures(r.queue_wait)}
+        summaries.setdefault(spread, {})[name] = {**summarize(r), **fairness_load.queue_figures(r.queue_wait),
+                                                  **fairness_load.tbt_tail(r.tbt)}
     points = [fairness_load.load_point(spread, len(convs), summaries[spread]) for spread in spreads]
     return {"conversations": len(convs), "turns": sum(len(c.turns) for c in convs),
             "load_sweep": fairness_load.sweep_json(points)}

@@ -57,6 +57,13 @@ def queue_figures(waits: Sequence[float]) -> dict:
             "queue_wait_mean": float(np.mean(waits))}
 
 
+def tbt_tail(tbt: Sequence[float]) -> dict:
+    """P99.9 and largest TBT (seconds): the shape of the tail beyond P99."""
+    if not tbt:
+        return {"tbt_p999": 0.0, "tbt_max": 0.0}
+    return {"tbt_p999": float(np.percentile(tbt, 99.9)), "tbt_max": float(max(tbt))}
+
+
 def _ratio(base: float, ours: float) -> Optional[float]:
     return base / ours if ours > 0 else None
 
