@@ -244,6 +244,8 @@ def test_profile_check_replays_distserve_s_measured_runs(tmp_path):
     assert 0 <= r["attainment"]["measured"] <= 1 and 0 <= r["attainment"]["simulated"] <= 1
     assert sum(b["requests"] for b in r["ttft_by_prompt"]) == 100
     assert (tmp_path / "out" / "profile_check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "out" / "profile_check.md").read_text()
+    assert md.startswith("# ") and "|---|" in md
     ttft, tpot = profile_check.replay(records)
     assert all(t < float("inf") for t in ttft)  # every request of the trace finished in the replay
     assert sum(p is None for p in tpot) == sum(x["output_len"] == 1 for x in records)
