@@ -111,6 +111,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-step-hold-ms", type=float, default=LlumletConfig(instance_id="x").max_step_hold_s * 1e3,
                    metavar="MS", help="as a destination: the longest this instance holds its steps for an incoming "
                                       "stop-and-copy, whatever the source asks (0: refuse; default %(default)g)")
+    g.add_argument("--hold-wait-fraction", type=float, default=LlumletConfig(instance_id="x").hold_wait_fraction,
+                   metavar="F", help="as a destination: idle for a source's freeze at most this fraction of this "
+                                     "instance's latest step, else step on (default %(default)g)")
     g.add_argument("--secret-file", default=None,
                    help="file holding a shared secret for internal ZeroMQ sockets (needed off loopback)")
 
@@ -156,7 +159,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
                                   pd_ratio=args.pd, roles=args.roles),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
-                              max_step_hold_s=args.max_step_hold_ms / 1e3,
+                              max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
                                                         mode=args.migration_mode,
