@@ -282,18 +282,16 @@ def test_concurrent_migrations_to_one_destination_use_their_own_connections():
         b.stop()
 
 
-def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
-    """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
-    progress ended; the engine loop then starts no step until the migration aborts (or
-    activates) or the hold's deadline passes on the llumlet's clock."""
-    clock = ManualClock(100.0)
+def gated_llumlet(clock: ManualClock, **config):
+    """A started llumlet whose engine's next step, once ``gate[0]`` is set, waits inside (the
+    engine lock held) until ``go`` is set: (llumlet, steps, gate, inside, go)."""
     engine = make_engine(dtype="float64", num_blocks=64, max_batch_size=8)
-    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", max_step_hold_s=0.5), engine,
-                CallbackSink(Recorder()), clock=clock)
+    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", **config), engine, CallbackSink(Recorder()),
+                clock=clock)
     steps, gate, inside, go = [0], [False], threading.Event(), threading.Event()
     engine_step = engine.step
 
-    def gated_step():  # while ``gate``: the next step waits inside, the engine lock held
+    def gated_step():
         steps[0] += 1
         if gate[0]:
             gate[0] = False
@@ -302,6 +300,17 @@ def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_
         return engine_step()
 
     engine.step = gated_step
+    b.start()
+    return b, steps, gate, inside, go
+
+
+def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
+    """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
+    progress ended; the engine loop then starts no step until the migration aborts (or
+    activates) or the hold's deadline passes on the llumlet's clock."""
+    clock = ManualClock(100.0)
+    b, steps, gate, inside, go = gated_llumlet(clock, max_step_hold_s=0.5)
+    engine = b.engine
     told = [0]  # loop iterations told to hold
     holding = b.core.holding
 
@@ -311,7 +320,6 @@ def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_
         return until
 
     b.core.holding = counted_holding
-    b.start()
     client = InprocMigrationTransport(b.address, timeout_s=60)
     client.connect()
     try:
@@ -398,28 +406,6 @@ def test_the_source_starts_no_step_from_the_freeze_to_the_end_of_a_live_stop_and
         a.abort("bg")
         a.stop()
         b.stop()
-
-
-def gated_llumlet(clock: ManualClock, **config):
-    """A started llumlet whose engine's next step, once ``gate[0]`` is set, waits inside (the
-    engine lock held) until ``go`` is set: (llumlet, steps, gate, inside, go)."""
-    engine = make_engine(dtype="float64", num_blocks=64, max_batch_size=8)
-    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", **config), engine, CallbackSink(Recorder()),
-                clock=clock)
-    steps, gate, inside, go = [0], [False], threading.Event(), threading.Event()
-    engine_step = engine.step
-
-    def gated_step():
-        steps[0] += 1
-        if gate[0]:
-            gate[0] = False
-            inside.set()
-            assert go.wait(60)
-        return engine_step()
-
-    engine.step = gated_step
-    b.start()
-    return b, steps, gate, inside, go
 
 
 def test_freeze_in_is_the_rest_of_the_step_in_progress_and_a_hold_carries_it():
