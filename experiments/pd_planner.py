@@ -16,9 +16,13 @@ The applications are DistServe's (OSDI 2024) three: chatbot (ShareGPT), code com
 (LLMServe/DistServe, ``simdistserve/benchmarks/figure11-abalation/01-run_abalation.sh``,
 which cites the paper's Table 1: prefill/decode targets in ms, chatbot on OPT-13B 200/100,
 code completion on OPT-66B 125/200, summarization on OPT-66B 1500/150). Their length
-distributions are NOT from DistServe: chatbot uses the ShareGPT statistics the Llumnix
-paper publishes (Table 1: mean/P99 input 306/3388, output 500/1234); code completion
-and summarization use log-normal lengths assumed here (stated in ``APPLICATIONS``).
+distributions are NOT from DistServe, except ``chatbot-distserve``: chatbot uses the
+ShareGPT statistics the Llumnix paper publishes (Table 1: mean/P99 input 306/3388, output
+500/1234); ``chatbot-distserve`` resamples the (prompt, output) lengths of DistServe's own
+ShareGPT requests (the 300 of its published vLLM run, ``experiments/data/
+distserve_opt13b_vllm.json``: mean/P99 input 780/1904, output 176/834; see
+``experiments/profile_check.py``); code completion and summarization use log-normal
+lengths assumed here (stated in ``APPLICATIONS``).
 
     python experiments/pd_planner.py --app chatbot --gpus 4
     python experiments/pd_planner.py --app chatbot --gpus 4 --tp 1,2
@@ -33,6 +37,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -60,6 +65,8 @@ class Application:
         cap: longest prompt or output.
         source: where the SLOs and lengths come from.
         model: the cost profile of the model DistServe judged these SLOs on (Table 1).
+        pairs: measured (prompt, output) lengths to resample instead of the log-normals
+            (``prompt`` and ``output`` then only describe them).
     """
 
     name: str
@@ -69,12 +76,33 @@ class Application:
     cap: int = 4096
     source: str = ""
     model: str = "opt-13b-a100"
+    pairs: tuple[tuple[int, int], ...] = ()
+
+
+DISTSERVE_TRACE = Path(__file__).resolve().parent / "data" / "distserve_opt13b_vllm.json"
+
+
+def distserve_chatbot_pairs(path: Path = DISTSERVE_TRACE) -> tuple[tuple[int, int], ...]:
+    """(prompt, output) lengths of DistServe's ShareGPT requests: its published 300-request vLLM run
+    (the 100-request run's requests are among them)."""
+    with open(path) as f:
+        records = json.load(f)["traces"]["vllm-300-3"]
+    return tuple((int(r["prompt_len"]), int(r["output_len"])) for r in records)
+
+
+def _described(pairs: Sequence[tuple[int, int]]) -> tuple[tuple[float, float], tuple[float, float]]:
+    p, o = np.array([x[0] for x in pairs]), np.array([x[1] for x in pairs])
+    return (float(p.mean()), float(np.percentile(p, 99))), (float(o.mean()), float(np.percentile(o, 99)))
 
 
 _DISTSERVE_SLO = "SLOs: DistServe artifact (01-run_abalation.sh, paper Table 1)"
 APPLICATIONS: dict[str, Application] = {
     "chatbot": Application("chatbot", SLO.from_ms(200, 100), SHAREGPT_STATS["input"], SHAREGPT_STATS["output"],
                            source=f"{_DISTSERVE_SLO}, OPT-13B; lengths: ShareGPT as in Llumnix Table 1"),
+    "chatbot-distserve": Application("chatbot-distserve", SLO.from_ms(200, 100),
+                                     *_described(distserve_chatbot_pairs()), pairs=distserve_chatbot_pairs(),
+                                     source=f"{_DISTSERVE_SLO}, OPT-13B; lengths: DistServe's ShareGPT requests "
+                                            "(its artifact's vLLM run of 300)"),
     "code": Application("code", SLO.from_ms(125, 200), (150.0, 450.0), (120.0, 400.0),
                         source=f"{_DISTSERVE_SLO}, OPT-66B; lengths: assumed here (short prompts, short outputs)",
                         model="opt-66b-2xa100"),
@@ -93,8 +121,13 @@ def make_requests(app: Application, n: int, rate: float, seed: int = 0) -> list[
     """``n`` requests of ``app`` arriving as a Poisson process at ``rate`` (same lengths for
     every rate of one seed)."""
     length_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    prompts = _lognormal(n, *app.prompt, app.cap, length_rng)
-    outputs = _lognormal(n, *app.output, app.cap, length_rng)
+    if app.pairs:
+        picks = length_rng.integers(0, len(app.pairs), n)
+        prompts = [min(app.pairs[i][0], app.cap) for i in picks]
+        outputs = [min(app.pairs[i][1], app.cap) for i in picks]
+    else:
+        prompts = _lognormal(n, *app.prompt, app.cap, length_rng)
+        outputs = _lognormal(n, *app.output, app.cap, length_rng)
     arrivals = poisson_arrivals(n, rate, arrival_rng)
     return [WorkloadRequest(float(a), int(p), int(o)) for a, p, o in zip(arrivals, prompts, outputs)]
 
@@ -156,7 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as exc:  # a degree the profile cannot express
             ap.error(str(exc))
         print_plan(app, rows)
-        out[name] = {"application": {**asdict(app), "slo": asdict(app.slo)}, "gpus": gpus, "requests": n,
+        described = {k: v for k, v in asdict(app).items() if k != "pairs"}  # the lengths: mean and P99 only
+        out[name] = {"application": {**described, "slo": asdict(app.slo)}, "gpus": gpus, "requests": n,
                      "profile": args.profile, "tp_degrees": degrees, "ranked": rows,
                      "chosen": chosen_layout(rows[0])}
     if args.json:

@@ -104,6 +104,16 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--migration-stages", type=int, default=3)
     g.add_argument("--last-stage-blocks", type=int, default=16)
     g.add_argument("--migration-mode", default="live", choices=["live", "blocking", "recompute"])
+    g.add_argument("--commit-hold-ms", type=float, default=MigrationConfig().commit_hold_s * 1e3, metavar="MS",
+                   help="as a live migration's source: how long the destination is asked to start no step for "
+                        "the stop-and-copy, and this instance starts none while its request is frozen "
+                        "(0: no holds; default %(default)g)")
+    g.add_argument("--max-step-hold-ms", type=float, default=LlumletConfig(instance_id="x").max_step_hold_s * 1e3,
+                   metavar="MS", help="as a destination: the longest this instance holds its steps for an incoming "
+                                      "stop-and-copy, whatever the source asks (0: refuse; default %(default)g)")
+    g.add_argument("--hold-wait-fraction", type=float, default=LlumletConfig(instance_id="x").hold_wait_fraction,
+                   metavar="F", help="as a destination: idle for a source's freeze at most this fraction of this "
+                                     "instance's latest step, else step on (default %(default)g)")
     g.add_argument("--secret-file", default=None,
                    help="file holding a shared secret for internal ZeroMQ sockets (needed off loopback)")
 
@@ -149,9 +159,11 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
                                   pd_ratio=args.pd, roles=args.roles),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
+                              max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
-                                                        mode=args.migration_mode)),
+                                                        mode=args.migration_mode,
+                                                        commit_hold_s=args.commit_hold_ms / 1e3)),
         runtime=args.runtime, ray_address=args.ray_address, ray_namespace=args.namespace, detached=detached,
         model_name=args.model_name, host=args.host if hasattr(args, "host") else "127.0.0.1",
         secret=_read_secret(args.secret_file))

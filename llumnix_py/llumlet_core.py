@@ -384,17 +384,25 @@ class LlumletCore:
         self.stats.migrations[key] = self.stats.migrations.get(key, 0) + 1
 
     # ----- migration: destination side -----------------------------------------------------
-    def hold(self, msg: wire.Hold, now: float) -> wire.Reply:
+    def hold(self, msg: wire.Hold, now: float, boundary: bool = True,
+             arrived: Optional[float] = None) -> wire.Reply:
         """A source is about to stop-and-copy ``msg.migration_id`` into this instance: start no
-        step until that migration activates or aborts, ``min(msg.hold_s, max_step_hold_s)``
-        at most (``holding``). Refused for a migration this instance holds no reservation
-        for, or when holds are off here (``max_step_hold_s`` 0); a later hold replaces one
-        (the threaded driver sets it again once its step in progress ended, so the hold's
-        time counts from the step boundary).
+        step until that migration activates or aborts (``holding``), at most until the
+        source's expected freeze (``msg.freeze_in_s`` after the message ``arrived``, default
+        ``now``) plus ``min(msg.hold_s, max_step_hold_s)``. Refused for a migration this
+        instance holds no reservation for, or when holds are off here (``max_step_hold_s``
+        0); a later hold replaces one.
 
-        A threaded driver calls this without its engine lock (the hold must not wait for
-        the step it is meant to be the last before the commit): it only reads the record
-        table and replaces one attribute.
+        ``boundary``: this instance is between steps (the simulator's messages always find it
+        so). A threaded driver first calls with ``boundary=False`` as the message arrives,
+        without its engine lock (the hold must not wait for the step it is meant to be the
+        last before the commit; it only reads the record table and replaces one attribute):
+        that keeps the next step from starting. It calls again under its lock once its step in
+        progress ended (with ``arrived``), and only then is the hold decided: the source's
+        freeze still ``remaining`` away, it holds if that is at most ``hold_wait_fraction`` of
+        this instance's latest step, else refuses and steps on (the request then joins the
+        step after, waiting less than the rest of that step; idling longer would cost this
+        instance's other requests more than it saves the migrating one).
         """
         if self._dead:
             return wire.Reply(ok=False, error=f"instance {self.instance_id} crashed")
@@ -403,7 +411,17 @@ class LlumletCore:
             return wire.Reply(ok=False, error="this instance does not hold its steps")
         if msg.migration_id not in self.dest.incoming:
             return wire.Reply(ok=False, error=f"no incoming migration {msg.migration_id!r} to hold for")
-        self._hold = (msg.migration_id, now + min(msg.hold_s, cap))
+        remaining = max(0.0, (now if arrived is None else arrived) + msg.freeze_in_s - now)
+        step_s = self.stats.last_step_ms / 1e3
+        may_wait = self.config.hold_wait_fraction * step_s if step_s > 0 else cap
+        if not boundary:  # keep the next step from starting until the decision at the boundary
+            self._hold = (msg.migration_id, now + remaining + may_wait + min(msg.hold_s, cap))
+            return wire.Reply(ok=True)
+        if remaining > may_wait:
+            self._hold = None
+            return wire.Reply(ok=False, error=f"the source freezes in {remaining * 1e3:.1f} ms, more than this "
+                                              f"instance idles for it ({may_wait * 1e3:.1f} ms): it steps on")
+        self._hold = (msg.migration_id, now + remaining + min(msg.hold_s, cap))
         return wire.Reply(ok=True)
 
     def hold_out(self, request_id: str, hold_s: float, now: float) -> None:

@@ -29,7 +29,7 @@ from llumnix_py.errors import LlumnixError
 from llumnix_py.llumlet_core import LlumletCore
 from migration.driver import MigrationDriver, MigrationResult, TransportPort
 from migration.ownership import OwnershipPort
-from migration.protocol import MigrationConfig, MigrationMode, MigrationStatus, SourceMigration
+from migration.protocol import MAX_HOLD_S, MigrationConfig, MigrationMode, MigrationStatus, SourceMigration
 from migration.transports import MigrationTransport, TransportError, get_transport
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,18 @@ class LockedSource:
     """
 
     def __init__(self, core: LlumletCore, locked: Locked, hold_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 freeze_in: Optional[Callable[[], float]] = None) -> None:
         self._core = core
         self._locked = locked
         self._hold_s = hold_s
         self._clock = clock
+        self._freeze_in = freeze_in
+
+    def freeze_in(self) -> float:
+        """How soon ``freeze`` could take a request out of this engine's batch (the rest of
+        its step in progress), ``MAX_HOLD_S`` at most; 0 when unknown."""
+        return min(self._freeze_in(), MAX_HOLD_S) if self._freeze_in is not None else 0.0
 
     def _alive(self) -> None:
         if self._core.dead:  # a crashed instance sends nothing more (as if its process were gone)
@@ -121,9 +128,11 @@ class OutgoingMigrations:
     """
 
     def __init__(self, core: LlumletCore, locked: Locked, on_done: Callable[[MigrationResult], None],
-                 ownership: Optional[OwnershipPort] = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 ownership: Optional[OwnershipPort] = None, clock: Callable[[], float] = time.monotonic,
+                 freeze_in: Optional[Callable[[], float]] = None) -> None:
         self._core = core
         self._clock = clock
+        self._freeze_in = freeze_in
         self._ownership = ownership
         self._locked = locked
         self._on_done = on_done
@@ -191,7 +200,7 @@ class OutgoingMigrations:
         # A live stop-and-copy (a few messages) holds this engine's steps; a blocking copy
         # or a waiting request's move does not (the rest of the batch runs on meanwhile).
         hold_s = config.commit_hold_s if config.mode == MigrationMode.LIVE and not waiting else 0.0
-        source = LockedSource(self._core, self._locked, hold_s, self._clock)
+        source = LockedSource(self._core, self._locked, hold_s, self._clock, self._freeze_in)
         conn: Optional[MigrationTransport] = None
         healthy = True
         try:

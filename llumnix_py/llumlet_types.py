@@ -42,6 +42,13 @@ class LlumletConfig:
             engine steps when the source announces its stop-and-copy (``wire.Hold``); the
             source asks for ``MigrationConfig.commit_hold_s``, the shorter one applies. 0
             refuses holds (each stop-and-copy message then may wait for a step here).
+        hold_wait_fraction: as a destination, how long this instance may idle for a source's
+            freeze before the stop-and-copy, as a fraction of its own latest step: a hold whose
+            freeze (``wire.Hold.freeze_in_s``) comes later than that at this instance's step
+            boundary is refused, and the instance runs one more step instead (the request then
+            waits less than the rest of that step), rather than idling and lapsing anyway. With
+            the default 0.5 neither side waits more than half a step for the other. Before the
+            first step is measured, ``max_step_hold_s`` is the bound.
         gil_switch_interval_s: the Python thread switch interval a process running a
             llumlet should use (``sys.setswitchinterval``; Python's default is 5 ms). The
             runtime that owns the process applies it: a migration message waiting up to
@@ -65,6 +72,7 @@ class LlumletConfig:
     chunk_blocks: int = 256
     idle_wait_s: float = 0.01
     max_step_hold_s: float = 0.1
+    hold_wait_fraction: float = 0.5
     lease_timeout_s: Optional[float] = 30.0
     gil_switch_interval_s: Optional[float] = 0.0005
     secret: Optional[str] = field(default=None, repr=False)
@@ -79,6 +87,8 @@ class LlumletConfig:
             raise ValueError("claim_retry_s must be positive")
         if not 0 <= self.max_step_hold_s <= MAX_HOLD_S:
             raise ValueError(f"max_step_hold_s must be in [0, {MAX_HOLD_S}] seconds, got {self.max_step_hold_s}")
+        if not 0 <= self.hold_wait_fraction <= 1:
+            raise ValueError(f"hold_wait_fraction must be in [0, 1], got {self.hold_wait_fraction}")
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
 

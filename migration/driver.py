@@ -43,6 +43,14 @@ class DestinationPort(Protocol):
     def abort(self, migration_id: str, reason: str, attempts: int = 3) -> Optional[bool]: ...
 
 
+def _freeze_in(src: object) -> float:
+    """The source's ``freeze_in()`` (how soon it could freeze the request: the rest of its step
+    in progress), for ``wire.Hold``; 0 for a source that does not tell (an engine used
+    directly, between steps by construction)."""
+    freeze_in = getattr(src, "freeze_in", None)
+    return float(freeze_in()) if freeze_in is not None else 0.0
+
+
 class TransportPort:
     """The destination behind a ``MigrationTransport``; KV data is read and sent chunk by
     chunk, so packing chunk k+1 overlaps sending chunk k."""
@@ -71,7 +79,7 @@ class TransportPort:
         return reply.ok, reply.error or ""
 
     def hold(self, migration_id, hold_s):
-        reply = self.transport.call(wire.Hold(migration_id, hold_s))
+        reply = self.transport.call(wire.Hold(migration_id, hold_s, _freeze_in(self.src)))
         return reply.ok, reply.error or ""
 
     ABORT_ATTEMPTS = 3
@@ -134,7 +142,7 @@ class LocalPort:
         return reply.ok, reply.error or ""
 
     def hold(self, migration_id, hold_s):
-        reply = self._handle(wire.Hold(migration_id, hold_s))
+        reply = self._handle(wire.Hold(migration_id, hold_s, _freeze_in(self.src)))
         return reply.ok, reply.error or ""
 
     def abort(self, migration_id, reason, attempts=1):

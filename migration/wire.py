@@ -9,10 +9,13 @@ tensor payload. The source sends requests, the destination answers each with a
       Blocks(migration_id, ids, dtype, shape)
         + payload (shape[0] == len(ids))    ->  write KV blocks   -> Reply(ok)
       Commit(migration_id, state)           ->  adopt, parked     -> Reply(ok)
-      Hold(migration_id, hold_s)            ->  start no step until  -> Reply(ok)
-                                                this migration activates or aborts,
-                                                for hold_s at most (answered at once,
-                                                never after a step)
+      Hold(migration_id, hold_s,            ->  start no step until  -> Reply(ok)
+           [freeze_in_s])                       this migration activates or aborts,
+                                                for hold_s at most past the source's
+                                                freeze, due in freeze_in_s (answered
+                                                at the step boundary; refused when
+                                                waiting for that freeze would idle
+                                                more than a part of a step here)
       Activate(migration_id)                ->  join running batch -> Reply(ok)
       Abort(migration_id, reason)           ->  free reservation  -> Reply(ok)
                                                 (or a parked copy)
@@ -132,15 +135,22 @@ class Activate:
 @dataclass(frozen=True)
 class Hold:
     """The source is about to stop-and-copy this migration: the destination should start
-    no engine step until it activates or aborts (or ``hold_s`` passed), so that the last
-    messages find its engine between steps and the request joins its very next step."""
+    no engine step until it activates or aborts (or ``hold_s`` passed after the freeze), so
+    that the last messages find its engine between steps and the request joins its very next
+    step. ``freeze_in_s``: when the source expects to freeze the request (the rest of its
+    step in progress; 0: at once), so the destination can tell whether waiting for it is
+    worth idling for."""
 
     migration_id: str
     hold_s: float
+    freeze_in_s: float = 0.0
     TYPE = "hold"
 
     def to_header(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "migration_id": self.migration_id, "hold_s": float(self.hold_s)}
+        header = {"type": self.TYPE, "migration_id": self.migration_id, "hold_s": float(self.hold_s)}
+        if self.freeze_in_s:
+            header["freeze_in_s"] = float(self.freeze_in_s)
+        return header
 
 
 @dataclass(frozen=True)
@@ -324,8 +334,12 @@ def decode_request(header: Any, payload_nbytes: Optional[int]) -> Message:
         h = _fields(header, "activate", {"type", "migration_id"})
         return Activate(_str(h["migration_id"], "migration_id"))
     if kind == Hold.TYPE:
-        h = _fields(header, "hold", {"type", "migration_id", "hold_s"})
-        return Hold(_str(h["migration_id"], "migration_id"), _seconds(h["hold_s"], "hold_s", MAX_HOLD_S))
+        h = _fields(header, "hold", {"type", "migration_id", "hold_s"}, frozenset({"freeze_in_s"}))
+        freeze_in = h.get("freeze_in_s", 0.0)
+        if isinstance(freeze_in, bool) or not isinstance(freeze_in, (int, float)) or freeze_in != 0:
+            freeze_in = _seconds(freeze_in, "freeze_in_s", MAX_HOLD_S)  # 0 (a freeze at once) or in (0, max]
+        return Hold(_str(h["migration_id"], "migration_id"), _seconds(h["hold_s"], "hold_s", MAX_HOLD_S),
+                    float(freeze_in))
     if kind == Ping.TYPE:
         _fields(header, "ping", {"type"})
         return Ping()

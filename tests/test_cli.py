@@ -45,6 +45,22 @@ def test_migration_cooldown_flag_reaches_the_policy_and_a_negative_one_is_a_usag
     assert info.value.code == 2 and "migration_cooldown_s must be a finite number >= 0" in capsys.readouterr().err
 
 
+def test_step_hold_flags_reach_the_llumlet_and_out_of_range_ones_are_usage_errors(capsys):
+    cfg = cluster_config(build_parser().parse_args(["serve"]))
+    assert (cfg.llumlet.migration.commit_hold_s, cfg.llumlet.max_step_hold_s) == (0.05, 0.1)  # the configs' defaults
+    assert cfg.llumlet.hold_wait_fraction == 0.5
+    cfg = cluster_config(build_parser().parse_args(["serve", "--commit-hold-ms", "0", "--max-step-hold-ms", "250",
+                                                    "--hold-wait-fraction", "0.25"]))
+    assert (cfg.llumlet.migration.commit_hold_s, cfg.llumlet.max_step_hold_s) == (0.0, 0.25)
+    assert cfg.llumlet.hold_wait_fraction == 0.25
+    for flag, field in (("--commit-hold-ms", "commit_hold_s"), ("--max-step-hold-ms", "max_step_hold_s"),
+                        ("--hold-wait-fraction", "hold_wait_fraction")):
+        for bad in ("-1", "5000"):
+            with pytest.raises(SystemExit) as info:
+                main(["serve", "--runtime", "local", flag, bad])
+            assert info.value.code == 2 and f"{field} must be in [0, 1" in capsys.readouterr().err
+
+
 def test_unknown_policy_name_is_an_error():
     args = build_parser().parse_args(["serve", "--dispatch", "nope"])
     with pytest.raises(KeyError):

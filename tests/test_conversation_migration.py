@@ -9,7 +9,9 @@ its KV is kept. The scheduler then reports the conversation on its new home, tur
 dispatched there and restores the prefix, and every turn's tokens equal a run without
 reuse or migration. No device or host block leaks on either side. A turn migrated while
 still queued takes its conversation's stored prefix along (over the instances' transport)
-and restores it on the destination; its home keeps no stale copy.
+and restores it on the destination; its home keeps no stale copy. Each test runs twice: the
+instances move KV in process (``inproc``) and over zmq on loopback (``zmq``: real frames,
+the host-pool blocks of a carried prefix included, validated by the wire format on receipt).
 """
 
 from __future__ import annotations
@@ -27,19 +29,21 @@ BS = 8
 SP = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
-def config() -> ClusterConfig:
+def config(transport: str = "inproc") -> ClusterConfig:
     engine = EngineSpec(engine=EngineConfig(num_blocks=128, block_size=BS, max_batch_size=8, num_host_blocks=64,
                                             conversation_host_blocks=48), model=SMALL_MODEL)
     return ClusterConfig(
         num_instances=2, runtime="local", engine=engine,
         scheduler=SchedulerConfig(policy=PolicyConfig(dispatch="conversation"), poll_interval_s=0.01,
                                   migration_interval_s=0.02, enable_migration=False),
-        llumlet=LlumletConfig(instance_id="template", transport="inproc"))
+        llumlet=LlumletConfig(instance_id="template", transport=transport))
 
 
-@pytest.fixture
-def cluster():
-    c = Cluster.start(config())
+@pytest.fixture(params=["inproc", "zmq"])
+def cluster(request):
+    """The two instances, their KV moving in process or over zmq on loopback (real frames
+    through the wire format, validated on receipt)."""
+    c = Cluster.start(config(request.param))
     try:
         yield c
     finally:

@@ -201,3 +201,27 @@ def test_a_fair_engine_reports_its_counters_and_clients():
     assert load.running[0].client_id == "a"
     assert load.client_service == (("a", 8.0 + 2.0),)  # 8 prompt tokens, 1 generated (weight 2)
     assert make_engine("sim").load().client_service == ()
+
+
+
+def test_an_over_budget_prompt_first_in_fair_order_gets_a_step_of_its_own():
+    """A prompt longer than ``max_batched_tokens`` that the fairness order puts first, though it
+    is not the oldest request, runs alone in a step (as the oldest would), and the queue behind
+    it moves on. The engine used to plan empty steps forever: the over-budget rule looked at the
+    arrival order's head, the admissions stopped at the fairness order's."""
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    e = make_engine("sim", num_blocks=64, block_size=4, max_batch_size=4, fairness=True, max_batched_tokens=32)
+    e.add_request(Request("l0", tuple(range(1, 5)), sp, arrival_time=0.0, client_id="light"))
+    e.add_request(Request("h0", tuple(range(10, 34)), sp, arrival_time=0.0, client_id="heavy"))
+    e.step()  # both prefilled: the heavy client has been served 24 prompt tokens, the light one 4
+    e.add_request(Request("h1", tuple(range(40, 50)), sp, arrival_time=1.0, client_id="heavy"))
+    e.add_request(Request("l1", tuple(range(60, 100)), sp, arrival_time=2.0, client_id="light"))  # 40 > 32
+    assert [s.request_id for s in e.scheduler.fair.order(e.scheduler.waiting)] == ["l1", "h1"]
+    done: set[str] = set()
+    for _ in range(60):
+        if not e.has_unfinished():
+            break
+        out = e.step()
+        e.check_invariants()
+        done |= {o.request_id for o in out.outputs if o.finish_reason is not None}
+    assert done == {"l0", "h0", "h1", "l1"}, f"stuck with {sorted(done)} finished"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from llumnix_py.engines.types import Request, SamplingParams
 from llumnix_py.frontend.handles import OrderedStream
 from llumnix_py.llumlet import Llumlet
+from llumnix_py.llumlet_migration import LockedSource
 from llumnix_py.llumlet_types import LlumletConfig
 from llumnix_py.tokens import CallbackSink
 from migration import wire
+from migration.driver import TransportPort
 from migration.protocol import MigrationConfig, MigrationStatus
 from migration.transports import register_transport
 from migration.transports.inproc import InprocMigrationServer, InprocMigrationTransport
@@ -278,18 +282,16 @@ def test_concurrent_migrations_to_one_destination_use_their_own_connections():
         b.stop()
 
 
-def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
-    """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
-    progress ended; the engine loop then starts no step until the migration aborts (or
-    activates) or the hold's deadline passes on the llumlet's clock."""
-    clock = ManualClock(100.0)
+def gated_llumlet(clock: ManualClock, **config):
+    """A started llumlet whose engine's next step, once ``gate[0]`` is set, waits inside (the
+    engine lock held) until ``go`` is set: (llumlet, steps, gate, inside, go)."""
     engine = make_engine(dtype="float64", num_blocks=64, max_batch_size=8)
-    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", max_step_hold_s=0.5), engine,
-                CallbackSink(Recorder()), clock=clock)
+    b = Llumlet(LlumletConfig(instance_id="b", transport="inproc", **config), engine, CallbackSink(Recorder()),
+                clock=clock)
     steps, gate, inside, go = [0], [False], threading.Event(), threading.Event()
     engine_step = engine.step
 
-    def gated_step():  # while ``gate``: the next step waits inside, the engine lock held
+    def gated_step():
         steps[0] += 1
         if gate[0]:
             gate[0] = False
@@ -298,6 +300,17 @@ def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_
         return engine_step()
 
     engine.step = gated_step
+    b.start()
+    return b, steps, gate, inside, go
+
+
+def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
+    """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
+    progress ended; the engine loop then starts no step until the migration aborts (or
+    activates) or the hold's deadline passes on the llumlet's clock."""
+    clock = ManualClock(100.0)
+    b, steps, gate, inside, go = gated_llumlet(clock, max_step_hold_s=0.5)
+    engine = b.engine
     told = [0]  # loop iterations told to hold
     holding = b.core.holding
 
@@ -307,7 +320,6 @@ def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_
         return until
 
     b.core.holding = counted_holding
-    b.start()
     client = InprocMigrationTransport(b.address, timeout_s=60)
     client.connect()
     try:
@@ -393,4 +405,68 @@ def test_the_source_starts_no_step_from_the_freeze_to_the_end_of_a_live_stop_and
         rec.release()
         a.abort("bg")
         a.stop()
+        b.stop()
+
+
+def test_freeze_in_is_the_rest_of_the_step_in_progress_and_a_hold_carries_it():
+    """A source tells its destination how soon it can freeze: the step in progress began at the
+    llumlet's clock reading, and should last as long as the latest one."""
+    clock = ManualClock(100.0)
+    b, steps, gate, inside, go = gated_llumlet(clock)
+    try:
+        b.add_request(request("bg", max_tokens=2000))
+        wait_for(lambda: steps[0] >= 2 and b.core.stats.last_step_ms > 0, 60, "a measured step")
+        gate[0] = True
+        assert inside.wait(60)  # a step is in progress, begun at 100.0 on the manual clock
+        last = b.core.stats.last_step_ms / 1e3
+        assert b.freeze_in() == pytest.approx(last)
+        clock.advance(last / 2)
+        assert b.freeze_in() == pytest.approx(last / 2)
+        sent: list = []
+
+        class Capture:  # a transport that records what it is asked to send
+            chunk_blocks = 16
+
+            def call(self, msg):
+                sent.append(msg)
+                return wire.Reply(True)
+
+        source = LockedSource(b.core, b._locked, 0.05, clock, b.freeze_in)
+        assert TransportPort(Capture(), source).hold("m1", 0.05) == (True, "")
+        assert sent[0] == wire.Hold("m1", 0.05, pytest.approx(last / 2))  # the source's hold says so
+        clock.advance(last)
+        assert b.freeze_in() == 0.0  # overdue: the freeze comes as soon as the step ends
+    finally:
+        go.set()
+        b.stop()
+
+
+def test_a_refused_hold_lets_the_engine_loop_step_on_at_once():
+    """A source whose freeze is further away than half a step here is refused at this
+    instance's step boundary, and the next step starts without waiting for any deadline (the
+    manual clock never moves)."""
+    clock = ManualClock(100.0)
+    b, steps, gate, inside, go = gated_llumlet(clock, max_step_hold_s=0.5)
+    client = InprocMigrationTransport(b.address, timeout_s=60)
+    client.connect()
+    try:
+        b.add_request(request("bg", max_tokens=2000))
+        wait_for(lambda: steps[0] >= 2 and b.core.stats.last_step_ms > 0, 60, "a measured step")
+        assert client.call(wire.PreAlloc("m1", "incoming", 2)).ok
+        gate[0] = True
+        assert inside.wait(60)
+        replies: list[wire.Reply] = []
+        far = min(wire.MAX_HOLD_S, b.core.stats.last_step_ms / 1e3 + 0.2)  # more than half a step away
+        sender = threading.Thread(target=lambda: replies.append(client.call(wire.Hold("m1", 0.2, far))))
+        sender.start()
+        wait_for(lambda: b.core.holding(clock()) is not None, 60, "the tentative hold, before any lock")
+        in_progress = steps[0]
+        go.set()
+        sender.join(60)
+        assert replies and not replies[0].ok and "steps on" in replies[0].error
+        assert b.core.holding(clock()) is None
+        wait_for(lambda: steps[0] > in_progress, 60, "the next step, with the clock standing still")
+    finally:
+        go.set()
+        client.close()
         b.stop()

@@ -345,6 +345,41 @@ def test_a_hold_lasts_through_the_commit_and_ends_with_the_activation():
     assert held_at["FreeSrc"] is None and dst.holding(0.0) is None  # activated: it runs there
 
 
+def test_a_hold_idles_for_the_source_s_freeze_at_most_part_of_a_step_here():
+    """``wire.Hold.freeze_in_s``: the destination waits for the source's freeze at its step
+    boundary only if that freeze comes within ``hold_wait_fraction`` of its own latest step
+    (before any step, ``max_step_hold_s``); otherwise it refuses and steps on, instead of
+    idling and then lapsing anyway. A held hold lasts to the freeze plus the stop-and-copy."""
+    dst = make_core("dst", max_step_hold_s=0.1)  # hold_wait_fraction 0.5
+    assert dst.handle(wire.PreAlloc("m1", "r", 2), None, now=0.0).ok
+    assert dst.hold(wire.Hold("m1", 0.05, 0.08), 1.0).ok  # no step measured yet: waits up to 0.1 s
+    assert dst.holding(1.0) == pytest.approx(1.0 + 0.08 + 0.05)
+    late = dst.hold(wire.Hold("m1", 0.05, 0.2), 2.0)
+    assert not late.ok and "steps on" in late.error and dst.holding(2.0) is None
+
+    dst.stats.last_step_ms = 200.0  # its steps take 200 ms: it idles 100 ms at most for a freeze
+    msg = wire.Hold("m1", 0.05, 0.15)  # arrives mid-step at 3.0; the source freezes at 3.15
+    assert dst.hold(msg, 3.0, boundary=False).ok
+    assert dst.holding(3.01) is not None  # no step starts before the decision at the boundary
+    assert dst.hold(msg, 3.08, arrived=3.0).ok  # its step ended at 3.08: 70 ms to wait
+    assert dst.holding(3.08) == pytest.approx(3.15 + 0.05)
+    msg = wire.Hold("m1", 0.05, 0.3)
+    assert dst.hold(msg, 4.0, boundary=False).ok
+    refused = dst.hold(msg, 4.05, arrived=4.0)  # 250 ms to the freeze at the boundary: not worth it
+    assert not refused.ok and "250.0 ms" in refused.error and dst.holding(4.05) is None
+    assert dst.hold(wire.Hold("m1", 0.5), 5.0).ok  # a source already between steps: as before
+    assert dst.holding(5.0) == pytest.approx(5.1)  # capped by max_step_hold_s
+
+    never = make_core("never", max_step_hold_s=0.1, hold_wait_fraction=0.0)
+    never.stats.last_step_ms = 200.0
+    assert never.handle(wire.PreAlloc("m1", "r", 2), None, now=0.0).ok
+    assert not never.hold(wire.Hold("m1", 0.05, 0.01), 1.0).ok  # waits for no freeze
+    assert never.hold(wire.Hold("m1", 0.05), 1.0).ok  # a freeze due now
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="hold_wait_fraction"):
+            LlumletConfig("x", transport="inproc", hold_wait_fraction=bad)
+
+
 def test_holds_are_refused_when_off_or_crashed_and_the_cap_is_validated():
     off = make_core("off", max_step_hold_s=0.0)
     assert off.handle(wire.PreAlloc("m1", "r", 1), None, now=0.0).ok

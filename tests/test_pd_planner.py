@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import disaggregation
@@ -203,3 +205,57 @@ def test_a_layout_whose_instances_cannot_hold_the_longest_request_is_not_a_candi
         assert (r["infeasible"] is not None) == (1 in (r["tp_prefill"], r["tp_decode"])), r
         assert r["infeasible"] is None or r["goodput_rps"] == 0
     assert ranked[0]["infeasible"] is None and (ranked[0]["tp_prefill"], ranked[0]["tp_decode"]) == (2, 2)
+
+
+def test_chatbot_distserve_resamples_distserve_s_own_requests():
+    """``chatbot-distserve``: every request is one of DistServe's published (prompt, output) pairs,
+    the same ones at every rate of a seed, and the application describes them (mean, P99)."""
+    app = APPLICATIONS["chatbot-distserve"]
+    data = json.loads((Path(__file__).resolve().parents[1] / "experiments" / "data" /
+                       "distserve_opt13b_vllm.json").read_text())
+    measured = {(r["prompt_len"], r["output_len"]) for r in data["traces"]["vllm-300-3"]}
+    assert set(app.pairs) == measured and len(app.pairs) == 300
+    a = make_requests(app, 400, 2.0, seed=5)
+    b = make_requests(app, 400, 8.0, seed=5)
+    assert {(r.prompt_len, r.output_len) for r in a} <= measured
+    assert len({(r.prompt_len, r.output_len) for r in a}) > 150  # resampled, not one pair repeated
+    assert [(r.prompt_len, r.output_len) for r in a] == [(r.prompt_len, r.output_len) for r in b]
+    assert [(r.prompt_len, r.output_len) for r in a] != [(r.prompt_len, r.output_len)
+                                                          for r in make_requests(app, 400, 2.0, seed=6)]
+    prompts = [p for p, _ in app.pairs]
+    assert app.prompt[0] == pytest.approx(sum(prompts) / len(prompts))
+    assert app.prompt[1] == pytest.approx(float(np.percentile(prompts, 99)))
+
+
+def test_profile_check_replays_distserve_s_measured_runs(tmp_path):
+    """``experiments/profile_check.py``: the measured side is the data's own (its medians), the
+    simulated side a replay of the same requests on opt-13b-a100 (every request finished)."""
+    from experiments import profile_check
+
+    js = tmp_path / "pc.json"
+    out = profile_check.main(["--smoke", "--no-progress", "--out", str(tmp_path / "out"), "--json", str(js)])
+    assert json.loads(js.read_text()) == json.loads(json.dumps(out))
+    (name,) = out["traces"]
+    records = profile_check.load()["traces"][name]
+    r = out["traces"][name]
+    assert r["requests"] == len(records) == 100
+    assert r["ttft_ms"]["measured_p50"] == pytest.approx(float(np.median([x["ttft_ms"] for x in records])))
+    assert 0 < r["ttft_ms"]["simulated_p50"] < 10_000 and 0 < r["tpot_ms"]["simulated_p50"] < 1_000
+    assert 0 <= r["attainment"]["measured"] <= 1 and 0 <= r["attainment"]["simulated"] <= 1
+    assert sum(b["requests"] for b in r["ttft_by_prompt"]) == 100
+    assert (tmp_path / "out" / "profile_check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "out" / "profile_check.md").read_text()
+    assert md.startswith("# ") and "|---|" in md
+    ttft, tpot = profile_check.replay(records)
+    assert all(t < float("inf") for t in ttft)  # every request of the trace finished in the replay
+    assert sum(p is None for p in tpot) == sum(x["output_len"] == 1 for x in records)
+
+
+def test_profile_check_refuses_bad_lengths(tmp_path):
+    from experiments import profile_check
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"source": {}, "traces": {"t": [{"prompt_len": 0, "output_len": 3, "issue_time": 0.0,
+                                                              "ttft_ms": 1.0, "tpot_ms": 1.0}]}}))
+    with pytest.raises(ValueError, match="bad lengths"):
+        profile_check.load(bad)

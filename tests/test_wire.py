@@ -41,6 +41,7 @@ MESSAGES = [
     (wire.Abort("m1", "source finished the request"), None),
     (wire.Hold("m1", 0.05), None),
     (wire.Hold("m1", wire.MAX_HOLD_S), None),
+    (wire.Hold("m1", 0.05, 0.012), None),
     (wire.Ping(), None),
 ]
 
@@ -98,6 +99,11 @@ def test_successful_reply_with_a_code_rejected():
     ({"type": "hold", "migration_id": "m"}, None, "missing"),
     ({"type": "hold", "migration_id": "", "hold_s": 0.05}, None, "empty"),
     ({"type": "hold", "migration_id": "m", "hold_s": 0.05}, 8, "payload"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": -0.01}, None, "freeze_in_s"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": 1.5}, None, "freeze_in_s"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": float("nan")}, None, "freeze_in_s"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": False}, None, "number"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": "0"}, None, "number"),
     ({"type": "ping", "seq": 1}, None, "unexpected"),
     ({"type": "pong"}, None, "unknown message type"),
     ({}, None, "unknown message type"),

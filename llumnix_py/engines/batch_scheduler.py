@@ -227,17 +227,20 @@ class BatchScheduler:
     def schedule(self) -> StepPlan:
         """Plan one step: decodes (preempting if blocks run out), then FCFS admissions.
 
-        A head of the queue longer than ``max_batched_tokens`` minus the running batch
-        (one token each) cannot share a step: it gets the step to itself, and the decodes
-        wait one step, as every prompt step of vLLM <= 0.3 did. Waiting for the batch to
-        empty instead would block the queue behind it until every running request
-        finished (a re-prefill after preemption grows past the budget with its outputs).
+        A head of the queue (the first to admit: the oldest, or the fair-share order's first)
+        longer than ``max_batched_tokens`` minus the running batch (one token each) cannot
+        share a step: it gets the step to itself, and the decodes wait one step, as every
+        prompt step of vLLM <= 0.3 did. Waiting for the batch to empty instead would block the
+        queue behind it until every running request finished (a re-prefill after preemption
+        grows past the budget with its outputs), and for good when it is longer than the
+        budget itself.
         """
         if self.batch_policy is not None:
             return self._schedule_by_policy(self.batch_policy)
         plan = StepPlan()
-        if self.waiting and self.admit_tokens(self.waiting[0]) > self.max_batched_tokens - len(self.running):
-            self._plan_prefills(plan, budget=self.admit_tokens(self.waiting[0]))  # the head alone, if it fits
+        head = self.head()
+        if head is not None and self.admit_tokens(head) > self.max_batched_tokens - len(self.running):
+            self._plan_prefills(plan, budget=self.admit_tokens(head))  # the head alone, if it fits
             if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan)
@@ -381,8 +384,14 @@ class BatchScheduler:
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
+    def head(self) -> Optional[Sequence]:
+        """The waiting request admitted first (without a batch policy): the oldest, or the
+        fair-share order's first; None when nothing waits."""
+        if not self.waiting:
+            return None
+        return self.fair.order(self.waiting)[0] if self.fair is not None else self.waiting[0]
+
     def head_blocked(self) -> bool:
         """True when the head of the queue waits for blocks (fragmentation signal)."""
-        if not self.waiting:
-            return False
-        return not self.blocks.can_allocate(self.admit_blocks(self.waiting[0]))
+        head = self.head()
+        return head is not None and not self.blocks.can_allocate(self.admit_blocks(head))
