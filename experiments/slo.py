@@ -35,8 +35,13 @@ job's KV.
 
 Goodput: output tokens of requests that met their objective per second of the arrival span
 (so every system divides by the same time); attainment: share of requests that met theirs.
-JSON: ``{workload: {system: {rate: {"goodput": ..., "attainment": ..., "by_kind": {...}}}}}``
-plus ``rate_at_90`` per workload and system.
+Offered: output tokens of all requests per second of the same span (the goodput of a run in which
+every request met its objective).
+JSON: ``{workload: {system: {rate: {"goodput": ..., "attainment": ..., "offered": ..., "by_kind":
+{...}}}}}`` plus ``rate_at_90`` per workload and system, and ``target`` per workload: the issue's
+target comparison (JIT over the best baseline at the rate where that baseline first falls below 90%
+attainment, and the bound on any scheduler's ratio there; ``experiments/slo_target.py`` states the
+reading). ``--sweep-only`` runs the rate sweep alone.
 
 Resources: for one workload at one fixed rate (``--search-rate``), the smallest number of
 simulated instances at which each system keeps attainment >= 90%, found by bisection over
@@ -58,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common  # noqa: E402
 from experiments.jobs_loop import JobCluster, JobWorkload, job_results, make_job_workload  # noqa: E402
+from experiments.slo_target import target_rows, target_summary  # noqa: E402
 from experiments.workloads import WorkloadRequest, burstgpt_like, poisson_arrivals, sharegpt_like  # noqa: E402
 from llumnix_py.engines.types import Objective  # noqa: E402
 from llumnix_py.sim.cluster import SimCluster  # noqa: E402
@@ -159,6 +165,7 @@ def simulate(workload: Union[Sequence[WorkloadRequest], JobWorkload], system: st
     for k in by_kind.values():
         k["attainment"] = k["met"] / k["n"]
     out = {"goodput": met_tokens / max(span, 1e-9), "attainment": met / len(recs), "by_kind": by_kind,
+           "offered": sum(r.output_len for r in recs) / max(span, 1e-9),
            "migrations": len(res.migrations) if hasattr(res, "migrations") else None,
            "rescues": cluster.scheduler.num_rescues}
     if jobs is not None:
@@ -230,6 +237,8 @@ def _extra(ap) -> None:
     ap.add_argument("--job-calls", type=int, default=None, help="calls (at least) of the job-placement comparison")
     ap.add_argument("--job-instances", type=int, default=None, help="instances of the job-placement comparison")
     ap.add_argument("--jobs-only", action="store_true", help="run only the job-placement comparison")
+    ap.add_argument("--sweep-only", action="store_true", help="run only the rate sweep (no instance search, "
+                                                              "no job placement)")
 
 
 def run(args) -> dict:
@@ -257,8 +266,10 @@ def run(args) -> dict:
                  args.job_calls or placement[1], args.job_instances or placement[2])
     if args.jobs_only:
         workloads = ()
+    if args.sweep_only:
+        placement = (), placement[1], placement[2]
     n = args.requests or n
-    out: dict = {"results": {}, "rate_at_90": {}, "instances_for_90": {},
+    out: dict = {"results": {}, "rate_at_90": {}, "target": {}, "instances_for_90": {},
                  "config": {"instances": inst, "requests": n, "rates": list(rates)}}
     from tqdm import tqdm
 
@@ -268,8 +279,11 @@ def run(args) -> dict:
         out["results"].setdefault(w, {}).setdefault(s, {})[str(r)] = simulate(wl, s, inst, args.seed, False)
     for w, by_sys in out["results"].items():
         out["rate_at_90"][w] = {s: rate_at_90(v) for s, v in by_sys.items()}
+        if any(b in by_sys for b in BASELINES):
+            out["target"][w] = target_summary(by_sys, BASELINES)
     rate, sn, hi = search
-    for w in tqdm(workloads, disable=not args.progress, unit="workload", desc="instance search"):
+    searched = () if args.sweep_only else workloads
+    for w in tqdm(searched, disable=not args.progress, unit="workload", desc="instance search"):
         wl = make_slo_workload(w, sn, rate, args.seed)
         by_sys = {s: instances_for_90(wl, s, hi, args.seed) for s in systems}
         out["instances_for_90"][w] = {"rate": rate, "requests": sn, "max": hi, "systems": by_sys,
@@ -346,10 +360,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              att["job"], v["rescues"], v["goodput"] / base if base else float("nan")])
     r90 = [[w, s, v if v is not None else "below sweep"] for w, by in data["rate_at_90"].items()
            for s, v in by.items()]
+    th, trows = target_rows(data["target"])
     rh, rrows = _resource_rows(data["instances_for_90"])
     jh, jrows = _job_rows(data["job_placement"])
     tables = [("SLO goodput (16 simulated LLaMA-7B/A10 instances unless --instances)", headers, rows),
               ("Highest swept rate with attainment >= 90%", ["workload", "system", "rate"], r90),
+              ("Target: JIT over the best baseline where it first falls below 90% (best: the baseline "
+               "keeping 90% to the highest rate; bound: offered tokens/s over its goodput)", th, trows),
               ("Fewest instances with attainment >= 90% at a fixed rate", rh, rrows),
               (f"Job placement: agentic-loop on {data['job_placement']['instances']} instances", jh, jrows)]
     tables = [t for t in tables if t[2]]  # --jobs-only runs the last one alone
@@ -358,7 +375,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.write_markdown(args.out / "slo.md", "SLO-aware scheduling (issue 16)", tables,
                           notes=f"{data['config']}, seed {args.seed}. Command: python experiments/slo.py "
                                 f"{'--quick' if args.quick else ''}")
-    _plot_jobs(data["job_placement"], args.out / "slo_jobs.png")
+    if data["job_placement"]["rates"]:
+        _plot_jobs(data["job_placement"], args.out / "slo_jobs.png")
     if not res:  # --jobs-only
         common.write_json(args.json, data)
         return data

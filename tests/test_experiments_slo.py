@@ -28,7 +28,11 @@ def test_slo_smoke(tmp_path):
         for v in by_rate.values():
             assert 0 <= v["attainment"] <= 1 and v["goodput"] >= 0
             assert sum(k["n"] for k in v["by_kind"].values()) == data["config"]["requests"]
+            assert v["offered"] >= v["goodput"] and (v["offered"] == v["goodput"]) == (v["attainment"] == 1)
     assert set(data["rate_at_90"]["mixture"]) == set(slo.MAIN_SYSTEMS)
+    target = data["target"]["mixture"]
+    assert target["best"] in slo.BASELINES and set(target["baselines"]) == set(slo.BASELINES)
+    assert "Target" in md
     found = data["instances_for_90"]["mixture"]
     assert set(found["systems"]) == set(slo.MAIN_SYSTEMS) and set(found["jit_saving"]) == set(slo.BASELINES)
     for v in found["systems"].values():  # the count found meets 90%, and one fewer (run by bisection) does not
