@@ -13,6 +13,23 @@ is at least ``QUEUE_BOUND`` of its P99 TTFT, i.e. when the queue, not the prefil
 context switches, sets the TTFT tail. A turn's queue wait runs from its arrival to the
 start of the first step that computes any of its tokens. The makespan (virtual seconds
 until the last turn ended) is reported beside it.
+
+Load sweep (``--spreads 20,40,80,160``): the chosen systems (``--systems``, default
+``vllm-swap,swap-per-block,llumnix-py,-reuse``) run side by side at each spread (the
+conversations start uniformly within that many seconds: a smaller spread is a higher
+load), on the same conversations (same seed: the same turns and lengths, the starts
+scaled with the spread). Per load: P95/P99 TTFT and TBT of each system, their ratios
+against ``vllm-swap`` (its figure / the system's), the P99 queue wait (a turn's arrival
+to the first step that computes it), the fairness gap and the makespan, and whether the
+load is overloaded: ``vllm-swap``'s P99 queue wait is at least half its P99 TTFT (the
+queue sets the TTFT tail; ``experiments/fairness_load.py``). The sweep replaces the
+single-load table; its JSON is ``{"conversations", "turns", "load_sweep": {"baseline",
+"target", "overload_rule", "spreads_s", "points": [{"spread_s", "conversation_rate",
+"queue_share_p99", "overloaded", "systems": {name: {...the single-load keys...,
+"queue_wait_p50", "queue_wait_p99", "queue_wait_mean", "tbt_p999", "tbt_max", "ttft_p99_vs_vllm_swap",
+"tbt_p99_vs_vllm_swap", "ttft_p95_vs_vllm_swap", "tbt_p95_vs_vllm_swap", "target_met",
+"queue_share_p99"}}}]}}``; the plot is ``fairness_load.png`` (P99 TTFT and TBT ratios
+against the offered load). Without ``--spreads`` the output is as before.
 """
 
 from __future__ import annotations

@@ -237,8 +237,7 @@ def _extra(ap) -> None:
     ap.add_argument("--job-calls", type=int, default=None, help="calls (at least) of the job-placement comparison")
     ap.add_argument("--job-instances", type=int, default=None, help="instances of the job-placement comparison")
     ap.add_argument("--jobs-only", action="store_true", help="run only the job-placement comparison")
-    ap.add_argument("--sweep-only", action="store_true", help="run only the rate sweep (no instance search, "
-                                                              "no job placement)")
+    ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (no search, no job placement)")
 
 
 def run(args) -> dict:
