@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections import OrderedDict, deque
 from typing import Any, ContextManager, Optional, Sequence
 
@@ -389,7 +390,8 @@ class LlumletCore:
         """A source is about to stop-and-copy ``msg.migration_id`` into this instance: start no
         step until that migration activates or aborts (``holding``), at most until the
         source's expected freeze (``msg.freeze_in_s`` after the message ``arrived``, default
-        ``now``) plus ``min(msg.hold_s, max_step_hold_s)``. Refused for a migration this
+        ``now``; past it, the source's next step boundary after ``now``, ``msg.source_step_s``
+        apart) plus ``min(msg.hold_s, max_step_hold_s)``. Refused for a migration this
         instance holds no reservation for, or when holds are off here (``max_step_hold_s``
         0); a later hold replaces one.
 
@@ -411,7 +413,12 @@ class LlumletCore:
             return wire.Reply(ok=False, error="this instance does not hold its steps")
         if msg.migration_id not in self.dest.incoming:
             return wire.Reply(ok=False, error=f"no incoming migration {msg.migration_id!r} to hold for")
-        remaining = max(0.0, (now if arrived is None else arrived) + msg.freeze_in_s - now)
+        due = (now if arrived is None else arrived) + msg.freeze_in_s
+        if now > due and msg.source_step_s > 0:
+            # Answered after the source's predicted freeze: the source, stepping on while it waits
+            # for this answer, freezes at its first step boundary after it.
+            due += math.ceil((now - due) / msg.source_step_s) * msg.source_step_s
+        remaining = max(0.0, due - now)
         step_s = self.stats.last_step_ms / 1e3
         may_wait = self.config.hold_wait_fraction * step_s if step_s > 0 else cap
         if not boundary:  # keep the next step from starting until the decision at the boundary

@@ -59,6 +59,10 @@ class LockedSource:
         its step in progress), ``MAX_HOLD_S`` at most; 0 when unknown."""
         return min(self._freeze_in(), MAX_HOLD_S) if self._freeze_in is not None else 0.0
 
+    def step_s(self) -> float:
+        """How long this engine's steps take: the latest one, ``MAX_HOLD_S`` at most (0: none yet)."""
+        return min(self._core.stats.last_step_ms / 1e3, MAX_HOLD_S)
+
     def _alive(self) -> None:
         if self._core.dead:  # a crashed instance sends nothing more (as if its process were gone)
             raise TransportError(f"instance {self._core.instance_id} crashed")

@@ -43,12 +43,13 @@ class DestinationPort(Protocol):
     def abort(self, migration_id: str, reason: str, attempts: int = 3) -> Optional[bool]: ...
 
 
-def _freeze_in(src: object) -> float:
-    """The source's ``freeze_in()`` (how soon it could freeze the request: the rest of its step
-    in progress), for ``wire.Hold``; 0 for a source that does not tell (an engine used
-    directly, between steps by construction)."""
-    freeze_in = getattr(src, "freeze_in", None)
-    return float(freeze_in()) if freeze_in is not None else 0.0
+def _hold(src: object, migration_id: str, hold_s: float) -> wire.Hold:
+    """``wire.Hold`` with the source's timing: ``freeze_in()`` (how soon it could freeze the
+    request: the rest of its step in progress) and ``step_s()`` (how long its steps take); 0
+    for a source that does not tell (an engine used directly, between steps by construction)."""
+    freeze_in, step_s = getattr(src, "freeze_in", None), getattr(src, "step_s", None)
+    return wire.Hold(migration_id, hold_s, float(freeze_in()) if freeze_in is not None else 0.0,
+                     float(step_s()) if step_s is not None else 0.0)
 
 
 class TransportPort:
@@ -79,7 +80,7 @@ class TransportPort:
         return reply.ok, reply.error or ""
 
     def hold(self, migration_id, hold_s):
-        reply = self.transport.call(wire.Hold(migration_id, hold_s, _freeze_in(self.src)))
+        reply = self.transport.call(_hold(self.src, migration_id, hold_s))
         return reply.ok, reply.error or ""
 
     ABORT_ATTEMPTS = 3
@@ -142,7 +143,7 @@ class LocalPort:
         return reply.ok, reply.error or ""
 
     def hold(self, migration_id, hold_s):
-        reply = self._handle(wire.Hold(migration_id, hold_s, _freeze_in(self.src)))
+        reply = self._handle(_hold(self.src, migration_id, hold_s))
         return reply.ok, reply.error or ""
 
     def abort(self, migration_id, reason, attempts=1):

@@ -138,18 +138,21 @@ class Hold:
     no engine step until it activates or aborts (or ``hold_s`` passed after the freeze), so
     that the last messages find its engine between steps and the request joins its very next
     step. ``freeze_in_s``: when the source expects to freeze the request (the rest of its
-    step in progress; 0: at once), so the destination can tell whether waiting for it is
-    worth idling for."""
+    step in progress; 0: at once), and ``source_step_s`` how long its steps take (0: unknown),
+    so the destination can tell whether waiting for that freeze is worth idling for, and when
+    the next one comes if it answers after it."""
 
     migration_id: str
     hold_s: float
     freeze_in_s: float = 0.0
+    source_step_s: float = 0.0
     TYPE = "hold"
 
     def to_header(self) -> dict[str, Any]:
         header = {"type": self.TYPE, "migration_id": self.migration_id, "hold_s": float(self.hold_s)}
-        if self.freeze_in_s:
-            header["freeze_in_s"] = float(self.freeze_in_s)
+        for key in ("freeze_in_s", "source_step_s"):
+            if getattr(self, key):
+                header[key] = float(getattr(self, key))
         return header
 
 
@@ -239,6 +242,13 @@ def _seconds(v: Any, what: str, hi: float) -> float:
     if not (math.isfinite(v) and 0 < v <= hi):
         raise ProtocolError(f"{what} must be in (0, {hi}] seconds, got {v}")
     return float(v)
+
+
+def _seconds_or_0(v: Any, what: str) -> float:
+    """0 (none, or at once) or a duration in (0, ``MAX_HOLD_S``]."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != 0:
+        return _seconds(v, what, MAX_HOLD_S)
+    return 0.0
 
 
 def _str(v: Any, what: str, max_len: int = MAX_ID_LEN, allow_empty: bool = False) -> str:
@@ -334,12 +344,10 @@ def decode_request(header: Any, payload_nbytes: Optional[int]) -> Message:
         h = _fields(header, "activate", {"type", "migration_id"})
         return Activate(_str(h["migration_id"], "migration_id"))
     if kind == Hold.TYPE:
-        h = _fields(header, "hold", {"type", "migration_id", "hold_s"}, frozenset({"freeze_in_s"}))
-        freeze_in = h.get("freeze_in_s", 0.0)
-        if isinstance(freeze_in, bool) or not isinstance(freeze_in, (int, float)) or freeze_in != 0:
-            freeze_in = _seconds(freeze_in, "freeze_in_s", MAX_HOLD_S)  # 0 (a freeze at once) or in (0, max]
+        h = _fields(header, "hold", {"type", "migration_id", "hold_s"}, frozenset({"freeze_in_s", "source_step_s"}))
         return Hold(_str(h["migration_id"], "migration_id"), _seconds(h["hold_s"], "hold_s", MAX_HOLD_S),
-                    float(freeze_in))
+                    _seconds_or_0(h.get("freeze_in_s", 0.0), "freeze_in_s"),
+                    _seconds_or_0(h.get("source_step_s", 0.0), "source_step_s"))
     if kind == Ping.TYPE:
         _fields(header, "ping", {"type"})
         return Ping()

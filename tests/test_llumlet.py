@@ -433,7 +433,7 @@ def test_freeze_in_is_the_rest_of_the_step_in_progress_and_a_hold_carries_it():
 
         source = LockedSource(b.core, b._locked, 0.05, clock, b.freeze_in)
         assert TransportPort(Capture(), source).hold("m1", 0.05) == (True, "")
-        assert sent[0] == wire.Hold("m1", 0.05, pytest.approx(last / 2))  # the source's hold says so
+        assert sent[0] == wire.Hold("m1", 0.05, pytest.approx(last / 2), pytest.approx(last))  # its timing
         clock.advance(last)
         assert b.freeze_in() == 0.0  # overdue: the freeze comes as soon as the step ends
     finally:

@@ -369,6 +369,10 @@ def test_a_hold_idles_for_the_source_s_freeze_at_most_part_of_a_step_here():
     assert not refused.ok and "250.0 ms" in refused.error and dst.holding(4.05) is None
     assert dst.hold(wire.Hold("m1", 0.5), 5.0).ok  # a source already between steps: as before
     assert dst.holding(5.0) == pytest.approx(5.1)  # capped by max_step_hold_s
+    msg = wire.Hold("m1", 0.05, 0.02, 0.06)  # freeze due at 6.02; the source's steps take 60 ms
+    assert dst.hold(msg, 6.0, boundary=False).ok
+    assert dst.hold(msg, 6.1, arrived=6.0).ok  # answered after 6.02: the source freezes at 6.14, its next boundary
+    assert dst.holding(6.1) == pytest.approx(6.14 + 0.05)
 
     never = make_core("never", max_step_hold_s=0.1, hold_wait_fraction=0.0)
     never.stats.last_step_ms = 200.0

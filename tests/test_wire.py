@@ -42,6 +42,8 @@ MESSAGES = [
     (wire.Hold("m1", 0.05), None),
     (wire.Hold("m1", wire.MAX_HOLD_S), None),
     (wire.Hold("m1", 0.05, 0.012), None),
+    (wire.Hold("m1", 0.05, 0.012, 0.2), None),
+    (wire.Hold("m1", 0.05, 0.0, 0.2), None),
     (wire.Ping(), None),
 ]
 
@@ -104,6 +106,9 @@ def test_successful_reply_with_a_code_rejected():
     ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": float("nan")}, None, "freeze_in_s"),
     ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": False}, None, "number"),
     ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "freeze_in_s": "0"}, None, "number"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "source_step_s": -1.0}, None, "source_step_s"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "source_step_s": float("inf")}, None, "source_step_s"),
+    ({"type": "hold", "migration_id": "m", "hold_s": 0.05, "source_step_s": True}, None, "number"),
     ({"type": "ping", "seq": 1}, None, "unexpected"),
     ({"type": "pong"}, None, "unknown message type"),
     ({}, None, "unknown message type"),
