@@ -83,9 +83,8 @@ class Llumlet:
         self.ownership = ownership
         self._claim_lock = threading.Lock()
         self._claims: Optional[ThreadPoolExecutor] = None
-        self._step_started: Optional[float] = None  # when the step in progress began (None: between steps)
         self._outgoing = OutgoingMigrations(self.core, self._locked, self._migration_done, self._claim_port,
-                                            clock=lambda: self.clock(), freeze_in=self.freeze_in)
+                                            clock=lambda: self.clock())
         self._thread: Optional[threading.Thread] = None
         self._server = None
         self.address = ""
@@ -182,15 +181,6 @@ class Llumlet:
                 self._snapshot = self.engine.load()
         return self.core.load(self._snapshot)
 
-    def freeze_in(self) -> float:
-        """How soon a request could be frozen here (seconds): the rest of the step in progress,
-        predicted from the latest step's duration; 0 between steps. A live migration's source
-        tells its destination (``wire.Hold.freeze_in_s``)."""
-        started = self._step_started
-        if started is None:
-            return 0.0
-        return max(0.0, started + self.core.stats.last_step_ms / 1e3 - self.clock())
-
     def has_request(self, request_id: str) -> bool:
         with self._locked():
             return self.core.has_request(request_id)
@@ -209,11 +199,7 @@ class Llumlet:
                 refused = core.admit(self.clock()) if core.has_inbox() else {}
                 held_until = core.holding(self.clock())  # a migration's stop-and-copy is coming in
                 if held_until is None and core.step_due():
-                    self._step_started = self.clock()
-                    try:
-                        out, groups = core.step()
-                    finally:
-                        self._step_started = None
+                    out, groups = core.step(now=self.clock())
                 lapsed = core.on_timer(self.clock())
                 claims = core.claims_due(self.clock()) if self.ownership is not None and (
                     core.dest.parked or core.has_unresolved()) else []

@@ -98,6 +98,7 @@ class LlumletCore:
         self._unresolved: dict[str, tuple[str, float]] = {}  # migration id -> (frozen request id, next claim)
         self.links: dict[str, float] = {}  # peer migration address -> smoothed GB/s of finished migrations
         self._hold: Optional[tuple[str, float]] = None  # (migration id, until): see ``hold``
+        self._step_started: Optional[float] = None  # when the step in progress began (``step``'s ``now``)
         self._holds_out: dict[str, float] = {}  # request id -> until: see ``hold_out``
         self._dead = False
         if length_prior is None:  # the engine's batch policy's, when it estimates lengths
@@ -287,11 +288,16 @@ class LlumletCore:
         """Whether the engine has work: the driver should ``step``."""
         return self.engine.has_unfinished()
 
-    def step(self, route: bool = True) -> tuple[StepOutput, Emits]:
+    def step(self, route: bool = True, now: Optional[float] = None) -> tuple[StepOutput, Emits]:
         """Run one engine step; its outputs grouped by destination (none when not
         ``route``: a driver that delivers by request id, the simulator). Routing happens
-        with the step, so a migration committing right after cannot lose a step's tokens."""
-        out = self.engine.step()
+        with the step, so a migration committing right after cannot lose a step's tokens.
+        ``now``: when the step begins, for ``freeze_in`` while it runs (a threaded driver)."""
+        self._step_started = now
+        try:
+            out = self.engine.step()
+        finally:
+            self._step_started = None
         groups: Emits = {}
         reply_to = self._reply_to
         if not route:
@@ -430,6 +436,16 @@ class LlumletCore:
                                               f"instance idles for it ({may_wait * 1e3:.1f} ms): it steps on")
         self._hold = (msg.migration_id, now + remaining + min(msg.hold_s, cap))
         return wire.Reply(ok=True)
+
+    def freeze_in(self, now: float) -> float:
+        """How soon a request could be frozen here (seconds): the rest of the step in progress,
+        predicted from the latest step's duration; 0 between steps (or when the driver does not
+        say when its steps begin). A live migration's source tells its destination
+        (``wire.Hold.freeze_in_s``); may be read without the engine lock."""
+        started = self._step_started
+        if started is None:
+            return 0.0
+        return max(0.0, started + self.stats.last_step_ms / 1e3 - now)
 
     def hold_out(self, request_id: str, hold_s: float, now: float) -> None:
         """``request_id`` was frozen here for its stop-and-copy: start no step until it is

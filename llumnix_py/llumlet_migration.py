@@ -46,18 +46,16 @@ class LockedSource:
     """
 
     def __init__(self, core: LlumletCore, locked: Locked, hold_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 freeze_in: Optional[Callable[[], float]] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._core = core
         self._locked = locked
         self._hold_s = hold_s
         self._clock = clock
-        self._freeze_in = freeze_in
 
     def freeze_in(self) -> float:
         """How soon ``freeze`` could take a request out of this engine's batch (the rest of
-        its step in progress), ``MAX_HOLD_S`` at most; 0 when unknown."""
-        return min(self._freeze_in(), MAX_HOLD_S) if self._freeze_in is not None else 0.0
+        its step in progress, ``LlumletCore.freeze_in``), ``MAX_HOLD_S`` at most."""
+        return min(self._core.freeze_in(self._clock()), MAX_HOLD_S)
 
     def step_s(self) -> float:
         """How long this engine's steps take: the latest one, ``MAX_HOLD_S`` at most (0: none yet)."""
@@ -132,11 +130,9 @@ class OutgoingMigrations:
     """
 
     def __init__(self, core: LlumletCore, locked: Locked, on_done: Callable[[MigrationResult], None],
-                 ownership: Optional[OwnershipPort] = None, clock: Callable[[], float] = time.monotonic,
-                 freeze_in: Optional[Callable[[], float]] = None) -> None:
+                 ownership: Optional[OwnershipPort] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._core = core
         self._clock = clock
-        self._freeze_in = freeze_in
         self._ownership = ownership
         self._locked = locked
         self._on_done = on_done
@@ -204,7 +200,7 @@ class OutgoingMigrations:
         # A live stop-and-copy (a few messages) holds this engine's steps; a blocking copy
         # or a waiting request's move does not (the rest of the batch runs on meanwhile).
         hold_s = config.commit_hold_s if config.mode == MigrationMode.LIVE and not waiting else 0.0
-        source = LockedSource(self._core, self._locked, hold_s, self._clock, self._freeze_in)
+        source = LockedSource(self._core, self._locked, hold_s, self._clock)
         conn: Optional[MigrationTransport] = None
         healthy = True
         try:

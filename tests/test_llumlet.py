@@ -419,9 +419,9 @@ def test_freeze_in_is_the_rest_of_the_step_in_progress_and_a_hold_carries_it():
         gate[0] = True
         assert inside.wait(60)  # a step is in progress, begun at 100.0 on the manual clock
         last = b.core.stats.last_step_ms / 1e3
-        assert b.freeze_in() == pytest.approx(last)
+        assert b.core.freeze_in(clock()) == pytest.approx(last)
         clock.advance(last / 2)
-        assert b.freeze_in() == pytest.approx(last / 2)
+        assert b.core.freeze_in(clock()) == pytest.approx(last / 2)
         sent: list = []
 
         class Capture:  # a transport that records what it is asked to send
@@ -431,11 +431,11 @@ def test_freeze_in_is_the_rest_of_the_step_in_progress_and_a_hold_carries_it():
                 sent.append(msg)
                 return wire.Reply(True)
 
-        source = LockedSource(b.core, b._locked, 0.05, clock, b.freeze_in)
+        source = LockedSource(b.core, b._locked, 0.05, clock)
         assert TransportPort(Capture(), source).hold("m1", 0.05) == (True, "")
         assert sent[0] == wire.Hold("m1", 0.05, pytest.approx(last / 2), pytest.approx(last))  # its timing
         clock.advance(last)
-        assert b.freeze_in() == 0.0  # overdue: the freeze comes as soon as the step ends
+        assert b.core.freeze_in(clock()) == 0.0  # overdue: the freeze comes as soon as the step ends
     finally:
         go.set()
         b.stop()
