@@ -197,6 +197,7 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
     last_token: dict[str, float] = {}
     while arrivals or engine.has_unfinished():
         if not engine.has_unfinished() and arrivals[0][0] > now:
+            engine.idle(arrivals[0][0] - now)
             now = arrivals[0][0]
         while arrivals and arrivals[0][0] <= now:
             _, i = heapq.heappop(arrivals)

@@ -8,10 +8,13 @@ recording executor checks that no step ever touches a block whose copy is in fli
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 
 from llumnix_py.engines.copier import Copier, CopyTicket, ThreadCopier, VirtualCopier
 from llumnix_py.engines.core import EngineCore
+from llumnix_py.engines.types import Request, SamplingParams
 from tests.factories import make_engine, make_requests, run_to_completion
 
 
@@ -58,18 +61,20 @@ def gated_engine(**kw):
     return EngineCore(base.config, base.executor, copier=gate), gate
 
 
-def watch_blocks(engine: EngineCore, touched: list) -> None:
-    """Record every step's block tables, and fail if one holds a block still being copied."""
+def watch_blocks(engine: EngineCore, touched: list, flights: Optional[list] = None) -> None:
+    """Record every step's block tables (and in ``flights`` the blocks copies held while it
+    ran), and fail if one holds a block still being copied."""
     execute = engine.executor.execute_full
 
     def checked(work):
-        in_flight = {b for ticket, runs in engine.swapper.landing.values() for _, d, n in runs
-                     for b in range(d, d + n)}
+        in_flight = engine.swapper.device_blocks_in_flight()
         used = {b for w in work for b in w.block_table}
         assert not used & in_flight, f"the step reads blocks {sorted(used & in_flight)} still in flight"
         running = {w.request_id for w in work}
         assert not running & set(engine.swapper.landing), "a request ran before its swap-in landed"
         touched.append(used)
+        if flights is not None:
+            flights.append(in_flight)
         return execute(work)
 
     engine.executor.execute_full = checked
@@ -174,3 +179,141 @@ def test_a_finished_request_never_waits():
     engine, _ = gated_engine()
     res = run_to_completion(engine, requests=requests)
     assert set(res) == {"r0", "r1"}
+
+
+# ----- a conversation's stored turn: the store and the restore are copies on the link too -------
+def _conversation_engine():
+    base = make_engine(dtype="float64", num_blocks=40, block_size=4, watermark=0.0, num_host_blocks=60,
+                       conversation_host_blocks=40, async_swap=True)
+    gate = GatedCopier()
+    return EngineCore(base.config, base.executor, copier=gate), gate
+
+
+def _turns():
+    """A long request that decodes throughout, a first turn, and (from the first turn's
+    tokens, once known) the second turn's prompt."""
+    bg = Request("bg", tuple(range(3, 11)), SamplingParams(max_tokens=60, ignore_eos=True))
+    t1 = Request("t1", tuple(range(40, 53)), SamplingParams(max_tokens=10, ignore_eos=True), conversation_id="c")
+    return bg, t1, lambda out1: Request("t2", t1.prompt_token_ids + tuple(out1) + (7, 8, 9, 10, 11),
+                                        SamplingParams(max_tokens=10, ignore_eos=True), conversation_id="c")
+
+
+def test_a_turns_store_and_restore_overlap_steps_and_never_race_them():
+    """The finished turn's store and the next turn's restore wait on the gated link while
+    another request decodes: no step touches a block either copy holds, the new turn does not
+    run before its prefix has landed, it prefills only its new tokens, and every token is
+    the one a run without reuse gives."""
+    bg, t1, second = _turns()
+    ref = make_engine(dtype="float64", num_blocks=256, block_size=4)
+    expected = run_to_completion(ref, requests=[bg, t1])
+    t2 = second(expected["t1"])
+    expected.update(run_to_completion(make_engine(dtype="float64", num_blocks=256, block_size=4), requests=[t2]))
+
+    engine, gate = _conversation_engine()
+    touched: list = []
+    flights: list = []
+    watch_blocks(engine, touched, flights)
+    engine.add_request(bg)
+    engine.add_request(t1)
+    got: dict[str, list[int]] = {}
+    fed: dict[str, int] = {}
+
+    def step():
+        out = engine.step()
+        engine.check_invariants()
+        for o in out.outputs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return out
+
+    while "t1" in engine.seqs:
+        step()
+    store_blocks = engine.swapper.device_blocks_in_flight()
+    assert store_blocks, "the finished turn's store is not queued on the link"
+    out = step()  # bg decodes beside the store (the watch fails the step if it touched a stored block)
+    assert out.outputs and "bg" in engine.seqs and flights[-1] & store_blocks, "no step ran beside the store"
+    assert not engine.swapper.device_blocks_in_flight(), "a step returned with a store still reading its blocks"
+    engine.add_request(t2)
+    out = step()
+    assert "t2" in engine.swapper.landing and engine.seqs["t2"] in engine.scheduler.landing
+    assert out.num_prefill_tokens == 0, "the new turn prefilled before its prefix landed"
+    held = 0
+    while engine.has_unfinished():
+        if "t2" in engine.swapper.landing:
+            held += 1
+            if held % 2 == 0:
+                gate.release()
+        out = step()
+        if out.num_prefill_tokens:
+            fed["t2"] = out.num_prefill_tokens
+    assert held >= 2, "the restore never waited on the link beside a step"
+    kept = (len(t1.prompt_token_ids) + 10 - 1) // 4
+    assert engine.conversations.restored_tokens == kept * 4
+    assert fed["t2"] == len(t2.prompt_token_ids) - kept * 4, "the second turn prefilled more than its new tokens"
+    assert got == expected
+    assert engine.blocks.num_used == 0
+
+
+def test_abort_of_a_restoring_turn_lets_its_copy_land_then_frees_its_blocks():
+    bg, t1, second = _turns()
+    engine, gate = _conversation_engine()
+    engine.add_request(bg)
+    engine.add_request(t1)
+    got: dict[str, list[int]] = {}
+    while "t1" in engine.seqs:
+        for o in engine.step().outputs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    engine.add_request(second(got["t1"]))
+    engine.step()
+    assert "t2" in engine.swapper.landing
+    assert engine.freeze("t2") is None  # its blocks are being written: it cannot migrate yet
+    engine.abort_request("t2")
+    engine.check_invariants()
+    assert "t2" not in engine.seqs and "t2" not in engine.swapper.landing
+    while engine.has_unfinished():
+        engine.step()
+        engine.check_invariants()
+    engine.close()
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_thread_copier_reuses_a_conversation_with_exact_tokens(sampling):
+    """The same turns on the real copy thread, against a run without reuse."""
+    sp = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True) \
+        if sampling == "seeded" else SamplingParams(max_tokens=10, ignore_eos=True)
+    engine = make_engine(dtype="float64", num_blocks=40, block_size=4, watermark=0.0, num_host_blocks=60,
+                         conversation_host_blocks=40, async_swap=True)
+    fresh = make_engine(dtype="float64", num_blocks=256, block_size=4)
+    assert isinstance(engine.swapper.copier, ThreadCopier)
+    history: tuple[int, ...] = ()
+    try:
+        for turn in range(3):
+            req = Request(f"t{turn}", history + tuple(range(20 + turn, 29 + turn)), sp, conversation_id="c")
+            got = run_to_completion(engine, requests=[req])
+            assert got == run_to_completion(fresh, requests=[req])
+            engine.check_invariants()
+            history = req.prompt_token_ids + tuple(got[req.request_id])
+    finally:
+        engine.close()
+    assert engine.conversations.restored_tokens > 0
+
+
+def test_sim_copies_go_on_while_the_engine_idles():
+    """A finished turn's store queued on the virtual link lands while the engine sits idle
+    (``EngineCore.idle``): the next turn's first step waits only for its own restore."""
+    first = {}
+    for idles in (False, True):
+        e = make_engine("sim", num_blocks=64, block_size=4, watermark=0.0, num_host_blocks=200,
+                        conversation_host_blocks=100, async_swap=True)
+        t1 = Request("t1", tuple(range(5, 105)), SamplingParams(max_tokens=8, ignore_eos=True), conversation_id="c")
+        out1 = run_to_completion(e, requests=[t1])["t1"]
+        assert e.swapper.device_blocks_in_flight(), "the turn's store is not on the link"
+        if idles:
+            e.idle(30.0)
+        e.add_request(Request("t2", t1.prompt_token_ids + tuple(out1) + (1, 2, 3),
+                              SamplingParams(max_tokens=4, ignore_eos=True), conversation_id="c"))
+        first[idles] = e.step().duration_s  # nothing runs: it waits for the link
+        run_to_completion(e)
+        e.check_invariants()
+        assert e.conversations.restored_tokens > 0
+    assert 0 < first[True] < first[False]

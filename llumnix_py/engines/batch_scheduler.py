@@ -89,8 +89,10 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)
     swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
     swap_in: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
-    restore: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (host, device): a
-    # conversation's stored prefix for a new turn, copied before the step (its prefill skips it)
+    restore: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # (request id, host,
+    # device): a conversation's stored prefix for a new turn (its prefill skips it). Synchronous: it
+    # is in ``prefills`` and the copy runs before the step. Asynchronous: it waits in ``landing``
+    # until its copy has landed, then prefills in the next plan (``BatchScheduler.ready``).
 
     @property
     def empty(self) -> bool:
@@ -129,7 +131,8 @@ class BatchScheduler:
         self.async_swap_in = async_swap_in
         self.conversations = conversations
         self.fair = fair  # per-client fair sharing (None: priority, then FCFS)
-        self.landing: list[Sequence] = []  # swapped in, copy in flight: not runnable yet
+        self.landing: list[Sequence] = []  # swapped in or restoring, copy in flight: not runnable yet
+        self.ready: list[Sequence] = []  # restored (landed): prefill first in the next plan
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
 
@@ -143,6 +146,8 @@ class BatchScheduler:
         """Take a request out of the queue or the batch (abort, finish, freeze)."""
         if seq in self.landing:
             self.landing.remove(seq)
+        elif seq in self.ready:
+            self.ready.remove(seq)
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status == SeqStatus.RUNNING:
@@ -238,14 +243,18 @@ class BatchScheduler:
         if self.batch_policy is not None:
             return self._schedule_by_policy(self.batch_policy)
         plan = StepPlan()
+        if self._ready_alone(plan):
+            return plan
         head = self.head()
-        if head is not None and self.admit_tokens(head) > self.max_batched_tokens - len(self.running):
+        if not self.ready and head is not None \
+                and self.admit_tokens(head) > self.max_batched_tokens - len(self.running):
             self._plan_prefills(plan, budget=self.admit_tokens(head))  # the head alone, if it fits
             if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan)
+        ready = self._take_ready(plan)
         if not plan.preempted:
-            self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes))
+            self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes) - ready)
             if self.fair is not None:
                 self._yield_to_waiting(plan)
         return plan
@@ -254,6 +263,8 @@ class BatchScheduler:
         """Plan with the injected policy: its preemptions, the decodes, then admissions in its
         order, skipping any that does not fit (the token budget, blocks, batch slots)."""
         plan = StepPlan()
+        if self._ready_alone(plan):
+            return plan
         free_slots = self.max_batch_size - len(self.running) if self.max_batch_size else None
         free = self.blocks.num_free - self.blocks.watermark_blocks
         decision = policy.plan(self.running, self.waiting, free_blocks=max(0, free), block_size=self.block_size,
@@ -267,16 +278,42 @@ class BatchScheduler:
         skip = {r for r in decision.skip if r in by_id} - {s.request_id for s in plan.preempted}
         waiting = {s.request_id: s for s in self.waiting}
         order = [waiting[r] for r in decision.admit_order if r in waiting]
-        if order and self.admit_tokens(order[0]) > self.max_batched_tokens - (len(self.running) - len(skip)):
+        if not self.ready and order \
+                and self.admit_tokens(order[0]) > self.max_batched_tokens - (len(self.running) - len(skip)):
             self._plan_prefills(plan, budget=self.admit_tokens(order[0]), order=order[:1])  # alone, as in ``schedule``
             if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan, skip)
+        ready = self._take_ready(plan)
         if len(plan.preempted) == chosen:  # no shortage while decoding: admit
-            self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes), order=order)
+            self._plan_prefills(plan, budget=self.max_batched_tokens - len(plan.decodes) - ready, order=order)
         if skip and plan.empty:  # sitting out was for a request that is not in the step after all
             self._plan_decodes(plan)
         return plan
+
+    def _ready_alone(self, plan: StepPlan) -> bool:
+        """Restored turns whose prefixes landed come first. Too many tokens to share a step
+        with the running batch: they take this step alone (the decodes wait one step, as
+        for an over-budget head of the queue)."""
+        if self.ready and self._ready_tokens() > self.max_batched_tokens - len(self.running):
+            self._take_ready(plan)
+            return True
+        return False
+
+    def _ready_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed for s in self.ready)
+
+    def _take_ready(self, plan: StepPlan) -> int:
+        """Move the restored turns into the batch as this plan's first prefills (after the
+        decodes were planned: they already hold their blocks, so no decode preempts them
+        in the step they start); the tokens they feed."""
+        tokens = self._ready_tokens()
+        for seq in self.ready:
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            plan.prefills.append(seq)
+        self.ready = []
+        return tokens
 
     def _yield_to_waiting(self, plan: StepPlan) -> None:
         """Fairness: when the least-served waiting request was not admitted, a running request
@@ -328,8 +365,9 @@ class BatchScheduler:
         skip = order is not None
         if order is None:
             order = self.fair.order(self.waiting) if self.fair is not None else self.waiting
+        held = len(self.running) + len(self.landing) + len(self.ready)  # batch slots taken or promised
         for seq in order:
-            if self.max_batch_size and len(self.running) + len(admitted) >= self.max_batch_size:
+            if self.max_batch_size and held + len(admitted) >= self.max_batch_size:
                 break
             n = self.admit_tokens(seq)
             if n > budget:
@@ -353,9 +391,10 @@ class BatchScheduler:
                 seq.num_computed = self._restore(seq, got, plan)
             admitted.append((seq, decodes))
             budget -= n
+        restoring = {rid for rid, _, _ in plan.restore} if self.async_swap_in else set()
         for seq, decodes in admitted:
             self.waiting.remove(seq)
-            if seq.host_table:  # asynchronous swap-in: runnable once ``land``ed
+            if seq.host_table or seq.request_id in restoring:  # asynchronous copy: runnable once ``land``ed
                 self.landing.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
@@ -370,14 +409,20 @@ class BatchScheduler:
         if self.conversations is not None and cid and cid in self.conversations:
             turn = self.conversations.take(cid)
             if k:
-                plan.restore.append((list(turn.host_blocks[:k]), got[:k]))
+                plan.restore.append((seq.request_id, list(turn.host_blocks[:k]), got[:k]))
                 self.conversations.restored_tokens += k * self.block_size
-            self.conversations.release(cid, turn)  # synchronous copy: done before anything reuses them
+            # Synchronous: the copy is done before anything reuses the host blocks. Asynchronous: it
+            # is queued before any later copy that could write them (one FIFO link).
+            self.conversations.release(cid, turn)
         return k * self.block_size
 
     def land(self, seq: Sequence) -> None:
-        """A swap-in's copy has landed: free its host blocks; it runs from the next plan."""
+        """A swap-in's copy has landed: free its host blocks; it runs from the next plan. A
+        restored prefix has landed: the turn prefills the rest first in the next plan."""
         self.landing.remove(seq)
+        if not seq.host_table:
+            self.ready.append(seq)
+            return
         assert self.host is not None
         self.host.free(("swap", seq.request_id), seq.host_table)
         seq.host_table = []

@@ -272,16 +272,24 @@ class EngineCore(EngineAdapter):
         self._give_back(seq.request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self.scheduler.landing)
+        sch = self.scheduler
+        return bool(sch.waiting or sch.running or sch.landing or sch.ready)
 
     def close(self) -> None:
         """Let copies in flight land and stop the copy thread, if any."""
         self.swapper.close()
 
+    def idle(self, seconds: float) -> None:
+        """The engine ran no step for ``seconds``: copies in flight went on (a virtual
+        copier's clock moves; a real copy thread needs no telling)."""
+        if self.swapper.copier is not None and seconds > 0:
+            self.swapper.copier.advance(seconds)
+
     def step(self) -> StepOutput:
-        """Plan, copy, execute, apply. Asynchronous swaps: land finished swap-ins first (they
-        join this plan), queue this plan's copies, wait only for swap-outs whose device blocks
-        the step touches, and for all swap-outs before returning."""
+        """Plan, copy, execute, apply. Asynchronous swaps: land finished swap-ins and restores
+        first (they join this plan), queue this plan's copies, wait only for swap-outs whose
+        device blocks the step touches, and for all of this plan's swap-outs before returning;
+        the stores of turns that finish in this step are queued then and overlap the next."""
         swapper, asynchronous = self.swapper, self.swapper.copier is not None
         waited = 0.0
         if self.fair is not None:  # clients that left since the last step go idle; the book forgets what it may
@@ -293,7 +301,7 @@ class EngineCore(EngineAdapter):
         self._store_s = 0.0
         if asynchronous:
             swapper.submit(plan)
-            copy_s = swapper.restore(plan)
+            copy_s = 0.0
         else:
             copy_s = swapper.run(plan)  # synchronous: the KV has landed before the step reads it
         outgrown = self._finish_outgrown()
@@ -413,7 +421,8 @@ class EngineCore(EngineAdapter):
         bs = self.block_size
         running = [s.to_load(bs, migrating=s.request_id in self._mig_epoch) for s in self.scheduler.running]
         running += [s.to_load(bs, migrating=True) for s in self.seqs.values() if s.status == SeqStatus.FROZEN]
-        running += [s.to_load(bs, migrating=True) for s in self.scheduler.landing]  # pinned until landed
+        running += [s.to_load(bs, migrating=True) for s in self.scheduler.landing + self.scheduler.ready]  # pinned
+        # until they run
         load = InstanceLoad(
             total_blocks=self.config.num_blocks,
             used_blocks=self.blocks.num_used,
@@ -472,8 +481,8 @@ class EngineCore(EngineAdapter):
     def freeze(self, request_id: str) -> Optional[MigrationRequestState]:
         seq = self.seqs.get(request_id)
         if seq is None or seq.status not in (SeqStatus.RUNNING, SeqStatus.WAITING) \
-                or request_id in self.swapper.landing:  # its swap-in is still writing its blocks
-            return None
+                or request_id in self.swapper.landing or seq in self.scheduler.ready:
+            return None  # its swap-in or restore is still writing its blocks, or it holds them to prefill
         epoch = self._mig_epoch.get(request_id)
         if seq.status == SeqStatus.RUNNING and epoch is not None and epoch != seq.num_preemptions:
             return None
@@ -572,6 +581,7 @@ class EngineCore(EngineAdapter):
             for rid, (cid, _) in self._carrying.items():  # its prefix goes out: the destination will have it
                 if set(host) <= set(self.conversations.lent(cid).host_blocks):
                     self._carried.add(rid)
+            self.swapper.settle_outs()  # a finished turn's store may still be writing them
             return self.executor.read_blocks(host, host=True)
         if ids and max(ids) >= n:
             raise MigrationError("a migration frame mixes device and host blocks")
@@ -598,7 +608,9 @@ class EngineCore(EngineAdapter):
         return list(self._prealloc.get(request_id, ()))
 
     def write_blocks(self, block_ids: Seq[int], data: object) -> None:
-        self.executor.write_blocks(block_ids, data)
+        ids = list(block_ids)
+        self.swapper.wait_outs(set(ids))  # a freed block a store or swap-out is still reading
+        self.executor.write_blocks(ids, data)
 
     def commit_dst(self, state: MigrationRequestState) -> None:
         rid = state.request_id
@@ -653,8 +665,10 @@ class EngineCore(EngineAdapter):
             assert s.status == SeqStatus.RUNNING and self.seqs.get(s.request_id) is s
         for s in self.scheduler.waiting:
             assert s.status == SeqStatus.WAITING and not s.block_table and self.seqs.get(s.request_id) is s
-        for s in self.scheduler.landing:
-            assert s.host_table and s.block_table and s.request_id in self.swapper.landing
+        for s in self.scheduler.landing:  # a swap-in (host blocks held) or a restore (prefix counted)
+            assert s.block_table and (s.host_table or s.num_computed) and s.request_id in self.swapper.landing
+        for s in self.scheduler.ready:
+            assert s.block_table and s.num_computed and not s.host_table and s.request_id not in self.swapper.landing
         for s in self.scheduler.running:
             assert not s.host_table, f"running request {s.request_id} still holds host blocks"
         if self.host is not None:  # the same invariant on the host pool

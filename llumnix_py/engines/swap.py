@@ -76,7 +76,13 @@ class Swapper:
       ``wait_all_outs()`` before the step returns, so no block of a finished step is
       still being read (a migration may write into a freed block next).
     * A swap-in's request is not runnable until its copy has landed (``landed``); its
-      host blocks stay owned until then, and its device blocks are its own.
+      host blocks stay owned until then, and its device blocks are its own. A new turn's
+      restored conversation prefix is a swap-in too: the turn prefills once it has landed.
+    * A finished turn's store to the host pool is a swap-out: its device blocks are free in
+      the books once it is queued. Its host blocks belong to the conversation store, and
+      every later copy that writes or reads them runs after it on the same FIFO link; a
+      synchronous read of them (a migration's) waits for the swap-outs first
+      (``wait_all_outs``).
 
     Args:
         executor: owns the device and host KV pools.
@@ -94,14 +100,9 @@ class Swapper:
         self._started = False
 
     def run(self, plan: "StepPlan") -> float:
-        """Copy everything ``plan`` swaps, now; the copies' time in seconds."""
+        """Copy everything ``plan`` swaps or restores, now; the copies' time in seconds."""
         return (self._copy(plan.swap_out, self.executor.swap_out)
-                + self._copy([(host, dev) for _, host, dev in plan.swap_in], self.executor.swap_in)
-                + self.restore(plan))
-
-    def restore(self, plan: "StepPlan") -> float:
-        """Copy the conversation prefixes ``plan`` restores, now (both modes)."""
-        return self._copy(plan.restore, self.executor.swap_in)
+                + self._copy([(host, dev) for _, host, dev in plan.swap_in + plan.restore], self.executor.swap_in))
 
     def _copy(self, pairs: Sequence[tuple[list[int], list[int]]], copy: Callable[[list[CopyRun]], float]) -> float:
         """Copy each (source blocks, destination blocks) pair in runs with ``copy``; the total
@@ -115,29 +116,39 @@ class Swapper:
         return total
 
     def store(self, dev: list[int], host: list[int]) -> float:
-        """Copy a finished turn's blocks to the host pool, now."""
-        if self.copier is not None:
-            self.wait_all_outs()  # FIFO with the copies in flight
+        """Copy a finished turn's blocks to the host pool: now (the seconds it took), or
+        queued as a swap-out when asynchronous (0.0; it overlaps the next step)."""
         runs = copy_runs(dev, host, self.grouped)
+        if self.copier is not None:
+            self._start()
+            ex = self.executor
+            self._outs.append((set(dev), self.copier.submit(lambda: ex.swap_out(runs)), runs))
+            return 0.0
         seconds = self.executor.swap_out(runs)
         self.meter.observe_copy(runs, seconds)
         return seconds
 
     # ----- asynchronous ------------------------------------------------------------------
     def submit(self, plan: "StepPlan") -> None:
+        """Queue the plan's swap-outs, then its swap-ins and restores (each lands on its own)."""
         assert self.copier is not None
-        if not self._started:  # the copy thread starts with the first copy, not in a constructor
-            start = getattr(self.copier, "start", None)
-            if start is not None:
-                start()
-            self._started = True
+        self._start()
         ex = self.executor
         for dev, host in plan.swap_out:
             runs = copy_runs(dev, host, self.grouped)
             self._outs.append((set(dev), self.copier.submit(lambda r=runs: ex.swap_out(r)), runs))
-        for rid, host, dev in plan.swap_in:
+        for rid, host, dev in plan.swap_in + plan.restore:
             runs = copy_runs(host, dev, self.grouped)
             self.landing[rid] = (self.copier.submit(lambda r=runs: ex.swap_in(r)), runs)
+
+    def _start(self) -> None:
+        """The copy thread starts with the first copy, not in a constructor."""
+        assert self.copier is not None
+        if not self._started:
+            start = getattr(self.copier, "start", None)
+            if start is not None:
+                start()
+            self._started = True
 
     def wait_outs(self, blocks: set[int]) -> float:
         """Wait for the swap-outs still reading any of ``blocks``; the seconds waited."""
@@ -152,6 +163,19 @@ class Swapper:
         for entry in list(self._outs):
             waited += self._finish_out(entry)
         return waited
+
+    def device_blocks_in_flight(self) -> set[int]:
+        """Device blocks a queued copy still reads (swap-outs, stores) or writes (swap-ins,
+        restores): no step may touch them."""
+        blocks = {b for dev, _, _ in self._outs for b in dev}
+        blocks.update(b for _, runs in self.landing.values() for _, d, n in runs for b in range(d, d + n))
+        return blocks
+
+    def settle_outs(self) -> None:
+        """Wait until every swap-out queued so far has landed, without touching the books
+        (safe beside a step on another thread: a migration reading host blocks)."""
+        for _, ticket, _ in list(self._outs):
+            ticket.wait()
 
     def _finish_out(self, entry: tuple[set[int], CopyTicket, list[CopyRun]]) -> float:
         _, ticket, runs = entry

@@ -83,6 +83,7 @@ class SimInstance:
         self.core = core
         self.engine = engine
         self.busy = False  # a step is in flight
+        self.idle_since = 0.0  # when its last step ended (its copies went on while it idled)
         self.dirty = True  # changed since the last load poll
         self.removed = False
         self.deferred: list[tuple[MigrationRun, p.Action]] = []  # freezes waiting for the step's end
@@ -269,6 +270,9 @@ class SimCluster:
         for _ in range(3):  # a step that only preempted is followed at once by one that admits
             if not core.step_due():
                 return
+            if self.now > inst.idle_since:
+                inst.engine.idle(self.now - inst.idle_since)
+                inst.idle_since = self.now
             out, _ = core.step(route=False)  # tokens go to the records, by request id (_on_step_end)
             inst.dirty = True
             if out.preempted:
@@ -285,6 +289,7 @@ class SimCluster:
     def _on_step_end(self, arg: tuple[SimInstance, StepOutput]) -> None:
         inst, out = arg
         inst.busy = False
+        inst.idle_since = self.now
         now = self.now
         inst.core.on_published(out)
         inst.core.on_timer(now)
