@@ -390,7 +390,8 @@ class BatchScheduler:
             else:
                 seq.num_computed = self._restore(seq, got, plan)
             admitted.append((seq, decodes))
-            budget -= n
+            if not (self.async_swap_in and seq.num_computed):  # a restoring turn computes from the next plan
+                budget -= n
         restoring = {rid for rid, _, _ in plan.restore} if self.async_swap_in else set()
         for seq, decodes in admitted:
             self.waiting.remove(seq)
