@@ -248,7 +248,7 @@ class BatchScheduler:
         head = self.head()
         if not self.ready and head is not None \
                 and self.admit_tokens(head) > self.max_batched_tokens - len(self.running):
-            self._plan_prefills(plan, budget=self.admit_tokens(head))  # the head alone, if it fits
+            self._plan_prefills(plan, budget=self.admit_tokens(head), order=[head])  # the head alone, if it fits
             if plan.prefills or plan.decodes:
                 return plan
         self._plan_decodes(plan)
@@ -390,8 +390,8 @@ class BatchScheduler:
             else:
                 seq.num_computed = self._restore(seq, got, plan)
             admitted.append((seq, decodes))
-            if not (self.async_swap_in and seq.num_computed):  # a restoring turn computes from the next plan
-                budget -= n
+            if not (self.async_swap_in and seq.num_computed):  # an asynchronous copy's request (a swap-in,
+                budget -= n  # a restoring turn) computes in a later plan, which counts its tokens
         restoring = {rid for rid, _, _ in plan.restore} if self.async_swap_in else set()
         for seq, decodes in admitted:
             self.waiting.remove(seq)
