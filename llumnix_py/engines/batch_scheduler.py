@@ -390,17 +390,21 @@ class BatchScheduler:
             else:
                 seq.num_computed = self._restore(seq, got, plan)
             admitted.append((seq, decodes))
-            if not (self.async_swap_in and seq.num_computed):  # an asynchronous copy's request (a swap-in,
-                budget -= n  # a restoring turn) computes in a later plan, which counts its tokens
-        restoring = {rid for rid, _, _ in plan.restore} if self.async_swap_in else set()
+            if not self._lands_first(seq):  # a request that lands first computes in a later plan,
+                budget -= n  # which counts its tokens
         for seq, decodes in admitted:
             self.waiting.remove(seq)
-            if seq.host_table or seq.request_id in restoring:  # asynchronous copy: runnable once ``land``ed
+            if self._lands_first(seq):  # runnable once ``land``ed
                 self.landing.append(seq)
                 continue
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             (plan.decodes if decodes else plan.prefills).append(seq)
+
+    def _lands_first(self, seq: Sequence) -> bool:
+        """An admitted request whose KV comes by an asynchronous copy (a swap-in, a restored
+        conversation prefix): it waits in ``landing`` until the copy has landed."""
+        return self.async_swap_in and seq.num_computed > 0
 
     def _restore(self, seq: Sequence, got: list[int], plan: StepPlan) -> int:
         """Restore the shared prefix of the request's conversation into its first blocks;

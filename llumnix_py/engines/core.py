@@ -301,9 +301,8 @@ class EngineCore(EngineAdapter):
         self._store_s = 0.0
         if asynchronous:
             swapper.submit(plan)
-            copy_s = 0.0
-        else:
-            copy_s = swapper.run(plan)  # synchronous: the KV has landed before the step reads it
+        # Synchronous: the KV has landed before the step reads it.
+        copy_s = 0.0 if asynchronous else swapper.run(plan)
         outgrown = self._finish_outgrown()
         if plan.empty:
             if asynchronous:

@@ -82,7 +82,7 @@ class Swapper:
       the books once it is queued. Its host blocks belong to the conversation store, and
       every later copy that writes or reads them runs after it on the same FIFO link; a
       synchronous read of them (a migration's) waits for the swap-outs first
-      (``wait_all_outs``).
+      (``settle_outs``).
 
     Args:
         executor: owns the device and host KV pools.
@@ -118,12 +118,11 @@ class Swapper:
     def store(self, dev: list[int], host: list[int]) -> float:
         """Copy a finished turn's blocks to the host pool: now (the seconds it took), or
         queued as a swap-out when asynchronous (0.0; it overlaps the next step)."""
-        runs = copy_runs(dev, host, self.grouped)
         if self.copier is not None:
             self._start()
-            ex = self.executor
-            self._outs.append((set(dev), self.copier.submit(lambda: ex.swap_out(runs)), runs))
+            self._queue_out(dev, host)
             return 0.0
+        runs = copy_runs(dev, host, self.grouped)
         seconds = self.executor.swap_out(runs)
         self.meter.observe_copy(runs, seconds)
         return seconds
@@ -133,13 +132,18 @@ class Swapper:
         """Queue the plan's swap-outs, then its swap-ins and restores (each lands on its own)."""
         assert self.copier is not None
         self._start()
-        ex = self.executor
         for dev, host in plan.swap_out:
-            runs = copy_runs(dev, host, self.grouped)
-            self._outs.append((set(dev), self.copier.submit(lambda r=runs: ex.swap_out(r)), runs))
+            self._queue_out(dev, host)
+        ex = self.executor
         for rid, host, dev in plan.swap_in + plan.restore:
             runs = copy_runs(host, dev, self.grouped)
             self.landing[rid] = (self.copier.submit(lambda r=runs: ex.swap_in(r)), runs)
+
+    def _queue_out(self, dev: list[int], host: list[int]) -> None:
+        assert self.copier is not None
+        runs = copy_runs(dev, host, self.grouped)
+        ex = self.executor
+        self._outs.append((set(dev), self.copier.submit(lambda: ex.swap_out(runs)), runs))
 
     def _start(self) -> None:
         """The copy thread starts with the first copy, not in a constructor."""
