@@ -317,3 +317,29 @@ def test_sim_copies_go_on_while_the_engine_idles():
         e.check_invariants()
         assert e.conversations.restored_tokens > 0
     assert 0 < first[True] < first[False]
+
+
+def test_aborting_a_landing_request_lands_the_copies_queued_before_it():
+    """Waiting for an aborted request's copy lands every copy ahead of it on the link; those
+    requests become runnable too (they were once lost: out of the link's books, never run)."""
+    engine, gate = _conversation_engine()
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    firsts = [Request(f"{c}1", tuple(range(10 + i, 23 + i)), sp, conversation_id=c) for i, c in enumerate("ab")]
+    got = run_to_completion(engine, requests=firsts)
+    while gate.pending:
+        gate.release()
+    seconds = [Request(f"{r.conversation_id}2", r.prompt_token_ids + tuple(got[r.request_id]) + (5, 6), sp,
+                       conversation_id=r.conversation_id) for r in firsts]
+    engine.add_request(Request("bg", (1, 2, 3), SamplingParams(max_tokens=30, ignore_eos=True)))
+    engine.step()  # bg runs, so the next steps need not wait for the link
+    for r in seconds:
+        engine.add_request(r)
+    engine.step()
+    assert {"a2", "b2"} <= set(engine.swapper.landing), "both restores should be on the link"
+    engine.abort_request("b2")  # queued after a2's restore: waiting for it lands a2's too
+    engine.check_invariants()
+    done = run_to_completion(engine)
+    assert done.get("a2") == run_to_completion(make_engine(dtype="float64", num_blocks=256, block_size=4),
+                                               requests=[seconds[0]])["a2"]
+    engine.check_invariants()
+    assert engine.blocks.num_used == 0

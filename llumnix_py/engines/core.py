@@ -252,9 +252,9 @@ class EngineCore(EngineAdapter):
         self._drop(seq, FinishReason.ABORT)
 
     def _drop(self, seq: Sequence, reason: FinishReason) -> None:
-        if seq.request_id in self.swapper.landing:  # its copy writes its blocks: let it land first
-            self.swapper.wait_landing(seq.request_id)
-            self.swapper.landed()
+        if seq.request_id in self.swapper.landing:  # its copy writes its blocks: let it land first,
+            self.swapper.wait_landing(seq.request_id)  # and every copy queued before it (FIFO) with it
+            self._land()
         if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             self.scheduler.remove(seq)
         if reason != FinishReason.ABORT and seq.status == SeqStatus.RUNNING and seq.conversation_id \
