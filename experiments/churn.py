@@ -9,9 +9,18 @@ variant, same workloads and seeds side by side:
 * ``poll-0.01``: loads polled every 0.01 s instead of 0.05 s (freeness noise between polls);
 * ``cooldown-2`` / ``cooldown-10``: a request that finished a migration is not moved
   again for 2 / 10 s unless draining (``policies.cooldown``);
-* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference.
+* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference;
+* ``no-migration``: Llumnix's dispatch without migration, and ``load-dispatch``:
+  migration behind INFaaS++'s dispatch rule (which of the two a difference comes from);
+* ``threshold-20``: the pairing threshold at 20 (both sides); ``reserve-10`` /
+  ``reserve-20`` / ``reserve-40``: sources still below 3, destinations only above 10 /
+  20 / 40 (``migrate_in_threshold``: a destination keeps room for arrivals);
+  ``waiting-head`` / ``longest``: the
+  source moves its head-of-line queued request / its longest running request.
 
-Per variant (median over seeds): P99 and mean prefill, preemption loss, migrations
+Per variant (median over seeds): P99 and mean prefill, the share of requests whose
+prefill took over 2 s / 5 s (what a capacity at that objective counts: P99 stays under
+it while the share stays under 1%), preemption loss, migrations
 (finished, aborted), the churn keys (``migrations_per_request_max``/``_p99``,
 ``migration_return_rate``, ``migration_caused_preemptions``) and, from the ledger's
 per-migration records, the share of migrations that still left the source freer one
@@ -27,6 +36,7 @@ JSON: ``{"setup": {...}, "runs": {rate: {variant: {seed: {...}}}}, "median": {ra
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -47,8 +57,17 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "poll-0.01": ("llumnix", {}, {"poll_interval_s": 0.01}),
     "cooldown-2": ("llumnix", {"migration_cooldown_s": 2.0}, {}),
     "cooldown-10": ("llumnix", {"migration_cooldown_s": 10.0}, {}),
+    "threshold-20": ("llumnix", {"migrate_out_threshold": 20.0}, {}),
+    "reserve-10": ("llumnix", {"migrate_in_threshold": 10.0}, {}),
+    "reserve-20": ("llumnix", {"migrate_in_threshold": 20.0}, {}),
+    "reserve-40": ("llumnix", {"migrate_in_threshold": 40.0}, {}),
+    "waiting-head": ("llumnix", {"migrate_out": "waiting_head"}, {}),
+    "longest": ("llumnix", {"migrate_out": "longest"}, {}),
+    "load-dispatch": ("llumnix+load-dispatch", {}, {}),
+    "no-migration": ("llumnix-migration", {}, {}),
     "infaas++": ("infaas++", {}, {}),
 }
+OBJECTIVES = (2.0, 5.0)
 KEYS = ("prefill_p99", "prefill_mean", "preemption_loss", "migrations", "migrations_aborted",
         "migrations_per_request_max", "migrations_per_request_p99", "migration_return_rate",
         "migration_caused_preemptions", "wall_s")
@@ -65,6 +84,11 @@ def payoff_shares(records: Sequence[dict]) -> dict[str, float]:
     relieved = sum(1 for r in done if r["src_freeness_after"] > r["src_freeness_before"])
     overshot = sum(1 for r in done if r["src_freeness_after"] > r["dst_freeness_after"])
     return {"relieved": relieved / len(done), "overshot": overshot / len(done), "judged": len(done)}
+
+
+def over_objective(prefills: Sequence[float], objective_s: float) -> float:
+    """Share of requests whose prefill latency exceeds ``objective_s`` (0 for none)."""
+    return sum(1 for x in prefills if x > objective_s) / len(prefills) if prefills else 0.0
 
 
 def _extra(ap) -> None:
@@ -126,6 +150,8 @@ def run(setup: dict, progress: bool) -> dict:
                                           **sim_kw)
                     point = common.pick(res.summary(), KEYS)
                     point.update({f"payoff_{k}": v for k, v in payoff_shares(res.migration_records).items()})
+                    prefills = [r.prefill_latency if r.first_token_time is not None else math.inf for r in res.requests]
+                    point.update({f"over_{o:g}s": over_objective(prefills, o) for o in OBJECTIVES})
                     runs.setdefault(str(rate), {}).setdefault(name, {})[str(seed)] = point
                     bar.update(1)
     return runs
@@ -159,9 +185,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup = plan(args)
     runs = run(setup, args.progress)
     med = medians(runs)
-    headers = ["rate", "variant", "P99 prefill", "mean prefill", "preempt loss", "migrations", "aborted",
+    headers = ["rate", "variant", "P99 prefill", "mean prefill", "> 2 s %", "> 5 s %", "preempt loss", "migrations", "aborted",
                "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]
-    rows = [[float(rate), name, m["prefill_p99"], m["prefill_mean"], m["preemption_loss"], m["migrations"],
+    rows = [[float(rate), name, m["prefill_p99"], m["prefill_mean"], 100 * m["over_2s"], 100 * m["over_5s"],
+             m["preemption_loss"], m["migrations"],
              m["migrations_aborted"], m["migrations_per_request_max"], m["migrations_per_request_p99"],
              100 * m["migration_return_rate"], m["migration_caused_preemptions"], 100 * m["payoff_relieved"],
              100 * m["payoff_overshot"]]

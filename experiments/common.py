@@ -33,16 +33,23 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # Ablation, not run by default: Llumnix's migration behind INFaaS++'s dispatch rule,
     # which separates what migration buys from what the dispatch rule buys.
     "llumnix+load-dispatch": ("load", True),
+    # Ablation: Llumnix's dispatch rule without migration, which separates what the
+    # dispatch rule buys from what migration buys (issue 19, the S-L capacity loss).
+    "llumnix-migration": ("freeness", False),
     # Issue 19: Llumnix with a per-request migration cooldown (policies/cooldown.py).
     "llumnix+cooldown-2": ("freeness", True),
     "llumnix+cooldown-10": ("freeness", True),
     "llumnix+cooldown-30": ("freeness", True),
+    # Issue 19: Llumnix whose migration destinations keep room for arrivals (freeness
+    # above 20, sources still below 3: ``PolicyConfig.migrate_in_threshold``).
+    "llumnix+reserve-20": ("freeness", True),
 }
 # Policy settings a system adds to the defaults (a caller's own keywords win).
 SYSTEM_POLICY: dict[str, dict[str, Any]] = {
     "llumnix+cooldown-2": {"migration_cooldown_s": 2.0},
     "llumnix+cooldown-10": {"migration_cooldown_s": 10.0},
     "llumnix+cooldown-30": {"migration_cooldown_s": 30.0},
+    "llumnix+reserve-20": {"migrate_in_threshold": 20.0},
 }
 
 

@@ -84,7 +84,11 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
     g.add_argument("--migrate-out", default="shortest",
                    help="shortest, last, longest, lowest_priority, waiting_head, most_served, most_served_cluster")
-    g.add_argument("--migrate-out-threshold", type=float, default=3.0)
+    g.add_argument("--migrate-out-threshold", type=float, default=3.0,
+                   help="freeness below which an instance migrates requests out (default 3, the paper's)")
+    g.add_argument("--migrate-in-threshold", type=float, default=None, metavar="FREENESS",
+                   help="freeness above which an instance takes migrations (default: the out threshold, the "
+                        "paper's); higher keeps room on destinations for new requests (policies/pairing.py)")
     g.add_argument("--migration-cooldown", type=float, default=SERVE_MIGRATION_COOLDOWN_S, metavar="SECONDS",
                    help="a request that finished a migration is not moved again for this long, unless its "
                         f"instance drains (policies/cooldown.py; cuts ping-pong; default {SERVE_MIGRATION_COOLDOWN_S:g}; "
@@ -139,7 +143,8 @@ def _roles(text: str):
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
     headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
-                          migrate_out_threshold=args.migrate_out_threshold, headroom_blocks=headroom,
+                          migrate_out_threshold=args.migrate_out_threshold,
+                          migrate_in_threshold=args.migrate_in_threshold, headroom_blocks=headroom,
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
                           global_fairness=args.global_fairness, fair_dispatch=args.fair_dispatch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Optional
 
 from policies.registry import check_policy_names
 
@@ -27,7 +27,14 @@ class PolicyConfig:
         migrate_out: which request a source migrates (``shortest``, ``last``,
             ``longest``, ``lowest_priority``, ``waiting_head``).
         migrate_out_threshold: freeness (decode steps) below which an instance is a
-            migration source and above which it is a destination.
+            migration source and, unless ``migrate_in_threshold`` is set, above which it
+            is a destination.
+        migrate_in_threshold: freeness above which an instance is a migration
+            destination; None (default): ``migrate_out_threshold``, the paper's one
+            threshold. Set higher, a destination keeps that much room for the new requests
+            dispatched to it (issue 19: on S-L, migrating into instances just above the
+            source threshold spends the room arrivals need); it may not be lower than
+            ``migrate_out_threshold``, so no instance is on both sides.
         migration_cooldown_s: a request that finished a migration less than this long
             ago is not migrated again, unless its instance is draining
             (``policies.cooldown``); 0 (default) turns the rule off.
@@ -67,6 +74,7 @@ class PolicyConfig:
     pairing: str = "freeness"
     migrate_out: str = "shortest"
     migrate_out_threshold: float = 3.0
+    migrate_in_threshold: Optional[float] = None
     migration_cooldown_s: float = 0.0
     headroom_blocks: tuple[tuple[int, int], ...] = ()
     scaling: str = "freeness"
@@ -103,6 +111,13 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        mi = self.migrate_in_threshold
+        if mi is not None:
+            if isinstance(mi, bool) or not isinstance(mi, (int, float)) or not math.isfinite(mi):
+                raise ValueError(f"migrate_in_threshold must be a finite number or None, got {mi!r}")
+            if mi < self.migrate_out_threshold:
+                raise ValueError(f"migrate_in_threshold ({mi}) must be at least migrate_out_threshold "
+                                 f"({self.migrate_out_threshold}): an instance would be both a source and a destination")
         fm = self.fair_dispatch_margin
         if isinstance(fm, bool) or not isinstance(fm, (int, float)) or not math.isfinite(fm) or fm < 0:
             raise ValueError(f"fair_dispatch_margin must be a finite number >= 0, got {fm!r}")
@@ -131,6 +146,13 @@ class PolicyConfig:
         check_policy_names(
             dispatch=self.dispatch, pairing=self.pairing, migrate_out=self.migrate_out, scaling=self.scaling
         )
+
+    @property
+    def destination_threshold(self) -> float:
+        """Freeness above which an instance takes migrations (``migrate_in_threshold`` or
+        ``migrate_out_threshold``)."""
+        mi = self.migrate_in_threshold
+        return self.migrate_out_threshold if mi is None else mi
 
     def headroom(self, priority: int) -> int:
         """Blocks of headroom reserved for ``priority`` on each instance (0 if none)."""

@@ -5,8 +5,10 @@
 1. Compute every instance's migration freeness once (``virtual_usage.summarize``).
 2. Sources: terminating instances that still hold requests (freeness ``-inf``, so
    always first), then instances with freeness < ``cfg.migrate_out_threshold``.
-   Destinations: non-terminating instances with freeness > the threshold. An instance
-   exactly at the threshold is neither, so no instance is on both sides.
+   Destinations: non-terminating instances with freeness > ``cfg.destination_threshold``
+   (``migrate_in_threshold``, by default the same threshold). An instance exactly at
+   the threshold is neither, and the destination threshold is never below the source
+   one, so no instance is on both sides; between the two, an instance is neither.
 3. Sources sorted ascending by (freeness, instance_id); destinations descending by
    freeness, ties by instance_id ascending.
 4. Walk the sources in order, each against the freest destination still unused. The
@@ -120,6 +122,7 @@ def pair_by_freeness(
 ) -> list[PlannedMigration]:
     """Balance freeness: lowest source with highest destination (module docstring)."""
     threshold = cfg.migrate_out_threshold
+    dst_threshold = cfg.destination_threshold
     sources = []
     dests = []
     for inst in instances:
@@ -132,7 +135,7 @@ def pair_by_freeness(
                 sources.append((f, inst.instance_id, inst, s))
         elif f < threshold:
             sources.append((f, inst.instance_id, inst, s))
-        elif f > threshold:
+        elif f > dst_threshold:
             dests.append((-f, inst.instance_id, inst, s))
     if not sources or not dests:
         return []

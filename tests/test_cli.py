@@ -45,6 +45,15 @@ def test_migration_cooldown_flag_reaches_the_policy_and_a_negative_one_is_a_usag
     assert info.value.code == 2 and "migration_cooldown_s must be a finite number >= 0" in capsys.readouterr().err
 
 
+def test_migrate_in_threshold_flag_reaches_the_policy_and_one_below_the_out_threshold_is_a_usage_error(capsys):
+    assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.destination_threshold == 3.0
+    cfg = cluster_config(build_parser().parse_args(["serve", "--migrate-in-threshold", "20"]))
+    assert cfg.scheduler.policy.migrate_in_threshold == 20.0 and cfg.scheduler.policy.destination_threshold == 20.0
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--runtime", "local", "--migrate-in-threshold", "1"])
+    assert info.value.code == 2 and "migrate_in_threshold (1.0) must be at least" in capsys.readouterr().err
+
+
 def test_step_hold_flags_reach_the_llumlet_and_out_of_range_ones_are_usage_errors(capsys):
     cfg = cluster_config(build_parser().parse_args(["serve"]))
     assert (cfg.llumlet.migration.commit_hold_s, cfg.llumlet.max_step_hold_s) == (0.05, 0.1)  # the configs' defaults

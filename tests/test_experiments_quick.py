@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import autoscaling, churn, fairness, fragmentation, priorities, scheduler_overhead, serving
+from experiments import autoscaling, churn, common, fairness, fragmentation, priorities, scheduler_overhead, serving
 
 LATENCY = {"prefill_mean", "prefill_p99", "decode_mean", "decode_p99", "e2e_mean", "e2e_p99"}
 
@@ -154,7 +154,27 @@ def test_churn(tmp_path):
     for m in med.values():
         assert set(churn.KEYS) <= set(m) and m["prefill_p99"] >= m["prefill_mean"] >= 0
         assert 0 <= m["migration_return_rate"] <= 1 and 0 <= m["payoff_relieved"] <= 1
+        assert 0 <= m["over_5s"] <= m["over_2s"] <= 1
     assert med["infaas++"]["migrations"] == 0
+
+
+def test_churn_over_objective_counts_unserved_requests_as_late():
+    assert churn.over_objective([0.5, 2.5, 6.0, float("inf")], 2.0) == 0.75
+    assert churn.over_objective([0.5, 2.5, 6.0, float("inf")], 5.0) == 0.5
+    assert churn.over_objective([1.0, 2.0], 2.0) == 0.0  # at the objective meets it
+    assert churn.over_objective([], 5.0) == 0.0
+
+
+def test_churn_dispatch_and_migration_ablations_differ_only_where_named(tmp_path):
+    data = churn.main(["--smoke", "--no-progress", "--out", str(tmp_path),
+                       "--rates", "1.2", "--requests", "200", "--variants", "default,no-migration,load-dispatch"])
+    runs = data["runs"]["1.2"]
+    assert runs["default"]["0"]["migrations"] > 0 and runs["load-dispatch"]["0"]["migrations"] > 0
+    assert runs["no-migration"]["0"]["migrations"] == 0  # Llumnix's dispatch, no migration rounds
+    policy, migrate = common.system_config(churn.VARIANTS["no-migration"][0])
+    assert (policy.dispatch, migrate) == ("freeness", False)
+    policy, migrate = common.system_config(churn.VARIANTS["load-dispatch"][0])
+    assert (policy.dispatch, migrate) == ("load", True)
 
 
 def test_churn_payoff_shares_on_hand_made_records():

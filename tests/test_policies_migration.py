@@ -205,6 +205,25 @@ def test_a_running_request_whose_departure_unblocks_the_head_is_kept():
     assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "d"), MigrateOut("b1"))]
 
 
+def test_a_destination_threshold_keeps_instances_between_the_two_out_of_pairing():
+    src = busy("a", n=4, blocks=218)  # freeness (880 - 878) / 4 = 0.5: a source
+    mid = make_inst("b", running=(make_req("b0", 500),))  # freeness 380
+    roomy = make_inst("c", running=(make_req("c0", 100),))  # freeness 780
+    paper = PolicyConfig()
+    assert paper.destination_threshold == paper.migrate_out_threshold == 3.0
+    assert pair_migrations([src, mid], paper) == [MigrationPair("a", "b")]
+    reserve = PolicyConfig(migrate_in_threshold=400.0)
+    assert pair_migrations([src, mid], reserve) == []  # b keeps its room for arrivals
+    assert pair_migrations([src, mid, roomy], reserve) == [MigrationPair("a", "c")]
+    assert pair_migrations([src, mid], PolicyConfig(migrate_in_threshold=3.0)) == pair_migrations([src, mid], paper)
+
+
+@pytest.mark.parametrize("value", [1.0, math.nan, math.inf, True, "20"])
+def test_a_destination_threshold_below_the_source_one_or_not_a_number_is_rejected(value):
+    with pytest.raises(ValueError, match="migrate_in_threshold"):
+        PolicyConfig(migrate_out_threshold=3.0, migrate_in_threshold=value)
+
+
 def test_pairing_aliases_and_unknown_names():
     cluster = [busy("x", 8, 105), make_inst("free")]
     assert pair_migrations(cluster, PolicyConfig(pairing="balanced")) == pair_migrations(cluster, PolicyConfig())
@@ -266,13 +285,19 @@ def clusters(draw):
     return out
 
 
-CONFIG = st.builds(
-    PolicyConfig,
-    pairing=st.sampled_from(["freeness", "balanced", "defrag"]),
-    migrate_out=st.sampled_from(SELECTIONS),
-    migrate_out_threshold=st.sampled_from([0.0, 3.0, 50.0]),
-    headroom_blocks=st.sampled_from([(), ((1, 150),), ((1, 100), (2, 300))]),
-)
+@st.composite
+def configs(draw):
+    out = draw(st.sampled_from([0.0, 3.0, 50.0]))
+    return PolicyConfig(
+        pairing=draw(st.sampled_from(["freeness", "balanced", "defrag"])),
+        migrate_out=draw(st.sampled_from(SELECTIONS)),
+        migrate_out_threshold=out,
+        migrate_in_threshold=draw(st.sampled_from([None, out, out + 20.0, out + 200.0])),
+        headroom_blocks=draw(st.sampled_from([(), ((1, 150),), ((1, 100), (2, 300))])),
+    )
+
+
+CONFIG = configs()
 
 
 def _after(src: InstanceLoad, dst: InstanceLoad, req: RequestLoad, waiting: bool):
@@ -307,7 +332,7 @@ def test_property_pairs_are_disjoint_and_never_widen_the_gap(cluster, cfg):
         if src.terminating or cfg.pairing == "defrag":
             continue
         f_src, f_dst = freeness(src, cfg), freeness(dst, cfg)
-        assert f_src < cfg.migrate_out_threshold < f_dst
+        assert f_src < cfg.migrate_out_threshold and f_dst > cfg.destination_threshold
         src_after, dst_after = _after(src, dst, req, plan.request.waiting)
         fs2, fd2 = freeness(src_after, cfg), freeness(dst_after, cfg)
         if fs2 <= fd2 + 1e-9 and abs(fs2 - fd2) < abs(f_src - f_dst):
