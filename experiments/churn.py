@@ -5,18 +5,17 @@ variant, same workloads and seeds side by side:
 
 * ``default``: the paper's settings (rounds every 0.1 s, threshold 3 steps);
 * ``interval-0.5`` / ``interval-1.0``: migration rounds every 0.5 / 1.0 s (frequency);
-* ``threshold-1`` / ``threshold-10``: the pairing threshold (decode steps);
+* ``threshold-1`` / ``-5`` / ``-10`` / ``-20`` / ``-40``: the pairing threshold, both sides;
+* ``reserve-10`` / ``-20`` / ``-40``: sources still below 3, destinations only above 10 /
+  20 / 40 (``migrate_in_threshold``: a destination keeps room for arrivals);
 * ``poll-0.01``: loads polled every 0.01 s instead of 0.05 s (freeness noise between polls);
-* ``cooldown-2`` / ``cooldown-10``: a request that finished a migration is not moved
-  again for 2 / 10 s unless draining (``policies.cooldown``);
-* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference;
+* ``cooldown-2`` / ``-10`` / ``-30``: a request that finished a migration is not moved
+  again for 2 / 10 / 30 s unless draining (``policies.cooldown``; 30 s: the servers' default);
+* ``waiting-head`` / ``longest``: the source moves its head-of-line queued request / its
+  longest running request (default: its shortest running one);
 * ``no-migration``: Llumnix's dispatch without migration, and ``load-dispatch``:
   migration behind INFaaS++'s dispatch rule (which of the two a difference comes from);
-* ``threshold-20``: the pairing threshold at 20 (both sides); ``reserve-10`` /
-  ``reserve-20`` / ``reserve-40``: sources still below 3, destinations only above 10 /
-  20 / 40 (``migrate_in_threshold``: a destination keeps room for arrivals);
-  ``waiting-head`` / ``longest``: the
-  source moves its head-of-line queued request / its longest running request.
+* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference.
 
 Per variant (median over seeds): P99 and mean prefill, the share of requests whose
 prefill took over 2 s / 5 s (what a capacity at that objective counts: P99 stays under
@@ -57,7 +56,10 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "poll-0.01": ("llumnix", {}, {"poll_interval_s": 0.01}),
     "cooldown-2": ("llumnix", {"migration_cooldown_s": 2.0}, {}),
     "cooldown-10": ("llumnix", {"migration_cooldown_s": 10.0}, {}),
+    "cooldown-30": ("llumnix", {"migration_cooldown_s": 30.0}, {}),
+    "threshold-5": ("llumnix", {"migrate_out_threshold": 5.0}, {}),
     "threshold-20": ("llumnix", {"migrate_out_threshold": 20.0}, {}),
+    "threshold-40": ("llumnix", {"migrate_out_threshold": 40.0}, {}),
     "reserve-10": ("llumnix", {"migrate_in_threshold": 10.0}, {}),
     "reserve-20": ("llumnix", {"migrate_in_threshold": 20.0}, {}),
     "reserve-40": ("llumnix", {"migrate_in_threshold": 40.0}, {}),
