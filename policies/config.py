@@ -34,7 +34,8 @@ class PolicyConfig:
             threshold. Set higher, a destination keeps that much room for the new requests
             dispatched to it (issue 19: on S-L, migrating into instances just above the
             source threshold spends the room arrivals need); it may not be lower than
-            ``migrate_out_threshold``, so no instance is on both sides.
+            ``migrate_out_threshold``, so no instance is on both sides. A draining
+            instance's moves ignore it: draining must finish.
         migration_cooldown_s: a request that finished a migration less than this long
             ago is not migrated again, unless its instance is draining
             (``policies.cooldown``); 0 (default) turns the rule off.

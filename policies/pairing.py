@@ -5,10 +5,11 @@
 1. Compute every instance's migration freeness once (``virtual_usage.summarize``).
 2. Sources: terminating instances that still hold requests (freeness ``-inf``, so
    always first), then instances with freeness < ``cfg.migrate_out_threshold``.
-   Destinations: non-terminating instances with freeness > ``cfg.destination_threshold``
-   (``migrate_in_threshold``, by default the same threshold). An instance exactly at
-   the threshold is neither, and the destination threshold is never below the source
-   one, so no instance is on both sides; between the two, an instance is neither.
+   Destinations: non-terminating instances with freeness > the threshold. An instance
+   exactly at the threshold is neither, so no instance is on both sides. With
+   ``cfg.migrate_in_threshold`` set (``cfg.destination_threshold``, never below the
+   source threshold), only a draining source may move a request to a destination at or
+   below it: the others leave that room to the requests dispatched there.
 3. Sources sorted ascending by (freeness, instance_id); destinations descending by
    freeness, ties by instance_id ascending.
 4. Walk the sources in order, each against the freest destination still unused. The
@@ -135,7 +136,7 @@ def pair_by_freeness(
                 sources.append((f, inst.instance_id, inst, s))
         elif f < threshold:
             sources.append((f, inst.instance_id, inst, s))
-        elif f > dst_threshold:
+        elif f > threshold:
             dests.append((-f, inst.instance_id, inst, s))
     if not sources or not dests:
         return []
@@ -147,12 +148,14 @@ def pair_by_freeness(
     for fs, _, src, ss in sources:
         if j >= len(dests):
             break
+        neg_fd, _, dst, sd = dests[j]
+        fd = -neg_fd
+        if fd <= dst_threshold and not src.terminating:
+            break  # the freest destination left keeps its room; draining sources came first
         choice = select(src)
         req = find_request(src, choice) if choice is not None else None
         if req is None:
             continue
-        neg_fd, _, dst, sd = dests[j]
-        fd = -neg_fd
         fs_after = freeness_after_removal(src, ss, cfg, req, waiting=choice.waiting)
         fd_after = freeness_after_addition(dst, sd, cfg, req, waiting=choice.waiting)
         if not (src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs)):

@@ -216,6 +216,9 @@ def test_a_destination_threshold_keeps_instances_between_the_two_out_of_pairing(
     assert pair_migrations([src, mid], reserve) == []  # b keeps its room for arrivals
     assert pair_migrations([src, mid, roomy], reserve) == [MigrationPair("a", "c")]
     assert pair_migrations([src, mid], PolicyConfig(migrate_in_threshold=3.0)) == pair_migrations([src, mid], paper)
+    # A draining instance still moves its requests into the room a destination keeps.
+    draining = dataclasses.replace(src, instance_id="d", terminating=True)
+    assert pair_migrations([draining, mid], reserve) == [MigrationPair("d", "b")]
 
 
 @pytest.mark.parametrize("value", [1.0, math.nan, math.inf, True, "20"])
@@ -329,10 +332,13 @@ def test_property_pairs_are_disjoint_and_never_widen_the_gap(cluster, cfg):
         assert not dst.terminating
         req = find_request(src, plan.request)
         assert req is not None and not req.migrating
-        if src.terminating or cfg.pairing == "defrag":
+        if cfg.pairing == "defrag":
             continue
         f_src, f_dst = freeness(src, cfg), freeness(dst, cfg)
-        assert f_src < cfg.migrate_out_threshold and f_dst > cfg.destination_threshold
+        assert f_src < cfg.migrate_out_threshold < f_dst
+        if src.terminating:
+            continue  # a draining source may use the room a destination keeps
+        assert f_dst > cfg.destination_threshold
         src_after, dst_after = _after(src, dst, req, plan.request.waiting)
         fs2, fd2 = freeness(src_after, cfg), freeness(dst_after, cfg)
         if fs2 <= fd2 + 1e-9 and abs(fs2 - fd2) < abs(f_src - f_dst):
