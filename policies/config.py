@@ -30,7 +30,8 @@ class PolicyConfig:
             migration source and, unless ``migrate_in_threshold`` is set, above which it
             is a destination.
         migrate_in_threshold: freeness above which an instance is a migration
-            destination; None (default): ``migrate_out_threshold``, the paper's one
+            destination of the ``freeness`` pairing (``defrag`` ranks by free blocks and
+            does not read it); None (default): ``migrate_out_threshold``, the paper's one
             threshold. Set higher, a destination keeps that much room for the new requests
             dispatched to it (issue 19: on S-L, migrating into instances just above the
             source threshold spends the room arrivals need); it may not be lower than
