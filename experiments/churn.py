@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common  # noqa: E402
 from experiments.workloads import make_workload  # noqa: E402
+from llumnix_py.slo import attainment  # noqa: E402
 
 # name -> (system, policy keywords, simulator keywords)
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
@@ -66,7 +67,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "waiting-head": ("llumnix", {"migrate_out": "waiting_head"}, {}),
     "longest": ("llumnix", {"migrate_out": "longest"}, {}),
     "load-dispatch": ("llumnix+load-dispatch", {}, {}),
-    "no-migration": ("llumnix-migration", {}, {}),
+    "no-migration": ("llumnix-no-migration", {}, {}),
     "infaas++": ("infaas++", {}, {}),
 }
 OBJECTIVES = (2.0, 5.0)
@@ -89,8 +90,11 @@ def payoff_shares(records: Sequence[dict]) -> dict[str, float]:
 
 
 def over_objective(prefills: Sequence[float], objective_s: float) -> float:
-    """Share of requests whose prefill latency exceeds ``objective_s`` (0 for none)."""
-    return sum(1 for x in prefills if x > objective_s) / len(prefills) if prefills else 0.0
+    """Share of requests whose prefill latency exceeds ``objective_s`` (0 for none): the
+    TTFT-only complement of ``llumnix_py.slo.attainment``."""
+    if not prefills:
+        return 0.0
+    return 1.0 - attainment(prefills, [None] * len(prefills), objective_s, math.inf)
 
 
 def _extra(ap) -> None:
@@ -152,7 +156,7 @@ def run(setup: dict, progress: bool) -> dict:
                                           **sim_kw)
                     point = common.pick(res.summary(), KEYS)
                     point.update({f"payoff_{k}": v for k, v in payoff_shares(res.migration_records).items()})
-                    prefills = [r.prefill_latency if r.first_token_time is not None else math.inf for r in res.requests]
+                    prefills = res.latencies()[0]  # an unfinished request counts as infinitely late
                     point.update({f"over_{o:g}s": over_objective(prefills, o) for o in OBJECTIVES})
                     runs.setdefault(str(rate), {}).setdefault(name, {})[str(seed)] = point
                     bar.update(1)
@@ -187,8 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup = plan(args)
     runs = run(setup, args.progress)
     med = medians(runs)
-    headers = ["rate", "variant", "P99 prefill", "mean prefill", "> 2 s %", "> 5 s %", "preempt loss", "migrations", "aborted",
-               "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]
+    headers = ["rate", "variant", "P99 prefill", "mean prefill", "> 2 s %", "> 5 s %", "preempt loss", "migrations",
+               "aborted", "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]
     rows = [[float(rate), name, m["prefill_p99"], m["prefill_mean"], 100 * m["over_2s"], 100 * m["over_5s"],
              m["preemption_loss"], m["migrations"],
              m["migrations_aborted"], m["migrations_per_request_max"], m["migrations_per_request_p99"],

@@ -35,7 +35,7 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     "llumnix+load-dispatch": ("load", True),
     # Ablation: Llumnix's dispatch rule without migration, which separates what the
     # dispatch rule buys from what migration buys (issue 19, the S-L capacity loss).
-    "llumnix-migration": ("freeness", False),
+    "llumnix-no-migration": ("freeness", False),
     # Issue 19: Llumnix with a per-request migration cooldown (policies/cooldown.py).
     "llumnix+cooldown-2": ("freeness", True),
     "llumnix+cooldown-10": ("freeness", True),

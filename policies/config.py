@@ -119,7 +119,8 @@ class PolicyConfig:
                 raise ValueError(f"migrate_in_threshold must be a finite number or None, got {mi!r}")
             if mi < self.migrate_out_threshold:
                 raise ValueError(f"migrate_in_threshold ({mi}) must be at least migrate_out_threshold "
-                                 f"({self.migrate_out_threshold}): an instance would be both a source and a destination")
+                                 f"({self.migrate_out_threshold}): an instance would be both a source and a "
+                                 "destination")
         fm = self.fair_dispatch_margin
         if isinstance(fm, bool) or not isinstance(fm, (int, float)) or not math.isfinite(fm) or fm < 0:
             raise ValueError(f"fair_dispatch_margin must be a finite number >= 0, got {fm!r}")
