@@ -8,6 +8,7 @@ variant, same workloads and seeds side by side:
 * ``threshold-1`` / ``-5`` / ``-10`` / ``-20`` / ``-40``: the pairing threshold, both sides;
 * ``reserve-10`` / ``-20`` / ``-40``: sources still below 3, destinations only above 10 /
   20 / 40 (``migrate_in_threshold``: a destination keeps room for arrivals);
+  ``reserve-20+cooldown-30``: the reserve on top of the servers' default cooldown;
 * ``poll-0.01``: loads polled every 0.01 s instead of 0.05 s (freeness noise between polls);
 * ``cooldown-2`` / ``-10`` / ``-30``: a request that finished a migration is not moved
   again for 2 / 10 / 30 s unless draining (``policies.cooldown``; 30 s: the servers' default);
@@ -64,6 +65,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "reserve-10": ("llumnix", {"migrate_in_threshold": 10.0}, {}),
     "reserve-20": ("llumnix", {"migrate_in_threshold": 20.0}, {}),
     "reserve-40": ("llumnix", {"migrate_in_threshold": 40.0}, {}),
+    "reserve-20+cooldown-30": ("llumnix", {"migrate_in_threshold": 20.0, "migration_cooldown_s": 30.0}, {}),
     "waiting-head": ("llumnix", {"migrate_out": "waiting_head"}, {}),
     "longest": ("llumnix", {"migrate_out": "longest"}, {}),
     "load-dispatch": ("llumnix+load-dispatch", {}, {}),

@@ -43,6 +43,8 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # Issue 19: Llumnix whose migration destinations keep room for arrivals (freeness
     # above 20, sources still below 3: ``PolicyConfig.migrate_in_threshold``).
     "llumnix+reserve-20": ("freeness", True),
+    # The reserve on top of the servers' default 30 s cooldown (``llumnix-py serve``).
+    "llumnix+reserve-20+cooldown-30": ("freeness", True),
 }
 # Policy settings a system adds to the defaults (a caller's own keywords win).
 SYSTEM_POLICY: dict[str, dict[str, Any]] = {
@@ -50,6 +52,7 @@ SYSTEM_POLICY: dict[str, dict[str, Any]] = {
     "llumnix+cooldown-10": {"migration_cooldown_s": 10.0},
     "llumnix+cooldown-30": {"migration_cooldown_s": 30.0},
     "llumnix+reserve-20": {"migrate_in_threshold": 20.0},
+    "llumnix+reserve-20+cooldown-30": {"migrate_in_threshold": 20.0, "migration_cooldown_s": 30.0},
 }
 
 

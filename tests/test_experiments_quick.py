@@ -177,6 +177,30 @@ def test_churn_dispatch_and_migration_ablations_differ_only_where_named(tmp_path
     assert (policy.dispatch, migrate) == ("load", True)
 
 
+@pytest.mark.parametrize("name", sorted(churn.VARIANTS))
+def test_churn_variant_names_say_what_they_set(name):
+    """``reserve-N`` / ``cooldown-N`` / ``threshold-N`` in a variant's name is the value it runs with."""
+    system, policy_kw, _ = churn.VARIANTS[name]
+    policy, _ = common.system_config(system, **policy_kw)
+    named = dict(part.rsplit("-", 1) for part in name.split("+") if part[-1:].isdigit() and "-" in part)
+    expect = {"reserve": policy.migrate_in_threshold, "cooldown": policy.migration_cooldown_s,
+              "threshold": policy.migrate_out_threshold, "interval": None, "poll": None}
+    for knob, value in named.items():
+        if expect[knob] is not None:
+            assert expect[knob] == float(value), (name, knob)
+    if "reserve" not in named:
+        assert policy.migrate_in_threshold is None  # the paper's single threshold
+
+
+@pytest.mark.parametrize("system", ["llumnix+reserve-20", "llumnix+reserve-20+cooldown-30", "llumnix+cooldown-30"])
+def test_llumnix_system_variants_keep_the_papers_dispatch_and_migration(system):
+    policy, migrate = common.system_config(system)
+    base, base_migrate = common.system_config("llumnix")
+    assert (policy.dispatch, migrate) == (base.dispatch, base_migrate)
+    assert policy.migrate_in_threshold == (20.0 if "reserve-20" in system else None)
+    assert policy.migration_cooldown_s == (30.0 if "cooldown-30" in system else base.migration_cooldown_s)
+
+
 def test_churn_payoff_shares_on_hand_made_records():
     def rec(src_before, src_after, dst_after, finished=True):
         return {"finished": finished, "src_freeness_before": src_before, "src_freeness_after": src_after,
