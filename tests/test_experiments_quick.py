@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,12 +185,22 @@ def test_churn_variant_names_say_what_they_set(name):
     policy, _ = common.system_config(system, **policy_kw)
     named = dict(part.rsplit("-", 1) for part in name.split("+") if part[-1:].isdigit() and "-" in part)
     expect = {"reserve": policy.migrate_in_threshold, "cooldown": policy.migration_cooldown_s,
-              "threshold": policy.migrate_out_threshold, "interval": None, "poll": None}
+              "threshold": policy.migrate_out_threshold, "interval": None, "poll": None, "copy": None}
     for knob, value in named.items():
         if expect[knob] is not None:
             assert expect[knob] == float(value), (name, knob)
     if "reserve" not in named:
         assert policy.migrate_in_threshold is None  # the paper's single threshold
+
+
+def test_churn_fast_copy_variant_changes_only_the_migration_link():
+    from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
+
+    _, _, sim_kw = churn.VARIANTS["copy-x100"]
+    fast = sim_kw["profile"]
+    assert dataclasses.replace(fast, hw=LLAMA_7B_A10.hw) == LLAMA_7B_A10
+    base = LLAMA_7B_A10.migration_time(64) - LLAMA_7B_A10.hw.link_latency_s
+    assert fast.migration_time(64) - fast.hw.link_latency_s == pytest.approx(base / 100)
 
 
 @pytest.mark.parametrize("system", ["llumnix+reserve-20", "llumnix+reserve-20+cooldown-30", "llumnix+cooldown-30"])
