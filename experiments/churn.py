@@ -6,8 +6,8 @@ variant, same workloads and seeds side by side:
 * ``default``: the paper's settings (rounds every 0.1 s, threshold 3 steps);
 * ``interval-0.5`` / ``interval-1.0``: migration rounds every 0.5 / 1.0 s (frequency);
 * ``threshold-1`` / ``-5`` / ``-10`` / ``-20`` / ``-40``: the pairing threshold, both sides;
-* ``reserve-10`` / ``-20`` / ``-40``: sources still below 3, destinations only above 10 /
-  20 / 40 (``migrate_in_threshold``: a destination keeps room for arrivals);
+* ``reserve-5`` / ``-10`` / ``-20`` / ``-40``: sources still below 3, destinations only above
+  5 / 10 / 20 / 40 (``migrate_in_threshold``: a destination keeps room for arrivals);
   ``reserve-20+cooldown-30``: the reserve on top of the servers' default cooldown;
 * ``copy-x100``: migration copies 100x faster (pre-allocated destination blocks held ~1% as long);
 * ``poll-0.01``: loads polled every 0.01 s instead of 0.05 s (freeness noise between polls);
@@ -70,6 +70,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "threshold-5": ("llumnix", {"migrate_out_threshold": 5.0}, {}),
     "threshold-20": ("llumnix", {"migrate_out_threshold": 20.0}, {}),
     "threshold-40": ("llumnix", {"migrate_out_threshold": 40.0}, {}),
+    "reserve-5": ("llumnix", {"migrate_in_threshold": 5.0}, {}),
     "reserve-10": ("llumnix", {"migrate_in_threshold": 10.0}, {}),
     "reserve-20": ("llumnix", {"migrate_in_threshold": 20.0}, {}),
     "reserve-40": ("llumnix", {"migrate_in_threshold": 40.0}, {}),
