@@ -31,6 +31,7 @@ Usage::
 
     python experiments/churn.py [--quick] [--trace L-L] [--rates 3.9] [--requests N] [--seeds 3]
                                 [--variants default,cooldown-10] [--json out.json]
+    python experiments/churn.py --from-json a.json,b.json   # parts run apart, one table and plot
 
 JSON: ``{"setup": {...}, "runs": {rate: {variant: {seed: {...}}}}, "median": {rate: {variant: {...}}}}``.
 """
@@ -116,6 +117,9 @@ def _extra(ap) -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (full: 3)")
     ap.add_argument("--instances", type=int, default=None)
     ap.add_argument("--variants", type=str, default=None, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--from-json", type=str, default=None, metavar="A.json,B.json",
+                    help="tabulate and plot saved runs together (same trace, requests and instances; "
+                         "e.g. variants run in separate processes) instead of running")
 
 
 def plan(args) -> dict[str, Any]:
@@ -198,10 +202,51 @@ def plot(med: dict, path: Path) -> None:
     common.save_figure(fig, path)
 
 
+def load_runs(paths: Sequence[Path]) -> tuple[dict, dict]:
+    """The setup and runs of several saved ``--json`` outputs, merged.
+
+    They must share trace, requests and instances; a (rate, variant, seed) run present
+    in two files must be the same run (the simulator is deterministic), else SystemExit.
+    """
+    import json
+
+    setup: Optional[dict] = None
+    runs: dict = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            part, part_runs = data["setup"], data["runs"]
+            key = (part["trace"], part["requests"], part["instances"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--from-json: {path}: not a churn.py --json output ({exc})") from None
+        if setup is None:
+            setup = {**part, "rates": [], "variants": [], "seed_list": []}
+        elif key != (setup["trace"], setup["requests"], setup["instances"]):
+            raise SystemExit(f"--from-json: {path} is {key}, the first file "
+                             f"{(setup['trace'], setup['requests'], setup['instances'])}")
+        for rate, by_name in part_runs.items():
+            for name, by_seed in by_name.items():
+                merged = runs.setdefault(rate, {}).setdefault(name, {})
+                for seed, point in by_seed.items():
+                    if seed in merged and merged[seed] != point:
+                        raise SystemExit(f"--from-json: {path}: rate {rate}, {name}, seed {seed} differs "
+                                         "from an earlier file's")
+                    merged[seed] = point
+        for field in ("rates", "variants", "seed_list"):
+            setup[field] += [x for x in part[field] if x not in setup[field]]
+    if setup is None:
+        raise SystemExit("--from-json: no file named")
+    setup["seeds"] = len(setup["seed_list"])
+    return setup, runs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("churn", __doc__.splitlines()[0], argv, _extra)
-    setup = plan(args)
-    runs = run(setup, args.progress)
+    if args.from_json:
+        setup, runs = load_runs([Path(x) for x in args.from_json.split(",") if x.strip()])
+    else:
+        setup = plan(args)
+        runs = run(setup, args.progress)
     med = medians(runs)
     headers = ["rate", "variant", "P99 prefill", "mean prefill", "> 2 s %", "> 5 s %", "preempt loss", "migrations",
                "aborted", "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]

@@ -223,6 +223,33 @@ def test_churn_payoff_shares_on_hand_made_records():
     assert churn.payoff_shares([]) == {"relieved": 0.0, "overshot": 0.0, "judged": 0}
 
 
+def test_churn_tabulates_variants_run_apart_together(tmp_path):
+    common_args = ["--smoke", "--no-progress", "--rates", "1.2", "--requests", "120"]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    part_a = churn.main(common_args + ["--out", str(tmp_path / "a"), "--json", str(a), "--variants", "default"])
+    part_b = churn.main(common_args + ["--out", str(tmp_path / "b"), "--json", str(b),
+                                       "--variants", "reserve-20,infaas++"])
+    merged = churn.main(["--no-progress", "--out", str(tmp_path / "m"), "--from-json", f"{a},{b}"])
+    assert merged["setup"]["variants"] == ["default", "reserve-20", "infaas++"]
+    assert merged["median"]["1.2"]["default"] == part_a["median"]["1.2"]["default"]
+    assert merged["median"]["1.2"]["infaas++"] == part_b["median"]["1.2"]["infaas++"]
+    assert (tmp_path / "m" / "churn.png").exists()
+    # Another trace, or the same run with other figures, is refused rather than mixed in.
+    other = json.loads(a.read_text())
+    other["setup"]["trace"] = "S-S"
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="S-S"):
+        churn.main(["--no-progress", "--out", str(tmp_path / "x"), "--from-json", f"{a},{tmp_path / 'c.json'}"])
+    forged = json.loads(a.read_text())
+    forged["runs"]["1.2"]["default"]["0"]["migrations"] += 1
+    (tmp_path / "d.json").write_text(json.dumps(forged))
+    with pytest.raises(SystemExit, match="differs"):
+        churn.main(["--no-progress", "--out", str(tmp_path / "x"), "--from-json", f"{a},{tmp_path / 'd.json'}"])
+    (tmp_path / "e.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a churn.py"):
+        churn.main(["--no-progress", "--out", str(tmp_path / "x"), "--from-json", str(tmp_path / "e.json")])
+
+
 @pytest.mark.parametrize("flag,value", [("--rates", "0"), ("--variants", "nope"), ("--seeds", "0")])
 def test_churn_rejects_bad_options(tmp_path, flag, value):
     with pytest.raises(SystemExit, match=flag):
