@@ -88,8 +88,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="freeness below which an instance migrates requests out (default 3, the paper's)")
     g.add_argument("--migrate-in-threshold", type=float, default=None, metavar="FREENESS",
                    help="freeness above which an instance takes migrations (default: the out threshold, the "
-                        "paper's); higher keeps room on destinations for new requests, which a blocked queued "
-                        "request may still take (policies/pairing.py)")
+                        "paper's); higher keeps room on destinations for new requests (policies/pairing.py)")
     g.add_argument("--migration-cooldown", type=float, default=SERVE_MIGRATION_COOLDOWN_S, metavar="SECONDS",
                    help="a request that finished a migration is not moved again for this long, unless its "
                         f"instance drains (policies/cooldown.py; cuts ping-pong; default {SERVE_MIGRATION_COOLDOWN_S:g}; "

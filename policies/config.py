@@ -36,8 +36,7 @@ class PolicyConfig:
             dispatched to it (issue 19: on S-L, migrating into instances just above the
             source threshold spends the room arrivals need); it may not be lower than
             ``migrate_out_threshold``, so no instance is on both sides. A draining
-            instance's moves ignore it (draining must finish), and a source's blocked
-            queued request may still move into that room where it fits: it is an arrival.
+            instance's moves ignore it: draining must finish.
         migration_cooldown_s: a request that finished a migration less than this long
             ago is not migrated again, unless its instance is draining
             (``policies.cooldown``); 0 (default) turns the rule off.
