@@ -8,9 +8,8 @@
    Destinations: non-terminating instances with freeness > the threshold. An instance
    exactly at the threshold is neither, so no instance is on both sides. With
    ``cfg.migrate_in_threshold`` set (``cfg.destination_threshold``, never below the
-   source threshold), a destination at or below it keeps its room for the requests
-   dispatched there: only a draining source, or a blocked queued request (rule 6), may
-   move into it.
+   source threshold), only a draining source may move a request to a destination at or
+   below it: the others leave that room to the requests dispatched there.
 3. Sources sorted ascending by (freeness, instance_id); destinations descending by
    freeness, ties by instance_id ascending.
 4. Walk the sources in order, each against the freest destination still unused. The
@@ -42,12 +41,6 @@
 
    Either move lands where it fits, so the destination does not become blocked
    by it, and the request does not bounce back as a de-fragmentation move.
-6. The destination threshold. When the freest destination still unused is at or below
-   ``cfg.destination_threshold`` and the source is not draining, the only move kept is
-   5a: the source's blocked head, if it fits there behind the destination's own head.
-   The reserve is room kept for arrivals, and a queued request that cannot start where
-   it was dispatched is one (no KV to copy; dispatch would have sent it there had the
-   room been seen). Other sources are skipped, so a later blocked source may still pair.
 
 ``defrag``: sources are terminating instances with requests, then instances whose
 head-of-line waiting request does not fit in their free blocks (most short of blocks
@@ -157,26 +150,19 @@ def pair_by_freeness(
             break
         neg_fd, _, dst, sd = dests[j]
         fd = -neg_fd
-        reserved = fd <= dst_threshold and not src.terminating
-        if reserved:
-            # The freest destination left keeps its room for arrivals (rule 6): only a
-            # source's blocked head, itself an arrival, may take it, where it fits (5a).
-            move = _head_move(src, dst)
-            if move is None:
-                continue
-            choice, req = move
-        else:
-            choice = select(src)
-            req = find_request(src, choice) if choice is not None else None
-            if req is None:
-                continue
+        if fd <= dst_threshold and not src.terminating:
+            break  # the freest destination left keeps its room; draining sources came first
+        choice = select(src)
+        req = find_request(src, choice) if choice is not None else None
+        if req is None:
+            continue
         fs_after = freeness_after_removal(src, ss, cfg, req, waiting=choice.waiting)
         fd_after = freeness_after_addition(dst, sd, cfg, req, waiting=choice.waiting)
-        if not (reserved or src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs)):
-            move = _defrag_move(src, dst, choice, req)
-            if move is None:
+        if not (src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs)):
+            defrag = _defrag_move(src, dst, choice, req)
+            if defrag is None:
                 continue
-            choice, req = move
+            choice, req = defrag
             fs_after = freeness_after_removal(src, ss, cfg, req, waiting=choice.waiting)
             fd_after = freeness_after_addition(dst, sd, cfg, req, waiting=choice.waiting)
         plans.append(
@@ -202,25 +188,14 @@ def _defrag_move(
     """The de-fragmentation move of rule 5 (module docstring), or ``None``."""
     if not head_blocked(src):
         return None
-    head = _head_move(src, dst)
-    if head is not None:
-        return head
     head = src.waiting[0]
     room = room_behind_head(dst)
+    if not head.migrating and head.blocks_needed <= room:
+        return MigrateOut(head.request_id, waiting=True), head
     if not choice.waiting and req.num_blocks <= room:
         if src.free_blocks - src.watermark_blocks + req.num_blocks >= head.blocks_needed:
             return choice, req
     return None
-
-
-def _head_move(src: InstanceLoad, dst: InstanceLoad) -> Optional[tuple[MigrateOut, RequestLoad]]:
-    """Rule 5a: the source's blocked head, if it fits on ``dst`` behind its own head."""
-    if not head_blocked(src):
-        return None
-    head = src.waiting[0]
-    if head.migrating or head.blocks_needed > room_behind_head(dst):
-        return None
-    return MigrateOut(head.request_id, waiting=True), head
 
 
 def _head_need(inst: InstanceLoad) -> int:

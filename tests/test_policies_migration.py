@@ -221,29 +221,6 @@ def test_a_destination_threshold_keeps_instances_between_the_two_out_of_pairing(
     assert pair_migrations([draining, mid], reserve) == [MigrationPair("d", "b")]
 
 
-def test_a_blocked_queued_request_may_take_the_room_a_destination_keeps():
-    # "b" is blocked: its head (300 blocks) does not fit in its 280 free. "m" sits between
-    # the two thresholds (freeness 380 < 400): it keeps its room for arrivals, so no running
-    # request moves there, but the blocked head is an arrival and fits in its 380 (rule 6).
-    blocked = make_inst("b", running=[make_req("b1", 600)], waiting=[make_req("w", 0, 300)])
-    mid = make_inst("m", running=(make_req("m0", 500),))
-    reserve = PolicyConfig(migrate_in_threshold=400.0)
-    assert 3 < freeness(mid, reserve) <= reserve.destination_threshold
-    plans = plan_migrations([blocked, mid], reserve)
-    assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "m"), MigrateOut("w", waiting=True))]
-    # A source with running requests only (freeness 0.5, nothing queued) may not move there.
-    low = busy("a", n=4, blocks=218)
-    assert freeness(low, reserve) < 3 and not low.waiting
-    assert plan_migrations([low, mid], reserve) == []
-    # A head that would not fit there behind the destination's own head stays.
-    mid_queued = dataclasses.replace(mid, waiting=(make_req("mw", 0, 100),))  # 280 behind its head
-    assert plan_migrations([blocked, mid_queued], reserve) == []
-    # An earlier source whose head does not fit there does not stop a later one whose does.
-    worse = make_inst("c", running=[make_req("c1", 700)], waiting=[make_req("cw", 0, 390)])
-    assert freeness(worse, reserve) < freeness(blocked, reserve) and head_blocked(worse)
-    assert pair_migrations([worse, blocked, mid], reserve) == [MigrationPair("b", "m")]
-
-
 @pytest.mark.parametrize("value", [1.0, math.nan, math.inf, True, "20"])
 def test_a_destination_threshold_below_the_source_one_or_not_a_number_is_rejected(value):
     with pytest.raises(ValueError, match="migrate_in_threshold"):
@@ -361,14 +338,8 @@ def test_property_pairs_are_disjoint_and_never_widen_the_gap(cluster, cfg):
         assert f_src < cfg.migrate_out_threshold < f_dst
         if src.terminating:
             continue  # a draining source may use the room a destination keeps
+        assert f_dst > cfg.destination_threshold
         src_after, dst_after = _after(src, dst, req, plan.request.waiting)
-        if f_dst <= cfg.destination_threshold:
-            # Rule 6: only the source's blocked head may take the room the destination
-            # keeps for arrivals, and only where it fits behind the destination's own head.
-            assert head_blocked(src) and plan.request.waiting and req is src.waiting[0]
-            assert req.blocks_needed <= room_behind_head(dst)
-            assert not head_blocked(dst_after) or head_blocked(dst), "the move blocked the destination"
-            continue
         fs2, fd2 = freeness(src_after, cfg), freeness(dst_after, cfg)
         if fs2 <= fd2 + 1e-9 and abs(fs2 - fd2) < abs(f_src - f_dst):
             continue  # rule 4: narrows the gap without flipping it
