@@ -9,7 +9,10 @@
    exactly at the threshold is neither, so no instance is on both sides. With
    ``cfg.migrate_in_threshold`` set (``cfg.destination_threshold``, never below the
    source threshold), only a draining source may move a request to a destination at or
-   below it: the others leave that room to the requests dispatched there.
+   below it: the others leave that room to the requests dispatched there. Not even a
+   source's blocked queued request may take it: allowing that (rule 5a into the kept
+   room) made S-L's P99 prefill 7x worse at its knee and tripled its migrations'
+   return rate (experiments/RESULTS.md, session 12).
 3. Sources sorted ascending by (freeness, instance_id); destinations descending by
    freeness, ties by instance_id ascending.
 4. Walk the sources in order, each against the freest destination still unused. The

@@ -219,6 +219,11 @@ def test_a_destination_threshold_keeps_instances_between_the_two_out_of_pairing(
     # A draining instance still moves its requests into the room a destination keeps.
     draining = dataclasses.replace(src, instance_id="d", terminating=True)
     assert pair_migrations([draining, mid], reserve) == [MigrationPair("d", "b")]
+    # A blocked queued request does not take it either, though it would fit (300 of 380):
+    # letting it made S-L's P99 prefill 7x worse (experiments/RESULTS.md, session 12).
+    blocked = make_inst("e", running=[make_req("e1", 600)], waiting=[make_req("w", 0, 300)])
+    assert head_blocked(blocked) and pair_migrations([blocked, mid], reserve) == []
+    assert pair_migrations([blocked, mid], paper) == [MigrationPair("e", "b")]
 
 
 @pytest.mark.parametrize("value", [1.0, math.nan, math.inf, True, "20"])
