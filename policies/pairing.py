@@ -11,8 +11,8 @@
    source threshold), only a draining source may move a request to a destination at or
    below it: the others leave that room to the requests dispatched there. Not even a
    source's blocked queued request may take it: allowing that (rule 5a into the kept
-   room) made S-L's P99 prefill 7x worse at its knee and tripled its migrations'
-   return rate (experiments/RESULTS.md, session 12).
+   room) made S-L's P99 prefill 7x worse at its knee and its migrations' return rate
+   3.7x higher (experiments/RESULTS.md, session 12).
 3. Sources sorted ascending by (freeness, instance_id); destinations descending by
    freeness, ties by instance_id ascending.
 4. Walk the sources in order, each against the freest destination still unused. The
