@@ -247,7 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         setup = plan(args)
         runs = run(setup, args.progress)
-    med = medians(runs)
+    med = {rate: {name: m[name] for name in setup["variants"] if name in m}  # rows in the order asked
+           for rate, m in medians(runs).items()}
     headers = ["rate", "variant", "P99 prefill", "mean prefill", "> 2 s %", "> 5 s %", "preempt loss", "migrations",
                "aborted", "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]
     rows = [[float(rate), name, m["prefill_p99"], m["prefill_mean"], 100 * m["over_2s"], 100 * m["over_5s"],

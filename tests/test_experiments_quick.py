@@ -231,6 +231,7 @@ def test_churn_tabulates_variants_run_apart_together(tmp_path):
                                        "--variants", "reserve-20,infaas++"])
     merged = churn.main(["--no-progress", "--out", str(tmp_path / "m"), "--from-json", f"{a},{b}"])
     assert merged["setup"]["variants"] == ["default", "reserve-20", "infaas++"]
+    assert list(merged["median"]["1.2"]) == merged["setup"]["variants"]  # rows in the order run
     assert merged["median"]["1.2"]["default"] == part_a["median"]["1.2"]["default"]
     assert merged["median"]["1.2"]["infaas++"] == part_b["median"]["1.2"]["infaas++"]
     assert (tmp_path / "m" / "churn.png").exists()
