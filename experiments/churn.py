@@ -39,6 +39,7 @@ JSON: ``{"setup": {...}, "runs": {rate: {variant: {seed: {...}}}}, "median": {ra
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -76,7 +77,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "reserve-20": ("llumnix", {"migrate_in_threshold": 20.0}, {}),
     "reserve-40": ("llumnix", {"migrate_in_threshold": 40.0}, {}),
     "copy-x100": ("llumnix", {}, {"profile": FAST_COPY}),
-    "reserve-20+cooldown-30": ("llumnix", {"migrate_in_threshold": 20.0, "migration_cooldown_s": 30.0}, {}),
+    "reserve-20+cooldown-30": ("llumnix+reserve-20+cooldown-30", {}, {}),
     "waiting-head": ("llumnix", {"migrate_out": "waiting_head"}, {}),
     "longest": ("llumnix", {"migrate_out": "longest"}, {}),
     "load-dispatch": ("llumnix+load-dispatch", {}, {}),
@@ -208,8 +209,6 @@ def load_runs(paths: Sequence[Path]) -> tuple[dict, dict]:
     They must share trace, requests and instances; a (rate, variant, seed) run present
     in two files must be the same run (the simulator is deterministic), else SystemExit.
     """
-    import json
-
     setup: Optional[dict] = None
     runs: dict = {}
     for path in paths:
