@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llumnix_py.engines.sim.profiles import LLAMA_7B_A10  # noqa: E402
 from llumnix_py.sim import SimCluster, SimConfig, SimResult  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
 
@@ -45,6 +46,11 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     "llumnix+reserve-20": ("freeness", True),
     # The reserve on top of the servers' default 30 s cooldown (``llumnix-py serve``).
     "llumnix+reserve-20+cooldown-30": ("freeness", True),
+    # Issue 19, references for what memory is worth: INFaaS++ on instances with 10% / 25%
+    # more KV blocks than the profile's (``SYSTEM_SIM``). Not systems to deploy: the
+    # capacity that extra memory buys bounds what rearranging the same memory can buy.
+    "infaas++@kv-x1.1": ("load", False),
+    "infaas++@kv-x1.25": ("load", False),
 }
 # Policy settings a system adds to the defaults (a caller's own keywords win).
 SYSTEM_POLICY: dict[str, dict[str, Any]] = {
@@ -53,6 +59,12 @@ SYSTEM_POLICY: dict[str, dict[str, Any]] = {
     "llumnix+cooldown-30": {"migration_cooldown_s": 30.0},
     "llumnix+reserve-20": {"migrate_in_threshold": 20.0},
     "llumnix+reserve-20+cooldown-30": {"migrate_in_threshold": 20.0, "migration_cooldown_s": 30.0},
+}
+# Simulator settings a system adds (a caller's own keywords win): the memory references'
+# KV pools, scaled from the default profile's (LLaMA-7B on an A10: 880 blocks).
+SYSTEM_SIM: dict[str, dict[str, Any]] = {
+    "infaas++@kv-x1.1": {"num_blocks": round(LLAMA_7B_A10.num_blocks * 1.1)},
+    "infaas++@kv-x1.25": {"num_blocks": round(LLAMA_7B_A10.num_blocks * 1.25)},
 }
 
 
@@ -84,6 +96,7 @@ def simulate(workload: Sequence[Any], system: str, num_instances: int, *, seed: 
              policy_kw: Optional[dict] = None, **sim_kw: Any) -> SimResult:
     """One simulated run of ``system`` (a key of ``SYSTEMS``) over ``workload``."""
     policy, migrate = system_config(system, **(policy_kw or {}))
+    sim_kw = {**SYSTEM_SIM.get(system, {}), **sim_kw}
     cfg = SimConfig(num_instances=num_instances, policy=policy, enable_migration=migrate, seed=seed, **sim_kw)
     return SimCluster(cfg).run(workload, progress=progress)
 

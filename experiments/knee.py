@@ -83,7 +83,8 @@ def p99_of(sweep_trace: dict) -> dict:
 
 
 def analyse(sweep: dict, objectives: Sequence[float], growth: float) -> dict:
-    """Per trace: capacities, gains of Llumnix, overload marks, largest ratio in the window."""
+    """Per trace: capacities, gains of Llumnix (and of a memory reference over the system it
+    scales), overload marks, largest ratio in the window."""
     out: dict = {}
     for trace, by_system in sweep.items():
         p99 = p99_of(by_system)
@@ -103,6 +104,12 @@ def analyse(sweep: dict, objectives: Sequence[float], growth: float) -> dict:
                     w = capacity.largest_ratio(p99, base, ours, marks)
                     if w:
                         window.setdefault(ours, {})[base] = w
+        for ref in by_system:  # a memory reference ("infaas++@kv-x1.1") over the system it scales
+            base = ref.partition("@")[0]
+            if base != ref and base in by_system:
+                g = capacity.gains(caps, ref, base)
+                if g:
+                    gains.setdefault(ref, {})[base] = g
         out[trace] = {"capacity": caps, "gains": gains, "overload": marks, "largest_ratio": window,
                       "main_length": capacity.main_length(p99)}
     return out

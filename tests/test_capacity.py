@@ -91,6 +91,21 @@ def test_capacities_gains_marks_and_the_window_ratio():
     assert math.isclose(capacity.main_length(p99), 200)
 
 
+def test_a_memory_reference_gains_over_the_system_it_scales_and_is_no_llumnix():
+    from experiments import knee
+
+    p99 = sweep()
+    by_system = {"infaas++": p99["base"], "infaas++@kv-x1.1": p99["ours"], "llumnix": p99["ours"]}
+    per_length = {s: {r: {seed: {n: {"prefill_p99": v} for n, v in by_len.items()} for seed, by_len in by_seed.items()}
+                      for r, by_seed in by_rate.items()} for s, by_rate in by_system.items()}
+    gains = knee.analyse({"L-L": per_length}, [5.0], 1.5)["L-L"]["gains"]
+    assert set(gains) == {"llumnix", "infaas++@kv-x1.1"}
+    assert set(gains["infaas++@kv-x1.1"]) == {"infaas++"}  # over its own base only
+    assert gains["infaas++@kv-x1.1"]["infaas++"]["5"]["min"] > 0
+    assert set(gains["llumnix"]) == {"infaas++", "infaas++@kv-x1.1"}
+    assert gains["llumnix"]["infaas++@kv-x1.1"]["5"]["median"] == pytest.approx(0.0)
+
+
 def _chunk(tmp_path, name: str, system: str, seeds: list[int]) -> Path:
     """A ``serving.py --json`` file holding one system's points of the given seeds."""
     import json

@@ -212,6 +212,31 @@ def test_llumnix_system_variants_keep_the_papers_dispatch_and_migration(system):
     assert policy.migration_cooldown_s == (30.0 if "cooldown-30" in system else base.migration_cooldown_s)
 
 
+@pytest.mark.parametrize("system, factor", [("infaas++@kv-x1.1", 1.1), ("infaas++@kv-x1.25", 1.25)])
+def test_memory_references_are_infaas_with_only_more_kv_blocks(system, factor, monkeypatch):
+    from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
+
+    assert common.system_config(system) == common.system_config("infaas++")
+    seen = {}
+
+    class Spy:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def run(self, workload, progress=False):
+            return "ran"
+
+    monkeypatch.setattr(common, "SimCluster", Spy)
+    assert common.simulate([], system, 4) == "ran"
+    ref = seen["cfg"]
+    assert ref.num_blocks == round(LLAMA_7B_A10.num_blocks * factor)
+    assert ref.engine_config().num_blocks == ref.num_blocks
+    common.simulate([], "infaas++", 4)
+    assert dataclasses.replace(ref, num_blocks=None) == seen["cfg"]  # nothing else differs
+    common.simulate([], system, 4, num_blocks=7)
+    assert seen["cfg"].num_blocks == 7  # a caller's own setting wins
+
+
 def test_churn_payoff_shares_on_hand_made_records():
     def rec(src_before, src_after, dst_after, finished=True):
         return {"finished": finished, "src_freeness_before": src_before, "src_freeness_after": src_after,
