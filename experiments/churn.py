@@ -17,7 +17,8 @@ variant, same workloads and seeds side by side:
   longest running request (default: its shortest running one);
 * ``no-migration``: Llumnix's dispatch without migration, and ``load-dispatch``:
   migration behind INFaaS++'s dispatch rule (which of the two a difference comes from);
-* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference.
+* ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference; ``infaas++@kv-x1.1``:
+  the same on instances with 10% more KV blocks (what more memory, not better placed, buys).
 
 Per variant (median over seeds): P99 and mean prefill, the share of requests whose
 prefill took over 2 s / 5 s (what a capacity at that objective counts: P99 stays under
@@ -25,7 +26,11 @@ it while the share stays under 1%), preemption loss, migrations
 (finished, aborted), the churn keys (``migrations_per_request_max``/``_p99``,
 ``migration_return_rate``, ``migration_caused_preemptions``) and, from the ledger's
 per-migration records, the share of migrations that still left the source freer one
-interval later and the share that overshot (source freer than destination after).
+interval later and the share that overshot (source freer than destination after); and
+memory in the wrong place (``llumnix_py.sim.metrics``): the share of samples where some
+queue head waits for blocks, the stranded memory then (free blocks on the instances whose
+head does not wait, share of the cluster's) and the share of waiting heads that another
+instance had room for.
 
 Usage::
 
@@ -83,11 +88,12 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "load-dispatch": ("llumnix+load-dispatch", {}, {}),
     "no-migration": ("llumnix-no-migration", {}, {}),
     "infaas++": ("infaas++", {}, {}),
+    "infaas++@kv-x1.1": ("infaas++@kv-x1.1", {}, {}),
 }
 OBJECTIVES = (2.0, 5.0)
 KEYS = ("prefill_p99", "prefill_mean", "preemption_loss", "migrations", "migrations_aborted",
         "migrations_per_request_max", "migrations_per_request_p99", "migration_return_rate",
-        "migration_caused_preemptions", "wall_s")
+        "migration_caused_preemptions", "head_waiting_share", "stranded_mean", "heads_fit_elsewhere", "wall_s")
 
 
 def payoff_shares(records: Sequence[dict]) -> dict[str, float]:
@@ -249,12 +255,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     med = {rate: {name: m[name] for name in setup["variants"] if name in m}  # rows in the order asked
            for rate, m in medians(runs).items()}
     headers = ["rate", "variant", "P99 prefill", "mean prefill", "> 2 s %", "> 5 s %", "preempt loss", "migrations",
-               "aborted", "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %"]
+               "aborted", "max mig/req", "P99 mig/req", "return rate %", "dst preempted", "src relieved %", "overshot %",
+               "head waits %", "stranded %", "fits elsewhere %"]
     rows = [[float(rate), name, m["prefill_p99"], m["prefill_mean"], 100 * m["over_2s"], 100 * m["over_5s"],
              m["preemption_loss"], m["migrations"],
              m["migrations_aborted"], m["migrations_per_request_max"], m["migrations_per_request_p99"],
              100 * m["migration_return_rate"], m["migration_caused_preemptions"], 100 * m["payoff_relieved"],
-             100 * m["payoff_overshot"]]
+             100 * m["payoff_overshot"]] + [100 * m.get(k, math.nan)  # absent from files written before them
+                                            for k in ("head_waiting_share", "stranded_mean", "heads_fit_elsewhere")]
             for rate, by_name in med.items() for name, m in by_name.items()]
     title = f"Churn ablations, {setup['trace']}, medians over seeds {setup['seed_list']} (seconds)"
     common.print_table(title, headers, rows)

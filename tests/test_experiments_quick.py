@@ -180,14 +180,20 @@ def test_churn_dispatch_and_migration_ablations_differ_only_where_named(tmp_path
 
 @pytest.mark.parametrize("name", sorted(churn.VARIANTS))
 def test_churn_variant_names_say_what_they_set(name):
-    """``reserve-N`` / ``cooldown-N`` / ``threshold-N`` in a variant's name is the value it runs with."""
+    """``reserve-N`` / ``cooldown-N`` / ``threshold-N`` / ``@kv-xF`` in a variant's name is the value it runs with."""
+    from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
+
     system, policy_kw, _ = churn.VARIANTS[name]
     policy, _ = common.system_config(system, **policy_kw)
-    named = dict(part.rsplit("-", 1) for part in name.split("+") if part[-1:].isdigit() and "-" in part)
+    named = dict(part.lstrip("@").rsplit("-", 1) for part in name.replace("@", "+@").split("+")
+                 if part[-1:].isdigit() and "-" in part)
     expect = {"reserve": policy.migrate_in_threshold, "cooldown": policy.migration_cooldown_s,
-              "threshold": policy.migrate_out_threshold, "interval": None, "poll": None, "copy": None}
+              "threshold": policy.migrate_out_threshold, "interval": None, "poll": None, "copy": None,
+              "kv": common.SYSTEM_SIM.get(system, {}).get("num_blocks")}
     for knob, value in named.items():
-        if expect[knob] is not None:
+        if knob == "kv":
+            assert expect["kv"] == round(LLAMA_7B_A10.num_blocks * float(value.removeprefix("x"))), name
+        elif expect[knob] is not None:
             assert expect[knob] == float(value), (name, knob)
     if "reserve" not in named:
         assert policy.migrate_in_threshold is None  # the paper's single threshold

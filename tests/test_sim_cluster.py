@@ -142,3 +142,26 @@ def test_migration_unblocks_a_long_prompt_stuck_behind_a_huge_request():
     assert long.prefill_latency < 3.0
     _, stuck = run_sim(wl, num_instances=2, enable_migration=False, policy=PolicyConfig(dispatch="round_robin"))
     assert stuck.requests[2].prefill_latency > 30.0
+
+
+def test_stranded_memory_is_the_room_elsewhere_while_a_head_waits():
+    # Round-robin without migration: the long prompt waits on instance-000 for ~300 s while
+    # instance-001 (one small request, at most 190 of 880 blocks) has the 375 blocks it needs.
+    wl = _blocked_long_prompt_workload()
+    _, stuck = run_sim(wl, num_instances=2, enable_migration=False, policy=PolicyConfig(dispatch="round_robin"))
+    tl = stuck.timeline
+    assert len(tl.stranded) == len(tl.heads_waiting) == len(tl.heads_fit_elsewhere) == len(tl.times)
+    waiting = [i for i, n in enumerate(tl.heads_waiting) if n]
+    assert waiting and all((tl.stranded[i] is None) == (i not in waiting) for i in range(len(tl.times)))
+    assert all(tl.heads_waiting[i] == tl.heads_fit_elsewhere[i] == 1 for i in waiting)
+    assert all((880 - 190) / 1760 <= tl.stranded[i] <= 0.5 for i in waiting)
+    s = stuck.summary()
+    assert s["head_waiting_share"] == len(waiting) / len(tl.times) > 0.2
+    assert s["heads_fit_elsewhere"] == 1.0
+    assert s["stranded_mean"] == sum(tl.stranded[i] for i in waiting) / len(waiting)
+    # Migration moves the head where it fits: its wait, and the memory stranded meanwhile, end.
+    _, moved = run_sim(wl, num_instances=2, enable_migration=True, policy=PolicyConfig(dispatch="round_robin"))
+    assert moved.summary()["head_waiting_share"] < s["head_waiting_share"] / 10
+    _, alone = run_sim(wl[:2], num_instances=2, enable_migration=False, policy=PolicyConfig(dispatch="round_robin"))
+    a = alone.summary()
+    assert (a["head_waiting_share"], a["stranded_mean"], a["heads_fit_elsewhere"]) == (0.0, 0.0, 0.0)

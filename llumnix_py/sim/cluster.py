@@ -413,15 +413,25 @@ class SimCluster:
         if tl.times and self.now < tl.times[-1] + self.config.sample_interval_s - _EPS:
             return
         used = total = frag = 0
+        needs: list[int] = []  # blocks each waiting head needs
+        open_pools = []  # the block pools of the instances whose head does not wait
         for iid, inst in self.instances.items():
             e = inst.engine
-            f = e.blocks.num_free if e.scheduler.head_blocked() else 0
+            blocked = e.scheduler.head_blocked()
+            f = e.blocks.num_free if blocked else 0
             used += e.blocks.num_used
             total += e.config.num_blocks
             frag += f
+            if blocked:
+                needs.append(e.scheduler.admit_blocks(e.scheduler.head()))
+            else:
+                open_pools.append(e.blocks)
             tl.per_instance.setdefault(iid, []).append(
                 (self.now, e.blocks.num_used, f, len(e.scheduler.running), len(e.scheduler.waiting)))
         tl.times.append(self.now)
         tl.usage.append(used / total if total else 0.0)
         tl.fragmentation.append(frag / total if total else 0.0)
         tl.instances.append(len(self.instances))
+        tl.stranded.append(sum(b.num_free for b in open_pools) / total if needs and total else None)
+        tl.heads_waiting.append(len(needs))
+        tl.heads_fit_elsewhere.append(sum(1 for n in needs if any(b.can_allocate(n) for b in open_pools)))

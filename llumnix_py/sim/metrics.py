@@ -16,6 +16,12 @@ Definitions (all times in seconds of virtual time):
 * **fragmentation** of an instance at a sample: its free blocks when the head of
   its waiting queue cannot be admitted (``BatchScheduler.head_blocked``), else 0.
   The cluster value is their sum over the live instances divided by their total blocks.
+* **stranded memory** at a sample where the queue head of at least one instance waits
+  for blocks: the free blocks of the instances whose head does not wait, over the
+  cluster's blocks (undefined at a sample where no head waits). It is the room that
+  moving work (a queued request, or running ones to make room) could use at once, and
+  so bounds what rearranging the same memory can buy; a head **fits elsewhere** when
+  some instance whose head does not wait has the blocks it needs free.
 * **average instances** (cost): the time-weighted number of instances held, from the
   scale-out decision (an instance is paid for while it starts) to its removal.
 """
@@ -117,6 +123,10 @@ class Timeline:
         instances: live instances per sample.
         per_instance: instance id -> list of (time, used blocks, fragmented blocks,
             running, waiting).
+        stranded: stranded memory per sample (see the module docstring), None where no
+            queue head waits for blocks.
+        heads_waiting: queue heads waiting for blocks per sample; heads_fit_elsewhere:
+            how many of them another instance, whose own head does not wait, has room for.
     """
 
     times: list[float] = field(default_factory=list)
@@ -124,6 +134,9 @@ class Timeline:
     fragmentation: list[float] = field(default_factory=list)
     instances: list[int] = field(default_factory=list)
     per_instance: dict[str, list[tuple[float, int, int, int, int]]] = field(default_factory=dict)
+    stranded: list[Optional[float]] = field(default_factory=list)
+    heads_waiting: list[int] = field(default_factory=list)
+    heads_fit_elsewhere: list[int] = field(default_factory=list)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -205,6 +218,10 @@ class SimResult:
         ``preemption_loss`` (mean per request), ``preemptions``, ``migrations``
         (finished), ``migrations_aborted``, ``downtime_mean_ms``, ``downtime_p99_ms``,
         ``avg_instances``, ``fragmentation_mean``, ``virtual_s``, ``wall_s``, ``cpu_s``;
+        memory in the wrong place: ``head_waiting_share`` (share of samples where some queue
+        head waits for blocks), ``stranded_mean`` (mean stranded memory over those samples,
+        0 without any) and ``heads_fit_elsewhere`` (share of the waiting heads sampled that
+        another instance had room for; 0 without any);
         churn: ``migrations_per_request_max`` / ``migrations_per_request_p99`` (finished
         migrations per request, over every request of the selection),
         ``migration_return_rate`` (share of finished migrations that took a request to
@@ -220,6 +237,8 @@ class SimResult:
         finished = [m for m in self.migrations if m.status == MigrationStatus.FINISHED]
         downtime = _stats([m.downtime_s * 1e3 for m in finished])
         frag = self.timeline.fragmentation
+        stranded = [x for x in self.timeline.stranded if x is not None]
+        heads = sum(self.timeline.heads_waiting)
         per_max, per_p99 = per_request_stats([r.migrations for r in reqs if r.migrations], len(reqs))
         ids = {r.request_id for r in reqs}
         moved = [m for m in self.migration_records if m["finished"] and m["request_id"] in ids]
@@ -241,6 +260,9 @@ class SimResult:
             "downtime_p99_ms": downtime[1],
             "avg_instances": self.average_instances(),
             "fragmentation_mean": float(np.mean(frag)) if frag else 0.0,
+            "head_waiting_share": len(stranded) / len(self.timeline.stranded) if self.timeline.stranded else 0.0,
+            "stranded_mean": float(np.mean(stranded)) if stranded else 0.0,
+            "heads_fit_elsewhere": sum(self.timeline.heads_fit_elsewhere) / heads if heads else 0.0,
             "virtual_s": self.virtual_s,
             "wall_s": self.wall_s,
             "cpu_s": self.cpu_s,
