@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Test order: fixed by default (pytest-randomly still reseeds `random` per test and prints its seed).
 #   make test TEST_ARGS=                      shuffle (a new seed each run)
 #   make test TEST_ARGS=--randomly-seed=N     replay the order of seed N
-#   make test TEST_ARGS="--torch-threads 1"   every engine as fast as it can (fixed order)
+#   make test TEST_ARGS="--torch-threads 0"   torch's own thread count instead of one (fixed order)
 TEST_ARGS ?= --randomly-dont-reorganize
 
 .PHONY: setup demo test test-fast bench clean

@@ -22,13 +22,19 @@ import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--torch-threads", type=int, default=None,
-                     help="torch threads for this test process (default: leave torch's own choice)")
+    parser.addoption("--torch-threads", type=int, default=1,
+                     help="torch threads for this test process (default 1; 0: leave torch's own choice)")
 
 
 def pytest_configure(config):
+    """One torch thread by default: the tiny test models gain nothing from intra-op threads,
+    and on a busy machine their spinning pool is what slows a test down (a 64-wide linear
+    layer took 290 us with two threads beside two other busy processes on this two-core
+    machine, 43 us with one; the hypothesis machine of ``test_async_copies_machine`` took
+    264 s instead of 8 s, near its hang guard). A test that needs more threads sets them
+    itself (``_torch_threads_restored`` puts the value back)."""
     n = config.getoption("--torch-threads")
-    if n is not None:
+    if n:
         torch.set_num_threads(n)
 
 
