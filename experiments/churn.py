@@ -14,7 +14,9 @@ variant, same workloads and seeds side by side:
 * ``cooldown-2`` / ``-10`` / ``-30``: a request that finished a migration is not moved
   again for 2 / 10 / 30 s unless draining (``policies.cooldown``; 30 s: the servers' default);
 * ``waiting-head`` / ``longest``: the source moves its head-of-line queued request / its
-  longest running request (default: its shortest running one);
+  longest running request (default: its shortest running one); ``heads-first``: a source
+  whose queue head waits for blocks moves that head first wherever it fits
+  (``PolicyConfig.blocked_heads_first``), else its shortest running request;
 * ``no-migration``: Llumnix's dispatch without migration, and ``load-dispatch``:
   migration behind INFaaS++'s dispatch rule (which of the two a difference comes from);
 * ``infaas++``: no migration at all (INFaaS++'s dispatch), the reference; ``infaas++@kv-x1.1``:
@@ -84,6 +86,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "copy-x100": ("llumnix", {}, {"profile": FAST_COPY}),
     "reserve-20+cooldown-30": ("llumnix+reserve-20+cooldown-30", {}, {}),
     "waiting-head": ("llumnix", {"migrate_out": "waiting_head"}, {}),
+    "heads-first": ("llumnix+heads-first", {}, {}),
     "longest": ("llumnix", {"migrate_out": "longest"}, {}),
     "load-dispatch": ("llumnix+load-dispatch", {}, {}),
     "no-migration": ("llumnix-no-migration", {}, {}),

@@ -46,6 +46,9 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     "llumnix+reserve-20": ("freeness", True),
     # The reserve on top of the servers' default 30 s cooldown (``llumnix-py serve``).
     "llumnix+reserve-20+cooldown-30": ("freeness", True),
+    # Issue 19: a source moves its blocked queue head first where it fits
+    # (``PolicyConfig.blocked_heads_first``).
+    "llumnix+heads-first": ("freeness", True),
     # Issue 19, references for what memory is worth: INFaaS++ on instances with 10% / 25%
     # more KV blocks than the profile's (``SYSTEM_SIM``). Not systems to deploy: the
     # capacity that extra memory buys bounds what rearranging the same memory can buy.
@@ -59,6 +62,7 @@ SYSTEM_POLICY: dict[str, dict[str, Any]] = {
     "llumnix+cooldown-30": {"migration_cooldown_s": 30.0},
     "llumnix+reserve-20": {"migrate_in_threshold": 20.0},
     "llumnix+reserve-20+cooldown-30": {"migrate_in_threshold": 20.0, "migration_cooldown_s": 30.0},
+    "llumnix+heads-first": {"blocked_heads_first": True},
 }
 # Simulator settings a system adds (a caller's own keywords win): the memory references'
 # KV pools, scaled from the default profile's (LLaMA-7B on an A10: 880 blocks).

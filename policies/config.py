@@ -37,6 +37,12 @@ class PolicyConfig:
             source threshold spends the room arrivals need); it may not be lower than
             ``migrate_out_threshold``, so no instance is on both sides. A draining
             instance's moves ignore it: draining must finish.
+        blocked_heads_first: in the ``freeness`` pairing, a source whose queue head waits for
+            blocks moves that head (a waiting request: no KV to copy) to its destination
+            whenever it fits there behind the destination's own head, before choosing a
+            request for balance (rule 5a first instead of last). Off by default (the paper's
+            order); issue 19: Llumnix left about half of its waiting heads where they were
+            while another instance had room for them.
         migration_cooldown_s: a request that finished a migration less than this long
             ago is not migrated again, unless its instance is draining
             (``policies.cooldown``); 0 (default) turns the rule off.
@@ -78,6 +84,7 @@ class PolicyConfig:
     migrate_out_threshold: float = 3.0
     migrate_in_threshold: Optional[float] = None
     migration_cooldown_s: float = 0.0
+    blocked_heads_first: bool = False
     headroom_blocks: tuple[tuple[int, int], ...] = ()
     scaling: str = "freeness"
     scale_out_threshold: float = 10.0

@@ -45,6 +45,10 @@
    Either move lands where it fits, so the destination does not become blocked
    by it, and the request does not bounce back as a de-fragmentation move.
 
+   With ``cfg.blocked_heads_first`` rule 5a comes first instead: a (non-draining) source
+   whose blocked head fits on its destination moves that head, whatever rule 4 would
+   have said about the ``migrate_out`` choice. Off by default.
+
 ``defrag``: sources are terminating instances with requests, then instances whose
 head-of-line waiting request does not fit in their free blocks (most short of blocks
 first); destinations are the other non-terminating instances by free blocks
@@ -155,13 +159,17 @@ def pair_by_freeness(
         fd = -neg_fd
         if fd <= dst_threshold and not src.terminating:
             break  # the freest destination left keeps its room; draining sources came first
-        choice = select(src)
-        req = find_request(src, choice) if choice is not None else None
-        if req is None:
-            continue
+        head = _fitting_blocked_head(src, dst) if cfg.blocked_heads_first and not src.terminating else None
+        if head is not None:
+            choice, req = MigrateOut(head.request_id, waiting=True), head
+        else:
+            choice = select(src)
+            req = find_request(src, choice) if choice is not None else None
+            if req is None:
+                continue
         fs_after = freeness_after_removal(src, ss, cfg, req, waiting=choice.waiting)
         fd_after = freeness_after_addition(dst, sd, cfg, req, waiting=choice.waiting)
-        if not (src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs)):
+        if head is None and not (src.terminating or (fs_after <= fd_after and fd_after - fs_after < fd - fs)):
             defrag = _defrag_move(src, dst, choice, req)
             if defrag is None:
                 continue
@@ -185,16 +193,28 @@ def room_behind_head(inst: InstanceLoad) -> int:
     return inst.free_blocks - inst.watermark_blocks - _head_need(inst)
 
 
+def _fitting_blocked_head(src: InstanceLoad, dst: InstanceLoad) -> Optional[RequestLoad]:
+    """``src``'s queue head when it waits for blocks and fits on ``dst`` behind ``dst``'s own
+    head (rule 5a), else ``None``."""
+    if not head_blocked(src):
+        return None
+    head = src.waiting[0]
+    if head.migrating or head.blocks_needed > room_behind_head(dst):
+        return None
+    return head
+
+
 def _defrag_move(
     src: InstanceLoad, dst: InstanceLoad, choice: MigrateOut, req: RequestLoad
 ) -> Optional[tuple[MigrateOut, RequestLoad]]:
     """The de-fragmentation move of rule 5 (module docstring), or ``None``."""
     if not head_blocked(src):
         return None
+    fitting = _fitting_blocked_head(src, dst)
+    if fitting is not None:
+        return MigrateOut(fitting.request_id, waiting=True), fitting
     head = src.waiting[0]
     room = room_behind_head(dst)
-    if not head.migrating and head.blocks_needed <= room:
-        return MigrateOut(head.request_id, waiting=True), head
     if not choice.waiting and req.num_blocks <= room:
         if src.free_blocks - src.watermark_blocks + req.num_blocks >= head.blocks_needed:
             return choice, req

@@ -209,11 +209,13 @@ def test_churn_fast_copy_variant_changes_only_the_migration_link():
     assert fast.migration_time(64) - fast.hw.link_latency_s == pytest.approx(base / 100)
 
 
-@pytest.mark.parametrize("system", ["llumnix+reserve-20", "llumnix+reserve-20+cooldown-30", "llumnix+cooldown-30"])
+@pytest.mark.parametrize("system", ["llumnix+reserve-20", "llumnix+reserve-20+cooldown-30", "llumnix+cooldown-30",
+                                    "llumnix+heads-first"])
 def test_llumnix_system_variants_keep_the_papers_dispatch_and_migration(system):
     policy, migrate = common.system_config(system)
     base, base_migrate = common.system_config("llumnix")
     assert (policy.dispatch, migrate) == (base.dispatch, base_migrate)
+    assert policy.blocked_heads_first == ("heads-first" in system)
     assert policy.migrate_in_threshold == (20.0 if "reserve-20" in system else None)
     assert policy.migration_cooldown_s == (30.0 if "cooldown-30" in system else base.migration_cooldown_s)
 

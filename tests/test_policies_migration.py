@@ -157,6 +157,50 @@ def test_head_of_line_blocking_makes_a_source():
     assert pair_migrations([blocked, too_small], PolicyConfig(pairing="defrag", migrate_out="waiting_head")) == []
 
 
+def test_blocked_heads_first_moves_a_fitting_head_before_balancing():
+    # "b" is a source with a blocked head that fits on "idle": by default the shortest
+    # running request goes for balance (rule 4 keeps it); heads-first moves the head.
+    blocked = make_inst("b", running=[make_req("b1", 100), make_req("b2", 150)], waiting=[make_req("w", 0, 700)])
+    idle = make_inst("idle")
+    assert head_blocked(blocked) and room_behind_head(idle) >= 700
+    assert [p.request for p in plan_migrations([blocked, idle], PolicyConfig())] == [MigrateOut("b1")]
+    first = PolicyConfig(blocked_heads_first=True)
+    plans = plan_migrations([blocked, idle], first)
+    assert [(p.pair, p.request) for p in plans] == [(MigrationPair("b", "idle"), MigrateOut("w", waiting=True))]
+    assert plans[0].src_after > plans[0].src_before  # its virtual demand leaves with it
+    # A head that does not fit, or is already moving, leaves the balancing choice as it was.
+    small = make_inst("small", running=[make_req("s1", 300)])
+    assert room_behind_head(small) < 700
+    assert [p.request for p in plan_migrations([blocked, small], first)] == \
+        [p.request for p in plan_migrations([blocked, small], PolicyConfig())]
+    moving = make_inst("b", running=blocked.running, waiting=[make_req("w", 0, 700, migrating=True)])
+    assert [p.request for p in plan_migrations([moving, idle], first)] == [MigrateOut("b1")]
+    # A source whose head is not blocked: the flag changes nothing.
+    open_head = make_inst("o", running=[make_req(f"o{k}", 105) for k in range(8)], waiting=[make_req("w2", 0, 2)])
+    assert not head_blocked(open_head)
+    assert plan_migrations([open_head, idle], first) == plan_migrations([open_head, idle], PolicyConfig())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 300), max_size=5), st.integers(0, 900)), min_size=2, max_size=6))
+def test_blocked_heads_first_only_moves_heads_that_land_where_they_fit(spec):
+    cluster = [make_inst(f"i{k}", running=[make_req(f"i{k}r{j}", b) for j, b in enumerate(run)][:4]
+                         if sum(run[:4]) <= 880 else [], waiting=[make_req(f"i{k}w", 0, need)] if need else [])
+               for k, (run, need) in enumerate(spec)]
+    by_id = {i.instance_id: i for i in cluster}
+    base = {p.pair.src: p for p in plan_migrations(cluster, PolicyConfig())}
+    for p in plan_migrations(cluster, PolicyConfig(blocked_heads_first=True)):
+        src, dst = by_id[p.pair.src], by_id[p.pair.dst]
+        if p.request.waiting:
+            head = src.waiting[0]
+            assert p.request.request_id == head.request_id and head_blocked(src)
+            assert head.blocks_needed <= room_behind_head(dst)
+        else:  # no fitting blocked head: the paper's choice for this pair
+            assert not (head_blocked(src) and src.waiting[0].blocks_needed <= room_behind_head(dst))
+            if p.pair.src in base and base[p.pair.src].pair == p.pair:
+                assert base[p.pair.src].request == p.request
+
+
 def test_a_move_that_would_flip_the_gap_is_rejected():
     # Source slightly below the threshold, destination slightly above, big request.
     src = make_inst("s", running=[make_req("s1", 300), make_req("s2", 577)])  # (880-877)/2 = 1.5
