@@ -585,8 +585,12 @@ def test_a_reused_instance_id_is_a_new_incarnation_not_a_dead_instance():
         old = local(cluster, "instance-000")
         old.crash()
         crashed.append(old)
-        wait_for(lambda: cluster.supervisor.is_dead("instance-000"), what="the frontend to learn the death")
         daemon = cluster.control.daemon
+        # Both must know before the id comes back: the frontend may learn of the death on its
+        # own (a failed call) before the scheduler's tick records it, and a new incarnation
+        # added first would leave no death on the scheduler's record.
+        wait_for(lambda: cluster.supervisor.is_dead("instance-000") and "instance-000" in daemon.membership()["dead"],
+                 what="the frontend and the scheduler to learn the death")
         new = daemon.launcher.launch("instance-000")  # the same id, a new process
         assert new.incarnation != old.incarnation
         daemon.add_instance(new)
