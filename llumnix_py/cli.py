@@ -89,6 +89,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--migrate-in-threshold", type=float, default=None, metavar="FREENESS",
                    help="freeness above which an instance takes migrations (default: the out threshold, the "
                         "paper's); higher keeps room on destinations for new requests (policies/pairing.py)")
+    g.add_argument("--blocked-heads-first", action="store_true",
+                   help="a migration source whose queue head waits for blocks moves that head (no KV to copy) "
+                        "wherever it fits before moving a running request for balance (policies/pairing.py)")
     g.add_argument("--migration-cooldown", type=float, default=SERVE_MIGRATION_COOLDOWN_S, metavar="SECONDS",
                    help="a request that finished a migration is not moved again for this long, unless its "
                         f"instance drains (policies/cooldown.py; cuts ping-pong; default {SERVE_MIGRATION_COOLDOWN_S:g}; "
@@ -148,7 +151,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           scale_out_threshold=args.scale_out_threshold, scale_in_threshold=args.scale_in_threshold,
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
                           global_fairness=args.global_fairness, fair_dispatch=args.fair_dispatch,
-                          migration_cooldown_s=args.migration_cooldown)
+                          migration_cooldown_s=args.migration_cooldown, blocked_heads_first=args.blocked_heads_first)
     return ClusterConfig(
         num_instances=args.instances if args.instances is not None else len(args.roles or ()) or 2,
         engine=EngineSpec(kind=args.engine,

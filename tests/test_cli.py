@@ -45,6 +45,12 @@ def test_migration_cooldown_flag_reaches_the_policy_and_a_negative_one_is_a_usag
     assert info.value.code == 2 and "migration_cooldown_s must be a finite number >= 0" in capsys.readouterr().err
 
 
+def test_blocked_heads_first_flag_reaches_the_policy_and_is_off_by_default():
+    assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.blocked_heads_first is False
+    cfg = cluster_config(build_parser().parse_args(["serve", "--blocked-heads-first"]))
+    assert cfg.scheduler.policy.blocked_heads_first is True
+
+
 def test_migrate_in_threshold_flag_reaches_the_policy_and_one_below_the_out_threshold_is_a_usage_error(capsys):
     assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.destination_threshold == 3.0
     cfg = cluster_config(build_parser().parse_args(["serve", "--migrate-in-threshold", "20"]))
