@@ -46,6 +46,7 @@ from rich.table import Table  # noqa: E402
 
 from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, PolicyConfig, SchedulerConfig  # noqa: E402
 from llumnix_py.engines.registry import build_engine  # noqa: E402
+from llumnix_py.engines.threads import claim_process_threads  # noqa: E402
 from llumnix_py.engines.types import FinishReason, Request, SamplingParams  # noqa: E402
 from llumnix_py.frontend.cluster import Cluster  # noqa: E402
 from llumnix_py.frontend.handles import RequestHandle  # noqa: E402
@@ -92,17 +93,24 @@ def make_config(args: argparse.Namespace) -> ClusterConfig:
 
 
 def reference(spec: EngineSpec, reqs: list[Request]) -> dict[str, list[int]]:
-    """Each request's tokens from one engine, no migration (large pool: no preemption needed)."""
+    """Each request's tokens from one engine, no migration (large pool: no preemption needed),
+    run with the instances' torch threads (the cluster gave the process's value back when it
+    stopped; torch's default of one thread per core made this ~8x slower beside one other
+    busy process on a two-core machine)."""
     engine = build_engine(EngineSpec(kind=spec.kind, engine=EngineConfig(num_blocks=4096, max_batch_size=64),
                                      model=spec.model, num_threads=spec.num_threads))
     tokens: dict[str, dict[int, int]] = {r.request_id: {} for r in reqs}
-    for i in range(0, len(reqs), 64):
-        for r in reqs[i:i + 64]:
-            engine.add_request(r)
-        while engine.has_unfinished():
-            for o in engine.step().outputs:
-                for k, t in enumerate(o.new_token_ids):
-                    tokens[o.request_id][o.index + k] = t
+    claim = claim_process_threads(spec.num_threads, "the soak's reference engine")
+    try:
+        for i in range(0, len(reqs), 64):
+            for r in reqs[i:i + 64]:
+                engine.add_request(r)
+            while engine.has_unfinished():
+                for o in engine.step().outputs:
+                    for k, t in enumerate(o.new_token_ids):
+                        tokens[o.request_id][o.index + k] = t
+    finally:
+        claim.release()
     return {rid: [d[i] for i in sorted(d)] for rid, d in tokens.items()}
 
 
