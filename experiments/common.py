@@ -51,7 +51,8 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     "llumnix+heads-first": ("freeness", True),
     # Issue 19, references for what memory is worth: INFaaS++ on instances with 10% / 25%
     # more KV blocks than the profile's (``SYSTEM_SIM``). Not systems to deploy: the
-    # capacity that extra memory buys bounds what rearranging the same memory can buy.
+    # capacity extra memory buys is a generous reference for what rearranging the same
+    # memory could buy (an estimate, not a bound: experiments/RESULTS.md).
     "infaas++@kv-x1.1": ("load", False),
     "infaas++@kv-x1.25": ("load", False),
 }

@@ -19,8 +19,8 @@ Definitions (all times in seconds of virtual time):
 * **stranded memory** at a sample where the queue head of at least one instance waits
   for blocks: the free blocks of the instances whose head does not wait, over the
   cluster's blocks (undefined at a sample where no head waits). It is the room that
-  moving work (a queued request, or running ones to make room) could use at once, and
-  so bounds what rearranging the same memory can buy; a head **fits elsewhere** when
+  moving work (a queued request, or running ones to make room) could use at once: what
+  rearranging the same memory has to work with; a head **fits elsewhere** when
   some instance whose head does not wait has the blocks it needs free.
 * **average instances** (cost): the time-weighted number of instances held, from the
   scale-out decision (an instance is paid for while it starts) to its removal.
