@@ -159,7 +159,8 @@ def pair_by_freeness(
         fd = -neg_fd
         if fd <= dst_threshold and not src.terminating:
             break  # the freest destination left keeps its room; draining sources came first
-        head = _fitting_blocked_head(src, dst) if cfg.blocked_heads_first and not src.terminating else None
+        head = src.waiting[0] if (cfg.blocked_heads_first and not src.terminating and head_blocked(src)
+                                  and _head_fits(src.waiting[0], dst)) else None
         if head is not None:
             choice, req = MigrateOut(head.request_id, waiting=True), head
         else:
@@ -193,15 +194,10 @@ def room_behind_head(inst: InstanceLoad) -> int:
     return inst.free_blocks - inst.watermark_blocks - _head_need(inst)
 
 
-def _fitting_blocked_head(src: InstanceLoad, dst: InstanceLoad) -> Optional[RequestLoad]:
-    """``src``'s queue head when it waits for blocks and fits on ``dst`` behind ``dst``'s own
-    head (rule 5a), else ``None``."""
-    if not head_blocked(src):
-        return None
-    head = src.waiting[0]
-    if head.migrating or head.blocks_needed > room_behind_head(dst):
-        return None
-    return head
+def _head_fits(head: RequestLoad, dst: InstanceLoad) -> bool:
+    """A source's blocked head may move to ``dst``: not moving already, and it fits there
+    behind ``dst``'s own head (rule 5a)."""
+    return not head.migrating and head.blocks_needed <= room_behind_head(dst)
 
 
 def _defrag_move(
@@ -210,10 +206,9 @@ def _defrag_move(
     """The de-fragmentation move of rule 5 (module docstring), or ``None``."""
     if not head_blocked(src):
         return None
-    fitting = _fitting_blocked_head(src, dst)
-    if fitting is not None:
-        return MigrateOut(fitting.request_id, waiting=True), fitting
     head = src.waiting[0]
+    if _head_fits(head, dst):
+        return MigrateOut(head.request_id, waiting=True), head
     room = room_behind_head(dst)
     if not choice.waiting and req.num_blocks <= room:
         if src.free_blocks - src.watermark_blocks + req.num_blocks >= head.blocks_needed:
