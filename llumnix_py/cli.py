@@ -78,6 +78,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--roles", type=_roles, default=None, metavar="ROLE,...",
                    help="per-instance roles instead of --pd, in instance order: prefill, decode or both, "
                         "e.g. prefill,decode,decode (one per instance)")
+    g.add_argument("--decode-hold-ms", type=float, default=LlumletConfig(instance_id="x").decode_hold_s * 1e3,
+                   metavar="MS", help="a decode instance holds a never-prefilled request queued on it this long "
+                                      "for the scheduler to move it to a prefill instance, then prefills it "
+                                      "itself (0: no hold; default %(default)g)")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random, slo, conversation, "
                    "jobs (a job call goes to its job's KV while that keeps the job's deadline)")
@@ -168,6 +172,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                   pd_ratio=args.pd, roles=args.roles),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
                               max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,
+                              decode_hold_s=args.decode_hold_ms / 1e3,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
                                                         mode=args.migration_mode,

@@ -81,6 +81,15 @@ class InstanceHandle(abc.ABC):
         next poll sends a fresh one."""
 
     @abc.abstractmethod
+    @oneway
+    def set_role(self, role: str) -> None:
+        """The instance's role in prefill/decode disaggregation (``prefill``, ``decode`` or
+        ``both``), as the scheduler has it: a ``decode`` instance holds the prefill work
+        queued on it for the scheduler to redirect (``llumnix_py.prefill_hold``). Sent
+        without waiting: the scheduler sends it again while the instance's load reports
+        another role."""
+
+    @abc.abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod

@@ -286,6 +286,12 @@ class Llumlet:
         if self.on_migration_done is not None:
             self.on_migration_done(result)
 
+    def set_role(self, role: str) -> None:
+        """The scheduler's role for this instance (``LlumletCore.set_role``)."""
+        with self._locked():
+            self.core.set_role(role, self.clock())
+        self._wake.set()  # a released hold runs from the next step on
+
     def set_fair_offsets(self, offsets: dict[str, float]) -> None:
         """The global scheduler's cluster-wide fairness view, for the engine's decisions."""
         with self._locked():

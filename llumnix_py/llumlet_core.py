@@ -27,6 +27,9 @@
   the answer back (``on_owner``). A parked copy is not held (``held``): it never
   emits, and the arbiter gives it to the source side once that side died;
 * death: a crashed core (``crash``) serves, publishes and sends nothing more;
+* role: the instance's role in prefill/decode disaggregation, as the scheduler sends it
+  (``set_role``). A ``decode`` instance holds its never-prefilled requests for the
+  scheduler to redirect, at most ``decode_hold_s`` (``llumnix_py.prefill_hold``);
 * output lengths: each request that finishes here (stop or length) feeds the instance's
   ``LengthPrior`` (``policies.length``) by its objective kind and prompt length, the prior
   JITServe-style estimators bound remaining lengths from (``length_prior``).
@@ -53,6 +56,7 @@ from llumnix_py.engines.types import (FinishReason, MigrationRequestState, Reque
 from llumnix_py.errors import InvalidRequestError, LlumnixError, UnknownRequestError
 from llumnix_py.llumlet_types import LlumletConfig, LlumletStats
 from llumnix_py.load import InstanceLoad, RequestLoad
+from llumnix_py.prefill_hold import PrefillHold
 from migration import wire
 from migration.destination import DestinationMigrations
 from migration.driver import MigrationResult
@@ -60,6 +64,7 @@ from migration.ownership import Owner
 from migration.protocol import MigrationStatus
 from policies.length import LengthPrior
 from policies.bandwidth import smooth
+from policies.roles import Role, never_prefilled, parse_role
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,8 @@ class LlumletCore:
             length_prior = getattr(engine, "length_prior", None)
         self.length_prior = length_prior if length_prior is not None else LengthPrior()
         self._length_keys: dict[str, tuple[str, int]] = {}  # request id -> (objective kind, prompt length)
+        self.role = Role.BOTH
+        self._prefill_hold = PrefillHold(config.decode_hold_s)
 
     # ----- admission -----------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -137,6 +144,8 @@ class LlumletCore:
                 continue
             self._track(request.request_id, request.reply_to, now)
             self._note_length_key(request.request_id, request.objective, len(request.prompt_token_ids))
+            if self.role is Role.DECODE and self._prefill_hold.begin((request.request_id,), now):
+                self._hand_hold_to_engine()
         return refused
 
     def _admit_one(self, request_id: str, now: float) -> bool:
@@ -251,9 +260,34 @@ class LlumletCore:
                                     now - next(iter(self._tombstones.values())) > TOMBSTONE_TTL_S):
             self._tombstones.popitem(last=False)
 
+    # ----- role ---------------------------------------------------------------------------
+    def set_role(self, role: str, now: float) -> None:
+        """The scheduler's role for this instance (``UnknownRoleError`` for an unknown one).
+        Becoming ``decode`` holds the never-prefilled requests waiting here; any other role
+        releases every hold."""
+        new = parse_role(role)
+        if new is self.role:
+            return
+        self.role = new
+        if new is Role.DECODE:
+            waiting = [r.request_id for r in self.engine.load().waiting if never_prefilled(r)]
+            changed = self._prefill_hold.begin(waiting, now)
+        else:
+            changed = self._prefill_hold.release_all()
+        if changed:
+            self._hand_hold_to_engine()
+
+    def _hand_hold_to_engine(self) -> None:
+        if not self.engine.hold_waiting(self._prefill_hold.ids):
+            self._prefill_hold.release_all()  # this engine cannot hold: it prefills as before
+
     def on_timer(self, now: float) -> Emits:
-        """Time passed: expire silent incoming migrations and lapsed leases; returns the
-        abort outputs for the requests of lapsed frontends (in case one is only slow)."""
+        """Time passed: release prefill holds that ran out, expire silent incoming migrations
+        and lapsed leases; returns the abort outputs for the requests of lapsed frontends (in
+        case one is only slow)."""
+        if self._prefill_hold and self._prefill_hold.expire(now, self._reply_to.__contains__):
+            self.stats.decode_holds_expired = self._prefill_hold.expired
+            self._hand_hold_to_engine()
         if self.dest.incoming:
             self.dest.expire(now)
         timeout = self.config.lease_timeout_s
@@ -285,8 +319,13 @@ class LlumletCore:
 
     # ----- steps ---------------------------------------------------------------------------
     def step_due(self) -> bool:
-        """Whether the engine has work: the driver should ``step``."""
-        return self.engine.has_unfinished()
+        """Whether the engine has work a step can do (held requests are no such work): the
+        driver should ``step``."""
+        return self.engine.runnable()
+
+    def holds_prefills(self) -> bool:
+        """Whether requests are held (``on_timer`` releases them when their time is up)."""
+        return bool(self._prefill_hold)
 
     def step(self, route: bool = True, now: Optional[float] = None) -> tuple[StepOutput, Emits]:
         """Run one engine step; its outputs grouped by destination (none when not
@@ -325,6 +364,8 @@ class LlumletCore:
         self.stats.preemptions += len(out.preempted)
         self.stats.last_step_ms = out.duration_s * 1e3
         self.stats.busy_s += out.duration_s
+        if self.role is Role.DECODE:
+            self.stats.decode_prefill_tokens += out.num_prefill_tokens
 
     def load(self, engine_load: InstanceLoad) -> InstanceLoad:
         """``engine_load`` with the requests accepted but not yet admitted counted as
@@ -332,6 +373,8 @@ class LlumletCore:
         latest step time (``policies.bandwidth``)."""
         with self._inbox_lock:
             queued = list(self._inbox)
+        if engine_load.role != self.role.value:
+            engine_load = dataclasses.replace(engine_load, role=self.role.value)
         if self.links or self.stats.last_step_ms:  # a policy's predicted step time wins over the last one
             engine_load = dataclasses.replace(engine_load, links=tuple(sorted(self.links.items())),
                                               kv_block_bytes=self.engine.kv_block_bytes,

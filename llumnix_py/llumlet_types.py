@@ -56,6 +56,9 @@ class LlumletConfig:
             the stop-and-copy downtime.
         secret: shared secret that migration connections must present (CURVE or HMAC,
             ``migration.security``); needed when ``host`` is not loopback.
+        decode_hold_s: as a ``decode`` instance (prefill/decode disaggregation), how long the
+            engine holds a never-prefilled request for the scheduler to redirect to a prefill
+            instance before prefilling it itself (``llumnix_py.prefill_hold``); 0 holds nothing.
         lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
             renewed its lease for this long (the first request of an address starts
             its lease); None never expires leases.
@@ -73,6 +76,7 @@ class LlumletConfig:
     idle_wait_s: float = 0.01
     max_step_hold_s: float = 0.1
     hold_wait_fraction: float = 0.5
+    decode_hold_s: float = 1.0
     lease_timeout_s: Optional[float] = 30.0
     gil_switch_interval_s: Optional[float] = 0.0005
     secret: Optional[str] = field(default=None, repr=False)
@@ -89,6 +93,8 @@ class LlumletConfig:
             raise ValueError(f"max_step_hold_s must be in [0, {MAX_HOLD_S}] seconds, got {self.max_step_hold_s}")
         if not 0 <= self.hold_wait_fraction <= 1:
             raise ValueError(f"hold_wait_fraction must be in [0, 1], got {self.hold_wait_fraction}")
+        if not 0 <= self.decode_hold_s <= 3600:
+            raise ValueError(f"decode_hold_s must be in [0, 3600] seconds, got {self.decode_hold_s}")
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
 
@@ -107,6 +113,9 @@ class LlumletStats:
         lease_aborts: requests aborted because their frontend's lease expired.
         last_step_ms: duration of the latest step.
         busy_s: engine step time, summed (``busy_s / uptime`` is the engine's utilisation).
+        decode_prefill_tokens: prompt tokens prefilled while this instance had the ``decode``
+            role (holds that ran out, re-prefills after a recompute preemption).
+        decode_holds_expired: never-prefilled requests whose hold ran out (``decode_hold_s``).
     """
 
     steps: int = 0
@@ -118,3 +127,5 @@ class LlumletStats:
     lease_aborts: int = 0
     last_step_ms: float = 0.0
     busy_s: float = 0.0
+    decode_prefill_tokens: int = 0
+    decode_holds_expired: int = 0

@@ -76,6 +76,16 @@ def test_step_hold_flags_reach_the_llumlet_and_out_of_range_ones_are_usage_error
             assert info.value.code == 2 and f"{field} must be in [0, 1" in capsys.readouterr().err
 
 
+def test_decode_hold_flag_reaches_the_llumlet_and_a_negative_one_is_a_usage_error(capsys):
+    assert cluster_config(build_parser().parse_args(["serve"])).llumlet.decode_hold_s == 1.0
+    cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "1:1", "--instances", "2",
+                                                    "--decode-hold-ms", "250"]))
+    assert cfg.llumlet.decode_hold_s == 0.25
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--runtime", "local", "--decode-hold-ms", "-1"])
+    assert info.value.code == 2 and "decode_hold_s must be in [0, 3600]" in capsys.readouterr().err
+
+
 def test_unknown_policy_name_is_an_error():
     args = build_parser().parse_args(["serve", "--dispatch", "nope"])
     with pytest.raises(KeyError):

@@ -203,6 +203,7 @@ class ScriptedInstance(InstanceHandle):
         self.results: list[MigrationResult] = []
         self.orders: list[tuple[str, str]] = []
         self.fair_offsets: list[dict[str, float]] = []  # what the scheduler sent (global fairness)
+        self.roles: list[str] = []  # roles the scheduler sent
 
     def load(self) -> InstanceLoad:
         return self.snapshot
@@ -220,6 +221,7 @@ class ScriptedInstance(InstanceHandle):
     def held(self, request_ids: Any) -> list[str]: return []
     def renew_lease(self, reply_to: str) -> None: ...
     def set_fair_offsets(self, offsets: dict[str, float]) -> None: self.fair_offsets.append(offsets)
+    def set_role(self, role: str) -> None: self.roles.append(role)
     def abort(self, request_id: str) -> bool: return False
     def stats(self) -> dict[str, Any]: return {}
     def stop(self) -> None: ...

@@ -39,9 +39,16 @@ def positions_by_instance(emitted: Emissions, request_id: str) -> dict[int, list
         return {i: v for (rid, i), v in emitted.by_position.items() if rid == request_id}
 
 
-def test_roles_follow_the_ratio_and_show_in_the_cluster_state():
+def test_roles_follow_the_ratio_and_show_in_the_cluster_state_and_on_each_llumlet():
     with running(pd_config(4, "1:3")) as (cluster, _, _):
         roles = {i["instance_id"]: i["role"] for i in cluster.state()["instances"]}
+
+        def llumlet_roles() -> dict[str, str]:  # what each llumlet holds by (llumnix_py.prefill_hold)
+            return {iid: cluster.control.instance(iid).load().role for iid in roles}
+
+        wait_for(lambda: llumlet_roles() == roles, what="the scheduler to send each llumlet its role")
+        cluster.set_role("instance-001", "both")
+        wait_for(lambda: llumlet_roles()["instance-001"] == "both", what="the flip to reach the llumlet")
     assert roles == {"instance-000": "prefill", "instance-001": "decode", "instance-002": "decode",
                      "instance-003": "decode"}
 

@@ -190,6 +190,7 @@ def instance_calls(reply_to: str, dst_address: str) -> list[tuple[str, tuple, Ca
         ("migrate_out", ("px-unknown", dst_address, "px-migration", False), lambda r: r is False),
         ("pop_results", (), lambda r: r == []),
         ("set_fair_offsets", ({"px-client": 1.0},), lambda r: r is None),
+        ("set_role", ("decode",), lambda r: r is None),
         ("abort", ("px-added",), lambda r: r is True),
         ("abort", ("px-resumed",), lambda r: r is True),
         ("stats", (), lambda r: r["resumed"] == 1),

@@ -55,6 +55,18 @@ class EngineAdapter(abc.ABC):
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running (frozen ones excluded)."""
 
+    def runnable(self) -> bool:
+        """True while a step has work: ``has_unfinished`` less the waiting requests held
+        (``hold_waiting``)."""
+        return self.has_unfinished()
+
+    def hold_waiting(self, request_ids: frozenset[str]) -> bool:
+        """Admit none of these waiting requests until a later call leaves them out (it
+        replaces the set; ids not waiting here are ignored): a ``decode`` instance keeps
+        prefill work for the scheduler to redirect. False: this engine cannot hold, and
+        admits them as it would anyway."""
+        return False
+
     @abc.abstractmethod
     def load(self) -> InstanceLoad:
         """A snapshot of the instance's KV-cache use and its queues."""

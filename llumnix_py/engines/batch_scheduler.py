@@ -135,6 +135,15 @@ class BatchScheduler:
         self.ready: list[Sequence] = []  # restored (landed): prefill first in the next plan
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
+        self.held: frozenset[str] = frozenset()  # waiting requests not to admit (``admissible``)
+
+    def admissible(self) -> list[Sequence]:
+        """The waiting requests a step may admit, in queue order: all but those ``held`` (a
+        ``decode`` instance's prefill work, kept for the scheduler to redirect; the llumlet
+        sets and releases them)."""
+        if not self.held:
+            return self.waiting
+        return [s for s in self.waiting if s.request_id not in self.held]
 
     # ----- queue edits -------------------------------------------------------------------
     def enqueue(self, seq: Sequence) -> None:
@@ -267,7 +276,8 @@ class BatchScheduler:
             return plan
         free_slots = self.max_batch_size - len(self.running) if self.max_batch_size else None
         free = self.blocks.num_free - self.blocks.watermark_blocks
-        decision = policy.plan(self.running, self.waiting, free_blocks=max(0, free), block_size=self.block_size,
+        queue = self.admissible()
+        decision = policy.plan(self.running, queue, free_blocks=max(0, free), block_size=self.block_size,
                                free_slots=free_slots)
         by_id = {s.request_id: s for s in self.running}
         for rid in decision.preempt:
@@ -276,7 +286,7 @@ class BatchScheduler:
             plan.preempted.append(seq)
         chosen = len(plan.preempted)
         skip = {r for r in decision.skip if r in by_id} - {s.request_id for s in plan.preempted}
-        waiting = {s.request_id: s for s in self.waiting}
+        waiting = {s.request_id: s for s in queue}
         order = [waiting[r] for r in decision.admit_order if r in waiting]
         if not self.ready and order \
                 and self.admit_tokens(order[0]) > self.max_batched_tokens - (len(self.running) - len(skip)):
@@ -320,7 +330,7 @@ class BatchScheduler:
         of a client far over its share may yield to it (at most one per step; it is admitted
         when the switch has freed room)."""
         assert self.fair is not None
-        order = self.fair.order(self.waiting)
+        order = self.fair.order(self.admissible())
         admitted = set(plan.prefills) | set(plan.decodes)
         if not order or order[0] in admitted:
             return
@@ -364,7 +374,8 @@ class BatchScheduler:
         admitted: list[tuple[Sequence, bool]] = []
         skip = order is not None
         if order is None:
-            order = self.fair.order(self.waiting) if self.fair is not None else self.waiting
+            queue = self.admissible()
+            order = self.fair.order(queue) if self.fair is not None else queue
         held = len(self.running) + len(self.landing) + len(self.ready)  # batch slots taken or promised
         for seq in order:
             if self.max_batch_size and held + len(admitted) >= self.max_batch_size:
@@ -436,10 +447,11 @@ class BatchScheduler:
 
     def head(self) -> Optional[Sequence]:
         """The waiting request admitted first (without a batch policy): the oldest, or the
-        fair-share order's first; None when nothing waits."""
-        if not self.waiting:
+        fair-share order's first; None when nothing waits but ``held`` requests."""
+        queue = self.admissible()
+        if not queue:
             return None
-        return self.fair.order(self.waiting)[0] if self.fair is not None else self.waiting[0]
+        return self.fair.order(queue)[0] if self.fair is not None else queue[0]
 
     def head_blocked(self) -> bool:
         """True when the head of the queue waits for blocks (fragmentation signal)."""

@@ -275,6 +275,14 @@ class EngineCore(EngineAdapter):
         sch = self.scheduler
         return bool(sch.waiting or sch.running or sch.landing or sch.ready)
 
+    def runnable(self) -> bool:
+        sch = self.scheduler
+        return bool(sch.running or sch.landing or sch.ready or sch.admissible())
+
+    def hold_waiting(self, request_ids: frozenset[str]) -> bool:
+        self.scheduler.held = frozenset(request_ids)
+        return True
+
     def close(self) -> None:
         """Let copies in flight land and stop the copy thread, if any."""
         self.swapper.close()

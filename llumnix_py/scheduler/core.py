@@ -249,6 +249,14 @@ class GlobalScheduler:
                                cluster_service=self.fair_book.view(self.fair_book.clients_of(rid))))
         return out
 
+    def roles_to_send(self) -> dict[str, str]:
+        """Instances whose last load reports another role than the one they have here: the
+        role to send each (the instance holds prefill work by it, ``InstanceHandle.set_role``).
+        Sent again every tick until a load shows it arrived, so a lost message or a restarted
+        llumlet catches up by itself."""
+        return {iid: rec.role.value for iid, rec in sorted(self.instances.items())
+                if rec.load is not None and rec.load.role != rec.role.value}
+
     def fair_offsets(self) -> dict[str, dict[str, float]]:
         """Global fairness (``PolicyConfig.global_fairness``): per fair instance, its clients'
         cluster counters (``ClusterFairBook.standing``: an idle client's is where it would

@@ -162,7 +162,8 @@ class SchedulerDaemon:
                 self._retire(iid, why)
             self._start_migrations(actions.orders)
             self._scale(actions.scale)
-            self._send_fair_offsets(actions.fair_offsets)
+            self._send("set_fair_offsets", {iid: dict(o) for iid, o in actions.fair_offsets.items()})
+            self._send("set_role", actions.roles)
             if not self._stop.is_set():
                 self.replenisher.tick(self.clock(), len(self.handles))  # a launch runs in its own thread
 
@@ -208,16 +209,18 @@ class SchedulerDaemon:
     def _poll_one(h: InstanceHandle):
         return h.load(), h.pop_results()
 
-    def _send_fair_offsets(self, offsets: Mapping[str, Mapping[str, float]]) -> None:
-        """Hand each fair engine its cluster-wide view (oneway: the next tick sends a fresh one)."""
-        for iid, o in offsets.items():
+    def _send(self, method: str, per_instance: Mapping[str, Any]) -> None:
+        """Call the oneway ``method`` on each instance with its value: the global fairness
+        view (``set_fair_offsets``; the next tick sends a fresh one) or a role the instance's
+        load does not show yet (``set_role``; resent every tick until it does)."""
+        for iid, value in per_instance.items():
             handle = self.handles.get(iid)
             if handle is None:
                 continue
             try:
-                handle.set_fair_offsets(dict(o))
+                getattr(handle, method)(value)
             except Exception as exc:
-                log.warning("set_fair_offsets on %s failed: %s", iid, exc)
+                log.warning("%s on %s failed: %s", method, iid, exc)
 
     def _start_migrations(self, orders: Sequence[MigrationOrder]) -> None:
         for order in orders:

@@ -10,6 +10,7 @@ migrations, instances found dead) and returns what to do::
     migration round due?     ──► migration_round                   ──► orders to start
     scaling allowed?         ──► scaling_round                     ──► scale decision
     global fairness?         ──► fair_offsets                      ──► each fair engine's cluster view
+    a load with a stale role ──► roles_to_send                     ──► each such instance's role
     drained / silent         ──► removed                           ──► retire (drained / dead)
 
 The driver starts the orders (and reports an order that could not start with
@@ -41,12 +42,15 @@ class TickActions:
             in the order they were removed: stop drained ones, fence dead ones.
         fair_offsets: per instance, the cluster-wide fairness view to hand its engine
             (``GlobalScheduler.fair_offsets``; empty unless ``global_fairness``).
+        roles: per instance whose last load reports another role, the role to send it
+            (``GlobalScheduler.roles_to_send``).
     """
 
     orders: tuple["MigrationOrder", ...] = ()
     scale: ScaleDecision = field(default_factory=lambda: ScaleDecision(ScaleAction.NONE))
     retired: tuple[tuple[str, str], ...] = ()
     fair_offsets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    roles: Mapping[str, str] = field(default_factory=dict)
 
 
 class SchedulerTick:
@@ -105,7 +109,7 @@ class SchedulerTick:
         if heartbeat:
             for iid in core.dead(now):
                 self._retire(iid, "dead", retired, now)
-        return TickActions(orders, decision, tuple(retired), core.fair_offsets())
+        return TickActions(orders, decision, tuple(retired), core.fair_offsets(), core.roles_to_send())
 
     def _retire(self, iid: str, why: str, retired: list[tuple[str, str]], now: Optional[float] = None) -> None:
         if iid in self.core.instances:

@@ -207,7 +207,8 @@ class SimCluster:
         executor = SimExecutor(profile, num_host_blocks=engine_config.num_host_blocks)
         engine = EngineCore(engine_config, executor, batch_policy=policy)
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
-                                         max_incoming=cfg.max_migrations_in, lease_timeout_s=None), engine,
+                                         max_incoming=cfg.max_migrations_in, lease_timeout_s=None,
+                                         decode_hold_s=cfg.decode_hold_s), engine,
                            length_prior=prior)
         per_node = cfg.instances_per_node
         inst = SimInstance(core, engine, node=self._started // per_node if per_node else 0, profile=profile)
@@ -332,6 +333,14 @@ class SimCluster:
         for iid, offsets in actions.fair_offsets.items():  # global fairness: each engine's cluster view
             if iid in self.instances:
                 self.instances[iid].engine.set_fair_offsets(offsets)
+        for iid, role in actions.roles.items():  # a role the llumlet does not have yet
+            if iid in self.instances:
+                self.instances[iid].core.set_role(role, now)
+                self.instances[iid].dirty = True  # its next poll shows the role
+        for inst in self.instances.values():
+            if inst.core.holds_prefills():  # a decode instance's held prefill work: released in time
+                inst.core.on_timer(now)
+                self._wake(inst)
         self._scale(actions.scale)
         for iid, _why in actions.retired:
             self._remove_instance(iid)

@@ -57,6 +57,8 @@ class SimConfig:
         pd_ratio: ``(P, D)`` or ``"P:D"``: prefill/decode disaggregation (instances get
             roles in this ratio as they start; ``policies.roles``); None: colocated.
         role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
+        decode_hold_s: a ``decode`` instance holds a never-prefilled request queued on it this
+            long for the scheduler to redirect (``llumnix_py.prefill_hold``); 0: no hold.
         conversation_blocks: host blocks per instance that keep finished turns of conversations
             and calls of compound jobs for their next turn or call (``engines/conversations.py``;
             0: none). The host pool has exactly these blocks, and preemption recomputes.
@@ -96,6 +98,7 @@ class SimConfig:
     jit_skip_slack: bool = False
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
+    decode_hold_s: float = 1.0
     conversation_blocks: int = 0
     instances_per_node: Optional[int] = None
     tp_prefill: int = 1
@@ -118,6 +121,8 @@ class SimConfig:
         if isinstance(self.conversation_blocks, bool) or not isinstance(self.conversation_blocks, int) \
                 or self.conversation_blocks < 0:
             raise ValueError(f"conversation_blocks must be an integer >= 0, got {self.conversation_blocks!r}")
+        if not 0 <= self.decode_hold_s <= 3600:
+            raise ValueError(f"decode_hold_s must be in [0, 3600] seconds, got {self.decode_hold_s}")
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
         if self.pd_ratio is not None:
