@@ -323,9 +323,9 @@ class LlumletCore:
         driver should ``step``."""
         return self.engine.runnable()
 
-    def holds_prefills(self) -> bool:
-        """Whether requests are held (``on_timer`` releases them when their time is up)."""
-        return bool(self._prefill_hold)
+    def held_prefills(self) -> frozenset[str]:
+        """The requests held now (``on_timer`` releases them when their time is up)."""
+        return self._prefill_hold.ids
 
     def step(self, route: bool = True, now: Optional[float] = None) -> tuple[StepOutput, Emits]:
         """Run one engine step; its outputs grouped by destination (none when not

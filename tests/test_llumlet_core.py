@@ -1,9 +1,10 @@
 """The sans-IO llumlet core: events in with ``now`` passed in, actions out; no threads.
 
 Unit tests over the simulated engine (scheduling only, fast), and a hypothesis state
-machine over two cores that interleaves requests, steps, aborts, lease expiry and
+machine over two cores that interleaves requests, steps, aborts, lease expiry, role changes and
 migrations (started, advanced action by action, finished); invariants: every request
-is in exactly one place, and every block is owned once.
+is in exactly one place, every block is owned once, and a request a decode instance
+holds never runs.
 """
 
 from __future__ import annotations
@@ -287,6 +288,19 @@ class TwoCores(RuleBasedStateMachine):
             assert tracked[iid] <= in_engine | queued, tracked[iid] - in_engine - queued
             assert in_engine - reserved <= tracked[iid], in_engine - reserved - tracked[iid]
             assert not queued & in_engine
+
+    @rule(where=st.sampled_from("ab"), role=st.sampled_from(["both", "decode", "prefill"]))
+    def set_role(self, where, role):
+        self.cores[where].set_role(role, self.now)
+
+    @invariant()
+    def a_held_request_waits_and_the_engine_holds_what_the_core_holds(self):
+        for core in self.cores.values():
+            held = core.held_prefills()
+            assert core.engine.scheduler.held == held
+            assert not held & {s.request_id for s in core.engine.scheduler.running}
+            if core.role.value != "decode":
+                assert not held
 
     @invariant()
     def every_block_is_owned_once(self):

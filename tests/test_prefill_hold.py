@@ -71,11 +71,11 @@ def test_a_decode_instance_holds_new_requests_until_their_time_is_up_then_prefil
     core.admit(now=5.0)
     load = core.load(core.engine.load())
     assert load.role == "decode" and [r.request_id for r in load.waiting] == ["r"]
-    assert core.engine.has_unfinished() and not core.step_due() and core.holds_prefills()
+    assert core.engine.has_unfinished() and not core.step_due() and core.held_prefills()
     core.on_timer(5.999)
     assert not core.step_due()
     core.on_timer(6.0)  # one second after its admission
-    assert core.step_due() and not core.holds_prefills()
+    assert core.step_due() and not core.held_prefills()
     out, _ = core.step()
     core.on_published(out)
     assert out.num_prefill_tokens == 20
@@ -96,7 +96,7 @@ def test_becoming_decode_holds_the_queued_prefill_work_and_lets_the_running_requ
         assert (out.num_prefill_tokens, out.num_decode_tokens) == (0, 1)
     assert waiting(core) == ["queued"]
     core.set_role("both", now=0.0)  # any other role releases at once
-    assert not core.holds_prefills()
+    assert not core.held_prefills()
     out, _ = core.step()
     assert out.num_prefill_tokens == 20 and waiting(core) == []
 
@@ -134,7 +134,7 @@ def test_a_held_request_leaves_as_a_waiting_request_and_its_hold_is_forgotten():
     src.end_migration(result)
     assert result.status == MigrationStatus.FINISHED
     src.on_timer(0.1)
-    assert not src.holds_prefills() and not src.engine.has_unfinished()
+    assert not src.held_prefills() and not src.engine.has_unfinished()
     assert waiting(dst) == ["r"] and dst.step_due()  # the destination is no decode instance: it prefills
     assert src.stats.decode_holds_expired == 0
 
@@ -144,14 +144,14 @@ def test_a_hold_of_zero_and_an_engine_that_cannot_hold_prefill_as_before():
     core.set_role("decode", now=0.0)
     core.submit(request("r"))
     core.admit(now=0.0)
-    assert core.step_due() and not core.holds_prefills()
+    assert core.step_due() and not core.held_prefills()
 
     core = make_core()
     core.engine.hold_waiting = lambda ids: False  # e.g. vLLM: no hold
     core.set_role("decode", now=0.0)
     core.submit(request("r"))
     core.admit(now=0.0)
-    assert core.step_due() and not core.holds_prefills()
+    assert core.step_due() and not core.held_prefills()
 
 
 @pytest.mark.parametrize("role", ["", "Decoder", None, 3])
@@ -196,16 +196,16 @@ def test_a_threaded_decode_llumlet_steps_its_batch_but_never_the_held_prefill_un
         wait_for(lambda: rec.tokens.get("busy"), 60, "busy's first token")
         a.set_role("decode")
         a.add_request(llumlet_request("held"))
-        wait_for(a.core.holds_prefills, 60, "held admitted into a's engine, and held")
+        wait_for(a.core.held_prefills, 60, "held admitted into a's engine, and held")
         seen = steps[0]
         wait_for(lambda: steps[0] >= seen + 3, 60, "three steps of a with held queued")
         assert "held" in [r.request_id for r in a.load().waiting] and not rec.tokens.get("held")
         assert "busy" not in rec.done, "busy finished: the steps above did not run beside held"
         assert a.migrate_out("held", b.address, "m-held", waiting=True)
         rec.wait(["held"])
-        wait_for(lambda: not a.core.holds_prefills(), 60, "held's hold forgotten on a once it left")
+        wait_for(lambda: not a.core.held_prefills(), 60, "held's hold forgotten on a once it left")
         a.add_request(llumlet_request("late"))
-        wait_for(a.core.holds_prefills, 60, "late admitted into a's engine, and held")
+        wait_for(a.core.held_prefills, 60, "late admitted into a's engine, and held")
         clock.advance(5.0)
         rec.wait(["busy", "late"])
     finally:

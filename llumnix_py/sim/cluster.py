@@ -338,7 +338,7 @@ class SimCluster:
                 self.instances[iid].core.set_role(role, now)
                 self.instances[iid].dirty = True  # its next poll shows the role
         for inst in self.instances.values():
-            if inst.core.holds_prefills():  # a decode instance's held prefill work: released in time
+            if inst.core.held_prefills():  # a decode instance's held prefill work: released in time
                 inst.core.on_timer(now)
                 self._wake(inst)
         self._scale(actions.scale)
