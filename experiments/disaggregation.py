@@ -12,6 +12,12 @@ profile instead), on the same GPU budget (default four instances of the profile'
 - disaggregated: the planner's best prefill:decode split of the budget, fixed; every
   request is handed from its prefill instance to a decode instance by live migration.
 
+``--colocated prefill_queue,slo`` adds colocated llumnix-py systems with other dispatch, on
+the round-robin's best layout, with migration: ``prefill_queue`` (fewest prompt tokens to
+prefill first, then freeness: ``policies.dispatch``) and ``slo`` (every request carries the
+application's SLO as its objective; just-in-time batching and SLO-aware dispatch, issue 16's
+``jit`` and ``slo``).
+
 With ``--tp 1,2`` every system gets the same search over tensor-parallel degrees (as
 multiples of the profile's own GPUs): each colocated system runs at its best degree, and
 the planner picks a degree per phase, so no system is held to a size the others escape.
@@ -34,6 +40,7 @@ report, PNG plots and JSON. Nothing in the cost model was fitted to this experim
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -52,6 +59,14 @@ from llumnix_py.slo import SLO, attainment  # noqa: E402
 SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
+# Extra colocated llumnix-py systems (``--colocated``): dispatch, batching, and whether each
+# request carries the application's SLO as its objective.
+COLOCATED_VARIANTS: dict[str, tuple[str, str, bool]] = {
+    "prefill_queue": ("prefill_queue", "fcfs", False),
+    "slo": ("slo", "jit", True),
+}
+
+
 def _extra(ap) -> None:
     ap.add_argument("--profile", default=None,
                     help="one cost profile for every application (default: each application's own model)")
@@ -63,6 +78,9 @@ def _extra(ap) -> None:
     ap.add_argument("--handoffs", type=int, default=1,
                     help="hand-offs (migrations) in flight at once per disaggregated instance, out and in (default 1)")
     ap.add_argument("--no-shift", action="store_true", help="skip the shifting-mix comparison")
+    ap.add_argument("--colocated", default="",
+                    help=f"extra colocated llumnix-py systems, comma-separated: {', '.join(COLOCATED_VARIANTS)} "
+                         "(default none)")
 
 
 def settings(args) -> dict[str, Any]:
@@ -74,7 +92,11 @@ def settings(args) -> dict[str, Any]:
         raise SystemExit(f"--tp takes comma-separated integers, got {args.tp!r}") from None
     if not degrees or min(degrees) < 1:
         raise SystemExit(f"--tp degrees must be >= 1, got {args.tp!r}")
-    return {**_settings(args), "handoffs": args.handoffs, "degrees": degrees}
+    variants = tuple(v for v in args.colocated.split(",") if v)
+    unknown = [v for v in variants if v not in COLOCATED_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--colocated: unknown system(s) {unknown}; known: {list(COLOCATED_VARIANTS)}")
+    return {**_settings(args), "handoffs": args.handoffs, "degrees": degrees, "colocated": variants}
 
 
 def _settings(args) -> dict[str, Any]:
@@ -117,6 +139,15 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
                              f"that hold {app.name}'s longest requests")
         by_degree[name] = {lay.tp[0]: g for g, lay in tried}
         good[name], systems[name] = max(tried, key=lambda t: (t[0], -t[1].tp[0]))  # ties: the smaller degree
+    carried: set[str] = set()  # systems whose requests carry their objectives
+    for variant in cfg.get("colocated", ()):
+        dispatch, batching, objectives = COLOCATED_VARIANTS[variant]
+        lay = dataclasses.replace(systems["colocated round-robin"], dispatch=dispatch, migration=True,
+                                  batch_policy=batching)
+        good[lay.name] = goodput(app, lay, n, profile, seed=seed, iterations=iters, objectives=objectives)
+        systems[lay.name] = lay
+        if objectives:
+            carried.add(lay.name)
     systems["disaggregated"] = Layout(best["prefill"] + best["decode"], (best["prefill"], best["decode"]),
                                       tp=(best["tp_prefill"], best["tp_decode"]), handoffs=cfg["handoffs"], unit=unit)
     good["disaggregated"] = best["goodput_rps"]
@@ -126,8 +157,9 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     scale_rate = good["colocated round-robin"] or rates[0]
     curves: dict[str, Any] = {}
     for name, lay in systems.items():
-        by_rate = [run(app, lay, r, n, profile, seed).slo_attainment(app.slo) for r in rates]
-        ttfts, tpots = run(app, lay, scale_rate, n, profile, seed).latencies()
+        objectives = name in carried
+        by_rate = [run(app, lay, r, n, profile, seed, objectives=objectives).slo_attainment(app.slo) for r in rates]
+        ttfts, tpots = run(app, lay, scale_rate, n, profile, seed, objectives=objectives).latencies()
         by_scale = [attainment(ttfts, tpots, app.slo.ttft_s * s, app.slo.tpot_s * s) for s in SCALES]
         curves[name] = {"rates": rates, "attainment": by_rate, "scale_rate": scale_rate, "scales": list(SCALES),
                         "attainment_by_scale": by_scale}

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from experiments.workloads import SHAREGPT_STATS, WorkloadRequest, fit_lognormal, poisson_arrivals  # noqa: E402
 from llumnix_py import planner  # noqa: E402
 from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
+from llumnix_py.engines.types import Objective  # noqa: E402
 from llumnix_py.planner import Layout, chosen_layout  # noqa: E402
 from llumnix_py.sim import SimResult  # noqa: E402
 from llumnix_py.slo import SLO  # noqa: E402
@@ -117,9 +118,12 @@ def _lognormal(n: int, mean: float, p99: float, cap: int, rng: np.random.Generat
     return np.clip(np.round(rng.lognormal(mu, sigma, n)), 1, cap).astype(int)
 
 
-def make_requests(app: Application, n: int, rate: float, seed: int = 0) -> list[WorkloadRequest]:
+def make_requests(app: Application, n: int, rate: float, seed: int = 0, *,
+                  objectives: bool = False) -> list[WorkloadRequest]:
     """``n`` requests of ``app`` arriving as a Poisson process at ``rate`` (same lengths for
-    every rate of one seed)."""
+    every rate of one seed). With ``objectives`` each request carries the application's SLO
+    as its objective (TTFT, and TPOT as the time between tokens), for systems that schedule
+    by it; attainment is judged the same way either way."""
     length_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     if app.pairs:
         picks = length_rng.integers(0, len(app.pairs), n)
@@ -129,24 +133,26 @@ def make_requests(app: Application, n: int, rate: float, seed: int = 0) -> list[
         prompts = _lognormal(n, *app.prompt, app.cap, length_rng)
         outputs = _lognormal(n, *app.output, app.cap, length_rng)
     arrivals = poisson_arrivals(n, rate, arrival_rng)
-    return [WorkloadRequest(float(a), int(p), int(o)) for a, p, o in zip(arrivals, prompts, outputs)]
+    objective = Objective(ttft_ms=app.slo.ttft_s * 1e3, tbt_ms=app.slo.tpot_s * 1e3) if objectives else None
+    return [WorkloadRequest(float(a), int(p), int(o), objective=objective) for a, p, o in zip(arrivals, prompts, outputs)]
 
 
-def workload(app: Application, n: int, seed: int = 0):
+def workload(app: Application, n: int, seed: int = 0, *, objectives: bool = False):
     """``app``'s requests as a function of the rate (the planner's ``Workload``)."""
-    return lambda rate: make_requests(app, n, rate, seed)
+    return lambda rate: make_requests(app, n, rate, seed, objectives=objectives)
 
 
 def run(app: Application, layout: Layout, rate: float, n: int, profile: Union[str, CostProfile],
-        seed: int = 0) -> SimResult:
-    return planner.run(workload(app, n, seed), layout, rate, profile, seed)
+        seed: int = 0, *, objectives: bool = False) -> SimResult:
+    return planner.run(workload(app, n, seed, objectives=objectives), layout, rate, profile, seed)
 
 
 def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
-            max_per_gpu: float = 16.0, iterations: int = 7, slo: Optional[SLO] = None) -> float:
+            max_per_gpu: float = 16.0, iterations: int = 7, slo: Optional[SLO] = None,
+            objectives: bool = False) -> float:
     """The layout's goodput (req/s, whole layout) for ``app``'s objectives (or ``slo``)."""
-    return planner.goodput(workload(app, n, seed), layout, slo or app.slo, profile, seed=seed,
-                           max_per_gpu=max_per_gpu, iterations=iterations)
+    return planner.goodput(workload(app, n, seed, objectives=objectives), layout, slo or app.slo, profile,
+                           seed=seed, max_per_gpu=max_per_gpu, iterations=iterations)
 
 
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,

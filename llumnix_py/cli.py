@@ -83,7 +83,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                                       "for the scheduler to move it to a prefill instance, then prefills it "
                                       "itself (0: no hold; default %(default)g)")
     g = p.add_argument_group("policies")
-    g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, round_robin, random, slo, conversation, "
+    g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, prefill_queue, round_robin, random, slo, conversation, "
                    "jobs (a job call goes to its job's KV while that keeps the job's deadline)")
     g.add_argument("--pairing", default="freeness", help="freeness, defrag")
     g.add_argument("--migrate-out", default="shortest",

@@ -61,6 +61,7 @@ class Layout:
     flip: bool = False  # roles flip at run time (``policies.roles.plan_role_flip``, default thresholds)
     handoffs: int = 1  # migrations (hand-offs) in flight at once per instance, out and in
     unit: int = 1  # GPUs of the profile's instance at degree 1 (``CostProfile.hw.num_gpus``)
+    batch_policy: str = "fcfs"  # each engine's batching (``SimConfig.batch_policy``: fcfs, edf, jit)
 
     def __post_init__(self) -> None:
         if self.handoffs < 1:
@@ -75,7 +76,12 @@ class Layout:
             flip = " with role flips" if self.flip else ""
             concurrent = f", {self.handoffs} hand-offs at once" if self.handoffs != 1 else ""
             return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}{concurrent}"
-        return "colocated round-robin" if self.dispatch == "round_robin" else "colocated llumnix"
+        if self.dispatch == "round_robin":
+            return "colocated round-robin"
+        if self.dispatch == "freeness" and self.batch_policy == "fcfs":
+            return "colocated llumnix"
+        batching = f", {self.batch_policy} batching" if self.batch_policy != "fcfs" else ""
+        return f"colocated llumnix, {self.dispatch} dispatch{batching}"
 
     @property
     def gpus(self) -> int:
@@ -87,7 +93,8 @@ class Layout:
         return SimConfig(num_instances=self.instances, profile=profile, policy=PolicyConfig(dispatch=self.dispatch),
                          enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
                          tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None,
-                         max_migrations_out=self.handoffs, max_migrations_in=self.handoffs)
+                         max_migrations_out=self.handoffs, max_migrations_in=self.handoffs,
+                         batch_policy=self.batch_policy)
 
 
 def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, CostProfile],

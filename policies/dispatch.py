@@ -13,6 +13,13 @@
 ``load``       INFaaS++: least KV demand (physical + every queued and pending
                request) as a fraction of total blocks; ties by instance_id
 ``queue``      fewest queued requests (waiting + pending); ties by instance_id
+``prefill_queue`` fewest prompt tokens still to prefill (``prefill_backlog``:
+               queued and pending requests, and running ones with no output
+               yet), so a prompt does not queue behind prompts elsewhere less
+               loaded; ties by ``freeness`` with the request added, then
+               instance_id. For objectives on time to first token with
+               plentiful memory, where ``freeness`` (memory per request) does
+               not see the prefill queue
 ``round_robin`` next instance_id after the previous pick, in id order
 ``random``     seeded uniform choice
 =============  ===============================================================
@@ -239,6 +246,30 @@ def by_load(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyC
 def by_queue(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState) -> str:
     """Fewest queued requests (waiting + pending dispatch)."""
     return min(eligible, key=lambda i: (i.num_waiting + state.num_pending(i.instance_id), i.instance_id)).instance_id
+
+
+def prefill_backlog(inst: InstanceLoad, pending: Sequence[RequestLoad] = ()) -> int:
+    """Tokens ``inst`` must prefill before a request dispatched now: every waiting request's
+    prompt and outputs so far (a preempted one is prefilled again), the prompt of every
+    running request with no output yet (admitted, its first token not out; a chunked prompt
+    counts whole), and every ``pending`` dispatch's."""
+    waiting = sum(r.prompt_len + r.output_len for r in inst.waiting)
+    admitted = sum(r.prompt_len for r in inst.running if r.output_len == 0)
+    return waiting + admitted + sum(r.prompt_len + r.output_len for r in pending)
+
+
+def by_prefill_queue(
+    eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: PolicyConfig, state: DispatchState
+) -> str:
+    """Fewest tokens to prefill first (``prefill_backlog``); ties by freeness with the request
+    added, then the lower instance_id."""
+    f = state.dispatch_freeness
+
+    def key(inst: InstanceLoad) -> tuple[int, float, str]:
+        return (prefill_backlog(inst, state.pending(inst.instance_id)), -f(inst, cfg, request=request),
+                inst.instance_id)
+
+    return min(eligible, key=key).instance_id
 
 
 def by_round_robin(

@@ -23,6 +23,7 @@ DISPATCH = _policies("dispatch", {
     "freeness": "policies.dispatch:by_freeness",
     "load": "policies.dispatch:by_load",
     "queue": "policies.dispatch:by_queue",
+    "prefill_queue": "policies.dispatch:by_prefill_queue",
     "round_robin": "policies.dispatch:by_round_robin",
     "random": "policies.dispatch:by_random",
     "slo": "policies.rescue:by_slo",

@@ -109,6 +109,39 @@ def test_the_disaggregation_experiment_takes_concurrent_hand_offs_and_can_skip_t
         disaggregation.main(["--smoke", "--no-progress", "--handoffs", "0", "--out", str(out)])
 
 
+def test_requests_carry_the_applications_slo_only_when_asked():
+    app = APPLICATIONS["code"]
+    assert all(r.objective is None for r in make_requests(app, 20, 5.0, seed=3))
+    carried = make_requests(app, 20, 5.0, seed=3, objectives=True)
+    assert {(r.objective.ttft_ms, r.objective.tbt_ms, r.objective.kind) for r in carried} == {(125.0, 200.0, "stream")}
+    # the same requests otherwise
+    assert [(r.arrival_time, r.prompt_len, r.output_len) for r in carried] == \
+        [(r.arrival_time, r.prompt_len, r.output_len) for r in make_requests(app, 20, 5.0, seed=3)]
+
+
+def test_the_disaggregation_experiment_adds_colocated_systems_on_the_round_robins_layout(tmp_path):
+    out = tmp_path / "out"
+    data = disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--no-shift", "--colocated",
+                                "prefill_queue,slo", "--out", str(out)])
+    r = data["results"]["code"]
+    queue, slo = "colocated llumnix, prefill_queue dispatch", "colocated llumnix, slo dispatch, jit batching"
+    assert list(r["goodput_rps"]) == ["colocated round-robin", "colocated llumnix", queue, slo, "disaggregated"]
+    assert set(r["curves"]) == set(r["goodput_rps"])
+    assert r["gpus_per_instance"][queue] == r["gpus_per_instance"][slo] == r["gpus_per_instance"]["colocated round-robin"]
+    assert all(g >= 0 for g in r["goodput_rps"].values())
+    assert queue in (out / "disaggregation.md").read_text()
+    with pytest.raises(SystemExit):
+        disaggregation.main(["--smoke", "--no-progress", "--colocated", "fastest", "--out", str(out)])
+
+
+def test_a_colocated_layout_passes_its_batching_to_the_simulator():
+    lay = Layout(2, None, dispatch="slo", batch_policy="jit")
+    assert lay.name == "colocated llumnix, slo dispatch, jit batching"
+    cfg = lay.sim_config("opt-13b-a100", 0)
+    assert cfg.batch_policy == "jit" and cfg.policy.dispatch == "slo"
+    assert Layout(2, None).name == "colocated llumnix" and Layout(2, None).sim_config("opt-13b-a100", 0).batch_policy == "fcfs"
+
+
 def test_llumnix_py_plan_prints_the_ranked_table_and_the_layout_known_by_hand(tmp_path, capsys):
     """The CLI over the library planner: the prefill-heavy case above, with fixed lengths."""
     from llumnix_py.cli import main

@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from llumnix_py.errors import UnknownPolicyError
 from llumnix_py.load import InstanceLoad, RequestLoad
 from policies.config import PolicyConfig
-from policies.dispatch import DispatchState, dispatch
+from policies.dispatch import DispatchState, dispatch, prefill_backlog
 from policies.registry import DISPATCH
 from policies.types import Dispatch
 from policies.virtual_usage import freeness_with_request
 
-POLICIES = ["freeness", "load", "queue", "round_robin", "random"]
+POLICIES = ["freeness", "load", "queue", "prefill_queue", "round_robin", "random"]
 
 
 def make_req(rid: str, blocks: int = 0, needed: int | None = None, **kw) -> RequestLoad:
@@ -151,6 +151,37 @@ def test_queue_policy_prefers_short_queue():
     assert pick([a, b], make_req("x", 0, 1), PolicyConfig(dispatch="queue"), DispatchState()) == "b"
 
 
+def test_prefill_backlog_counts_what_must_be_prefilled_first():
+    inst = make_inst(
+        "a",
+        running=[make_req("new", 10, prompt_len=300), make_req("decoding", 20, prompt_len=900, output_len=5)],
+        waiting=[make_req("queued", 0, 4, prompt_len=50), make_req("preempted", 0, 9, prompt_len=100, output_len=30)],
+    )
+    # the admitted prompt with no token out yet, the queued one, the preempted one again with
+    # its outputs; not the one decoding
+    assert prefill_backlog(inst) == 300 + 50 + 130
+    assert prefill_backlog(inst, [make_req("p", 0, 2, prompt_len=25)]) == 480 + 25
+
+
+def test_prefill_queue_skips_an_instance_busy_prefilling_though_it_has_more_memory():
+    # "a" has most memory free but a long prompt in its next step; "b" only decodes.
+    a = make_inst("a", running=[make_req("a1", 30, prompt_len=480)])
+    b = make_inst("b", running=[make_req(f"b{k}", 60, prompt_len=200, output_len=9) for k in range(3)])
+    req = make_req("x", 0, 2, prompt_len=20)
+    assert pick([a, b], req, PolicyConfig(), DispatchState()) == "a"
+    assert pick([a, b], req, PolicyConfig(dispatch="prefill_queue"), DispatchState()) == "b"
+
+
+def test_prefill_queue_counts_its_own_dispatches_until_the_poll_shows_them():
+    cfg = PolicyConfig(dispatch="prefill_queue")
+    state = DispatchState()
+    cluster = [make_inst("a"), make_inst("b", running=[make_req("b1", 300, prompt_len=100, output_len=4)])]
+    first = make_req("x1", 0, 2, prompt_len=64)
+    assert pick(cluster, first, cfg, state) == "a"  # both have nothing to prefill: "a" is freer
+    state.on_dispatch("a", first)
+    assert pick(cluster, make_req("x2", 0, 2, prompt_len=64), cfg, state) == "b"
+
+
 def test_snapshot_cache_is_refreshed_for_a_new_snapshot():
     cfg = PolicyConfig()
     state = DispatchState()
@@ -184,10 +215,13 @@ def clusters(draw):
     out = []
     for k in range(n):
         running = tuple(
-            make_req(f"i{k}r{j}", draw(st.integers(0, 200)), priority=draw(st.integers(0, 1)))
+            make_req(f"i{k}r{j}", draw(st.integers(0, 200)), priority=draw(st.integers(0, 1)),
+                     prompt_len=draw(st.integers(1, 500)), output_len=draw(st.sampled_from([0, 0, 1, 40])))
             for j in range(draw(st.integers(0, 4)))
         )
-        waiting = tuple(make_req(f"i{k}w{j}", 0, draw(st.integers(1, 300))) for j in range(draw(st.integers(0, 3))))
+        waiting = tuple(make_req(f"i{k}w{j}", 0, draw(st.integers(1, 300)), prompt_len=draw(st.integers(1, 500)),
+                                 output_len=draw(st.sampled_from([0, 0, 7])))
+                        for j in range(draw(st.integers(0, 3))))
         out.append(make_inst(f"i{k}", running=running, waiting=waiting, terminating=draw(st.booleans())))
     return out
 
@@ -232,6 +266,31 @@ def test_property_freeness_dispatch_is_an_argmax(cluster, seed):
     best = max(scores.values())
     assert scores[d.instance_id] == best
     assert d.instance_id == min(i for i, f in scores.items() if f == best)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster=clusters(), n_pending=st.integers(0, 3), prompt=st.integers(1, 400))
+def test_property_prefill_queue_picks_the_least_backlog_then_the_freest(cluster, n_pending, prompt):
+    cfg = PolicyConfig(dispatch="prefill_queue")
+    state = DispatchState()
+    for k in range(n_pending):
+        if cluster:
+            state.on_dispatch(cluster[k % len(cluster)].instance_id, make_req(f"p{k}", 0, 3, prompt_len=17 * k + 1))
+    req = make_req("x", 0, 5, prompt_len=prompt)
+    d = dispatch(cluster, req, cfg, state)
+    eligible = [inst for inst in cluster if not inst.terminating]
+    if not eligible:
+        assert d is None
+        return
+    assert d is not None
+    backlog = {i.instance_id: prefill_backlog(i, state.pending(i.instance_id)) for i in eligible}
+    least = min(backlog.values())
+    assert backlog[d.instance_id] == least
+    tied = [i for i in eligible if backlog[i.instance_id] == least]
+    free = {i.instance_id: freeness_with_request(i, cfg, req, extra_pending=state.pending(i.instance_id)) for i in tied}
+    best = max(free.values())
+    assert free[d.instance_id] == pytest.approx(best)
+    assert d.instance_id == min(i for i, f in free.items() if f == pytest.approx(best))
 
 
 @settings(max_examples=150, deadline=None)
