@@ -112,7 +112,7 @@ def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
         traces, n, inst = list(PAPER_RATES), 10_000, args.instances
         rates = dict(PAPER_RATES)
     if args.traces:
-        traces = args.traces.split(",")
+        traces = parse_traces(args.traces)
         rates = {t: rates.get(t, PAPER_RATES[t]) for t in traces}
     if args.highest_rate_only:
         rates = {t: (rates[t][-1],) for t in traces}
@@ -121,6 +121,14 @@ def plan(args) -> tuple[list[str], dict[str, tuple[float, ...]], int, int]:
     scales = parse_scales(args.rate_scale)
     rates = {t: tuple(sorted({round(r * k, 3) for r in rates[t] for k in scales})) for t in traces}
     return traces, rates, args.requests or n, inst
+
+
+def parse_traces(text: str) -> list[str]:
+    traces = text.split(",")
+    unknown = [t for t in traces if t not in PAPER_RATES]
+    if unknown:
+        raise SystemExit(f"--traces: unknown {unknown}; known: {', '.join(PAPER_RATES)}")
+    return traces
 
 
 def parse_scales(text: str, flag: str = "--rate-scale") -> list[float]:
@@ -142,7 +150,7 @@ def plan_knee(args) -> tuple[list[str], dict[str, tuple[float, ...]], list[int],
     else:
         traces, factors, seeds, lengths, inst = list(PAPER_RATES), KNEE_FACTORS, 5, KNEE_LENGTHS, args.instances
     if args.traces:
-        traces = args.traces.split(",")
+        traces = parse_traces(args.traces)
     if args.knee_factors:
         factors = tuple(parse_scales(args.knee_factors, "--knee-factors"))
     if args.lengths:
@@ -163,8 +171,8 @@ def parse_systems(text: str) -> list[str]:
     return systems
 
 
-def run(args) -> dict:
-    traces, rates, n, inst = plan(args)
+def run(args, planned: Optional[tuple[list[str], dict[str, tuple[float, ...]], int, int]] = None) -> dict:
+    traces, rates, n, inst = planned or plan(args)
     systems = parse_systems(args.systems)
     results: dict = {}
     for trace in traces:
@@ -226,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_args("serving", __doc__.splitlines()[0], argv, _extra)
     systems = parse_systems(args.systems)
     objectives = parse_scales(args.objectives, "--objectives")
+    # the fixed-rate options checked before the capacity sweep's simulations run
+    fixed = None if args.no_fixed or args.from_json else plan(args)
     out: dict = {}
     sections: list = []
     notes = []
@@ -262,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      f"{', read off one run of the longest' if getattr(args, 'prefixes', False) else ', each run apart'}"
                      f"); capacity read at {max(lengths)} requests.")
     if not args.no_fixed:
-        results = run(args)
+        results = run(args, fixed)
         headers = ["trace", "rate", "system", "e2e mean", "e2e P99", "prefill mean", "prefill P99",
                    "decode mean", "decode P99", "preempt loss", "migrations", "return rate", "max mig/req",
                    "wall s"]

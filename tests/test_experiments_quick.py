@@ -74,7 +74,8 @@ def test_serving_rate_scale_and_systems(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--rate-scale", "0"), ("--rate-scale", "x"), ("--systems", "nope"),
-                                        ("--knee-factors", "-1"), ("--objectives", "x"), ("--lengths", "0")])
+                                        ("--knee-factors", "-1"), ("--objectives", "x"), ("--lengths", "0"),
+                                        ("--traces", "L-L,nope")])
 def test_serving_rejects_bad_sweep_options(tmp_path, flag, value):
     with pytest.raises(SystemExit, match=flag):
         serving.main(["--smoke", "--no-progress", "--out", str(tmp_path), flag, value])
