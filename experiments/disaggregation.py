@@ -75,8 +75,9 @@ def _extra(ap) -> None:
     ap.add_argument("--tp", default="1",
                     help="tensor-parallel degrees to search, as multiples of the profile's GPUs (default 1)")
     ap.add_argument("--app", choices=sorted(APPLICATIONS), action="append", help="application(s) (default: all)")
-    ap.add_argument("--handoffs", type=int, default=1,
-                    help="hand-offs (migrations) in flight at once per disaggregated instance, out and in (default 1)")
+    ap.add_argument("--handoffs", default="1",
+                    help="hand-offs (migrations) in flight at once per disaggregated instance, out and in; several, "
+                         "comma-separated, are searched by the planner like the degrees (default 1)")
     ap.add_argument("--no-shift", action="store_true", help="skip the shifting-mix comparison")
     ap.add_argument("--colocated", default="",
                     help=f"extra colocated llumnix-py systems, comma-separated: {', '.join(COLOCATED_VARIANTS)} "
@@ -84,8 +85,12 @@ def _extra(ap) -> None:
 
 
 def settings(args) -> dict[str, Any]:
-    if args.handoffs < 1:
-        raise SystemExit(f"--handoffs must be >= 1, got {args.handoffs}")
+    try:
+        handoffs = tuple(sorted({int(h) for h in args.handoffs.split(",")}))
+    except ValueError:
+        raise SystemExit(f"--handoffs takes comma-separated integers, got {args.handoffs!r}") from None
+    if handoffs[0] < 1:
+        raise SystemExit(f"--handoffs must be >= 1, got {args.handoffs!r}")
     try:
         degrees = tuple(sorted({int(d) for d in args.tp.split(",")}))
     except ValueError:
@@ -96,7 +101,7 @@ def settings(args) -> dict[str, Any]:
     unknown = [v for v in variants if v not in COLOCATED_VARIANTS]
     if unknown:
         raise SystemExit(f"--colocated: unknown system(s) {unknown}; known: {list(COLOCATED_VARIANTS)}")
-    return {**_settings(args), "handoffs": args.handoffs, "degrees": degrees, "colocated": variants}
+    return {**_settings(args), "handoffs": handoffs, "degrees": degrees, "colocated": variants}
 
 
 def _settings(args) -> dict[str, Any]:
@@ -149,7 +154,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
         if objectives:
             carried.add(lay.name)
     systems["disaggregated"] = Layout(best["prefill"] + best["decode"], (best["prefill"], best["decode"]),
-                                      tp=(best["tp_prefill"], best["tp_decode"]), handoffs=cfg["handoffs"], unit=unit)
+                                      tp=(best["tp_prefill"], best["tp_decode"]), handoffs=best["handoffs"], unit=unit)
     good["disaggregated"] = best["goodput_rps"]
     # attainment vs rate, and (at the baseline's goodput, or the lowest swept rate) vs SLO scale
     top = max(max(good.values()), 0.5 * gpus) * 1.5
@@ -174,6 +179,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
         "colocated_by_degree": by_degree,
         "plan": ranked,
         "split": [best["prefill"], best["decode"]],
+        "handoffs": best["handoffs"],
         "goodput_rps": good,
         "goodput_per_gpu": {k: v / gpus for k, v in good.items()},
         "vs_round_robin": {k: (v / base if base > 0 else None) for k, v in good.items()},
@@ -202,7 +208,7 @@ def shift(cfg: dict[str, Any], profile: str, seed: int) -> dict[str, Any]:
     rates = [gpus * f for f in cfg["shift_rates"]]
     out: dict[str, Any] = {"split": [1, gpus - 1], "rates": rates, "slo_ms": [1500, 150], "systems": {}}
     for flip in (False, True):
-        layout = Layout(gpus, (1, gpus - 1), flip=flip, handoffs=cfg["handoffs"])
+        layout = Layout(gpus, (1, gpus - 1), flip=flip, handoffs=max(cfg["handoffs"]))
         rows = []
         for rate in rates:
             cluster = SimCluster(layout.sim_config(profile, seed))
@@ -263,7 +269,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     rows = []
     for name, r in results.items():
         for system, g in r["goodput_rps"].items():
-            label = f"{system} {r['split'][0]}:{r['split'][1]}" if system == "disaggregated" else system
+            label = system
+            if system == "disaggregated":
+                at_once = f", {r['handoffs']} hand-offs at once" if r["handoffs"] != 1 else ""
+                label = f"{system} {r['split'][0]}:{r['split'][1]}{at_once}"
             size = r["gpus_per_instance"][system]
             ratio = r["vs_round_robin"][system]
             rows.append([name, f"{r['profile']}, {r['gpus']} GPUs", f"{r['slo_ms']['ttft']:g}/{r['slo_ms']['tpot']:g}",

@@ -157,7 +157,7 @@ def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostPr
 
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False,
-         degrees: Sequence[int] = (1,), handoffs: int = 1) -> list[dict[str, Any]]:
+         degrees: Sequence[int] = (1,), handoffs: Union[int, Sequence[int]] = 1) -> list[dict[str, Any]]:
     """``llumnix_py.planner.plan`` for ``app`` (``n`` requests a run)."""
     return planner.plan(workload(app, n, seed), app.slo, gpus, profile, seed=seed, exact=exact,
                         iterations=iterations, max_per_gpu=max_per_gpu, degrees=degrees,

@@ -101,6 +101,12 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                         f"instance drains (policies/cooldown.py; cuts ping-pong; default {SERVE_MIGRATION_COOLDOWN_S:g}; "
                         "0: off, the paper's policy)")
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
+    g.add_argument("--max-migrations-out", type=int, default=1, metavar="N",
+                   help="migrations (and prefill-to-decode hand-offs) in flight at once with an instance as source "
+                        "(default 1; with --pd, several at once keep hand-offs from queueing: `llumnix-py plan "
+                        "--handoffs` searches it)")
+    g.add_argument("--max-migrations-in", type=int, default=1, metavar="N",
+                   help="migrations in flight at once with an instance as destination (default 1)")
     g.add_argument("--rescue", action="store_true",
                    help="migrate requests about to miss their objective where they are predicted to meet it "
                         "(needs --batch-policy jit)")
@@ -169,8 +175,10 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               preemption_mode=args.preemption_mode, fairness=args.fairness),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
-                                  pd_ratio=args.pd, roles=args.roles),
+                                  pd_ratio=args.pd, roles=args.roles, max_migrations_out=args.max_migrations_out,
+                                  max_migrations_in=args.max_migrations_in),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
+                              max_outgoing=args.max_migrations_out, max_incoming=args.max_migrations_in,
                               max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,
                               decode_hold_s=args.decode_hold_ms / 1e3,
                               migration=MigrationConfig(max_stages=args.migration_stages,
@@ -384,6 +392,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         degrees = sorted({int(x) for x in args.tp.split(",")})
     except ValueError:
         raise ValueError(f"--tp takes comma-separated integers, got {args.tp!r}") from None
+    try:
+        handoffs = sorted({int(x) for x in args.handoffs.split(",")})
+    except ValueError:
+        raise ValueError(f"--handoffs takes comma-separated integers, got {args.handoffs!r}") from None
+    if handoffs[0] < 1:
+        raise ValueError(f"--handoffs must be >= 1, got {args.handoffs!r}")
     rng = np.random.default_rng(args.seed)
     prompts = sample_lengths(args.prompt_len, args.requests, rng)
     outputs = sample_lengths(args.output_len, args.requests, rng)
@@ -396,7 +410,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     slo = SLO.from_ms(args.slo_ttft_ms, args.slo_tpot_ms)
     rows = planner.plan(workload, slo, args.gpus, args.profile, seed=args.seed, exact=args.exact,
                         iterations=args.iterations, max_per_gpu=args.max_rate_per_gpu, degrees=degrees,
-                        progress="layouts" if args.progress else None)
+                        progress="layouts" if args.progress else None, handoffs=handoffs)
     planner.print_plan(f"P:D layouts, prompts {args.prompt_len}, outputs {args.output_len}, TTFT {args.slo_ttft_ms:g} ms, "
                        f"TPOT {args.slo_tpot_ms:g} ms, {args.gpus} GPUs of {args.profile}, best goodput per GPU first",
                        rows)
@@ -464,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="opt-13b-a100",
                    help="cost profile of one instance at degree 1 (opt-13b-a100: one A100; opt-66b-2xa100: two)")
     p.add_argument("--tp", default="1", help="tensor-parallel degrees to search per phase, e.g. 1,2 (default 1)")
+    p.add_argument("--handoffs", default="1",
+                   help="hand-offs in flight at once per instance to search, e.g. 1,4,8 (default 1; serve it with "
+                        "--max-migrations-out/-in)")
     p.add_argument("--requests", type=int, default=300, help="requests per simulated run")
     p.add_argument("--iterations", type=int, default=7, help="bisection steps of each goodput")
     p.add_argument("--max-rate-per-gpu", type=float, default=16.0, help="top of the goodput bisection, req/s per GPU")

@@ -134,21 +134,25 @@ def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, Co
     return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
 
 
-def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False, handoffs: int = 1,
-            unit: int = 1) -> list[Layout]:
+def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False,
+            handoffs: Union[int, Sequence[int]] = 1, unit: int = 1) -> list[Layout]:
     """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
     ``(P * tp_prefill + D * tp_decode) * unit <= gpus`` GPUs (``== gpus`` when ``exact``),
-    each with ``handoffs`` migrations in flight at once per instance."""
+    and each count of migrations in flight at once per instance in ``handoffs``."""
+    counts = sorted({handoffs} if isinstance(handoffs, int) else set(handoffs))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"hand-offs at once must be >= 1, got {handoffs!r}")
     out = []
     units = gpus // unit
     for tp_p in degrees:
         for tp_d in degrees:
             for p in range(1, units // tp_p + 1):
                 for d in range(1, (units - p * tp_p) // tp_d + 1):
-                    lay = Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=handoffs, unit=unit)
-                    if not exact or lay.gpus == gpus:
-                        out.append(lay)
-    return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd))
+                    for h in counts:
+                        lay = Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=h, unit=unit)
+                        if not exact or lay.gpus == gpus:
+                            out.append(lay)
+    return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd, lay.handoffs))
 
 
 def colocated_layouts(gpus: int, degrees: Sequence[int] = (1,), *, dispatch: str = "freeness",
@@ -161,9 +165,11 @@ def colocated_layouts(gpus: int, degrees: Sequence[int] = (1,), *, dispatch: str
 
 def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, degrees: Sequence[int] = (1,),
-         progress: Optional[str] = None, handoffs: int = 1) -> list[dict[str, Any]]:
+         progress: Optional[str] = None, handoffs: Union[int, Sequence[int]] = 1) -> list[dict[str, Any]]:
     """Every layout's goodput and goodput per GPU, best first (ties: fewer GPUs, then more
-    prefill, then lower degrees). ``progress``: a label to show a progress bar under.
+    prefill, then lower degrees, then fewer hand-offs at once). ``handoffs``: the count (or
+    counts, searched like the degrees) of hand-offs in flight at once per instance.
+    ``progress``: a label to show a progress bar under.
 
     Raises:
         ValueError: a degree the profile cannot express (``with_tensor_parallel``).
@@ -191,7 +197,8 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
             bar.update(1)
     if bar is not None:
         bar.close()
-    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"], r["tp_prefill"], r["tp_decode"]))
+    rows.sort(key=lambda r: (-r["goodput_per_gpu"], r["gpus"], -r["prefill"], r["tp_prefill"], r["tp_decode"],
+                             r["handoffs"]))
     return rows
 
 
@@ -201,14 +208,14 @@ def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("rank", "P:D", "TP prefill/decode", "GPUs", "goodput (req/s)", "per GPU"):
+    for col in ("rank", "P:D", "TP prefill/decode", "hand-offs at once", "GPUs", "goodput (req/s)", "per GPU"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows, 1):
         u = r.get("unit", 1)
         scores = (["infeasible", r["infeasible"]] if r.get("infeasible")
                   else [f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}"])
         table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill'] * u}/{r['tp_decode'] * u}",
-                      str(r["gpus"]), *scores)
+                      str(r.get("handoffs", 1)), str(r["gpus"]), *scores)
     Console().print(table)
     Console().print(chosen_layout(rows[0]))
 
@@ -218,6 +225,11 @@ def chosen_layout(best: dict[str, Any]) -> str:
     p, d, tp_p, tp_d, u = best["prefill"], best["decode"], best["tp_prefill"], best["tp_decode"], best.get("unit", 1)
     line = (f"chosen layout: {p} prefill instance(s) of {tp_p * u} GPU(s) + {d} decode instance(s) of "
             f"{tp_d * u} GPU(s), {best['gpus']} GPUs, {best['goodput_per_gpu']:.3f} req/s per GPU")
+    h = best.get("handoffs", 1)
+    if h != 1:
+        line += f", {h} hand-offs at once per instance"
     if (tp_p, tp_d, u) == (1, 1, 1):
         line += f": llumnix-py serve --instances {p + d} --pd {p}:{d}"
+        if h != 1:
+            line += f" --max-migrations-out {h} --max-migrations-in {h}"
     return line

@@ -86,6 +86,24 @@ def test_decode_hold_flag_reaches_the_llumlet_and_a_negative_one_is_a_usage_erro
     assert info.value.code == 2 and "decode_hold_s must be in [0, 3600]" in capsys.readouterr().err
 
 
+def test_migration_concurrency_flags_reach_the_scheduler_and_the_llumlets(capsys):
+    default = cluster_config(build_parser().parse_args(["serve"]))
+    assert (default.scheduler.max_migrations_out, default.scheduler.max_migrations_in) == (1, 1)
+    assert (default.llumlet.max_outgoing, default.llumlet.max_incoming) == (1, 1)
+    cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "3:1", "--instances", "4",
+                                                    "--max-migrations-out", "4", "--max-migrations-in", "12"]))
+    assert (cfg.scheduler.max_migrations_out, cfg.scheduler.max_migrations_in) == (4, 12)
+    assert (cfg.llumlet.max_outgoing, cfg.llumlet.max_incoming) == (4, 12)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--runtime", "local", "--max-migrations-in", "0"])
+    assert info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_prefill_queue_dispatch_is_a_known_policy():
+    cfg = cluster_config(build_parser().parse_args(["serve", "--dispatch", "prefill_queue"]))
+    assert cfg.scheduler.policy.dispatch == "prefill_queue"
+
+
 def test_unknown_policy_name_is_an_error():
     args = build_parser().parse_args(["serve", "--dispatch", "nope"])
     with pytest.raises(KeyError):

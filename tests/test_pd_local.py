@@ -53,14 +53,16 @@ def test_roles_follow_the_ratio_and_show_in_the_cluster_state_and_on_each_llumle
                      "instance-003": "decode"}
 
 
-def test_a_disaggregated_request_produces_the_colocated_tokens_and_each_position_once():
+@pytest.mark.parametrize("migrations", [1, 4], ids=["one-at-a-time", "four-at-once"])
+def test_a_disaggregated_request_produces_the_colocated_tokens_and_each_position_once(migrations):
     """Requests enter on the prefill instance only; each is handed off once its first token
     is out (the prefill instance is held after that batch, so none can finish there first)
-    and ends on the decode instance with exactly the tokens of a run on one engine."""
+    and ends on the decode instance with exactly the tokens of a run on one engine, with
+    hand-offs one at a time or up to four at once (``serve --max-migrations-out/-in``)."""
     n, max_tokens = 4, 24
     ps, sps = prompts(n), samplings(n, max_tokens)
     expected = reference(small_spec(num_blocks=256), ps, sps)
-    with running(pd_config()) as (cluster, emitted, _):
+    with running(pd_config(migrations=migrations)) as (cluster, emitted, _):
         with HoldOutputs(cluster, PREFILL) as gate:
             gate.hold()
             handles = [cluster.submit(p, sp) for p, sp in zip(ps, sps)]

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import disaggregation
 from experiments.pd_planner import APPLICATIONS, Application, make_requests, plan
-from llumnix_py.planner import Layout, layouts
+from llumnix_py.planner import Layout, chosen_layout, layouts
 from llumnix_py.sim import SimCluster
 from llumnix_py.slo import SLO
 
@@ -101,12 +101,14 @@ def test_the_disaggregation_experiment_takes_concurrent_hand_offs_and_can_skip_t
     out, js = tmp_path / "out", tmp_path / "d.json"
     data = disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--handoffs", "2", "--no-shift",
                                 "--out", str(out), "--json", str(js)])
-    assert data["settings"]["handoffs"] == 2 and data["shift"]["systems"] == {}
+    assert list(data["settings"]["handoffs"]) == [2] and data["shift"]["systems"] == {}
     assert all(row["handoffs"] == 2 for row in data["results"]["code"]["plan"])
     assert "Shifting mix" not in (out / "disaggregation.md").read_text()
     assert not (out / "disaggregation_shift.png").exists()
     with pytest.raises(SystemExit):
         disaggregation.main(["--smoke", "--no-progress", "--handoffs", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        disaggregation.main(["--smoke", "--no-progress", "--handoffs", "2,x", "--out", str(out)])
 
 
 def test_requests_carry_the_applications_slo_only_when_asked():
@@ -157,7 +159,9 @@ def test_llumnix_py_plan_prints_the_ranked_table_and_the_layout_known_by_hand(tm
     assert ranked[0]["goodput_per_gpu"] >= 1.5 * ranked[1]["goodput_per_gpu"] > 0
     for flags, message in ((["--tp", "1,2", "--profile", "llama-7b-a10"], "no all-reduce link"),
                            (["--slo-ttft-ms", "-1"], "must be positive"), (["--prompt-len", "zipf:0"], "zipf mean"),
-                           (["--tp", "x"], "comma-separated integers")):
+                           (["--tp", "x"], "comma-separated integers"),
+                           (["--handoffs", "1,x"], "--handoffs takes comma-separated integers"),
+                           (["--handoffs", "0,4"], "--handoffs must be >= 1")):
         with pytest.raises(SystemExit) as info:
             main(["plan", "--gpus", "2", "--requests", "4", "--iterations", "1", "--no-progress", *flags])
         assert info.value.code == 2 and message in capsys.readouterr().err
@@ -185,6 +189,26 @@ def test_a_layout_runs_as_many_hand_offs_at_once_as_it_allows():
     one, three = _most_hand_offs_at_once(1), _most_hand_offs_at_once(3)
     assert one[0] > 0 and three[0] > 0
     assert one[1] == 1 and three[1] == 3
+
+
+def test_the_planner_searches_hand_offs_at_once_and_says_how_to_serve_them():
+    assert [(lay.pd, lay.handoffs) for lay in layouts(3, exact=True, handoffs=(4, 1))] == \
+        [((1, 2), 1), ((1, 2), 4), ((2, 1), 1), ((2, 1), 4)]
+    for bad in ((), (0, 2)):
+        with pytest.raises(ValueError, match="hand-offs at once"):
+            layouts(3, handoffs=bad)
+    # Code completion on 3 GPUs: two prefill instances hand a request off every ~20 ms at the
+    # top rates; one hand-off at a time per instance queues them (the test above shows three
+    # at once), so every split gains from three at once and 2:1 with three ranks first.
+    rows = plan(APPLICATIONS["code"], 3, 60, "opt-13b-a100", exact=True, iterations=5, handoffs=(1, 3))
+    assert sorted((r["prefill"], r["decode"], r["handoffs"]) for r in rows) == \
+        [(1, 2, 1), (1, 2, 3), (2, 1, 1), (2, 1, 3)]
+    assert (rows[0]["prefill"], rows[0]["handoffs"]) == (2, 3)
+    by = {(r["prefill"], r["handoffs"]): r["goodput_rps"] for r in rows}
+    assert by[(2, 3)] > by[(2, 1)] and by[(1, 3)] >= by[(1, 1)]
+    line = chosen_layout(rows[0])
+    assert "3 hand-offs at once" in line
+    assert line.endswith("llumnix-py serve --instances 3 --pd 2:1 --max-migrations-out 3 --max-migrations-in 3")
 
 
 def test_a_profile_of_several_gpus_counts_them_in_every_layout():
