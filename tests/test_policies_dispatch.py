@@ -248,18 +248,23 @@ def test_property_never_terminating_and_none_only_without_candidates(cluster, po
         state.on_dispatch(d.instance_id, req)
 
 
+def dispatch_checked(cluster, req, cfg, state) -> tuple[Dispatch | None, list[InstanceLoad]]:
+    """The dispatch and the eligible instances; None exactly when none is eligible."""
+    d = dispatch(cluster, req, cfg, state)
+    eligible = [inst for inst in cluster if not inst.terminating]
+    assert (d is None) == (not eligible)
+    return d, eligible
+
+
 @settings(max_examples=100, deadline=None)
 @given(cluster=clusters(), seed=st.integers(0, 2**16))
 def test_property_freeness_dispatch_is_an_argmax(cluster, seed):
     cfg = PolicyConfig()
     state = DispatchState(seed=seed)
     req = make_req("x", 0, 5)
-    d = dispatch(cluster, req, cfg, state)
-    eligible = [inst for inst in cluster if not inst.terminating]
-    if not eligible:
-        assert d is None
+    d, eligible = dispatch_checked(cluster, req, cfg, state)
+    if d is None:
         return
-    assert d is not None
     # The score is the freeness with the request virtually added (its demand and
     # its place in the batch), from the reference formula.
     scores = {inst.instance_id: freeness_with_request(inst, cfg, req) for inst in eligible}
@@ -277,12 +282,9 @@ def test_property_prefill_queue_picks_the_least_backlog_then_the_freest(cluster,
         if cluster:
             state.on_dispatch(cluster[k % len(cluster)].instance_id, make_req(f"p{k}", 0, 3, prompt_len=17 * k + 1))
     req = make_req("x", 0, 5, prompt_len=prompt)
-    d = dispatch(cluster, req, cfg, state)
-    eligible = [inst for inst in cluster if not inst.terminating]
-    if not eligible:
-        assert d is None
+    d, eligible = dispatch_checked(cluster, req, cfg, state)
+    if d is None:
         return
-    assert d is not None
     backlog = {i.instance_id: prefill_backlog(i, state.pending(i.instance_id)) for i in eligible}
     least = min(backlog.values())
     assert backlog[d.instance_id] == least
