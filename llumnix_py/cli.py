@@ -26,6 +26,12 @@ from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletCo
 from llumnix_py.engines.registry import default_block_size, engine_kinds
 from llumnix_py.errors import InvalidRequestError, UnknownNameError
 
+# Hand-offs in flight at once per instance when the instances have roles (``--pd``, ``--roles``).
+# Every request is handed off once; one at a time they queue at high rates: code completion on 16
+# simulated GPUs, 3:1, sustains 15.9 req/s with one at a time, 43.7 with four, 46.1 with eight
+# (experiments/RESULTS.md, "Code completion on 16 GPUs over five seeds").
+PD_MIGRATIONS_AT_ONCE = 4
+
 # The servers' per-request migration cooldown (``--migration-cooldown``). On L-L, 16 simulated
 # instances, 10,000 requests, 5 seeds (experiments/RESULTS.md, "The cooldown at 10,000
 # requests"), 30 s kept returns under 2% and at most 4 migrations per request up to
@@ -101,12 +107,12 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                         f"instance drains (policies/cooldown.py; cuts ping-pong; default {SERVE_MIGRATION_COOLDOWN_S:g}; "
                         "0: off, the paper's policy)")
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
-    g.add_argument("--max-migrations-out", type=int, default=1, metavar="N",
+    g.add_argument("--max-migrations-out", type=int, default=None, metavar="N",
                    help="migrations (and prefill-to-decode hand-offs) in flight at once with an instance as source "
-                        "(default 1; with --pd, several at once keep hand-offs from queueing: `llumnix-py plan "
-                        "--handoffs` searches it)")
-    g.add_argument("--max-migrations-in", type=int, default=1, metavar="N",
-                   help="migrations in flight at once with an instance as destination (default 1)")
+                        f"(default 1, or {PD_MIGRATIONS_AT_ONCE} with --pd or --roles, so hand-offs do not queue one "
+                        "at a time; `llumnix-py plan --handoffs` searches it)")
+    g.add_argument("--max-migrations-in", type=int, default=None, metavar="N",
+                   help="migrations in flight at once with an instance as destination (default as --max-migrations-out)")
     g.add_argument("--rescue", action="store_true",
                    help="migrate requests about to miss their objective where they are predicted to meet it "
                         "(needs --batch-policy jit)")
@@ -153,6 +159,14 @@ def _roles(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _migrations_at_once(args: argparse.Namespace) -> tuple[int, int]:
+    """``--max-migrations-out/-in``, defaulting to 1, or ``PD_MIGRATIONS_AT_ONCE`` when the
+    instances have roles (every request is then handed off once)."""
+    default = PD_MIGRATIONS_AT_ONCE if (args.pd or args.roles) else 1
+    out = args.max_migrations_out if args.max_migrations_out is not None else default
+    return out, args.max_migrations_in if args.max_migrations_in is not None else out
+
+
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:
     headroom = tuple(tuple(int(x) for x in item.split(":")) for item in args.headroom.split(",") if item)
     policy = PolicyConfig(dispatch=args.dispatch, pairing=args.pairing, migrate_out=args.migrate_out,
@@ -162,6 +176,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           min_instances=args.min_instances, max_instances=args.max_instances, rescue=args.rescue,
                           global_fairness=args.global_fairness, fair_dispatch=args.fair_dispatch,
                           migration_cooldown_s=args.migration_cooldown, blocked_heads_first=args.blocked_heads_first)
+    out, into = _migrations_at_once(args)
     return ClusterConfig(
         num_instances=args.instances if args.instances is not None else len(args.roles or ()) or 2,
         engine=EngineSpec(kind=args.engine,
@@ -175,10 +190,10 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                                               preemption_mode=args.preemption_mode, fairness=args.fairness),
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
-                                  pd_ratio=args.pd, roles=args.roles, max_migrations_out=args.max_migrations_out,
-                                  max_migrations_in=args.max_migrations_in),
+                                  pd_ratio=args.pd, roles=args.roles, max_migrations_out=out,
+                                  max_migrations_in=into),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
-                              max_outgoing=args.max_migrations_out, max_incoming=args.max_migrations_in,
+                              max_outgoing=out, max_incoming=into,
                               max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,
                               decode_hold_s=args.decode_hold_ms / 1e3,
                               migration=MigrationConfig(max_stages=args.migration_stages,

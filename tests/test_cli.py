@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from llumnix_py.cli import build_parser, cluster_config, main
+from llumnix_py.cli import PD_MIGRATIONS_AT_ONCE, build_parser, cluster_config, main
 
 
 def free_port() -> int:
@@ -91,9 +91,15 @@ def test_migration_concurrency_flags_reach_the_scheduler_and_the_llumlets(capsys
     assert (default.scheduler.max_migrations_out, default.scheduler.max_migrations_in) == (1, 1)
     assert (default.llumlet.max_outgoing, default.llumlet.max_incoming) == (1, 1)
     cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "3:1", "--instances", "4",
-                                                    "--max-migrations-out", "4", "--max-migrations-in", "12"]))
-    assert (cfg.scheduler.max_migrations_out, cfg.scheduler.max_migrations_in) == (4, 12)
-    assert (cfg.llumlet.max_outgoing, cfg.llumlet.max_incoming) == (4, 12)
+                                                    "--max-migrations-out", "2", "--max-migrations-in", "6"]))
+    assert (cfg.scheduler.max_migrations_out, cfg.scheduler.max_migrations_in) == (2, 6)
+    assert (cfg.llumlet.max_outgoing, cfg.llumlet.max_incoming) == (2, 6)
+    # with roles, every request is handed off once: several at once by default
+    for roles in (["--pd", "1:3", "--instances", "4"], ["--roles", "prefill,decode"]):
+        cfg = cluster_config(build_parser().parse_args(["serve", *roles]))
+        assert (cfg.scheduler.max_migrations_out, cfg.llumlet.max_incoming) == (PD_MIGRATIONS_AT_ONCE,) * 2
+    cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "1:1", "--max-migrations-out", "3"]))
+    assert (cfg.scheduler.max_migrations_in, cfg.llumlet.max_outgoing) == (3, 3)
     with pytest.raises(SystemExit) as info:
         main(["serve", "--runtime", "local", "--max-migrations-in", "0"])
     assert info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
