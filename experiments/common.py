@@ -49,6 +49,9 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # Issue 19: a source moves its blocked queue head first where it fits
     # (``PolicyConfig.blocked_heads_first``).
     "llumnix+heads-first": ("freeness", True),
+    # Issue 15: dispatch by the prompt tokens waiting to be prefilled, then freeness
+    # (``policies.dispatch.by_prefill_queue``), with Llumnix's migration.
+    "llumnix+prefill-queue": ("prefill_queue", True),
     # Issue 19, references for what memory is worth: INFaaS++ on instances with 10% / 25%
     # more KV blocks than the profile's (``SYSTEM_SIM``). Not systems to deploy: the
     # capacity extra memory buys is a generous reference for what rearranging the same

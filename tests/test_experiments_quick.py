@@ -221,6 +221,13 @@ def test_llumnix_system_variants_keep_the_papers_dispatch_and_migration(system):
     assert policy.migration_cooldown_s == (30.0 if "cooldown-30" in system else base.migration_cooldown_s)
 
 
+def test_the_prefill_queue_system_changes_only_llumnixs_dispatch():
+    policy, migrate = common.system_config("llumnix+prefill-queue")
+    base, base_migrate = common.system_config("llumnix")
+    assert policy.dispatch == "prefill_queue" and base.dispatch == "freeness"
+    assert dataclasses.replace(policy, dispatch="freeness") == base and migrate == base_migrate
+
+
 @pytest.mark.parametrize("system, factor", [("infaas++@kv-x1.1", 1.1), ("infaas++@kv-x1.25", 1.25)])
 def test_memory_references_are_infaas_with_only_more_kv_blocks(system, factor, monkeypatch):
     from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
