@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
 from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
 from experiments.workloads import WorkloadRequest  # noqa: E402
-from llumnix_py.planner import Layout, colocated_layouts, infeasible, profile_gpus  # noqa: E402
+from llumnix_py.planner import Layout, colocated_layouts, infeasible, parse_counts, profile_gpus  # noqa: E402
 from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 
@@ -86,17 +86,9 @@ def _extra(ap) -> None:
 
 def settings(args) -> dict[str, Any]:
     try:
-        handoffs = tuple(sorted({int(h) for h in args.handoffs.split(",")}))
-    except ValueError:
-        raise SystemExit(f"--handoffs takes comma-separated integers, got {args.handoffs!r}") from None
-    if handoffs[0] < 1:
-        raise SystemExit(f"--handoffs must be >= 1, got {args.handoffs!r}")
-    try:
-        degrees = tuple(sorted({int(d) for d in args.tp.split(",")}))
-    except ValueError:
-        raise SystemExit(f"--tp takes comma-separated integers, got {args.tp!r}") from None
-    if not degrees or min(degrees) < 1:
-        raise SystemExit(f"--tp degrees must be >= 1, got {args.tp!r}")
+        handoffs, degrees = parse_counts(args.handoffs, "--handoffs"), parse_counts(args.tp, "--tp")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     variants = tuple(v for v in args.colocated.split(",") if v)
     unknown = [v for v in variants if v not in COLOCATED_VARIANTS]
     if unknown:

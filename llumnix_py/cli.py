@@ -403,16 +403,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive")
     if args.gpus < 2 or args.requests < 1 or args.iterations < 1:
         raise ValueError("--gpus must be >= 2 (one prefill and one decode instance), --requests and --iterations >= 1")
-    try:
-        degrees = sorted({int(x) for x in args.tp.split(",")})
-    except ValueError:
-        raise ValueError(f"--tp takes comma-separated integers, got {args.tp!r}") from None
-    try:
-        handoffs = sorted({int(x) for x in args.handoffs.split(",")})
-    except ValueError:
-        raise ValueError(f"--handoffs takes comma-separated integers, got {args.handoffs!r}") from None
-    if handoffs[0] < 1:
-        raise ValueError(f"--handoffs must be >= 1, got {args.handoffs!r}")
+    degrees = planner.parse_counts(args.tp, "--tp")
+    handoffs = planner.parse_counts(args.handoffs, "--handoffs")
     rng = np.random.default_rng(args.seed)
     prompts = sample_lengths(args.prompt_len, args.requests, rng)
     outputs = sample_lengths(args.output_len, args.requests, rng)

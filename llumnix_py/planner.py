@@ -134,6 +134,22 @@ def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, Co
     return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations)
 
 
+def parse_counts(text: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of counts of at least 1 (``--tp``, ``--handoffs``), sorted,
+    without repeats.
+
+    Raises:
+        ValueError: an entry that is not an integer, or one below 1, naming ``flag``.
+    """
+    try:
+        counts = tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if counts[0] < 1:
+        raise ValueError(f"{flag} must be >= 1, got {text!r}")
+    return counts
+
+
 def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False,
             handoffs: Union[int, Sequence[int]] = 1, unit: int = 1) -> list[Layout]:
     """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with

@@ -74,6 +74,7 @@ class DispatchState:
         self._pending: dict[str, _Pending] = {}
         self._unseen: dict[str, dict[str, int]] = {}  # instance -> pending request -> polls not seeing it
         self._cache: dict[str, tuple[InstanceLoad, PolicyConfig, UsageSummary]] = {}
+        self._backlog: dict[str, tuple[InstanceLoad, int]] = {}  # per snapshot: ``prefill_backlog``
 
     def on_dispatch(self, instance_id: str, request: RequestLoad) -> None:
         """Count ``request`` into ``instance_id``'s load until its next poll."""
@@ -121,6 +122,7 @@ class DispatchState:
         self._pending.pop(instance_id, None)
         self._unseen.pop(instance_id, None)
         self._cache.pop(instance_id, None)
+        self._backlog.pop(instance_id, None)
         if self.last_round_robin == instance_id:
             self.last_round_robin = None
 
@@ -146,6 +148,15 @@ class DispatchState:
         s = summarize(inst, cfg, purpose="dispatch")
         self._cache[inst.instance_id] = (inst, cfg, s)
         return s
+
+    def prefill_backlog(self, inst: InstanceLoad) -> int:
+        """``prefill_backlog(inst, pending)``: the snapshot's part read once per snapshot (by
+        identity, like ``summary``), the pending dispatches' added each time."""
+        hit = self._backlog.get(inst.instance_id)
+        if hit is None or hit[0] is not inst:
+            hit = self._backlog[inst.instance_id] = (inst, prefill_backlog(inst))
+        p = self._pending.get(inst.instance_id)
+        return hit[1] + (0 if p is None else sum(r.prompt_len + r.output_len for r in p.requests))
 
     def dispatch_freeness(
         self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0, request: Optional[RequestLoad] = None
@@ -266,8 +277,7 @@ def by_prefill_queue(
     f = state.dispatch_freeness
 
     def key(inst: InstanceLoad) -> tuple[int, float, str]:
-        return (prefill_backlog(inst, state.pending(inst.instance_id)), -f(inst, cfg, request=request),
-                inst.instance_id)
+        return (state.prefill_backlog(inst), -f(inst, cfg, request=request), inst.instance_id)
 
     return min(eligible, key=key).instance_id
 

@@ -161,6 +161,13 @@ def test_prefill_backlog_counts_what_must_be_prefilled_first():
     # its outputs; not the one decoding
     assert prefill_backlog(inst) == 300 + 50 + 130
     assert prefill_backlog(inst, [make_req("p", 0, 2, prompt_len=25)]) == 480 + 25
+    # the dispatcher's cached reading: the snapshot once, its own dispatches since added each time
+    state = DispatchState()
+    assert state.prefill_backlog(inst) == 480
+    state.on_dispatch("a", make_req("p", 0, 2, prompt_len=25))
+    assert state.prefill_backlog(inst) == 505
+    newer = make_inst("a", waiting=[make_req("q", 0, 1, prompt_len=7)])
+    assert state.prefill_backlog(newer) == 7 + 25  # a new snapshot is read again
 
 
 def test_prefill_queue_skips_an_instance_busy_prefilling_though_it_has_more_memory():
