@@ -52,11 +52,12 @@ DispatchFn = Callable[[Sequence[InstanceLoad], RequestLoad, PolicyConfig, "Dispa
 class _Pending:
     """Requests dispatched to one instance since its last poll, aggregated."""
 
-    __slots__ = ("requests", "blocks", "classes")
+    __slots__ = ("requests", "blocks", "prefill_tokens", "classes")
 
     def __init__(self) -> None:
         self.requests: list[RequestLoad] = []
         self.blocks = 0
+        self.prefill_tokens = 0  # ``_to_prefill`` summed
         self.classes: dict[int, int] = {}  # priority -> count, every priority
 
 
@@ -83,6 +84,7 @@ class DispatchState:
             p = self._pending[instance_id] = _Pending()
         p.requests.append(request)
         p.blocks += request.blocks_needed
+        p.prefill_tokens += _to_prefill(request)
         p.classes[request.priority] = p.classes.get(request.priority, 0) + 1
 
     def on_poll(self, instance_id: str, seen: Optional[Collection[str]] = None,
@@ -156,7 +158,7 @@ class DispatchState:
         if hit is None or hit[0] is not inst:
             hit = self._backlog[inst.instance_id] = (inst, prefill_backlog(inst))
         p = self._pending.get(inst.instance_id)
-        return hit[1] + (0 if p is None else sum(r.prompt_len + r.output_len for r in p.requests))
+        return hit[1] + (0 if p is None else p.prefill_tokens)
 
     def dispatch_freeness(
         self, inst: InstanceLoad, cfg: PolicyConfig, for_priority: int = 0, request: Optional[RequestLoad] = None
@@ -259,14 +261,19 @@ def by_queue(eligible: Sequence[InstanceLoad], request: RequestLoad, cfg: Policy
     return min(eligible, key=lambda i: (i.num_waiting + state.num_pending(i.instance_id), i.instance_id)).instance_id
 
 
+def _to_prefill(r: RequestLoad) -> int:
+    """Tokens a queued request's next prefill computes: its prompt and its outputs so far (a
+    preempted request is prefilled again)."""
+    return r.prompt_len + r.output_len
+
+
 def prefill_backlog(inst: InstanceLoad, pending: Sequence[RequestLoad] = ()) -> int:
     """Tokens ``inst`` must prefill before a request dispatched now: every waiting request's
-    prompt and outputs so far (a preempted one is prefilled again), the prompt of every
-    running request with no output yet (admitted, its first token not out; a chunked prompt
-    counts whole), and every ``pending`` dispatch's."""
-    waiting = sum(r.prompt_len + r.output_len for r in inst.waiting)
+    (``_to_prefill``), the prompt of every running request with no output yet (admitted, its
+    first token not out; a chunked prompt counts whole), and every ``pending`` dispatch's."""
+    waiting = sum(_to_prefill(r) for r in inst.waiting)
     admitted = sum(r.prompt_len for r in inst.running if r.output_len == 0)
-    return waiting + admitted + sum(r.prompt_len + r.output_len for r in pending)
+    return waiting + admitted + sum(_to_prefill(r) for r in pending)
 
 
 def by_prefill_queue(
