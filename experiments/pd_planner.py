@@ -15,7 +15,9 @@ The applications are DistServe's (OSDI 2024) three: chatbot (ShareGPT), code com
 (HumanEval) and summarization (LongBench), with the SLOs its artifact uses for them
 (LLMServe/DistServe, ``simdistserve/benchmarks/figure11-abalation/01-run_abalation.sh``,
 which cites the paper's Table 1: prefill/decode targets in ms, chatbot on OPT-13B 200/100,
-code completion on OPT-66B 125/200, summarization on OPT-66B 1500/150). Their length
+on OPT-66B 400/100 and on OPT-175B 4000/200, code completion on OPT-66B 125/200,
+summarization on OPT-66B 1500/150). ``chatbot-66b`` and ``chatbot-175b`` are the chatbot on
+the larger models, on DistServe's own ShareGPT lengths (below), as the artifact runs them. Their length
 distributions are NOT from DistServe, except ``chatbot-distserve``: chatbot uses the
 ShareGPT statistics the Llumnix paper publishes (Table 1: mean/P99 input 306/3388, output
 500/1234); ``chatbot-distserve`` resamples the (prompt, output) lengths of DistServe's own
@@ -104,6 +106,14 @@ APPLICATIONS: dict[str, Application] = {
                                      *_described(distserve_chatbot_pairs()), pairs=distserve_chatbot_pairs(),
                                      source=f"{_DISTSERVE_SLO}, OPT-13B; lengths: DistServe's ShareGPT requests "
                                             "(its artifact's vLLM run of 300)"),
+    "chatbot-66b": Application("chatbot-66b", SLO.from_ms(400, 100), *_described(distserve_chatbot_pairs()),
+                               pairs=distserve_chatbot_pairs(), model="opt-66b-2xa100",
+                               source=f"{_DISTSERVE_SLO}, OPT-66B (opt_66b_sharegpt: 8 GPUs); lengths: DistServe's "
+                                      "ShareGPT requests (its artifact's vLLM run of 300)"),
+    "chatbot-175b": Application("chatbot-175b", SLO.from_ms(4000, 200), *_described(distserve_chatbot_pairs()),
+                                pairs=distserve_chatbot_pairs(), model="opt-175b-8xa100",
+                                source=f"{_DISTSERVE_SLO}, OPT-175B (opt_175b_sharegpt: 32 GPUs); lengths: "
+                                       "DistServe's ShareGPT requests (its artifact's vLLM run of 300)"),
     "code": Application("code", SLO.from_ms(125, 200), (150.0, 450.0), (120.0, 400.0),
                         source=f"{_DISTSERVE_SLO}, OPT-66B; lengths: assumed here (short prompts, short outputs)",
                         model="opt-66b-2xa100"),
