@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
 from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
 from experiments.workloads import WorkloadRequest  # noqa: E402
+from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_steps  # noqa: E402
 from llumnix_py.planner import Layout, colocated_layouts, infeasible, parse_counts, profile_gpus  # noqa: E402
 from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
@@ -78,6 +79,9 @@ def _extra(ap) -> None:
     ap.add_argument("--handoffs", default="1",
                     help="hand-offs (migrations) in flight at once per disaggregated instance, out and in; several, "
                          "comma-separated, are searched by the planner like the degrees (default 1)")
+    ap.add_argument("--prefill-first", type=int, default=PREFILL_FIRST_STEPS, metavar="N",
+                    help="prefill instances prefill waiting prompts alone for up to N steps in a row before the "
+                         "requests waiting for their hand-off decode (0: every step decodes them; default %(default)s)")
     ap.add_argument("--no-shift", action="store_true", help="skip the shifting-mix comparison")
     ap.add_argument("--colocated", default="",
                     help=f"extra colocated llumnix-py systems, comma-separated: {', '.join(COLOCATED_VARIANTS)} "
@@ -93,7 +97,12 @@ def settings(args) -> dict[str, Any]:
     unknown = [v for v in variants if v not in COLOCATED_VARIANTS]
     if unknown:
         raise SystemExit(f"--colocated: unknown system(s) {unknown}; known: {list(COLOCATED_VARIANTS)}")
-    return {**_settings(args), "handoffs": handoffs, "degrees": degrees, "colocated": variants}
+    try:
+        check_prefill_first_steps(args.prefill_first)
+    except ValueError as exc:
+        raise SystemExit(f"--prefill-first: {exc}") from None
+    return {**_settings(args), "handoffs": handoffs, "degrees": degrees, "colocated": variants,
+            "prefill_first": args.prefill_first}
 
 
 def _settings(args) -> dict[str, Any]:
@@ -118,7 +127,8 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     if gpus % unit:
         raise SystemExit(f"a budget of {gpus} GPUs does not split into instances of {profile} ({unit} GPUs each)")
     ranked = plan(app, gpus, n, profile, seed=seed, exact=True, iterations=iters, progress=progress,
-                  handoffs=cfg["handoffs"], degrees=degrees)
+                  handoffs=cfg["handoffs"], degrees=degrees,
+                  prefill_first=cfg.get("prefill_first", PREFILL_FIRST_STEPS))
     best = ranked[0]
     if best["infeasible"]:
         raise SystemExit(f"no layout of {gpus} GPUs of {profile} can serve {app.name}: {best['infeasible']}")
@@ -146,7 +156,8 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
         if objectives:
             carried.add(lay.name)
     systems["disaggregated"] = Layout(best["prefill"] + best["decode"], (best["prefill"], best["decode"]),
-                                      tp=(best["tp_prefill"], best["tp_decode"]), handoffs=best["handoffs"], unit=unit)
+                                      tp=(best["tp_prefill"], best["tp_decode"]), handoffs=best["handoffs"], unit=unit,
+                                      prefill_first=cfg.get("prefill_first", PREFILL_FIRST_STEPS))
     good["disaggregated"] = best["goodput_rps"]
     # attainment vs rate, and (at the baseline's goodput, or the lowest swept rate) vs SLO scale
     top = max(max(good.values()), 0.5 * gpus) * 1.5
@@ -172,6 +183,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
         "plan": ranked,
         "split": [best["prefill"], best["decode"]],
         "handoffs": best["handoffs"],
+        "prefill_first": best.get("prefill_first", PREFILL_FIRST_STEPS),
         "goodput_rps": good,
         "goodput_per_gpu": {k: v / gpus for k, v in good.items()},
         "vs_round_robin": {k: (v / base if base > 0 else None) for k, v in good.items()},
@@ -200,7 +212,8 @@ def shift(cfg: dict[str, Any], profile: str, seed: int) -> dict[str, Any]:
     rates = [gpus * f for f in cfg["shift_rates"]]
     out: dict[str, Any] = {"split": [1, gpus - 1], "rates": rates, "slo_ms": [1500, 150], "systems": {}}
     for flip in (False, True):
-        layout = Layout(gpus, (1, gpus - 1), flip=flip, handoffs=max(cfg["handoffs"]))
+        layout = Layout(gpus, (1, gpus - 1), flip=flip, handoffs=max(cfg["handoffs"]),
+                        prefill_first=cfg.get("prefill_first", PREFILL_FIRST_STEPS))
         rows = []
         for rate in rates:
             cluster = SimCluster(layout.sim_config(profile, seed))

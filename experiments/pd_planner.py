@@ -51,6 +51,7 @@ from experiments.workloads import SHAREGPT_STATS, WorkloadRequest, fit_lognormal
 from llumnix_py import planner  # noqa: E402
 from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
 from llumnix_py.engines.types import Objective  # noqa: E402
+from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS  # noqa: E402
 from llumnix_py.planner import Layout, chosen_layout  # noqa: E402
 from llumnix_py.sim import SimResult  # noqa: E402
 from llumnix_py.slo import SLO  # noqa: E402
@@ -167,11 +168,12 @@ def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostPr
 
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False,
-         degrees: Sequence[int] = (1,), handoffs: Union[int, Sequence[int]] = 1) -> list[dict[str, Any]]:
+         degrees: Sequence[int] = (1,), handoffs: Union[int, Sequence[int]] = 1,
+         prefill_first: int = PREFILL_FIRST_STEPS) -> list[dict[str, Any]]:
     """``llumnix_py.planner.plan`` for ``app`` (``n`` requests a run)."""
     return planner.plan(workload(app, n, seed), app.slo, gpus, profile, seed=seed, exact=exact,
                         iterations=iterations, max_per_gpu=max_per_gpu, degrees=degrees,
-                        progress=app.name if progress else None, handoffs=handoffs)
+                        progress=app.name if progress else None, handoffs=handoffs, prefill_first=prefill_first)
 
 
 def print_plan(app: Application, rows: Sequence[dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletCo
     SchedulerConfig
 from llumnix_py.engines.registry import default_block_size, engine_kinds
 from llumnix_py.errors import InvalidRequestError, UnknownNameError
+from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_steps
 
 # Hand-offs in flight at once per instance when the instances have roles (``--pd``, ``--roles``).
 # Every request is handed off once; one at a time they queue at high rates: code completion on 16
@@ -88,6 +89,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    metavar="MS", help="a decode instance holds a never-prefilled request queued on it this long "
                                       "for the scheduler to move it to a prefill instance, then prefills it "
                                       "itself (0: no hold; default %(default)g)")
+    g.add_argument("--prefill-first-steps", type=int, default=LlumletConfig(instance_id="x").prefill_first_steps,
+                   metavar="N", help="a prefill instance prefills waiting prompts alone for up to N steps in a row "
+                                     "before the requests waiting for their hand-off decode a token (0: every step "
+                                     "decodes them; default %(default)s)")
     g = p.add_argument_group("policies")
     g.add_argument("--dispatch", default="freeness", help="freeness, load, queue, prefill_queue, round_robin, random, slo, conversation, "
                    "jobs (a job call goes to its job's KV while that keeps the job's deadline)")
@@ -196,6 +201,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                               max_outgoing=out, max_incoming=into,
                               max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,
                               decode_hold_s=args.decode_hold_ms / 1e3,
+                              prefill_first_steps=args.prefill_first_steps,
                               migration=MigrationConfig(max_stages=args.migration_stages,
                                                         last_stage_max_blocks=args.last_stage_blocks,
                                                         mode=args.migration_mode,
@@ -405,6 +411,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("--gpus must be >= 2 (one prefill and one decode instance), --requests and --iterations >= 1")
     degrees = planner.parse_counts(args.tp, "--tp")
     handoffs = planner.parse_counts(args.handoffs, "--handoffs")
+    check_prefill_first_steps(args.prefill_first_steps)
     rng = np.random.default_rng(args.seed)
     prompts = sample_lengths(args.prompt_len, args.requests, rng)
     outputs = sample_lengths(args.output_len, args.requests, rng)
@@ -417,7 +424,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     slo = SLO.from_ms(args.slo_ttft_ms, args.slo_tpot_ms)
     rows = planner.plan(workload, slo, args.gpus, args.profile, seed=args.seed, exact=args.exact,
                         iterations=args.iterations, max_per_gpu=args.max_rate_per_gpu, degrees=degrees,
-                        progress="layouts" if args.progress else None, handoffs=handoffs)
+                        progress="layouts" if args.progress else None, handoffs=handoffs,
+                        prefill_first=args.prefill_first_steps)
     planner.print_plan(f"P:D layouts, prompts {args.prompt_len}, outputs {args.output_len}, TTFT {args.slo_ttft_ms:g} ms, "
                        f"TPOT {args.slo_tpot_ms:g} ms, {args.gpus} GPUs of {args.profile}, best goodput per GPU first",
                        rows)
@@ -488,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handoffs", default="1",
                    help="hand-offs in flight at once per instance to search, e.g. 1,4,8 (default 1; serve it with "
                         "--max-migrations-out/-in)")
+    p.add_argument("--prefill-first-steps", type=int, default=PREFILL_FIRST_STEPS, metavar="N",
+                   help="prefill instances prefill waiting prompts alone for up to N steps in a row (as "
+                        "serve's flag; default %(default)s)")
     p.add_argument("--requests", type=int, default=300, help="requests per simulated run")
     p.add_argument("--iterations", type=int, default=7, help="bisection steps of each goodput")
     p.add_argument("--max-rate-per-gpu", type=float, default=16.0, help="top of the goodput bisection, req/s per GPU")

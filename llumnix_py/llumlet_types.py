@@ -14,6 +14,15 @@ from migration.protocol import MAX_HOLD_S, MigrationConfig
 from migration.transports.registry import check_transport_name
 
 
+PREFILL_FIRST_STEPS = 16  # ``LlumletConfig.prefill_first_steps``'s default (RESULTS: "Prompts first")
+
+
+def check_prefill_first_steps(steps: object) -> None:
+    """``ValueError`` unless ``steps`` is an integer in [0, 1000]."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 1000:
+        raise ValueError(f"prefill_first_steps must be an integer in [0, 1000], got {steps!r}")
+
+
 class TokenSink(Protocol):
     """Where a llumlet sends the tokens of one step (grouped by ``reply_to``)."""
 
@@ -59,6 +68,10 @@ class LlumletConfig:
         decode_hold_s: as a ``decode`` instance (prefill/decode disaggregation), how long the
             engine holds a never-prefilled request for the scheduler to redirect to a prefill
             instance before prefilling it itself (``llumnix_py.prefill_hold``); 0 holds nothing.
+        prefill_first_steps: as a ``prefill`` instance, the engine gives prompts priority over
+            the requests waiting for their hand-off: while prompts wait, up to this many steps
+            in a row prefill them alone (``EngineAdapter.set_prefill_first``); 0: every step
+            also decodes the running batch.
         lease_timeout_s: abort the requests of a frontend (``reply_to``) that has not
             renewed its lease for this long (the first request of an address starts
             its lease); None never expires leases.
@@ -77,6 +90,7 @@ class LlumletConfig:
     max_step_hold_s: float = 0.1
     hold_wait_fraction: float = 0.5
     decode_hold_s: float = 1.0
+    prefill_first_steps: int = PREFILL_FIRST_STEPS
     lease_timeout_s: Optional[float] = 30.0
     gil_switch_interval_s: Optional[float] = 0.0005
     secret: Optional[str] = field(default=None, repr=False)
@@ -95,6 +109,7 @@ class LlumletConfig:
             raise ValueError(f"hold_wait_fraction must be in [0, 1], got {self.hold_wait_fraction}")
         if not 0 <= self.decode_hold_s <= 3600:
             raise ValueError(f"decode_hold_s must be in [0, 3600] seconds, got {self.decode_hold_s}")
+        check_prefill_first_steps(self.prefill_first_steps)
         if self.max_outgoing < 1 or self.max_incoming < 1:
             raise ValueError("max_outgoing and max_incoming must be >= 1")
 

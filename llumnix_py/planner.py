@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 from llumnix_py.engines.sim.cost_model import CostProfile
+from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS
 from llumnix_py.sim import SimCluster, SimConfig, SimResult
 from llumnix_py.slo import SLO, max_rate
 from policies.config import PolicyConfig
@@ -62,6 +63,7 @@ class Layout:
     handoffs: int = 1  # migrations (hand-offs) in flight at once per instance, out and in
     unit: int = 1  # GPUs of the profile's instance at degree 1 (``CostProfile.hw.num_gpus``)
     batch_policy: str = "fcfs"  # each engine's batching (``SimConfig.batch_policy``: fcfs, edf, jit)
+    prefill_first: int = PREFILL_FIRST_STEPS  # ``SimConfig.prefill_first_steps`` (prefill instances)
 
     def __post_init__(self) -> None:
         if self.handoffs < 1:
@@ -75,7 +77,8 @@ class Layout:
             tp = f" TP {self.tp[0]}/{self.tp[1]}" if self.tp != (1, 1) else ""
             flip = " with role flips" if self.flip else ""
             concurrent = f", {self.handoffs} hand-offs at once" if self.handoffs != 1 else ""
-            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}{concurrent}"
+            first = ", decodes every step" if self.prefill_first == 0 else ""
+            return f"disaggregated {self.pd[0]}:{self.pd[1]}{tp}{flip}{concurrent}{first}"
         if self.dispatch == "round_robin":
             return "colocated round-robin"
         if self.dispatch == "freeness" and self.batch_policy == "fcfs":
@@ -94,7 +97,7 @@ class Layout:
                          enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
                          tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None,
                          max_migrations_out=self.handoffs, max_migrations_in=self.handoffs,
-                         batch_policy=self.batch_policy)
+                         batch_policy=self.batch_policy, prefill_first_steps=self.prefill_first)
 
 
 def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, CostProfile],
@@ -151,10 +154,12 @@ def parse_counts(text: str, flag: str) -> tuple[int, ...]:
 
 
 def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False,
-            handoffs: Union[int, Sequence[int]] = 1, unit: int = 1) -> list[Layout]:
+            handoffs: Union[int, Sequence[int]] = 1, unit: int = 1,
+            prefill_first: int = PREFILL_FIRST_STEPS) -> list[Layout]:
     """Every disaggregated layout: ``(P, D)`` and a degree from ``degrees`` per phase, with
     ``(P * tp_prefill + D * tp_decode) * unit <= gpus`` GPUs (``== gpus`` when ``exact``),
-    and each count of migrations in flight at once per instance in ``handoffs``."""
+    and each count of migrations in flight at once per instance in ``handoffs``; prefill
+    instances put prompts first for ``prefill_first`` steps (``Layout.prefill_first``)."""
     counts = sorted({handoffs} if isinstance(handoffs, int) else set(handoffs))
     if not counts or counts[0] < 1:
         raise ValueError(f"hand-offs at once must be >= 1, got {handoffs!r}")
@@ -165,7 +170,8 @@ def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False,
             for p in range(1, units // tp_p + 1):
                 for d in range(1, (units - p * tp_p) // tp_d + 1):
                     for h in counts:
-                        lay = Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=h, unit=unit)
+                        lay = Layout(p + d, (p, d), tp=(tp_p, tp_d), handoffs=h, unit=unit,
+                                     prefill_first=prefill_first)
                         if not exact or lay.gpus == gpus:
                             out.append(lay)
     return sorted(out, key=lambda lay: (lay.gpus, lay.tp, lay.pd, lay.handoffs))
@@ -181,7 +187,8 @@ def colocated_layouts(gpus: int, degrees: Sequence[int] = (1,), *, dispatch: str
 
 def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, degrees: Sequence[int] = (1,),
-         progress: Optional[str] = None, handoffs: Union[int, Sequence[int]] = 1) -> list[dict[str, Any]]:
+         progress: Optional[str] = None, handoffs: Union[int, Sequence[int]] = 1,
+         prefill_first: int = PREFILL_FIRST_STEPS) -> list[dict[str, Any]]:
     """Every layout's goodput and goodput per GPU, best first (ties: fewer GPUs, then more
     prefill, then lower degrees, then fewer hand-offs at once). ``handoffs``: the count (or
     counts, searched like the degrees) of hand-offs in flight at once per instance.
@@ -192,7 +199,7 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
     """
     rows = []
     unit = profile_gpus(profile)
-    candidates = layouts(gpus, degrees, exact=exact, handoffs=handoffs, unit=unit)
+    candidates = layouts(gpus, degrees, exact=exact, handoffs=handoffs, unit=unit, prefill_first=prefill_first)
     for degree in degrees:  # a degree the profile cannot express fails before anything is simulated
         Layout(2, (1, 1), tp=(degree, degree)).sim_config(profile, seed)
     bar = None
@@ -208,7 +215,8 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
                                     max_per_gpu=max_per_gpu)
         rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "unit": unit,
                      "infeasible": why, "gpus": layout.gpus,
-                     "handoffs": layout.handoffs, "goodput_rps": g, "goodput_per_gpu": g / layout.gpus})
+                     "handoffs": layout.handoffs, "prefill_first": layout.prefill_first, "goodput_rps": g,
+                     "goodput_per_gpu": g / layout.gpus})
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -67,6 +67,13 @@ class EngineAdapter(abc.ABC):
         admits them as it would anyway."""
         return False
 
+    def set_prefill_first(self, steps: int) -> bool:
+        """Give prompts priority over the running batch (a ``prefill`` instance, whose running
+        requests wait for their hand-off): while requests wait to be admitted, up to ``steps``
+        steps in a row admit them alone and the running batch sits out; 0 turns it off. False:
+        this engine schedules as it always does."""
+        return False
+
     @abc.abstractmethod
     def load(self) -> InstanceLoad:
         """A snapshot of the instance's KV-cache use and its queues."""

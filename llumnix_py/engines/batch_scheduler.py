@@ -136,6 +136,8 @@ class BatchScheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.queue_key()
         self.running: list[Sequence] = []  # batch order (admission order)
         self.held: frozenset[str] = frozenset()  # waiting requests not to admit (``admissible``)
+        self.prefill_first = 0  # steps in a row that admissions may run alone (``_prefill_only``)
+        self._prefill_run = 0  # such steps since the running batch last ran
 
     def admissible(self) -> list[Sequence]:
         """The waiting requests a step may admit, in queue order: all but those ``held`` (a
@@ -252,7 +254,7 @@ class BatchScheduler:
         if self.batch_policy is not None:
             return self._schedule_by_policy(self.batch_policy)
         plan = StepPlan()
-        if self._ready_alone(plan):
+        if self._ready_alone(plan) or self._prefill_only(plan):
             return plan
         head = self.head()
         if not self.ready and head is not None \
@@ -309,6 +311,24 @@ class BatchScheduler:
             self._take_ready(plan)
             return True
         return False
+
+    def _prefill_only(self, plan: StepPlan) -> bool:
+        """Prompts first (``prefill_first`` > 0, set on a ``prefill`` instance): while requests
+        wait to be admitted, up to ``prefill_first`` steps in a row admit them alone and the
+        running batch sits out (there it is requests waiting for their hand-off, whose later
+        tokens the decode instance computes, so its steps only delay the prompts queued behind
+        them). The step after runs as usual, so a running request waits at most that many
+        steps; so does a step where nothing can be admitted. FCFS and fair-share scheduling
+        only: an injected batch policy decides for itself."""
+        if not self.prefill_first or not self.running or self.ready or self._prefill_run >= self.prefill_first:
+            self._prefill_run = 0
+            return False
+        self._plan_prefills(plan, budget=self.max_batched_tokens)
+        if not plan.prefills:  # nothing to admit, or nothing fits: the batch runs as usual
+            self._prefill_run = 0
+            return bool(plan.decodes)  # a swap-in admitted above decodes in this step
+        self._prefill_run += 1
+        return True
 
     def _ready_tokens(self) -> int:
         return sum(s.num_tokens - s.num_computed for s in self.ready)

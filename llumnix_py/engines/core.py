@@ -283,6 +283,12 @@ class EngineCore(EngineAdapter):
         self.scheduler.held = frozenset(request_ids)
         return True
 
+    def set_prefill_first(self, steps: int) -> bool:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"prefill-first steps must be an integer >= 0, got {steps!r}")
+        self.scheduler.prefill_first = steps
+        return True
+
     def close(self) -> None:
         """Let copies in flight land and stop the copy thread, if any."""
         self.swapper.close()

@@ -208,7 +208,8 @@ class SimCluster:
         engine = EngineCore(engine_config, executor, batch_policy=policy)
         core = LlumletCore(LlumletConfig(iid, transport="inproc", max_outgoing=cfg.max_migrations_out,
                                          max_incoming=cfg.max_migrations_in, lease_timeout_s=None,
-                                         decode_hold_s=cfg.decode_hold_s), engine,
+                                         decode_hold_s=cfg.decode_hold_s,
+                                         prefill_first_steps=cfg.prefill_first_steps), engine,
                            length_prior=prior)
         per_node = cfg.instances_per_node
         inst = SimInstance(core, engine, node=self._started // per_node if per_node else 0, profile=profile)

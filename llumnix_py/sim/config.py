@@ -17,6 +17,7 @@ from typing import Optional, Union
 from llumnix_py.engines.core import EngineConfig
 from llumnix_py.engines.sim.cost_model import CostProfile
 from llumnix_py.engines.sim.profiles import PROFILES, with_tensor_parallel
+from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_steps
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration import protocol as p
 from policies.config import PolicyConfig
@@ -59,6 +60,9 @@ class SimConfig:
         role_flip: flip roles at run time (``policies.roles.plan_role_flip``); None: fixed.
         decode_hold_s: a ``decode`` instance holds a never-prefilled request queued on it this
             long for the scheduler to redirect (``llumnix_py.prefill_hold``); 0: no hold.
+        prefill_first_steps: a ``prefill`` instance prefills waiting prompts alone for up to
+            this many steps in a row before its running batch (requests waiting for their
+            hand-off) decodes (``LlumletConfig.prefill_first_steps``); 0: every step decodes.
         conversation_blocks: host blocks per instance that keep finished turns of conversations
             and calls of compound jobs for their next turn or call (``engines/conversations.py``;
             0: none). The host pool has exactly these blocks, and preemption recomputes.
@@ -99,6 +103,7 @@ class SimConfig:
     pd_ratio: Optional[tuple[int, int]] = None
     role_flip: Optional[RoleFlipConfig] = None
     decode_hold_s: float = 1.0
+    prefill_first_steps: int = PREFILL_FIRST_STEPS
     conversation_blocks: int = 0
     instances_per_node: Optional[int] = None
     tp_prefill: int = 1
@@ -123,6 +128,7 @@ class SimConfig:
             raise ValueError(f"conversation_blocks must be an integer >= 0, got {self.conversation_blocks!r}")
         if not 0 <= self.decode_hold_s <= 3600:
             raise ValueError(f"decode_hold_s must be in [0, 3600] seconds, got {self.decode_hold_s}")
+        check_prefill_first_steps(self.prefill_first_steps)
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
         if self.pd_ratio is not None:
