@@ -12,6 +12,13 @@ profile instead), on the same GPU budget (default four instances of the profile'
 - disaggregated: the planner's best prefill:decode split of the budget, fixed; every
   request is handed from its prefill instance to a decode instance by live migration.
 
+Every colocated engine schedules prompts as vLLM <= 0.3 did (``--colocated-prefill-first``,
+default 1000 steps: a prompt-only step whenever a waiting prompt can be admitted, the
+running batch sitting out; DistServe's simulator models its vLLM baseline the same way).
+Runs before session 16 had every step also decode (serial mixed steps, ``0``), which kept
+the colocated baselines' prompts waiting for a decode pass in every step. Prefill instances
+put prompts first for ``--prefill-first`` steps (default ``PREFILL_FIRST_STEPS``, 16).
+
 ``--colocated prefill_queue,slo`` adds colocated llumnix-py systems with other dispatch, on
 the round-robin's best layout, with migration: ``prefill_queue`` (fewest prompt tokens to
 prefill first, then freeness: ``policies.dispatch``) and ``slo`` (every request carries the
@@ -58,6 +65,9 @@ from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 
 SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+# vLLM <= 0.3 ran a prompt-only step whenever a waiting prompt could be admitted (no bound); DistServe's
+# simulator models its vLLM baseline the same way (simdistserve/base/worker.py: prefill while any waits).
+VLLM_PREFILL_FIRST = 1000
 
 
 # Extra colocated llumnix-py systems (``--colocated``): dispatch, batching, and whether each
@@ -82,6 +92,10 @@ def _extra(ap) -> None:
     ap.add_argument("--prefill-first", type=int, default=PREFILL_FIRST_STEPS, metavar="N",
                     help="prefill instances prefill waiting prompts alone for up to N steps in a row before the "
                          "requests waiting for their hand-off decode (0: every step decodes them; default %(default)s)")
+    ap.add_argument("--colocated-prefill-first", type=int, default=VLLM_PREFILL_FIRST, metavar="N",
+                    help="every colocated engine prefills waiting prompts alone for up to N steps in a row (default "
+                         "%(default)s: vLLM <= 0.3's prompt-only steps, as DistServe's simulator models its vLLM "
+                         "baseline; 0: every step also decodes, the serial mixed steps of runs before session 16)")
     ap.add_argument("--no-shift", action="store_true", help="skip the shifting-mix comparison")
     ap.add_argument("--colocated", default="",
                     help=f"extra colocated llumnix-py systems, comma-separated: {', '.join(COLOCATED_VARIANTS)} "
@@ -99,10 +113,11 @@ def settings(args) -> dict[str, Any]:
         raise SystemExit(f"--colocated: unknown system(s) {unknown}; known: {list(COLOCATED_VARIANTS)}")
     try:
         check_prefill_first_steps(args.prefill_first)
+        check_prefill_first_steps(args.colocated_prefill_first)
     except ValueError as exc:
-        raise SystemExit(f"--prefill-first: {exc}") from None
+        raise SystemExit(f"--prefill-first / --colocated-prefill-first: {exc}") from None
     return {**_settings(args), "handoffs": handoffs, "degrees": degrees, "colocated": variants,
-            "prefill_first": args.prefill_first}
+            "prefill_first": args.prefill_first, "colocated_prefill_first": args.colocated_prefill_first}
 
 
 def _settings(args) -> dict[str, Any]:
@@ -139,7 +154,8 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     for name, dispatch, migration in (("colocated round-robin", "round_robin", False),
                                       ("colocated llumnix", "freeness", True)):
         tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iters), lay)
-                 for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit)
+                 for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit,
+                                              engine_prefill_first=cfg.get("colocated_prefill_first", 0))
                  if infeasible(lay, profile, sample) is None]
         if not tried:
             raise SystemExit(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile} "
@@ -284,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                          label, size if isinstance(size, int) else f"{size[0]}/{size[1]}", g,
                          r["goodput_per_gpu"][system], ratio if ratio is not None else "n/a (baseline 0)"])
     title = (f"Goodput per GPU, {cfg['n']} requests a run, tensor-parallel degrees searched: "
-             f"{', '.join(map(str, cfg['degrees']))}")
+             f"{', '.join(map(str, cfg['degrees']))}; prompts first: colocated engines "
+             f"{cfg['colocated_prefill_first']} steps, prefill instances {cfg['prefill_first']}")
     print_table(title, headers, rows)
     shift_profile = args.profile or APPLICATIONS["chatbot"].model
     shifted = shift(cfg, shift_profile, args.seed) if not args.no_shift else {"systems": {}}

@@ -269,7 +269,7 @@ class LlumletCore:
         if new is self.role:
             return
         self.role = new
-        self.engine.set_prefill_first(self.config.prefill_first_steps if new is Role.PREFILL else 0)
+        self.engine.set_prefill_first(self.config.prefill_first_steps if new is Role.PREFILL else None)
         if new is Role.DECODE:
             waiting = [r.request_id for r in self.engine.load().waiting if never_prefilled(r)]
             changed = self._prefill_hold.begin(waiting, now)

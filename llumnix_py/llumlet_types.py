@@ -9,18 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
+from llumnix_py.engines.batch_scheduler import check_prefill_first_steps
 from llumnix_py.engines.types import RequestOutput
 from migration.protocol import MAX_HOLD_S, MigrationConfig
 from migration.transports.registry import check_transport_name
 
 
 PREFILL_FIRST_STEPS = 16  # ``LlumletConfig.prefill_first_steps``'s default (RESULTS: "Prompts first")
-
-
-def check_prefill_first_steps(steps: object) -> None:
-    """``ValueError`` unless ``steps`` is an integer in [0, 1000]."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 1000:
-        raise ValueError(f"prefill_first_steps must be an integer in [0, 1000], got {steps!r}")
 
 
 class TokenSink(Protocol):

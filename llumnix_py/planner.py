@@ -64,6 +64,7 @@ class Layout:
     unit: int = 1  # GPUs of the profile's instance at degree 1 (``CostProfile.hw.num_gpus``)
     batch_policy: str = "fcfs"  # each engine's batching (``SimConfig.batch_policy``: fcfs, edf, jit)
     prefill_first: int = PREFILL_FIRST_STEPS  # ``SimConfig.prefill_first_steps`` (prefill instances)
+    engine_prefill_first: int = 0  # ``SimConfig.engine_prefill_first_steps`` (every instance; 1000: vLLM <= 0.3)
 
     def __post_init__(self) -> None:
         if self.handoffs < 1:
@@ -97,7 +98,8 @@ class Layout:
                          enable_migration=self.migration, pd_ratio=self.pd, seed=seed, tp_prefill=self.tp[0],
                          tp_decode=self.tp[1], role_flip=RoleFlipConfig() if self.flip else None,
                          max_migrations_out=self.handoffs, max_migrations_in=self.handoffs,
-                         batch_policy=self.batch_policy, prefill_first_steps=self.prefill_first)
+                         batch_policy=self.batch_policy, prefill_first_steps=self.prefill_first,
+                         engine_prefill_first_steps=self.engine_prefill_first)
 
 
 def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, CostProfile],
@@ -178,10 +180,12 @@ def layouts(gpus: int, degrees: Sequence[int] = (1,), *, exact: bool = False,
 
 
 def colocated_layouts(gpus: int, degrees: Sequence[int] = (1,), *, dispatch: str = "freeness",
-                      migration: bool = True, unit: int = 1) -> list[Layout]:
+                      migration: bool = True, unit: int = 1, engine_prefill_first: int = 0) -> list[Layout]:
     """Every colocated layout using exactly ``gpus`` GPUs: ``gpus / (degree * unit)``
-    instances of each degree in ``degrees`` that divides the budget."""
-    return [Layout(gpus // (d * unit), None, dispatch, migration, tp=(d, d), unit=unit)
+    instances of each degree in ``degrees`` that divides the budget; each engine puts prompts
+    first for ``engine_prefill_first`` steps (``Layout.engine_prefill_first``)."""
+    return [Layout(gpus // (d * unit), None, dispatch, migration, tp=(d, d), unit=unit,
+                   engine_prefill_first=engine_prefill_first)
             for d in degrees if gpus % (d * unit) == 0]
 
 

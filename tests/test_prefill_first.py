@@ -91,14 +91,33 @@ def test_a_waiting_prompt_that_cannot_be_admitted_does_not_stop_the_batch():
     assert steps(core, 2) == [(0, 1), (0, 1)]
 
 
+def test_an_engine_of_its_own_puts_prompts_first_in_any_role_as_vllm_0_3_did():
+    # EngineConfig.prefill_first_steps: a colocated engine runs a prompt-only step whenever a
+    # prompt can be admitted; a prefill role sets the llumlet's count, leaving it restores this
+    core = make_core(steps=2, max_batched_tokens=30, prefill_first_steps=1000)
+    assert core.engine.scheduler.prefill_first == 1000
+    submit(core, "a")
+    steps(core, 1)
+    submit(core, "b", "c", "d")
+    assert steps(core, 4) == [(20, 0), (20, 0), (20, 0), (0, 4)]
+    core.set_role("prefill", now=0.0)
+    assert core.engine.scheduler.prefill_first == 2
+    core.set_role("both", now=0.0)
+    assert core.engine.scheduler.prefill_first == 1000
+
+
 @pytest.mark.parametrize("bad", [-1, 1001, 1.5, True])
 def test_the_step_count_is_validated_everywhere(bad):
     with pytest.raises(ValueError, match="prefill_first_steps"):
         LlumletConfig("x", prefill_first_steps=bad)
     with pytest.raises(ValueError, match="prefill_first_steps"):
         SimConfig(prefill_first_steps=bad)
-    with pytest.raises(ValueError, match="prefill-first steps"):
-        make_engine("sim").set_prefill_first(-1)
+    with pytest.raises(ValueError, match="prefill_first_steps"):
+        SimConfig(engine_prefill_first_steps=bad)
+    with pytest.raises(ValueError, match="prefill_first_steps"):
+        make_engine("sim", prefill_first_steps=bad)
+    with pytest.raises(ValueError, match="prefill_first_steps"):
+        make_engine("sim").set_prefill_first(bad)
 
 
 def test_the_flags_reach_the_llumlet_and_a_bad_value_is_a_usage_error(capsys):
@@ -129,3 +148,11 @@ def test_in_the_simulator_prompts_first_serves_every_request_whole_and_shortens_
         assert all(r.num_tokens == r.output_len for r in res.requests)
     assert first.summary()["prefill_mean"] < every.summary()["prefill_mean"]
     assert planner.Layout(4, (3, 1), prefill_first=0).name.endswith("decodes every step")
+
+
+def test_a_layout_carries_both_counts_to_the_simulator():
+    cfg = planner.Layout(4, None, "round_robin", False, engine_prefill_first=1000).sim_config("llama-7b-a10", 0)
+    assert cfg.engine_config().prefill_first_steps == 1000 and cfg.prefill_first_steps == PREFILL_FIRST_STEPS
+    lays = planner.colocated_layouts(4, (1, 2), dispatch="round_robin", migration=False, engine_prefill_first=7)
+    assert [lay.engine_prefill_first for lay in lays] == [7, 7]
+    assert {lay.prefill_first for lay in planner.layouts(4, prefill_first=3)} == {3}

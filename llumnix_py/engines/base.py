@@ -67,11 +67,11 @@ class EngineAdapter(abc.ABC):
         admits them as it would anyway."""
         return False
 
-    def set_prefill_first(self, steps: int) -> bool:
+    def set_prefill_first(self, steps: Optional[int]) -> bool:
         """Give prompts priority over the running batch (a ``prefill`` instance, whose running
         requests wait for their hand-off): while requests wait to be admitted, up to ``steps``
-        steps in a row admit them alone and the running batch sits out; 0 turns it off. False:
-        this engine schedules as it always does."""
+        steps in a row admit them alone and the running batch sits out; 0 turns it off, None
+        restores the engine's own setting. False: this engine schedules as it always does."""
         return False
 
     @abc.abstractmethod

@@ -99,6 +99,12 @@ class StepPlan:
         return not self.decodes and not self.prefills
 
 
+def check_prefill_first_steps(steps: object) -> None:
+    """``ValueError`` unless ``steps`` (``BatchScheduler.prefill_first``) is an integer in [0, 1000]."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 1000:
+        raise ValueError(f"prefill_first_steps must be an integer in [0, 1000], got {steps!r}")
+
+
 class BatchScheduler:
     """Owns the waiting queue and the running batch of one engine."""
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence as Seq
 
 from llumnix_py.engines.base import EngineAdapter
-from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, get_preemption_policy
+from llumnix_py.engines.batch_scheduler import BatchPolicy, BatchScheduler, VictimPolicy, check_prefill_first_steps, \
+    get_preemption_policy
 from llumnix_py.engines.block_manager import BlockManager
 from llumnix_py.engines.conversations import ConversationStore
 from llumnix_py.engines.copier import Copier
@@ -80,6 +81,12 @@ class EngineConfig:
         async_swap: swap copies run on the executor's copier (a copy thread, or the
             simulator's virtual clock) beside the steps; a swapped-in request runs once its
             copy has landed (False: every copy completes before the step).
+        prefill_first_steps: prompts first: while prompts wait, up to this many steps in a row
+            prefill them alone and the running batch sits out (FCFS and fair-share scheduling;
+            ``BatchScheduler._prefill_only``). 1000 is vLLM <= 0.3's scheduling, which ran a
+            prompt-only step whenever a waiting prompt could be admitted (DistServe's simulator
+            models its vLLM baseline so); 0 (default): every step also decodes. A llumlet sets
+            its own count while its instance is a ``prefill`` instance (``set_prefill_first``).
     """
 
     num_blocks: int = 512
@@ -102,8 +109,10 @@ class EngineConfig:
     fairness: bool = False
     fairness_margin: float = 64.0
     fairness_max_idle_clients: int = 4096
+    prefill_first_steps: int = 0
 
     def __post_init__(self) -> None:
+        check_prefill_first_steps(self.prefill_first_steps)
         if self.batch_policy not in ("fcfs", "edf", "jit"):
             raise ValueError(f"unknown batch policy {self.batch_policy!r}; known: ['edf', 'fcfs', 'jit']")
         if self.length_estimator not in ("quantile", "oracle"):
@@ -175,6 +184,7 @@ class EngineCore(EngineAdapter):
             conversations=self.conversations,
             fair=self.fair,
         )
+        self.scheduler.prefill_first = config.prefill_first_steps
         self.seqs: dict[str, Sequence] = {}  # every unfinished request, frozen ones included
         self._prealloc: dict[str, list[int]] = {}  # incoming migrations: request id -> reserved blocks
         self._mig_epoch: dict[str, int] = {}  # outgoing migrations: request id -> preemptions at start
@@ -283,10 +293,10 @@ class EngineCore(EngineAdapter):
         self.scheduler.held = frozenset(request_ids)
         return True
 
-    def set_prefill_first(self, steps: int) -> bool:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"prefill-first steps must be an integer >= 0, got {steps!r}")
-        self.scheduler.prefill_first = steps
+    def set_prefill_first(self, steps: Optional[int]) -> bool:
+        if steps is not None:
+            check_prefill_first_steps(steps)
+        self.scheduler.prefill_first = self.config.prefill_first_steps if steps is None else steps
         return True
 
     def close(self) -> None:

@@ -63,6 +63,9 @@ class SimConfig:
         prefill_first_steps: a ``prefill`` instance prefills waiting prompts alone for up to
             this many steps in a row before its running batch (requests waiting for their
             hand-off) decodes (``LlumletConfig.prefill_first_steps``); 0: every step decodes.
+        engine_prefill_first_steps: every engine's own prompts-first count, whatever its role
+            (``EngineConfig.prefill_first_steps``; 1000: vLLM <= 0.3's prompt-only steps);
+            default 0: every step also decodes.
         conversation_blocks: host blocks per instance that keep finished turns of conversations
             and calls of compound jobs for their next turn or call (``engines/conversations.py``;
             0: none). The host pool has exactly these blocks, and preemption recomputes.
@@ -104,6 +107,7 @@ class SimConfig:
     role_flip: Optional[RoleFlipConfig] = None
     decode_hold_s: float = 1.0
     prefill_first_steps: int = PREFILL_FIRST_STEPS
+    engine_prefill_first_steps: int = 0
     conversation_blocks: int = 0
     instances_per_node: Optional[int] = None
     tp_prefill: int = 1
@@ -129,6 +133,7 @@ class SimConfig:
         if not 0 <= self.decode_hold_s <= 3600:
             raise ValueError(f"decode_hold_s must be in [0, 3600] seconds, got {self.decode_hold_s}")
         check_prefill_first_steps(self.prefill_first_steps)
+        check_prefill_first_steps(self.engine_prefill_first_steps)
         if self.instance_startup_s < 0 or self.rpc_latency_s < 0:
             raise ValueError("instance_startup_s and rpc_latency_s must be >= 0")
         if self.pd_ratio is not None:
@@ -174,4 +179,5 @@ class SimConfig:
         return EngineConfig(num_blocks=self.num_blocks or prof.num_blocks, block_size=prof.block_size,
                             watermark=self.watermark, max_batch_size=self.max_batch_size,
                             max_batched_tokens=self.max_batched_tokens, num_host_blocks=self.conversation_blocks,
-                            conversation_host_blocks=self.conversation_blocks, preemption_mode="recompute")
+                            conversation_host_blocks=self.conversation_blocks, preemption_mode="recompute",
+                            prefill_first_steps=self.engine_prefill_first_steps)
