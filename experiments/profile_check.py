@@ -11,7 +11,10 @@ The check replays each trace, the same requests at the same issue times, on one 
 colocated instance of the profile (round-robin dispatch, no migration: the vLLM baseline
 of ``experiments/disaggregation.py``) and compares each request's TTFT and TPOT with the
 measured ones: medians, 90th percentiles, the median of the per-request ratios, by prompt
-length, and the SLO attainment at DistServe's chatbot objectives (200 ms / 100 ms). It also
+length, and the SLO attainment at DistServe's chatbot objectives (200 ms / 100 ms). The
+engine schedules prompts as vLLM 0.3 did (a prompt-only step whenever a waiting prompt can be
+admitted: ``--prefill-first 1000``, the default); ``--prefill-first 0`` replays on the serial
+mixed steps of the runs before session 16 (every step also decodes). It also
 states the trace's length distribution against the ``chatbot`` application's (Llumnix's
 ShareGPT statistics). Nothing is fitted: the profile is the one every experiment uses.
 
@@ -33,6 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
+from experiments.disaggregation import VLLM_PREFILL_FIRST  # noqa: E402
+from llumnix_py.engines.batch_scheduler import check_prefill_first_steps  # noqa: E402
 from experiments.pd_planner import APPLICATIONS  # noqa: E402
 from experiments.workloads import WorkloadRequest  # noqa: E402
 from llumnix_py.planner import Layout  # noqa: E402
@@ -55,13 +60,15 @@ def load(path: Path = DATA) -> dict[str, Any]:
     return data
 
 
-def replay(records: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[float], list[Optional[float]]]:
-    """Simulated (TTFT s, TPOT s or None) of each record, in the records' order."""
+def replay(records: Sequence[dict[str, Any]], seed: int = 0,
+           prefill_first: int = VLLM_PREFILL_FIRST) -> tuple[list[float], list[Optional[float]]]:
+    """Simulated (TTFT s, TPOT s or None) of each record, in the records' order, on an engine
+    that puts prompts first for ``prefill_first`` steps (``EngineConfig.prefill_first_steps``)."""
     start = min(r["issue_time"] for r in records)
     order = sorted(range(len(records)), key=lambda i: records[i]["issue_time"])
     reqs = [WorkloadRequest(records[i]["issue_time"] - start, records[i]["prompt_len"], records[i]["output_len"])
             for i in order]
-    layout = Layout(1, dispatch="round_robin", migration=False)
+    layout = Layout(1, dispatch="round_robin", migration=False, engine_prefill_first=prefill_first)
     result = SimCluster(layout.sim_config(PROFILE, seed)).run(reqs, progress=False)
     ttfts, tpots = result.latencies()
     recs = sorted(range(len(result.requests)), key=lambda k: result.requests[k].arrival_time)
@@ -79,9 +86,10 @@ def _q(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
-def compare(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+def compare(records: Sequence[dict[str, Any]], seed: int = 0,
+            prefill_first: int = VLLM_PREFILL_FIRST) -> dict[str, Any]:
     """Measured against simulated, one trace."""
-    sim_ttft, sim_tpot = replay(records, seed)
+    sim_ttft, sim_tpot = replay(records, seed, prefill_first)
     meas_ttft = [r["ttft_ms"] / 1e3 for r in records]
     # TPOT is defined from the second token on: one-token requests have none
     pairs = [(r["tpot_ms"] / 1e3, s) for r, s in zip(records, sim_tpot) if r["output_len"] > 1 and s is not None]
@@ -135,13 +143,23 @@ def plot(results: dict[str, Any], out: Path) -> None:
     save_figure(fig, out / "profile_check.png")
 
 
+def _extra(ap) -> None:
+    ap.add_argument("--prefill-first", type=int, default=VLLM_PREFILL_FIRST, metavar="N",
+                    help="the engine prefills waiting prompts alone for up to N steps in a row (default %(default)s: "
+                         "vLLM 0.3's prompt-only steps; 0: every step also decodes)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    args = parse_args("profile_check", __doc__.splitlines()[0], argv)
+    args = parse_args("profile_check", __doc__.splitlines()[0], argv, _extra)
+    try:
+        check_prefill_first_steps(args.prefill_first)
+    except ValueError as exc:
+        raise SystemExit(f"--prefill-first: {exc}") from None
     data = load()
     names = sorted(data["traces"])
     if args.quick or args.smoke:
         names = names[:1]
-    results = {n: compare(data["traces"][n], args.seed) for n in names}
+    results = {n: compare(data["traces"][n], args.seed, args.prefill_first) for n in names}
     rows, bucket_rows = [], []
     for n in names:
         r = results[n]
@@ -153,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             bucket_rows.append([n, b["prompt"], b["requests"], b["ttft_measured_ms"], b["ttft_simulated_ms"]])
     headers = ["trace", "metric", "measured P50 (ms)", "simulated P50", "measured P90", "simulated P90",
                "median sim/measured"]
-    print_table(f"{PROFILE} against DistServe's vLLM measurements (OPT-13B, one A100, ShareGPT)", headers, rows)
+    print_table(f"{PROFILE} against DistServe's vLLM measurements (OPT-13B, one A100, ShareGPT; prompts first: "
+                f"{args.prefill_first} steps)", headers, rows)
     bucket_headers = ["trace", "prompt tokens", "requests", "measured TTFT P50 (ms)", "simulated TTFT P50 (ms)"]
     print_table("TTFT by prompt length", bucket_headers, bucket_rows)
     att_rows = [[n, results[n]["attainment"]["measured"], results[n]["attainment"]["simulated"]] for n in names]
@@ -172,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    [("Latencies", headers, rows), ("TTFT by prompt length", bucket_headers, bucket_rows),
                     ("Attainment", att_headers, att_rows), ("Lengths", len_headers, len_rows)])
     summary = {"profile": PROFILE, "source": data["source"], "lengths": trace_lengths,
+               "prefill_first": args.prefill_first,
                "traces": {n: {k: v for k, v in r.items() if k != "points"} for n, r in results.items()}}
     write_json(args.json, summary)
     return summary

@@ -306,6 +306,11 @@ def test_profile_check_replays_distserve_s_measured_runs(tmp_path):
     ttft, tpot = profile_check.replay(records)
     assert all(t < float("inf") for t in ttft)  # every request of the trace finished in the replay
     assert sum(p is None for p in tpot) == sum(x["output_len"] == 1 for x in records)
+    assert out["prefill_first"] == 1000  # vLLM 0.3's prompt-only steps; 0 replays on serial mixed steps
+    serial, _ = profile_check.replay(records, prefill_first=0)
+    assert np.median(ttft) < np.median(serial)  # a prompt no longer waits for a decode pass in its step
+    with pytest.raises(SystemExit, match="prefill_first_steps"):
+        profile_check.main(["--smoke", "--no-progress", "--prefill-first", "-1", "--out", str(tmp_path / "x")])
 
 
 def test_profile_check_refuses_bad_lengths(tmp_path):
