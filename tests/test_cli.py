@@ -76,14 +76,19 @@ def test_step_hold_flags_reach_the_llumlet_and_out_of_range_ones_are_usage_error
             assert info.value.code == 2 and f"{field} must be in [0, 1" in capsys.readouterr().err
 
 
-def test_decode_hold_flag_reaches_the_llumlet_and_a_negative_one_is_a_usage_error(capsys):
-    assert cluster_config(build_parser().parse_args(["serve"])).llumlet.decode_hold_s == 1.0
-    cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "1:1", "--instances", "2",
-                                                    "--decode-hold-ms", "250"]))
-    assert cfg.llumlet.decode_hold_s == 0.25
+@pytest.mark.parametrize("flag, field, default, value, parsed, bad, error", [
+    ("--decode-hold-ms", "decode_hold_s", 1.0, "250", 0.25, "-1", "decode_hold_s must be in [0, 3600]"),
+    ("--prefill-first-steps", "prefill_first_steps", 16, "0", 0, "-3",
+     "prefill_first_steps must be an integer in [0, 1000]"),
+], ids=["decode-hold", "prefill-first"])
+def test_a_disaggregation_flag_reaches_the_llumlet_and_a_bad_value_is_a_usage_error(
+        capsys, flag, field, default, value, parsed, bad, error):
+    assert getattr(cluster_config(build_parser().parse_args(["serve"])).llumlet, field) == default
+    cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "1:1", "--instances", "2", flag, value]))
+    assert getattr(cfg.llumlet, field) == parsed
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--runtime", "local", "--decode-hold-ms", "-1"])
-    assert info.value.code == 2 and "decode_hold_s must be in [0, 3600]" in capsys.readouterr().err
+        main(["serve", "--runtime", "local", flag, bad])
+    assert info.value.code == 2 and error in capsys.readouterr().err
 
 
 def test_migration_concurrency_flags_reach_the_scheduler_and_the_llumlets(capsys):

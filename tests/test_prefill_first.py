@@ -1,7 +1,7 @@
 """A ``prefill`` instance puts prompts first (``LlumletConfig.prefill_first_steps``): while
 prompts wait, up to N steps in a row prefill them alone and the requests waiting for their
-hand-off sit out; the step after runs as usual. On the core (simulated engine), with the
-flags that set it, and in the simulator's disaggregated layouts."""
+hand-off sit out; the step after runs as usual. On the core (simulated engine) and in the
+simulator's disaggregated layouts (the serve flag: ``tests/test_cli.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from experiments.workloads import WorkloadRequest
 from llumnix_py import planner
-from llumnix_py.cli import build_parser, cluster_config, main
 from llumnix_py.engines.types import Request, SamplingParams
 from llumnix_py.llumlet_core import LlumletCore
 from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, LlumletConfig
@@ -118,16 +117,6 @@ def test_the_step_count_is_validated_everywhere(bad):
         make_engine("sim", prefill_first_steps=bad)
     with pytest.raises(ValueError, match="prefill_first_steps"):
         make_engine("sim").set_prefill_first(bad)
-
-
-def test_the_flags_reach_the_llumlet_and_a_bad_value_is_a_usage_error(capsys):
-    assert cluster_config(build_parser().parse_args(["serve"])).llumlet.prefill_first_steps == PREFILL_FIRST_STEPS
-    cfg = cluster_config(build_parser().parse_args(["serve", "--pd", "1:1", "--instances", "2",
-                                                    "--prefill-first-steps", "0"]))
-    assert cfg.llumlet.prefill_first_steps == 0
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--runtime", "local", "--prefill-first-steps", "-3"])
-    assert info.value.code == 2 and "prefill_first_steps must be an integer in [0, 1000]" in capsys.readouterr().err
 
 
 def _sim(prefill_first: int) -> tuple[SimCluster, object]:
