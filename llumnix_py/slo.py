@@ -140,19 +140,25 @@ def _check_target(target: float) -> None:
 
 
 def max_rate(attainment_at: Callable[[float], float], low: float, high: float, *, iterations: int = 8,
-             target: float = DEFAULT_TARGET) -> float:
+             target: float = DEFAULT_TARGET, grow: int = 0) -> float:
     """Goodput by bisection, as DistServe's placement search finds it: the highest rate in
     ``[low, high]`` whose ``attainment_at(rate)`` reaches ``target``, assuming attainment
-    falls as the rate grows. 0.0 if ``low`` already misses; ``high`` if it still meets.
-    ``iterations`` halvings of ``[low, high]`` bound the error to ``(high - low) / 2**iterations``.
+    falls as the rate grows. 0.0 if ``low`` already misses. While ``high`` still meets, the
+    range moves up to ``[high, 2 * high]``, at most ``grow`` times; ``high`` if it still meets
+    then (so a result equal to the top is a bound, not a knee). ``iterations`` halvings of the
+    final range bound the error to its width / ``2**iterations``.
     """
     _check_target(target)
     if not 0 < low < high:
         raise ValueError(f"need 0 < low < high, got {low!r}, {high!r}")
+    if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
+        raise ValueError(f"grow must be an integer >= 0, got {grow!r}")
     if not attainment_at(low) >= target:
         return 0.0
-    if attainment_at(high) >= target:
-        return high
+    while attainment_at(high) >= target:
+        if grow == 0:
+            return high
+        low, high, grow = high, 2 * high, grow - 1
     for _ in range(iterations):
         mid = (low + high) / 2
         if attainment_at(mid) >= target:

@@ -180,3 +180,17 @@ def test_max_rate_bisects_to_the_knee_of_a_monotone_attainment():
     assert max_rate(lambda r: 1.0, 1.0, 2.0) == 2.0
     with pytest.raises(ValueError):
         max_rate(att, 2.0, 1.0)
+
+
+def test_max_rate_grows_its_range_while_the_top_still_meets():
+    knee = 37.0
+
+    def att(rate):
+        return 1.0 if rate <= knee else 0.5
+
+    assert max_rate(att, 1.0, 10.0) == 10.0  # without growing, the top is all it can say
+    got = max_rate(att, 1.0, 10.0, grow=3, iterations=10)  # [10, 20], [20, 40]: the knee is in there
+    assert knee - 20 / 2 ** 10 <= got <= knee
+    assert max_rate(att, 1.0, 2.0, grow=2) == 8.0  # still met at the last top: a bound, not a knee
+    with pytest.raises(ValueError, match="grow"):
+        max_rate(att, 1.0, 2.0, grow=-1)
