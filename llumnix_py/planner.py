@@ -128,6 +128,11 @@ def infeasible(layout: Layout, profile: Union[str, CostProfile], requests: Seque
     return None
 
 
+# Doublings of the goodput range above ``max_per_gpu`` an instance. Until session 16 the range
+# stopped there: colocated code completion on 4 x TP4 of OPT-66B (64 req/s, the top) was capped.
+GOODPUT_GROW = 4
+
+
 def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, CostProfile], *, seed: int = 0,
             max_per_gpu: float = 16.0, iterations: int = 7, grow: int = GOODPUT_GROW) -> float:
     """The layout's goodput (req/s, whole layout): bisection over ``iterations`` runs between
@@ -139,11 +144,6 @@ def goodput(workload: Workload, layout: Layout, slo: SLO, profile: Union[str, Co
 
     hi = max_per_gpu * layout.instances
     return max_rate(attained, hi / 2 ** iterations, hi, iterations=iterations, grow=grow)
-
-
-# Doublings of the goodput range above ``max_per_gpu`` an instance. Until session 16 the range
-# stopped there: colocated code completion on 4 x TP4 of OPT-66B (64 req/s, the top) was capped.
-GOODPUT_GROW = 4
 
 
 def parse_counts(text: str, flag: str) -> tuple[int, ...]:
