@@ -267,4 +267,7 @@ def chosen_layout(best: dict[str, Any]) -> str:
         line += f": llumnix-py serve --instances {p + d} --pd {p}:{d}"
         if h != 1:
             line += f" --max-migrations-out {h} --max-migrations-in {h}"
+        first = best.get("prefill_first", PREFILL_FIRST_STEPS)
+        if first != PREFILL_FIRST_STEPS:
+            line += f" --prefill-first-steps {first}"
     return line

@@ -209,6 +209,7 @@ def test_the_planner_searches_hand_offs_at_once_and_says_how_to_serve_them():
     line = chosen_layout(rows[0])
     assert "3 hand-offs at once" in line
     assert line.endswith("llumnix-py serve --instances 3 --pd 2:1 --max-migrations-out 3 --max-migrations-in 3")
+    assert chosen_layout({**rows[0], "prefill_first": 0}).endswith("--max-migrations-in 3 --prefill-first-steps 0")
 
 
 def test_a_profile_of_several_gpus_counts_them_in_every_layout():
