@@ -57,7 +57,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
-from experiments.pd_planner import APPLICATIONS, Application, goodput, make_requests, plan, run  # noqa: E402
+from experiments.pd_planner import (APPLICATIONS, DEFAULT_APPLICATIONS, Application, goodput, make_requests,  # noqa: E402
+                                   plan, run)
 from experiments.workloads import WorkloadRequest  # noqa: E402
 from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_steps  # noqa: E402
 from llumnix_py.planner import Layout, colocated_layouts, infeasible, parse_counts, profile_gpus  # noqa: E402
@@ -85,7 +86,8 @@ def _extra(ap) -> None:
                     help="GPU budget (default 4 instances of the profile's size; --quick and --smoke 2)")
     ap.add_argument("--tp", default="1",
                     help="tensor-parallel degrees to search, as multiples of the profile's GPUs (default 1)")
-    ap.add_argument("--app", choices=sorted(APPLICATIONS), action="append", help="application(s) (default: all)")
+    ap.add_argument("--app", choices=sorted(APPLICATIONS), action="append",
+                    help=f"application(s) (default: {', '.join(DEFAULT_APPLICATIONS)})")
     ap.add_argument("--handoffs", default="1",
                     help="hand-offs (migrations) in flight at once per disaggregated instance, out and in; several, "
                          "comma-separated, are searched by the planner like the degrees (default 1)")
@@ -282,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args("disaggregation", __doc__.split("\n")[0], argv, _extra)
     cfg = settings(args)
     results = {}
-    for name in args.app or sorted(APPLICATIONS):
+    for name in args.app or DEFAULT_APPLICATIONS:
         app = APPLICATIONS[name]
         results[name] = evaluate(app, cfg, args.profile or app.model, args.seed, args.progress)
     headers = ["application", "model", "TTFT/TPOT SLO (ms)", "system", "GPUs an instance", "goodput (req/s)",

@@ -265,6 +265,21 @@ def test_a_layout_whose_instances_cannot_hold_the_longest_request_is_not_a_candi
     assert ranked[0]["infeasible"] is None and (ranked[0]["tp_prefill"], ranked[0]["tp_decode"]) == (2, 2)
 
 
+def test_distserve_s_chatbot_on_the_larger_models_has_its_artifact_s_objectives():
+    """DistServe's artifact (01-run_abalation.sh) runs the chatbot on OPT-66B at 400/100 ms on 8
+    GPUs and on OPT-175B at 4000/200 ms on 32: the same ShareGPT requests, on those models'
+    profiles; a run without ``--app`` leaves them out (minutes a run)."""
+    from experiments.pd_planner import DEFAULT_APPLICATIONS
+
+    for name, (ttft, tpot), model in (("chatbot-66b", (0.4, 0.1), "opt-66b-2xa100"),
+                                      ("chatbot-175b", (4.0, 0.2), "opt-175b-8xa100")):
+        app = APPLICATIONS[name]
+        assert (app.slo.ttft_s, app.slo.tpot_s) == pytest.approx((ttft, tpot)) and app.model == model
+        assert app.pairs == APPLICATIONS["chatbot-distserve"].pairs
+        assert name not in DEFAULT_APPLICATIONS
+    assert set(DEFAULT_APPLICATIONS) < set(APPLICATIONS)
+
+
 def test_chatbot_distserve_resamples_distserve_s_own_requests():
     """``chatbot-distserve``: every request is one of DistServe's published (prompt, output) pairs,
     the same ones at every rate of a seed, and the application describes them (mean, P99)."""
