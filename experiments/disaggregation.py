@@ -79,6 +79,11 @@ COLOCATED_VARIANTS: dict[str, tuple[str, str, bool]] = {
 }
 
 
+class Unservable(Exception):
+    """No layout of the budget holds an application's longest requests: it is reported as
+    such and the run goes on with the other applications."""
+
+
 def _extra(ap) -> None:
     ap.add_argument("--profile", default=None,
                     help="one cost profile for every application (default: each application's own model)")
@@ -148,7 +153,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
                   prefill_first=cfg.get("prefill_first", PREFILL_FIRST_STEPS))
     best = ranked[0]
     if best["infeasible"]:
-        raise SystemExit(f"no layout of {gpus} GPUs of {profile} can serve {app.name}: {best['infeasible']}")
+        raise Unservable(f"no layout of {gpus} GPUs of {profile} can serve {app.name}: {best['infeasible']}")
     good: dict[str, float] = {}
     systems: dict[str, Layout] = {}
     by_degree: dict[str, dict[int, float]] = {}  # each colocated system's goodput at each degree tried
@@ -160,7 +165,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
                                               engine_prefill_first=cfg.get("colocated_prefill_first", 0))
                  if infeasible(lay, profile, sample) is None]
         if not tried:
-            raise SystemExit(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile} "
+            raise Unservable(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile} "
                              f"that hold {app.name}'s longest requests")
         by_degree[name] = {lay.tp[0]: g for g, lay in tried}
         good[name], systems[name] = max(tried, key=lambda t: (t[0], -t[1].tp[0]))  # ties: the smaller degree
@@ -283,10 +288,16 @@ def plot_shift(data: dict[str, Any], out: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args("disaggregation", __doc__.split("\n")[0], argv, _extra)
     cfg = settings(args)
-    results = {}
+    results, unservable = {}, {}
     for name in args.app or DEFAULT_APPLICATIONS:
         app = APPLICATIONS[name]
-        results[name] = evaluate(app, cfg, args.profile or app.model, args.seed, args.progress)
+        try:
+            results[name] = evaluate(app, cfg, args.profile or app.model, args.seed, args.progress)
+        except Unservable as exc:
+            print(f"{name}: not run: {exc} (more GPUs, --gpus, or larger instances, --tp, would hold it)")
+            unservable[name] = str(exc)
+    if not results:
+        raise SystemExit("no application could be served: " + "; ".join(unservable.values()))
     headers = ["application", "model", "TTFT/TPOT SLO (ms)", "system", "GPUs an instance", "goodput (req/s)",
                "per GPU", "x round-robin"]
     rows = []
@@ -316,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    f"SLO 1500/150 ms, {cfg['shift_gpus']} GPUs of {shift_profile} starting 1:{cfg['shift_gpus'] - 1}")
     if shift_rows:
         print_table(shift_title, shift_headers, shift_rows)
-    notes = "\n".join(f"- {name}: {r['source']}" for name, r in results.items())
+    notes = "\n".join([f"- {name}: {r['source']}" for name, r in results.items()]
+                      + [f"- {name}: not run: {why}" for name, why in unservable.items()])
     write_markdown(args.out / "disaggregation.md", "Prefill/decode disaggregation vs colocation",
                    [(title, headers, rows)] + ([(shift_title, shift_headers, shift_rows)] if shift_rows else []),
                    notes=f"Sources:\n{notes}\n- shifting mix: lengths assumed here (mean/P99 prompt 200/600 then "
@@ -325,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if shifted["systems"]:
         plot_shift(shifted, args.out)
     data = {"settings": {**cfg, "profile": args.profile, "shift_profile": shift_profile, "seed": args.seed},
-            "results": results, "shift": shifted}
+            "results": results, "unservable": unservable, "shift": shifted}
     write_json(args.json, data)
     return data
 

@@ -337,3 +337,18 @@ def test_profile_check_refuses_bad_lengths(tmp_path):
                                                               "ttft_ms": 1.0, "tpot_ms": 1.0}]}}))
     with pytest.raises(ValueError, match="bad lengths"):
         profile_check.load(bad)
+
+
+def test_an_application_no_layout_can_hold_is_reported_and_the_run_goes_on(tmp_path):
+    """4 GPUs of OPT-66B are two-GPU instances: summarization's longest prompts do not fit one,
+    so it is reported as not run, code completion is served, and naming only summarization is
+    an error."""
+    js = tmp_path / "d.json"
+    data = disaggregation.main(["--smoke", "--no-progress", "--app", "summarization", "--app", "code", "--no-shift",
+                                "--out", str(tmp_path / "out"), "--json", str(js)])
+    assert list(data["results"]) == ["code"]
+    assert "summarization" in data["unservable"] and "holds 2768 tokens" in data["unservable"]["summarization"]
+    assert "not run" in (tmp_path / "out" / "disaggregation.md").read_text()
+    with pytest.raises(SystemExit, match="no application could be served"):
+        disaggregation.main(["--smoke", "--no-progress", "--app", "summarization", "--no-shift",
+                             "--out", str(tmp_path / "out2")])
