@@ -15,7 +15,9 @@ from migration.protocol import MAX_HOLD_S, MigrationConfig
 from migration.transports.registry import check_transport_name
 
 
-PREFILL_FIRST_STEPS = 16  # ``LlumletConfig.prefill_first_steps``'s default (RESULTS: "Prompts first")
+# ``LlumletConfig.prefill_first_steps``'s default: +19-22% goodput for 16 simulated GPUs of code completion
+# (experiments/RESULTS.md, "Prompts first, on prefill instances and in the vLLM baseline").
+PREFILL_FIRST_STEPS = 16
 
 
 class TokenSink(Protocol):
