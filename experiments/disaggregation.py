@@ -145,12 +145,12 @@ def budget(cfg: dict[str, Any], profile: str) -> int:
 
 def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, progress: bool) -> dict[str, Any]:
     gpus, n, iters, degrees = budget(cfg, profile), cfg["n"], cfg["iterations"], cfg["degrees"]
+    first = cfg.get("prefill_first", PREFILL_FIRST_STEPS)
     unit = profile_gpus(profile)
     if gpus % unit:
         raise SystemExit(f"a budget of {gpus} GPUs does not split into instances of {profile} ({unit} GPUs each)")
     ranked = plan(app, gpus, n, profile, seed=seed, exact=True, iterations=iters, progress=progress,
-                  handoffs=cfg["handoffs"], degrees=degrees,
-                  prefill_first=cfg.get("prefill_first", PREFILL_FIRST_STEPS))
+                  handoffs=cfg["handoffs"], degrees=degrees, prefill_first=first)
     best = ranked[0]
     if best["infeasible"]:
         raise Unservable(f"no layout of {gpus} GPUs of {profile} can serve {app.name}: {best['infeasible']}")
@@ -180,7 +180,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
             carried.add(lay.name)
     systems["disaggregated"] = Layout(best["prefill"] + best["decode"], (best["prefill"], best["decode"]),
                                       tp=(best["tp_prefill"], best["tp_decode"]), handoffs=best["handoffs"], unit=unit,
-                                      prefill_first=cfg.get("prefill_first", PREFILL_FIRST_STEPS))
+                                      prefill_first=first)
     good["disaggregated"] = best["goodput_rps"]
     # attainment vs rate, and (at the baseline's goodput, or the lowest swept rate) vs SLO scale
     top = max(max(good.values()), 0.5 * gpus) * 1.5
@@ -206,7 +206,7 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
         "plan": ranked,
         "split": [best["prefill"], best["decode"]],
         "handoffs": best["handoffs"],
-        "prefill_first": best.get("prefill_first", PREFILL_FIRST_STEPS),
+        "prefill_first": first,
         "goodput_rps": good,
         "goodput_per_gpu": {k: v / gpus for k, v in good.items()},
         "vs_round_robin": {k: (v / base if base > 0 else None) for k, v in good.items()},
