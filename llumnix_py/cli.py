@@ -26,12 +26,8 @@ from llumnix_py.config import ClusterConfig, EngineConfig, EngineSpec, LlumletCo
 from llumnix_py.engines.registry import default_block_size, engine_kinds
 from llumnix_py.errors import InvalidRequestError, UnknownNameError
 from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_steps
+from policies.roles import PD_MIGRATIONS_AT_ONCE, migrations_at_once
 
-# Hand-offs in flight at once per instance when the instances have roles (``--pd``, ``--roles``).
-# Every request is handed off once; one at a time they queue at high rates: code completion on 16
-# simulated GPUs, 3:1, sustains 15.9 req/s with one at a time, 43.7 with four, 46.1 with eight
-# (experiments/RESULTS.md, "Code completion on 16 GPUs over five seeds").
-PD_MIGRATIONS_AT_ONCE = 4
 
 # The servers' per-request migration cooldown (``--migration-cooldown``). On L-L, 16 simulated
 # instances, 10,000 requests, 5 seeds (experiments/RESULTS.md, "The cooldown at 10,000
@@ -167,9 +163,7 @@ def _roles(text: str):
 def _migrations_at_once(args: argparse.Namespace) -> tuple[int, int]:
     """``--max-migrations-out/-in``, defaulting to 1, or ``PD_MIGRATIONS_AT_ONCE`` when the
     instances have roles (every request is then handed off once)."""
-    default = PD_MIGRATIONS_AT_ONCE if (args.pd or args.roles) else 1
-    out = args.max_migrations_out if args.max_migrations_out is not None else default
-    return out, args.max_migrations_in if args.max_migrations_in is not None else out
+    return migrations_at_once(args.max_migrations_out, args.max_migrations_in, bool(args.pd or args.roles))
 
 
 def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterConfig:

@@ -29,7 +29,9 @@ class ClusterConfig:
         num_instances: instances at start.
         engine: what each instance runs.
         scheduler: policies and intervals of the global scheduler.
-        llumlet: per-instance settings (``instance_id`` is set per instance).
+        llumlet: per-instance settings (``instance_id`` is set per instance). Its concurrent
+            migrations (``max_outgoing``, ``max_incoming``) are raised to the scheduler's
+            ``max_migrations_out`` / ``max_migrations_in`` where lower.
         runtime: ``ray`` (actors; one machine or a cluster) or ``local`` (one process).
         ray_address: an existing Ray cluster to join (None: start a local one).
         ray_namespace: Ray namespace of the named actors.
@@ -72,5 +74,11 @@ class ClusterConfig:
         if roles is not None and self.num_instances > 0 and self.num_instances != len(roles):
             raise ValueError(f"{len(roles)} roles listed ({','.join(r.value for r in roles)}) for "
                              f"{self.num_instances} instances: give one role per instance")
+        sched, llumlet = self.scheduler, self.llumlet
+        if llumlet.max_outgoing < sched.max_migrations_out or llumlet.max_incoming < sched.max_migrations_in:
+            # a llumlet below the scheduler's limits would refuse the orders it is sent
+            object.__setattr__(self, "llumlet", dataclasses.replace(
+                llumlet, max_outgoing=max(llumlet.max_outgoing, sched.max_migrations_out),
+                max_incoming=max(llumlet.max_incoming, sched.max_migrations_in)))
         if self.secret is not None and self.llumlet.secret is None:
             object.__setattr__(self, "llumlet", dataclasses.replace(self.llumlet, secret=self.secret))

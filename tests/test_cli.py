@@ -107,7 +107,7 @@ def test_migration_concurrency_flags_reach_the_scheduler_and_the_llumlets(capsys
     assert (cfg.scheduler.max_migrations_in, cfg.llumlet.max_outgoing) == (3, 3)
     with pytest.raises(SystemExit) as info:
         main(["serve", "--runtime", "local", "--max-migrations-in", "0"])
-    assert info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert info.value.code == 2 and "max_migrations_in must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_prefill_queue_dispatch_is_a_known_policy():

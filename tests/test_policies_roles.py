@@ -14,7 +14,8 @@ from llumnix_py.sim.config import SimConfig
 from policies.config import PolicyConfig
 from policies.dispatch import DispatchState, dispatch
 from llumnix_py.errors import UnknownRoleError
-from policies.roles import Role, assign_role, parse_pd_ratio, parse_role, plan_handoffs, roles_for
+from policies.roles import (PD_MIGRATIONS_AT_ONCE, Role, assign_role, parse_pd_ratio, parse_role, plan_handoffs,
+                           roles_for)
 from policies.types import Handoff
 
 CFG = PolicyConfig()
@@ -68,6 +69,22 @@ def test_a_cluster_config_whose_split_has_too_few_instances_is_an_error():
         SchedulerConfig(pd_ratio="0:2")
     with pytest.raises(ValueError, match="needs at least 2 instances"):
         SimConfig(num_instances=1, pd_ratio=(1, 1))
+
+
+def test_the_library_hands_off_several_at_once_with_roles_as_the_cli_does():
+    assert (SchedulerConfig().max_migrations_out, SchedulerConfig().max_migrations_in) == (1, 1)
+    for sched in (SchedulerConfig(pd_ratio="1:3"), SchedulerConfig(roles="prefill,decode")):
+        assert (sched.max_migrations_out, sched.max_migrations_in) == (PD_MIGRATIONS_AT_ONCE,) * 2
+    assert (SchedulerConfig(pd_ratio=(1, 1), max_migrations_out=2).max_migrations_in) == 2
+    sim = SimConfig(num_instances=2, pd_ratio=(1, 1))
+    assert (sim.max_migrations_out, sim.scheduler_config().max_migrations_in) == (PD_MIGRATIONS_AT_ONCE,) * 2
+    assert SimConfig(num_instances=2).max_migrations_out == 1
+    # the llumlets take what the scheduler orders
+    cfg = ClusterConfig(num_instances=4, runtime="local", scheduler=SchedulerConfig(pd_ratio="1:3"))
+    assert (cfg.llumlet.max_outgoing, cfg.llumlet.max_incoming) == (PD_MIGRATIONS_AT_ONCE,) * 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            SchedulerConfig(max_migrations_in=bad)
 
 
 def test_dispatch_never_sends_a_new_request_to_a_decode_instance():

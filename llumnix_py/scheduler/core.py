@@ -28,8 +28,8 @@ from policies.fairness import cluster_offsets, under_served
 from policies.bandwidth import migration_pays
 from policies.pairing import PlannedMigration, plan_migrations
 from policies.rescue import plan_rescues
-from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, parse_pd_ratio, parse_role, parse_roles,
-                            hold_prefill_work, plan_handoffs, plan_redirects, plan_role_flip)
+from policies.roles import (FlipState, Role, RoleFlipConfig, assign_role, migrations_at_once, parse_pd_ratio,
+                            parse_role, parse_roles, hold_prefill_work, plan_handoffs, plan_redirects, plan_role_flip)
 from policies.virtual_usage import freeness
 from policies.scaling import ScalingState, decide_scaling
 from policies.types import ScaleAction, ScaleDecision
@@ -48,7 +48,9 @@ class SchedulerConfig:
         migration_interval_s: how often a migration round runs (paper: 50-100 ms).
         enable_migration: run migration rounds at all (INFaaS++ baseline: False).
         enable_scaling: run scaling decisions (needs an instance launcher).
-        max_migrations_out / max_migrations_in: concurrent migrations per instance.
+        max_migrations_out / max_migrations_in: concurrent migrations per instance (None:
+            out 1, or ``policies.roles.PD_MIGRATIONS_AT_ONCE`` with ``pd_ratio`` or ``roles``,
+            so hand-offs do not queue one at a time; in: as out).
         heartbeat_timeout_s: an instance not heard from for this long is dead (its
             requests are resumed elsewhere by recomputation, so keep it short).
         migration_order_timeout_s: forget an ordered migration never reported back.
@@ -71,8 +73,8 @@ class SchedulerConfig:
     migration_interval_s: float = 0.1
     enable_migration: bool = True
     enable_scaling: bool = False
-    max_migrations_out: int = 1
-    max_migrations_in: int = 1
+    max_migrations_out: Optional[int] = None
+    max_migrations_in: Optional[int] = None
     heartbeat_timeout_s: float = 1.5
     migration_order_timeout_s: float = 30.0
     frontend_timeout_s: float = 10.0
@@ -92,8 +94,10 @@ class SchedulerConfig:
                      "frontend_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.max_migrations_out < 1 or self.max_migrations_in < 1:
-            raise ValueError("max_migrations_out and max_migrations_in must be >= 1")
+        out, into = migrations_at_once(self.max_migrations_out, self.max_migrations_in,
+                                       self.pd_ratio is not None or self.roles is not None)
+        object.__setattr__(self, "max_migrations_out", out)
+        object.__setattr__(self, "max_migrations_in", into)
 
 
 @dataclass(frozen=True)

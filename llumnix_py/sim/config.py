@@ -21,7 +21,7 @@ from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_st
 from llumnix_py.scheduler.core import SchedulerConfig
 from migration import protocol as p
 from policies.config import PolicyConfig
-from policies.roles import RoleFlipConfig, parse_pd_ratio
+from policies.roles import RoleFlipConfig, migrations_at_once, parse_pd_ratio
 
 
 BATCH_POLICIES = ("fcfs", "edf", "jit")
@@ -47,7 +47,8 @@ class SimConfig:
         num_blocks: KV blocks per instance (default: the profile's).
         max_batch_size / max_batched_tokens / watermark: engine limits.
         sample_interval_s: period of the usage / fragmentation time series.
-        max_migrations_out / max_migrations_in: concurrent migrations per instance.
+        max_migrations_out / max_migrations_in: concurrent migrations per instance (None: as
+            ``SchedulerConfig``: out 1, or ``PD_MIGRATIONS_AT_ONCE`` with ``pd_ratio``; in: as out).
         batch_policy: each engine's batching: ``fcfs`` (priorities, then arrival; the default),
             ``edf`` (earliest due time first) or ``jit`` (``policies.jit``, by margin).
         length_estimator: the JIT policy's length bound: ``quantile`` (from the instance's prior
@@ -97,8 +98,8 @@ class SimConfig:
     max_batched_tokens: int = 8192
     watermark: float = 0.01
     sample_interval_s: float = 1.0
-    max_migrations_out: int = 1
-    max_migrations_in: int = 1
+    max_migrations_out: Optional[int] = None
+    max_migrations_in: Optional[int] = None
     batch_policy: str = "fcfs"
     length_estimator: str = "quantile"
     length_quantile: float = 0.9
@@ -141,6 +142,9 @@ class SimConfig:
             if self.num_instances < sum(self.pd_ratio):
                 raise ValueError(f"a {self.pd_ratio[0]}:{self.pd_ratio[1]} split needs at least "
                                  f"{sum(self.pd_ratio)} instances, got {self.num_instances}")
+        out, into = migrations_at_once(self.max_migrations_out, self.max_migrations_in, self.pd_ratio is not None)
+        object.__setattr__(self, "max_migrations_out", out)
+        object.__setattr__(self, "max_migrations_in", into)
         per_node = self.instances_per_node
         if per_node is not None and (isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1):
             raise ValueError(f"instances_per_node must be an integer >= 1, got {per_node!r}")
