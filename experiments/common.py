@@ -25,6 +25,9 @@ from llumnix_py.sim import SimCluster, SimConfig, SimResult  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
 
 OUT_ROOT = Path(__file__).resolve().parent / "out"
+# vLLM <= 0.3 ran a prompt-only step whenever a waiting prompt could be admitted (no bound); DistServe's
+# simulator models its vLLM baseline the same way (simdistserve/base/worker.py: prefill while any waits).
+VLLM_PREFILL_FIRST = 1000
 
 # name -> (dispatch policy, migration on); the paper's three systems (Section 6.2).
 SYSTEMS: dict[str, tuple[str, bool]] = {
@@ -58,6 +61,13 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # memory could buy (an estimate, not a bound: experiments/RESULTS.md).
     "infaas++@kv-x1.1": ("load", False),
     "infaas++@kv-x1.25": ("load", False),
+    # The paper's systems on engines that put prompts first, as vLLM <= 0.3 did (a prompt-only
+    # step whenever a waiting prompt can be admitted; ``SimConfig.engine_prefill_first_steps``),
+    # the engine the paper's Llumnix ran on. The plain systems keep the serial mixed steps of
+    # Llumnix's own simulator.
+    "round_robin@prompts-first": ("round_robin", False),
+    "infaas++@prompts-first": ("load", False),
+    "llumnix@prompts-first": ("freeness", True),
 }
 # Policy settings a system adds to the defaults (a caller's own keywords win).
 SYSTEM_POLICY: dict[str, dict[str, Any]] = {
@@ -73,6 +83,8 @@ SYSTEM_POLICY: dict[str, dict[str, Any]] = {
 SYSTEM_SIM: dict[str, dict[str, Any]] = {
     "infaas++@kv-x1.1": {"num_blocks": round(LLAMA_7B_A10.num_blocks * 1.1)},
     "infaas++@kv-x1.25": {"num_blocks": round(LLAMA_7B_A10.num_blocks * 1.25)},
+    **{f"{name}@prompts-first": {"engine_prefill_first_steps": VLLM_PREFILL_FIRST}
+       for name in ("round_robin", "infaas++", "llumnix")},
 }
 
 

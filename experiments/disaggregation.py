@@ -56,7 +56,8 @@ from typing import Any, Optional, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import parse_args, print_table, save_figure, subplots, write_json, write_markdown  # noqa: E402
+from experiments.common import (VLLM_PREFILL_FIRST, parse_args, print_table, save_figure, subplots,  # noqa: E402
+                                write_json, write_markdown)
 from experiments.pd_planner import (APPLICATIONS, DEFAULT_APPLICATIONS, Application, goodput, make_requests,  # noqa: E402
                                    plan, run)
 from experiments.workloads import WorkloadRequest  # noqa: E402
@@ -66,9 +67,6 @@ from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 
 SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
-# vLLM <= 0.3 ran a prompt-only step whenever a waiting prompt could be admitted (no bound); DistServe's
-# simulator models its vLLM baseline the same way (simdistserve/base/worker.py: prefill while any waits).
-VLLM_PREFILL_FIRST = 1000
 
 
 # Extra colocated llumnix-py systems (``--colocated``): dispatch, batching, and whether each
