@@ -1,14 +1,15 @@
-"""Shared fixtures. One Ray session per test session (started lazily by the tests that need it).
+"""Shared fixtures. One Ray session per test process (started lazily by the tests that need it).
 
 Options:
     --torch-threads N: pin this test process to N torch threads for the whole run (each
         test starts from it). ``--torch-threads 1`` makes the tiny test model decode as
         fast as it can, the setting that shows a test racing the wall clock.
 
-The suite runs in a fixed order under ``make test`` (``--randomly-dont-reorganize``:
-pytest-randomly still reseeds ``random`` per test). ``make test TEST_ARGS=`` shuffles
-it; ``make test TEST_ARGS=--randomly-seed=N`` replays order N (the seed is printed at
-the top of each run).
+``make test`` runs the suite on two worker processes, whole files apiece (``-n 2 --dist
+loadfile``; ``make test TEST_WORKERS=0`` runs it in one process). The order is fixed
+(``--randomly-dont-reorganize``: pytest-randomly still reseeds ``random`` per test).
+``make test TEST_ARGS=`` shuffles it; ``make test TEST_ARGS=--randomly-seed=N`` replays
+order N (the seed is printed at the top of each run).
 """
 
 from __future__ import annotations
@@ -41,10 +42,21 @@ def pytest_configure(config):
 RAY_HANG_GUARD_S = 900
 
 
+# The files that take longest (about 45-130 s each on a two-core machine, ``--durations``), run
+# first: ``make test`` spreads whole files over two workers (pytest-xdist, ``--dist loadfile``),
+# in collection order, so the long ones start early and the short ones fill in behind them
+# instead of one worker finishing a long file alone at the end.
+LONG_FILES = ("test_experiments_quick.py", "test_faults_ray.py", "test_cluster_ray.py", "test_cli_daemon.py",
+              "test_bench_scripts.py", "test_pd_planner.py", "test_experiments_slo.py", "test_faults_local.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """A Ray test's hang guard is longer than the suite's 300 s: on a busy machine each actor
-    takes many seconds to start, and the guard is there to catch a hang, not to time a test
-    (a test with its own ``timeout`` mark keeps it)."""
+    """Long files first (``LONG_FILES``; otherwise the order is kept). A Ray test's hang guard
+    is longer than the suite's 300 s: on a busy machine each actor takes many seconds to
+    start, and the guard is there to catch a hang, not to time a test (a test with its own
+    ``timeout`` mark keeps it)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
     for item in items:
         uses_ray = item.get_closest_marker("ray") is not None or "ray_session" in getattr(item, "fixturenames", ())
         if uses_ray and item.get_closest_marker("timeout") is None:
