@@ -8,6 +8,7 @@ import json
 import pytest
 
 from experiments import autoscaling, churn, common, fairness, fragmentation, priorities, scheduler_overhead, serving
+from experiments.workloads import make_workload
 
 LATENCY = {"prefill_mean", "prefill_p99", "decode_mean", "decode_p99", "e2e_mean", "e2e_p99"}
 
@@ -198,6 +199,21 @@ def test_churn_variant_names_say_what_they_set(name):
             assert expect[knob] == float(value), (name, knob)
     if "reserve" not in named:
         assert policy.migrate_in_threshold is None  # the paper's single threshold
+
+
+@pytest.mark.parametrize("base", ["round_robin", "infaas++", "llumnix"])
+def test_prompts_first_systems_change_only_the_engines_step_order(base):
+    """``S@prompts-first`` is ``S`` on engines that run a prompt-only step whenever a waiting
+    prompt can be admitted (vLLM <= 0.3): same policy and migration, the engine setting added,
+    and prompts no longer wait for a decode pass (lower mean prefill latency, same requests)."""
+    name = f"{base}@prompts-first"
+    assert common.SYSTEMS[name] == common.SYSTEMS[base]
+    assert common.system_config(name) == common.system_config(base)
+    assert common.SYSTEM_SIM[name] == {"engine_prefill_first_steps": common.VLLM_PREFILL_FIRST}
+    workload = make_workload("M-M", 120, 2.0, seed=0)
+    serial, first = (common.simulate(workload, s, 4, seed=0).summary() for s in (base, name))
+    assert serial["completed"] == first["completed"] == 120
+    assert first["prefill_mean"] < serial["prefill_mean"]
 
 
 def test_churn_fast_copy_variant_changes_only_the_migration_link():
