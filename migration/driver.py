@@ -10,11 +10,10 @@ whose commit reply and aborts were all lost.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
-
-import torch
 
 from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import LlumnixError
@@ -126,7 +125,8 @@ class LocalPort:
 
     def copy(self, migration_id, src_ids, dst_ids):
         data = self.src.read_blocks(src_ids)
-        if isinstance(data, torch.Tensor):
+        torch = sys.modules.get("torch")  # KV data is a tensor only where torch is already loaded
+        if torch is not None and isinstance(data, torch.Tensor):
             dtype, shape = wire.dtype_name(data.dtype), tuple(data.shape)
         else:  # an engine without KV data (the simulated one): the message carries only block ids
             dtype, shape = "uint8", (len(dst_ids),)

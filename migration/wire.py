@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import enum
 import math
+import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from llumnix_py.engines.types import MigrationRequestState
 from llumnix_py.errors import InvalidRequestError, ProtocolError
@@ -54,14 +53,32 @@ MAX_TEXT_LEN = 4096  # abort reasons and reply errors
 MAX_SHAPE_DIMS = 8
 _MAX_INT = 2**63 - 1
 
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "uint8": torch.uint8,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# The dtypes a payload may have: wire name -> bytes per element. Checking a message needs
+# no torch; ``DTYPES`` (the names' torch dtypes) imports it on first use, so that the configs
+# and the CLI, which import this module, start without it.
+DTYPE_ITEMSIZE: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1}
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, "torch.dtype"]:
+    """Wire name -> torch dtype, for every name of ``DTYPE_ITEMSIZE``."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
+
+
+@functools.cache
+def _dtype_names() -> dict["torch.dtype", str]:
+    return {v: k for k, v in torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,7 @@ class Blocks:
 
     @property
     def payload_nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
 
     def to_header(self) -> dict[str, Any]:
         return {"type": self.TYPE, "migration_id": self.migration_id,
@@ -270,8 +287,8 @@ def _int_list(v: Any, what: str, max_len: int) -> tuple[int, ...]:
 
 
 def payload_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of ``dtype`` (a name in ``DTYPES``) and ``shape``."""
-    return math.prod(shape) * DTYPES[dtype].itemsize
+    """Bytes of a tensor of ``dtype`` (a name in ``DTYPE_ITEMSIZE``) and ``shape``."""
+    return math.prod(shape) * DTYPE_ITEMSIZE[dtype]
 
 
 # ---------------------------------------------------------------- decoders
@@ -284,8 +301,8 @@ def _decode_blocks(h: dict, payload_nbytes_: Optional[int]) -> Blocks:
     if not ids:
         raise ProtocolError("blocks: dst_block_ids is empty")
     dtype = h["dtype"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ProtocolError(f"blocks: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
+        raise ProtocolError(f"blocks: dtype {dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
     shape = _int_list(h["shape"], "shape", MAX_SHAPE_DIMS)
     if not shape:
         raise ProtocolError("blocks: shape is empty")
@@ -391,9 +408,9 @@ def error_reply(error: str) -> dict[str, Any]:
 def dtype_name(dtype: torch.dtype) -> str:
     """Wire name of a torch dtype; ``ProtocolError`` when the dtype cannot travel."""
     try:
-        return _DTYPE_NAMES[dtype]
+        return _dtype_names()[dtype]
     except KeyError:
-        raise ProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(DTYPES)}") from None
+        raise ProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(DTYPE_ITEMSIZE)}") from None
 
 
 def tensor_to_payload(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
@@ -406,6 +423,8 @@ def tensor_to_payload(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview
         raise ValueError(f"tensor_to_payload needs a CPU tensor, got {t.device}")
     if not t.is_contiguous():
         raise ValueError("tensor_to_payload needs a contiguous tensor")
+    import torch
+
     name = dtype_name(t.dtype)
     # bfloat16 has no numpy dtype: view the same memory as bytes first.
     flat = t.detach().reshape(-1).view(torch.uint8)
@@ -422,12 +441,16 @@ def payload_to_tensor(buf: Any, dtype: str, shape: tuple[int, ...]) -> torch.Ten
         raise ProtocolError(f"payload has {mv.nbytes} bytes, {dtype}{list(shape)} needs "
                             f"{payload_nbytes(dtype, tuple(shape))}")
     if mv.nbytes == 0:
-        return torch.empty(tuple(shape), dtype=DTYPES[dtype])
+        import torch
+
+        return torch.empty(tuple(shape), dtype=torch_dtypes()[dtype])
     flat = _frombuffer(mv)
-    return flat.view(DTYPES[dtype]).view(tuple(shape))
+    return flat.view(torch_dtypes()[dtype]).view(tuple(shape))
 
 
-def _frombuffer(mv: memoryview) -> torch.Tensor:
+def _frombuffer(mv: memoryview) -> "torch.Tensor":
+    import torch
+
     if mv.readonly:
         # Received frames are read-only; torch warns once about that. The handler
         # only reads (copies into its KV cache), so the warning is noise.

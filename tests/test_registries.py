@@ -116,3 +116,26 @@ def test_llumlet_and_configs_import_neither_zmq_nor_torch_distributed():
     assert set(got["dist"]) <= set(bare["dist"]), set(got["dist"]) - set(bare["dist"])
     assert "migration.transports.registry" in got["transports"]
     assert not {"migration.transports.zmq_transport", "migration.transports.torch_dist"} & set(got["transports"])
+
+
+def test_the_cli_the_llumlet_and_the_scheduler_start_without_torch():
+    """``llumnix-py --help``, ``scheduler --status/--stop``, the scheduler daemon and a llumlet's
+    module load no torch (about 2 s here): only an engine, a KV payload or a torch transport does.
+    A message is still checked, and its payload size known, without it."""
+    got = run_clean("""
+        import json, sys
+        import llumnix_py.cli, llumnix_py.llumlet, llumnix_py.scheduler.daemon, llumnix_py.runtime.ray_lifecycle
+        from migration import wire
+        msg = wire.decode_request({"type": "blocks", "migration_id": "m", "dst_block_ids": [1, 2],
+                                   "dtype": "bfloat16", "shape": [2, 8]}, 32)
+        print(json.dumps({"torch": "torch" in sys.modules, "bytes": msg.payload_nbytes}))
+    """)
+    assert got == {"torch": False, "bytes": 32}
+    loaded = run_clean("""
+        import json
+        import torch
+        from migration import wire
+        print(json.dumps({"same": wire.DTYPES == {n: getattr(torch, n) for n in wire.DTYPE_ITEMSIZE},
+                          "sizes": all(getattr(torch, n).itemsize == k for n, k in wire.DTYPE_ITEMSIZE.items())}))
+    """)
+    assert loaded == {"same": True, "sizes": True}

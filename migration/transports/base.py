@@ -19,14 +19,16 @@ shared by every server so that each one rejects bad input the same way.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import msgpack
-import torch
 
 from llumnix_py.errors import LlumnixError, ProtocolError
 from migration import wire
 from migration.security import SecretArg, SharedSecret, as_secret
+
+if TYPE_CHECKING:  # annotations only: the configs and the CLI import this module without torch
+    import torch
 
 DEFAULT_MAX_MESSAGE_BYTES = wire.MAX_PAYLOAD_BYTES
 MAX_HEADER_BYTES = 16 << 20  # a header frame, at most (a Commit of a long sequence is ~1 MiB)
@@ -36,7 +38,7 @@ class TransportError(LlumnixError, ConnectionError):
     """The destination could not be reached, timed out, or failed a request."""
 
 
-Handler = Callable[[Any, Optional[torch.Tensor]], dict]
+Handler = Callable[[Any, Optional["torch.Tensor"]], dict]
 """(decoded wire message, payload tensor or None) -> reply header (``Reply(...).to_header()``)."""
 
 
