@@ -36,8 +36,8 @@ and remove them before calling the decoders.
 from __future__ import annotations
 
 import enum
-import math
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
