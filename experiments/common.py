@@ -61,14 +61,13 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     # memory could buy (an estimate, not a bound: experiments/RESULTS.md).
     "infaas++@kv-x1.1": ("load", False),
     "infaas++@kv-x1.25": ("load", False),
-    # The paper's systems on engines that put prompts first, as vLLM <= 0.3 did (a prompt-only
-    # step whenever a waiting prompt can be admitted; ``SimConfig.engine_prefill_first_steps``),
-    # the engine the paper's Llumnix ran on. The plain systems keep the serial mixed steps of
-    # Llumnix's own simulator.
-    "round_robin@prompts-first": ("round_robin", False),
-    "infaas++@prompts-first": ("load", False),
-    "llumnix@prompts-first": ("freeness", True),
 }
+# The paper's systems on engines that put prompts first, as vLLM <= 0.3 did (a prompt-only step
+# whenever a waiting prompt can be admitted; ``SimConfig.engine_prefill_first_steps``), the engine
+# the paper's Llumnix ran on: ``S@prompts-first`` is ``S`` with that engine setting (``SYSTEM_SIM``).
+# The plain systems keep the serial mixed steps of Llumnix's own simulator.
+PROMPTS_FIRST = ("round_robin", "infaas++", "llumnix")
+SYSTEMS.update({f"{name}@prompts-first": SYSTEMS[name] for name in PROMPTS_FIRST})
 # Policy settings a system adds to the defaults (a caller's own keywords win).
 SYSTEM_POLICY: dict[str, dict[str, Any]] = {
     "llumnix+cooldown-2": {"migration_cooldown_s": 2.0},
@@ -83,8 +82,7 @@ SYSTEM_POLICY: dict[str, dict[str, Any]] = {
 SYSTEM_SIM: dict[str, dict[str, Any]] = {
     "infaas++@kv-x1.1": {"num_blocks": round(LLAMA_7B_A10.num_blocks * 1.1)},
     "infaas++@kv-x1.25": {"num_blocks": round(LLAMA_7B_A10.num_blocks * 1.25)},
-    **{f"{name}@prompts-first": {"engine_prefill_first_steps": VLLM_PREFILL_FIRST}
-       for name in ("round_robin", "infaas++", "llumnix")},
+    **{f"{name}@prompts-first": {"engine_prefill_first_steps": VLLM_PREFILL_FIRST} for name in PROMPTS_FIRST},
 }
 
 

@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     import torch
 
 # The dtypes a payload may have: wire name -> bytes per element. Checking a message needs
-# no torch; ``DTYPES`` (the names' torch dtypes) imports it on first use, so that the configs
-# and the CLI, which import this module, start without it.
+# no torch; ``torch_dtypes()`` (the names' torch dtypes) imports it on first use, so that the
+# configs and the CLI, which import this module, start without it.
 DTYPE_ITEMSIZE: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1}
 
 
@@ -75,10 +75,6 @@ def _dtype_names() -> dict["torch.dtype", str]:
     return {v: k for k, v in torch_dtypes().items()}
 
 
-def __getattr__(name: str) -> Any:
-    if name == "DTYPES":
-        return torch_dtypes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +103,7 @@ class Blocks:
 
     @property
     def payload_nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
+        return payload_nbytes(self.dtype, self.shape)
 
     def to_header(self) -> dict[str, Any]:
         return {"type": self.TYPE, "migration_id": self.migration_id,
@@ -436,13 +432,13 @@ def payload_to_tensor(buf: Any, dtype: str, shape: tuple[int, ...]) -> torch.Ten
 
     The tensor keeps ``buf`` alive. A read-only ``buf`` gives a tensor one must not write to.
     """
+    import torch
+
     mv = memoryview(buf).cast("B")
     if mv.nbytes != payload_nbytes(dtype, tuple(shape)):
         raise ProtocolError(f"payload has {mv.nbytes} bytes, {dtype}{list(shape)} needs "
                             f"{payload_nbytes(dtype, tuple(shape))}")
     if mv.nbytes == 0:
-        import torch
-
         return torch.empty(tuple(shape), dtype=torch_dtypes()[dtype])
     flat = _frombuffer(mv)
     return flat.view(torch_dtypes()[dtype]).view(tuple(shape))

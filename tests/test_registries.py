@@ -135,7 +135,7 @@ def test_the_cli_the_llumlet_and_the_scheduler_start_without_torch():
         import json
         import torch
         from migration import wire
-        print(json.dumps({"same": wire.DTYPES == {n: getattr(torch, n) for n in wire.DTYPE_ITEMSIZE},
+        print(json.dumps({"same": wire.torch_dtypes() == {n: getattr(torch, n) for n in wire.DTYPE_ITEMSIZE},
                           "sizes": all(getattr(torch, n).itemsize == k for n, k in wire.DTYPE_ITEMSIZE.items())}))
     """)
     assert loaded == {"same": True, "sizes": True}

@@ -157,7 +157,7 @@ def test_reply_rejected(header):
 
 _ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 _leaf = st.one_of(st.none(), st.booleans(), _ints, st.floats(allow_nan=True), st.text(max_size=20),
-                  st.binary(max_size=20), st.sampled_from(list(wire.DTYPES) + ["pre_alloc", "blocks", "commit",
+                  st.binary(max_size=20), st.sampled_from(list(wire.DTYPE_ITEMSIZE) + ["pre_alloc", "blocks", "commit",
                                                                                "abort", "ping", "m", "r"]))
 _garbage = st.recursive(_leaf, lambda c: st.one_of(st.lists(c, max_size=5),
                                                    st.dictionaries(st.text(max_size=12), c, max_size=6)),
@@ -200,7 +200,7 @@ def test_commit_state_fuzz(state):
         pass
 
 
-@pytest.mark.parametrize("dtype", list(wire.DTYPES.values()))
+@pytest.mark.parametrize("dtype", list(wire.torch_dtypes().values()))
 def test_tensor_payload_round_trip(dtype):
     g = torch.Generator().manual_seed(0)
     t = (torch.rand(5, 3, 7, generator=g) * 100).to(dtype)

@@ -323,9 +323,10 @@ class BatchScheduler:
         or a ``prefill`` instance's, set by its llumlet): while requests wait to be admitted, up to
         ``prefill_first`` steps in a row admit them alone and the running batch sits out (on a
         prefill instance it is requests waiting for their hand-off, whose later tokens the decode
-        instance computes, so its steps only delay the prompts queued behind them). The step after runs as usual, so a running request waits at most that many
-        steps; so does a step where nothing can be admitted. FCFS and fair-share scheduling
-        only: an injected batch policy decides for itself."""
+        instance computes, so its steps only delay the prompts queued behind them). The step
+        after runs as usual, so a running request waits at most that many steps; so does a step
+        where nothing can be admitted. FCFS and fair-share scheduling only: an injected batch
+        policy decides for itself."""
         if not self.prefill_first or not self.running or self.ready or self._prefill_run >= self.prefill_first:
             self._prefill_run = 0
             return False

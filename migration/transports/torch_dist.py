@@ -150,7 +150,7 @@ class _DestinationSide(OutOfBandPayloads):
 
     def receive(self, x: dict, msg: wire.Blocks) -> torch.Tensor:
         key, pg, tag = self._pg_and_tag(x)  # header and size were validated before we get here
-        t = torch.empty(msg.shape, dtype=wire.DTYPES[msg.dtype], device=self.device)
+        t = torch.empty(msg.shape, dtype=wire.torch_dtypes()[msg.dtype], device=self.device)
         self._recv_into(key, pg, t, tag)
         return t
 
