@@ -41,7 +41,9 @@ overhead per copy plus bytes over PCIe (``HardwareSpec.host_link_gbps``,
 ``ConversationCluster`` (``experiments/fairness_sim.py``) adds the closed loop (a turn arrives after the previous one
 finished) and real prompts with client and conversation ids.
 
-Metrics: P95/P99 TTFT and TBT (seconds), and the fairness metric: the largest
+Metrics: P95/P99 TTFT and TBT (seconds); the stall share: the part of the engines' step
+time spent waiting on KV copies (synchronous swaps and stores, waits for asynchronous ones;
+``SwitchMeter.stall_s``), the context switches' direct cost; and the fairness metric: the largest
 difference of service (VTC counters, weighted tokens) between clients with requests in
 the system, sampled every step (on a cluster: each engine's own counters, the largest
 over engines, as fairness is per instance), and the cluster-wide gap: the same metric
@@ -171,11 +173,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return sweep_main(args)
     results = run(args)
     headers = ["system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99", "P99 TTFT x", "P99 TBT x",
-               "fairness gap", "cluster gap", "preempt", "yields", "copies", "reused tok", "group", "migr",
-               "steered"]
+               "fairness gap", "cluster gap", "preempt", "yields", "copies", "stall share", "reused tok", "group",
+               "migr", "steered"]
     rows = [[n, r["ttft_p95"], r["ttft_p99"], r["tbt_p95"], r["tbt_p99"], r.get("ttft_p99_vs_vllm_swap", 0.0),
              r.get("tbt_p99_vs_vllm_swap", 0.0), r["fairness_gap"], r["cluster_gap"], r["preemptions"], r["yields"],
-             r["copies"], r["reused_tokens"], r["group_size_mean"], r["migrations"], r["steered"]] for n, r in results["systems"].items()]
+             r["copies"], r["stall_share"], r["reused_tokens"], r["group_size_mean"], r["migrations"], r["steered"]]
+            for n, r in results["systems"].items()]
     common.print_table("Fair preemption (seconds; x = vllm-swap's P99 / this one's)", headers, rows)
     common.write_markdown(args.out / "fairness.md", "Fair preemption with cheap context switches",
                           [("Latencies (seconds) and switches", headers, rows)],

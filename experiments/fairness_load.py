@@ -20,7 +20,8 @@ conversations start uniformly within that many seconds: a smaller spread is a hi
 load), on the same conversations (same seed: the same turns and lengths, the starts
 scaled with the spread). Per load: P95/P99 TTFT and TBT of each system, their ratios
 against ``vllm-swap`` (its figure / the system's), the P99 queue wait (a turn's arrival
-to the first step that computes it), the fairness gap and the makespan, and whether the
+to the first step that computes it), the fairness gap, the stall share (of the engine's
+step time, the part spent waiting on KV copies) and the makespan, and whether the
 load is overloaded: ``vllm-swap``'s P99 queue wait is at least half its P99 TTFT (the
 queue sets the TTFT tail; ``experiments/fairness_load.py``). The sweep replaces the
 single-load table; its JSON is ``{"conversations", "turns", "load_sweep": {"baseline",
@@ -112,8 +113,7 @@ def sweep_json(points: list[dict]) -> dict:
 
 HEADERS = ["spread s", "conv/s", "overloaded", "system", "TTFT P95", "TTFT P99", "TBT P95", "TBT P99",
            "P99 TTFT x", "P99 TBT x", "P95 TTFT x", "P95 TBT x", "queue mean", "queue P99", "queue share",
-           "fairness gap",
-           "preempt", "makespan"]
+           "fairness gap", "preempt", "stall share", "makespan"]
 
 
 def table_rows(points: list[dict]) -> list[list]:
@@ -125,7 +125,7 @@ def table_rows(points: list[dict]) -> list[list]:
                          s["ttft_p95"], s["ttft_p99"], s["tbt_p95"], s["tbt_p99"],
                          s["ttft_p99_vs_vllm_swap"], s["tbt_p99_vs_vllm_swap"], s["ttft_p95_vs_vllm_swap"],
                          s["tbt_p95_vs_vllm_swap"], s["queue_wait_mean"], s["queue_wait_p99"], s["queue_share_p99"],
-                         s["fairness_gap"], s["preemptions"], s["makespan_s"]])
+                         s["fairness_gap"], s["preemptions"], s["stall_share"], s["makespan_s"]])
     return rows
 
 

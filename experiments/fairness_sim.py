@@ -87,6 +87,8 @@ class Run:
     migrations: int = 0  # finished live migrations (cluster only)
     steered: int = 0  # turns fair dispatch sent to the freest instance (cluster only)
     queue_wait: list[float] = field(default_factory=list)  # per turn: arrival to the first step computing it
+    busy_s: float = 0.0  # engine step time, summed over engines
+    stall_s: float = 0.0  # of it, steps waiting on KV copies (swaps, stores, restores)
 
 
 def note_starts(run: Run, pending: dict[str, float], seqs: dict, out: StepOutput, t0: float) -> None:
@@ -155,6 +157,7 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
         t0 = now
         out = engine.step()
         now += out.duration_s
+        run.busy_s += out.duration_s
         note_starts(run, pending, engine.seqs, out, t0)
         run.preemptions += len(out.preempted)
         for o in out.outputs:
@@ -180,7 +183,7 @@ def simulate(system: System, convs: list[Conversation], args, seed: int) -> Run:
         if len(book.active) > 1:
             run.cluster_gap = max(run.cluster_gap, book.gap())
     m = engine.swapper.meter
-    run.copies, run.blocks_copied = m.copies, m.blocks_copied
+    run.copies, run.blocks_copied, run.stall_s = m.copies, m.blocks_copied, m.stall_s
     run.reused_tokens, run.switches, run.makespan = engine.conversations.restored_tokens, engine.fair.switches, now
     engine.close()
     return run
@@ -313,6 +316,7 @@ def simulate_cluster(system: System, convs: list[Conversation], args, seed: int,
     for e in cluster.engines().values():
         run.copies += e.swapper.meter.copies
         run.blocks_copied += e.swapper.meter.blocks_copied
+        run.stall_s += e.swapper.meter.stall_s
         run.reused_tokens += e.conversations.restored_tokens
         run.switches += e.fair.switches
         e.close()
@@ -320,6 +324,7 @@ def simulate_cluster(system: System, convs: list[Conversation], args, seed: int,
     run.migrations = sum(m.status == MigrationStatus.FINISHED for m in result.migrations)
     run.steered = cluster.scheduler.num_fair_steered
     run.makespan = result.virtual_s
+    run.busy_s = sum(inst.core.stats.busy_s for inst in [*cluster.retired.values(), *cluster.instances.values()])
     return run
 
 
@@ -331,6 +336,8 @@ def summarize(run: Run) -> dict:
             "cluster_gap": run.cluster_gap, "preemptions": run.preemptions,
             "yields": run.switches, "copies": run.copies, "blocks_copied": run.blocks_copied,
             "reused_tokens": run.reused_tokens, "requests": len(run.ttft), "makespan_s": run.makespan,
+            "busy_s": run.busy_s, "stall_s": run.stall_s,
+            "stall_share": run.stall_s / run.busy_s if run.busy_s > 0 else 0.0,
             "migrations": run.migrations, "steered": run.steered,
             "group_size_mean": (sum(n * k for n, k in run.group_sizes.items()) / sum(run.group_sizes.values())
                                 if run.group_sizes else 0.0),

@@ -112,6 +112,28 @@ def test_a_waiting_turn_carries_its_stored_prefix_and_prefills_only_its_new_toke
     assert dst.conversations.entries()["c"].tokens[:len(p2)] == p2
 
 
+def test_the_destinations_store_of_the_carried_prefix_is_charged_to_its_next_step():
+    """Keeping the carried prefix copies it to the host pool between steps (synchronous swap):
+    the next step pays for that copy, and the stall meter counts it."""
+    src, dst, p2, ref = setup()
+    store_s = 5.0  # far longer than any real step here: the copy's time cannot hide in one
+    real_swap_out = dst.executor.swap_out
+
+    def slow_swap_out(runs):
+        real_swap_out(runs)
+        return store_s
+
+    dst.executor.swap_out = slow_swap_out
+    res, _ = migrate(src, dst)
+    assert res.status == MigrationStatus.FINISHED and dst.swapper.meter.stall_s == 0.0
+    first = dst.step()
+    assert first.duration_s >= store_s and dst.swapper.meter.stall_s >= store_s
+    dst.executor.swap_out = real_swap_out
+    tokens = {"t2": list(first.outputs[0].new_token_ids) if first.outputs else []}
+    run(dst, tokens)
+    assert tokens["t2"] == ref
+
+
 def test_the_prefix_travels_from_the_host_pool_even_when_the_source_has_no_free_device_block():
     """The source is why the turn leaves: full. The stored turn is read straight from its
     host pool into the migration frame, so the carry needs no device block there."""

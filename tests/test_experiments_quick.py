@@ -336,6 +336,10 @@ def test_fairness(tmp_path):
         assert s["ttft_p99"] >= s["ttft_p95"] >= 0 and s["tbt_p99"] >= s["tbt_p95"] >= 0
     assert systems["recompute"]["copies"] == 0 and systems["recompute"]["preemptions"] > 0
     assert systems["vllm-swap"]["copies"] > 0, "the smoke run never swapped; shrink it"
+    # Stalls: every synchronous swap stalls its step; recompute copies nothing, so never stalls.
+    assert systems["recompute"]["stall_s"] == 0 and systems["recompute"]["busy_s"] > 0
+    assert 0 < systems["vllm-swap"]["stall_share"] < 1
+    assert all(s["stall_s"] <= s["busy_s"] for s in systems.values())
     assert systems["llumnix-py"]["reused_tokens"] > 0 and systems["-reuse"]["reused_tokens"] == 0
     for name in ("llumnix-py", "-groups"):
         sizes = systems[name]["group_sizes"]

@@ -103,13 +103,16 @@ def test_sim_engine_charges_swap_copies_to_the_step():
     ex.execute, ex.swap_out, ex.swap_in = execute, timed(copy_out), timed(copy_in)
     for r in requests:
         e.add_request(r)
-    swapped_steps = 0
+    swapped_steps, copy_s = 0, 0.0
     while e.has_unfinished():
         times.clear()
         out = e.step()
         assert out.duration_s == pytest.approx(sum(times))
         swapped_steps += len(times) > 1
+        copy_s += out.duration_s - (times[-1] if out.num_prefill_tokens or out.num_decode_tokens else 0.0)
     assert swapped_steps > 0 and e.swapper.meter.copies > 0
+    # The stall meter: the steps' time spent on copies, every copy's and nothing else.
+    assert e.swapper.meter.stall_s == pytest.approx(copy_s) and copy_s > 0
 
 
 def test_host_copy_time_is_overhead_per_copy_plus_bytes_over_the_link():

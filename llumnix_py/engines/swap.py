@@ -41,6 +41,9 @@ class SwitchMeter:
         self.copies = 0  # copies issued, both directions
         self.blocks_copied = 0
         self.run_sizes: Counter[int] = Counter()  # blocks per copy -> copies of that size
+        # Seconds steps spent waiting on KV copies (synchronous copies and stores, and waits for
+        # asynchronous ones): the context switches' cost to every request in those steps.
+        self.stall_s = 0.0
 
     def costs(self) -> SwitchCosts:
         return self._costs
