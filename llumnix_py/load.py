@@ -136,6 +136,9 @@ class InstanceLoad:
         links: ``(peer migration address, GB/s)``: the smoothed bandwidth this instance's
             finished migrations to each peer achieved (the llumlet measures it).
         kv_block_bytes: bytes of one KV block (0: unknown); with ``links``, predicts copy time.
+        kv_copy_stall_s: seconds the engine's steps have waited on KV copies since it started
+            (swaps between the pools, a finished turn's store and the next turn's restore; an
+            engine that does not measure it reports 0): the context switches' cost.
     """
 
     instance_id: str = ""
@@ -163,6 +166,7 @@ class InstanceLoad:
     role: str = "both"
     links: tuple[tuple[str, float], ...] = ()
     kv_block_bytes: int = 0
+    kv_copy_stall_s: float = 0.0
 
     @property
     def free_blocks(self) -> int:

@@ -491,7 +491,7 @@ def test_metrics(server, client, cluster):
                  "llumnix_generation_tokens", "llumnix_migrations", "llumnix_migration_downtime_seconds",
                  "llumnix_instance_kv_blocks_used", "llumnix_instance_kv_blocks_total",
                  "llumnix_instance_freeness", "llumnix_instance_running_requests",
-                 "llumnix_instance_waiting_requests"):
+                 "llumnix_instance_waiting_requests", "llumnix_instance_kv_copy_stall_seconds"):
         assert name in families, name
     finished = [s.value for s in families["llumnix_requests"].samples
                 if s.name == "llumnix_requests_total" and s.labels["status"] == "finished"]
@@ -516,9 +516,10 @@ def test_metrics_count_each_migration_once():
         raise AssertionError(f"{name} {labels} missing")
 
     inst = [{"instance_id": "i0", "total_blocks": 8, "used_blocks": 2, "running": 1, "waiting": 0,
-             "freeness": float("-inf")}]
+             "freeness": float("-inf"), "kv_copy_stall_s": 1.25}]
     s1 = {"instances": inst, "migrations": {"finished": 2, "aborted_dst": 1}, "migration_downtime_ms": [10.0, 20.0]}
     text = m.scrape(s1).decode()
+    assert sample(text, "llumnix_instance_kv_copy_stall_seconds", instance="i0") == 1.25
     assert sample(text, "llumnix_migrations_total", outcome="finished") == 2
     assert sample(text, "llumnix_migration_downtime_seconds_count") == 2
     text = m.scrape(s1).decode()  # nothing new
@@ -531,3 +532,4 @@ def test_metrics_count_each_migration_once():
     assert sample(text, "llumnix_migration_downtime_seconds_count") == 3
     assert abs(sample(text, "llumnix_migration_downtime_seconds_sum") - 0.07) < 1e-9
     assert "llumnix_instance_kv_blocks_used{" not in text  # the instance left
+    assert "llumnix_instance_kv_copy_stall_seconds{" not in text

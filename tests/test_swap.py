@@ -111,8 +111,10 @@ def test_sim_engine_charges_swap_copies_to_the_step():
         swapped_steps += len(times) > 1
         copy_s += out.duration_s - (times[-1] if out.num_prefill_tokens or out.num_decode_tokens else 0.0)
     assert swapped_steps > 0 and e.swapper.meter.copies > 0
-    # The stall meter: the steps' time spent on copies, every copy's and nothing else.
+    # The stall meter: the steps' time spent on copies, every copy's and nothing else; the
+    # engine's load reports it (the scheduler's state and /metrics carry it on).
     assert e.swapper.meter.stall_s == pytest.approx(copy_s) and copy_s > 0
+    assert e.load().kv_copy_stall_s == e.swapper.meter.stall_s
 
 
 def test_host_copy_time_is_overhead_per_copy_plus_bytes_over_the_link():

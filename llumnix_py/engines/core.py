@@ -467,6 +467,7 @@ class EngineCore(EngineAdapter):
             conversations=tuple((cid, len(t.tokens)) for cid, t in self.conversations.entries().items()),
             client_service=tuple(sorted(self.fair.counters.items())) if self.fair is not None else (),
             client_served=tuple(sorted(self.fair.served.items())) if self.fair is not None else (),
+            kv_copy_stall_s=self.swapper.meter.stall_s,
         )
         annotate = getattr(self.scheduler.batch_policy, "annotate", None)  # SLO-aware policies add margins
         return load if annotate is None else annotate(load, self.scheduler.running, self.scheduler.waiting)

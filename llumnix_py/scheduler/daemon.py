@@ -344,6 +344,7 @@ class SchedulerDaemon:
                     "terminating": inst.terminating,
                     "role": inst.role,
                     "freeness": freeness(inst, cfg),
+                    "kv_copy_stall_s": inst.kv_copy_stall_s,
                 })
             # Downtime of running requests whose KV moved; a queued request was not decoding anyway.
             downtimes = [r.downtime_s for r in self.results if r.status == MigrationStatus.FINISHED and r.blocks]

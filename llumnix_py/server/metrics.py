@@ -106,6 +106,9 @@ class Metrics:
                               "Freeness: decode steps the batch can take before memory runs out.", labels, registry=r)
         self.running = Gauge("llumnix_instance_running_requests", "Running requests.", labels, registry=r)
         self.waiting = Gauge("llumnix_instance_waiting_requests", "Waiting requests.", labels, registry=r)
+        self.copy_stall = Gauge("llumnix_instance_kv_copy_stall_seconds",
+                                "Seconds the instance's engine steps have waited on KV copies (swaps, a "
+                                "conversation's store and restore) since the engine started.", labels, registry=r)
         self.migration_returns = Counter(
             "llumnix_migration_returns", "Finished migrations that took a request to an instance it had left.",
             registry=r)
@@ -240,7 +243,7 @@ class Metrics:
 
         instances = list(state.get("instances") or [])
         self.active.set(int(state.get("active_requests", 0) or 0))
-        for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting):
+        for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting, self.copy_stall):
             gauge.clear()  # instances that left stop being exported
         for inst in instances:
             iid = str(inst.get("instance_id", ""))
@@ -249,6 +252,7 @@ class Metrics:
             self.freeness.labels(instance=iid).set(float(inst.get("freeness", 0.0)))
             self.running.labels(instance=iid).set(inst.get("running", 0))
             self.waiting.labels(instance=iid).set(inst.get("waiting", 0))
+            self.copy_stall.labels(instance=iid).set(float(inst.get("kv_copy_stall_s", 0.0)))
 
     def _update_payoff(self, payoff: Mapping[str, Any]) -> None:
         """The scheduler's migration ledger (``MigrationLedger.stats``): counters by cursor."""
