@@ -86,6 +86,11 @@ SYSTEMS = {
     "jit": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit"),
     "jit+oracle": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", estimator="oracle"),
     "jit-no-rescue": dict(policy=dict(dispatch="slo"), migrate=True, batch="jit"),
+    # Rescue behind a dispatcher blind to load and objectives (round-robin, as an external load
+    # balancer in front of the instances would be), and its ablation: what rescue adds where
+    # dispatch leaves some instances slower than others.
+    "jit+rr": dict(policy=dict(dispatch="round_robin", rescue=True), migrate=True, batch="jit"),
+    "jit+rr-no-rescue": dict(policy=dict(dispatch="round_robin"), migrate=True, batch="jit"),
     "jit+skip": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", skip=True),
     "jit+kv": dict(policy=dict(dispatch="slo", rescue=True), migrate=True, batch="jit", kv=True),
     "jit+jobs": dict(policy=dict(dispatch="jobs", rescue=True), migrate=True, batch="jit", kv=True),
