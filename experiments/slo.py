@@ -22,7 +22,8 @@ each engine, Llumnix dispatch and migration), ``jit`` (``policies.jit`` batching
 quantile length estimator, ``slo`` dispatch, rescue migration, then Llumnix balancing),
 ``jit+oracle`` (the same with the true lengths), ``jit-no-rescue`` (the ablation), ``jit+skip``
 (``jit`` with slack requests sitting out steps for urgent ones, ``JitParams.skip_slack``; not in
-the default sweep: ``--systems jit,jit+skip``); and for compound
+the default sweep: ``--systems jit,jit+skip``), ``jit+rr`` and ``jit+rr-no-rescue`` (``jit`` and
+its ablation behind round-robin dispatch; not in the default sweep); and for compound
 jobs ``jit+kv`` (``jit`` with each instance keeping finished calls' KV in a host pool of
 ``KV_BLOCKS`` blocks, so a later call reuses it when it happens to land there) and ``jit+jobs``
 (the same with ``jobs`` dispatch, ``policies/jobs.py``: a job's later call goes to the instance
