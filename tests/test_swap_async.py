@@ -153,7 +153,7 @@ def test_sim_async_swap_overlaps_copies_with_steps():
     """On the virtual clock, asynchronous swaps cost less step time than synchronous ones,
     and the sim engine's tokens do not depend on it."""
     requests = make_requests(8, seed=3, max_tokens=40, prompt_len=(30, 60))
-    total, toks = {}, {}
+    total, toks, stalls = {}, {}, {}
     for asynchronous in (False, True):
         e = make_engine("sim", num_blocks=30, block_size=4, watermark=0.0, num_host_blocks=400,
                         preemption_mode="swap", async_swap=asynchronous)
@@ -169,9 +169,11 @@ def test_sim_async_swap_overlaps_copies_with_steps():
                 toks[asynchronous].setdefault(o.request_id, []).extend(o.new_token_ids)
             e.check_invariants()
         assert e.swapper.meter.copies > 0
+        stalls[asynchronous] = e.swapper.meter.stall_s
     assert toks[True] == toks[False]
     assert all(len(t) == 40 for t in toks[True].values())
     assert total[True] < total[False]
+    assert 0 < stalls[True] < stalls[False]  # the overlap is time the steps no longer stall
 
 
 def test_a_finished_request_never_waits():
@@ -313,6 +315,7 @@ def test_sim_copies_go_on_while_the_engine_idles():
         e.add_request(Request("t2", t1.prompt_token_ids + tuple(out1) + (1, 2, 3),
                               SamplingParams(max_tokens=4, ignore_eos=True), conversation_id="c"))
         first[idles] = e.step().duration_s  # nothing runs: it waits for the link
+        assert e.swapper.meter.stall_s == first[idles]  # that wait is the step's stall, all of it
         run_to_completion(e)
         e.check_invariants()
         assert e.conversations.restored_tokens > 0
