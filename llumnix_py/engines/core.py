@@ -160,7 +160,7 @@ class EngineCore(EngineAdapter):
             copier = executor.make_copier()
         self.swapper = Swapper(executor, grouped=config.group_copies, copier=copier if config.async_swap else None)
         self.conversations = ConversationStore(self.host, config.block_size, config.conversation_host_blocks)
-        self._store_s = 0.0  # synchronous stores' seconds not yet charged to a step (_take_store_s)
+        self._store_s = 0.0  # synchronous stores' seconds not yet charged to a step (_stall)
         self.fair = FairShare(margin=config.fairness_margin, max_idle_clients=config.fairness_max_idle_clients) \
             if config.fairness else None
         self.measured_step_time: Optional[MeasuredStepTime] = None
@@ -333,9 +333,7 @@ class EngineCore(EngineAdapter):
                 if self.scheduler.landing and not self.scheduler.running:
                     waited += swapper.wait_landing()  # nothing else to run: wait for the oldest
                     self._land()
-            stall_s = copy_s + waited + self._take_store_s()
-            swapper.meter.stall_s += stall_s
-            return StepOutput(outputs=tuple(outgrown), duration_s=stall_s,
+            return StepOutput(outputs=tuple(outgrown), duration_s=self._stall(copy_s + waited),
                               preempted=tuple(s.request_id for s in plan.preempted))
         work = [self._decode_work(s) for s in plan.decodes] + [self._prefill_work(s) for s in plan.prefills]
         if asynchronous:
@@ -356,11 +354,9 @@ class EngineCore(EngineAdapter):
                 self._lifts.pop(s.request_id, None)
         outputs = [self._apply(seq, tok, lp, plp) for seq, tok, lp, plp in zip(
             plan.decodes + plan.prefills, done.tokens, done.logprobs, done.prompt_logprobs)] + outgrown
-        stall_s = copy_s + waited + self._take_store_s()
-        swapper.meter.stall_s += stall_s
         return StepOutput(
             outputs=tuple(outputs),
-            duration_s=done.duration_s + stall_s,
+            duration_s=done.duration_s + self._stall(copy_s + waited),
             num_prefill_tokens=sum(len(w.token_ids) for w in work if w.is_prefill),
             num_decode_tokens=len(plan.decodes),
             preempted=tuple(s.request_id for s in plan.preempted),
@@ -378,11 +374,14 @@ class EngineCore(EngineAdapter):
         assert self.fair is not None
         self.fair.on_step(prompt, output)
 
-    def _take_store_s(self) -> float:
-        """The synchronous stores' seconds since the last step (this step's finished turns, and a
-        migrated-in waiting turn's prefix kept between steps): this step pays for them."""
-        store_s, self._store_s = self._store_s, 0.0
-        return store_s
+    def _stall(self, copy_s: float) -> float:
+        """This step's wait on KV copies: ``copy_s`` (its synchronous copies and its waits for
+        asynchronous ones) plus the synchronous stores since the last step (its finished turns,
+        a migrated-in waiting turn's prefix kept between steps), which it pays for; counted
+        into the switch meter."""
+        stall_s, self._store_s = copy_s + self._store_s, 0.0
+        self.swapper.meter.stall_s += stall_s
+        return stall_s
 
     def _keep_turn(self, seq: Sequence) -> None:
         """Copy a finished turn's full blocks to the host pool for its conversation's next turn."""
