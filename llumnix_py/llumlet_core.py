@@ -370,16 +370,18 @@ class LlumletCore:
 
     def load(self, engine_load: InstanceLoad) -> InstanceLoad:
         """``engine_load`` with the requests accepted but not yet admitted counted as
-        waiting (the dispatcher's view), and the measured links, block size in bytes and
-        latest step time (``policies.bandwidth``)."""
+        waiting (the dispatcher's view), the measured links, block size in bytes and
+        latest step time (``policies.bandwidth``), and the engine's busy seconds and
+        preemptions so far (``stats``)."""
         with self._inbox_lock:
             queued = list(self._inbox)
         if engine_load.role != self.role.value:
             engine_load = dataclasses.replace(engine_load, role=self.role.value)
-        if self.links or self.stats.last_step_ms:  # a policy's predicted step time wins over the last one
+        if self.links or self.stats.steps:  # a policy's predicted step time wins over the last one
             engine_load = dataclasses.replace(engine_load, links=tuple(sorted(self.links.items())),
                                               kv_block_bytes=self.engine.kv_block_bytes,
-                                              step_s=engine_load.step_s or self.stats.last_step_ms / 1e3)
+                                              step_s=engine_load.step_s or self.stats.last_step_ms / 1e3,
+                                              busy_s=self.stats.busy_s, preemptions=self.stats.preemptions)
         if not queued:
             return engine_load
         bs = engine_load.block_size

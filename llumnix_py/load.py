@@ -139,6 +139,9 @@ class InstanceLoad:
         kv_copy_stall_s: seconds the engine's steps have waited on KV copies since it started
             (swaps between the pools, a finished turn's store and the next turn's restore; an
             engine that does not measure it reports 0): the context switches' cost.
+        busy_s: seconds the engine has spent in steps since it started (its rate over time is
+            the engine's utilisation; the llumlet sets it, 0 in an engine's own snapshot).
+        preemptions: requests the engine has preempted since it started (the llumlet sets it).
     """
 
     instance_id: str = ""
@@ -167,6 +170,8 @@ class InstanceLoad:
     links: tuple[tuple[str, float], ...] = ()
     kv_block_bytes: int = 0
     kv_copy_stall_s: float = 0.0
+    busy_s: float = 0.0
+    preemptions: int = 0
 
     @property
     def free_blocks(self) -> int:

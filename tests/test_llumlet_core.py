@@ -75,6 +75,19 @@ def test_a_step_routes_outputs_to_their_frontends_and_forgets_finished_requests(
     assert core.stats.tokens == 4 and core.stats.steps >= 2
 
 
+def test_the_load_carries_the_engines_busy_seconds_and_preemptions():
+    core = make_core(num_blocks=8)  # 4 prompts of 2 blocks each fill it: their growth preempts
+    assert core.load(core.engine.load()).busy_s == 0 and core.load(core.engine.load()).preemptions == 0
+    for i in range(4):
+        core.submit(request(f"r{i}", n=30, max_tokens=40))
+    core.admit(0.0)
+    while core.step_due():
+        core.on_published(core.step()[0])
+    load = core.load(core.engine.load())
+    assert core.stats.preemptions >= 1 and core.stats.busy_s > 0
+    assert (load.busy_s, load.preemptions) == (core.stats.busy_s, core.stats.preemptions)
+
+
 def test_a_step_without_routing_still_forgets_finished_requests():
     core = make_core()
     core.submit(request("a", max_tokens=1))

@@ -502,6 +502,17 @@ def test_metrics(server, client, cluster):
            if s.name == "llumnix_generation_tokens_total"]
     assert gen and gen[0] >= 4
 
+    def busy() -> dict[str, float]:
+        text = httpx.get(server.url + "/metrics").text
+        return {s.labels["instance"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "llumnix_instance_busy_seconds" for s in f.samples}
+
+    # The engine that served the request reports its step time once the scheduler polls it again.
+    wait_for(lambda: any(v > 0 for v in busy().values()), what="an instance's busy seconds")
+    assert set(busy()) == set(cluster.instance_ids())
+    assert "llumnix_instance_preemptions" in {f.name for f in text_string_to_metric_families(
+        httpx.get(server.url + "/metrics").text)}
+
 
 def test_metrics_count_each_migration_once():
     from llumnix_py.server import Metrics
@@ -516,10 +527,12 @@ def test_metrics_count_each_migration_once():
         raise AssertionError(f"{name} {labels} missing")
 
     inst = [{"instance_id": "i0", "total_blocks": 8, "used_blocks": 2, "running": 1, "waiting": 0,
-             "freeness": float("-inf"), "kv_copy_stall_s": 1.25}]
+             "freeness": float("-inf"), "kv_copy_stall_s": 1.25, "busy_s": 3.5, "preemptions": 7}]
     s1 = {"instances": inst, "migrations": {"finished": 2, "aborted_dst": 1}, "migration_downtime_ms": [10.0, 20.0]}
     text = m.scrape(s1).decode()
     assert sample(text, "llumnix_instance_kv_copy_stall_seconds", instance="i0") == 1.25
+    assert sample(text, "llumnix_instance_busy_seconds", instance="i0") == 3.5
+    assert sample(text, "llumnix_instance_preemptions", instance="i0") == 7
     assert sample(text, "llumnix_migrations_total", outcome="finished") == 2
     assert sample(text, "llumnix_migration_downtime_seconds_count") == 2
     text = m.scrape(s1).decode()  # nothing new
@@ -533,3 +546,4 @@ def test_metrics_count_each_migration_once():
     assert abs(sample(text, "llumnix_migration_downtime_seconds_sum") - 0.07) < 1e-9
     assert "llumnix_instance_kv_blocks_used{" not in text  # the instance left
     assert "llumnix_instance_kv_copy_stall_seconds{" not in text
+    assert "llumnix_instance_busy_seconds{" not in text and "llumnix_instance_preemptions{" not in text

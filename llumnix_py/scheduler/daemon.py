@@ -345,6 +345,8 @@ class SchedulerDaemon:
                     "role": inst.role,
                     "freeness": freeness(inst, cfg),
                     "kv_copy_stall_s": inst.kv_copy_stall_s,
+                    "busy_s": inst.busy_s,
+                    "preemptions": inst.preemptions,
                 })
             # Downtime of running requests whose KV moved; a queued request was not decoding anyway.
             downtimes = [r.downtime_s for r in self.results if r.status == MigrationStatus.FINISHED and r.blocks]

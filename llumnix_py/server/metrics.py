@@ -109,6 +109,10 @@ class Metrics:
         self.copy_stall = Gauge("llumnix_instance_kv_copy_stall_seconds",
                                 "Seconds the instance's engine steps have waited on KV copies (swaps, a "
                                 "conversation's store and restore) since the engine started.", labels, registry=r)
+        self.busy = Gauge("llumnix_instance_busy_seconds", "Seconds the instance's engine has spent in steps since "
+                          "it started (its rate is the engine's utilisation).", labels, registry=r)
+        self.preemptions = Gauge("llumnix_instance_preemptions", "Requests the instance's engine has preempted "
+                                 "since it started.", labels, registry=r)
         self.migration_returns = Counter(
             "llumnix_migration_returns", "Finished migrations that took a request to an instance it had left.",
             registry=r)
@@ -243,7 +247,8 @@ class Metrics:
 
         instances = list(state.get("instances") or [])
         self.active.set(int(state.get("active_requests", 0) or 0))
-        for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting, self.copy_stall):
+        for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting, self.copy_stall,
+                      self.busy, self.preemptions):
             gauge.clear()  # instances that left stop being exported
         for inst in instances:
             iid = str(inst.get("instance_id", ""))
@@ -253,6 +258,8 @@ class Metrics:
             self.running.labels(instance=iid).set(inst.get("running", 0))
             self.waiting.labels(instance=iid).set(inst.get("waiting", 0))
             self.copy_stall.labels(instance=iid).set(float(inst.get("kv_copy_stall_s", 0.0)))
+            self.busy.labels(instance=iid).set(float(inst.get("busy_s", 0.0)))
+            self.preemptions.labels(instance=iid).set(inst.get("preemptions", 0))
 
     def _update_payoff(self, payoff: Mapping[str, Any]) -> None:
         """The scheduler's migration ledger (``MigrationLedger.stats``): counters by cursor."""
