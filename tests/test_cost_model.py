@@ -104,6 +104,39 @@ def test_step_time_monotone(profile, p, b, c, dp, db, dc):
     assert profile.step_time(p, b, c, causal_context(0, p) + dc) >= base
 
 
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("profile", [OPT_13B_A100, OPT_66B_2xA100], ids=lambda p: p.model.name)
+@settings(max_examples=40, deadline=None)
+@given(prompts=st.lists(st.integers(1, 4096), min_size=1, max_size=12), decodes=st.integers(0, 64))
+def test_a_batch_of_prompts_takes_at_least_the_sum_of_their_prefill_work(profile, degree, prompts, decodes):
+    from llumnix_py.engines.sim.profiles import with_tensor_parallel
+
+    prof = with_tensor_parallel(profile, degree)
+    pairs = sum(causal_context(0, p) for p in prompts)
+    work = sum(prof.prefill_work_s(p) for p in prompts)
+    assert prof.step_time(sum(prompts), decodes, decodes * 100, pairs) >= work > 0
+    # and chunked: the halves of one prompt cost at least its whole work
+    p = prompts[0]
+    if p > 1:
+        h = p // 2
+        chunks = prof.step_time(h, 0, 0, causal_context(0, h)) + prof.step_time(p - h, 0, 0, causal_context(h, p - h))
+        assert chunks >= prof.prefill_work_s(p) * (1 - 1e-12)
+
+
+def test_prefill_work_is_the_flops_at_the_profiles_rate_by_hand():
+    # OPT-13B on one A100: 2 * params FLOPs a token, plus the attention's 4 * layers * hidden a
+    # (query, key) pair, at peak * prefill efficiency; one GPU, no all-reduce.
+    p = OPT_13B_A100
+    m, rate = p.model, p.hw.peak_tflops * 1e12 * p.prefill_efficiency
+    expected = (2 * m.num_params * 1000 + 4 * m.num_layers * m.hidden_size * causal_context(0, 1000)) / rate
+    assert p.prefill_work_s(1000) == pytest.approx(expected, rel=1e-12)
+    # a fitted profile: its per-token cost (its fixed cost is shared by a batch)
+    fitted = FittedCostProfile(LLAMA_7B, A10, 0.5, 0.0, 0.1, fixed_s=0.01, per_prefill_token_s=2e-4)
+    assert fitted.prefill_work_s(100) == pytest.approx(0.02)
+    with pytest.raises(ValueError):
+        p.prefill_work_s(-1)
+
+
 def test_empty_step_is_free_and_nonempty_pays_overhead():
     assert LLAMA_7B_A10.step_time(0, 0, 0) == 0.0
     assert LLAMA_7B_A10.step_time(1, 0, 0) >= LLAMA_7B_A10.decode_overhead_s

@@ -319,6 +319,22 @@ class CostProfile:
             + self._pass_time(num_decode_seqs, decode_context_tokens, decode_context_tokens)
         )
 
+    def prefill_work_s(self, prompt_len: int) -> float:
+        """A lower bound on the step time any schedule spends prefilling one fresh prompt of
+        ``prompt_len`` tokens, however it is batched or chunked: its GEMM and attention FLOPs
+        at the profile's FLOP/s, plus the bytes of its tokens in the tensor-parallel
+        all-reduces. A step's time is at least the sum of these over its prompts (FLOPs and
+        all-reduce bytes add up across a batch); what a batch shares (the weight reads, the
+        fixed overheads, the all-reduce latencies) is left out. ``experiments/pd_bound.py``
+        bounds a prefill instance's throughput with it."""
+        _check_count("prompt_len", prompt_len)
+        m = self.model
+        flops = 2.0 * m.num_params * prompt_len + 4.0 * m.num_layers * m.hidden_size * causal_context(0, prompt_len)
+        g, link = self.hw.num_gpus, self.hw.tp_link_gbps
+        ring = 0.0 if g == 1 or link is None else \
+            2 * m.num_layers * 2.0 * (g - 1) / g * prompt_len * m.hidden_size * m.dtype_bytes / (link * _GB)
+        return flops / self._flops_per_s + ring
+
     def migration_time(self, num_blocks: int, cross_node: bool = False) -> float:
         """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer),
         on the same node or (``cross_node``) on another one (``HardwareSpec.pair_link_gbps``)."""

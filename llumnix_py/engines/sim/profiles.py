@@ -259,6 +259,12 @@ class FittedCostProfile(CostProfile):
             + self.per_context_token_s * decode_context_tokens
         )
 
+    def prefill_work_s(self, prompt_len: int) -> float:
+        """The fit's per-token prefill cost of ``prompt_len`` tokens (its fixed cost is shared
+        by a batch): ``CostProfile.prefill_work_s`` for a fitted step time."""
+        _check_count("prompt_len", prompt_len)
+        return self.per_prefill_token_s * prompt_len
+
 
 def _read_rows(path: Union[str, Path]) -> np.ndarray:
     with open(path, newline="") as f:

@@ -1,0 +1,254 @@
+"""How far disaggregation can go in this cost model: an upper bound on any prefill/decode split's goodput.
+
+Issue 15's target is a disaggregated goodput per GPU at least 2x that of colocated vLLM
+(round-robin, prompts first as vLLM <= 0.3 ran them). Every run so far fell short
+(``experiments/disaggregation.py``: 0.31x-1.00x). This script asks whether *any* split
+could reach it, for each of DistServe's applications on a GPU budget:
+
+- **colocated round-robin**: the baseline's goodput, at its best tensor-parallel degree
+  (the highest rate with >= 90% of requests meeting both TTFT and TPOT, by bisection over
+  simulated runs of the same requests, as in ``experiments/disaggregation.py``), and its
+  *prefill utilisation* there: the prompts' prefill work (below) per second over the
+  instances it has.
+- **bound**: a rate no layout of the planner's space can exceed, by any dispatch, batching
+  or hand-off. A disaggregated layout prefills new prompts on its prefill instances; at
+  least one decode instance of the smallest degree that holds the longest request takes
+  GPUs from the budget, so at most ``P = (units - decode units) // degree`` prefill
+  instances of a degree remain. Each prompt ``i`` costs a prefill instance at least
+  ``w_i = CostProfile.prefill_work_s(prompt_len)`` seconds of step time however it is
+  batched (its FLOPs and all-reduce bytes; what a batch shares is left out). For 90% of
+  ``n`` requests to meet the TTFT objective ``T`` at rate ``r``, among the first ``k + 1``
+  arrivals all but ``n - ceil(0.9 n)`` must have their first token by ``a_k + T``, where
+  ``a_k = s_k / r`` (the same unit-rate Poisson arrivals scaled, ``s_k``), so the cheapest
+  of them fit in ``P (a_k + T)`` instance-seconds. Hence, for every ``k`` whose cheapest
+  work ``W_k`` exceeds ``P T``: ``r <= s_k / (W_k / P - T)``. The bound is the least of
+  these, for the best degree. It needs no simulation and holds for the finite run the
+  goodput is measured on.
+- **ideal**: a simulated estimate under the bound: the same ``P`` prefill instances
+  serving the prompts alone (every request ends at its first token: decoding is free and
+  the hand-off instant), round-robin, goodput by the same bisection (TTFT alone).
+
+If the bound is under twice the colocated goodput, the 2x target is out of reach for that
+application and budget in this cost model, whatever the scheduler does. Nothing in the cost
+model is fitted to this (``llumnix_py/engines/sim/profiles.py``).
+
+    python experiments/pd_bound.py                         # DistServe's applications, 4 and 16 instances of their model
+    python experiments/pd_bound.py --app code --gpus 16,32 --json out.json
+    python experiments/pd_bound.py --quick
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from experiments.common import (VLLM_PREFILL_FIRST, parse_args, print_table, save_figure, subplots,  # noqa: E402
+                                write_json, write_markdown)
+from experiments.pd_planner import APPLICATIONS, DEFAULT_APPLICATIONS, Application, goodput, make_requests  # noqa: E402
+from llumnix_py import planner  # noqa: E402
+from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
+from llumnix_py.planner import Layout, colocated_layouts, infeasible, parse_counts, profile_gpus  # noqa: E402
+from llumnix_py.slo import DEFAULT_TARGET  # noqa: E402
+
+
+def rate_bound(unit_arrivals: Sequence[float], work_s: Sequence[float], instances: int, ttft_s: float,
+               target: float = DEFAULT_TARGET) -> float:
+    """The highest rate at which ``target`` of the requests can have their first token within
+    ``ttft_s`` on ``instances`` instances, by work alone (module docstring); ``inf`` when the
+    work never binds.
+
+    Args:
+        unit_arrivals: arrival times at rate 1, increasing (at rate ``r`` they are divided by ``r``).
+        work_s: each request's least prefill time on one instance, in arrival order.
+        instances: instances that prefill.
+        ttft_s: the TTFT objective.
+        target: the share of requests that must meet it.
+
+    Raises:
+        ValueError: lengths that differ, no request, fewer than one instance, a target outside
+            (0, 1], a negative objective or work.
+    """
+    n = len(work_s)
+    if n == 0 or len(unit_arrivals) != n:
+        raise ValueError(f"{len(unit_arrivals)} arrivals for {n} requests")
+    if instances < 1 or not 0 < target <= 1 or ttft_s < 0 or min(work_s) < 0:
+        raise ValueError("instances >= 1, a target in (0, 1], and objectives and work >= 0 are required")
+    may_miss = n - math.ceil(target * n - 1e-9)
+    best = math.inf
+    heap: list[float] = []  # the cheapest (k + 1 - may_miss) works among the first k + 1, as a max-heap
+    total = 0.0
+
+    for k, (s, w) in enumerate(zip(unit_arrivals, work_s)):
+        heapq.heappush(heap, -w)
+        total += w
+        keep = k + 1 - may_miss
+        while len(heap) > max(keep, 0):
+            total += heapq.heappop(heap)  # drop the dearest (stored negated)
+        if keep <= 0:
+            continue
+        excess = total / instances - ttft_s
+        if excess > 0:
+            best = min(best, s / excess)
+    return best
+
+
+def prompt_work(profile: CostProfile, prompts: Sequence[int]) -> list[float]:
+    """Each prompt's least prefill time on an instance of ``profile`` (``prefill_work_s``)."""
+    return [profile.prefill_work_s(int(p)) for p in prompts]
+
+
+def _holds(layout: Layout, profile: str, role: str, tokens: int) -> bool:
+    prof = layout.sim_config(profile, 0).role_profile(role)
+    return prof.num_blocks * prof.block_size >= tokens
+
+
+def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str, seed: int) -> dict[str, Any]:
+    """The bound over the degrees (module docstring), and each degree's."""
+    unit = profile_gpus(profile)
+    units = gpus // unit
+    sample = make_requests(app, n, 1.0, seed)
+    arrivals = [r.arrival_time for r in sample]
+    longest_prompt = max(r.prompt_len for r in sample)
+    longest = max(r.prompt_len + r.output_len for r in sample)
+    decode = [d for d in degrees if _holds(Layout(2, (1, 1), tp=(d, d), unit=unit), profile, "decode", longest)]
+    if not decode:
+        return {"rps": 0.0, "why": f"no decode instance of degree {list(degrees)} holds {longest} tokens",
+                "by_degree": {}}
+    dec = min(decode)
+    by_degree: dict[int, dict[str, Any]] = {}
+    for d in degrees:
+        lay = Layout(2, (1, 1), tp=(d, dec), unit=unit)
+        p = (units - dec) // d
+        if p < 1 or not _holds(lay, profile, "prefill", longest_prompt):
+            continue
+        prof = lay.sim_config(profile, 0).role_profile("prefill")
+        work = prompt_work(prof, [r.prompt_len for r in sample])
+        by_degree[d] = {"prefill_instances": p, "decode_gpus": dec * unit, "mean_work_s": float(np.mean(work)),
+                        "rps": rate_bound(arrivals, work, p, app.slo.ttft_s)}
+    if not by_degree:
+        return {"rps": 0.0, "why": "no prefill instance fits beside the smallest decode instance", "by_degree": {}}
+    best = max(by_degree, key=lambda d: (by_degree[d]["rps"], -d))
+    return {"rps": by_degree[best]["rps"], "degree": best, **by_degree[best], "by_degree": by_degree}
+
+
+def prefill_only(app: Application, n: int, seed: int):
+    """``app``'s requests with one output token each (a planner workload)."""
+    return lambda rate: [dataclasses.replace(r, output_len=1) for r in make_requests(app, n, rate, seed)]
+
+
+def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterations: int, profile: str,
+             seed: int) -> dict[str, Any]:
+    unit = profile_gpus(profile)
+    if gpus % unit:
+        raise SystemExit(f"a budget of {gpus} GPUs does not split into instances of {profile} ({unit} GPUs each)")
+    sample = make_requests(app, n, 1.0, seed)
+    tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iterations), lay)
+             for lay in colocated_layouts(gpus, degrees, dispatch="round_robin", migration=False, unit=unit,
+                                          engine_prefill_first=VLLM_PREFILL_FIRST)
+             if infeasible(lay, profile, sample) is None]
+    if not tried:
+        return {"gpus": gpus, "profile": profile, "unservable": "no colocated layout holds the longest request"}
+    colocated, lay = max(tried, key=lambda t: (t[0], -t[1].tp[0]))
+    prof = lay.sim_config(profile, 0).role_profile("both")
+    work = prompt_work(prof, [r.prompt_len for r in sample])
+    utilisation = colocated * float(np.mean(work)) / lay.instances
+    b = bound(app, gpus, degrees, n, profile, seed)
+    ideal_rps, ideal_layout = 0.0, None
+    for d, row in b["by_degree"].items():
+        ideal = Layout(row["prefill_instances"], None, "round_robin", False, tp=(d, d), unit=unit,
+                       engine_prefill_first=VLLM_PREFILL_FIRST)
+        g = planner.goodput(prefill_only(app, n, seed), ideal, app.slo, profile, seed=seed, iterations=iterations)
+        row["ideal_rps"] = g
+        if g > ideal_rps:
+            ideal_rps, ideal_layout = g, f"{row['prefill_instances']} x {d * unit} GPUs"
+    ratio = (lambda x: x / colocated if colocated > 0 else None)
+    return {
+        "gpus": gpus, "profile": profile, "slo_ms": {"ttft": app.slo.ttft_s * 1e3, "tpot": app.slo.tpot_s * 1e3},
+        "colocated_rps": colocated, "colocated_layout": f"{lay.instances} x {lay.tp[0] * unit} GPUs",
+        "colocated_by_degree": {t[1].tp[0]: t[0] for t in tried},
+        "prefill_utilisation": utilisation,
+        "bound_rps": b["rps"], "bound_layout": (f"{b['prefill_instances']} x {b['degree'] * unit} GPUs prefill + "
+                                                f"{b['decode_gpus']} GPUs decode") if "degree" in b else b.get("why"),
+        "bound_by_degree": b["by_degree"], "bound_ratio": ratio(b["rps"]),
+        "ideal_rps": ideal_rps, "ideal_layout": ideal_layout, "ideal_ratio": ratio(ideal_rps),
+        "two_x_reachable": bool(colocated > 0 and b["rps"] >= 2 * colocated),
+    }
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    keys = [k for k, r in results.items() if "colocated_rps" in r]
+    if not keys:
+        return
+    fig, axes = subplots(1, 1, width=max(4.0, 1.3 * len(keys)), height=3.2)
+    ax = axes[0][0]
+    x = np.arange(len(keys))
+    target = [2.0 for _ in keys]
+    ax.bar(x - 0.2, [results[k]["bound_ratio"] or 0 for k in keys], 0.4, label="bound / colocated")
+    ax.bar(x + 0.2, [results[k]["ideal_ratio"] or 0 for k in keys], 0.4, label="ideal (simulated) / colocated")
+    ax.plot(x, target, "k--", lw=1, label="the 2x target")
+    ax.set_xticks(x, keys, rotation=20, fontsize=7)
+    ax.set_ylabel("x colocated round-robin goodput")
+    ax.set_title("Disaggregated goodput: what any split could reach")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "pd_bound.png")
+
+
+def _extra(ap) -> None:
+    ap.add_argument("--app", choices=sorted(APPLICATIONS), action="append",
+                    help=f"application(s) (default: {', '.join(DEFAULT_APPLICATIONS)})")
+    ap.add_argument("--gpus", default=None,
+                    help="GPU budgets, comma-separated (default: 4 and 16 instances of the smallest size of each "
+                         "application's model; --quick and --smoke: 4)")
+    ap.add_argument("--tp", default="1,2", help="tensor-parallel degrees, as multiples of the profile's GPUs")
+    ap.add_argument("--requests", type=int, default=None, help="requests a run (default 400, --quick 100)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args("pd_bound", __doc__.split("\n")[0], argv, _extra)
+    try:
+        degrees = parse_counts(args.tp, "--tp")
+        budgets = parse_counts(args.gpus, "--gpus") if args.gpus else None
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    n = args.requests or (30 if args.smoke else 100 if args.quick else 400)
+    iterations = 2 if args.smoke else 5 if args.quick else 7
+    jobs = []
+    for name in args.app or DEFAULT_APPLICATIONS:
+        app = APPLICATIONS[name]
+        unit = profile_gpus(app.model)
+        for gpus in budgets or ((4 * unit,) if args.quick or args.smoke else (4 * unit, 16 * unit)):
+            jobs.append((f"{name}, {gpus} GPUs", app, gpus))
+    results = {}
+    for key, app, gpus in tqdm(jobs, desc="bound", unit="budget", disable=not args.progress):
+        results[key] = {"application": app.name, **evaluate(app, gpus, degrees, n, iterations, app.model, args.seed)}
+    headers = ["application, budget", "colocated RR (req/s)", "on", "its prefill utilisation", "bound (req/s)",
+               "bound layout", "bound / colocated", "ideal (req/s)", "ideal / colocated", "2x possible"]
+    rows = [[k, r["colocated_rps"], r["colocated_layout"], r["prefill_utilisation"], r["bound_rps"],
+             r["bound_layout"], r["bound_ratio"], r["ideal_rps"], r["ideal_ratio"],
+             "yes" if r["two_x_reachable"] else "no"] if "colocated_rps" in r else [k, "unservable"] + [""] * 8
+            for k, r in results.items()]
+    title = (f"Upper bound on disaggregated goodput against colocated round-robin (prompts first), {n} requests a "
+             f"run, seed {args.seed}, degrees {', '.join(map(str, degrees))}")
+    print_table(title, headers, rows)
+    write_markdown(args.out / "pd_bound.md", "How far disaggregation can go in this cost model",
+                   [(title, headers, rows)], notes=__doc__.split("\n\n")[1])
+    plot(results, args.out)
+    data = {"settings": {"requests": n, "iterations": iterations, "degrees": list(degrees), "seed": args.seed},
+            "results": results}
+    write_json(args.json, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
