@@ -170,7 +170,9 @@ class Llumlet:
 
     def load(self) -> InstanceLoad:
         """A fresh snapshot when the engine is between steps, else the one taken after the
-        latest step: a poll (the scheduler's heartbeat) never waits for a long step."""
+        latest step or, when that step admitted requests, the one taken just before it, with
+        them in the queue (so the prompts a step in progress prefills count in the load): a
+        poll (the scheduler's heartbeat) never waits for a long step."""
         if self._lock.lock.acquire(blocking=False):
             try:
                 self._snapshot = self.engine.load()
@@ -196,7 +198,10 @@ class Llumlet:
             groups: dict[str, list[RequestOutput]] = {}
             self._wake.clear()  # before looking at the state: a wake-up from now on is not lost
             with self._lock.lock:
-                refused = core.admit(self.clock()) if core.has_inbox() else {}
+                refused: dict[str, list[RequestOutput]] = {}
+                if core.has_inbox():
+                    refused = core.admit(self.clock())
+                    self._snapshot = self.engine.load()  # a poll during the step sees what it admitted
                 held_until = core.holding(self.clock())  # a migration's stop-and-copy is coming in
                 if held_until is None and core.step_due():
                     out, groups = core.step(now=self.clock())

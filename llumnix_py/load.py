@@ -142,6 +142,10 @@ class InstanceLoad:
         busy_s: seconds the engine has spent in steps since it started (its rate over time is
             the engine's utilisation; the llumlet sets it, 0 in an engine's own snapshot).
         preemptions: requests the engine has preempted since it started (the llumlet sets it).
+        prefill_in_flight: prompt tokens the engine step in progress is prefilling, where the
+            snapshot already shows that step's effect (the simulator's: it applies a step when
+            the step starts), so they are in no queue of it; 0 where the snapshot predates the
+            step (the runtime's) or no step runs. ``policies.dispatch.prefill_backlog`` counts them.
     """
 
     instance_id: str = ""
@@ -172,6 +176,7 @@ class InstanceLoad:
     kv_copy_stall_s: float = 0.0
     busy_s: float = 0.0
     preemptions: int = 0
+    prefill_in_flight: int = 0
 
     @property
     def free_blocks(self) -> int:

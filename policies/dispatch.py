@@ -270,10 +270,11 @@ def _to_prefill(r: RequestLoad) -> int:
 def prefill_backlog(inst: InstanceLoad, pending: Sequence[RequestLoad] = ()) -> int:
     """Tokens ``inst`` must prefill before a request dispatched now: every waiting request's
     (``_to_prefill``), the prompt of every running request with no output yet (admitted, its
-    first token not out; a chunked prompt counts whole), and every ``pending`` dispatch's."""
+    first token not out; a chunked prompt counts whole), those of the step in progress that
+    the snapshot no longer shows (``prefill_in_flight``), and every ``pending`` dispatch's."""
     waiting = sum(_to_prefill(r) for r in inst.waiting)
     admitted = sum(r.prompt_len for r in inst.running if r.output_len == 0)
-    return waiting + admitted + sum(_to_prefill(r) for r in pending)
+    return waiting + admitted + inst.prefill_in_flight + sum(_to_prefill(r) for r in pending)
 
 
 def by_prefill_queue(

@@ -304,6 +304,30 @@ def gated_llumlet(clock: ManualClock, **config):
     return b, steps, gate, inside, go
 
 
+def test_a_poll_during_a_step_counts_the_prompts_that_step_admitted():
+    """The load a poll reads while a step runs (the engine lock held) shows the requests that
+    step took from the inbox: their prompts are still to prefill. Before, it was the load of
+    the step before, and they were in neither (prefill-queue dispatch sent more prompts there)."""
+    from policies.dispatch import prefill_backlog
+
+    clock = ManualClock(100.0)
+    b, steps, gate, inside, go = gated_llumlet(clock)
+    try:
+        assert prefill_backlog(b.load()) == 0  # idle: a fresh load
+        gate[0] = True
+        b.add_request(request("p", n=20, max_tokens=4))
+        assert inside.wait(60)  # the step that admitted it is in progress
+        load = b.load()
+        assert [r.request_id for r in load.waiting + load.running] == ["p"]
+        assert prefill_backlog(load) == 20
+        go.set()
+        wait_for(lambda: b.core.is_idle(), 60, "the request to finish")
+        assert prefill_backlog(b.load()) == 0
+    finally:
+        go.set()
+        b.stop()
+
+
 def test_a_hold_is_answered_after_the_step_in_progress_and_no_step_starts_until_it_ends():
     """``wire.Hold`` (a source's stop-and-copy is next): set at once, answered once the step in
     progress ended; the engine loop then starts no step until the migration aborts (or

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -168,6 +170,8 @@ def test_prefill_backlog_counts_what_must_be_prefilled_first():
     assert state.prefill_backlog(inst) == 505
     newer = make_inst("a", waiting=[make_req("q", 0, 1, prompt_len=7)])
     assert state.prefill_backlog(newer) == 7 + 25  # a new snapshot is read again
+    # a snapshot that already shows the step in progress applied reports its prompts beside
+    assert prefill_backlog(dataclasses.replace(newer, prefill_in_flight=400)) == 407
 
 
 def test_prefill_queue_skips_an_instance_busy_prefilling_though_it_has_more_memory():

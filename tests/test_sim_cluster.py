@@ -165,3 +165,32 @@ def test_stranded_memory_is_the_room_elsewhere_while_a_head_waits():
     _, alone = run_sim(wl[:2], num_instances=2, enable_migration=False, policy=PolicyConfig(dispatch="round_robin"))
     a = alone.summary()
     assert (a["head_waiting_share"], a["stranded_mean"], a["heads_fit_elsewhere"]) == (0.0, 0.0, 0.0)
+
+
+def test_a_poll_during_a_step_reports_the_prompt_tokens_it_prefills():
+    # The simulator applies a step when it starts, so its effect shows in a poll taken while it
+    # runs: a one-token prompt in flight is already gone from the queues. The poll reports its
+    # tokens beside (``InstanceLoad.prefill_in_flight``), for prefill-queue dispatch, and the
+    # first poll after the step shows none.
+    from policies.dispatch import prefill_backlog
+
+    workload = [WorkloadRequest(0.0, 2000, 1), WorkloadRequest(0.1, 16, 1), WorkloadRequest(0.6, 16, 1)]
+    cluster = SimCluster(SimConfig(num_instances=2, enable_migration=False,
+                                   policy=PolicyConfig(dispatch="prefill_queue")))
+    polled: list[tuple[float, str, int]] = []
+    on_load = cluster.scheduler.on_load
+
+    def spy(iid, load, now):
+        polled.append((now, iid, prefill_backlog(load)))
+        return on_load(iid, load, now)
+
+    cluster.scheduler.on_load = spy
+    result = cluster.run(workload, progress=False)
+    assert_complete_and_clean(cluster, result)
+    first = result.requests[0]
+    assert first.dispatched_to == "instance-000" and first.first_token_time > 0.2
+    during = [b for t, iid, b in polled if iid == "instance-000" and t < first.first_token_time]
+    after = [b for t, iid, b in polled if iid == "instance-000" and t >= first.first_token_time]
+    assert during and all(b == 2000 for b in during)
+    assert after and after[0] == 0
+

@@ -57,7 +57,7 @@ from llumnix_py.engines.sim.executor import SimExecutor
 from llumnix_py.engines.types import Request, SamplingParams, StepOutput, job_kv_key
 from llumnix_py.llumlet_core import LlumletCore
 from llumnix_py.llumlet_types import LlumletConfig
-from llumnix_py.load import RequestLoad
+from llumnix_py.load import InstanceLoad, RequestLoad
 from llumnix_py.scheduler.core import GlobalScheduler, MigrationOrder
 from llumnix_py.scheduler.tick import SchedulerTick
 from llumnix_py.sim.config import SimConfig
@@ -87,6 +87,17 @@ class SimInstance:
         self.dirty = True  # changed since the last load poll
         self.removed = False
         self.deferred: list[tuple[MigrationRun, p.Action]] = []  # freezes waiting for the step's end
+        self.prefill_in_flight = 0  # prompt tokens the step in flight prefills (applied at its start)
+        self.reported_in_flight = False  # a poll during the step in flight reported them
+
+    def load(self) -> InstanceLoad:
+        """The load a poll reads: the llumlet's view of the engine, which already shows the step
+        in flight applied, so that step's prompt tokens are reported beside it (``prefill_in_flight``)."""
+        load = self.core.load(self.engine.load())
+        if self.busy and self.prefill_in_flight:
+            load = dataclasses.replace(load, prefill_in_flight=self.prefill_in_flight)
+            self.reported_in_flight = True
+        return load
 
 
 class SimCluster:
@@ -215,7 +226,7 @@ class SimCluster:
         inst = SimInstance(core, engine, node=self._started // per_node if per_node else 0, profile=profile)
         self._started += 1
         self.instances[iid] = inst
-        self.scheduler.on_load(iid, core.load(engine.load()), self.now)
+        self.scheduler.on_load(iid, inst.load(), self.now)
         inst.dirty = False
 
     def _on_instance_started(self, iid: str) -> None:
@@ -283,6 +294,7 @@ class SimCluster:
             if out.outputs or out.duration_s > 0:
                 self._num_steps += 1
                 inst.busy = True
+                inst.prefill_in_flight = out.num_prefill_tokens
                 self._push(self.now + out.duration_s, self._on_step_end, (inst, out))
                 return
             if not out.preempted:
@@ -291,6 +303,10 @@ class SimCluster:
     def _on_step_end(self, arg: tuple[SimInstance, StepOutput]) -> None:
         inst, out = arg
         inst.busy = False
+        inst.prefill_in_flight = 0
+        if inst.reported_in_flight:  # a poll during the step reported its prompts: the next shows them done
+            inst.reported_in_flight = False
+            inst.dirty = True
         inst.idle_since = self.now
         now = self.now
         inst.core.on_published(out)
@@ -318,7 +334,7 @@ class SimCluster:
             due = self.scheduler.payoff.due(now) if self.scheduler.payoff.watching else ()
             for iid, inst in self.instances.items():
                 if inst.dirty:
-                    self.scheduler.on_load(iid, inst.core.load(inst.engine.load()), now)
+                    self.scheduler.on_load(iid, inst.load(), now)
                     inst.dirty = False
                 elif iid in due:  # unchanged since its last poll: the ledger's window closes on it
                     self.scheduler.payoff.on_load(iid, self.scheduler.instances[iid].load, now)
@@ -393,7 +409,7 @@ class SimCluster:
         for iid in (order.src, order.dst):  # the ledger's "before" is the ends' state now, as in a round
             inst = self.instances.get(iid)
             if inst is not None and inst.dirty:
-                self.scheduler.on_load(iid, inst.core.load(inst.engine.load()), self.now)
+                self.scheduler.on_load(iid, inst.load(), self.now)
                 inst.dirty = False
         self.scheduler.payoff.on_order(order.migration_id, order.request_id, order.src, order.dst, self.now)
         self._start_migration(order)
