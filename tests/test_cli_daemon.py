@@ -171,6 +171,10 @@ def test_daemon_start_refuse_status_stop(ray_address):
                                "--namespace", NAMESPACE, "--port", str(port)])
         url = f"http://127.0.0.1:{port}"
         frontend.wait_line("Uvicorn running")
+        # Ready when its health says so (a readiness probe): it has heard the scheduler and sees
+        # both instances. A request before that may find no instance known yet (a 503).
+        wait_for(lambda: httpx.get(url + "/health", timeout=10).json()["status"] == "ok", 120,
+                 "the frontend to see the scheduler and both instances")
         r = httpx.post(url + "/v1/completions", timeout=60,
                        json={"model": "llumnix-tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
