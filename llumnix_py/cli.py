@@ -108,6 +108,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                         f"instance drains (policies/cooldown.py; cuts ping-pong; default {SERVE_MIGRATION_COOLDOWN_S:g}; "
                         "0: off, the paper's policy)")
     g.add_argument("--no-migration", action="store_true", help="dispatch only (INFaaS++-style)")
+    g.add_argument("--heartbeat-timeout", type=float, default=SchedulerConfig.heartbeat_timeout_s, metavar="SECONDS",
+                   help="an instance that has not answered the scheduler's poll for this long is taken as dead, "
+                        "fenced and replaced (default %(default)s; raise it on a host so busy that a live "
+                        "instance can miss its polls for longer)")
     g.add_argument("--max-migrations-out", type=int, default=None, metavar="N",
                    help="migrations (and prefill-to-decode hand-offs) in flight at once with an instance as source "
                         f"(default 1, or {PD_MIGRATIONS_AT_ONCE} with --pd or --roles, so hand-offs do not queue one "
@@ -190,7 +194,7 @@ def cluster_config(args: argparse.Namespace, detached: bool = False) -> ClusterC
                           checkpoint=args.model, max_model_len=args.max_model_len, num_threads=args.threads),
         scheduler=SchedulerConfig(policy=policy, enable_migration=not args.no_migration, enable_scaling=args.scaling,
                                   pd_ratio=args.pd, roles=args.roles, max_migrations_out=out,
-                                  max_migrations_in=into),
+                                  max_migrations_in=into, heartbeat_timeout_s=args.heartbeat_timeout),
         llumlet=LlumletConfig(instance_id="template", transport=args.transport,
                               max_outgoing=out, max_incoming=into,
                               max_step_hold_s=args.max_step_hold_ms / 1e3, hold_wait_fraction=args.hold_wait_fraction,

@@ -45,6 +45,17 @@ def test_migration_cooldown_flag_reaches_the_policy_and_a_negative_one_is_a_usag
     assert info.value.code == 2 and "migration_cooldown_s must be a finite number >= 0" in capsys.readouterr().err
 
 
+def test_heartbeat_timeout_flag_reaches_the_scheduler_and_a_bad_one_is_a_usage_error(capsys):
+    assert cluster_config(build_parser().parse_args(["serve"])).scheduler.heartbeat_timeout_s == 1.5
+    for cmd in ("serve", "scheduler"):
+        cfg = cluster_config(build_parser().parse_args([cmd, "--heartbeat-timeout", "30"]))
+        assert cfg.scheduler.heartbeat_timeout_s == 30.0
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--runtime", "local", "--heartbeat-timeout", bad])
+        assert info.value.code == 2 and "heartbeat_timeout_s must be positive" in capsys.readouterr().err
+
+
 def test_blocked_heads_first_flag_reaches_the_policy_and_is_off_by_default():
     assert cluster_config(build_parser().parse_args(["serve"])).scheduler.policy.blocked_heads_first is False
     cfg = cluster_config(build_parser().parse_args(["serve", "--blocked-heads-first"]))

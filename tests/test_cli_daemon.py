@@ -157,7 +157,10 @@ def test_daemon_start_refuse_status_stop(ray_address):
     one_line_error(run_scheduler(ray_address, "--stop"), f"no scheduler is running in namespace {NAMESPACE!r}")
     one_line_error(run_scheduler(ray_address, "--status"), f"no scheduler is running in namespace {NAMESPACE!r}")
 
-    daemon = Background(scheduler_cmd(ray_address, "--instances", "2", "--num-blocks", "64"))
+    # A generous heartbeat: on a busy test machine a live instance can miss polls for longer than
+    # the default 1.5 s, and would be fenced and replaced (under another id) mid-test.
+    daemon = Background(scheduler_cmd(ray_address, "--instances", "2", "--num-blocks", "64",
+                                      "--heartbeat-timeout", "60"))
     frontend = None
     try:
         daemon.wait_line(f"scheduler daemon running in namespace {NAMESPACE!r} with instances "

@@ -92,7 +92,7 @@ class SchedulerConfig:
             object.__setattr__(self, "roles", parse_roles(self.roles))
         for name in ("poll_interval_s", "migration_interval_s", "heartbeat_timeout_s", "migration_order_timeout_s",
                      "frontend_timeout_s"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"{name} must be positive")
         out, into = migrations_at_once(self.max_migrations_out, self.max_migrations_in,
                                        self.pd_ratio is not None or self.roles is not None)
