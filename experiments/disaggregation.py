@@ -58,11 +58,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from experiments.common import (VLLM_PREFILL_FIRST, parse_args, print_table, save_figure, subplots,  # noqa: E402
                                 write_json, write_markdown)
-from experiments.pd_planner import (APPLICATIONS, DEFAULT_APPLICATIONS, Application, goodput, make_requests,  # noqa: E402
-                                   plan, run)
+from experiments.pd_planner import (APPLICATIONS, DEFAULT_APPLICATIONS, Application, colocated_goodputs,  # noqa: E402
+                                   goodput, make_requests, plan, run)
 from experiments.workloads import WorkloadRequest  # noqa: E402
 from llumnix_py.llumlet_types import PREFILL_FIRST_STEPS, check_prefill_first_steps  # noqa: E402
-from llumnix_py.planner import Layout, colocated_layouts, infeasible, parse_counts, profile_gpus  # noqa: E402
+from llumnix_py.planner import Layout, parse_counts, profile_gpus  # noqa: E402
 from llumnix_py.sim import SimCluster  # noqa: E402
 from llumnix_py.slo import SLO, attainment  # noqa: E402
 
@@ -155,18 +155,16 @@ def evaluate(app: Application, cfg: dict[str, Any], profile: str, seed: int, pro
     good: dict[str, float] = {}
     systems: dict[str, Layout] = {}
     by_degree: dict[str, dict[int, float]] = {}  # each colocated system's goodput at each degree tried
-    sample = make_requests(app, n, 1.0, seed)  # the lengths (the same at every rate)
     for name, dispatch, migration in (("colocated round-robin", "round_robin", False),
                                       ("colocated llumnix", "freeness", True)):
-        tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iters), lay)
-                 for lay in colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit,
-                                              engine_prefill_first=cfg.get("colocated_prefill_first", 0))
-                 if infeasible(lay, profile, sample) is None]
+        tried = colocated_goodputs(app, gpus, n, profile, seed=seed, iterations=iters, degrees=degrees,
+                                   dispatch=dispatch, migration=migration,
+                                   engine_prefill_first=cfg.get("colocated_prefill_first", 0))
         if not tried:
             raise Unservable(f"no degree in {degrees} splits {gpus} GPUs into instances of {profile} "
                              f"that hold {app.name}'s longest requests")
         by_degree[name] = {lay.tp[0]: g for g, lay in tried}
-        good[name], systems[name] = max(tried, key=lambda t: (t[0], -t[1].tp[0]))  # ties: the smaller degree
+        good[name], systems[name] = tried[0]
     carried: set[str] = set()  # systems whose requests carry their objectives
     for variant in cfg.get("colocated", ()):
         dispatch, batching, objectives = COLOCATED_VARIANTS[variant]

@@ -55,10 +55,11 @@ from tqdm import tqdm  # noqa: E402
 
 from experiments.common import (VLLM_PREFILL_FIRST, parse_args, print_table, save_figure, subplots,  # noqa: E402
                                 write_json, write_markdown)
-from experiments.pd_planner import APPLICATIONS, DEFAULT_APPLICATIONS, Application, goodput, make_requests  # noqa: E402
+from experiments.pd_planner import (APPLICATIONS, DEFAULT_APPLICATIONS, Application, colocated_goodputs,  # noqa: E402
+                                   make_requests)
 from llumnix_py import planner  # noqa: E402
 from llumnix_py.engines.sim.cost_model import CostProfile  # noqa: E402
-from llumnix_py.planner import Layout, colocated_layouts, infeasible, parse_counts, profile_gpus  # noqa: E402
+from llumnix_py.planner import Layout, kv_tokens, parse_counts, profile_gpus  # noqa: E402
 from llumnix_py.slo import DEFAULT_TARGET  # noqa: E402
 
 
@@ -108,11 +109,6 @@ def prompt_work(profile: CostProfile, prompts: Sequence[int]) -> list[float]:
     return [profile.prefill_work_s(int(p)) for p in prompts]
 
 
-def _holds(layout: Layout, profile: str, role: str, tokens: int) -> bool:
-    prof = layout.sim_config(profile, 0).role_profile(role)
-    return prof.num_blocks * prof.block_size >= tokens
-
-
 def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str, seed: int) -> dict[str, Any]:
     """The bound over the degrees (module docstring), and each degree's."""
     unit = profile_gpus(profile)
@@ -121,7 +117,7 @@ def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: 
     arrivals = [r.arrival_time for r in sample]
     longest_prompt = max(r.prompt_len for r in sample)
     longest = max(r.prompt_len + r.output_len for r in sample)
-    decode = [d for d in degrees if _holds(Layout(2, (1, 1), tp=(d, d), unit=unit), profile, "decode", longest)]
+    decode = [d for d in degrees if kv_tokens(Layout(2, (1, 1), tp=(d, d), unit=unit), profile, "decode") >= longest]
     if not decode:
         return {"rps": 0.0, "why": f"no decode instance of degree {list(degrees)} holds {longest} tokens",
                 "by_degree": {}}
@@ -130,7 +126,7 @@ def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: 
     for d in degrees:
         lay = Layout(2, (1, 1), tp=(d, dec), unit=unit)
         p = (units - dec) // d
-        if p < 1 or not _holds(lay, profile, "prefill", longest_prompt):
+        if p < 1 or kv_tokens(lay, profile, "prefill") < longest_prompt:
             continue
         prof = lay.sim_config(profile, 0).role_profile("prefill")
         work = prompt_work(prof, [r.prompt_len for r in sample])
@@ -153,13 +149,11 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
     if gpus % unit:
         raise SystemExit(f"a budget of {gpus} GPUs does not split into instances of {profile} ({unit} GPUs each)")
     sample = make_requests(app, n, 1.0, seed)
-    tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iterations), lay)
-             for lay in colocated_layouts(gpus, degrees, dispatch="round_robin", migration=False, unit=unit,
-                                          engine_prefill_first=VLLM_PREFILL_FIRST)
-             if infeasible(lay, profile, sample) is None]
+    tried = colocated_goodputs(app, gpus, n, profile, seed=seed, iterations=iterations, degrees=degrees,
+                               engine_prefill_first=VLLM_PREFILL_FIRST)
     if not tried:
         return {"gpus": gpus, "profile": profile, "unservable": "no colocated layout holds the longest request"}
-    colocated, lay = max(tried, key=lambda t: (t[0], -t[1].tp[0]))
+    colocated, lay = tried[0]
     prof = lay.sim_config(profile, 0).role_profile("both")
     work = prompt_work(prof, [r.prompt_len for r in sample])
     utilisation = colocated * float(np.mean(work)) / lay.instances

@@ -171,6 +171,21 @@ def goodput(app: Application, layout: Layout, n: int, profile: Union[str, CostPr
                            seed=seed, max_per_gpu=max_per_gpu, iterations=iterations)
 
 
+def colocated_goodputs(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
+                       iterations: int = 7, degrees: Sequence[int] = (1,), dispatch: str = "round_robin",
+                       migration: bool = False, engine_prefill_first: int = 0) -> list[tuple[float, Layout]]:
+    """``(goodput, layout)`` of every colocated layout of ``gpus`` (one per degree in ``degrees``
+    that divides the budget) whose instances hold ``app``'s longest request, best first (ties:
+    the smaller degree); empty when none does."""
+    unit = planner.profile_gpus(profile)
+    sample = make_requests(app, n, 1.0, seed)  # the lengths (the same at every rate)
+    tried = [(goodput(app, lay, n, profile, seed=seed, iterations=iterations), lay)
+             for lay in planner.colocated_layouts(gpus, degrees, dispatch=dispatch, migration=migration, unit=unit,
+                                                  engine_prefill_first=engine_prefill_first)
+             if planner.infeasible(lay, profile, sample) is None]
+    return sorted(tried, key=lambda t: (-t[0], t[1].tp[0]))
+
+
 def plan(app: Application, gpus: int, n: int, profile: Union[str, CostProfile], *, seed: int = 0,
          exact: bool = False, iterations: int = 7, max_per_gpu: float = 16.0, progress: bool = False,
          degrees: Sequence[int] = (1,), handoffs: Union[int, Sequence[int]] = 1,

@@ -108,6 +108,12 @@ def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, Cos
     return SimCluster(layout.sim_config(profile, seed)).run(workload(rate), progress=False)
 
 
+def kv_tokens(layout: Layout, profile: Union[str, CostProfile], role: str) -> int:
+    """Tokens of KV one instance of ``role`` (``prefill``, ``decode``, ``both``) in ``layout`` holds."""
+    prof = layout.sim_config(profile, 0).role_profile(role)
+    return prof.num_blocks * prof.block_size
+
+
 def infeasible(layout: Layout, profile: Union[str, CostProfile], requests: Sequence[Any]) -> Optional[str]:
     """Why ``layout`` cannot serve ``requests`` at all (None when it can): an instance whose
     KV pool cannot hold the longest sequence it may have to keep whole (the longest prompt on
@@ -121,10 +127,11 @@ def infeasible(layout: Layout, profile: Union[str, CostProfile], requests: Seque
     longest = max(r.prompt_len + r.output_len for r in requests)
     roles = [("prefill", longest_prompt), ("decode", longest)] if layout.pd is not None else [("both", longest)]
     for role, tokens in roles:
-        prof = cfg.role_profile(role)
-        if prof.num_blocks * prof.block_size < tokens:
-            return (f"a {'colocated' if role == 'both' else role} instance of {prof.hw.num_gpus} GPU(s) holds {prof.num_blocks * prof.block_size} "
-                    f"tokens of KV, the longest {'prompt' if role == 'prefill' else 'request'} needs {tokens}")
+        held = kv_tokens(layout, profile, role)
+        if held < tokens:
+            return (f"a {'colocated' if role == 'both' else role} instance of {cfg.role_profile(role).hw.num_gpus} "
+                    f"GPU(s) holds {held} tokens of KV, the longest {'prompt' if role == 'prefill' else 'request'} "
+                    f"needs {tokens}")
     return None
 
 

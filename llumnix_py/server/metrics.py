@@ -113,6 +113,11 @@ class Metrics:
                           "it started (its rate is the engine's utilisation).", labels, registry=r)
         self.preemptions = Gauge("llumnix_instance_preemptions", "Requests the instance's engine has preempted "
                                  "since it started.", labels, registry=r)
+        # each per-instance gauge and the key of ``state()["instances"][i]`` it exports
+        self._per_instance = ((self.kv_used, "used_blocks"), (self.kv_total, "total_blocks"),
+                              (self.freeness, "freeness"), (self.running, "running"), (self.waiting, "waiting"),
+                              (self.copy_stall, "kv_copy_stall_s"), (self.busy, "busy_s"),
+                              (self.preemptions, "preemptions"))
         self.migration_returns = Counter(
             "llumnix_migration_returns", "Finished migrations that took a request to an instance it had left.",
             registry=r)
@@ -247,19 +252,12 @@ class Metrics:
 
         instances = list(state.get("instances") or [])
         self.active.set(int(state.get("active_requests", 0) or 0))
-        for gauge in (self.kv_used, self.kv_total, self.freeness, self.running, self.waiting, self.copy_stall,
-                      self.busy, self.preemptions):
+        for gauge, _ in self._per_instance:
             gauge.clear()  # instances that left stop being exported
         for inst in instances:
             iid = str(inst.get("instance_id", ""))
-            self.kv_used.labels(instance=iid).set(inst.get("used_blocks", 0))
-            self.kv_total.labels(instance=iid).set(inst.get("total_blocks", 0))
-            self.freeness.labels(instance=iid).set(float(inst.get("freeness", 0.0)))
-            self.running.labels(instance=iid).set(inst.get("running", 0))
-            self.waiting.labels(instance=iid).set(inst.get("waiting", 0))
-            self.copy_stall.labels(instance=iid).set(float(inst.get("kv_copy_stall_s", 0.0)))
-            self.busy.labels(instance=iid).set(float(inst.get("busy_s", 0.0)))
-            self.preemptions.labels(instance=iid).set(inst.get("preemptions", 0))
+            for gauge, key in self._per_instance:
+                gauge.labels(instance=iid).set(float(inst.get(key, 0)))
 
     def _update_payoff(self, payoff: Mapping[str, Any]) -> None:
         """The scheduler's migration ledger (``MigrationLedger.stats``): counters by cursor."""
