@@ -24,16 +24,31 @@ could reach it, for each of DistServe's applications on a GPU budget:
   work ``W_k`` exceeds ``P T``: ``r <= s_k / (W_k / P - T)``. The bound is the least of
   these, for the best degree. It needs no simulation and holds for the finite run the
   goodput is measured on.
+- **memory cap**: a rate no layout of the budget, colocated or disaggregated, can *sustain*
+  (serve for ever, every request finished), by the KV its decode steps must read. A request of
+  ``p`` prompt and ``o`` output tokens reads ``c = (o - 1) p + (o - 1) o / 2`` context tokens
+  over its decode steps, wherever they run. A step that reads ``R`` context tokens takes at
+  least ``CostProfile.decode_step_floor_s(R)`` (its fixed cost, the weights once, the KV at the
+  attention bandwidth), and an instance's pool of ``K`` tokens caps ``R``, so an instance reads
+  at most ``K / decode_step_floor_s(K)`` tokens a second. Over the budget's units, at the best
+  degree per unit: ``r <= units * max_d (K_d / floor_d(K_d) / d) / mean(c)``. Above it the
+  decode work left undone grows with the run's length: no steady state exists, and a goodput
+  measured on a short run there only shows how long the run was. ``--long K`` measures the
+  colocated baseline on ``K`` times the requests too, so the comparison with the cap is
+  between rates that are sustained (a scheduler that starves its dearest 10% of requests for
+  ever is not covered: it does not serve the rate).
 - **ideal**: a simulated estimate under the bound: the same ``P`` prefill instances
   serving the prompts alone (every request ends at its first token: decoding is free and
   the hand-off instant), round-robin, goodput by the same bisection (TTFT alone).
 
-If the bound is under twice the colocated goodput, the 2x target is out of reach for that
+If the bound is under twice the colocated goodput (in the same run), or the memory cap under
+twice the colocated goodput on the long runs, the 2x target is out of reach for that
 application and budget in this cost model, whatever the scheduler does. Nothing in the cost
 model is fitted to this (``llumnix_py/engines/sim/profiles.py``).
 
     python experiments/pd_bound.py                         # DistServe's applications, 4 and 16 instances of their model
     python experiments/pd_bound.py --app code --gpus 16,32 --json out.json
+    python experiments/pd_bound.py --app chatbot --gpus 4 --long 10 --json out.json
     python experiments/pd_bound.py --quick
 """
 
@@ -138,13 +153,42 @@ def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: 
     return {"rps": by_degree[best]["rps"], "degree": best, **by_degree[best], "by_degree": by_degree}
 
 
+def decode_reads(requests: Sequence[Any]) -> list[int]:
+    """Context tokens each request's decode steps read in all: ``(o - 1) p + (o - 1) o / 2``
+    (its ``k``-th decode step attends to its prompt and its first ``k`` outputs)."""
+    return [(r.output_len - 1) * r.prompt_len + (r.output_len - 1) * r.output_len // 2 for r in requests]
+
+
+def memory_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str,
+               seed: int) -> dict[str, Any]:
+    """The rate no layout of ``gpus`` can sustain, by the KV its decode steps read (module
+    docstring), and each degree's share: per unit of the profile's GPUs, the context tokens an
+    instance reads a second at most."""
+    unit = profile_gpus(profile)
+    units = gpus // unit
+    reads = float(np.mean(decode_reads(make_requests(app, n, 1.0, seed))))
+    by_degree: dict[int, dict[str, Any]] = {}
+    for d in degrees:
+        if d > units:
+            continue
+        prof = Layout(1, None, tp=(d, d), unit=unit).sim_config(profile, 0).role_profile("both")
+        k = kv_tokens(Layout(1, None, tp=(d, d), unit=unit), profile, "both")
+        per_unit = k / prof.decode_step_floor_s(k) / d
+        by_degree[d] = {"kv_tokens": k, "step_floor_s": prof.decode_step_floor_s(k),
+                        "reads_per_unit_s": per_unit, "rps": units * per_unit / reads if reads > 0 else math.inf}
+    if not by_degree:
+        return {"rps": math.inf, "mean_reads": reads, "by_degree": {}}
+    best = max(by_degree, key=lambda d: (by_degree[d]["rps"], -d))
+    return {"rps": by_degree[best]["rps"], "degree": best, "mean_reads": reads, "by_degree": by_degree}
+
+
 def prefill_only(app: Application, n: int, seed: int):
     """``app``'s requests with one output token each (a planner workload)."""
     return lambda rate: [dataclasses.replace(r, output_len=1) for r in make_requests(app, n, rate, seed)]
 
 
 def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterations: int, profile: str,
-             seed: int) -> dict[str, Any]:
+             seed: int, long: int = 1) -> dict[str, Any]:
     unit = profile_gpus(profile)
     if gpus % unit:
         raise SystemExit(f"a budget of {gpus} GPUs does not split into instances of {profile} ({unit} GPUs each)")
@@ -166,9 +210,15 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
         row["ideal_rps"] = g
         if g > ideal_rps:
             ideal_rps, ideal_layout = g, f"{row['prefill_instances']} x {d * unit} GPUs"
-    def ratio(x: float) -> Optional[float]:
-        return x / colocated if colocated > 0 else None
+    def ratio(x: float, base: float = colocated) -> Optional[float]:
+        return x / base if base > 0 else None
 
+    cap = memory_cap(app, gpus, degrees, n, profile, seed)
+    sustained = colocated
+    if long > 1:  # the baseline on a run long enough to show whether its goodput is sustained
+        tried_long = colocated_goodputs(app, gpus, long * n, profile, seed=seed, iterations=iterations,
+                                        degrees=degrees, engine_prefill_first=VLLM_PREFILL_FIRST)
+        sustained = tried_long[0][0] if tried_long else 0.0
     return {
         "gpus": gpus, "profile": profile, "slo_ms": {"ttft": app.slo.ttft_s * 1e3, "tpot": app.slo.tpot_s * 1e3},
         "colocated_rps": colocated, "colocated_layout": f"{lay.instances} x {lay.tp[0] * unit} GPUs",
@@ -178,7 +228,11 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
                                                 f"{b['decode_gpus']} GPUs decode") if "degree" in b else b.get("why"),
         "bound_by_degree": b["by_degree"], "bound_ratio": ratio(b["rps"]),
         "ideal_rps": ideal_rps, "ideal_layout": ideal_layout, "ideal_ratio": ratio(ideal_rps),
-        "two_x_reachable": bool(colocated > 0 and b["rps"] >= 2 * colocated),
+        "memory_rps": cap["rps"], "memory_by_degree": cap["by_degree"], "mean_decode_reads": cap["mean_reads"],
+        "long_requests": long * n, "colocated_long_rps": sustained if long > 1 else None,
+        "colocated_over_memory_cap": colocated > cap["rps"],
+        "memory_ratio": ratio(cap["rps"], sustained),
+        "two_x_reachable": bool(colocated > 0 and b["rps"] >= 2 * colocated and cap["rps"] >= 2 * sustained),
     }
 
 
@@ -189,8 +243,10 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig, axes = subplots(1, 1, width=max(4.0, 1.3 * len(keys)), height=3.2)
     ax = axes[0][0]
     x = np.arange(len(keys))
-    ax.bar(x - 0.2, [results[k]["bound_ratio"] or 0 for k in keys], 0.4, label="bound / colocated")
-    ax.bar(x + 0.2, [results[k]["ideal_ratio"] or 0 for k in keys], 0.4, label="ideal (simulated) / colocated")
+    ax.bar(x - 0.27, [results[k]["bound_ratio"] or 0 for k in keys], 0.27, label="bound / colocated")
+    ax.bar(x, [results[k]["ideal_ratio"] or 0 for k in keys], 0.27, label="ideal (simulated) / colocated")
+    ax.bar(x + 0.27, [min(results[k]["memory_ratio"] or 0, 10.0) for k in keys], 0.27,
+           label="memory cap / colocated (long runs where measured)")
     ax.axhline(2.0, color="k", ls="--", lw=1, label="the 2x target")
     ax.set_xticks(x, keys, rotation=20, fontsize=7)
     ax.set_ylabel("x colocated round-robin goodput")
@@ -207,6 +263,9 @@ def _extra(ap) -> None:
                          "application's model; --quick and --smoke: 4)")
     ap.add_argument("--tp", default="1,2", help="tensor-parallel degrees, as multiples of the profile's GPUs")
     ap.add_argument("--requests", type=int, default=None, help="requests a run (default 400, --quick 100)")
+    ap.add_argument("--long", type=int, default=1,
+                    help="also measure the colocated baseline on this many times the requests, to compare the "
+                         "memory cap with a sustained goodput (default 1: not measured)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -216,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         budgets = parse_counts(args.gpus, "--gpus") if args.gpus else None
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if args.long < 1:
+        raise SystemExit(f"--long must be >= 1, got {args.long}")
     n = args.requests or (30 if args.smoke else 100 if args.quick else 400)
     iterations = 2 if args.smoke else 5 if args.quick else 7
     jobs = []
@@ -226,12 +287,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             jobs.append((f"{name}, {gpus} GPUs", app, gpus))
     results = {}
     for key, app, gpus in tqdm(jobs, desc="bound", unit="budget", disable=not args.progress):
-        results[key] = {"application": app.name, **evaluate(app, gpus, degrees, n, iterations, app.model, args.seed)}
+        results[key] = {"application": app.name,
+                        **evaluate(app, gpus, degrees, n, iterations, app.model, args.seed, args.long)}
+    long_head = f"colocated RR, {args.long * n} requests" if args.long > 1 else None
     headers = ["application, budget", "colocated RR (req/s)", "on", "its prefill utilisation", "bound (req/s)",
-               "bound layout", "bound / colocated", "ideal (req/s)", "ideal / colocated", "2x possible"]
+               "bound layout", "bound / colocated", "ideal (req/s)", "ideal / colocated", "memory cap (req/s)",
+               *([long_head] if long_head else []), "cap / colocated", "2x possible"]
     rows = [[k, r["colocated_rps"], r["colocated_layout"], r["prefill_utilisation"], r["bound_rps"],
-             r["bound_layout"], r["bound_ratio"], r["ideal_rps"], r["ideal_ratio"],
-             "yes" if r["two_x_reachable"] else "no"] if "colocated_rps" in r else [k, "unservable"] + [""] * 8
+             r["bound_layout"], r["bound_ratio"], r["ideal_rps"], r["ideal_ratio"], r["memory_rps"],
+             *([r["colocated_long_rps"]] if long_head else []), r["memory_ratio"],
+             "yes" if r["two_x_reachable"] else "no"] if "colocated_rps" in r
+            else [k, "unservable"] + [""] * (len(headers) - 2)
             for k, r in results.items()]
     title = (f"Upper bound on disaggregated goodput against colocated round-robin (prompts first), {n} requests a "
              f"run, seed {args.seed}, degrees {', '.join(map(str, degrees))}")
@@ -239,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     write_markdown(args.out / "pd_bound.md", "How far disaggregation can go in this cost model",
                    [(title, headers, rows)], notes=__doc__.split("\n\n")[1])
     plot(results, args.out)
-    data = {"settings": {"requests": n, "iterations": iterations, "degrees": list(degrees), "seed": args.seed},
+    data = {"settings": {"requests": n, "long": args.long, "iterations": iterations, "degrees": list(degrees),
+                         "seed": args.seed},
             "results": results}
     write_json(args.json, data)
     return data

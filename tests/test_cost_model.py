@@ -123,6 +123,33 @@ def test_a_batch_of_prompts_takes_at_least_the_sum_of_their_prefill_work(profile
         assert chunks >= prof.prefill_work_s(p) * (1 - 1e-12)
 
 
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("profile", [OPT_13B_A100, OPT_66B_2xA100], ids=lambda p: p.model.name)
+@settings(max_examples=40, deadline=None)
+@given(prefill=st.integers(0, 4096), seqs=st.integers(1, 256), extra=st.integers(0, 10**6))
+def test_a_step_takes_at_least_its_decode_contexts_read(profile, degree, prefill, seqs, extra):
+    from llumnix_py.engines.sim.profiles import with_tensor_parallel
+
+    prof = with_tensor_parallel(profile, degree)
+    context = seqs + extra  # each sequence attends to its new token at least
+    for fused in (True, False):
+        p = dataclasses.replace(prof, fused_mixed_steps=fused)
+        assert p.step_time(prefill, seqs, context) >= p.decode_read_s(context) > 0
+    # a degree's GPUs read in parallel: the read costs GPU-seconds independent of the degree
+    assert prof.decode_read_s(context) * degree == pytest.approx(profile.decode_read_s(context), rel=1e-12)
+
+
+def test_decode_read_is_the_kv_bytes_at_the_attention_bandwidth_by_hand():
+    p = OPT_13B_A100
+    bw = p.hw.mem_bandwidth_gbps * 1e9 * p.attention_bandwidth_efficiency
+    assert p.decode_read_s(1000) == pytest.approx(p.kv_bytes_per_token * 1000 / bw, rel=1e-9)
+    fitted = FittedCostProfile(LLAMA_7B, A10, 0.5, 0.0, 0.1, fixed_s=0.01, per_context_token_s=3e-7)
+    assert fitted.decode_read_s(1000) == pytest.approx(3e-4)
+    assert fitted.step_time(0, 4, 1000) >= fitted.decode_read_s(1000)
+    with pytest.raises(ValueError):
+        p.decode_read_s(-1)
+
 def test_prefill_work_is_the_flops_at_the_profiles_rate_by_hand():
     # OPT-13B on one A100: 2 * params FLOPs a token, plus the attention's 4 * layers * hidden a
     # (query, key) pair, at peak * prefill efficiency; one GPU, no all-reduce.

@@ -335,6 +335,26 @@ class CostProfile:
             2 * m.num_layers * 2.0 * (g - 1) / g * prompt_len * m.hidden_size * m.dtype_bytes / (link * _GB)
         return flops / self._flops_per_s + ring
 
+    def decode_read_s(self, context_tokens: int) -> float:
+        """A lower bound on the step time any schedule spends on decode steps that read
+        ``context_tokens`` tokens of KV in all (summed over sequences and steps): their bytes
+        at the profile's attention bandwidth. A step's time is at least this for its decode
+        context, however the step is batched or mixed with prompts (the memory side of the
+        roofline); what the steps share (the weight reads, the fixed overheads) is left out.
+        A request of ``p`` prompt and ``o`` output tokens reads ``(o - 1) p + (o - 1) o / 2``
+        over its decode steps. ``experiments/pd_bound.py`` bounds the rate any layout of a
+        GPU budget can sustain with it."""
+        _check_count("context_tokens", context_tokens)
+        return self.kv_bytes_per_token * context_tokens / self._kv_bytes_per_s
+
+    def decode_step_floor_s(self, context_tokens: int) -> float:
+        """A lower bound on the time of any step that decodes sequences reading
+        ``context_tokens`` tokens of KV in all: the fixed cost of a step, the weights read
+        once, and ``decode_read_s``. An instance whose pool holds ``K`` tokens therefore reads
+        at most ``K / decode_step_floor_s(K)`` context tokens a second, however it batches
+        (the bound grows with the context read, and a step reads no more than the pool)."""
+        return self.decode_overhead_s + self.weight_bytes / self._bytes_per_s + self.decode_read_s(context_tokens)
+
     def migration_time(self, num_blocks: int, cross_node: bool = False) -> float:
         """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer),
         on the same node or (``cross_node``) on another one (``HardwareSpec.pair_link_gbps``)."""
