@@ -214,11 +214,12 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
         return x / base if base > 0 else None
 
     cap = memory_cap(app, gpus, degrees, n, profile, seed)
-    sustained = colocated
+    sustained, long_by_degree = colocated, None
     if long > 1:  # the baseline on a run long enough to show whether its goodput is sustained
         tried_long = colocated_goodputs(app, gpus, long * n, profile, seed=seed, iterations=iterations,
                                         degrees=degrees, engine_prefill_first=VLLM_PREFILL_FIRST)
         sustained = tried_long[0][0] if tried_long else 0.0
+        long_by_degree = {t[1].tp[0]: t[0] for t in tried_long}
     return {
         "gpus": gpus, "profile": profile, "slo_ms": {"ttft": app.slo.ttft_s * 1e3, "tpot": app.slo.tpot_s * 1e3},
         "colocated_rps": colocated, "colocated_layout": f"{lay.instances} x {lay.tp[0] * unit} GPUs",
@@ -230,6 +231,7 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
         "ideal_rps": ideal_rps, "ideal_layout": ideal_layout, "ideal_ratio": ratio(ideal_rps),
         "memory_rps": cap["rps"], "memory_by_degree": cap["by_degree"], "mean_decode_reads": cap["mean_reads"],
         "long_requests": long * n, "colocated_long_rps": sustained if long > 1 else None,
+        "colocated_long_by_degree": long_by_degree,
         "colocated_over_memory_cap": colocated > cap["rps"],
         "memory_ratio": ratio(cap["rps"], sustained),
         "two_x_reachable": bool(colocated > 0 and b["rps"] >= 2 * colocated and cap["rps"] >= 2 * sustained),
