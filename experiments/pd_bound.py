@@ -153,12 +153,6 @@ def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: 
     return {"rps": by_degree[best]["rps"], "degree": best, **by_degree[best], "by_degree": by_degree}
 
 
-def decode_reads(requests: Sequence[Any]) -> list[int]:
-    """Context tokens each request's decode steps read in all: ``(o - 1) p + (o - 1) o / 2``
-    (its ``k``-th decode step attends to its prompt and its first ``k`` outputs)."""
-    return [(r.output_len - 1) * r.prompt_len + (r.output_len - 1) * r.output_len // 2 for r in requests]
-
-
 def memory_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str,
                seed: int) -> dict[str, Any]:
     """The rate no layout of ``gpus`` can sustain, by the KV its decode steps read (module
@@ -166,16 +160,15 @@ def memory_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, prof
     instance reads a second at most."""
     unit = profile_gpus(profile)
     units = gpus // unit
-    reads = float(np.mean(decode_reads(make_requests(app, n, 1.0, seed))))
+    reads = float(np.mean(planner.decode_reads(make_requests(app, n, 1.0, seed))))
     by_degree: dict[int, dict[str, Any]] = {}
     for d in degrees:
         if d > units:
             continue
-        prof = Layout(1, None, tp=(d, d), unit=unit).sim_config(profile, 0).role_profile("both")
-        k = kv_tokens(Layout(1, None, tp=(d, d), unit=unit), profile, "both")
-        per_unit = k / prof.decode_step_floor_s(k) / d
-        by_degree[d] = {"kv_tokens": k, "step_floor_s": prof.decode_step_floor_s(k),
-                        "reads_per_unit_s": per_unit, "rps": units * per_unit / reads if reads > 0 else math.inf}
+        one = Layout(1, None, tp=(d, d), unit=unit)
+        per_unit = planner.read_rate(one, profile, "both") / d
+        by_degree[d] = {"kv_tokens": kv_tokens(one, profile, "both"), "reads_per_unit_s": per_unit,
+                        "rps": units * per_unit / reads if reads > 0 else math.inf}
     if not by_degree:
         return {"rps": math.inf, "mean_reads": reads, "by_degree": {}}
     best = max(by_degree, key=lambda d: (by_degree[d]["rps"], -d))

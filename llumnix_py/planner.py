@@ -16,6 +16,8 @@ chosen layout.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -135,6 +137,34 @@ def infeasible(layout: Layout, profile: Union[str, CostProfile], requests: Seque
     return None
 
 
+def decode_reads(requests: Sequence[Any]) -> list[int]:
+    """Context tokens each request's decode steps read in all, wherever they run:
+    ``(o - 1) p + (o - 1) o / 2`` for ``p`` prompt and ``o`` output tokens (its ``k``-th decode
+    step attends to its prompt and its first ``k`` outputs)."""
+    return [(r.output_len - 1) * r.prompt_len + (r.output_len - 1) * r.output_len // 2 for r in requests]
+
+
+def read_rate(layout: Layout, profile: Union[str, CostProfile], role: str) -> float:
+    """Context tokens one instance of ``role`` in ``layout`` can read a second at most, however
+    it batches: its pool of ``K`` tokens over ``CostProfile.decode_step_floor_s(K)``."""
+    prof = layout.sim_config(profile, 0).role_profile(role)
+    k = kv_tokens(layout, profile, role)
+    return k / prof.decode_step_floor_s(k)
+
+
+def memory_cap(layout: Layout, profile: Union[str, CostProfile], requests: Sequence[Any]) -> float:
+    """The highest rate ``layout`` could sustain with requests like ``requests``: every
+    instance reading context at its ``read_rate`` and nothing else, over the mean of
+    ``decode_reads`` (``inf`` when nothing decodes). A goodput measured above it comes from a
+    run too short to reach a steady state: the decode work left undone grows with the run."""
+    reads = sum(decode_reads(requests)) / max(len(requests), 1)
+    if reads <= 0:
+        return math.inf
+    roles = [("prefill", layout.pd[0]), ("decode", layout.pd[1])] if layout.pd is not None \
+        else [("both", layout.instances)]
+    return sum(count * read_rate(layout, profile, role) for role, count in roles) / reads
+
+
 # Doublings of the goodput range above ``max_per_gpu`` an instance. Until session 16 the range
 # stopped there: colocated code completion on 4 x TP4 of OPT-66B (64 req/s, the top) was capped.
 GOODPUT_GROW = 4
@@ -231,10 +261,11 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
         why = infeasible(layout, profile, sample)
         g = 0.0 if why else goodput(workload, layout, slo, profile, seed=seed, iterations=iterations,
                                     max_per_gpu=max_per_gpu)
+        cap = memory_cap(layout, profile, sample)
         rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "unit": unit,
                      "infeasible": why, "gpus": layout.gpus,
                      "handoffs": layout.handoffs, "prefill_first": layout.prefill_first, "goodput_rps": g,
-                     "goodput_per_gpu": g / layout.gpus})
+                     "goodput_per_gpu": g / layout.gpus, "memory_cap_rps": cap, "over_memory_cap": g > cap})
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -250,15 +281,22 @@ def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("rank", "P:D", "TP prefill/decode", "hand-offs at once", "GPUs", "goodput (req/s)", "per GPU"):
+    for col in ("rank", "P:D", "TP prefill/decode", "hand-offs at once", "GPUs", "goodput (req/s)", "per GPU",
+                "memory cap (req/s)"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows, 1):
         u = r.get("unit", 1)
-        scores = (["infeasible", r["infeasible"]] if r.get("infeasible")
-                  else [f"{r['goodput_rps']:.2f}", f"{r['goodput_per_gpu']:.3f}"])
+        cap = r.get("memory_cap_rps")
+        scores = (["infeasible", r["infeasible"], ""] if r.get("infeasible")
+                  else [f"{r['goodput_rps']:.2f}" + (" *" if r.get("over_memory_cap") else ""),
+                        f"{r['goodput_per_gpu']:.3f}", "" if cap is None else f"{cap:.2f}"])
         table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill'] * u}/{r['tp_decode'] * u}",
                       str(r.get("handoffs", 1)), str(r["gpus"]), *scores)
     Console().print(table)
+    if any(r.get("over_memory_cap") and not r.get("infeasible") for r in rows):
+        Console().print("* above the layout's memory cap: no layout sustains that rate (its decode steps cannot read "
+                        "the KV fast enough), so the runs were too short to reach a steady state; plan with more "
+                        "requests a run")
     Console().print(chosen_layout(rows[0]))
 
 

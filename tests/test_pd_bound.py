@@ -111,7 +111,7 @@ def test_no_simulated_run_reads_its_decode_context_faster_than_the_memory_cap_al
         k = inst.engine.config.num_blocks * inst.engine.config.block_size
         prof = inst.profile or profile
         capacity += inst.core.stats.busy_s * k / prof.decode_step_floor_s(k)
-    reads = sum(pd_bound.decode_reads(requests))
+    reads = sum(planner.decode_reads(requests))
     assert reads <= capacity
     # and the run was bound by memory, so the check is not vacuous: within 3x of the cap
     assert reads > capacity / 3
@@ -121,12 +121,12 @@ def test_no_simulated_run_reads_its_decode_context_faster_than_the_memory_cap_al
 def test_the_memory_cap_by_hand():
     app = Application("one", SLO(1.0, 1.0), (100.0, 101.0), (11.0, 11.1))
     requests = make_requests(app, 5, 1.0, 0)
-    assert pd_bound.decode_reads(requests) == [(r.output_len - 1) * r.prompt_len
+    assert planner.decode_reads(requests) == [(r.output_len - 1) * r.prompt_len
                                               + (r.output_len - 1) * r.output_len // 2 for r in requests]
     cap = pd_bound.memory_cap(app, 4, (1, 2), 5, "opt-13b-a100", 0)
     prof = PROFILES["opt-13b-a100"]
     k = prof.num_blocks * prof.block_size
-    one = 4 * k / prof.decode_step_floor_s(k) / (sum(pd_bound.decode_reads(requests)) / 5)
+    one = 4 * k / prof.decode_step_floor_s(k) / (sum(planner.decode_reads(requests)) / 5)
     assert cap["by_degree"][1]["rps"] == pytest.approx(one)
     # a degree that holds more KV a GPU (the weights split over more GPUs) reads more a unit
     assert cap["rps"] == max(row["rps"] for row in cap["by_degree"].values()) == cap["by_degree"][2]["rps"] > one

@@ -352,3 +352,35 @@ def test_an_application_no_layout_can_hold_is_reported_and_the_run_goes_on(tmp_p
     with pytest.raises(SystemExit, match="no application could be served"):
         disaggregation.main(["--smoke", "--no-progress", "--app", "summarization", "--no-shift",
                              "--out", str(tmp_path / "out2")])
+
+
+# Long outputs and loose objectives: 40 requests fit in three A100s' pools at once, so a short run
+# meets the objectives at rates no layout sustains (each request reads ~1.5M context tokens; an
+# instance reads at most ~1M a second).
+LONG_DECODE = Application("long-decode", SLO(5.0, 1.0), (1000.0, 1001.0), (1000.0, 1001.0))
+
+
+def test_the_memory_cap_by_hand_and_a_plan_marks_goodput_above_it(capsys):
+    from llumnix_py import planner
+    from llumnix_py.engines.sim.profiles import OPT_13B_A100, with_tensor_parallel
+
+    requests = make_requests(LONG_DECODE, 40, 1.0)
+    reads = [(r.output_len - 1) * r.prompt_len + (r.output_len - 1) * r.output_len // 2 for r in requests]
+    assert planner.decode_reads(requests) == reads
+    one, two = OPT_13B_A100, with_tensor_parallel(OPT_13B_A100, 2)
+    k1, k2 = one.num_blocks * one.block_size, two.num_blocks * two.block_size
+    by_hand = (k1 / one.decode_step_floor_s(k1) + k2 / two.decode_step_floor_s(k2)) / (sum(reads) / len(reads))
+    lay = Layout(2, (1, 1), tp=(1, 2))
+    assert planner.memory_cap(lay, "opt-13b-a100", requests) == pytest.approx(by_hand, rel=1e-12)
+    # a colocated layout counts every instance; a workload with no decode step has no cap
+    assert planner.memory_cap(Layout(3, None), "opt-13b-a100", requests) == pytest.approx(
+        3 * k1 / one.decode_step_floor_s(k1) / (sum(reads) / len(reads)), rel=1e-12)
+    assert planner.memory_cap(lay, "opt-13b-a100", make_requests(PREFILL_HEAVY, 5, 1.0)[:0]) == float("inf")
+
+    ranked = plan(LONG_DECODE, 3, 40, "opt-13b-a100", exact=True, iterations=4)
+    for r in ranked:
+        assert r["over_memory_cap"] == (r["goodput_rps"] > r["memory_cap_rps"])
+    assert any(r["over_memory_cap"] for r in ranked), ranked
+    planner.print_plan("long decode", ranked)
+    out = capsys.readouterr().out
+    assert "above the layout's memory cap" in out and " *" in out
