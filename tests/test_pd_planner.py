@@ -84,8 +84,11 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
     assert set(r["goodput_rps"]) == {"colocated round-robin", "colocated llumnix", "disaggregated"}
     assert r["split"] == [r["plan"][0]["prefill"], r["plan"][0]["decode"]]
     assert all(0 <= a <= 1 for c in r["curves"].values() for a in c["attainment"] + c["attainment_by_scale"])
+    assert set(r["memory_cap_rps"]) == set(r["goodput_rps"]) and all(c > 0 for c in r["memory_cap_rps"].values())
+    assert r["over_memory_cap"] == {k: g > r["memory_cap_rps"][k] for k, g in r["goodput_rps"].items()}
     assert (out / "disaggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "disaggregation.md").read_text()
+    assert "memory cap" in md
     assert md.startswith("# ") and "|---|" in md and "DistServe" in md and "Shifting mix" in md
     # the shifting mix: fixed roles and role flips over the same requests, nothing dropped
     shift = data["shift"]
