@@ -75,6 +75,7 @@ def test_the_experiment_writes_its_table_plot_and_json(tmp_path):
         assert key in r, key
     assert r["ideal_rps"] <= r["bound_rps"]
     assert r["colocated_long_rps"] is None and r["memory_ratio"] == pytest.approx(r["memory_rps"] / r["colocated_rps"])
+    assert r["bound_long_rps"] is None
     assert r["two_x_reachable"] == (r["bound_rps"] >= 2 * r["colocated_rps"] > 0
                                     and r["memory_rps"] >= 2 * r["colocated_rps"])
     assert json.loads((tmp_path / "b.json").read_text())["results"]["chatbot, 3 GPUs"]["bound_rps"] == r["bound_rps"]
@@ -130,3 +131,16 @@ def test_the_memory_cap_by_hand():
     assert cap["by_degree"][1]["rps"] == pytest.approx(one)
     # a degree that holds more KV a GPU (the weights split over more GPUs) reads more a unit
     assert cap["rps"] == max(row["rps"] for row in cap["by_degree"].values()) == cap["by_degree"][2]["rps"] > one
+
+
+def test_long_runs_measure_the_baseline_and_the_bound_again(tmp_path):
+    data = pd_bound.main(["--smoke", "--no-progress", "--app", "chatbot", "--gpus", "2", "--tp", "1", "--long", "2",
+                          "--out", str(tmp_path / "out")])
+    r = data["results"]["chatbot, 2 GPUs"]
+    assert data["settings"]["long"] == 2 and r["long_requests"] == 60
+    assert r["colocated_long_rps"] == r["colocated_long_by_degree"][1] >= 0
+    assert r["bound_long_rps"] == pd_bound.bound(pd_bound.APPLICATIONS["chatbot"], 2, (1,), 60, "opt-13b-a100", 0)["rps"]
+    assert r["memory_ratio"] == (r["memory_rps"] / r["colocated_long_rps"] if r["colocated_long_rps"] > 0 else None)
+    assert r["two_x_reachable"] == (r["bound_rps"] >= 2 * r["colocated_rps"] > 0
+                                    and r["memory_rps"] >= 2 * r["colocated_long_rps"]
+                                    and r["bound_long_rps"] >= 2 * r["colocated_long_rps"])
