@@ -101,6 +101,9 @@ def _extra(ap) -> None:
                     help="every colocated engine prefills waiting prompts alone for up to N steps in a row (default "
                          "%(default)s: vLLM <= 0.3's prompt-only steps, as DistServe's simulator models its vLLM "
                          "baseline; 0: every step also decodes, the serial mixed steps of runs before session 16)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests a run (default 400, --quick 60): the chatbot needs about 4,000 for its goodputs "
+                         "to be sustained ones (RESULTS.md, \"The chatbot's goodput on 400 requests is a transient\")")
     ap.add_argument("--no-shift", action="store_true", help="skip the shifting-mix comparison")
     ap.add_argument("--colocated", default="",
                     help=f"extra colocated llumnix-py systems, comma-separated: {', '.join(COLOCATED_VARIANTS)} "
@@ -121,7 +124,12 @@ def settings(args) -> dict[str, Any]:
         check_prefill_first_steps(args.colocated_prefill_first)
     except ValueError as exc:
         raise SystemExit(f"--prefill-first / --colocated-prefill-first: {exc}") from None
-    return {**_settings(args), "handoffs": handoffs, "degrees": degrees, "colocated": variants,
+    if args.requests is not None and args.requests < 1:
+        raise SystemExit(f"--requests must be >= 1, got {args.requests}")
+    base = _settings(args)
+    if args.requests is not None:
+        base["n"] = args.requests
+    return {**base, "handoffs": handoffs, "degrees": degrees, "colocated": variants,
             "prefill_first": args.prefill_first, "colocated_prefill_first": args.colocated_prefill_first}
 
 

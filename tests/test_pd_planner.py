@@ -103,8 +103,9 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
 def test_the_disaggregation_experiment_takes_concurrent_hand_offs_and_can_skip_the_shift(tmp_path):
     out, js = tmp_path / "out", tmp_path / "d.json"
     data = disaggregation.main(["--smoke", "--no-progress", "--app", "code", "--handoffs", "2", "--no-shift",
-                                "--out", str(out), "--json", str(js)])
+                                "--requests", "24", "--out", str(out), "--json", str(js)])
     assert list(data["settings"]["handoffs"]) == [2] and data["shift"]["systems"] == {}
+    assert data["settings"]["n"] == 24 and "24 requests a run" in (out / "disaggregation.md").read_text()
     assert all(row["handoffs"] == 2 for row in data["results"]["code"]["plan"])
     assert "Shifting mix" not in (out / "disaggregation.md").read_text()
     assert not (out / "disaggregation_shift.png").exists()
@@ -112,6 +113,8 @@ def test_the_disaggregation_experiment_takes_concurrent_hand_offs_and_can_skip_t
         disaggregation.main(["--smoke", "--no-progress", "--handoffs", "0", "--out", str(out)])
     with pytest.raises(SystemExit):
         disaggregation.main(["--smoke", "--no-progress", "--handoffs", "2,x", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        disaggregation.main(["--smoke", "--no-progress", "--requests", "0", "--out", str(out)])
 
 
 def test_requests_carry_the_applications_slo_only_when_asked():
