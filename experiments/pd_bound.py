@@ -154,8 +154,8 @@ def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: 
     return {"rps": by_degree[best]["rps"], "degree": best, **by_degree[best], "by_degree": by_degree}
 
 
-def memory_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str,
-               seed: int) -> dict[str, Any]:
+def budget_memory_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str,
+                      seed: int) -> dict[str, Any]:
     """The rate no layout of ``gpus`` can sustain, by the KV its decode steps read (module
     docstring), and each degree's share: per unit of the profile's GPUs, the context tokens an
     instance reads a second at most."""
@@ -207,7 +207,7 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
     def ratio(x: float, base: float = colocated) -> Optional[float]:
         return x / base if base > 0 else None
 
-    cap = memory_cap(app, gpus, degrees, n, profile, seed)
+    cap = budget_memory_cap(app, gpus, degrees, n, profile, seed)
     sustained, long_by_degree, bound_long = colocated, None, None
     if long > 1:  # the baseline on a run long enough to show whether its goodput is sustained
         bound_long = bound(app, gpus, degrees, long * n, profile, seed)["rps"]

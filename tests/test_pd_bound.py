@@ -124,7 +124,7 @@ def test_the_memory_cap_by_hand():
     requests = make_requests(app, 5, 1.0, 0)
     assert planner.decode_reads(requests) == [(r.output_len - 1) * r.prompt_len
                                               + (r.output_len - 1) * r.output_len // 2 for r in requests]
-    cap = pd_bound.memory_cap(app, 4, (1, 2), 5, "opt-13b-a100", 0)
+    cap = pd_bound.budget_memory_cap(app, 4, (1, 2), 5, "opt-13b-a100", 0)
     prof = PROFILES["opt-13b-a100"]
     k = prof.num_blocks * prof.block_size
     one = 4 * k / prof.decode_step_floor_s(k) / (sum(planner.decode_reads(requests)) / 5)
