@@ -17,7 +17,6 @@ chosen layout.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -112,8 +111,7 @@ def run(workload: Workload, layout: Layout, rate: float, profile: Union[str, Cos
 
 def kv_tokens(layout: Layout, profile: Union[str, CostProfile], role: str) -> int:
     """Tokens of KV one instance of ``role`` (``prefill``, ``decode``, ``both``) in ``layout`` holds."""
-    prof = layout.sim_config(profile, 0).role_profile(role)
-    return prof.num_blocks * prof.block_size
+    return layout.sim_config(profile, 0).role_profile(role).kv_tokens
 
 
 def infeasible(layout: Layout, profile: Union[str, CostProfile], requests: Sequence[Any]) -> Optional[str]:
@@ -146,10 +144,8 @@ def decode_reads(requests: Sequence[Any]) -> list[int]:
 
 def read_rate(layout: Layout, profile: Union[str, CostProfile], role: str) -> float:
     """Context tokens one instance of ``role`` in ``layout`` can read a second at most, however
-    it batches: its pool of ``K`` tokens over ``CostProfile.decode_step_floor_s(K)``."""
-    prof = layout.sim_config(profile, 0).role_profile(role)
-    k = kv_tokens(layout, profile, role)
-    return k / prof.decode_step_floor_s(k)
+    it batches (``CostProfile.decode_read_ceiling``)."""
+    return layout.sim_config(profile, 0).role_profile(role).decode_read_ceiling
 
 
 def memory_cap(layout: Layout, profile: Union[str, CostProfile], requests: Sequence[Any]) -> float:

@@ -243,6 +243,11 @@ class CostProfile:
         """KV capacity in blocks: ``(mem * (1 - reserved) - weights) / block bytes``."""
         return max(0, int((self.usable_mem_bytes - self.weight_bytes) // self.kv_block_bytes))
 
+    @property
+    def kv_tokens(self) -> int:
+        """KV capacity in tokens: ``num_blocks * block_size``."""
+        return self.num_blocks * self.block_size
+
     # ---- times ---------------------------------------------------------------
     @property
     def _flops_per_s(self) -> float:
@@ -354,6 +359,13 @@ class CostProfile:
         at most ``K / decode_step_floor_s(K)`` context tokens a second, however it batches
         (the bound grows with the context read, and a step reads no more than the pool)."""
         return self.decode_overhead_s + self.weight_bytes / self._bytes_per_s + self.decode_read_s(context_tokens)
+
+    @property
+    def decode_read_ceiling(self) -> float:
+        """Context tokens a second an instance can read at most, however it batches: its pool of
+        ``kv_tokens`` over ``decode_step_floor_s`` of that many (no step reads more than the
+        pool, and reading fewer a step reads fewer a second)."""
+        return self.kv_tokens / self.decode_step_floor_s(self.kv_tokens)
 
     def migration_time(self, num_blocks: int, cross_node: bool = False) -> float:
         """Time to copy ``num_blocks`` KV blocks to another instance (one blocking transfer),

@@ -265,7 +265,6 @@ class FittedCostProfile(CostProfile):
         _check_count("prompt_len", prompt_len)
         return self.per_prefill_token_s * prompt_len
 
-
     def decode_read_s(self, context_tokens: int) -> float:
         """The fit's per-context-token decode cost of ``context_tokens`` tokens:
         ``CostProfile.decode_read_s`` for a fitted step time."""
@@ -276,6 +275,7 @@ class FittedCostProfile(CostProfile):
         """The fit's fixed cost plus ``decode_read_s``: ``CostProfile.decode_step_floor_s``
         for a fitted step time."""
         return self.fixed_s + self.decode_read_s(context_tokens)
+
 
 def _read_rows(path: Union[str, Path]) -> np.ndarray:
     with open(path, newline="") as f:
