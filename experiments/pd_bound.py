@@ -17,7 +17,13 @@ could reach it, for each of DistServe's applications on a GPU budget:
   instances of a degree remain. Each prompt ``i`` costs a prefill instance at least
   ``w_i = CostProfile.prefill_work_s(prompt_len)`` seconds of step time however it is
   batched (its FLOPs and all-reduce bytes; what a batch shares is left out). For 90% of
-  ``n`` requests to meet the TTFT objective ``T`` at rate ``r``, among the first ``k + 1``
+  ``n`` requests to meet the TTFT objective ``T`` at rate ``r``, a prompt whose *latency floor*
+  exceeds ``T`` misses whatever the rate: ``CostProfile.prefill_latency_floor_s`` (one step's
+  fixed cost, the larger of its FLOPs and one read of the weights, its all-reduces) is the
+  least time from its first prefill step to its first token, since chunking pays the fixed
+  cost and the weights again and batching only adds FLOPs. Those prompts come off the misses
+  allowed (none left: the degree's bound is 0, as for chatbot prompts on one A100 at 200 ms).
+  Among the others and the first ``k + 1``
   arrivals all but ``n - ceil(0.9 n)`` must have their first token by ``a_k + T``, where
   ``a_k = s_k / r`` (the same unit-rate Poisson arrivals scaled, ``s_k``), so the cheapest
   of them fit in ``P (a_k + T)`` instance-seconds. Hence, for every ``k`` whose cheapest
@@ -38,12 +44,22 @@ could reach it, for each of DistServe's applications on a GPU budget:
   between rates that are sustained (a scheduler that starves its dearest 10% of requests for
   ever is not covered: it does not serve the rate). The bound above is then also taken over the
   long run's requests and compared with the baseline's goodput on them.
+- **work cap**: a rate no layout of the budget can sustain, counting the prefill work and the
+  decode reads together. Where a step's prefill and decode times add
+  (``CostProfile.prefill_and_decode_add``: serial mixed steps, as vLLM <= 0.3 and every OPT
+  profile here run them) a step that prefills prompts and decodes a context of ``R`` tokens
+  takes at least the prompts' ``prefill_work_s`` plus ``decode_step_floor_s(R)``, so an
+  instance's second holds ``r w + r c / ceiling <= 1``. In GPU units, each request costs at
+  least ``min_d d w_d + c min_d d / ceiling_d`` unit-seconds (prefill and reads each at the
+  degree cheapest for them, wherever the hand-off puts them), and ``r <= units / mean`` of
+  that: tighter than the memory cap by the prefill work. With fused steps the two are apart
+  and the cap is the larger of the two means. It is taken over the long run's requests.
 - **ideal**: a simulated estimate under the bound: the same ``P`` prefill instances
   serving the prompts alone (every request ends at its first token: decoding is free and
   the hand-off instant), round-robin, goodput by the same bisection (TTFT alone).
 
-If the bound is under twice the colocated goodput (in the same run), or the memory cap under
-twice the colocated goodput on the long runs, the 2x target is out of reach for that
+If the bound is under twice the colocated goodput (in the same run), or the memory or work cap
+under twice the colocated goodput on the long runs, the 2x target is out of reach for that
 application and budget in this cost model, whatever the scheduler does. Nothing in the cost
 model is fitted to this (``llumnix_py/engines/sim/profiles.py``).
 
@@ -80,10 +96,11 @@ from llumnix_py.slo import DEFAULT_TARGET  # noqa: E402
 
 
 def rate_bound(unit_arrivals: Sequence[float], work_s: Sequence[float], instances: int, ttft_s: float,
-               target: float = DEFAULT_TARGET) -> float:
+               target: float = DEFAULT_TARGET, latency_s: Optional[Sequence[float]] = None) -> float:
     """The highest rate at which ``target`` of the requests can have their first token within
     ``ttft_s`` on ``instances`` instances, by work alone (module docstring); ``inf`` when the
-    work never binds.
+    work never binds, 0 when more prompts than the target allows cannot meet the objective
+    however idle the instance (``latency_s``).
 
     Args:
         unit_arrivals: arrival times at rate 1, increasing (at rate ``r`` they are divided by ``r``).
@@ -91,28 +108,47 @@ def rate_bound(unit_arrivals: Sequence[float], work_s: Sequence[float], instance
         instances: instances that prefill.
         ttft_s: the TTFT objective.
         target: the share of requests that must meet it.
+        latency_s: each request's least time to its first token on an idle instance
+            (``CostProfile.prefill_latency_floor_s``); a request whose floor exceeds ``ttft_s``
+            misses at any rate, and the others may miss only what is left. ``None``: not used.
 
     Raises:
         ValueError: lengths that differ, no request, fewer than one instance, a target outside
             (0, 1], a negative objective or work.
     """
     n = len(work_s)
-    if n == 0 or len(unit_arrivals) != n:
+    if n == 0 or len(unit_arrivals) != n or (latency_s is not None and len(latency_s) != n):
         raise ValueError(f"{len(unit_arrivals)} arrivals for {n} requests")
     if instances < 1 or not 0 < target <= 1 or ttft_s < 0 or min(work_s) < 0:
         raise ValueError("instances >= 1, a target in (0, 1], and objectives and work >= 0 are required")
     may_miss = n - math.ceil(target * n - 1e-9)
+    if latency_s is not None:  # these miss at any rate: drop them, and their misses from the allowance
+        hopeless = [lat > ttft_s for lat in latency_s]
+        may_miss -= sum(hopeless)
+        if may_miss < 0:
+            return 0.0
+        unit_arrivals = [s for s, h in zip(unit_arrivals, hopeless) if not h]
+        work_s = [w for w, h in zip(work_s, hopeless) if not h]
     best = math.inf
-    heap: list[float] = []  # the cheapest (k + 1 - may_miss) works among the first k + 1, as a max-heap
+    # Among the first k + 1 arrivals, the ``may_miss`` dearest works may miss (a min-heap of them)
+    # and the rest must meet the objective (a max-heap, stored negated, with their sum). A work
+    # that may miss early must be kept once a dearer one arrives. Until session 22 the first
+    # ``may_miss`` works were discarded, however cheap: that overstated the work, so the rate
+    # came out lower than the true bound (and some runs' goodput could have exceeded it).
+    kept: list[float] = []
+    missed: list[float] = []
     total = 0.0
-
-    for k, (s, w) in enumerate(zip(unit_arrivals, work_s)):
-        heapq.heappush(heap, -w)
-        total += w
-        keep = k + 1 - may_miss
-        while len(heap) > max(keep, 0):
-            total += heapq.heappop(heap)  # drop the dearest (stored negated)
-        if keep <= 0:
+    for s, w in zip(unit_arrivals, work_s):
+        if kept and w < -kept[0]:  # cheaper than the dearest kept one: kept instead, which may miss now
+            dearest = -heapq.heapreplace(kept, -w)
+            total += w - dearest
+            w = dearest
+        heapq.heappush(missed, w)
+        if len(missed) > may_miss:
+            cheapest = heapq.heappop(missed)
+            heapq.heappush(kept, -cheapest)
+            total += cheapest
+        if not kept:
             continue
         excess = total / instances - ttft_s
         if excess > 0:
@@ -146,12 +182,41 @@ def bound(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: 
             continue
         prof = lay.sim_config(profile, 0).role_profile("prefill")
         work = prompt_work(prof, [r.prompt_len for r in sample])
+        floors = [prof.prefill_latency_floor_s(r.prompt_len) for r in sample]
         by_degree[d] = {"prefill_instances": p, "decode_gpus": dec * unit, "mean_work_s": float(np.mean(work)),
-                        "rps": rate_bound(arrivals, work, p, app.slo.ttft_s)}
+                        "hopeless_share": float(np.mean([f > app.slo.ttft_s for f in floors])),
+                        "rps": rate_bound(arrivals, work, p, app.slo.ttft_s, latency_s=floors)}
     if not by_degree:
         return {"rps": 0.0, "why": "no prefill instance fits beside the smallest decode instance", "by_degree": {}}
     best = max(by_degree, key=lambda d: (by_degree[d]["rps"], -d))
     return {"rps": by_degree[best]["rps"], "degree": best, **by_degree[best], "by_degree": by_degree}
+
+
+def budget_work_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str,
+                    seed: int) -> dict[str, Any]:
+    """The rate no layout of ``gpus`` can sustain, colocated or disaggregated, with instances of
+    any mix of ``degrees``, by the prefill work and the decode reads its requests need (module
+    docstring). In GPU units: a prompt prefilled at degree ``d`` costs ``d * prefill_work_s``
+    unit-seconds, a context token read there ``d / read ceiling``; each request at its cheapest
+    degree for each. Where the profile's steps add them (``CostProfile.prefill_and_decode_add``)
+    a unit's second holds both together, ``r <= units / mean(prefill + reads)``; with fused
+    steps each apart, ``r <= units / max(mean prefill, mean reads)``."""
+    unit = profile_gpus(profile)
+    units = gpus // unit
+    sample = make_requests(app, n, 1.0, seed)
+    reads = np.asarray(planner.decode_reads(sample), dtype=float)
+    profs = {d: Layout(1, None, tp=(d, d), unit=unit).sim_config(profile, 0).role_profile("both")
+             for d in degrees if d <= units}
+    if not profs:
+        return {"rps": math.inf, "by_degree": {}}
+    prefill = np.min([d * np.asarray(prompt_work(p, [r.prompt_len for r in sample])) for d, p in profs.items()],
+                     axis=0)
+    per_read = min(d / p.decode_read_ceiling for d, p in profs.items())
+    adds = all(p.prefill_and_decode_add for p in profs.values())
+    demand = float(np.mean(prefill + reads * per_read)) if adds \
+        else max(float(np.mean(prefill)), float(np.mean(reads)) * per_read)
+    return {"rps": units / demand if demand > 0 else math.inf, "adds": adds,
+            "prefill_unit_s": float(np.mean(prefill)), "read_unit_s": float(np.mean(reads)) * per_read}
 
 
 def budget_memory_cap(app: Application, gpus: int, degrees: Sequence[int], n: int, profile: str,
@@ -208,6 +273,7 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
         return x / base if base > 0 else None
 
     cap = budget_memory_cap(app, gpus, degrees, n, profile, seed)
+    work_cap = budget_work_cap(app, gpus, degrees, long * n, profile, seed)
     sustained, long_by_degree, bound_long = colocated, None, None
     if long > 1:  # the baseline on a run long enough to show whether its goodput is sustained
         bound_long = bound(app, gpus, degrees, long * n, profile, seed)["rps"]
@@ -230,7 +296,10 @@ def evaluate(app: Application, gpus: int, degrees: Sequence[int], n: int, iterat
         "bound_long_ratio": None if bound_long is None else ratio(bound_long, sustained),
         "colocated_over_memory_cap": colocated > cap["rps"],
         "memory_ratio": ratio(cap["rps"], sustained),
+        "work_rps": work_cap["rps"], "work_prefill_unit_s": work_cap.get("prefill_unit_s"),
+        "work_read_unit_s": work_cap.get("read_unit_s"), "work_ratio": ratio(work_cap["rps"], sustained),
         "two_x_reachable": bool(colocated > 0 and b["rps"] >= 2 * colocated and cap["rps"] >= 2 * sustained
+                                and work_cap["rps"] >= 2 * sustained
                                 and (bound_long is None or bound_long >= 2 * sustained)),
     }
 
@@ -242,10 +311,13 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig, axes = subplots(1, 1, width=max(4.0, 1.3 * len(keys)), height=3.2)
     ax = axes[0][0]
     x = np.arange(len(keys))
-    ax.bar(x - 0.27, [results[k]["bound_ratio"] or 0 for k in keys], 0.27, label="bound / colocated")
-    ax.bar(x, [results[k]["ideal_ratio"] or 0 for k in keys], 0.27, label="ideal (simulated) / colocated")
-    ax.bar(x + 0.27, [min(results[k]["memory_ratio"] or 0, 10.0) for k in keys], 0.27,
+    w = 0.2
+    ax.bar(x - 1.5 * w, [results[k]["bound_ratio"] or 0 for k in keys], w, label="bound / colocated")
+    ax.bar(x - 0.5 * w, [results[k]["ideal_ratio"] or 0 for k in keys], w, label="ideal (simulated) / colocated")
+    ax.bar(x + 0.5 * w, [min(results[k]["memory_ratio"] or 0, 10.0) for k in keys], w,
            label="memory cap / colocated (long runs where measured)")
+    ax.bar(x + 1.5 * w, [min(results[k]["work_ratio"] or 0, 10.0) for k in keys], w,
+           label="work cap / colocated (long runs where measured)")
     ax.axhline(2.0, color="k", ls="--", lw=1, label="the 2x target")
     ax.set_xticks(x, keys, rotation=20, fontsize=7)
     ax.set_ylabel("x colocated round-robin goodput")
@@ -264,7 +336,7 @@ def _extra(ap) -> None:
     ap.add_argument("--requests", type=int, default=None, help="requests a run (default 400, --quick 100)")
     ap.add_argument("--long", type=int, default=1,
                     help="also measure the colocated baseline on this many times the requests, to compare the "
-                         "memory cap with a sustained goodput (default 1: not measured)")
+                         "memory and work caps with a sustained goodput (default 1: not measured)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -292,11 +364,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     long_bound = f"bound / colocated, {args.long * n} requests" if args.long > 1 else None
     headers = ["application, budget", "colocated RR (req/s)", "on", "its prefill utilisation", "bound (req/s)",
                "bound layout", "bound / colocated", "ideal (req/s)", "ideal / colocated", "memory cap (req/s)",
-               *([long_head, long_bound] if long_head else []), "cap / colocated", "2x possible"]
+               *([long_head, long_bound] if long_head else []), "cap / colocated", "work cap (req/s)",
+               "work cap / colocated", "2x possible"]
     rows = [[k, r["colocated_rps"], r["colocated_layout"], r["prefill_utilisation"], r["bound_rps"],
              r["bound_layout"], r["bound_ratio"], r["ideal_rps"], r["ideal_ratio"], r["memory_rps"],
              *([r["colocated_long_rps"], r["bound_long_ratio"]] if long_head else []), r["memory_ratio"],
-             "yes" if r["two_x_reachable"] else "no"] if "colocated_rps" in r
+             r["work_rps"], r["work_ratio"], "yes" if r["two_x_reachable"] else "no"] if "colocated_rps" in r
             else [k, "unservable"] + [""] * (len(headers) - 2)
             for k, r in results.items()]
     title = (f"Upper bound on disaggregated goodput against colocated round-robin (prompts first), {n} requests a "

@@ -161,6 +161,36 @@ def memory_cap(layout: Layout, profile: Union[str, CostProfile], requests: Seque
     return sum(count * read_rate(layout, profile, role) for role, count in roles) / reads
 
 
+def work_cap(layout: Layout, profile: Union[str, CostProfile], requests: Sequence[Any]) -> float:
+    """The highest rate ``layout`` could sustain with requests like ``requests``, counting what
+    each request needs wherever it runs: its prompt's prefill work on an instance that
+    prefills (``CostProfile.prefill_work_s``: colocated instances, or the prefill role) and its
+    ``decode_reads`` at ``read_rate``. Where a step's prefill and decode times add
+    (``CostProfile.prefill_and_decode_add``: serial mixed steps, as vLLM up to 0.3 and every
+    profile of DistServe's models run them, and fitted steps) an instance's second holds both
+    together; with fused steps each apart. With ``w`` the mean prefill work and ``c`` the read
+    rate of a prefill-capable instance, ``N`` of them, and ``c_d`` of each of ``D`` decode
+    instances (none when colocated), the reads split between them at best::
+
+        r <= min(N / w, (c N + c_d D) / (R + c w))     adding   (colocated: c N / (R + c w))
+        r <= min(N / w, (c N + c_d D) / R)             fused
+
+    for ``R`` the mean reads. It is at most ``memory_cap``; ``inf`` when nothing is asked.
+    A goodput above it comes from a run too short to reach a steady state."""
+    if not requests:
+        return math.inf
+    cfg = layout.sim_config(profile, 0)
+    reads = sum(decode_reads(requests)) / len(requests)
+    role, n = ("both", layout.instances) if layout.pd is None else ("prefill", layout.pd[0])
+    prof = cfg.role_profile(role)
+    work = sum(prof.prefill_work_s(r.prompt_len) for r in requests) / len(requests)
+    c = prof.decode_read_ceiling
+    others = 0.0 if layout.pd is None else layout.pd[1] * read_rate(layout, profile, "decode")
+    demand = reads + c * work if prof.prefill_and_decode_add else reads
+    prefill = n / work if work > 0 else math.inf
+    return min(prefill, (c * n + others) / demand if demand > 0 else math.inf)
+
+
 # Doublings of the goodput range above ``max_per_gpu`` an instance. Until session 16 the range
 # stopped there: colocated code completion on 4 x TP4 of OPT-66B (64 req/s, the top) was capped.
 GOODPUT_GROW = 4
@@ -257,11 +287,12 @@ def plan(workload: Workload, slo: SLO, gpus: int, profile: Union[str, CostProfil
         why = infeasible(layout, profile, sample)
         g = 0.0 if why else goodput(workload, layout, slo, profile, seed=seed, iterations=iterations,
                                     max_per_gpu=max_per_gpu)
-        cap = memory_cap(layout, profile, sample)
+        cap, work = memory_cap(layout, profile, sample), work_cap(layout, profile, sample)
         rows.append({"prefill": p, "decode": d, "tp_prefill": tp_p, "tp_decode": tp_d, "unit": unit,
                      "infeasible": why, "gpus": layout.gpus,
                      "handoffs": layout.handoffs, "prefill_first": layout.prefill_first, "goodput_rps": g,
-                     "goodput_per_gpu": g / layout.gpus, "memory_cap_rps": cap, "over_memory_cap": g > cap})
+                     "goodput_per_gpu": g / layout.gpus, "memory_cap_rps": cap, "over_memory_cap": g > cap,
+                     "work_cap_rps": work, "over_work_cap": g > work})
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -278,21 +309,21 @@ def print_plan(title: str, rows: Sequence[dict[str, Any]]) -> None:
 
     table = Table(title=title)
     for col in ("rank", "P:D", "TP prefill/decode", "hand-offs at once", "GPUs", "goodput (req/s)", "per GPU",
-                "memory cap (req/s)"):
+                "work cap (req/s)"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows, 1):
         u = r.get("unit", 1)
-        cap = r.get("memory_cap_rps")
+        cap = r.get("work_cap_rps")
         scores = (["infeasible", r["infeasible"], ""] if r.get("infeasible")
-                  else [f"{r['goodput_rps']:.2f}" + (" *" if r.get("over_memory_cap") else ""),
+                  else [f"{r['goodput_rps']:.2f}" + (" *" if r.get("over_work_cap") else ""),
                         f"{r['goodput_per_gpu']:.3f}", "" if cap is None else f"{cap:.2f}"])
         table.add_row(str(i), f"{r['prefill']}:{r['decode']}", f"{r['tp_prefill'] * u}/{r['tp_decode'] * u}",
                       str(r.get("handoffs", 1)), str(r["gpus"]), *scores)
     Console().print(table)
-    if any(r.get("over_memory_cap") and not r.get("infeasible") for r in rows):
-        Console().print("* above the layout's memory cap: no layout sustains that rate (its decode steps cannot read "
-                        "the KV fast enough), so the runs were too short to reach a steady state; plan with more "
-                        "requests a run")
+    if any(r.get("over_work_cap") and not r.get("infeasible") for r in rows):
+        Console().print("* above the layout's work cap: the layout cannot sustain that rate (its instances cannot "
+                        "prefill the prompts and read the KV of their decode steps fast enough), so the runs were "
+                        "too short to reach a steady state; plan with more requests a run")
     Console().print(chosen_layout(rows[0]))
 
 

@@ -140,6 +140,86 @@ def test_a_step_takes_at_least_its_decode_contexts_read(profile, degree, prefill
     assert prof.decode_read_s(context) * degree == pytest.approx(profile.decode_read_s(context), rel=1e-12)
 
 
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("profile", [OPT_13B_A100, OPT_66B_2xA100], ids=lambda p: p.model.name)
+@settings(max_examples=40, deadline=None)
+@given(prompts=st.lists(st.integers(1, 4096), max_size=8), seqs=st.integers(0, 256), extra=st.integers(0, 10**6))
+def test_a_serial_step_takes_its_prompts_work_plus_its_decode_floor(profile, degree, prompts, seqs, extra):
+    # The work cap (llumnix_py.planner.work_cap) adds an instance's prefill work and its decode
+    # reads in one second: every step of a serial profile pays both.
+    from llumnix_py.engines.sim.profiles import with_tensor_parallel
+
+    prof = with_tensor_parallel(profile, degree)
+    assert prof.prefill_and_decode_add and not prof.fused_mixed_steps
+    context = seqs + extra if seqs else 0
+    pairs = sum(causal_context(0, p) for p in prompts)
+    floor = sum(prof.prefill_work_s(p) for p in prompts) + (prof.decode_step_floor_s(context) if seqs else 0.0)
+    assert prof.step_time(sum(prompts), seqs, context, pairs) >= floor * (1 - 1e-12)
+
+
+def test_a_fused_step_can_take_less_than_its_prompts_work_plus_its_decode_floor():
+    # so the work cap treats fused steps apart: one pass overlaps the GEMMs with the KV reads
+    fused = dataclasses.replace(OPT_13B_A100, fused_mixed_steps=True)
+    assert not fused.prefill_and_decode_add
+    context = 64 * 2000
+    step = fused.step_time(2048, 64, context)
+    assert step < fused.prefill_work_s(2048) + fused.decode_step_floor_s(context)
+    assert step >= max(fused.prefill_work_s(2048), fused.decode_step_floor_s(context))
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("fused", [True, False])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), prompt=st.integers(1, 8192))
+def test_no_chunking_or_batching_of_a_prompt_beats_its_latency_floor(degree, fused, data, prompt):
+    from llumnix_py.engines.sim.profiles import with_tensor_parallel
+
+    prof = dataclasses.replace(with_tensor_parallel(OPT_13B_A100, degree), fused_mixed_steps=fused)
+    floor = prof.prefill_latency_floor_s(prompt)
+    assert floor > 0 and prof.step_time(prompt, 0, 0) >= floor * (1 - 1e-12)
+    cuts = sorted(data.draw(st.sets(st.integers(1, prompt - 1), max_size=6)) if prompt > 1 else ())
+    bounds = [0, *cuts, prompt]
+    total = 0.0
+    for lo, hi in zip(bounds, bounds[1:]):  # each chunk in its own step, with other prompts and decodes beside it
+        others = data.draw(st.integers(0, 2048))
+        seqs = data.draw(st.integers(0, 64))
+        context = seqs * data.draw(st.integers(1, 4000))
+        pairs = causal_context(lo, hi - lo) + causal_context(0, others)
+        total += prof.step_time(hi - lo + others, seqs, context, pairs)
+    assert total >= floor * (1 - 1e-12)
+
+
+def test_the_latency_floor_by_hand():
+    # OPT-13B on one A100: the step's fixed cost plus the larger of the FLOPs and one weight read
+    p = OPT_13B_A100
+    m, flops_rate = p.model, p.hw.peak_tflops * 1e12 * p.prefill_efficiency
+    weights = p.weight_bytes / (p.hw.mem_bandwidth_gbps * 1e9 * p.bandwidth_efficiency)
+    for n in (1, 1000):
+        compute = (2 * m.num_params * n + 4 * m.num_layers * m.hidden_size * causal_context(0, n)) / flops_rate
+        assert p.prefill_latency_floor_s(n) == pytest.approx(p.decode_overhead_s + max(compute, weights), rel=1e-12)
+    assert p.prefill_latency_floor_s(1) == pytest.approx(p.decode_overhead_s + weights, rel=1e-12)
+    # tensor parallel: the all-reduces of the prompt's tokens on the critical path
+    from llumnix_py.engines.sim.profiles import with_tensor_parallel
+
+    tp = with_tensor_parallel(p, 2)
+    assert tp.prefill_latency_floor_s(1000) == pytest.approx(
+        tp.decode_overhead_s + max(tp.prefill_work_s(1000) - (tp.allreduce_time(1000) - 2 * m.num_layers
+                                                               * tp.hw.allreduce_latency_s), weights / 2)
+        + tp.allreduce_time(1000), rel=1e-9)
+    with pytest.raises(ValueError):
+        p.prefill_latency_floor_s(-1)
+
+
+def test_a_fitted_profile_s_latency_floor_and_work_add():
+    fitted = FittedCostProfile(LLAMA_7B, A10, 0.5, 0.0, 0.1, fixed_s=0.01, per_prefill_token_s=2e-4,
+                               per_decode_seq_s=1e-4, per_context_token_s=3e-7)
+    assert fitted.prefill_latency_floor_s(100) == pytest.approx(0.01 + 0.02)
+    assert fitted.step_time(100, 0, 0) >= fitted.prefill_latency_floor_s(100)
+    assert fitted.step_time(50, 0, 0) + fitted.step_time(50, 0, 0) >= fitted.prefill_latency_floor_s(100)
+    assert fitted.prefill_and_decode_add
+    assert fitted.step_time(100, 4, 1000) >= fitted.prefill_work_s(100) + fitted.decode_step_floor_s(1000)
+
+
 def test_decode_read_is_the_kv_bytes_at_the_attention_bandwidth_by_hand():
     p = OPT_13B_A100
     bw = p.hw.mem_bandwidth_gbps * 1e9 * p.attention_bandwidth_efficiency

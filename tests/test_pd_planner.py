@@ -86,9 +86,12 @@ def test_the_disaggregation_experiment_writes_its_table_plot_and_json(tmp_path):
     assert all(0 <= a <= 1 for c in r["curves"].values() for a in c["attainment"] + c["attainment_by_scale"])
     assert set(r["memory_cap_rps"]) == set(r["goodput_rps"]) and all(c > 0 for c in r["memory_cap_rps"].values())
     assert r["over_memory_cap"] == {k: g > r["memory_cap_rps"][k] for k, g in r["goodput_rps"].items()}
+    assert set(r["work_cap_rps"]) == set(r["goodput_rps"])
+    assert all(0 < r["work_cap_rps"][k] <= c for k, c in r["memory_cap_rps"].items())
+    assert r["over_work_cap"] == {k: g > r["work_cap_rps"][k] for k, g in r["goodput_rps"].items()}
     assert (out / "disaggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "disaggregation.md").read_text()
-    assert "memory cap" in md
+    assert "work cap" in md
     assert md.startswith("# ") and "|---|" in md and "DistServe" in md and "Shifting mix" in md
     # the shifting mix: fixed roles and role flips over the same requests, nothing dropped
     shift = data["shift"]
@@ -386,7 +389,43 @@ def test_the_memory_cap_by_hand_and_a_plan_marks_goodput_above_it(capsys):
     ranked = plan(LONG_DECODE, 3, 40, "opt-13b-a100", exact=True, iterations=4)
     for r in ranked:
         assert r["over_memory_cap"] == (r["goodput_rps"] > r["memory_cap_rps"])
-    assert any(r["over_memory_cap"] for r in ranked), ranked
+        assert r["over_work_cap"] == (r["goodput_rps"] > r["work_cap_rps"])
+        assert r["work_cap_rps"] <= r["memory_cap_rps"] and (r["over_work_cap"] or not r["over_memory_cap"])
+    assert any(r["over_work_cap"] for r in ranked), ranked
     planner.print_plan("long decode", ranked)
     out = capsys.readouterr().out
-    assert "above the layout's memory cap" in out and " *" in out
+    assert "above the layout's work cap" in out and " *" in out and "work" in out.split("┃")[8]
+
+
+def test_the_work_cap_by_hand():
+    import dataclasses
+
+    from llumnix_py import planner
+    from llumnix_py.engines.sim.profiles import OPT_13B_A100, with_tensor_parallel
+
+    requests = make_requests(LONG_DECODE, 40, 1.0)
+    reads = sum(planner.decode_reads(requests)) / len(requests)
+    one, two = OPT_13B_A100, with_tensor_parallel(OPT_13B_A100, 2)
+    w1 = sum(one.prefill_work_s(r.prompt_len) for r in requests) / len(requests)
+    c1, c2 = one.decode_read_ceiling, two.decode_read_ceiling
+    # colocated, serial steps: each of 3 instances spends r (w + R / c) <= 1 of a second
+    assert planner.work_cap(Layout(3, None), "opt-13b-a100", requests) == pytest.approx(
+        3 / (w1 + reads / c1), rel=1e-12)
+    # P:D 1:1, TP1 prefill and TP2 decode: the prefill instance prefills and reads what is left,
+    # the decode instance reads; and the prefill instance alone bounds the rate by its work
+    lay = Layout(2, (1, 1), tp=(1, 2))
+    both = (c1 + c2) / (reads + c1 * w1)
+    assert planner.work_cap(lay, "opt-13b-a100", requests) == pytest.approx(min(1 / w1, both), rel=1e-12)
+    heavy = make_requests(PREFILL_HEAVY, 40, 1.0)
+    wh = sum(one.prefill_work_s(r.prompt_len) for r in heavy) / len(heavy)
+    assert planner.work_cap(Layout(2, (1, 1)), "opt-13b-a100", heavy) == pytest.approx(1 / wh, rel=1e-12)
+    # fused steps keep prefill and reads apart: the cap is the reads' or the work's alone
+    fused = dataclasses.replace(one, fused_mixed_steps=True)
+    assert planner.work_cap(Layout(3, None), fused, requests) == pytest.approx(
+        min(3 / w1, 3 * c1 / reads), rel=1e-12)
+    assert planner.work_cap(Layout(3, None), fused, requests) == pytest.approx(
+        planner.memory_cap(Layout(3, None), fused, requests), rel=1e-12)
+    # always at most the memory cap; nothing asked, no cap
+    for lay in (Layout(3, None), Layout(2, (1, 1), tp=(1, 2)), Layout(3, (1, 2))):
+        assert planner.work_cap(lay, "opt-13b-a100", requests) <= planner.memory_cap(lay, "opt-13b-a100", requests)
+    assert planner.work_cap(lay, "opt-13b-a100", []) == float("inf")

@@ -334,11 +334,36 @@ class CostProfile:
         bounds a prefill instance's throughput with it."""
         _check_count("prompt_len", prompt_len)
         m = self.model
-        flops = 2.0 * m.num_params * prompt_len + 4.0 * m.num_layers * m.hidden_size * causal_context(0, prompt_len)
         g, link = self.hw.num_gpus, self.hw.tp_link_gbps
         ring = 0.0 if g == 1 or link is None else \
             2 * m.num_layers * 2.0 * (g - 1) / g * prompt_len * m.hidden_size * m.dtype_bytes / (link * _GB)
-        return flops / self._flops_per_s + ring
+        return self._prefill_flops(prompt_len) / self._flops_per_s + ring
+
+    def _prefill_flops(self, prompt_len: int) -> float:
+        m = self.model
+        return 2.0 * m.num_params * prompt_len + 4.0 * m.num_layers * m.hidden_size * causal_context(0, prompt_len)
+
+    def prefill_latency_floor_s(self, prompt_len: int) -> float:
+        """A lower bound on the time from the start of the first step that prefills a fresh
+        prompt of ``prompt_len`` tokens to its first token, however it is batched or chunked:
+        one step's fixed cost, the larger of its FLOPs at the profile's FLOP/s and one read of
+        the weights, and its all-reduces. Chunks over ``k`` steps pay ``k`` fixed costs and
+        weight reads and the same FLOPs in all, and a batch only adds FLOPs, so no schedule
+        beats it; a prompt whose floor exceeds its TTFT objective misses it wherever it runs.
+        ``experiments/pd_bound.py`` counts those misses."""
+        _check_count("prompt_len", prompt_len)
+        compute = self._prefill_flops(prompt_len) / self._flops_per_s
+        return self.decode_overhead_s + max(compute, self.weight_bytes / self._bytes_per_s) \
+            + self.allreduce_time(prompt_len)
+
+    @property
+    def prefill_and_decode_add(self) -> bool:
+        """Whether a step's time is at least its prompts' ``prefill_work_s`` plus
+        ``decode_step_floor_s`` of its decode context (when it decodes): true of serial mixed
+        steps (two passes whose times add), not of fused ones (one pass, the max of compute and
+        memory time). Then an instance spends a second on prefill work and decode reads
+        together, not on each apart (``llumnix_py.planner.work_cap``)."""
+        return not self.fused_mixed_steps
 
     def decode_read_s(self, context_tokens: int) -> float:
         """A lower bound on the step time any schedule spends on decode steps that read

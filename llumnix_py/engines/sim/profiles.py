@@ -265,6 +265,16 @@ class FittedCostProfile(CostProfile):
         _check_count("prompt_len", prompt_len)
         return self.per_prefill_token_s * prompt_len
 
+    def prefill_latency_floor_s(self, prompt_len: int) -> float:
+        """The fit's fixed cost plus its per-token cost of ``prompt_len`` tokens (a prompt alone
+        in one step): ``CostProfile.prefill_latency_floor_s`` for a fitted step time."""
+        return self.fixed_s + self.prefill_work_s(prompt_len)
+
+    @property
+    def prefill_and_decode_add(self) -> bool:
+        """A fitted step's terms add (``CostProfile.prefill_and_decode_add``)."""
+        return True
+
     def decode_read_s(self, context_tokens: int) -> float:
         """The fit's per-context-token decode cost of ``context_tokens`` tokens:
         ``CostProfile.decode_read_s`` for a fitted step time."""
