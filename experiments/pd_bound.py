@@ -308,7 +308,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     keys = [k for k, r in results.items() if "colocated_rps" in r]
     if not keys:
         return
-    fig, axes = subplots(1, 1, width=max(4.0, 1.3 * len(keys)), height=3.2)
+    fig, axes = subplots(1, 1, width=max(4.0, 1.3 * len(keys)) + 3.0, height=3.2)
     ax = axes[0][0]
     x = np.arange(len(keys))
     w = 0.2
@@ -321,8 +321,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
     ax.axhline(2.0, color="k", ls="--", lw=1, label="the 2x target")
     ax.set_xticks(x, keys, rotation=20, fontsize=7)
     ax.set_ylabel("x colocated round-robin goodput")
-    ax.set_title("Disaggregated goodput: what any split could reach")
-    ax.legend(fontsize=7)
+    ax.set_title("Disaggregated goodput: what any split could reach", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, out / "pd_bound.png")
 
 
