@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 from experiments import capacity, common
 from experiments.workloads import make_workload
+from llumnix_py import planner
+from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
 from llumnix_py.sim.metrics import SimResult
 
 # What each knee point keeps of ``SimResult.summary()``.
@@ -112,6 +114,34 @@ def analyse(sweep: dict, objectives: Sequence[float], growth: float) -> dict:
                     gains.setdefault(ref, {})[base] = g
         out[trace] = {"capacity": caps, "gains": gains, "overload": marks, "largest_ratio": window,
                       "main_length": capacity.main_length(p99)}
+    return out
+
+
+def work_caps(traces: Sequence[str], seeds: Sequence[int], n: int, instances: int) -> dict[str, dict[str, float]]:
+    """``{trace: {seed: rps}}``: the rate no scheduler can sustain on ``instances`` instances of the
+    serving profile (LLaMA-7B on an A10) with the first ``n`` requests of each seed's workload, by
+    the prefill work and decode reads they need (``llumnix_py.planner.work_cap``)."""
+    layout = planner.Layout(instances, None)
+    return {t: {str(seed): planner.work_cap(layout, LLAMA_7B_A10, make_workload(t, n, 1.0, seed=seed))
+                for seed in seeds} for t in traces}
+
+
+def capacity_shares(analysis: dict, caps: dict[str, dict[str, float]]) -> dict:
+    """``{trace: {system: {objective: spread}}}``: each seed's capacity over its work cap, for the
+    systems that run the profile's instances as they are (not a memory reference such as
+    ``infaas++@kv-x1.1``, whose pools are larger). A share near 1 leaves no scheduler room to
+    gain; a share above 1 is a capacity the run's prefill latencies show but the cluster could
+    not sustain (the work left undone when the run ends: a long tail's decodes)."""
+    out: dict = {}
+    for trace, a in analysis.items():
+        for system, by_obj in a["capacity"].items():
+            if "num_blocks" in common.SYSTEM_SIM.get(system, {}):
+                continue
+            for obj, entry in by_obj.items():
+                shares = [v / caps[trace][seed] for seed, v in entry.get("per_seed", {}).items()
+                          if seed in caps.get(trace, {})]
+                if shares:
+                    out.setdefault(trace, {}).setdefault(system, {})[obj] = capacity.spread(shares)
     return out
 
 

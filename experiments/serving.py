@@ -19,7 +19,10 @@ Two parts, both on by default:
    overloaded when its P99 grows with run length, and the largest P99 ratio in the
    window between the knees (a point, with both systems' overload marks). With
    ``--prefixes`` each point runs once, at its longest length, and the shorter lengths
-   are its first requests (``knee.prefix_point``).
+   are its first requests (``knee.prefix_point``). Each capacity is also given as a share
+   of the trace's *work cap* (``llumnix_py.planner.work_cap``: the rate no scheduler can
+   sustain with the same requests, by the prefill work and decode reads they need): how
+   much any scheduler could still gain.
 2. **Fixed rates**: the paper's rates (``--rate-scale`` multiplies them), one seed,
    means and P99s of every latency, preemption loss and the churn keys.
 
@@ -35,7 +38,8 @@ decode_p99, e2e_mean, e2e_p99, preemption_loss, migrations, migrations_per_reque
 migrations_per_request_p99, migration_return_rate, migration_caused_preemptions, wall_s,
 cpu_s}}}}, "capacity": {trace: {system: {objective: {median, min, max, n, per_seed,
 censored}}}}, "capacity_gain": {trace: {llumnix system: {baseline: {objective: {median, min, max, n,
-censored}}}}}, "knee": {"points": {trace: {system: {rate: {seed: {length: {...}}}}}},
+censored}}}}}, "work_cap": {trace: {seed: rps}}, "capacity_share": {trace: {system: {objective:
+{median, min, max, n}}}}, "knee": {"points": {trace: {system: {rate: {seed: {length: {...}}}}}},
 "analysis": {trace: {...}}}, "setup": {...}}`` (seconds, req/s).
 """
 
@@ -256,13 +260,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   "gains": "Llumnix's capacity gain, paired by seed: median (min to max)",
                   "window": "Largest P99 prefill ratio in the window (a point in the window, not the result)",
                   "points": "Knee points (overloaded: P99 grows with run length)"}
-        for key in ("capacity", "gains", "window", "points"):
+        caps = knee.work_caps(traces, seeds, max(lengths), inst)
+        shares = knee.capacity_shares(analysis, caps)
+        obj_keys = [f"{o:g}" for o in objectives]
+        tabs["headroom"] = (
+            ["trace", "work cap (req/s), per seed", "system"] + [f"capacity at P99 <= {k} s / work cap" for k in obj_keys],
+            [[t, " / ".join(f"{c:.3g}" for c in caps[t].values()), system]
+             + [f"{e['median']:.2f} [{e['min']:.2f}-{e['max']:.2f}]" if e else "-"
+                for e in (by_obj.get(k) for k in obj_keys)]
+             for t, by_sys in shares.items() for system, by_obj in by_sys.items()])
+        titles["headroom"] = ("Capacity over the work cap (the rate no scheduler sustains with these requests: "
+                              "prefill work and decode reads at the roofline), median [min-max] over seeds")
+        for key in ("capacity", "gains", "headroom", "window", "points"):
             headers, rows = tabs[key]
             common.print_table(titles[key], headers, rows)
             sections.append((titles[key], headers, rows))
         knee.plot(analysis, sweep, objectives, args.out / "serving_capacity.png", line_objective=5.0)
         out["capacity"] = {t: a["capacity"] for t, a in analysis.items()}
         out["capacity_gain"] = {t: a["gains"] for t, a in analysis.items()}
+        out["work_cap"] = caps
+        out["capacity_share"] = shares
         out["knee"] = knee.to_json(sweep, analysis)
         out["setup"] = {"knee_rates": {t: list(r) for t, r in rates.items()}, "seeds": seeds, "lengths": lengths,
                         "prefixes": bool(getattr(args, "prefixes", False)),

@@ -198,3 +198,14 @@ def test_a_prefix_sweep_runs_each_point_once_and_reports_every_length():
     # the longest length is the same run either way (the simulator is deterministic)
     assert by_len[40]["prefill_p99"] == apart[40]["prefill_p99"]
     assert by_len[20]["prefill_mean"] > 0
+
+
+def test_capacity_shares_divide_each_seed_by_its_work_cap_and_skip_memory_references():
+    from experiments import knee
+
+    entry = {"per_seed": {"0": 3.0, "1": 4.0}, "censored": {}, "median": 3.5, "min": 3.0, "max": 4.0, "n": 2}
+    analysis = {"L-L": {"capacity": {"infaas++": {"5": entry}, "infaas++@kv-x1.1": {"5": entry}}}}
+    shares = knee.capacity_shares(analysis, {"L-L": {"0": 4.0, "1": 5.0}})
+    assert set(shares["L-L"]) == {"infaas++"}  # a larger pool has a larger cap: not compared with this one
+    got = shares["L-L"]["infaas++"]["5"]
+    assert (got["min"], got["max"], got["n"]) == (pytest.approx(0.75), pytest.approx(0.8), 2)

@@ -48,6 +48,21 @@ def test_serving(tmp_path):
             assert entry["min"] <= entry["median"] <= entry["max"]
             assert all(entry["min"] <= v <= entry["max"] for v in entry["per_seed"].values())
     assert set(data["capacity_gain"]["L-L"]["llumnix"]) == {"round_robin", "infaas++"}
+    # each capacity as a share of the work cap of its seed's requests (the rate no scheduler sustains)
+    from experiments.workloads import make_workload
+    from llumnix_py import planner
+
+    caps = data["work_cap"]["L-L"]
+    n, inst = max(data["setup"]["lengths"]), data["setup"]["instances"]
+    for seed, c in caps.items():
+        assert c == pytest.approx(planner.work_cap(planner.Layout(inst, None), "llama-7b-a10",
+                                                   make_workload("L-L", n, 1.0, seed=int(seed))))
+    shares = data["capacity_share"]["L-L"]
+    assert set(shares) == set(cap)
+    for system, by_obj in shares.items():
+        for obj, entry in by_obj.items():
+            expected = sorted(v / caps[s] for s, v in cap[system][obj]["per_seed"].items())
+            assert [entry["min"], entry["max"]] == pytest.approx([expected[0], expected[-1]])
     knee = data["knee"]["points"]["L-L"]["llumnix"]
     assert len(knee) == 2  # two rates
     for by_seed in knee.values():
@@ -55,7 +70,7 @@ def test_serving(tmp_path):
     window = data["knee"]["analysis"]["L-L"]["largest_ratio"]["llumnix"]["infaas++"]
     assert {"rate", "ratio", "base_overloaded", "ours_overloaded"} <= set(window)
     md = (tmp_path / "serving" / "serving.md").read_text()
-    assert "Capacity" in md and "a point in the window" in md
+    assert "Capacity" in md and "a point in the window" in md and "work cap" in md
     assert (tmp_path / "serving" / "serving_capacity.png").exists()
 
 
