@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -57,36 +58,59 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+# Ray's own wait for its raylet is fixed at 30 s (ray/_private/node.py); on a loaded machine a
+# head can give up inside it. Such a start is tried again, within START_S.
+RAY_GAVE_UP = "timed out during startup"
+HEAD_TRIES = 3
+
+
+def _stop_head(head: subprocess.Popen, temp: str) -> None:
+    head.terminate()  # its shutdown hook ends the head's processes
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    for pid in _processes_mentioning(temp):  # a worker that outlived its raylet
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _start_head(deadline: float) -> tuple[subprocess.Popen, str, int]:
+    """A running ``ray start --head --block``, its folder and port; a start that Ray gave up on
+    (``RAY_GAVE_UP``) is tried again, at most ``HEAD_TRIES`` times in all, before ``deadline``."""
+    for attempt in range(1, HEAD_TRIES + 1):
+        temp = tempfile.mkdtemp(prefix="lxc", dir="/tmp")  # short: Ray's socket paths are length-limited
+        port = free_port()
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+               "--node-ip-address", "127.0.0.1", "--temp-dir", temp, "--num-cpus", "2", "--include-dashboard",
+               "false", "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", "0",
+               "--disable-usage-stats"]
+        with open(os.path.join(temp, "ray-start.log"), "wb") as log:
+            head = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # `ray start` writes the cluster's address file once the head is up.
+        wait_for(lambda: os.path.exists(os.path.join(temp, "ray_current_cluster")) or head.poll() is not None,
+                 max(deadline - time.monotonic(), 1.0), "ray start --head")
+        if head.poll() is None:
+            return head, temp, port
+        text = Path(temp, "ray-start.log").read_text(errors="replace")
+        _stop_head(head, temp)
+        if RAY_GAVE_UP not in text or attempt == HEAD_TRIES or time.monotonic() > deadline:
+            raise AssertionError(f"ray start --head exited ({attempt} tries):\n{text[-3000:]}")
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A Ray head of its own on 127.0.0.1, stopped after the module."""
-    temp = tempfile.mkdtemp(prefix="lxc", dir="/tmp")  # short: Ray's socket paths are length-limited
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
-           "--node-ip-address", "127.0.0.1", "--temp-dir", temp, "--num-cpus", "2", "--include-dashboard", "false",
-           "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", "0", "--disable-usage-stats"]
-    log = open(os.path.join(temp, "ray-start.log"), "wb")
-    head = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head, temp, port = _start_head(time.monotonic() + START_S)
     try:
-        # `ray start` writes the cluster's address file once the head is up.
-        wait_for(lambda: os.path.exists(os.path.join(temp, "ray_current_cluster")) or head.poll() is not None,
-                 START_S, "ray start --head")
-        assert head.poll() is None, Path(temp, "ray-start.log").read_text()[-3000:]
         yield f"127.0.0.1:{port}"
     finally:
-        head.terminate()  # its shutdown hook ends the head's processes
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        for pid in _processes_mentioning(temp):  # a worker that outlived its raylet
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_head(head, temp)
 
 
 def scheduler_cmd(address: str, *flags: str) -> list[str]:
