@@ -81,9 +81,19 @@ def ray_session():
 
     # Under /tmp whatever TMPDIR says: Ray's socket paths live below this folder and must stay
     # under 108 bytes (a long TMPDIR, e.g. one another tool set for its own files, breaks ray.init).
-    temp = tempfile.mkdtemp(prefix="llumnix-ray-", dir="/tmp")
-    ray.init(namespace="llumnix-test", include_dashboard=False, log_to_driver=False, num_cpus=8,
-             _temp_dir=temp, ignore_reinit_error=True)
+    # Ray's own wait for its raylet is fixed at 30 s (ray/_private/node.py): on a loaded machine a
+    # start can give up inside it, and is tried again (three tries in all).
+    for attempt in range(3):
+        temp = tempfile.mkdtemp(prefix="llumnix-ray-", dir="/tmp")
+        try:
+            ray.init(namespace="llumnix-test", include_dashboard=False, log_to_driver=False, num_cpus=8,
+                     _temp_dir=temp, ignore_reinit_error=True)
+            break
+        except Exception as exc:  # Ray raises a bare Exception for it
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
