@@ -502,6 +502,12 @@ class LlumletCore:
         if hold_s > 0 and request_id in self._outgoing:
             self._holds_out[request_id] = now + hold_s
 
+    def held_out(self, now: float) -> bool:
+        """Whether a request frozen here for its stop-and-copy holds this engine's steps now
+        (``hold_out``): the engine starts no step until it is freed or unfrozen. May be read
+        without the engine lock."""
+        return any(end > now and rid in self._outgoing for rid, end in list(self._holds_out.items()))
+
     def release_out(self, request_id: str) -> None:
         self._holds_out.pop(request_id, None)
 

@@ -58,7 +58,11 @@ class LockedSource:
         return min(self._core.freeze_in(self._clock()), MAX_HOLD_S)
 
     def step_s(self) -> float:
-        """How long this engine's steps take: the latest one, ``MAX_HOLD_S`` at most (0: none yet)."""
+        """How long this engine's steps take: the latest one, ``MAX_HOLD_S`` at most (0: none yet,
+        or none under way: a frozen request holds them, ``LlumletCore.held_out``, so a hold asked
+        for now finds this source at a standstill however late it is answered)."""
+        if self._core.held_out(self._clock()):
+            return 0.0
         return min(self._core.stats.last_step_ms / 1e3, MAX_HOLD_S)
 
     def _alive(self) -> None:

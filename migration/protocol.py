@@ -22,8 +22,11 @@ aborts, ``commit_hold_s`` at most; the destination answers once its step in prog
 ended. It goes out before the freeze, while the request still decodes here, so the
 destination's step ends outside the downtime; the stop-and-copy's messages then find
 the destination between steps instead of each waiting for one of its steps, and the
-request joins the destination's very next step. Its answer does not matter: a
-destination that refuses it only costs latency::
+request joins the destination's very next step. A destination refuses it when the
+source's freeze is more than a fraction of the destination's step away (it steps on
+rather than idle that long); the source then asks again once frozen
+(Freeze -> HoldDestination -> QueryBlocks ...), and the destination, answering at the end of
+the step it started, idles for the rest. A refusal only costs latency::
 
     source     step k ──────────┤ freeze, last blocks, commit, activate ├ FreeSrc
     dest.      step j ───┤ held (no step) ···························┤ step j+1 (with the request)
@@ -285,6 +288,7 @@ class SourceMigration:
     commit_sent: bool = False  # a Commit went out: from now on only its answer (or the arbiter) unfreezes
     handed_over: bool = False  # the destination runs it (Activate or FreeSrc issued): never unfreeze again
     unresolved: bool = False  # ended frozen: the arbiter never answered (the llumlet keeps claiming)
+    hold_refused: bool = False  # the hold before the freeze was refused: asked again once frozen
     _pending: Optional[Action] = None
     _src_ids: tuple[int, ...] = ()
 
@@ -306,6 +310,9 @@ class SourceMigration:
         if isinstance(pending, CopyBlocks) and isinstance(event, Copied):
             return self._on_copied(event)
         if isinstance(pending, HoldDestination) and isinstance(event, HoldReplied):
+            if self.frozen:  # the hold asked again at the freeze: the last blocks next
+                return self._expect(QueryBlocks(self.blocks_sent, include_last=True))
+            self.hold_refused = not event.ok
             return self._expect(Freeze())
         if isinstance(pending, Freeze) and isinstance(event, Frozen):
             return self._on_frozen(event)
@@ -400,6 +407,12 @@ class SourceMigration:
             self.state = _as_waiting(state)
             return self._expect(Commit(self.state))
         self.state = state
+        if self.hold_refused:
+            # The destination would not idle for a freeze more than a fraction of its step away,
+            # and stepped on; now the freeze is here, ask once more, or each message of the
+            # stop-and-copy would wait for one of its steps (about three steps of downtime).
+            self.hold_refused = False
+            return self._expect(HoldDestination(self.config.commit_hold_s))
         return self._expect(QueryBlocks(self.blocks_sent, include_last=True))
 
     def _on_owner(self, event: OwnershipDecided) -> Action:

@@ -9,6 +9,8 @@ holds never runs.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import hypothesis.strategies as st
@@ -409,6 +411,42 @@ def test_a_hold_idles_for_the_source_s_freeze_at_most_part_of_a_step_here():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="hold_wait_fraction"):
             LlumletConfig("x", transport="inproc", hold_wait_fraction=bad)
+
+
+def test_a_source_frozen_for_its_stop_and_copy_tells_a_second_hold_it_is_at_a_standstill():
+    """A hold refused while the source still stepped is asked again once the request is frozen
+    (``SourceMigration.hold_refused``). The source's steps are held then (``held_out``), so it
+    says its steps take 0 s: the destination, answering at the end of its own step, must not
+    expect the source's freeze a source step later, and holds."""
+    from llumnix_py.llumlet_migration import LockedSource
+    from migration.driver import _hold
+
+    src = make_core("src", max_step_hold_s=0.1)
+    src.submit(request("r", n=40, max_tokens=30))
+    src.admit(0.0)
+    src.step()
+    src.stats.last_step_ms = 60.0
+    assert src.begin_migration("r", "m1")
+    clock = [1.0]
+    source = LockedSource(src, contextlib.nullcontext, 0.05, lambda: clock[0])
+    assert source.step_s() == pytest.approx(0.06) and not src.held_out(1.0)  # stepping: its steps' length
+    assert source.freeze("r") is not None  # frozen, and its steps held
+    assert src.held_out(1.0) and source.step_s() == 0.0
+    hold = _hold(source, "m1", 0.05)
+    assert (hold.freeze_in_s, hold.source_step_s) == (0.0, 0.0)
+
+    dst = make_core("dst", max_step_hold_s=0.1)
+    dst.stats.last_step_ms = 10.0  # idles 5 ms at most for a freeze
+    assert dst.handle(wire.PreAlloc("m1", "r", 2), None, now=0.0).ok
+    assert dst.hold(hold, 1.0, boundary=False).ok
+    assert dst.hold(hold, 1.009, arrived=1.0).ok  # answered 9 ms later, at its boundary: held
+    assert dst.holding(1.009) == pytest.approx(1.009 + 0.05)
+    # the same late answer to a source still stepping every 60 ms would expect its freeze at 1.06: refused
+    stepping = wire.Hold("m1", 0.05, 0.0, 0.06)
+    assert dst.hold(stepping, 1.0, boundary=False).ok
+    assert not dst.hold(stepping, 1.009, arrived=1.0).ok
+    clock[0] = 1.2  # the hold out lapsed: the source steps again
+    assert not src.held_out(1.2) and source.step_s() == pytest.approx(0.06)
 
 
 def test_holds_are_refused_when_off_or_crashed_and_the_cap_is_validated():

@@ -200,7 +200,15 @@ class TestScripted:
             assert m.on(p.BlocksQueried(())) == p.HoldDestination(0.02)
             assert m.on(answer) == p.Freeze()
             st = state(computed=33)
-            assert m.on(p.Frozen(st)) == p.QueryBlocks(8, include_last=True)
+            if answer.ok:
+                assert m.on(p.Frozen(st)) == p.QueryBlocks(8, include_last=True)
+                continue
+            # refused while the freeze was still far: asked once more at the freeze, whatever the answer
+            assert m.on(p.Frozen(st)) == p.HoldDestination(0.02)
+            assert m.on(p.HoldReplied(False, "refused again")) == p.QueryBlocks(8, include_last=True)
+            assert m.on(p.BlocksQueried(ids(8, 9))) == p.PreAllocate(1)
+            assert m.on(p.PreAllocated(ids(40, 41))) == p.CopyBlocks(ids(8, 9), ids(40, 41))
+            assert m.on(p.Copied(True)) == p.Commit(st)
         # nothing reserved there (no full block to pre-copy): nothing to tie a hold to
         m = SourceMigration("m", "r", config=MigrationConfig(commit_hold_s=0.02))
         m.start()
