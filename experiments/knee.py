@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from experiments import capacity, common
 from experiments.workloads import make_workload
 from llumnix_py import planner
-from llumnix_py.engines.sim.profiles import LLAMA_7B_A10
+from llumnix_py.sim.config import SimConfig
 from llumnix_py.sim.metrics import SimResult
 
 # What each knee point keeps of ``SimResult.summary()``.
@@ -119,10 +119,11 @@ def analyse(sweep: dict, objectives: Sequence[float], growth: float) -> dict:
 
 def work_caps(traces: Sequence[str], seeds: Sequence[int], n: int, instances: int) -> dict[str, dict[str, float]]:
     """``{trace: {seed: rps}}``: the rate no scheduler can sustain on ``instances`` instances of the
-    serving profile (LLaMA-7B on an A10) with the first ``n`` requests of each seed's workload, by
-    the prefill work and decode reads they need (``llumnix_py.planner.work_cap``)."""
-    layout = planner.Layout(instances, None)
-    return {t: {str(seed): planner.work_cap(layout, LLAMA_7B_A10, make_workload(t, n, 1.0, seed=seed))
+    profile the sweep simulates (``SimConfig``'s default, LLaMA-7B on an A10) with the first ``n``
+    requests of each seed's workload, by the prefill work and decode reads they need
+    (``llumnix_py.planner.work_cap``)."""
+    layout, profile = planner.Layout(instances, None), SimConfig().profile
+    return {t: {str(seed): planner.work_cap(layout, profile, make_workload(t, n, 1.0, seed=seed))
                 for seed in seeds} for t in traces}
 
 
