@@ -146,6 +146,19 @@ def capacity_shares(analysis: dict, caps: dict[str, dict[str, float]]) -> dict:
     return out
 
 
+def headroom_table(caps: dict[str, dict[str, float]], shares: dict,
+                   objectives: Sequence[float]) -> tuple[list[str], list[list]]:
+    """The work caps and each system's capacity over them (``work_caps``, ``capacity_shares``)."""
+    obj_keys = [f"{o:g}" for o in objectives]
+    headers = ["trace", "work cap (req/s), per seed", "system"] + [f"capacity at P99 <= {k} s / work cap"
+                                                                    for k in obj_keys]
+    rows = [[t, " / ".join(f"{c:.3g}" for c in caps[t].values()), system]
+            + [f"{e['median']:.2f} [{e['min']:.2f}-{e['max']:.2f}]" if e else "-"
+               for e in (by_obj.get(k) for k in obj_keys)]
+            for t, by_sys in shares.items() for system, by_obj in by_sys.items()]
+    return headers, rows
+
+
 def to_json(sweep: dict, analysis: dict) -> dict:
     """String keys throughout (rates, seeds, lengths)."""
     points = {t: {s: {str(r): {str(seed): {str(n): pt for n, pt in by_len.items()}

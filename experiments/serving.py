@@ -262,13 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   "points": "Knee points (overloaded: P99 grows with run length)"}
         caps = knee.work_caps(traces, seeds, max(lengths), inst)
         shares = knee.capacity_shares(analysis, caps)
-        obj_keys = [f"{o:g}" for o in objectives]
-        tabs["headroom"] = (
-            ["trace", "work cap (req/s), per seed", "system"] + [f"capacity at P99 <= {k} s / work cap" for k in obj_keys],
-            [[t, " / ".join(f"{c:.3g}" for c in caps[t].values()), system]
-             + [f"{e['median']:.2f} [{e['min']:.2f}-{e['max']:.2f}]" if e else "-"
-                for e in (by_obj.get(k) for k in obj_keys)]
-             for t, by_sys in shares.items() for system, by_obj in by_sys.items()])
+        tabs["headroom"] = knee.headroom_table(caps, shares, objectives)
         titles["headroom"] = ("Capacity over the work cap (the rate no scheduler sustains with these requests: "
                               "prefill work and decode reads at the roofline), median [min-max] over seeds")
         for key in ("capacity", "gains", "headroom", "window", "points"):

@@ -82,7 +82,9 @@ def _stop_head(head: subprocess.Popen, temp: str) -> None:
 def _start_head(deadline: float) -> tuple[subprocess.Popen, str, int]:
     """A running ``ray start --head --block``, its folder and port; a start that Ray gave up on
     (``RAY_GAVE_UP``) is tried again, at most ``HEAD_TRIES`` times in all, before ``deadline``."""
-    for attempt in range(1, HEAD_TRIES + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         temp = tempfile.mkdtemp(prefix="lxc", dir="/tmp")  # short: Ray's socket paths are length-limited
         port = free_port()
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
@@ -100,7 +102,6 @@ def _start_head(deadline: float) -> tuple[subprocess.Popen, str, int]:
         _stop_head(head, temp)
         if RAY_GAVE_UP not in text or attempt == HEAD_TRIES or time.monotonic() > deadline:
             raise AssertionError(f"ray start --head exited ({attempt} tries):\n{text[-3000:]}")
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")

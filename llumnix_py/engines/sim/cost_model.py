@@ -267,12 +267,15 @@ class CostProfile:
         Megatron-style), each of ``tokens * hidden * dtype_bytes`` bytes, as a ring
         (``2 (g - 1) / g`` of the bytes over each GPU's link) plus a fixed latency; on the
         critical path, not overlapped with the GEMMs."""
-        g, link = self.hw.num_gpus, self.hw.tp_link_gbps
-        if g == 1 or link is None:
+        if self.hw.num_gpus == 1 or self.hw.tp_link_gbps is None:
             return 0.0
-        m = self.model
-        ring = 2.0 * (g - 1) / g * tokens * m.hidden_size * m.dtype_bytes / (link * _GB)
-        return 2 * m.num_layers * (self.hw.allreduce_latency_s + ring)
+        return 2 * self.model.num_layers * (self.hw.allreduce_latency_s + self._ring_s(tokens))
+
+    def _ring_s(self, tokens: int) -> float:
+        """One all-reduce's ring transfer of ``tokens`` (``2 (g - 1) / g`` of its bytes over each
+        GPU's link), without its latency: it adds up across a batch. Only with tensor parallelism."""
+        g, m = self.hw.num_gpus, self.model
+        return 2.0 * (g - 1) / g * tokens * m.hidden_size * m.dtype_bytes / (self.hw.tp_link_gbps * _GB)
 
     def _pass_time(self, tokens: int, pairs: int, kv_tokens: int) -> float:
         """One pass over the model: ``tokens`` through the GEMMs, ``pairs`` attention
@@ -333,10 +336,8 @@ class CostProfile:
         fixed overheads, the all-reduce latencies) is left out. ``experiments/pd_bound.py``
         bounds a prefill instance's throughput with it."""
         _check_count("prompt_len", prompt_len)
-        m = self.model
-        g, link = self.hw.num_gpus, self.hw.tp_link_gbps
-        ring = 0.0 if g == 1 or link is None else \
-            2 * m.num_layers * 2.0 * (g - 1) / g * prompt_len * m.hidden_size * m.dtype_bytes / (link * _GB)
+        ring = 0.0 if self.hw.num_gpus == 1 or self.hw.tp_link_gbps is None else \
+            2 * self.model.num_layers * self._ring_s(prompt_len)
         return self._prefill_flops(prompt_len) / self._flops_per_s + ring
 
     def _prefill_flops(self, prompt_len: int) -> float:
